@@ -1,0 +1,33 @@
+//! # fhir-cdc
+//!
+//! Change data capture from legacy healthcare databases (PostgreSQL logical replication,
+//! MySQL/MariaDB binlog) into HL7 FHIR R4 resources, Avro-encoded as canonical events in a
+//! Confluent-compatible schema registry and written to Kafka.
+//!
+//! The crate is organised after the data path (see `DESIGN.md` in the project docs):
+//!
+//! - [`config`]: the connector configuration, a typed TOML contract with secret references;
+//! - [`source`]: one module per database kind;
+//! - [`sink`]: the Kafka producer side;
+//! - [`canonical`]: the event envelope and the schema registry;
+//! - [`preflight`]: the findings `fhir-cdc check` reports;
+//! - [`cli`]: the command line.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use fhir_cdc::{config::ConnectorConfig, sink::kafka};
+//!
+//! let config = ConnectorConfig::load("connectors/lab-postgres.toml".as_ref())?;
+//! for finding in kafka::check(&config.kafka).await {
+//!     println!("{finding}");
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod canonical;
+pub mod cli;
+pub mod config;
+pub mod preflight;
+pub mod sink;
+pub mod source;

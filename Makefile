@@ -1,0 +1,32 @@
+# The two commands a newcomer needs (see README.md), and the stack's own.
+.PHONY: demo test lint stack-up stack-down stack-status
+
+# Bring the stack up and show what runs. (The end-to-end demo on a sample lab database
+# arrives with the PostgreSQL connector.)
+demo: stack-up
+	cargo build --release --bin fhir-cdc
+	@integration-tests/stack/status
+	@echo
+	@. integration-tests/stack/env && target/release/fhir-cdc check --config connectors/lab-postgres.toml
+	@echo
+	@. integration-tests/stack/env && target/release/fhir-cdc check --config connectors/billing-mysql.toml
+
+# Bring the stack up if needed, then run every test: unit tests and the integration tests
+# against the real stack.
+test: stack-up
+	cargo build --bin fhir-cdc
+	. integration-tests/stack/env && cargo test --workspace
+
+# Formatting and clippy, warnings as errors (CI runs this before the tests).
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+stack-up:
+	integration-tests/stack/up
+
+stack-down:
+	integration-tests/stack/down
+
+stack-status:
+	integration-tests/stack/status

@@ -1,0 +1,10 @@
+//! One test binary for everything that needs the real stack (PostgreSQL, MariaDB, Kafka,
+//! schema registry), as written to `integration-tests/stack/env` by `stack/up`.
+
+mod check;
+mod compose;
+mod smoke_kafka;
+mod smoke_mariadb;
+mod smoke_postgres;
+mod smoke_registry;
+mod stack;

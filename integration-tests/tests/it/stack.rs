@@ -1,0 +1,76 @@
+//! Where the stack is, and small helpers shared by the tests.
+
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+/// A stack address from the environment, or a panic that says how to get one.
+pub fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: start the stack with integration-tests/stack/up and \
+             `source integration-tests/stack/env`, or run `make test`"
+        )
+    })
+}
+
+pub fn pg_url() -> String {
+    env("FHIR_CDC_PG_URL")
+}
+
+pub fn mysql_url() -> String {
+    env("FHIR_CDC_MYSQL_URL")
+}
+
+pub fn kafka_bootstrap() -> String {
+    env("FHIR_CDC_KAFKA_BOOTSTRAP")
+}
+
+pub fn registry_url() -> String {
+    env("FHIR_CDC_SCHEMA_REGISTRY_URL")
+}
+
+/// A name no other test run has used: tests share one long-lived stack.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{prefix}_{}_{}_{}",
+        std::process::id(),
+        nanos % 1_000_000_000,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The `fhir-cdc` binary of this build (`make test` builds it first), or `FHIR_CDC_BIN`.
+pub fn fhir_cdc_bin() -> PathBuf {
+    if let Ok(bin) = std::env::var("FHIR_CDC_BIN") {
+        return bin.into();
+    }
+    // target/<profile>/deps/it-<hash> → target/<profile>/fhir-cdc
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("fhir-cdc");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bin fhir-cdc` first (make test does)",
+        bin.display()
+    );
+    bin
+}

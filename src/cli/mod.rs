@@ -1,0 +1,38 @@
+//! The `fhir-cdc` command line. Only subcommands that work are listed.
+
+mod check;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Change data capture from legacy healthcare databases into FHIR R4 events on Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "fhir-cdc", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `fhir_cdc=debug`.
+    #[arg(long, global = true, env = "FHIR_CDC_LOG", default_value = "warn")]
+    pub log: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a connector configuration and test every system it names: the source
+    /// database's replication prerequisites, Kafka and the schema registry.
+    Check(check::CheckArgs),
+}
+
+/// Exit status for a configuration the program cannot use at all.
+pub const EXIT_BAD_CONFIG: u8 = 2;
+
+impl Cli {
+    /// Run the chosen subcommand; the exit code says how it went.
+    pub async fn run(self) -> ExitCode {
+        match self.command {
+            Command::Check(args) => check::run(args).await,
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Where canonical events go.
+
+pub mod kafka;

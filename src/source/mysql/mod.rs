@@ -1,0 +1,3 @@
+//! MySQL and MariaDB: the row-based binary log.
+
+pub mod preflight;

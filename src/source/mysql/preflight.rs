@@ -1,0 +1,339 @@
+//! What a MySQL or MariaDB server must offer before fhir-cdc can read its binary log,
+//! checked against the live server.
+//!
+//! Row-level change capture needs the binary log on (`log_bin`), row events
+//! (`binlog_format = ROW`) carrying every column (`binlog_row_image = FULL`, so before
+//! images are whole), a non-zero `server_id`, and a user with `REPLICATION SLAVE` (to read the
+//! log) and `REPLICATION CLIENT` (MariaDB: `BINLOG MONITOR`, to list it) plus `SELECT` for
+//! snapshots (<https://mariadb.com/kb/en/setting-up-replication/>,
+//! <https://dev.mysql.com/doc/refman/8.0/en/replication-options-binary-log.html>).
+//! `binlog_row_metadata = FULL` puts column names in the log; without it they come from the
+//! catalog, which is wrong for events written before a schema change.
+
+use std::time::Duration;
+
+use mysql_async::{prelude::Queryable, Conn, Opts};
+
+use crate::{
+    config::Secret,
+    preflight::{self, Finding},
+};
+
+const COMPONENT: &str = "mysql";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The server settings and grants the checks judge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerFacts {
+    pub version: String,
+    pub log_bin: bool,
+    pub binlog_format: String,
+    pub binlog_row_image: String,
+    /// `None` on servers without the variable (MySQL before 8.0.1, MariaDB before 10.5).
+    pub binlog_row_metadata: Option<String>,
+    pub server_id: u32,
+    /// The lines of `SHOW GRANTS FOR CURRENT_USER()`.
+    pub grants: Vec<String>,
+}
+
+/// Connect with `url` and check every prerequisite of binlog capture.
+pub async fn check(url: &Secret) -> Vec<Finding> {
+    let opts = match Opts::from_url(url.expose()) {
+        Ok(opts) => opts,
+        Err(e) => {
+            return vec![Finding::problem(
+                COMPONENT,
+                format!("source.url is not a valid MySQL URL: {e}"),
+                "use mysql://user:password@host:port/database",
+            )]
+        }
+    };
+    let target = format!(
+        "{}:{}/{} as {}",
+        opts.ip_or_hostname(),
+        opts.tcp_port(),
+        opts.db_name().unwrap_or(""),
+        opts.user().unwrap_or("?")
+    );
+    let mut conn = match tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(opts.clone())).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            return vec![explain_connect_error(
+                &e,
+                &target,
+                opts.user().unwrap_or("?"),
+            )]
+        }
+        Err(_) => {
+            return vec![Finding::problem(
+                COMPONENT,
+                format!(
+                    "no answer from {target} within {}s",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+                "check that the server runs and that no firewall drops the traffic",
+            )]
+        }
+    };
+    let facts = match read_facts(&mut conn).await {
+        Ok(facts) => facts,
+        Err(e) => {
+            return vec![Finding::problem(
+                COMPONENT,
+                format!("connected to {target}, but reading the server variables failed: {e}"),
+                "see the server's error log",
+            )]
+        }
+    };
+    // Closing is a courtesy; the checks are done either way.
+    let _ = conn.disconnect().await;
+    let mut findings = vec![Finding::ok(
+        COMPONENT,
+        format!("connected to {target} ({})", facts.version),
+    )];
+    findings.extend(evaluate(&facts));
+    findings
+}
+
+async fn read_facts(conn: &mut Conn) -> Result<ServerFacts, mysql_async::Error> {
+    let (version, log_bin, binlog_format, binlog_row_image, server_id): (
+        String,
+        u8,
+        String,
+        String,
+        u32,
+    ) = conn
+        .query_first(
+            "SELECT @@version, @@log_bin, @@binlog_format, @@binlog_row_image, @@server_id",
+        )
+        .await?
+        .unwrap_or_default();
+    // Older servers lack the variable; that is a finding, not a failure.
+    let binlog_row_metadata: Option<String> = conn
+        .query_first("SELECT @@binlog_row_metadata")
+        .await
+        .unwrap_or(None);
+    let grants: Vec<String> = conn.query("SHOW GRANTS FOR CURRENT_USER()").await?;
+    Ok(ServerFacts {
+        version,
+        log_bin: log_bin == 1,
+        binlog_format,
+        binlog_row_image,
+        binlog_row_metadata,
+        server_id,
+        grants,
+    })
+}
+
+/// Judge the facts: one finding per prerequisite.
+pub fn evaluate(facts: &ServerFacts) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    findings.push(if facts.log_bin {
+        Finding::ok(COMPONENT, "binary log is on")
+    } else {
+        Finding::problem(
+            COMPONENT,
+            "the binary log is off (log_bin = OFF): there is no change stream to read",
+            "set log_bin (and server_id) in the server configuration and restart it",
+        )
+    });
+    findings.push(if facts.binlog_format.eq_ignore_ascii_case("ROW") {
+        Finding::ok(COMPONENT, "binlog_format = ROW")
+    } else {
+        Finding::problem(
+            COMPONENT,
+            format!("binlog_format = {}, but change capture needs ROW events", facts.binlog_format),
+            "set binlog_format = ROW in the server configuration (SET GLOBAL binlog_format = 'ROW' takes effect for new sessions)",
+        )
+    });
+    findings.push(if facts.binlog_row_image.eq_ignore_ascii_case("FULL") {
+        Finding::ok(COMPONENT, "binlog_row_image = FULL")
+    } else {
+        Finding::problem(
+            COMPONENT,
+            format!(
+                "binlog_row_image = {}: row events would miss unchanged columns",
+                facts.binlog_row_image
+            ),
+            "set binlog_row_image = FULL in the server configuration",
+        )
+    });
+    findings.push(match facts.binlog_row_metadata.as_deref() {
+        Some(m) if m.eq_ignore_ascii_case("FULL") => Finding::ok(COMPONENT, "binlog_row_metadata = FULL"),
+        other => Finding::warning(
+            COMPONENT,
+            format!(
+                "binlog_row_metadata = {}: column names are not in the log and are read from the catalog instead",
+                other.unwrap_or("unsupported")
+            ),
+            "set binlog_row_metadata = FULL (MySQL 8.0.1+, MariaDB 10.5+) so events written before a schema change decode correctly",
+        ),
+    });
+    findings.push(if facts.server_id != 0 {
+        Finding::ok(COMPONENT, format!("server_id = {}", facts.server_id))
+    } else {
+        Finding::problem(
+            COMPONENT,
+            "server_id = 0: the server does not serve replicas",
+            "set a non-zero server_id and restart",
+        )
+    });
+    let granted = |privileges: &[&str]| {
+        facts.grants.iter().any(|g| {
+            let g = g.to_ascii_uppercase();
+            (g.contains("ALL PRIVILEGES ON *.*"))
+                || privileges
+                    .iter()
+                    .any(|p| g.contains(p) && g.contains(" ON *.*"))
+        })
+    };
+    findings.push(if granted(&["REPLICATION SLAVE", "REPLICATION REPLICA"]) {
+        Finding::ok(
+            COMPONENT,
+            "user may read the binary log (REPLICATION SLAVE)",
+        )
+    } else {
+        Finding::problem(
+            COMPONENT,
+            "the user lacks REPLICATION SLAVE and cannot read the binary log",
+            "run GRANT REPLICATION SLAVE ON *.* TO the connector's user",
+        )
+    });
+    findings.push(if granted(&["REPLICATION CLIENT", "BINLOG MONITOR"]) {
+        Finding::ok(COMPONENT, "user may list binary logs (REPLICATION CLIENT)")
+    } else {
+        Finding::problem(
+            COMPONENT,
+            "the user lacks REPLICATION CLIENT (MariaDB: BINLOG MONITOR) and cannot find the current log position",
+            "run GRANT REPLICATION CLIENT ON *.* TO the connector's user",
+        )
+    });
+    findings
+}
+
+fn explain_connect_error(err: &mysql_async::Error, target: &str, user: &str) -> Finding {
+    if let mysql_async::Error::Server(server) = err {
+        return match server.code {
+            // ER_ACCESS_DENIED_ERROR
+            1045 => Finding::problem(
+                COMPONENT,
+                format!("authentication failed at {target}: {}", server.message),
+                format!(
+                    "check the password of {user} in source.url, and the host part of its account"
+                ),
+            ),
+            // ER_BAD_DB_ERROR
+            1049 => Finding::problem(
+                COMPONENT,
+                format!("{target}: {}", server.message),
+                "correct the database name in source.url",
+            ),
+            code => Finding::problem(
+                COMPONENT,
+                format!(
+                    "{target} refused the connection: {} (error {code})",
+                    server.message
+                ),
+                "see the server's error log",
+            ),
+        };
+    }
+    preflight::unreachable(COMPONENT, "the MySQL/MariaDB server", target, err).unwrap_or_else(
+        || {
+            Finding::problem(
+                COMPONENT,
+                format!("cannot connect to {target}: {err}"),
+                "check that the server runs, and the host and port in source.url",
+            )
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::preflight::Severity;
+
+    fn healthy() -> ServerFacts {
+        ServerFacts {
+            version: "10.11.6-MariaDB".into(),
+            log_bin: true,
+            binlog_format: "ROW".into(),
+            binlog_row_image: "FULL".into(),
+            binlog_row_metadata: Some("FULL".into()),
+            server_id: 1,
+            grants: vec![
+                "GRANT SELECT, REPLICATION SLAVE, BINLOG MONITOR ON *.* TO `cdc`@`%`".into(),
+            ],
+        }
+    }
+
+    fn not_ok(facts: &ServerFacts) -> Vec<Finding> {
+        evaluate(facts)
+            .into_iter()
+            .filter(|f| f.severity != Severity::Ok)
+            .collect()
+    }
+
+    #[test]
+    fn a_ready_server_has_no_findings_but_ok() {
+        assert!(not_ok(&healthy()).is_empty());
+    }
+
+    #[test]
+    fn each_missing_prerequisite_is_named_with_its_fix() {
+        type Case = (fn(&mut ServerFacts), Severity, &'static str);
+        let cases: [Case; 7] = [
+            (
+                |f| f.log_bin = false,
+                Severity::Problem,
+                "binary log is off",
+            ),
+            (
+                |f| f.binlog_format = "STATEMENT".into(),
+                Severity::Problem,
+                "binlog_format = STATEMENT",
+            ),
+            (
+                |f| f.binlog_row_image = "MINIMAL".into(),
+                Severity::Problem,
+                "binlog_row_image = MINIMAL",
+            ),
+            (
+                |f| f.binlog_row_metadata = None,
+                Severity::Warning,
+                "binlog_row_metadata = unsupported",
+            ),
+            (|f| f.server_id = 0, Severity::Problem, "server_id = 0"),
+            (
+                |f| f.grants = vec!["GRANT SELECT, BINLOG MONITOR ON *.* TO x".into()],
+                Severity::Problem,
+                "REPLICATION SLAVE",
+            ),
+            (
+                |f| f.grants = vec!["GRANT REPLICATION SLAVE ON *.* TO x".into()],
+                Severity::Problem,
+                "REPLICATION CLIENT",
+            ),
+        ];
+        for (break_it, severity, summary) in cases {
+            let mut facts = healthy();
+            break_it(&mut facts);
+            let found = not_ok(&facts);
+            assert_eq!(found.len(), 1, "{found:?}");
+            assert_eq!(found[0].severity, severity);
+            assert!(found[0].summary.contains(summary), "{:?}", found[0]);
+            assert!(found[0].fix.is_some());
+        }
+    }
+
+    #[test]
+    fn grants_on_one_database_do_not_count_as_global() {
+        let mut facts = healthy();
+        facts.grants = vec![
+            "GRANT ALL PRIVILEGES ON `lab`.* TO x".into(),
+            "GRANT REPLICATION SLAVE ON `lab`.* TO x".into(),
+        ];
+        assert_eq!(not_ok(&facts).len(), 2);
+    }
+}

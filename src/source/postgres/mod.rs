@@ -1,0 +1,3 @@
+//! PostgreSQL: logical replication with the built-in `pgoutput` plugin.
+
+pub mod preflight;

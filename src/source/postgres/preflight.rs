@@ -1,0 +1,292 @@
+//! What a PostgreSQL database must offer before fhir-cdc can capture its changes, checked
+//! against the live server.
+//!
+//! Logical decoding needs `wal_level = logical`
+//! (<https://www.postgresql.org/docs/current/runtime-config-wal.html#GUC-WAL-LEVEL>), a role
+//! with the `REPLICATION` attribute (or superuser) to open a replication connection, a free
+//! replication slot and a free WAL sender
+//! (<https://www.postgresql.org/docs/current/logical-replication-config.html>), and
+//! PostgreSQL 10 or newer for `pgoutput`.
+
+use std::{str::FromStr, time::Duration};
+
+use tokio_postgres::{error::SqlState, Config, NoTls};
+
+use crate::{
+    config::Secret,
+    preflight::{self, Finding},
+};
+
+const COMPONENT: &str = "postgres";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The server settings and role attributes the checks judge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerFacts {
+    pub server_version_num: i32,
+    pub server_version: String,
+    pub wal_level: String,
+    pub max_replication_slots: i32,
+    pub replication_slots_used: i32,
+    pub max_wal_senders: i32,
+    pub role: String,
+    pub role_can_replicate: bool,
+}
+
+/// Connect with `url` and check every prerequisite of logical replication.
+pub async fn check(url: &Secret) -> Vec<Finding> {
+    let mut config = match Config::from_str(url.expose()) {
+        Ok(config) => config,
+        Err(e) => {
+            return vec![Finding::problem(
+                COMPONENT,
+                format!("source.url is not a valid PostgreSQL connection string: {e}"),
+                "use postgres://user:password@host:port/database",
+            )]
+        }
+    };
+    config.connect_timeout(CONNECT_TIMEOUT);
+    let target = describe_target(&config);
+    let client = match config.connect(NoTls).await {
+        Ok((client, connection)) => {
+            tokio::spawn(connection);
+            client
+        }
+        Err(e) => return vec![explain_connect_error(&e, &target, &config)],
+    };
+    let row = match client.query_one(FACTS_QUERY, &[]).await {
+        Ok(row) => row,
+        Err(e) => {
+            return vec![Finding::problem(
+                COMPONENT,
+                format!("connected to {target}, but reading the server settings failed: {e}"),
+                "the role needs to read pg_settings, pg_roles and pg_replication_slots",
+            )]
+        }
+    };
+    let facts = ServerFacts {
+        server_version_num: row.get(0),
+        server_version: row.get(1),
+        wal_level: row.get(2),
+        max_replication_slots: row.get(3),
+        replication_slots_used: row.get(4),
+        max_wal_senders: row.get(5),
+        role: row.get(6),
+        role_can_replicate: row.get(7),
+    };
+    let mut findings = vec![Finding::ok(
+        COMPONENT,
+        format!(
+            "connected to {target} (PostgreSQL {})",
+            facts.server_version
+        ),
+    )];
+    findings.extend(evaluate(&facts));
+    findings
+}
+
+const FACTS_QUERY: &str = "
+    SELECT current_setting('server_version_num')::int,
+           current_setting('server_version'),
+           current_setting('wal_level'),
+           current_setting('max_replication_slots')::int,
+           (SELECT count(*) FROM pg_replication_slots)::int,
+           current_setting('max_wal_senders')::int,
+           current_user::text,
+           (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)";
+
+/// Judge the facts: one finding per prerequisite.
+pub fn evaluate(facts: &ServerFacts) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    findings.push(if facts.server_version_num >= 100_000 {
+        Finding::ok(COMPONENT, "server version supports pgoutput (10 or newer)")
+    } else {
+        Finding::problem(
+            COMPONENT,
+            format!(
+                "PostgreSQL {} is too old: pgoutput needs 10 or newer",
+                facts.server_version
+            ),
+            "upgrade the server",
+        )
+    });
+    findings.push(if facts.wal_level == "logical" {
+        Finding::ok(COMPONENT, "wal_level = logical")
+    } else {
+        Finding::problem(
+            COMPONENT,
+            format!("wal_level = {}, but logical decoding needs wal_level = logical", facts.wal_level),
+            "run ALTER SYSTEM SET wal_level = logical; as a superuser (or set it in postgresql.conf), then restart PostgreSQL",
+        )
+    });
+    findings.push(if facts.role_can_replicate {
+        Finding::ok(
+            COMPONENT,
+            format!("role {} may open replication connections", facts.role),
+        )
+    } else {
+        Finding::problem(
+            COMPONENT,
+            format!("role {} lacks the REPLICATION attribute", facts.role),
+            format!(
+                "run ALTER ROLE {} WITH REPLICATION; as a superuser",
+                facts.role
+            ),
+        )
+    });
+    let free_slots = facts.max_replication_slots - facts.replication_slots_used;
+    findings.push(if free_slots > 0 {
+        Finding::ok(
+            COMPONENT,
+            format!("{free_slots} of {} replication slots free", facts.max_replication_slots),
+        )
+    } else {
+        Finding::problem(
+            COMPONENT,
+            format!(
+                "no free replication slot ({} of max_replication_slots = {} in use)",
+                facts.replication_slots_used, facts.max_replication_slots
+            ),
+            "raise max_replication_slots and restart, or drop a slot that is no longer used (SELECT pg_drop_replication_slot(name))",
+        )
+    });
+    findings.push(if facts.max_wal_senders > 0 {
+        Finding::ok(
+            COMPONENT,
+            format!("max_wal_senders = {}", facts.max_wal_senders),
+        )
+    } else {
+        Finding::problem(
+            COMPONENT,
+            "max_wal_senders = 0: no replication connection can be opened",
+            "set max_wal_senders to at least 2 in postgresql.conf and restart PostgreSQL",
+        )
+    });
+    findings
+}
+
+/// `host:port/database as user`, never the password.
+fn describe_target(config: &Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let database = config.get_dbname().or(config.get_user()).unwrap_or("?");
+    format!(
+        "{host}:{port}/{database} as {}",
+        config.get_user().unwrap_or("?")
+    )
+}
+
+fn explain_connect_error(err: &tokio_postgres::Error, target: &str, config: &Config) -> Finding {
+    let user = config.get_user().unwrap_or("?");
+    if let Some(db) = err.as_db_error() {
+        let code = db.code();
+        if *code == SqlState::INVALID_PASSWORD
+            || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+        {
+            return Finding::problem(
+                COMPONENT,
+                format!("authentication failed at {target}: {}", db.message()),
+                format!("check the password of role {user} in source.url, and that pg_hba.conf admits it from this host"),
+            );
+        }
+        if *code == SqlState::INVALID_CATALOG_NAME {
+            return Finding::problem(
+                COMPONENT,
+                format!("{target}: {}", db.message()),
+                "correct the database name in source.url",
+            );
+        }
+        return Finding::problem(
+            COMPONENT,
+            format!(
+                "{target} refused the connection: {} (SQLSTATE {})",
+                db.message(),
+                code.code()
+            ),
+            "see the PostgreSQL server log for details",
+        );
+    }
+    preflight::unreachable(COMPONENT, "PostgreSQL", target, err).unwrap_or_else(|| {
+        Finding::problem(
+            COMPONENT,
+            format!("cannot connect to {target}: {err}"),
+            "check that PostgreSQL runs, and the host, port and TLS settings in source.url",
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::preflight::Severity;
+
+    fn healthy() -> ServerFacts {
+        ServerFacts {
+            server_version_num: 150_000,
+            server_version: "15.0".into(),
+            wal_level: "logical".into(),
+            max_replication_slots: 10,
+            replication_slots_used: 2,
+            max_wal_senders: 10,
+            role: "cdc".into(),
+            role_can_replicate: true,
+        }
+    }
+
+    fn problems(facts: &ServerFacts) -> Vec<Finding> {
+        evaluate(facts)
+            .into_iter()
+            .filter(|f| f.severity == Severity::Problem)
+            .collect()
+    }
+
+    #[test]
+    fn a_ready_server_has_no_problems() {
+        assert!(problems(&healthy()).is_empty());
+    }
+
+    #[test]
+    fn each_missing_prerequisite_is_named_with_its_fix() {
+        type Case = (fn(&mut ServerFacts), &'static str, &'static str);
+        let cases: [Case; 5] = [
+            (
+                |f| f.wal_level = "replica".into(),
+                "wal_level = replica",
+                "ALTER SYSTEM SET wal_level = logical",
+            ),
+            (
+                |f| f.role_can_replicate = false,
+                "lacks the REPLICATION attribute",
+                "ALTER ROLE cdc WITH REPLICATION",
+            ),
+            (
+                |f| f.replication_slots_used = 10,
+                "no free replication slot",
+                "max_replication_slots",
+            ),
+            (
+                |f| f.max_wal_senders = 0,
+                "max_wal_senders = 0",
+                "max_wal_senders",
+            ),
+            (|f| f.server_version_num = 90_600, "too old", "upgrade"),
+        ];
+        for (break_it, summary, fix) in cases {
+            let mut facts = healthy();
+            break_it(&mut facts);
+            let found = problems(&facts);
+            assert_eq!(found.len(), 1, "{found:?}");
+            assert!(found[0].summary.contains(summary), "{:?}", found[0]);
+            assert!(
+                found[0].fix.as_deref().unwrap().contains(fix),
+                "{:?}",
+                found[0]
+            );
+        }
+    }
+}
