@@ -4,7 +4,9 @@
 # it started in $STATE/<component>.pid; `down` and `status` act on those pids only, after
 # checking that the process behind the pid is still the one we started.
 
-set -euo pipefail
+set -Eeuo pipefail
+# No silent exits: whatever fails unexpectedly is named.
+trap 'printf "[stack] ERROR: unexpected failure (exit %s) at %s line %s: %s\n" "$?" "${BASH_SOURCE[0]:-stack}" "$LINENO" "$BASH_COMMAND" >&2' ERR
 
 STACK_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$STACK_DIR/../.." && pwd)
@@ -32,7 +34,8 @@ DB_NAME=fhir_cdc
 
 COMPONENTS=(postgres mariadb kafka registry)
 
-log() { printf '[stack] %s\n' "$*"; }
+# Progress goes to stderr, so that functions whose stdout is captured can still log.
+log() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] ERROR: %s\n' "$*" >&2; exit 1; }
 
 # Whether something accepts TCP connections on 127.0.0.1:$1.
