@@ -1,0 +1,79 @@
+//! The source-neutral change: what every source produces and the mapper consumes. Sources
+//! and the mapper import this module, never each other.
+
+mod position;
+mod value;
+
+use std::{fmt, sync::Arc};
+
+use chrono::{DateTime, Utc};
+
+pub use self::{
+    position::{BinlogPosition, PgLsn, Position},
+    value::{ExactDecimal, Row, Value},
+};
+
+/// Which table of which database a change comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SourceTable {
+    /// The connector's name.
+    pub connector: String,
+    /// `postgres` or `mysql`.
+    pub kind: String,
+    pub database: String,
+    pub schema: String,
+    pub table: String,
+}
+
+impl SourceTable {
+    /// `schema.table`, as mappings name tables.
+    pub fn qualified_name(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+}
+
+/// What happened to the row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// Read by a snapshot.
+    Read,
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Operation::Read => "read",
+            Operation::Insert => "insert",
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+            Operation::Truncate => "truncate",
+        })
+    }
+}
+
+/// One changed row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeEvent {
+    pub source: Arc<SourceTable>,
+    pub op: Operation,
+    /// The key columns, in key order.
+    pub key: Vec<String>,
+    /// The row before the change, when the database provides it (updates and deletes with
+    /// a full replica identity / full row image; deletes always carry at least the key).
+    pub before: Option<Row>,
+    /// The row after the change (reads, inserts, updates).
+    pub after: Option<Row>,
+    /// The commit position of the change's transaction (for snapshot reads: the snapshot's
+    /// consistent point).
+    pub position: Position,
+    /// The change's index inside its transaction: several changes of one row in one
+    /// transaction share a commit position and are told apart by this.
+    pub ordinal: u32,
+    pub transaction_id: Option<String>,
+    pub commit_time: Option<DateTime<Utc>>,
+    pub capture_time: DateTime<Utc>,
+}

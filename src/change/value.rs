@@ -1,0 +1,145 @@
+//! Column values, typed and lossless: exact decimals stay exact text, timestamps keep their
+//! precision and whether they carry a zone, NULL is not an empty string, bytes stay bytes.
+
+use std::fmt;
+
+use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime};
+
+/// One column value as the source database gave it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Bool(bool),
+    Int(i64),
+    /// An exact decimal, kept as its digits (PostgreSQL `numeric`, MySQL `DECIMAL`).
+    Decimal(ExactDecimal),
+    /// A binary floating-point number (`double precision`, `FLOAT`).
+    Float(f64),
+    Text(String),
+    Bytes(Vec<u8>),
+    Date(NaiveDate),
+    Time(NaiveTime),
+    /// A timestamp without zone (`timestamp`, `DATETIME`): wall-clock time, meaning depends on
+    /// the zone the application wrote it in — mappings must name that zone.
+    Timestamp(NaiveDateTime),
+    /// An instant (`timestamptz`, MySQL `TIMESTAMP` read in UTC).
+    TimestampTz(DateTime<FixedOffset>),
+    Uuid(String),
+    Json(serde_json::Value),
+}
+
+impl Value {
+    /// The value's kind, for messages that must not show the value itself.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Value::Null => "null",
+            Value::Bool(_) => "boolean",
+            Value::Int(_) => "integer",
+            Value::Decimal(_) => "decimal",
+            Value::Float(_) => "float",
+            Value::Text(_) => "text",
+            Value::Bytes(_) => "bytes",
+            Value::Date(_) => "date",
+            Value::Time(_) => "time",
+            Value::Timestamp(_) => "timestamp",
+            Value::TimestampTz(_) => "timestamptz",
+            Value::Uuid(_) => "uuid",
+            Value::Json(_) => "json",
+        }
+    }
+
+    pub fn is_null(&self) -> bool {
+        matches!(self, Value::Null)
+    }
+}
+
+/// An exact decimal number as text: optional sign, digits, optional fraction. What goes in
+/// comes out, trailing zeros included (`12.50` stays `12.50`: in FHIR the precision of a
+/// decimal is significant).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ExactDecimal(String);
+
+impl ExactDecimal {
+    /// Accepts `-12.50`, `0.001`, `7`; refuses exponents, `NaN`, `Infinity` and empty parts,
+    /// none of which a FHIR decimal can carry.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let unsigned = text.strip_prefix(['-', '+']).unwrap_or(text);
+        let (int, frac) = match unsigned.split_once('.') {
+            Some((int, frac)) => (int, Some(frac)),
+            None => (unsigned, None),
+        };
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if digits(int) && frac.is_none_or(digits) {
+            Ok(Self(text.strip_prefix('+').unwrap_or(text).to_owned()))
+        } else {
+            Err(format!(
+                "not an exact decimal number ({} characters)",
+                text.len()
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ExactDecimal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A row image: column names with their values, in table order.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Row {
+    columns: Vec<(String, Value)>,
+}
+
+impl Row {
+    pub fn new(columns: Vec<(String, Value)>) -> Self {
+        Self { columns }
+    }
+
+    /// The value of `column`, or `None` when the row has no such column (not the same as
+    /// a NULL value).
+    pub fn get(&self, column: &str) -> Option<&Value> {
+        self.columns
+            .iter()
+            .find(|(name, _)| name == column)
+            .map(|(_, v)| v)
+    }
+
+    pub fn columns(&self) -> impl Iterator<Item = (&str, &Value)> {
+        self.columns.iter().map(|(n, v)| (n.as_str(), v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn decimals_keep_their_digits_and_refuse_what_fhir_cannot_hold() {
+        for text in ["12.50", "-0.001", "7", "000.10"] {
+            assert_eq!(ExactDecimal::parse(text).unwrap().as_str(), text);
+        }
+        assert_eq!(ExactDecimal::parse("+1.0").unwrap().as_str(), "1.0");
+        for text in ["NaN", "Infinity", "1e5", "", "1.", ".5", "1.2.3", "--1"] {
+            assert!(ExactDecimal::parse(text).is_err(), "{text}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_decimal_text_round_trips_exactly(
+            negative: bool, int in "[0-9]{1,30}", frac in proptest::option::of("[0-9]{1,30}"),
+        ) {
+            let text = format!("{}{int}{}", if negative { "-" } else { "" }, frac.map(|f| format!(".{f}")).unwrap_or_default());
+            let parsed = ExactDecimal::parse(&text).unwrap();
+            prop_assert_eq!(parsed.as_str(), text.as_str());
+        }
+    }
+}
