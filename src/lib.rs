@@ -7,9 +7,11 @@
 //! The crate is organised after the data path (see `DESIGN.md` in the project docs):
 //!
 //! - [`config`]: the connector configuration, a typed TOML contract with secret references;
+//! - [`change`]: the source-neutral change every source produces;
+//! - [`mapping`]: mapping files, checked against [`fhir`] R4, and the mapper;
 //! - [`source`]: one module per database kind;
 //! - [`sink`]: the Kafka producer side;
-//! - [`canonical`]: the event envelope and the schema registry;
+//! - [`canonical`]: the canonical event envelope and the schema registry;
 //! - [`preflight`]: the findings `fhir-cdc check` reports;
 //! - [`cli`]: the command line.
 //!
@@ -26,8 +28,11 @@
 //! ```
 
 pub mod canonical;
+pub mod change;
 pub mod cli;
 pub mod config;
+pub mod fhir;
+pub mod mapping;
 pub mod preflight;
 pub mod sink;
 pub mod source;

@@ -1,0 +1,247 @@
+//! The canonical event: one version of one FHIR resource, with where it came from.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::{json, Value as Json};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    change::{ChangeEvent, Operation},
+    mapping::{Mapping, Sensitivity},
+};
+
+/// What the event does to its resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventOp {
+    Upsert,
+    Delete,
+}
+
+/// One version of one FHIR resource, plus provenance.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CanonicalEvent {
+    /// Deterministic: the same change, re-read after a crash, gets the same id.
+    pub event_id: String,
+    pub resource_type: String,
+    pub resource_id: String,
+    /// Orders the versions of one resource: the commit position, then the change's ordinal
+    /// in its transaction, as fixed-width text that sorts like them. Equal to
+    /// `meta.versionId`.
+    pub resource_version: String,
+    pub op: EventOp,
+    /// The topic segment (`lab`, `billing`, …).
+    pub domain: String,
+    /// `normal` or `restricted`.
+    pub sensitivity: String,
+    /// The FHIR R4 resource (JSON); `None` for deletes.
+    pub resource: Option<Json>,
+    pub provenance: Provenance,
+}
+
+/// Where an event came from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Provenance {
+    pub source_system: String,
+    pub connector: String,
+    /// `postgres` or `mysql`.
+    pub database_kind: String,
+    pub database: String,
+    pub schema: String,
+    pub table: String,
+    /// The row's key columns and their values as text, in key order.
+    pub primary_key: Vec<KeyColumn>,
+    /// The source position, as text (`pg:0/16B3748`, `binlog:mysql-bin.000003:4567`).
+    pub source_position: String,
+    pub transaction_id: Option<String>,
+    /// RFC 3339, UTC.
+    pub commit_time: Option<String>,
+    pub capture_time: String,
+    pub mapping_id: String,
+    /// The mapping's content hash.
+    pub mapping_version: String,
+    /// Read by a snapshot rather than from the log.
+    pub snapshot: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyColumn {
+    pub column: String,
+    pub value: Option<String>,
+}
+
+/// The change and mapping an event is made from.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub change: &'a ChangeEvent,
+    pub mapping: &'a Mapping,
+    pub source_system: &'a str,
+}
+
+impl CanonicalEvent {
+    /// An upsert of `resource` (as mapped, with `resourceType` and `id`); `meta` is set here
+    /// so that it agrees with the envelope.
+    pub fn upsert(origin: Origin<'_>, mut resource: Json) -> Self {
+        let resource_type = resource["resourceType"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let resource_id = resource["id"].as_str().unwrap_or_default().to_owned();
+        let mut event = Self::new(origin, resource_type, resource_id, EventOp::Upsert);
+        set_meta(&mut resource, &event);
+        event.resource = Some(resource);
+        event
+    }
+
+    pub fn delete(origin: Origin<'_>, resource_type: &str, resource_id: String) -> Self {
+        Self::new(
+            origin,
+            resource_type.to_owned(),
+            resource_id,
+            EventOp::Delete,
+        )
+    }
+
+    fn new(origin: Origin<'_>, resource_type: String, resource_id: String, op: EventOp) -> Self {
+        let change = origin.change;
+        let key_row = change.after.as_ref().or(change.before.as_ref());
+        let primary_key: Vec<KeyColumn> = change
+            .key
+            .iter()
+            .map(|column| KeyColumn {
+                column: column.clone(),
+                value: key_row
+                    .and_then(|row| row.get(column))
+                    .filter(|v| !v.is_null())
+                    .map(crate::mapping::text_of),
+            })
+            .collect();
+        let resource_version = format!("{}.{:010}", change.position.sort_key(), change.ordinal);
+        let event_id = event_id(
+            change,
+            &primary_key,
+            &origin.mapping.id,
+            &resource_type,
+            &resource_id,
+        );
+        let source = &change.source;
+        CanonicalEvent {
+            event_id,
+            resource_type,
+            resource_id,
+            resource_version,
+            op,
+            domain: origin.mapping.domain.clone(),
+            sensitivity: origin.mapping.sensitivity.as_str().to_owned(),
+            resource: None,
+            provenance: Provenance {
+                source_system: origin.source_system.to_owned(),
+                connector: source.connector.clone(),
+                database_kind: source.kind.clone(),
+                database: source.database.clone(),
+                schema: source.schema.clone(),
+                table: source.table.clone(),
+                primary_key,
+                source_position: change.position.to_string(),
+                transaction_id: change.transaction_id.clone(),
+                commit_time: change.commit_time.map(instant),
+                capture_time: instant(change.capture_time),
+                mapping_id: origin.mapping.id.clone(),
+                mapping_version: origin.mapping.content_hash.clone(),
+                snapshot: change.op == Operation::Read,
+            },
+        }
+    }
+
+    /// The Kafka topic: `<prefix>.<domain>.<ResourceType>`.
+    pub fn topic(&self, prefix: &str) -> String {
+        format!("{prefix}.{}.{}", self.domain, self.resource_type)
+    }
+
+    /// The Kafka key, `<ResourceType>/<id>`, so one resource's versions share a partition.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.resource_type, self.resource_id)
+    }
+}
+
+/// UUID-formatted first 128 bits of SHA-256 over the change's identity: connector, source
+/// position, ordinal in the transaction, table, key values, mapping and resource.
+fn event_id(
+    change: &ChangeEvent,
+    key: &[KeyColumn],
+    mapping_id: &str,
+    resource_type: &str,
+    resource_id: &str,
+) -> String {
+    let mut hash = Sha256::new();
+    let source = &change.source;
+    for part in [
+        source.connector.as_str(),
+        &change.position.to_string(),
+        &change.ordinal.to_string(),
+        &source.database,
+        &source.qualified_name(),
+        mapping_id,
+        resource_type,
+        resource_id,
+    ] {
+        hash.update(part.as_bytes());
+        hash.update([0x1f]);
+    }
+    for column in key {
+        hash.update(column.column.as_bytes());
+        hash.update([0x1e]);
+        hash.update(column.value.as_deref().unwrap_or("\u{0}NULL").as_bytes());
+        hash.update([0x1f]);
+    }
+    let h = hex::encode(&hash.finalize()[..16]);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+fn instant(ts: DateTime<Utc>) -> String {
+    ts.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// `meta.versionId`, `meta.lastUpdated` and `meta.source` from the envelope, and the
+/// confidentiality label of the sensitivity, keeping labels the mapping set (MASKED).
+fn set_meta(resource: &mut Json, event: &CanonicalEvent) {
+    let confidentiality = match event.sensitivity.as_str() {
+        s if s == Sensitivity::Restricted.as_str() => "R",
+        _ => "N",
+    };
+    let Json::Object(fields) = resource else {
+        return;
+    };
+    let mut security: Vec<Json> = fields
+        .get("meta")
+        .and_then(|m| m.get("security"))
+        .and_then(Json::as_array)
+        .cloned()
+        .unwrap_or_default();
+    security.push(json!({"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": confidentiality}));
+    let p = &event.provenance;
+    let meta = json!({
+        "versionId": event.resource_version,
+        "lastUpdated": p.commit_time.as_deref().unwrap_or(&p.capture_time),
+        "source": format!("urn:fhir-cdc:{}:{}.{}.{}", p.connector, p.database, p.schema, p.table),
+        "security": security,
+    });
+    // `meta` goes right after `id`, where FHIR JSON puts it.
+    let rest: Vec<(String, Json)> = std::mem::take(fields)
+        .into_iter()
+        .filter(|(k, _)| k != "meta")
+        .collect();
+    for (name, value) in rest {
+        fields.insert(name.clone(), value);
+        if name == "id" {
+            fields.insert("meta".into(), meta.clone());
+        }
+    }
+}

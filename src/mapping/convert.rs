@@ -1,0 +1,369 @@
+//! Typed conversion of column values into FHIR primitives, never losing data: exact
+//! decimals keep their digits, timestamps their precision, and a timestamp without zone
+//! becomes a FHIR `dateTime`/`instant` only through the zone the mapping names.
+//!
+//! Refusals say what kind of value met what FHIR type, never the value itself (row values
+//! are PHI and must not reach logs).
+
+use base64::Engine;
+use chrono::{DateTime, FixedOffset, LocalResult, NaiveDateTime, SecondsFormat, TimeZone};
+use chrono_tz::Tz;
+use serde_json::Value as Json;
+
+use crate::change::{ExactDecimal, Value};
+
+/// How a column value is read, beyond its FHIR type.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Conversion {
+    /// Remove leading and trailing whitespace (CHAR padding) from text.
+    pub trim: bool,
+    /// The zone timestamps without zone were written in.
+    pub zone: Option<Tz>,
+    /// Legacy encodings of `true` and `false` (compared case-insensitively), e.g. `Y`/`N`.
+    pub true_values: Vec<String>,
+    pub false_values: Vec<String>,
+}
+
+const DEFAULT_TRUE: [&str; 6] = ["true", "t", "y", "yes", "1", "on"];
+const DEFAULT_FALSE: [&str; 6] = ["false", "f", "n", "no", "0", "off"];
+
+/// A value's text, as templates, conditions and code tables see it: decimals exact,
+/// dates and times in ISO 8601, bytes in base64.
+pub fn text_of(value: &Value) -> String {
+    match value {
+        Value::Null => String::new(),
+        Value::Bool(b) => b.to_string(),
+        Value::Int(i) => i.to_string(),
+        Value::Decimal(d) => d.as_str().to_owned(),
+        Value::Float(f) => f.to_string(),
+        Value::Text(s) | Value::Uuid(s) => s.clone(),
+        Value::Bytes(b) => base64::engine::general_purpose::STANDARD.encode(b),
+        Value::Date(d) => d.format("%Y-%m-%d").to_string(),
+        Value::Time(t) => t.format("%H:%M:%S%.f").to_string(),
+        Value::Timestamp(ts) => ts.format("%Y-%m-%dT%H:%M:%S%.f").to_string(),
+        Value::TimestampTz(ts) => ts.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+        Value::Json(j) => j.to_string(),
+    }
+}
+
+/// Convert `value` (not NULL) to the FHIR primitive type `fhir_type`, as FHIR JSON.
+pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Result<Json, String> {
+    let refuse = || format!("a {} value cannot become a FHIR {fhir_type}", value.kind());
+    match fhir_type {
+        "boolean" => match value {
+            Value::Bool(b) => Ok(Json::Bool(*b)),
+            Value::Int(0) => Ok(Json::Bool(false)),
+            Value::Int(1) => Ok(Json::Bool(true)),
+            Value::Text(s) => {
+                let s = s.trim();
+                let is = |custom: &[String], default: &[&str]| {
+                    if custom.is_empty() {
+                        default.iter().any(|d| d.eq_ignore_ascii_case(s))
+                    } else {
+                        custom.iter().any(|d| d.eq_ignore_ascii_case(s))
+                    }
+                };
+                if is(&conversion.true_values, &DEFAULT_TRUE) {
+                    Ok(Json::Bool(true))
+                } else if is(&conversion.false_values, &DEFAULT_FALSE) {
+                    Ok(Json::Bool(false))
+                } else {
+                    Err("a text value is not one of the mapping's true/false encodings".into())
+                }
+            }
+            _ => Err(refuse()),
+        },
+        "integer" | "positiveInt" | "unsignedInt" => {
+            let number: i64 = match value {
+                Value::Int(i) => *i,
+                Value::Decimal(d) => integral(d.as_str()).ok_or_else(refuse)?,
+                Value::Text(s) => s.trim().parse().map_err(|_| refuse())?,
+                _ => return Err(refuse()),
+            };
+            let min = match fhir_type {
+                "positiveInt" => 1,
+                "unsignedInt" => 0,
+                _ => i64::from(i32::MIN),
+            };
+            if number < min || number > i64::from(i32::MAX) {
+                return Err(format!("an integer out of the range of a FHIR {fhir_type}"));
+            }
+            Ok(Json::from(number))
+        }
+        "decimal" => {
+            let text = match value {
+                Value::Decimal(d) => d.as_str().to_owned(),
+                Value::Int(i) => i.to_string(),
+                Value::Float(f) if f.is_finite() => {
+                    // Shortest text that reads back as the same double.
+                    let text = f.to_string();
+                    if text.contains('e') {
+                        return Err(refuse());
+                    } else {
+                        text
+                    }
+                }
+                Value::Text(s) => ExactDecimal::parse(s.trim())
+                    .map_err(|_| refuse())?
+                    .as_str()
+                    .to_owned(),
+                _ => return Err(refuse()),
+            };
+            decimal_json(&text).ok_or_else(refuse)
+        }
+        "string" | "markdown" => match value {
+            Value::Bytes(_) => Err(refuse()),
+            Value::Text(s) if conversion.trim => Ok(Json::String(s.trim().to_owned())),
+            other => Ok(Json::String(text_of(other))),
+        },
+        "code" | "id" | "uri" | "url" | "canonical" | "oid" | "uuid" => match value {
+            Value::Bytes(_) | Value::Json(_) => Err(refuse()),
+            other => {
+                let text = text_of(other).trim().to_owned();
+                if text.is_empty() {
+                    return Err(format!("an empty text cannot be a FHIR {fhir_type}"));
+                }
+                if fhir_type == "id" && !is_fhir_id(&text) {
+                    return Err("the text is not a valid FHIR id ([A-Za-z0-9-.]{1,64})".into());
+                }
+                let single_spaces =
+                    !text.split(' ').any(str::is_empty) && !text.contains(['\t', '\n', '\r']);
+                if fhir_type == "code" && !single_spaces {
+                    return Err("a FHIR code cannot contain runs of whitespace".into());
+                }
+                Ok(Json::String(text))
+            }
+        },
+        "date" => match value {
+            Value::Date(d) => Ok(Json::String(d.format("%Y-%m-%d").to_string())),
+            Value::Timestamp(ts) => Ok(Json::String(ts.format("%Y-%m-%d").to_string())),
+            Value::TimestampTz(ts) => Ok(Json::String(
+                in_zone(ts, conversion).format("%Y-%m-%d").to_string(),
+            )),
+            Value::Text(s) if is_partial_date(s.trim()) => Ok(Json::String(s.trim().to_owned())),
+            _ => Err(refuse()),
+        },
+        "dateTime" | "instant" => {
+            let instant = fhir_type == "instant";
+            match value {
+                Value::Date(d) if !instant => Ok(Json::String(d.format("%Y-%m-%d").to_string())),
+                Value::TimestampTz(ts) => Ok(Json::String(rfc3339(&in_zone(ts, conversion)))),
+                Value::Timestamp(naive) => {
+                    let zone = conversion.zone.ok_or_else(|| {
+                        format!("a timestamp without time zone needs the mapping's `zone` to become a FHIR {fhir_type}")
+                    })?;
+                    Ok(Json::String(rfc3339(&localize(naive, zone)?)))
+                }
+                Value::Text(s) => {
+                    let s = s.trim();
+                    DateTime::parse_from_rfc3339(s)
+                        .map(|ts| Json::String(rfc3339(&ts)))
+                        .or_else(|_| {
+                            if !instant && is_partial_date(s) {
+                                Ok(Json::String(s.to_owned()))
+                            } else {
+                                Err(refuse())
+                            }
+                        })
+                }
+                _ => Err(refuse()),
+            }
+        }
+        "time" => match value {
+            Value::Time(t) => Ok(Json::String(t.format("%H:%M:%S%.f").to_string())),
+            Value::Timestamp(ts) => Ok(Json::String(ts.format("%H:%M:%S%.f").to_string())),
+            _ => Err(refuse()),
+        },
+        "base64Binary" => match value {
+            Value::Bytes(b) => Ok(Json::String(
+                base64::engine::general_purpose::STANDARD.encode(b),
+            )),
+            _ => Err(refuse()),
+        },
+        _ => Err(format!("fhir-cdc cannot fill FHIR {fhir_type} elements")),
+    }
+}
+
+/// A FHIR decimal as a JSON number with exactly these digits.
+pub fn decimal_json(text: &str) -> Option<Json> {
+    // serde_json keeps the digits (arbitrary_precision).
+    serde_json::from_str::<serde_json::Number>(text)
+        .ok()
+        .map(Json::Number)
+}
+
+fn integral(text: &str) -> Option<i64> {
+    let (int, frac) = text.split_once('.').unwrap_or((text, ""));
+    frac.bytes()
+        .all(|b| b == b'0')
+        .then(|| int.parse().ok())
+        .flatten()
+}
+
+fn in_zone(ts: &DateTime<FixedOffset>, conversion: &Conversion) -> DateTime<FixedOffset> {
+    match conversion.zone {
+        Some(zone) => ts.with_timezone(&zone).fixed_offset(),
+        None => *ts,
+    }
+}
+
+/// A wall-clock time in `zone`. In the hour a clock is turned back the time is ambiguous
+/// and the earlier instant is taken; in the hour skipped when it is turned forward the time
+/// does not exist and is refused.
+fn localize(naive: &NaiveDateTime, zone: Tz) -> Result<DateTime<FixedOffset>, String> {
+    match zone.from_local_datetime(naive) {
+        LocalResult::Single(ts) => Ok(ts.fixed_offset()),
+        LocalResult::Ambiguous(earlier, _) => Ok(earlier.fixed_offset()),
+        LocalResult::None => Err(format!(
+            "the timestamp falls in a daylight-saving gap of {zone} and names no instant"
+        )),
+    }
+}
+
+fn rfc3339(ts: &DateTime<FixedOffset>) -> String {
+    ts.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// FHIR `id`: 1–64 of `A-Z a-z 0-9 - .`
+pub fn is_fhir_id(text: &str) -> bool {
+    (1..=64).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+/// `YYYY`, `YYYY-MM` or `YYYY-MM-DD`.
+fn is_partial_date(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    let digits = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_digit());
+    match parts.as_slice() {
+        [y] => digits(y, 4),
+        [y, m] => digits(y, 4) && digits(m, 2),
+        [y, m, d] => {
+            digits(y, 4)
+                && digits(m, 2)
+                && digits(d, 2)
+                && chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").is_ok()
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{NaiveDate, NaiveTime};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn convert(value: Value, fhir_type: &str) -> Result<String, String> {
+        to_fhir(&value, fhir_type, &Conversion::default()).map(|j| j.to_string())
+    }
+
+    #[test]
+    fn decimals_keep_every_digit() {
+        let d = |s: &str| Value::Decimal(ExactDecimal::parse(s).unwrap());
+        assert_eq!(convert(d("12.50"), "decimal").unwrap(), "12.50");
+        assert_eq!(
+            convert(d("0.000000000000000000000000000001"), "decimal").unwrap(),
+            "0.000000000000000000000000000001"
+        );
+        assert_eq!(convert(Value::Int(7), "decimal").unwrap(), "7");
+        assert_eq!(convert(Value::Float(0.1), "decimal").unwrap(), "0.1");
+        assert!(convert(Value::Float(f64::NAN), "decimal").is_err());
+        assert_eq!(convert(d("3.000"), "integer").unwrap(), "3");
+        assert!(convert(d("3.5"), "integer").is_err());
+        assert!(convert(Value::Int(0), "positiveInt").is_err());
+    }
+
+    #[test]
+    fn legacy_booleans_are_read() {
+        assert_eq!(convert(Value::Text("Y".into()), "boolean").unwrap(), "true");
+        assert_eq!(
+            convert(Value::Text("n ".into()), "boolean").unwrap(),
+            "false"
+        );
+        assert_eq!(convert(Value::Int(1), "boolean").unwrap(), "true");
+        assert!(convert(Value::Text("maybe".into()), "boolean").is_err());
+        let custom = Conversion {
+            true_values: vec!["J".into()],
+            false_values: vec!["N".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            to_fhir(&Value::Text("j".into()), "boolean", &custom).unwrap(),
+            Json::Bool(true)
+        );
+        assert!(to_fhir(&Value::Text("Y".into()), "boolean", &custom).is_err());
+    }
+
+    #[test]
+    fn timestamps_without_zone_need_one_and_keep_precision() {
+        let naive = NaiveDate::from_ymd_opt(2024, 3, 5)
+            .unwrap()
+            .and_hms_micro_opt(14, 30, 0, 250_000)
+            .unwrap();
+        let err = convert(Value::Timestamp(naive), "dateTime").unwrap_err();
+        assert!(err.contains("needs the mapping's `zone`"), "{err}");
+        let chicago = Conversion {
+            zone: Some(chrono_tz::America::Chicago),
+            ..Default::default()
+        };
+        let json = to_fhir(&Value::Timestamp(naive), "instant", &chicago).unwrap();
+        assert_eq!(json, Json::String("2024-03-05T14:30:00.250-06:00".into()));
+        // 02:30 on 2024-03-10 does not exist in Chicago.
+        let gap = NaiveDate::from_ymd_opt(2024, 3, 10)
+            .unwrap()
+            .and_hms_opt(2, 30, 0)
+            .unwrap();
+        assert!(to_fhir(&Value::Timestamp(gap), "dateTime", &chicago)
+            .unwrap_err()
+            .contains("daylight-saving gap"));
+        assert_eq!(
+            convert(Value::Timestamp(naive), "date").unwrap(),
+            "\"2024-03-05\""
+        );
+        assert_eq!(
+            convert(
+                Value::Time(NaiveTime::from_hms_opt(8, 5, 0).unwrap()),
+                "time"
+            )
+            .unwrap(),
+            "\"08:05:00\""
+        );
+    }
+
+    #[test]
+    fn codes_are_trimmed_and_ids_checked() {
+        assert_eq!(
+            convert(Value::Text("F   ".into()), "code").unwrap(),
+            "\"F\""
+        );
+        assert!(convert(Value::Text("   ".into()), "code").is_err());
+        assert!(convert(Value::Text("a_b".into()), "id").is_err());
+        assert!(convert(Value::Bytes(vec![1]), "string").is_err());
+    }
+
+    #[test]
+    fn refusals_never_contain_the_value() {
+        let err = convert(Value::Text("SECRET-PATIENT-NAME".into()), "integer").unwrap_err();
+        assert!(!err.contains("SECRET"), "{err}");
+    }
+
+    proptest! {
+        #[test]
+        fn timestamptz_round_trips_through_fhir_instant(secs in 0i64..4_000_000_000, micros in 0u32..1_000_000, offset_min in -720i32..=840) {
+            let offset = FixedOffset::east_opt(offset_min * 60).unwrap();
+            let ts = DateTime::from_timestamp(secs, micros * 1000).unwrap().with_timezone(&offset);
+            let Json::String(text) = to_fhir(&Value::TimestampTz(ts), "instant", &Conversion::default()).unwrap() else { panic!() };
+            prop_assert_eq!(DateTime::parse_from_rfc3339(&text).unwrap(), ts);
+        }
+
+        #[test]
+        fn decimal_text_round_trips_through_fhir_json(int in "-?[1-9][0-9]{0,25}", frac in "[0-9]{0,25}") {
+            let text = if frac.is_empty() { int } else { format!("{int}.{frac}") };
+            let json = to_fhir(&Value::Decimal(ExactDecimal::parse(&text).unwrap()), "decimal", &Conversion::default()).unwrap();
+            prop_assert_eq!(json.to_string(), text);
+        }
+    }
+}

@@ -1,0 +1,1077 @@
+//! Loading mapping files: YAML with positions (marked-yaml), checked completely against the
+//! FHIR R4 definitions. Every problem is collected and reported with `file:line:column`;
+//! a file with any problem yields no mapping.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::Arc,
+};
+
+use marked_yaml::{types::MarkedMappingNode, LoaderOptions, Node, Span};
+use sha2::{Digest, Sha256};
+
+use super::{
+    convert::{to_fhir, Conversion},
+    location::{LoadError, LoadErrors, Location},
+    model::{
+        ChoiceGroup, Condition, ElementMapping, Mapping, Protect, RequiredNode, ResourceMapping,
+        Sensitivity, Test, Translation, Unmapped, ValueSource,
+    },
+    template::Template,
+};
+use crate::{
+    change::Value,
+    fhir::{definitions, Segment},
+};
+
+/// Files ending in this are code tables read by mappings, not mappings.
+pub const CODE_TABLE_SUFFIX: &str = ".codes.yaml";
+
+/// Load every mapping under `dir` (recursively, `*.yaml`/`*.yml` except code tables).
+/// Mapping ids must be unique across the set.
+pub fn load_dir(dir: &Path) -> Result<Vec<Mapping>, LoadErrors> {
+    let mut files = Vec::new();
+    collect_files(dir, &mut files).map_err(|e| {
+        LoadErrors(vec![LoadError {
+            location: Location {
+                file: dir.display().to_string(),
+                line: 0,
+                column: 0,
+            },
+            message: format!("cannot read the mappings directory: {e}"),
+        }])
+    })?;
+    files.sort();
+    let mut mappings = Vec::new();
+    let mut errors = Vec::new();
+    let mut ids: HashMap<String, Location> = HashMap::new();
+    for file in files {
+        match load_file(&file) {
+            Ok(mapping) => {
+                let here = Location {
+                    file: file.display().to_string(),
+                    line: 1,
+                    column: 1,
+                };
+                if let Some(first) = ids.get(&mapping.id) {
+                    errors.push(LoadError {
+                        location: here,
+                        message: format!("mapping id `{}` is already used by {first}", mapping.id),
+                    });
+                } else {
+                    ids.insert(mapping.id.clone(), here);
+                    mappings.push(mapping);
+                }
+            }
+            Err(LoadErrors(mut e)) => errors.append(&mut e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(mappings)
+    } else {
+        Err(LoadErrors(errors))
+    }
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if path.is_dir() {
+            collect_files(&path, out)?;
+        } else if (name.ends_with(".yaml") || name.ends_with(".yml"))
+            && !name.ends_with(CODE_TABLE_SUFFIX)
+        {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Load and check one mapping file.
+pub fn load_file(path: &Path) -> Result<Mapping, LoadErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        LoadErrors(vec![LoadError {
+            location: Location {
+                file: path.display().to_string(),
+                line: 0,
+                column: 0,
+            },
+            message: format!("cannot read the file: {e}"),
+        }])
+    })?;
+    load_str(path, &text)
+}
+
+/// Load and check a mapping from its text; `path` names it in messages and anchors the
+/// code tables it reads.
+pub fn load_str(path: &Path, text: &str) -> Result<Mapping, LoadErrors> {
+    let mut reader = Reader {
+        file: path,
+        errors: Vec::new(),
+        hash: Sha256::new(),
+    };
+    reader.hash.update(text.as_bytes());
+    let options = LoaderOptions::default()
+        .error_on_duplicate_keys(true)
+        .prevent_coercion(true);
+    let mapping = match marked_yaml::parse_yaml_with_options(0, text, options) {
+        Ok(node) => reader.mapping_file(&node),
+        Err(e) => {
+            reader.errors.push(yaml_error(path, &e));
+            None
+        }
+    };
+    match mapping {
+        Some(mapping) if reader.errors.is_empty() => Ok(mapping),
+        _ => {
+            if reader.errors.is_empty() {
+                reader.error(&Span::new_blank(), "the mapping could not be read");
+            }
+            Err(LoadErrors(reader.errors))
+        }
+    }
+}
+
+fn yaml_error(path: &Path, error: &marked_yaml::LoadError) -> LoadError {
+    use marked_yaml::LoadError as E;
+    let (marker, message) = match error {
+        E::TopLevelMustBeMapping(m) => (
+            Some(*m),
+            "a mapping file is a YAML mapping (`key: value` lines)".to_owned(),
+        ),
+        E::TopLevelMustBeSequence(m) => (Some(*m), "a sequence was expected".to_owned()),
+        E::UnexpectedAnchor(m) => (
+            Some(*m),
+            "YAML anchors and aliases are not supported".to_owned(),
+        ),
+        E::MappingKeyMustBeScalar(m) => (Some(*m), "keys must be plain text".to_owned()),
+        E::UnexpectedTag(m) => (Some(*m), "YAML tags (`!tag`) are not supported".to_owned()),
+        E::ScanError(m, e) => (Some(*m), format!("not valid YAML: {}", e.info())),
+        E::DuplicateKey(inner) => (
+            inner.key.span().start().copied(),
+            format!("key `{}` appears twice", inner.key.as_str()),
+        ),
+    };
+    let (line, column) = marker.map_or((0, 0), |m| (m.line(), m.column()));
+    LoadError {
+        location: Location {
+            file: path.display().to_string(),
+            line,
+            column,
+        },
+        message,
+    }
+}
+
+struct Reader<'a> {
+    file: &'a Path,
+    errors: Vec<LoadError>,
+    hash: Sha256,
+}
+
+/// The source table's shape as the mapping declares it.
+struct Table {
+    key: Vec<String>,
+    /// When declared: every column mappings may read.
+    columns: Option<HashSet<String>>,
+}
+
+impl Reader<'_> {
+    fn error(&mut self, span: &Span, message: impl Into<String>) {
+        self.errors.push(LoadError {
+            location: Location::new(self.file, span),
+            message: message.into(),
+        });
+    }
+
+    fn location(&self, span: &Span) -> Location {
+        Location::new(self.file, span)
+    }
+
+    /// The fields of a YAML mapping; unknown keys are reported with the allowed ones.
+    fn fields<'n>(
+        &mut self,
+        map: &'n MarkedMappingNode,
+        what: &str,
+        allowed: &[&str],
+    ) -> BTreeMap<&'n str, &'n Node> {
+        let mut fields = BTreeMap::new();
+        for (key, value) in map.iter() {
+            if allowed.contains(&key.as_str()) {
+                fields.insert(key.as_str(), value);
+            } else {
+                self.error(
+                    key.span(),
+                    format!(
+                        "unknown key `{}` in {what}; allowed: {}",
+                        key.as_str(),
+                        allowed.join(", ")
+                    ),
+                );
+            }
+        }
+        fields
+    }
+
+    fn require<'n>(
+        &mut self,
+        fields: &BTreeMap<&str, &'n Node>,
+        key: &str,
+        span: &Span,
+        what: &str,
+    ) -> Option<&'n Node> {
+        let found = fields.get(key).copied();
+        if found.is_none() {
+            self.error(span, format!("{what} needs `{key}`"));
+        }
+        found
+    }
+
+    fn as_map<'n>(&mut self, node: &'n Node, what: &str) -> Option<&'n MarkedMappingNode> {
+        let map = node.as_mapping();
+        if map.is_none() {
+            self.error(
+                node.span(),
+                format!("{what} must be a mapping of `key: value` lines"),
+            );
+        }
+        map
+    }
+
+    fn text<'n>(&mut self, node: &'n Node, what: &str) -> Option<&'n str> {
+        let text = node.as_scalar().map(|s| s.as_str());
+        if text.is_none() {
+            self.error(node.span(), format!("{what} must be a single value"));
+        }
+        text
+    }
+
+    fn texts(&mut self, node: &Node, what: &str) -> Option<Vec<(String, Span)>> {
+        let Some(items) = node.as_sequence() else {
+            self.error(node.span(), format!("{what} must be a list, like [a, b]"));
+            return None;
+        };
+        let mut out = Vec::new();
+        for item in items.iter() {
+            out.push((self.text(item, what)?.to_owned(), *item.span()));
+        }
+        Some(out)
+    }
+
+    fn boolean(&mut self, node: &Node, what: &str) -> Option<bool> {
+        match self.text(node, what)? {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => {
+                self.error(node.span(), format!("{what} must be true or false"));
+                None
+            }
+        }
+    }
+
+    fn mapping_file(&mut self, root: &Node) -> Option<Mapping> {
+        let map = self.as_map(root, "a mapping file")?;
+        let span = start_of(map);
+        let fields = self.fields(
+            map,
+            "a mapping file",
+            &[
+                "mapping",
+                "description",
+                "domain",
+                "sensitivity",
+                "source",
+                "resources",
+                "translations",
+            ],
+        );
+        let id = self
+            .require(&fields, "mapping", &span, "a mapping file")
+            .and_then(|n| {
+                let id = self.text(n, "`mapping`")?;
+                let valid = id.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                    && id.chars().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'
+                    });
+                if !valid {
+                    self.error(
+                        n.span(),
+                        format!("mapping id `{id}`: use lower-case letters, digits, `-` and `.`"),
+                    );
+                }
+                Some(id.to_owned())
+            });
+        let description = fields
+            .get("description")
+            .and_then(|n| self.text(n, "`description`"))
+            .map(str::to_owned);
+        let domain = self.require(&fields, "domain", &span, "a mapping file").and_then(|n| {
+            let domain = self.text(n, "`domain`")?;
+            let valid = domain.starts_with(|c: char| c.is_ascii_lowercase())
+                && domain.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !valid {
+                self.error(n.span(), format!("domain `{domain}` becomes a topic name part: use lower-case letters, digits and `-`"));
+            }
+            Some(domain.to_owned())
+        });
+        let sensitivity = match fields.get("sensitivity") {
+            None => Some(Sensitivity::Normal),
+            Some(n) => match self.text(n, "`sensitivity`") {
+                Some("normal") => Some(Sensitivity::Normal),
+                Some("restricted") => Some(Sensitivity::Restricted),
+                Some(other) => {
+                    self.error(
+                        n.span(),
+                        format!("sensitivity `{other}`: use normal or restricted"),
+                    );
+                    None
+                }
+                None => None,
+            },
+        };
+        let source = self
+            .require(&fields, "source", &span, "a mapping file")
+            .and_then(|n| self.source(n));
+        let translations = match fields.get("translations") {
+            Some(n) => self.translations(n),
+            None => HashMap::new(),
+        };
+        let resources = match (
+            self.require(&fields, "resources", &span, "a mapping file"),
+            &source,
+        ) {
+            (Some(node), Some((_, table))) => self.resources(node, table, &translations),
+            _ => None,
+        };
+        let (table, Table { key, .. }) = source?;
+        let content_hash = hex::encode(&std::mem::take(&mut self.hash).finalize()[..8]);
+        Some(Mapping {
+            id: id?,
+            description,
+            domain: domain?,
+            sensitivity: sensitivity?,
+            table,
+            key,
+            content_hash,
+            file: self.file.to_path_buf(),
+            resources: resources?,
+        })
+    }
+
+    fn source(&mut self, node: &Node) -> Option<(String, Table)> {
+        let map = self.as_map(node, "`source`")?;
+        let span = start_of(map);
+        let fields = self.fields(map, "`source`", &["table", "key", "columns"]);
+        let table = self
+            .require(&fields, "table", &span, "`source`")
+            .and_then(|n| {
+                let table = self.text(n, "`source.table`")?;
+                if table.split('.').count() != 2 || table.split('.').any(str::is_empty) {
+                    self.error(
+                        n.span(),
+                        format!("table `{table}`: name it with its schema, as `schema.table`"),
+                    );
+                }
+                Some(table.to_owned())
+            });
+        let columns = fields
+            .get("columns")
+            .and_then(|n| self.texts(n, "`source.columns`"))
+            .map(|cols| cols.into_iter().map(|(c, _)| c).collect::<HashSet<_>>());
+        let key = self
+            .require(&fields, "key", &span, "`source`")
+            .and_then(|n| {
+                let key = self.texts(n, "`source.key`")?;
+                if key.is_empty() {
+                    self.error(n.span(), "`source.key` names at least one column");
+                }
+                for (column, span) in &key {
+                    if columns.as_ref().is_some_and(|c| !c.contains(column)) {
+                        self.error(
+                            span,
+                            format!("key column `{column}` is not among `source.columns`"),
+                        );
+                    }
+                }
+                Some(key.into_iter().map(|(c, _)| c).collect())
+            });
+        Some((table?, Table { key: key?, columns }))
+    }
+
+    fn translations(&mut self, node: &Node) -> HashMap<String, Arc<Translation>> {
+        let mut out = HashMap::new();
+        let Some(map) = self.as_map(node, "`translations`") else {
+            return out;
+        };
+        for (name, spec) in map.iter() {
+            if let Some(translation) = self.translation(name.as_str(), spec) {
+                out.insert(name.as_str().to_owned(), Arc::new(translation));
+            }
+        }
+        out
+    }
+
+    fn translation(&mut self, name: &str, node: &Node) -> Option<Translation> {
+        let what = format!("translation `{name}`");
+        let map = self.as_map(node, &what)?;
+        let span = start_of(map);
+        let fields = self.fields(map, &what, &["codes", "file", "unmapped", "default"]);
+        let mut codes = HashMap::new();
+        match (fields.get("codes"), fields.get("file")) {
+            (Some(n), None) => self.code_pairs(n, &what, &mut codes)?,
+            (None, Some(n)) => {
+                let relative = self.text(n, "`file`")?;
+                let path = self.file.parent().unwrap_or(Path::new(".")).join(relative);
+                let text = match std::fs::read_to_string(&path) {
+                    Ok(text) => text,
+                    Err(e) => {
+                        self.error(
+                            n.span(),
+                            format!("cannot read code table {}: {e}", path.display()),
+                        );
+                        return None;
+                    }
+                };
+                self.hash.update(text.as_bytes());
+                let options = LoaderOptions::default()
+                    .error_on_duplicate_keys(true)
+                    .prevent_coercion(true);
+                match marked_yaml::parse_yaml_with_options(0, &text, options) {
+                    Ok(root) => {
+                        let mut table_reader = Reader {
+                            file: &path,
+                            errors: Vec::new(),
+                            hash: Sha256::new(),
+                        };
+                        let read = table_reader.code_pairs(
+                            &root,
+                            &format!("code table {relative}"),
+                            &mut codes,
+                        );
+                        self.errors.append(&mut table_reader.errors);
+                        read?;
+                    }
+                    Err(e) => {
+                        self.errors.push(yaml_error(&path, &e));
+                        return None;
+                    }
+                }
+            }
+            _ => {
+                self.error(&span, format!("{what} needs either `codes` (inline) or `file` (a {CODE_TABLE_SUFFIX} file)"));
+                return None;
+            }
+        }
+        let default = fields
+            .get("default")
+            .and_then(|n| self.text(n, "`default`"))
+            .map(str::to_owned);
+        let unmapped = match fields
+            .get("unmapped")
+            .map(|n| (n, self.text(n, "`unmapped`")))
+        {
+            None | Some((_, Some("fail"))) => Unmapped::Fail,
+            Some((_, Some("pass"))) => Unmapped::Pass,
+            Some((n, Some("default"))) => match default {
+                Some(code) => Unmapped::Default(code),
+                None => {
+                    self.error(
+                        n.span(),
+                        format!("{what}: `unmapped: default` needs `default: <code>`"),
+                    );
+                    return None;
+                }
+            },
+            Some((n, Some(other))) => {
+                self.error(
+                    n.span(),
+                    format!("{what}: unmapped `{other}`; use fail, pass or default"),
+                );
+                return None;
+            }
+            Some((_, None)) => return None,
+        };
+        Some(Translation {
+            name: name.to_owned(),
+            codes,
+            unmapped,
+        })
+    }
+
+    fn code_pairs(
+        &mut self,
+        node: &Node,
+        what: &str,
+        codes: &mut HashMap<String, String>,
+    ) -> Option<()> {
+        let map = self.as_map(node, what)?;
+        for (from, to) in map.iter() {
+            let to = self.text(to, what)?;
+            codes.insert(from.as_str().to_owned(), to.to_owned());
+        }
+        Some(())
+    }
+
+    fn resources(
+        &mut self,
+        node: &Node,
+        table: &Table,
+        translations: &HashMap<String, Arc<Translation>>,
+    ) -> Option<Vec<ResourceMapping>> {
+        let Some(items) = node.as_sequence() else {
+            self.error(
+                node.span(),
+                "`resources` must be a list of resources (`- type: …`)",
+            );
+            return None;
+        };
+        if items.is_empty() {
+            self.error(node.span(), "`resources` lists no resource");
+        }
+        let mut resources = Vec::new();
+        for item in items.iter() {
+            if let Some(resource) = self.resource(item, table, translations) {
+                resources.push(resource);
+            }
+        }
+        (resources.len() == items.len()).then_some(resources)
+    }
+
+    fn check_columns<'c>(
+        &mut self,
+        span: &Span,
+        table: &Table,
+        columns: impl IntoIterator<Item = &'c str>,
+    ) {
+        let Some(known) = &table.columns else { return };
+        for column in columns {
+            if !known.contains(column) {
+                let mut names: Vec<&str> = known.iter().map(String::as_str).collect();
+                names.sort_unstable();
+                self.error(
+                    span,
+                    format!(
+                        "unknown column `{column}`; the table has: {}",
+                        names.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+
+    fn resource(
+        &mut self,
+        node: &Node,
+        table: &Table,
+        translations: &HashMap<String, Arc<Translation>>,
+    ) -> Option<ResourceMapping> {
+        let map = self.as_map(node, "a resource")?;
+        let span = start_of(map);
+        let fields = self.fields(map, "a resource", &["type", "id", "when", "elements"]);
+        let resource_type = self
+            .require(&fields, "type", &span, "a resource")
+            .and_then(|n| {
+                let name = self.text(n, "`type`")?;
+                if !definitions().is_resource(name) {
+                    self.error(n.span(), format!("`{name}` is not a FHIR R4 resource type"));
+                    return None;
+                }
+                Some(name.to_owned())
+            });
+        let id = self
+            .require(&fields, "id", &span, "a resource")
+            .and_then(|n| self.template(n, "`id`", table));
+        if let Some(id) = &id {
+            if id.is_literal() {
+                self.error(fields["id"].span(), "`id` must read at least one column (e.g. \"result-{result_id}\"), or every row makes the same resource");
+            }
+        }
+        let when = match fields.get("when") {
+            Some(n) => self.conditions(n, table),
+            None => Some(Vec::new()),
+        };
+        let elements_node = self.require(&fields, "elements", &span, "a resource");
+        let (resource_type, elements_node) = (resource_type?, elements_node?);
+        let elements = self.elements(elements_node, &resource_type, table, translations)?;
+        let elements_span = elements_node
+            .as_mapping()
+            .map_or(*elements_node.span(), start_of);
+        let required = self.required_nodes(&resource_type, &elements, &elements_span);
+        let choices = choice_groups(&resource_type, &elements);
+        Some(ResourceMapping {
+            resource_type,
+            id: id?,
+            when: when?,
+            elements,
+            required: required?,
+            choices,
+            location: self.location(&span),
+        })
+    }
+
+    fn template(&mut self, node: &Node, what: &str, table: &Table) -> Option<Template> {
+        let text = self.text(node, what)?;
+        match Template::parse(text) {
+            Ok(template) => {
+                self.check_columns(node.span(), table, template.columns());
+                Some(template)
+            }
+            Err(e) => {
+                self.error(node.span(), format!("{what}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn conditions(&mut self, node: &Node, table: &Table) -> Option<Vec<Condition>> {
+        let Some(items) = node.as_sequence() else {
+            self.error(
+                node.span(),
+                "`when` must be a list of conditions (`- column: …`)",
+            );
+            return None;
+        };
+        let mut conditions = Vec::new();
+        for item in items.iter() {
+            let map = self.as_map(item, "a condition")?;
+            let span = start_of(map);
+            let fields = self.fields(map, "a condition", &["column", "in", "not_in", "is_null"]);
+            let column = self
+                .require(&fields, "column", &span, "a condition")
+                .and_then(|n| self.text(n, "`column`"))?;
+            self.check_columns(&span, table, [column]);
+            let tests: Vec<&str> = ["in", "not_in", "is_null"]
+                .into_iter()
+                .filter(|t| fields.contains_key(t))
+                .collect();
+            let test = match tests.as_slice() {
+                ["in"] => Test::In(
+                    self.texts(fields["in"], "`in`")?
+                        .into_iter()
+                        .map(|(v, _)| v)
+                        .collect(),
+                ),
+                ["not_in"] => Test::NotIn(
+                    self.texts(fields["not_in"], "`not_in`")?
+                        .into_iter()
+                        .map(|(v, _)| v)
+                        .collect(),
+                ),
+                ["is_null"] => Test::IsNull(self.boolean(fields["is_null"], "`is_null`")?),
+                _ => {
+                    self.error(
+                        &span,
+                        "a condition has exactly one test: `in`, `not_in` or `is_null`",
+                    );
+                    return None;
+                }
+            };
+            conditions.push(Condition {
+                column: column.to_owned(),
+                test,
+            });
+        }
+        Some(conditions)
+    }
+
+    fn elements(
+        &mut self,
+        node: &Node,
+        resource_type: &str,
+        table: &Table,
+        translations: &HashMap<String, Arc<Translation>>,
+    ) -> Option<Vec<ElementMapping>> {
+        let map = self.as_map(node, "`elements`")?;
+        let mut elements = Vec::new();
+        let mut complete = true;
+        for (key, spec) in map.iter() {
+            match self.element(
+                key.as_str(),
+                key.span(),
+                spec,
+                resource_type,
+                table,
+                translations,
+            ) {
+                Some(element) => elements.push(element),
+                None => complete = false,
+            }
+        }
+        complete.then_some(elements)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn element(
+        &mut self,
+        path_text: &str,
+        key_span: &Span,
+        spec: &Node,
+        resource_type: &str,
+        table: &Table,
+        translations: &HashMap<String, Arc<Translation>>,
+    ) -> Option<ElementMapping> {
+        let path = match Segment::parse_path(path_text) {
+            Ok(path) => path,
+            Err(e) => {
+                self.error(key_span, format!("element path `{path_text}`: {e}"));
+                return None;
+            }
+        };
+        let resolved = match definitions().resolve(resource_type, &path) {
+            Ok(resolved) => resolved,
+            Err(e) => {
+                self.error(key_span, format!("{resource_type}.{path_text}: {e}"));
+                return None;
+            }
+        };
+        let leaf = resolved.leaf;
+        let what = format!("{resource_type}.{path_text}");
+        let location = self.location(key_span);
+        let mut element = ElementMapping {
+            path,
+            source: ValueSource::Template(Template::parse("").ok()?),
+            fhir_type: leaf.code.clone(),
+            required_codes: leaf.required_codes,
+            definition: leaf.definition.clone(),
+            required: false,
+            anchor: None,
+            conversion: Conversion::default(),
+            translate: None,
+            protect: None,
+            default: None,
+            location,
+        };
+        if spec.as_scalar().is_some() {
+            element.source = ValueSource::Template(self.template(spec, &what, table)?);
+        } else {
+            let map = self.as_map(spec, &what)?;
+            let span = start_of(map);
+            let fields = self.fields(
+                map,
+                "an element",
+                &[
+                    "column",
+                    "template",
+                    "value",
+                    "reference",
+                    "id",
+                    "translate",
+                    "required",
+                    "anchor",
+                    "trim",
+                    "zone",
+                    "true_values",
+                    "false_values",
+                    "protect",
+                    "default",
+                ],
+            );
+            let sources: Vec<&str> = ["column", "template", "value", "reference"]
+                .into_iter()
+                .filter(|k| fields.contains_key(k))
+                .collect();
+            element.source = match sources.as_slice() {
+                ["column"] => {
+                    let column = self.text(fields["column"], "`column`")?;
+                    self.check_columns(fields["column"].span(), table, [column]);
+                    ValueSource::Column(column.to_owned())
+                }
+                ["template"] | ["value"] => {
+                    ValueSource::Template(self.template(fields[sources[0]], &what, table)?)
+                }
+                ["reference"] => {
+                    let target = self.text(fields["reference"], "`reference`")?;
+                    if !definitions().is_resource(target) {
+                        self.error(
+                            fields["reference"].span(),
+                            format!("`{target}` is not a FHIR R4 resource type"),
+                        );
+                        return None;
+                    }
+                    if leaf.code != "string" || !leaf.definition.ends_with("Reference.reference") {
+                        self.error(key_span, format!("{what}: `reference` fills a Reference's `reference` element (e.g. `subject.reference`), not a {}", leaf.definition));
+                        return None;
+                    }
+                    let Some(id_node) = fields.get("id") else {
+                        self.error(&span, format!("{what}: `reference` needs `id`, the referenced resource's id template"));
+                        return None;
+                    };
+                    ValueSource::Reference {
+                        resource_type: target.to_owned(),
+                        id: self.template(id_node, "`id`", table)?,
+                    }
+                }
+                _ => {
+                    self.error(&span, format!("{what}: give exactly one of `column`, `template`, `value` or `reference`"));
+                    return None;
+                }
+            };
+            if fields.contains_key("id") && sources != ["reference"] {
+                self.error(
+                    fields["id"].span(),
+                    format!("{what}: `id` belongs to a `reference`"),
+                );
+            }
+            if let Some(n) = fields.get("required") {
+                element.required = self.boolean(n, "`required`")?;
+            }
+            if let Some(n) = fields.get("anchor") {
+                let ancestor = match self.text(n, "`anchor`")? {
+                    "true" => Some(element.path.len() - 1),
+                    "false" => None,
+                    prefix => match Segment::parse_path(prefix) {
+                        Ok(p)
+                            if p.len() < element.path.len() && element.path[..p.len()] == p[..] =>
+                        {
+                            Some(p.len())
+                        }
+                        _ => {
+                            self.error(n.span(), format!("{what}: `anchor` is true, or an element path that contains this one (like `{}`)", display_path(&element.path[..1])));
+                            return None;
+                        }
+                    },
+                };
+                if ancestor == Some(0) {
+                    self.error(
+                        n.span(),
+                        format!(
+                            "{what}: `anchor` needs a parent element; a top-level element has none"
+                        ),
+                    );
+                    return None;
+                }
+                element.anchor = ancestor;
+            }
+            if let Some(n) = fields.get("trim") {
+                element.conversion.trim = self.boolean(n, "`trim`")?;
+            }
+            if let Some(n) = fields.get("zone") {
+                let zone = self.text(n, "`zone`")?;
+                match chrono_tz::Tz::from_str(zone) {
+                    Ok(tz) => element.conversion.zone = Some(tz),
+                    Err(_) => {
+                        self.error(n.span(), format!("`{zone}` is not an IANA time zone (e.g. America/Chicago, Europe/Berlin, UTC)"));
+                        return None;
+                    }
+                }
+            }
+            for (key, target) in [
+                ("true_values", &mut element.conversion.true_values),
+                ("false_values", &mut element.conversion.false_values),
+            ] {
+                if let Some(n) = fields.get(key) {
+                    *target = self.texts(n, key)?.into_iter().map(|(v, _)| v).collect();
+                }
+            }
+            if (fields.contains_key("true_values") || fields.contains_key("false_values"))
+                && leaf.code != "boolean"
+            {
+                self.error(
+                    &span,
+                    format!(
+                        "{what} is a {}; `true_values`/`false_values` apply to booleans",
+                        leaf.code
+                    ),
+                );
+            }
+            if let Some(n) = fields.get("protect") {
+                element.protect = match self.text(n, "`protect`")? {
+                    "mask" => Some(Protect::Mask),
+                    "token" => Some(Protect::Token),
+                    other => {
+                        self.error(n.span(), format!("protect `{other}`: use mask or token"));
+                        return None;
+                    }
+                };
+                if !matches!(leaf.code.as_str(), "string" | "code" | "id" | "markdown") {
+                    self.error(n.span(), format!("{what} is a {}; only string, code, id and markdown elements can be protected", leaf.code));
+                }
+            }
+            if let Some(n) = fields.get("default") {
+                element.default = Some(self.text(n, "`default`")?.to_owned());
+            }
+            if let Some(n) = fields.get("translate") {
+                let name = self.text(n, "`translate`")?;
+                match translations.get(name) {
+                    Some(t) => element.translate = Some(t.clone()),
+                    None => {
+                        let mut known: Vec<&str> =
+                            translations.keys().map(String::as_str).collect();
+                        known.sort_unstable();
+                        self.error(
+                            n.span(),
+                            format!(
+                                "no translation `{name}`; `translations` defines: {}",
+                                if known.is_empty() {
+                                    "none".to_owned()
+                                } else {
+                                    known.join(", ")
+                                }
+                            ),
+                        );
+                        return None;
+                    }
+                }
+            }
+        }
+        self.check_values(&element, key_span, &what);
+        Some(element)
+    }
+
+    /// Literal values, defaults and translation targets must fit the element's type and
+    /// required binding.
+    fn check_values(&mut self, element: &ElementMapping, span: &Span, what: &str) {
+        let mut fixed: Vec<(String, &str)> = Vec::new();
+        if let ValueSource::Template(t) = &element.source {
+            if t.is_literal() {
+                if let Ok(text) = t.render(&crate::change::Row::default()) {
+                    fixed.push((text, "value"));
+                }
+            }
+        }
+        if let Some(default) = &element.default {
+            fixed.push((default.clone(), "default"));
+        }
+        if let Some(translation) = &element.translate {
+            fixed.extend(
+                translation
+                    .codes
+                    .values()
+                    .map(|c| (c.clone(), "translation target")),
+            );
+            if let Unmapped::Default(code) = &translation.unmapped {
+                fixed.push((code.clone(), "translation default"));
+            }
+        }
+        for (text, role) in fixed {
+            if let Err(e) = to_fhir(
+                &Value::Text(text.clone()),
+                &element.fhir_type,
+                &element.conversion,
+            ) {
+                self.error(span, format!("{what}: {role} `{text}` does not fit: {e}"));
+            } else if let Some(codes) = element.required_codes {
+                if !codes.contains(&text) {
+                    let mut allowed: Vec<&str> = codes.iter().map(String::as_str).collect();
+                    allowed.sort_unstable();
+                    self.error(span, format!("{what}: {role} `{text}` is not in the required value set of {}; allowed: {}", element.definition, allowed.join(", ")));
+                }
+            }
+        }
+    }
+
+    /// Every node the elements create must have the children FHIR requires; check that the
+    /// mapping fills them, and list them for the runtime check.
+    fn required_nodes(
+        &mut self,
+        resource_type: &str,
+        elements: &[ElementMapping],
+        span: &Span,
+    ) -> Option<Vec<RequiredNode>> {
+        let mut nodes: BTreeMap<Vec<Segment>, String> = BTreeMap::new();
+        nodes.insert(Vec::new(), resource_type.to_owned());
+        for element in elements {
+            let resolved = definitions().resolve(resource_type, &element.path).ok()?;
+            for (depth, definition) in resolved.nodes.into_iter().enumerate() {
+                nodes.insert(element.path[..=depth].to_vec(), definition);
+            }
+        }
+        let mut required = Vec::new();
+        let mut complete = true;
+        for (path, definition) in nodes {
+            let children: Vec<String> = definitions()
+                .required_children(&definition)
+                .map(str::to_owned)
+                .collect();
+            for child in &children {
+                let filled = elements.iter().any(|e| {
+                    e.path.len() > path.len()
+                        && e.path[..path.len()] == path[..]
+                        && child_matches(child, &e.path[path.len()].name)
+                });
+                if !filled {
+                    let node = if path.is_empty() {
+                        resource_type.to_owned()
+                    } else {
+                        format!("{resource_type}.{}", display_path(&path))
+                    };
+                    self.error(span, format!("{node} must have `{child}` ({definition}.{child} is required), but no element fills it"));
+                    complete = false;
+                }
+            }
+            if !children.is_empty() {
+                required.push(RequiredNode {
+                    path,
+                    definition,
+                    children,
+                });
+            }
+        }
+        complete.then_some(required)
+    }
+}
+
+/// Where a YAML mapping begins for a reader: its first key (marked-yaml marks a block
+/// mapping at its first value).
+fn start_of(map: &MarkedMappingNode) -> Span {
+    map.keys().next().map_or(*map.span(), |key| *key.span())
+}
+
+/// The choice elements filled with more than one type, for the one-type-per-row check.
+fn choice_groups(resource_type: &str, elements: &[ElementMapping]) -> Vec<ChoiceGroup> {
+    let mut groups: BTreeMap<(Vec<Segment>, String), Vec<String>> = BTreeMap::new();
+    for element in elements {
+        let Ok(resolved) = definitions().resolve(resource_type, &element.path) else {
+            continue;
+        };
+        for (depth, segment) in element.path.iter().enumerate() {
+            let container = if depth == 0 {
+                resource_type
+            } else {
+                &resolved.nodes[depth - 1]
+            };
+            if let Some(base) = definitions().choice_base(container, &segment.name) {
+                let names = groups
+                    .entry((element.path[..depth].to_vec(), format!("{base}[x]")))
+                    .or_default();
+                if !names.contains(&segment.name) {
+                    names.push(segment.name.clone());
+                }
+            }
+        }
+    }
+    groups
+        .into_iter()
+        .filter(|(_, names)| names.len() > 1)
+        .map(|((path, choice), names)| ChoiceGroup {
+            path,
+            choice,
+            names,
+        })
+        .collect()
+}
+
+/// Whether a JSON element name fills the child `child` (`value[x]` is filled by `valueQuantity`).
+pub fn child_matches(child: &str, name: &str) -> bool {
+    match child.strip_suffix("[x]") {
+        Some(base) => {
+            name.starts_with(base)
+                && name[base.len()..].starts_with(|c: char| c.is_ascii_uppercase())
+        }
+        None => child == name,
+    }
+}
+
+/// `component[0].code` from segments.
+pub fn display_path(path: &[Segment]) -> String {
+    path.iter()
+        .map(|s| match s.index {
+            Some(i) => format!("{}[{i}]", s.name),
+            None => s.name.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}

@@ -1,0 +1,179 @@
+//! From a source-neutral change to canonical events, through every mapping of its table.
+//!
+//! - Reads and inserts map the new row; each resource it yields is an upsert.
+//! - Updates map the new row, and the old one when the source provides it. Identical
+//!   results produce nothing (a suppressed no-op: the update touched no mapped content); a
+//!   changed resource id produces a delete of the old id and an upsert of the new; a row that
+//!   no longer meets a mapping's conditions produces a delete.
+//! - Deletes produce a delete for every resource the row had produced. The old row must
+//!   hold the id template's columns (the key, with PostgreSQL's default replica identity).
+//! - Truncates name no rows; they are reported as failures for reconciliation to repair.
+//!
+//! A row that fails a mapping yields a [`MapFailure`] for the dead-letter topic; the other
+//! mappings of the row still run.
+
+use std::{collections::HashMap, sync::Arc};
+
+use serde_json::Value as Json;
+
+use super::{
+    apply::{MapContext, MapError},
+    model::{Mapping, ResourceMapping},
+};
+use crate::{
+    canonical::{CanonicalEvent, Origin},
+    change::{ChangeEvent, Operation, Row},
+};
+
+/// Runs the mappings of each table.
+#[derive(Debug)]
+pub struct Mapper {
+    by_table: HashMap<String, Vec<Arc<Mapping>>>,
+    context: MapContext,
+    source_system: String,
+}
+
+/// What one change yields.
+#[derive(Debug, Default)]
+pub struct MapOutcome {
+    pub events: Vec<CanonicalEvent>,
+    /// Updates that changed no mapped content, per resource.
+    pub suppressed: usize,
+    pub failures: Vec<MapFailure>,
+}
+
+/// A mapping that failed on a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapFailure {
+    pub mapping_id: String,
+    pub error: MapError,
+}
+
+impl Mapper {
+    /// `source_system` names the legacy system in every event's provenance. Fails when a
+    /// mapping tokenizes identifiers but no token key is configured.
+    pub fn new(
+        mappings: Vec<Mapping>,
+        context: MapContext,
+        source_system: impl Into<String>,
+    ) -> Result<Self, String> {
+        if context.token_key.is_none() {
+            let tokenizing = mappings.iter().find(|m| {
+                m.resources
+                    .iter()
+                    .flat_map(|r| &r.elements)
+                    .any(|e| e.protect == Some(super::Protect::Token))
+            });
+            if let Some(mapping) = tokenizing {
+                return Err(format!(
+                    "mapping `{}` ({}) tokenizes identifiers, but no token key is configured",
+                    mapping.id,
+                    mapping.file.display()
+                ));
+            }
+        }
+        let mut by_table: HashMap<String, Vec<Arc<Mapping>>> = HashMap::new();
+        for mapping in mappings {
+            by_table
+                .entry(mapping.table.clone())
+                .or_default()
+                .push(Arc::new(mapping));
+        }
+        Ok(Self {
+            by_table,
+            context,
+            source_system: source_system.into(),
+        })
+    }
+
+    /// Whether any mapping reads `schema.table`.
+    pub fn maps_table(&self, qualified_name: &str) -> bool {
+        self.by_table.contains_key(qualified_name)
+    }
+
+    pub fn map(&self, change: &ChangeEvent) -> MapOutcome {
+        let mut outcome = MapOutcome::default();
+        let Some(mappings) = self.by_table.get(&change.source.qualified_name()) else {
+            return outcome;
+        };
+        for mapping in mappings {
+            let origin = Origin {
+                change,
+                mapping,
+                source_system: &self.source_system,
+            };
+            for resource in &mapping.resources {
+                if let Err(error) = self.map_resource(origin, resource, &mut outcome) {
+                    outcome.failures.push(MapFailure {
+                        mapping_id: mapping.id.clone(),
+                        error,
+                    });
+                }
+            }
+        }
+        outcome
+    }
+
+    fn map_resource(
+        &self,
+        origin: Origin<'_>,
+        resource: &ResourceMapping,
+        outcome: &mut MapOutcome,
+    ) -> Result<(), MapError> {
+        let change = origin.change;
+        let upsert = |body: Json| CanonicalEvent::upsert(origin, body);
+        let delete = |id: String| CanonicalEvent::delete(origin, &resource.resource_type, id);
+        match change.op {
+            Operation::Read | Operation::Insert => {
+                if let Some(body) = resource.apply(after(change, resource)?, &self.context)? {
+                    outcome.events.push(upsert(body));
+                }
+            }
+            Operation::Update => {
+                let new = resource.apply(after(change, resource)?, &self.context)?;
+                // The old row as it was mapped; unknown when the source sent no (full) old row.
+                let old = change.before.as_ref().and_then(|row| resource.apply(row, &self.context).ok());
+                match (old, new) {
+                    (Some(Some(old)), Some(new)) if old == new => outcome.suppressed += 1,
+                    (Some(Some(old)), Some(new)) => {
+                        if old["id"] != new["id"] {
+                            outcome.events.push(delete(old["id"].as_str().unwrap_or_default().to_owned()));
+                        }
+                        outcome.events.push(upsert(new));
+                    }
+                    (_, Some(new)) => outcome.events.push(upsert(new)),
+                    (Some(Some(old)), None) => outcome.events.push(delete(old["id"].as_str().unwrap_or_default().to_owned())),
+                    (Some(None), None) => {}
+                    // No old row to tell whether the resource existed: delete what the row's id
+                    // would be, so a resource that should no longer exist does not linger.
+                    (None, None) => outcome.events.push(delete(resource.id_for(after(change, resource)?)?)),
+                }
+            }
+            Operation::Delete => {
+                let row = change.before.as_ref().ok_or_else(|| MapError {
+                    location: resource.location.to_string(),
+                    message: "a delete without the old row's key cannot be mapped".into(),
+                })?;
+                // With a full old row, a row the conditions excluded never had a resource.
+                if let Ok(false) = resource.applies_to(row) {
+                    return Ok(());
+                }
+                outcome.events.push(delete(resource.id_for(row)?));
+            }
+            Operation::Truncate => {
+                return Err(MapError {
+                    location: resource.location.to_string(),
+                    message: format!("table {} was truncated: the resources of its rows are not deleted one by one; run reconciliation", change.source.qualified_name()),
+                })
+            }
+        }
+        Ok(())
+    }
+}
+
+fn after<'a>(change: &'a ChangeEvent, resource: &ResourceMapping) -> Result<&'a Row, MapError> {
+    change.after.as_ref().ok_or_else(|| MapError {
+        location: resource.location.to_string(),
+        message: format!("a {} without the new row", change.op),
+    })
+}

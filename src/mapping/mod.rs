@@ -1,0 +1,26 @@
+//! Declarative mappings from legacy tables to FHIR R4 resources (see `docs/mapping.md`).
+//!
+//! [`load_dir`] reads and checks mapping files against the FHIR R4 definitions, reporting
+//! every problem with `file:line:column`; a [`Mapper`] runs them on changes and yields
+//! canonical events.
+
+mod apply;
+mod convert;
+mod load;
+mod location;
+mod mapper;
+mod model;
+mod template;
+
+pub use self::{
+    apply::{resource_id, MapContext, MapError},
+    convert::{text_of, to_fhir, Conversion},
+    load::{load_dir, load_file, load_str, CODE_TABLE_SUFFIX},
+    location::{LoadError, LoadErrors, Location},
+    mapper::{MapFailure, MapOutcome, Mapper},
+    model::{
+        ChoiceGroup, Condition, ElementMapping, Mapping, Protect, RequiredNode, ResourceMapping,
+        Sensitivity, Test, Translation, Unmapped, ValueSource,
+    },
+    template::{RenderError, Template},
+};

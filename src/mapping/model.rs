@@ -1,0 +1,164 @@
+//! A loaded, checked mapping: what the mapper executes.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use super::{convert::Conversion, location::Location, template::Template};
+use crate::fhir::Segment;
+
+/// One mapping file: rows of one source table to one or more FHIR resources.
+#[derive(Debug, Clone)]
+pub struct Mapping {
+    /// Unique among all mappings; part of every event id. Never reuse one for a different
+    /// meaning.
+    pub id: String,
+    pub description: Option<String>,
+    /// The topic segment: events go to `<prefix>.<domain>.<ResourceType>`.
+    pub domain: String,
+    pub sensitivity: Sensitivity,
+    /// `schema.table`.
+    pub table: String,
+    /// The table's key columns.
+    pub key: Vec<String>,
+    /// The mapping version: a hash of the file and the code tables it reads.
+    pub content_hash: String,
+    pub file: PathBuf,
+    pub resources: Vec<ResourceMapping>,
+}
+
+/// How sensitive the produced resources are; travels with every event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sensitivity {
+    /// Clinical or billing data for operational use (confidentiality `N`).
+    Normal,
+    /// Data that only restricted consumers may read (confidentiality `R`).
+    Restricted,
+}
+
+impl Sensitivity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sensitivity::Normal => "normal",
+            Sensitivity::Restricted => "restricted",
+        }
+    }
+}
+
+/// One resource produced from a row.
+#[derive(Debug, Clone)]
+pub struct ResourceMapping {
+    pub resource_type: String,
+    pub id: Template,
+    /// All must hold for the row to produce this resource.
+    pub when: Vec<Condition>,
+    pub elements: Vec<ElementMapping>,
+    /// Nodes with children FHIR requires: checked on every produced resource.
+    pub required: Vec<RequiredNode>,
+    /// Choice elements the mapping fills with more than one type; a row may fill only one.
+    pub choices: Vec<ChoiceGroup>,
+    pub location: Location,
+}
+
+/// A node (the resource itself, or a complex element) and the children it must have.
+#[derive(Debug, Clone)]
+pub struct RequiredNode {
+    /// JSON path of the node; empty for the resource.
+    pub path: Vec<Segment>,
+    /// The definition path of the node, for messages (`Observation`, `Observation.component`).
+    pub definition: String,
+    pub children: Vec<String>,
+}
+
+/// A choice element (`value[x]`) the mapping can fill with several types
+/// (`valueQuantity`, `valueString`): at most one may be present in a resource.
+#[derive(Debug, Clone)]
+pub struct ChoiceGroup {
+    /// JSON path of the node holding the choice; empty for the resource.
+    pub path: Vec<Segment>,
+    /// `value[x]`
+    pub choice: String,
+    /// The JSON names the mapping uses for it.
+    pub names: Vec<String>,
+}
+
+/// One primitive element filled from the row.
+#[derive(Debug, Clone)]
+pub struct ElementMapping {
+    pub path: Vec<Segment>,
+    pub source: ValueSource,
+    /// The FHIR primitive type of the element.
+    pub fhir_type: String,
+    /// The codes a required binding allows.
+    pub required_codes: Option<&'static HashSet<String>>,
+    /// The definition path, for messages (`Observation.status`).
+    pub definition: String,
+    /// A NULL is an error (the row goes to the dead-letter topic) instead of an omission.
+    pub required: bool,
+    /// When set, the element's parent (or the ancestor with this many path segments) is
+    /// emitted only when this element has a value: a Quantity without its value, or an
+    /// Identifier without its value, is dropped with its literal siblings.
+    pub anchor: Option<usize>,
+    pub conversion: Conversion,
+    pub translate: Option<Arc<Translation>>,
+    pub protect: Option<Protect>,
+    /// Used when the source is NULL.
+    pub default: Option<String>,
+    pub location: Location,
+}
+
+/// Where an element's value comes from.
+#[derive(Debug, Clone)]
+pub enum ValueSource {
+    /// A column's value, converted by type.
+    Column(String),
+    /// A string template (a literal when it reads no column).
+    Template(Template),
+    /// A reference to another mapped resource: `<type>/<deterministic id>`.
+    Reference { resource_type: String, id: Template },
+}
+
+/// A code translation table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Translation {
+    pub name: String,
+    pub codes: HashMap<String, String>,
+    pub unmapped: Unmapped,
+}
+
+/// What happens to a source code the table does not list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unmapped {
+    /// The row goes to the dead-letter topic.
+    Fail,
+    /// The source code is used as it is.
+    Pass,
+    /// This code is used.
+    Default(String),
+}
+
+/// A condition on one column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub column: String,
+    pub test: Test,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Test {
+    In(Vec<String>),
+    NotIn(Vec<String>),
+    IsNull(bool),
+}
+
+/// Field protection for identifiers published without raw PHI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protect {
+    /// Replaced by `****`; the resource is labelled MASKED.
+    Mask,
+    /// Replaced by a keyed token: HMAC-SHA-256 with the connector's key, hex, 32 characters.
+    /// The same value always gives the same token, so joins still work.
+    Token,
+}
