@@ -14,6 +14,7 @@ demo: stack-up
 # Bring the stack up if needed, then run every test: unit tests and the integration tests
 # against the real stack.
 test: stack-up
+	integration-tests/oracles/setup
 	cargo build --bin fhir-cdc
 	. integration-tests/stack/env && cargo test --workspace
 

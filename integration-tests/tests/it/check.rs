@@ -177,3 +177,49 @@ fn bad_configuration_is_refused_with_file_and_line() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+fn check_mappings(dir: &Path) -> Outcome {
+    let output = Command::new(stack::fhir_cdc_bin())
+        .args(["check", "--mappings"])
+        .arg(dir)
+        .current_dir(stack::repo_root())
+        .output()
+        .unwrap();
+    Outcome {
+        code: output.status.code().unwrap(),
+        stdout: String::from_utf8(output.stdout).unwrap(),
+    }
+}
+
+#[test]
+fn the_sample_mappings_are_valid_and_broken_ones_are_located() {
+    let samples = check_mappings(Path::new("mappings"));
+    assert_eq!(samples.code, 0, "{}", samples.stdout);
+    assert!(
+        samples.stdout.contains(
+            "ok    mapping   lab.result (mappings/lab/result.yaml): lis.lab_result → Observation"
+        ),
+        "{}",
+        samples.stdout
+    );
+    assert!(
+        samples.stdout.contains("mapping(s) valid in mappings"),
+        "{}",
+        samples.stdout
+    );
+
+    let broken = check_mappings(Path::new("tests/bad-mappings"));
+    assert_eq!(broken.code, 1, "{}", broken.stdout);
+    assert!(
+        broken.stdout.contains("tests/bad-mappings/unknown-element.yaml:14:7: Observation.valueQuantity.valu: Quantity has no element `valu`"),
+        "{}",
+        broken.stdout
+    );
+    assert!(
+        broken
+            .stdout
+            .contains("problem(s) in the mappings under tests/bad-mappings"),
+        "{}",
+        broken.stdout
+    );
+}

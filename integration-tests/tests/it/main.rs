@@ -3,6 +3,7 @@
 
 mod check;
 mod compose;
+mod fhir_oracle;
 mod smoke_kafka;
 mod smoke_mariadb;
 mod smoke_postgres;

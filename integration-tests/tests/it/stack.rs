@@ -74,3 +74,20 @@ pub fn fhir_cdc_bin() -> PathBuf {
     );
     bin
 }
+
+/// The Python of the independent oracles' virtualenv (`integration-tests/oracles/setup`).
+pub fn oracle_python() -> PathBuf {
+    if let Ok(python) = std::env::var("FHIR_CDC_ORACLE_PYTHON") {
+        return python.into();
+    }
+    let state = std::env::var("FHIR_CDC_STACK_STATE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("integration-tests/stack/state"));
+    let python = state.join("oracles/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run integration-tests/oracles/setup (make test does)",
+        python.display()
+    );
+    python
+}
