@@ -16,6 +16,7 @@ demo: stack-up
 test: stack-up
 	integration-tests/oracles/setup
 	cargo build --bin fhir-cdc
+	target/debug/fhir-cdc schemas check
 	. integration-tests/stack/env && cargo test --workspace
 
 # Formatting and clippy, warnings as errors (CI runs this before the tests).

@@ -1,7 +1,7 @@
 //! The canonical event: one version of one FHIR resource, with where it came from.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
 
@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// What the event does to its resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventOp {
     Upsert,
@@ -19,7 +19,7 @@ pub enum EventOp {
 }
 
 /// One version of one FHIR resource, plus provenance.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CanonicalEvent {
     /// Deterministic: the same change, re-read after a crash, gets the same id.
     pub event_id: String,
@@ -40,7 +40,7 @@ pub struct CanonicalEvent {
 }
 
 /// Where an event came from.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Provenance {
     pub source_system: String,
     pub connector: String,
@@ -64,7 +64,7 @@ pub struct Provenance {
     pub snapshot: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyColumn {
     pub column: String,
     pub value: Option<String>,

@@ -1,6 +1,11 @@
 //! Canonical events: the envelope, its Avro encoding and the schema registry.
 
+mod avro;
 mod event;
 pub mod registry;
+pub mod schema;
 
-pub use event::{CanonicalEvent, EventOp, KeyColumn, Origin, Provenance};
+pub use self::{
+    avro::{event_from_avro, event_to_avro, AvroShapeError},
+    event::{CanonicalEvent, EventOp, KeyColumn, Origin, Provenance},
+};

@@ -1,6 +1,7 @@
 //! The `fhir-cdc` command line. Only subcommands that work are listed.
 
 mod check;
+mod schemas;
 
 use std::process::ExitCode;
 
@@ -23,6 +24,8 @@ pub enum Command {
     /// Validate a connector configuration and test every system it names: the source
     /// database's replication prerequisites, Kafka and the schema registry.
     Check(check::CheckArgs),
+    /// Generate or check the Avro schemas of canonical events (schemas/*.avsc).
+    Schemas(schemas::SchemasArgs),
 }
 
 /// Exit status for a configuration the program cannot use at all.
@@ -33,6 +36,7 @@ impl Cli {
     pub async fn run(self) -> ExitCode {
         match self.command {
             Command::Check(args) => check::run(args).await,
+            Command::Schemas(args) => schemas::run(args),
         }
     }
 }

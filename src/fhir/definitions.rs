@@ -59,6 +59,21 @@ pub struct Segment {
     pub index: Option<usize>,
 }
 
+/// One element of a type or backbone element, as schema generation needs it.
+#[derive(Debug, Clone)]
+pub struct ElementInfo<'a> {
+    /// The element's name; a choice ends in `[x]`.
+    pub name: &'a str,
+    /// The definition path (`Observation.referenceRange`).
+    pub path: String,
+    /// More than one occurrence allowed.
+    pub repeats: bool,
+    /// Type codes (several for a choice).
+    pub types: &'a [String],
+    /// The path whose definition this element reuses, if any.
+    pub content_reference: Option<&'a str>,
+}
+
 /// The primitive type an element path ends on, with what constrains its values.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ElementType {
@@ -186,6 +201,32 @@ impl Definitions {
             }
         }
         Ok(defs)
+    }
+
+    /// The kind of a type, if the table knows it.
+    pub fn kind(&self, type_name: &str) -> Option<TypeKind> {
+        self.types.get(type_name).copied()
+    }
+
+    /// The elements directly under `definition` (a type name or a backbone element path),
+    /// in definition order.
+    pub fn elements_of(&self, definition: &str) -> Vec<ElementInfo<'_>> {
+        self.children
+            .get(definition)
+            .into_iter()
+            .flatten()
+            .map(|name| {
+                let path = format!("{definition}.{name}");
+                let element = &self.elements[&path];
+                ElementInfo {
+                    name: name.as_str(),
+                    repeats: element.max != Some(1),
+                    types: &element.types,
+                    content_reference: element.content_reference.as_deref(),
+                    path,
+                }
+            })
+            .collect()
     }
 
     /// Whether `name` is a FHIR R4 resource type.
@@ -369,7 +410,8 @@ impl Definitions {
     }
 }
 
-fn upper_first(s: &str) -> String {
+/// `quantity` → `Quantity`: the type part of a choice element's JSON name.
+pub fn upper_first(s: &str) -> String {
     let mut chars = s.chars();
     chars
         .next()

@@ -2,4 +2,7 @@
 
 mod definitions;
 
-pub use definitions::{definitions, Definitions, ElementType, PathError, ResolvedPath, Segment};
+pub use definitions::{
+    definitions, upper_first, Definitions, ElementInfo, ElementType, PathError, ResolvedPath,
+    Segment, TypeKind,
+};

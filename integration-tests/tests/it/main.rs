@@ -1,9 +1,11 @@
 //! One test binary for everything that needs the real stack (PostgreSQL, MariaDB, Kafka,
 //! schema registry), as written to `integration-tests/stack/env` by `stack/up`.
 
+mod avro_registry;
 mod check;
 mod compose;
 mod fhir_oracle;
+mod schemas_cli;
 mod smoke_kafka;
 mod smoke_mariadb;
 mod smoke_postgres;
