@@ -171,6 +171,32 @@ fn backbone_name(path: &str) -> String {
     format!("{FHIR_NAMESPACE}.{}", parts.join("_"))
 }
 
+/// The schema files for the resource types `mappings` produce: file name
+/// (`Observation.avsc`) → content (pretty JSON, newline-terminated).
+pub fn schema_files<'a>(
+    resource_types: impl IntoIterator<Item = &'a str>,
+) -> std::collections::BTreeMap<String, String> {
+    resource_types
+        .into_iter()
+        .map(|t| {
+            let text = serde_json::to_string_pretty(&event_schema(t)).expect("schemas serialize");
+            (format!("{t}.avsc"), text + "\n")
+        })
+        .collect()
+}
+
+/// Whether data written with `old` can be read with `new` (Avro schema resolution): the
+/// BACKWARD compatibility the registry enforces by default. The error says what breaks.
+pub fn backward_compatible(old: &str, new: &str) -> Result<(), String> {
+    let old = apache_avro::Schema::parse_str(old)
+        .map_err(|e| format!("the previous schema does not parse: {e}"))?;
+    let new = apache_avro::Schema::parse_str(new)
+        .map_err(|e| format!("the new schema does not parse: {e}"))?;
+    apache_avro::schema_compatibility::SchemaCompatibility::can_read(&old, &new)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use apache_avro::Schema;
@@ -260,30 +286,4 @@ mod tests {
             "Observation_ReferenceRange"
         );
     }
-}
-
-/// The schema files for the resource types `mappings` produce: file name
-/// (`Observation.avsc`) → content (pretty JSON, newline-terminated).
-pub fn schema_files<'a>(
-    resource_types: impl IntoIterator<Item = &'a str>,
-) -> std::collections::BTreeMap<String, String> {
-    resource_types
-        .into_iter()
-        .map(|t| {
-            let text = serde_json::to_string_pretty(&event_schema(t)).expect("schemas serialize");
-            (format!("{t}.avsc"), text + "\n")
-        })
-        .collect()
-}
-
-/// Whether data written with `old` can be read with `new` (Avro schema resolution): the
-/// BACKWARD compatibility the registry enforces by default. The error says what breaks.
-pub fn backward_compatible(old: &str, new: &str) -> Result<(), String> {
-    let old = apache_avro::Schema::parse_str(old)
-        .map_err(|e| format!("the previous schema does not parse: {e}"))?;
-    let new = apache_avro::Schema::parse_str(new)
-        .map_err(|e| format!("the new schema does not parse: {e}"))?;
-    apache_avro::schema_compatibility::SchemaCompatibility::can_read(&old, &new)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
 }
