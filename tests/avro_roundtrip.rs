@@ -9,7 +9,9 @@
 use std::path::Path;
 
 use apache_avro::{from_avro_datum, to_avro_datum, Schema};
-use fhir_cdc::canonical::{event_from_avro, event_to_avro, schema::event_schema, CanonicalEvent};
+use fhir_cdc::canonical::{
+    event_from_avro, event_to_avro, schema::event_schema, CanonicalEvent, EventWriter,
+};
 use serde_json::Value as Json;
 
 #[test]
@@ -26,6 +28,17 @@ fn golden_events_round_trip_through_avro_losslessly() {
             let event: CanonicalEvent = serde_json::from_value(json.clone()).unwrap();
             let schema = Schema::parse(&event_schema(&event.resource_type)).unwrap();
             let bytes = to_avro_datum(&schema, event_to_avro(&event, &schema).unwrap()).unwrap();
+            // The compiled writer of the hot path writes exactly what apache-avro writes.
+            let mut written = Vec::new();
+            EventWriter::new(&schema)
+                .unwrap()
+                .write(&event, &mut written)
+                .unwrap();
+            assert_eq!(
+                written, bytes,
+                "{}: EventWriter and apache-avro disagree",
+                event.event_id
+            );
             let value = from_avro_datum(&schema, &mut bytes.as_slice(), None).unwrap();
             let decoded = event_from_avro(&value, &schema).unwrap();
             assert_eq!(

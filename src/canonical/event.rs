@@ -233,15 +233,7 @@ fn set_meta(resource: &mut Json, event: &CanonicalEvent) {
         "source": format!("urn:fhir-cdc:{}:{}.{}.{}", p.connector, p.database, p.schema, p.table),
         "security": security,
     });
-    // `meta` goes right after `id`, where FHIR JSON puts it.
-    let rest: Vec<(String, Json)> = std::mem::take(fields)
-        .into_iter()
-        .filter(|(k, _)| k != "meta")
-        .collect();
-    for (name, value) in rest {
-        fields.insert(name.clone(), value);
-        if name == "id" {
-            fields.insert("meta".into(), meta.clone());
-        }
-    }
+    // The mapper leaves `meta` right after `id`, where FHIR JSON puts it; replacing the value
+    // keeps the place.
+    fields.insert("meta".into(), meta);
 }

@@ -4,8 +4,10 @@ mod avro;
 mod event;
 pub mod registry;
 pub mod schema;
+mod writer;
 
 pub use self::{
     avro::{event_from_avro, event_to_avro, AvroShapeError},
     event::{CanonicalEvent, EventOp, KeyColumn, Origin, Provenance},
+    writer::EventWriter,
 };

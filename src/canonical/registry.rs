@@ -2,18 +2,23 @@
 //! `ccompat` API): the subset of its REST API fhir-cdc uses
 //! (<https://docs.confluent.io/platform/current/schema-registry/develop/api.html>).
 
-use std::{collections::HashMap, fmt, sync::Arc, time::Duration};
-
-use apache_avro::{types::Value, Schema};
-use schema_registry_converter::{
-    async_impl::{
-        avro::{AvroDecoder, AvroEncoder},
-        schema_registry::SrSettings,
-    },
-    schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema},
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
-use super::{event_from_avro, event_to_avro, schema::event_schema, AvroShapeError, CanonicalEvent};
+use apache_avro::Schema;
+use schema_registry_converter::{
+    async_impl::{
+        avro::AvroDecoder,
+        schema_registry::{post_schema, SrSettings},
+    },
+    schema_registry_common::{SchemaType, SuppliedSchema},
+};
+
+use super::{event_from_avro, schema::event_schema, AvroShapeError, CanonicalEvent, EventWriter};
 use crate::{
     config::RegistryConfig,
     preflight::{self, Finding},
@@ -91,14 +96,17 @@ pub async fn check(config: &RegistryConfig) -> Vec<Finding> {
 }
 
 /// Encodes canonical events in the Confluent wire format (magic byte 0, the 4-byte schema
-/// id, the Avro body) and decodes them, through schema_registry_converter against the
-/// registry. Subjects follow TopicNameStrategy (`<topic>-value`); an event's schema is
-/// registered on first use.
+/// id, the Avro body) and decodes them, against the registry through
+/// schema_registry_converter. Subjects follow TopicNameStrategy (`<topic>-value`); an
+/// event's schema is registered on first use and its id cached. Bodies are written by the
+/// compiled [`EventWriter`]; decoding uses whatever schema version the id names.
 pub struct EventCodec {
-    encoder: AvroEncoder,
+    settings: SrSettings,
     decoder: AvroDecoder,
-    /// Per resource type: the schema as sent to the registry, and parsed.
-    schemas: std::sync::Mutex<HashMap<String, Arc<(SuppliedSchema, Schema)>>>,
+    /// Per resource type: the schema as sent to the registry, and its compiled writer.
+    schemas: Mutex<HashMap<String, Arc<(SuppliedSchema, EventWriter)>>>,
+    /// Schema id per subject.
+    ids: Mutex<HashMap<String, u32>>,
 }
 
 impl fmt::Debug for EventCodec {
@@ -126,22 +134,28 @@ impl CodecError {
     }
 }
 
+fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl EventCodec {
     pub fn new(config: &RegistryConfig) -> Self {
         let settings = SrSettings::new(config.url.trim_end_matches('/').to_owned());
         Self {
-            encoder: AvroEncoder::new(settings.clone()),
-            decoder: AvroDecoder::new(settings),
-            schemas: std::sync::Mutex::new(HashMap::new()),
+            decoder: AvroDecoder::new(settings.clone()),
+            settings,
+            schemas: Mutex::new(HashMap::new()),
+            ids: Mutex::new(HashMap::new()),
         }
     }
 
-    fn schema_for(&self, resource_type: &str) -> Result<Arc<(SuppliedSchema, Schema)>, CodecError> {
-        let mut schemas = self
-            .schemas
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(found) = schemas.get(resource_type) {
+    fn schema_for(
+        &self,
+        resource_type: &str,
+    ) -> Result<Arc<(SuppliedSchema, EventWriter)>, CodecError> {
+        if let Some(found) = locked(&self.schemas).get(resource_type) {
             return Ok(found.clone());
         }
         let json = event_schema(resource_type);
@@ -154,32 +168,31 @@ impl EventCodec {
             SchemaType::Avro,
             json.to_string(),
         );
-        let entry = Arc::new((supplied, parsed));
-        schemas.insert(resource_type.to_owned(), entry.clone());
+        let entry = Arc::new((supplied, EventWriter::new(&parsed)?));
+        locked(&self.schemas).insert(resource_type.to_owned(), entry.clone());
         Ok(entry)
     }
 
     /// The event's bytes for `topic`.
     pub async fn encode(&self, event: &CanonicalEvent, topic: &str) -> Result<Vec<u8>, CodecError> {
         let schema = self.schema_for(&event.resource_type)?;
-        let Value::Record(fields) = event_to_avro(event, &schema.1)? else {
-            return Err(CodecError::Undecodable(
-                "the event schema is not a record".into(),
-            ));
+        let subject = format!("{topic}-value");
+        let cached = locked(&self.ids).get(&subject).copied();
+        let id = match cached {
+            Some(id) => id,
+            None => {
+                let registered = post_schema(&self.settings, subject.clone(), schema.0.clone())
+                    .await
+                    .map_err(|e| CodecError::Registry(e.to_string()))?;
+                locked(&self.ids).insert(subject, registered.id);
+                registered.id
+            }
         };
-        let values: Vec<(&str, Value)> = fields
-            .iter()
-            .map(|(name, value)| (name.as_str(), value.clone()))
-            .collect();
-        let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
-            topic.to_owned(),
-            false,
-            schema.0.clone(),
-        );
-        self.encoder
-            .encode(values, strategy)
-            .await
-            .map_err(|e| CodecError::Registry(e.to_string()))
+        let mut bytes = Vec::with_capacity(1024);
+        bytes.push(0);
+        bytes.extend_from_slice(&id.to_be_bytes());
+        schema.1.write(event, &mut bytes)?;
+        Ok(bytes)
     }
 
     /// The event in `bytes`, read with the schema version it was written with.

@@ -91,14 +91,14 @@ impl ResourceMapping {
             return Ok(None);
         }
         let id = self.id_for(row)?;
-        let mut body = Map::new();
+        let mut body = Draft::Object(Vec::new());
         let mut masked = false;
         let mut unanchored = Vec::new();
         for element in &self.elements {
             match element_value(element, row, context)? {
                 Some(value) => {
                     masked |= element.protect == Some(Protect::Mask);
-                    insert(&mut body, &element.path, value);
+                    body.set(&element.path, Draft::Leaf(value));
                 }
                 None => {
                     if let Some(depth) = element.anchor {
@@ -108,14 +108,17 @@ impl ResourceMapping {
             }
         }
         for parent in unanchored {
-            insert(&mut body, parent, Json::Null);
+            body.set(parent, Draft::Removed);
         }
         for node in &self.required {
-            let Some(Json::Object(fields)) = lookup(&body, &node.path) else {
+            let Some(Draft::Object(fields)) = body.get(&node.path) else {
                 continue;
             };
             for child in &node.children {
-                if !fields.keys().any(|name| child_matches(child, name)) {
+                if !fields
+                    .iter()
+                    .any(|(name, value)| child_matches(child, name) && !value.is_empty())
+                {
                     let at = if node.path.is_empty() {
                         self.resource_type.clone()
                     } else {
@@ -129,21 +132,14 @@ impl ResourceMapping {
             }
         }
         for group in &self.choices {
-            let present = if group.path.is_empty() {
-                group
-                    .names
+            let present = match body.get(&group.path) {
+                Some(Draft::Object(fields)) => fields
                     .iter()
-                    .filter(|n| body.contains_key(n.as_str()))
-                    .count()
-            } else {
-                match lookup(&body, &group.path) {
-                    Some(Json::Object(fields)) => group
-                        .names
-                        .iter()
-                        .filter(|n| fields.contains_key(n.as_str()))
-                        .count(),
-                    _ => 0,
-                }
+                    .filter(|(name, value)| {
+                        group.names.iter().any(|n| n == name) && !value.is_empty()
+                    })
+                    .count(),
+                _ => 0,
             };
             if present > 1 {
                 return Err(MapError {
@@ -156,21 +152,127 @@ impl ResourceMapping {
                 });
             }
         }
-        compact(&mut body);
-        let mut resource = Map::new();
+        let Draft::Object(fields) = body else {
+            unreachable!("the body is an object")
+        };
+        let mut resource = Map::with_capacity(fields.len() + 3);
         resource.insert(
             "resourceType".into(),
             Json::String(self.resource_type.clone()),
         );
         resource.insert("id".into(), Json::String(id));
-        if masked {
-            resource.insert(
-                "meta".into(),
-                serde_json::json!({"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "MASKED"}]}),
-            );
+        // The canonical layer fills `meta` in this place; a masked resource is labelled now.
+        resource.insert(
+            "meta".into(),
+            if masked {
+                serde_json::json!({"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "MASKED"}]})
+            } else {
+                Json::Object(Map::new())
+            },
+        );
+        for (name, value) in fields {
+            if let Some(json) = value.into_json() {
+                resource.insert(name.to_owned(), json);
+            }
         }
-        resource.extend(body);
         Ok(Some(Json::Object(resource)))
+    }
+}
+
+/// A resource under construction: element names borrowed from the mapping, arrays with
+/// holes where sources were NULL. Turned into FHIR JSON once, dropping what is empty.
+#[derive(Debug)]
+enum Draft<'m> {
+    Leaf(Json),
+    Object(Vec<(&'m str, Draft<'m>)>),
+    Array(Vec<Draft<'m>>),
+    /// Nothing here (a NULL source, an unanchored parent, a hole in an array).
+    Removed,
+}
+
+impl<'m> Draft<'m> {
+    fn is_empty(&self) -> bool {
+        match self {
+            Draft::Leaf(_) => false,
+            Draft::Object(fields) => fields.iter().all(|(_, v)| v.is_empty()),
+            Draft::Array(items) => items.iter().all(Draft::is_empty),
+            Draft::Removed => true,
+        }
+    }
+
+    /// Put `value` at `path`, creating objects and arrays on the way.
+    fn set(&mut self, path: &'m [crate::fhir::Segment], value: Draft<'m>) {
+        let Some((segment, rest)) = path.split_first() else {
+            *self = value;
+            return;
+        };
+        if !matches!(self, Draft::Object(_)) {
+            *self = Draft::Object(Vec::new());
+        }
+        let Draft::Object(fields) = self else {
+            unreachable!()
+        };
+        let slot = match fields.iter().position(|(name, _)| *name == segment.name) {
+            Some(i) => &mut fields[i].1,
+            None => {
+                fields.push((&segment.name, Draft::Removed));
+                &mut fields.last_mut().expect("just pushed").1
+            }
+        };
+        let slot = match segment.index {
+            None => slot,
+            Some(index) => {
+                if !matches!(slot, Draft::Array(_)) {
+                    *slot = Draft::Array(Vec::new());
+                }
+                let Draft::Array(items) = slot else {
+                    unreachable!()
+                };
+                if items.len() <= index {
+                    items.resize_with(index + 1, || Draft::Removed);
+                }
+                &mut items[index]
+            }
+        };
+        slot.set(rest, value);
+    }
+
+    fn get(&self, path: &[crate::fhir::Segment]) -> Option<&Draft<'m>> {
+        let Some((segment, rest)) = path.split_first() else {
+            return Some(self);
+        };
+        let Draft::Object(fields) = self else {
+            return None;
+        };
+        let (_, child) = fields.iter().find(|(name, _)| *name == segment.name)?;
+        let child = match (segment.index, child) {
+            (None, child) => child,
+            (Some(index), Draft::Array(items)) => items.get(index)?,
+            _ => return None,
+        };
+        child.get(rest)
+    }
+
+    /// FHIR JSON, or `None` when nothing is left: holes close up, empty objects and arrays
+    /// disappear.
+    fn into_json(self) -> Option<Json> {
+        match self {
+            Draft::Leaf(json) => Some(json),
+            Draft::Removed => None,
+            Draft::Array(items) => {
+                let items: Vec<Json> = items.into_iter().filter_map(Draft::into_json).collect();
+                (!items.is_empty()).then_some(Json::Array(items))
+            }
+            Draft::Object(fields) => {
+                let mut object = Map::with_capacity(fields.len());
+                for (name, value) in fields {
+                    if let Some(json) = value.into_json() {
+                        object.insert(name.to_owned(), json);
+                    }
+                }
+                (!object.is_empty()).then_some(Json::Object(object))
+            }
+        }
     }
 }
 
@@ -270,86 +372,4 @@ fn element_value(
         }
     }
     Ok(Some(json))
-}
-
-/// Put `value` at `path`, creating objects and (padded) arrays on the way.
-fn insert(body: &mut Map<String, Json>, path: &[crate::fhir::Segment], value: Json) {
-    let mut slot = body.entry(path[0].name.clone()).or_insert(Json::Null);
-    for (i, segment) in path.iter().enumerate() {
-        if i > 0 {
-            let object = as_object(slot);
-            slot = object.entry(segment.name.clone()).or_insert(Json::Null);
-        }
-        if let Some(index) = segment.index {
-            if !slot.is_array() {
-                *slot = Json::Array(Vec::new());
-            }
-            let Json::Array(items) = slot else {
-                unreachable!()
-            };
-            if items.len() <= index {
-                items.resize(index + 1, Json::Null);
-            }
-            slot = &mut items[index];
-        }
-    }
-    *slot = value;
-}
-
-fn as_object(slot: &mut Json) -> &mut Map<String, Json> {
-    if !slot.is_object() {
-        *slot = Json::Object(Map::new());
-    }
-    match slot {
-        Json::Object(map) => map,
-        _ => unreachable!(),
-    }
-}
-
-fn lookup<'a>(body: &'a Map<String, Json>, path: &[crate::fhir::Segment]) -> Option<&'a Json> {
-    let mut current: Option<&Json> = None;
-    for (i, segment) in path.iter().enumerate() {
-        let field = if i == 0 {
-            body.get(&segment.name)
-        } else {
-            current?.get(&segment.name)
-        }?;
-        current = Some(match segment.index {
-            Some(index) => field.get(index)?,
-            None => field,
-        });
-    }
-    match current {
-        None => None,
-        Some(Json::Null) => None,
-        found => found,
-    }
-}
-
-/// Drop what NULL sources and unanchored parents left empty: holes in arrays (the rest close
-/// up in index order), null fields, and objects and arrays with nothing left in them.
-fn compact(body: &mut Map<String, Json>) {
-    fn empty(value: &Json) -> bool {
-        match value {
-            Json::Null => true,
-            Json::Array(items) => items.is_empty(),
-            Json::Object(fields) => fields.is_empty(),
-            _ => false,
-        }
-    }
-    fn walk(value: &mut Json) {
-        match value {
-            Json::Array(items) => {
-                items.iter_mut().for_each(walk);
-                items.retain(|item| !empty(item));
-            }
-            Json::Object(fields) => {
-                fields.values_mut().for_each(walk);
-                fields.retain(|_, v| !empty(v));
-            }
-            _ => {}
-        }
-    }
-    body.values_mut().for_each(walk);
-    body.retain(|_, v| !empty(v));
 }

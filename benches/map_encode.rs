@@ -1,0 +1,158 @@
+//! Map + encode throughput for a typical lab result row → Observation, on one core.
+//!
+//! `cargo bench --bench map_encode` prints events/s for mapping alone, Avro encoding alone,
+//! and both, with serde_json serialization of the same resource as the peer measured in
+//! the same run (a ratio travels between machines better than a rate).
+
+#![allow(deprecated)] // to_avro_datum: the body of a Confluent-framed message
+
+use std::{
+    hint::black_box,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use apache_avro::{to_avro_datum, Schema};
+use chrono::{NaiveDate, Utc};
+use fhir_cdc::{
+    canonical::{event_to_avro, schema::event_schema, EventWriter},
+    change::{ChangeEvent, ExactDecimal, Operation, PgLsn, Position, Row, SourceTable, Value},
+    mapping::{load_dir, MapContext, Mapper},
+};
+
+// The allocator the fhir-cdc binary uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn result_change(i: u64) -> ChangeEvent {
+    let decimal = |s: &str| Value::Decimal(ExactDecimal::parse(s).unwrap());
+    let collected = NaiveDate::from_ymd_opt(2024, 3, 5)
+        .unwrap()
+        .and_hms_opt(14, 30, 0)
+        .unwrap();
+    ChangeEvent {
+        source: Arc::new(SourceTable {
+            connector: "lab-postgres".into(),
+            kind: "postgres".into(),
+            database: "lab".into(),
+            schema: "lis".into(),
+            table: "lab_result".into(),
+        }),
+        op: Operation::Insert,
+        key: vec!["result_id".into()],
+        before: None,
+        after: Some(Row::new(vec![
+            ("result_id".into(), Value::Int(i as i64)),
+            (
+                "accession_no".into(),
+                Value::Text(format!("A24-{:06}", i / 8)),
+            ),
+            ("mrn".into(), Value::Text("MRN0000042".into())),
+            ("test_code".into(), Value::Text("GLU       ".into())),
+            ("value_numeric".into(), decimal("98.0000")),
+            ("value_text".into(), Value::Null),
+            ("units".into(), Value::Text("mg/dL".into())),
+            ("ref_low".into(), decimal("70.0000")),
+            ("ref_high".into(), decimal("99.0000")),
+            ("abnormal_flag".into(), Value::Text("N".into())),
+            ("result_status".into(), Value::Text("F".into())),
+            ("collected_at".into(), Value::Timestamp(collected)),
+            (
+                "verified_at".into(),
+                Value::TimestampTz(Utc::now().fixed_offset()),
+            ),
+            ("comment".into(), Value::Null),
+        ])),
+        position: Position::Postgres(PgLsn(0x1A2B_3C00 + i)),
+        ordinal: 0,
+        transaction_id: Some(i.to_string()),
+        commit_time: Some(Utc::now()),
+        capture_time: Utc::now(),
+    }
+}
+
+/// Runs `f` over the inputs repeatedly for about `budget`; events per second.
+fn rate<T>(inputs: &[T], budget: Duration, mut f: impl FnMut(&T)) -> f64 {
+    let start = Instant::now();
+    let mut done = 0u64;
+    while start.elapsed() < budget {
+        for input in inputs {
+            f(input);
+        }
+        done += inputs.len() as u64;
+    }
+    done as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mappings = load_dir(&root.join("mappings")).expect("sample mappings");
+    let context = MapContext {
+        token_key: Some(fhir_cdc::config::Secret::new("bench-token-key")),
+    };
+    let mapper = Mapper::new(mappings, context, "urn:oid:2.16.840.1.113883.19.5").unwrap();
+    let schema = Schema::parse(&event_schema("Observation")).unwrap();
+    let changes: Vec<ChangeEvent> = (0..1000).map(result_change).collect();
+    let events: Vec<_> = changes
+        .iter()
+        .map(|c| mapper.map(c).events.remove(0))
+        .collect();
+    let budget = Duration::from_secs(3);
+    // `cargo bench --bench map_encode -- map` runs only the mapping loop (for profiling).
+    if std::env::args().any(|a| a == "map") {
+        let map = rate(&changes, budget * 3, |c| {
+            black_box(mapper.map(c));
+        });
+        println!("map {map:.0} events/s");
+        return;
+    }
+
+    let peer = rate(&events, budget, |e| {
+        black_box(serde_json::to_vec(e.resource.as_ref().unwrap()).unwrap());
+    });
+    let map = rate(&changes, budget, |c| {
+        black_box(mapper.map(c));
+    });
+    let generic = rate(&events, budget, |e| {
+        black_box(to_avro_datum(&schema, event_to_avro(e, &schema).unwrap()).unwrap());
+    });
+    let writer = EventWriter::new(&schema).unwrap();
+    let mut buffer = Vec::with_capacity(4096);
+    let encode = rate(&events, budget, |e| {
+        buffer.clear();
+        writer.write(e, &mut buffer).unwrap();
+        black_box(&buffer);
+    });
+    let both = rate(&changes, budget, |c| {
+        let event = mapper.map(c).events.remove(0);
+        buffer.clear();
+        writer.write(&event, &mut buffer).unwrap();
+        black_box(&buffer);
+    });
+    let size = to_avro_datum(&schema, event_to_avro(&events[0], &schema).unwrap())
+        .unwrap()
+        .len();
+    println!(
+        "lab result row → Observation, one core, {} distinct rows, {}-byte Avro body",
+        changes.len(),
+        size
+    );
+    println!("  peer: serde_json::to_vec of the resource  {peer:>10.0} events/s");
+    println!(
+        "  map                                       {map:>10.0} events/s  ({:.2}× peer)",
+        map / peer
+    );
+    println!(
+        "  Avro encode, apache-avro Value + datum    {generic:>10.0} events/s  ({:.2}× peer)",
+        generic / peer
+    );
+    println!(
+        "  Avro encode, compiled EventWriter         {encode:>10.0} events/s  ({:.2}× peer)",
+        encode / peer
+    );
+    println!(
+        "  map + encode                              {both:>10.0} events/s  ({:.2}× peer)",
+        both / peer
+    );
+}
