@@ -3,8 +3,6 @@
 //! codec, and an independent decoder (Python fastavro, with the schema fetched from the
 //! registry by id) that reads the same events field for field.
 
-use std::process::Command;
-
 use fhir_cdc::{
     canonical::{registry::EventCodec, CanonicalEvent},
     config::RegistryConfig,
@@ -14,24 +12,10 @@ use serde_json::Value;
 use crate::stack;
 
 fn golden_events() -> Vec<CanonicalEvent> {
-    let dir = stack::repo_root().join("tests/golden");
-    let mut events = Vec::new();
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    for path in files
+    stack::golden_events()
         .into_iter()
-        .filter(|p| p.to_string_lossy().ends_with(".expected.json"))
-    {
-        let expected: Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        for event in expected["events"].as_array().unwrap() {
-            events.push(serde_json::from_value(event.clone()).unwrap());
-        }
-    }
-    events
+        .map(|(_, event)| serde_json::from_value(event).unwrap())
+        .collect()
 }
 
 fn codec() -> EventCodec {
@@ -92,29 +76,11 @@ async fn undecodable_bytes_are_refused_as_definite_errors() {
 async fn an_independent_avro_client_reads_every_field() {
     let events = golden_events();
     let encoded = encode_all(&codec(), &events).await;
-    let file = std::env::temp_dir().join(format!("{}.hex", stack::unique("avro_oracle")));
     let hex: Vec<String> = encoded
         .iter()
         .map(|b| b.iter().map(|x| format!("{x:02x}")).collect())
         .collect();
-    std::fs::write(&file, hex.join("\n") + "\n").unwrap();
-    let output = Command::new(stack::oracle_python())
-        .arg(stack::repo_root().join("integration-tests/oracles/avro_decode.py"))
-        .arg(stack::registry_url())
-        .arg(&file)
-        .output()
-        .unwrap();
-    std::fs::remove_file(&file).unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let decoded: Vec<Value> = String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let decoded = stack::run_oracle("avro_decode.py", &[&stack::registry_url()], &hex);
     assert_eq!(decoded.len(), events.len());
     for (event, python) in events.iter().zip(decoded) {
         let mut expected = serde_json::to_value(event).unwrap();

@@ -2,62 +2,30 @@
 //! (fhirkit-rs and Google's FHIR protos), and both catch known-invalid resources — so the
 //! check can fail, and fhir-cdc's own checker does not grade itself.
 
-use std::process::Command;
-
 use serde_json::{json, Value};
 
 use crate::stack;
 
 /// Each resource's validation results from `oracles/fhir_validate.py`.
 fn validate(resources: &[Value]) -> Vec<Value> {
-    let file = std::env::temp_dir().join(format!("{}.ndjson", stack::unique("fhir_oracle")));
     let lines: Vec<String> = resources
         .iter()
         .map(|r| serde_json::to_string(r).unwrap())
         .collect();
-    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
-    let output = Command::new(stack::oracle_python())
-        .arg(stack::repo_root().join("integration-tests/oracles/fhir_validate.py"))
-        .arg(&file)
-        .output()
-        .unwrap();
-    std::fs::remove_file(&file).unwrap();
-    assert!(
-        output.status.success(),
-        "oracle failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let results: Vec<Value> = String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(results.len(), resources.len());
-    results
+    stack::run_oracle("fhir_validate.py", &[], &lines)
 }
 
 fn golden_resources() -> Vec<(String, Value)> {
-    let dir = stack::repo_root().join("tests/golden");
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if !path.to_string_lossy().ends_with(".expected.json") {
-            continue;
-        }
-        let expected: Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        for event in expected["events"].as_array().unwrap() {
-            if !event["resource"].is_null() {
-                let name = format!(
-                    "{} {}",
-                    path.file_name().unwrap().to_string_lossy(),
-                    event["resource_id"]
-                );
-                found.push((name, event["resource"].clone()));
-            }
-        }
-    }
-    found
+    stack::golden_events()
+        .into_iter()
+        .filter(|(_, event)| !event["resource"].is_null())
+        .map(|(file, event)| {
+            (
+                format!("{file} {}", event["resource_id"]),
+                event["resource"].clone(),
+            )
+        })
+        .collect()
 }
 
 #[test]

@@ -91,3 +91,59 @@ pub fn oracle_python() -> PathBuf {
     );
     python
 }
+
+/// Run an oracle script of `integration-tests/oracles/` with `args`, then the path of a
+/// temporary file holding `lines`; its output, one JSON value per line.
+pub fn run_oracle(script: &str, args: &[&str], lines: &[String]) -> Vec<serde_json::Value> {
+    let file = std::env::temp_dir().join(unique("oracle_input"));
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let output = std::process::Command::new(oracle_python())
+        .arg(repo_root().join("integration-tests/oracles").join(script))
+        .args(args)
+        .arg(&file)
+        .output()
+        .unwrap();
+    std::fs::remove_file(&file).unwrap();
+    assert!(
+        output.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        results.len(),
+        lines.len(),
+        "{script} answered {} of {} lines",
+        results.len(),
+        lines.len()
+    );
+    results
+}
+
+/// The events of every golden file (`tests/golden/*.expected.json`), with the file's name.
+pub fn golden_events() -> Vec<(String, serde_json::Value)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_root().join("tests/golden"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".expected.json"))
+        .collect();
+    files.sort();
+    let mut events = Vec::new();
+    for path in files {
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        events.extend(
+            expected["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| (name.clone(), e.clone())),
+        );
+    }
+    events
+}
