@@ -194,3 +194,56 @@ fn recorded_changes_map_to_the_expected_events() {
     }
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n\n"));
 }
+
+#[test]
+fn every_resource_agrees_with_its_envelope() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir("tests/golden").unwrap() {
+        let path = entry.unwrap().path();
+        if !path.to_string_lossy().ends_with(".changes.json") {
+            continue;
+        }
+        let outcome = run_case(&path);
+        for event in outcome["events"].as_array().unwrap() {
+            let Some(resource) = event["resource"].as_object() else {
+                assert_eq!(event["op"], "delete", "only deletes carry no resource");
+                continue;
+            };
+            let p = &event["provenance"];
+            assert_eq!(resource["resourceType"], event["resource_type"]);
+            assert_eq!(resource["id"], event["resource_id"]);
+            assert_eq!(resource["meta"]["versionId"], event["resource_version"]);
+            let updated = if p["commit_time"].is_null() {
+                &p["capture_time"]
+            } else {
+                &p["commit_time"]
+            };
+            assert_eq!(&resource["meta"]["lastUpdated"], updated);
+            let source = format!(
+                "urn:fhir-cdc:{}:{}.{}.{}",
+                p["connector"].as_str().unwrap(),
+                p["database"].as_str().unwrap(),
+                p["schema"].as_str().unwrap(),
+                p["table"].as_str().unwrap()
+            );
+            assert_eq!(resource["meta"]["source"], source.as_str());
+            let confidentiality = if event["sensitivity"] == "restricted" {
+                "R"
+            } else {
+                "N"
+            };
+            assert!(resource["meta"]["security"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["code"] == confidentiality));
+            assert_eq!(
+                p["snapshot"],
+                Json::Bool(p["commit_time"].is_null()),
+                "snapshot reads have no commit time"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20);
+}

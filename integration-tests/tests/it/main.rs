@@ -4,6 +4,7 @@
 mod avro_registry;
 mod check;
 mod compose;
+mod fhir_definitions;
 mod fhir_oracle;
 mod schemas_cli;
 mod smoke_kafka;
