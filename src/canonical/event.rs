@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value as Json};
+use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
 
 use crate::{
@@ -113,12 +113,14 @@ impl CanonicalEvent {
                 value: key_row
                     .and_then(|row| row.get(column))
                     .filter(|v| !v.is_null())
-                    .map(crate::mapping::text_of),
+                    .map(|v| crate::mapping::text_of(v).into_owned()),
             })
             .collect();
         let resource_version = format!("{}.{:010}", change.position.sort_key(), change.ordinal);
+        let source_position = change.position.to_string();
         let event_id = event_id(
             change,
+            &source_position,
             &primary_key,
             &origin.mapping.id,
             &resource_type,
@@ -142,7 +144,7 @@ impl CanonicalEvent {
                 schema: source.schema.clone(),
                 table: source.table.clone(),
                 primary_key,
-                source_position: change.position.to_string(),
+                source_position,
                 transaction_id: change.transaction_id.clone(),
                 commit_time: change.commit_time.map(instant),
                 capture_time: instant(change.capture_time),
@@ -168,6 +170,7 @@ impl CanonicalEvent {
 /// position, ordinal in the transaction, table, key values, mapping and resource.
 fn event_id(
     change: &ChangeEvent,
+    position: &str,
     key: &[KeyColumn],
     mapping_id: &str,
     resource_type: &str,
@@ -175,19 +178,18 @@ fn event_id(
 ) -> String {
     let mut hash = Sha256::new();
     let source = &change.source;
-    for part in [
-        source.connector.as_str(),
-        &change.position.to_string(),
-        &change.ordinal.to_string(),
-        &source.database,
-        &source.qualified_name(),
-        mapping_id,
-        resource_type,
-        resource_id,
-    ] {
-        hash.update(part.as_bytes());
+    let mut part = |bytes: &[u8]| {
+        hash.update(bytes);
         hash.update([0x1f]);
-    }
+    };
+    part(source.connector.as_bytes());
+    part(position.as_bytes());
+    part(change.ordinal.to_string().as_bytes());
+    part(source.database.as_bytes());
+    part(format!("{}.{}", source.schema, source.table).as_bytes());
+    part(mapping_id.as_bytes());
+    part(resource_type.as_bytes());
+    part(resource_id.as_bytes());
     for column in key {
         hash.update(column.column.as_bytes());
         hash.update([0x1e]);
@@ -219,20 +221,44 @@ fn set_meta(resource: &mut Json, event: &CanonicalEvent) {
     let Json::Object(fields) = resource else {
         return;
     };
-    let mut security: Vec<Json> = fields
-        .get("meta")
-        .and_then(|m| m.get("security"))
-        .and_then(Json::as_array)
-        .cloned()
-        .unwrap_or_default();
-    security.push(json!({"system": "http://terminology.hl7.org/CodeSystem/v3-Confidentiality", "code": confidentiality}));
+    let mut security = match fields
+        .get_mut("meta")
+        .and_then(|m| m.get_mut("security"))
+        .map(Json::take)
+    {
+        Some(Json::Array(labels)) => labels,
+        _ => Vec::with_capacity(1),
+    };
+    let mut label = Map::with_capacity(2);
+    label.insert(
+        "system".into(),
+        Json::String("http://terminology.hl7.org/CodeSystem/v3-Confidentiality".into()),
+    );
+    label.insert("code".into(), Json::String(confidentiality.into()));
+    security.push(Json::Object(label));
     let p = &event.provenance;
-    let meta = json!({
-        "versionId": event.resource_version,
-        "lastUpdated": p.commit_time.as_deref().unwrap_or(&p.capture_time),
-        "source": format!("urn:fhir-cdc:{}:{}.{}.{}", p.connector, p.database, p.schema, p.table),
-        "security": security,
-    });
+    let mut meta = Map::with_capacity(4);
+    meta.insert(
+        "versionId".into(),
+        Json::String(event.resource_version.clone()),
+    );
+    meta.insert(
+        "lastUpdated".into(),
+        Json::String(
+            p.commit_time
+                .clone()
+                .unwrap_or_else(|| p.capture_time.clone()),
+        ),
+    );
+    meta.insert(
+        "source".into(),
+        Json::String(format!(
+            "urn:fhir-cdc:{}:{}.{}.{}",
+            p.connector, p.database, p.schema, p.table
+        )),
+    );
+    meta.insert("security".into(), Json::Array(security));
+    let meta = Json::Object(meta);
     // The mapper leaves `meta` right after `id`, where FHIR JSON puts it; replacing the value
     // keeps the place.
     fields.insert("meta".into(), meta);

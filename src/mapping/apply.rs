@@ -1,5 +1,7 @@
 //! Executing a resource mapping on one row image: the FHIR resource it yields, if any.
 
+use std::borrow::Cow;
+
 use hmac::{Hmac, Mac};
 use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
@@ -281,45 +283,39 @@ fn element_value(
     row: &Row,
     context: &MapContext,
 ) -> Result<Option<Json>, MapError> {
+    if let Some(json) = &element.fixed {
+        return Ok(Some(json.clone()));
+    }
     let fail = |message: String| MapError {
         location: element.location.to_string(),
         message,
     };
-    let raw: Option<Value> = match &element.source {
+    let missing = |column: &str| {
+        fail(format!(
+            "column `{column}` for {} is not in the row (dropped or renamed?)",
+            element.definition
+        ))
+    };
+    let raw: Option<Cow<'_, Value>> = match &element.source {
         ValueSource::Column(column) => match row.get(column) {
-            None => {
-                return Err(fail(format!(
-                    "column `{column}` for {} is not in the row (dropped or renamed?)",
-                    element.definition
-                )))
-            }
+            None => return Err(missing(column)),
             Some(Value::Null) => None,
-            Some(value) => Some(value.clone()),
+            Some(value) => Some(Cow::Borrowed(value)),
         },
         ValueSource::Template(template) => match template.render(row) {
-            Ok(text) => Some(Value::Text(text)),
+            Ok(text) => Some(Cow::Owned(Value::Text(text))),
             Err(RenderError::Null(_)) => None,
-            Err(RenderError::Missing(column)) => {
-                return Err(fail(format!(
-                    "column `{column}` for {} is not in the row (dropped or renamed?)",
-                    element.definition
-                )))
-            }
+            Err(RenderError::Missing(column)) => return Err(missing(&column)),
         },
         ValueSource::Reference { resource_type, id } => match resource_id(id, row) {
-            Ok(id) => Some(Value::Text(format!("{resource_type}/{id}"))),
+            Ok(id) => Some(Cow::Owned(Value::Text(format!("{resource_type}/{id}")))),
             Err(RenderError::Null(_)) => None,
-            Err(RenderError::Missing(column)) => {
-                return Err(fail(format!(
-                    "column `{column}` for {} is not in the row (dropped or renamed?)",
-                    element.definition
-                )))
-            }
+            Err(RenderError::Missing(column)) => return Err(missing(&column)),
         },
     };
     let raw = match (raw, &element.default) {
         (Some(value), _) => value,
-        (None, Some(default)) => Value::Text(default.clone()),
+        (None, Some(default)) => Cow::Owned(Value::Text(default.clone())),
         (None, None) if element.required => {
             return Err(fail(format!(
                 "{} is required but its source is NULL",
@@ -331,11 +327,12 @@ fn element_value(
     let value = match &element.translate {
         None => raw,
         Some(translation) => {
-            let code = text_of(&raw).trim().to_owned();
-            match (translation.codes.get(&code), &translation.unmapped) {
-                (Some(target), _) => Value::Text(target.clone()),
-                (None, Unmapped::Pass) => Value::Text(code),
-                (None, Unmapped::Default(target)) => Value::Text(target.clone()),
+            let source = text_of(&raw);
+            let code = source.trim();
+            match (translation.codes.get(code), &translation.unmapped) {
+                (Some(target), _) => Cow::Owned(Value::Text(target.clone())),
+                (None, Unmapped::Pass) => Cow::Owned(Value::Text(code.to_owned())),
+                (None, Unmapped::Default(target)) => Cow::Owned(Value::Text(target.clone())),
                 (None, Unmapped::Fail) => {
                     return Err(fail(format!(
                         "the source code for {} has no entry in translation `{}` (unmapped: fail)",
@@ -347,7 +344,7 @@ fn element_value(
     };
     let value = match element.protect {
         None => value,
-        Some(Protect::Mask) => Value::Text("****".into()),
+        Some(Protect::Mask) => Cow::Owned(Value::Text("****".into())),
         Some(Protect::Token) => {
             let key = context.token_key.as_ref().ok_or_else(|| {
                 fail(format!(
@@ -358,7 +355,7 @@ fn element_value(
             let mut mac = Hmac::<Sha256>::new_from_slice(key.expose().as_bytes())
                 .expect("HMAC takes keys of any length");
             mac.update(text_of(&value).trim().as_bytes());
-            Value::Text(hex::encode(&mac.finalize().into_bytes()[..16]))
+            Cow::Owned(Value::Text(hex::encode(&mac.finalize().into_bytes()[..16])))
         }
     };
     let json = to_fhir(&value, &element.fhir_type, &element.conversion)

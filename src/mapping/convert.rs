@@ -5,6 +5,8 @@
 //! Refusals say what kind of value met what FHIR type, never the value itself (row values
 //! are PHI and must not reach logs).
 
+use std::borrow::Cow;
+
 use base64::Engine;
 use chrono::{DateTime, FixedOffset, LocalResult, NaiveDateTime, SecondsFormat, TimeZone};
 use chrono_tz::Tz;
@@ -29,20 +31,20 @@ const DEFAULT_FALSE: [&str; 6] = ["false", "f", "n", "no", "0", "off"];
 
 /// A value's text, as templates, conditions and code tables see it: decimals exact,
 /// dates and times in ISO 8601, bytes in base64.
-pub fn text_of(value: &Value) -> String {
+pub fn text_of(value: &Value) -> Cow<'_, str> {
     match value {
-        Value::Null => String::new(),
-        Value::Bool(b) => b.to_string(),
-        Value::Int(i) => i.to_string(),
-        Value::Decimal(d) => d.as_str().to_owned(),
-        Value::Float(f) => f.to_string(),
-        Value::Text(s) | Value::Uuid(s) => s.clone(),
-        Value::Bytes(b) => base64::engine::general_purpose::STANDARD.encode(b),
-        Value::Date(d) => d.format("%Y-%m-%d").to_string(),
-        Value::Time(t) => t.format("%H:%M:%S%.f").to_string(),
-        Value::Timestamp(ts) => ts.format("%Y-%m-%dT%H:%M:%S%.f").to_string(),
-        Value::TimestampTz(ts) => ts.to_rfc3339_opts(SecondsFormat::AutoSi, true),
-        Value::Json(j) => j.to_string(),
+        Value::Null => Cow::Borrowed(""),
+        Value::Text(s) | Value::Uuid(s) => Cow::Borrowed(s),
+        Value::Decimal(d) => Cow::Borrowed(d.as_str()),
+        Value::Bool(b) => Cow::Borrowed(if *b { "true" } else { "false" }),
+        Value::Int(i) => Cow::Owned(i.to_string()),
+        Value::Float(f) => Cow::Owned(f.to_string()),
+        Value::Bytes(b) => Cow::Owned(base64::engine::general_purpose::STANDARD.encode(b)),
+        Value::Date(d) => Cow::Owned(d.to_string()),
+        Value::Time(t) => Cow::Owned(t.format("%H:%M:%S%.f").to_string()),
+        Value::Timestamp(ts) => Cow::Owned(ts.format("%Y-%m-%dT%H:%M:%S%.f").to_string()),
+        Value::TimestampTz(ts) => Cow::Owned(ts.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+        Value::Json(j) => Cow::Owned(j.to_string()),
     }
 }
 
@@ -114,16 +116,17 @@ pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Resul
         "string" | "markdown" => match value {
             Value::Bytes(_) => Err(refuse()),
             Value::Text(s) if conversion.trim => Ok(Json::String(s.trim().to_owned())),
-            other => Ok(Json::String(text_of(other))),
+            other => Ok(Json::String(text_of(other).into_owned())),
         },
         "code" | "id" | "uri" | "url" | "canonical" | "oid" | "uuid" => match value {
             Value::Bytes(_) | Value::Json(_) => Err(refuse()),
             other => {
-                let text = text_of(other).trim().to_owned();
+                let text = text_of(other);
+                let text = text.trim();
                 if text.is_empty() {
                     return Err(format!("an empty text cannot be a FHIR {fhir_type}"));
                 }
-                if fhir_type == "id" && !is_fhir_id(&text) {
+                if fhir_type == "id" && !is_fhir_id(text) {
                     return Err("the text is not a valid FHIR id ([A-Za-z0-9-.]{1,64})".into());
                 }
                 let single_spaces =
@@ -131,7 +134,7 @@ pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Resul
                 if fhir_type == "code" && !single_spaces {
                     return Err("a FHIR code cannot contain runs of whitespace".into());
                 }
-                Ok(Json::String(text))
+                Ok(Json::String(text.to_owned()))
             }
         },
         "date" => match value {
@@ -146,7 +149,7 @@ pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Resul
         "dateTime" | "instant" => {
             let instant = fhir_type == "instant";
             match value {
-                Value::Date(d) if !instant => Ok(Json::String(d.format("%Y-%m-%d").to_string())),
+                Value::Date(d) if !instant => Ok(Json::String(d.to_string())),
                 Value::TimestampTz(ts) => Ok(Json::String(rfc3339(&in_zone(ts, conversion)))),
                 Value::Timestamp(naive) => {
                     let zone = conversion.zone.ok_or_else(|| {

@@ -742,6 +742,7 @@ impl Reader<'_> {
             translate: None,
             protect: None,
             default: None,
+            fixed: None,
             location,
         };
         if spec.as_scalar().is_some() {
@@ -918,6 +919,13 @@ impl Reader<'_> {
             }
         }
         self.check_values(&element, key_span, &what);
+        if let ValueSource::Template(t) = &element.source {
+            if t.is_literal() && element.translate.is_none() && element.protect.is_none() {
+                let text = t.render(&crate::change::Row::default()).ok()?;
+                element.fixed =
+                    to_fhir(&Value::Text(text), &element.fhir_type, &element.conversion).ok();
+            }
+        }
         Some(element)
     }
 

@@ -106,6 +106,8 @@ pub struct ElementMapping {
     pub protect: Option<Protect>,
     /// Used when the source is NULL.
     pub default: Option<String>,
+    /// The FHIR JSON of a literal value, converted once at load time.
+    pub fixed: Option<serde_json::Value>,
     pub location: Location,
 }
 
