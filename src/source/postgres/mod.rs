@@ -1,5 +1,7 @@
 //! PostgreSQL: logical replication with the built-in `pgoutput` plugin.
 
+pub mod changes;
 pub mod pgoutput;
 pub mod preflight;
+pub mod replication;
 pub mod types;

@@ -1,0 +1,165 @@
+//! The logical replication stream of one slot, as decoded changes.
+//!
+//! The wire protocol is spoken by `pgwire-replication` (START_REPLICATION with `pgoutput`,
+//! protocol version 1, standby status updates, keepalives); this module turns its events
+//! into [`Decoded`] items through [`pgoutput::decode`] and [`ChangeDecoder`]. The session
+//! pins `DateStyle = ISO` and `TimeZone = UTC`, which the text values are parsed under
+//! (see [`super::types`]).
+//!
+//! Acknowledging: [`ReplicationStream::acknowledge`] reports a flush LSN to the server,
+//! which may then recycle WAL up to it. Call it only with a position whose events are all
+//! durable downstream — the server will never send anything before it again.
+
+use std::str::FromStr;
+
+use chrono::Utc;
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio_postgres::config::Host;
+
+use super::{
+    changes::{ChangeDecoder, ChangeError, Decoded},
+    pgoutput::{self, DecodeError, Message},
+};
+use crate::{change::PgLsn, config::Secret};
+
+/// What can end a replication stream.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("source.url cannot be used for replication: {0}")]
+    Config(String),
+    #[error("replication connection failed: {0}")]
+    Connection(String),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Change(#[from] ChangeError),
+}
+
+impl StreamError {
+    /// Whether reconnecting may help: the network or the server, not the bytes or the
+    /// configuration.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StreamError::Connection(_))
+    }
+}
+
+/// Where and how to read.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    pub connector: String,
+    pub slot: String,
+    pub publication: String,
+    /// Resume from here (the slot's confirmed position when `0/0`).
+    pub start: PgLsn,
+    /// End the stream once this position is reached (for bounded reads and tests).
+    pub stop_at: Option<PgLsn>,
+}
+
+/// One slot's stream of decoded changes.
+pub struct ReplicationStream {
+    client: ReplicationClient,
+    decoder: ChangeDecoder,
+}
+
+impl std::fmt::Debug for ReplicationStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationStream")
+            .field("decoder", &self.decoder)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplicationStream {
+    pub async fn start(url: &Secret, options: &StreamOptions) -> Result<Self, StreamError> {
+        let config = tokio_postgres::Config::from_str(url.expose())
+            .map_err(|e| StreamError::Config(e.to_string()))?;
+        let host = match config.get_hosts().first() {
+            Some(Host::Tcp(host)) => host.clone(),
+            #[cfg(unix)]
+            Some(Host::Unix(path)) => path.display().to_string(),
+            None => "localhost".to_owned(),
+        };
+        let user = config
+            .get_user()
+            .ok_or_else(|| StreamError::Config("no user".into()))?
+            .to_owned();
+        let password = config
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        let database = config.get_dbname().unwrap_or(&user).to_owned();
+        let mut replication = ReplicationConfig::new(
+            host,
+            user,
+            password,
+            database.clone(),
+            options.slot.clone(),
+            options.publication.clone(),
+        )
+        .with_port(config.get_ports().first().copied().unwrap_or(5432))
+        .with_start_lsn(Lsn::from_u64(options.start.0))
+        .with_options("-c DateStyle=ISO -c TimeZone=UTC")
+        .with_application_name(format!("fhir-cdc {}", options.connector));
+        if let Some(stop) = options.stop_at {
+            replication = replication.with_stop_lsn(Lsn::from_u64(stop.0));
+        }
+        let client = ReplicationClient::connect(replication)
+            .await
+            .map_err(|e| StreamError::Connection(e.to_string()))?;
+        Ok(Self {
+            client,
+            decoder: ChangeDecoder::new(options.connector.clone(), database),
+        })
+    }
+
+    /// The next decoded item, or `None` when the stream ended at `stop_at`.
+    pub async fn next(&mut self) -> Result<Option<Decoded>, StreamError> {
+        loop {
+            let event = self
+                .client
+                .recv()
+                .await
+                .map_err(|e| StreamError::Connection(e.to_string()))?;
+            let message = match event {
+                None | Some(ReplicationEvent::StoppedAt { .. }) => return Ok(None),
+                Some(ReplicationEvent::KeepAlive { .. } | ReplicationEvent::Message { .. }) => {
+                    continue
+                }
+                Some(ReplicationEvent::Begin {
+                    final_lsn,
+                    commit_time_micros,
+                    xid,
+                }) => Message::Begin {
+                    final_lsn: final_lsn.as_u64(),
+                    commit_time: commit_time_micros,
+                    xid,
+                },
+                Some(ReplicationEvent::Commit {
+                    lsn,
+                    end_lsn,
+                    commit_time_micros,
+                }) => Message::Commit {
+                    flags: 0,
+                    commit_lsn: lsn.as_u64(),
+                    end_lsn: end_lsn.as_u64(),
+                    commit_time: commit_time_micros,
+                },
+                Some(ReplicationEvent::XLogData { data, .. }) => pgoutput::decode(&data, false)?,
+            };
+            match self.decoder.decode(message, Utc::now())? {
+                Decoded::Nothing => continue,
+                decoded => return Ok(Some(decoded)),
+            }
+        }
+    }
+
+    /// Tell the server that everything up to `lsn` is durable downstream.
+    pub fn acknowledge(&self, lsn: PgLsn) {
+        self.client.update_applied_lsn(Lsn::from_u64(lsn.0));
+    }
+
+    /// End the stream.
+    pub fn stop(&self) {
+        self.client.stop();
+    }
+}
