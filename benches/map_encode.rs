@@ -99,12 +99,24 @@ fn main() {
         .map(|c| mapper.map(c).events.remove(0))
         .collect();
     let budget = Duration::from_secs(3);
-    // `cargo bench --bench map_encode -- map` runs only the mapping loop (for profiling).
+    // `cargo bench --bench map_encode -- map` (or `-- encode`) runs only that loop, for
+    // profiling.
     if std::env::args().any(|a| a == "map") {
         let map = rate(&changes, budget * 3, |c| {
             black_box(mapper.map(c));
         });
         println!("map {map:.0} events/s");
+        return;
+    }
+    if std::env::args().any(|a| a == "encode") {
+        let writer = EventWriter::new(&schema).unwrap();
+        let mut buffer = Vec::with_capacity(4096);
+        let encode = rate(&events, budget * 3, |e| {
+            buffer.clear();
+            writer.write(e, &mut buffer).unwrap();
+            black_box(&buffer);
+        });
+        println!("encode {encode:.0} events/s");
         return;
     }
 
