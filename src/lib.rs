@@ -10,7 +10,7 @@
 //! - [`change`]: the source-neutral change every source produces;
 //! - [`mapping`]: mapping files, checked against [`fhir`] R4, and the mapper;
 //! - [`source`]: one module per database kind;
-//! - [`sink`]: the Kafka producer side;
+//! - [`sink`]: the Kafka producer side, and [`offsets`]: when a position may be acknowledged;
 //! - [`canonical`]: the canonical event envelope and the schema registry;
 //! - [`preflight`]: the findings `fhir-cdc check` reports;
 //! - [`cli`]: the command line.
@@ -33,6 +33,7 @@ pub mod cli;
 pub mod config;
 pub mod fhir;
 pub mod mapping;
+pub mod offsets;
 pub mod preflight;
 pub mod sink;
 pub mod source;

@@ -3,9 +3,14 @@
 use std::time::Duration;
 
 use rdkafka::{
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
     consumer::{BaseConsumer, Consumer},
     error::KafkaError,
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
     types::RDKafkaErrorCode,
+    util::Timeout,
     ClientConfig,
 };
 
@@ -89,5 +94,207 @@ fn explain_metadata_error(err: &KafkaError, bootstrap: &str) -> Finding {
             ),
             "start Kafka, or correct bootstrap.servers and security.protocol in [kafka]",
         ),
+    }
+}
+
+/// Why writing to Kafka failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("[kafka] {property} = {value}: fhir-cdc requires {required} ({why})")]
+    Required {
+        property: &'static str,
+        value: String,
+        required: &'static str,
+        why: &'static str,
+    },
+    #[error("librdkafka refused the [kafka] properties: {0}")]
+    Config(String),
+    #[error("creating topic {topic} failed: {reason}")]
+    Topic { topic: String, reason: String },
+    #[error("Kafka did not acknowledge a message: {0}")]
+    Delivery(String),
+}
+
+/// Properties fhir-cdc insists on, and why: without them a retry could duplicate or
+/// reorder events, or an acknowledgement could precede durability.
+const REQUIRED: [(&str, &str, &str); 2] = [
+    (
+        "enable.idempotence",
+        "true",
+        "retries must not duplicate or reorder events",
+    ),
+    (
+        "acks",
+        "all",
+        "an event counts as written only once every in-sync replica has it",
+    ),
+];
+
+/// Defaults for what the configuration leaves unset.
+const DEFAULTS: [(&str, &str); 2] = [("compression.type", "lz4"), ("linger.ms", "5")];
+
+/// A producer configuration: the configured properties, fhir-cdc's required ones (a
+/// conflicting value is an error, not silently overridden), and defaults.
+pub fn producer_config(properties: &KafkaProperties) -> Result<ClientConfig, SinkError> {
+    let mut config = client_config(properties);
+    for (property, required, why) in REQUIRED {
+        match properties.get(property) {
+            Some(value)
+                if !value.eq_ignore_ascii_case(required)
+                    && !(property == "acks" && value == "-1") =>
+            {
+                return Err(SinkError::Required {
+                    property,
+                    value: value.to_owned(),
+                    required,
+                    why,
+                })
+            }
+            _ => {
+                config.set(property, required);
+            }
+        }
+    }
+    for (property, value) in DEFAULTS {
+        if properties.get(property).is_none() {
+            config.set(property, value);
+        }
+    }
+    Ok(config)
+}
+
+/// A topic as fhir-cdc creates it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// Topic-level settings, e.g. `retention.ms`, `cleanup.policy`.
+    pub config: Vec<(String, String)>,
+}
+
+/// Create the topics that do not exist yet; existing ones are left as they are. Returns the
+/// names created.
+pub async fn ensure_topics(
+    properties: &KafkaProperties,
+    topics: &[TopicSpec],
+) -> Result<Vec<String>, SinkError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(properties)
+        .create()
+        .map_err(|e| SinkError::Config(creation_message(&e)))?;
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            t.config.iter().fold(
+                NewTopic::new(
+                    &t.name,
+                    t.partitions,
+                    TopicReplication::Fixed(t.replication_factor),
+                ),
+                |topic, (key, value)| topic.set(key, value),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(&new_topics, &options)
+        .await
+        .map_err(|e| SinkError::Topic {
+            topic: "(all)".into(),
+            reason: e.to_string(),
+        })?;
+    let mut created = Vec::new();
+    for result in results {
+        match result {
+            Ok(topic) => created.push(topic),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(SinkError::Topic {
+                    topic,
+                    reason: code.to_string(),
+                })
+            }
+        }
+    }
+    Ok(created)
+}
+
+/// Writes messages and reports when Kafka has them.
+pub struct Producer {
+    inner: FutureProducer,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer").finish_non_exhaustive()
+    }
+}
+
+impl Producer {
+    pub fn new(properties: &KafkaProperties) -> Result<Self, SinkError> {
+        let inner = producer_config(properties)?
+            .create()
+            .map_err(|e| SinkError::Config(creation_message(&e)))?;
+        Ok(Self { inner })
+    }
+
+    /// Send one message; resolves to its partition and offset once Kafka acknowledged it
+    /// (with `acks=all`: once every in-sync replica has it).
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Result<(i32, i64), SinkError> {
+        let headers = headers.iter().fold(
+            OwnedHeaders::new_with_capacity(headers.len()),
+            |h, (key, value)| {
+                h.insert(Header {
+                    key,
+                    value: Some(*value),
+                })
+            },
+        );
+        let record = FutureRecord::to(topic)
+            .key(key)
+            .payload(payload)
+            .headers(headers);
+        match self.inner.send(record, Timeout::Never).await {
+            Ok(delivery) => Ok((delivery.partition, delivery.offset)),
+            Err((error, _)) => Err(SinkError::Delivery(error.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn properties(toml: &str) -> KafkaProperties {
+        toml::from_str(toml).unwrap()
+    }
+
+    #[test]
+    fn idempotence_and_acks_all_are_enforced_not_overridden() {
+        let config = producer_config(&properties(r#""bootstrap.servers" = "k:9092""#)).unwrap();
+        assert_eq!(config.get("enable.idempotence"), Some("true"));
+        assert_eq!(config.get("acks"), Some("all"));
+        assert_eq!(config.get("compression.type"), Some("lz4"));
+        let tuned =
+            producer_config(&properties("compression.type = \"zstd\"\nacks = \"-1\"")).unwrap();
+        assert_eq!(
+            tuned.get("compression.type"),
+            Some("zstd"),
+            "the configuration wins over defaults"
+        );
+        for (toml, property) in [
+            ("enable.idempotence = false", "enable.idempotence"),
+            ("acks = 1", "acks"),
+        ] {
+            let err = producer_config(&properties(toml)).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("[kafka] {property} = ")), "{err}");
+            assert!(err.contains("fhir-cdc requires"), "{err}");
+        }
     }
 }

@@ -6,6 +6,7 @@ mod check;
 mod compose;
 mod fhir_definitions;
 mod fhir_oracle;
+mod kafka_sink;
 mod postgres_stream;
 mod schemas_cli;
 mod smoke_kafka;
