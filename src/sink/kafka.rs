@@ -138,11 +138,12 @@ const DEFAULTS: [(&str, &str); 2] = [("compression.type", "lz4"), ("linger.ms", 
 pub fn producer_config(properties: &KafkaProperties) -> Result<ClientConfig, SinkError> {
     let mut config = client_config(properties);
     for (property, required, why) in REQUIRED {
+        // `acks = -1` is librdkafka's other spelling of `all`.
+        let accepted = |value: &str| {
+            value.eq_ignore_ascii_case(required) || (property == "acks" && value == "-1")
+        };
         match properties.get(property) {
-            Some(value)
-                if !value.eq_ignore_ascii_case(required)
-                    && !(property == "acks" && value == "-1") =>
-            {
+            Some(value) if !accepted(value) => {
                 return Err(SinkError::Required {
                     property,
                     value: value.to_owned(),
