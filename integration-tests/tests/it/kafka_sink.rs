@@ -42,7 +42,7 @@ async fn topics_are_created_once_with_their_settings_and_messages_are_acknowledg
         ensure_topics(&properties(), std::slice::from_ref(&spec))
             .await
             .unwrap(),
-        [name.clone()]
+        std::slice::from_ref(&name)
     );
     assert!(
         ensure_topics(&properties(), &[spec])
