@@ -13,7 +13,9 @@ use std::collections::HashMap;
 
 use apache_avro::schema::{Name, Schema};
 use chrono::DateTime;
+use rustc_hash::FxHashMap;
 use serde_json::Value as Json;
+use smallvec::SmallVec;
 
 use super::{avro::AvroShapeError, CanonicalEvent, EventOp, Provenance};
 
@@ -42,8 +44,8 @@ enum Node {
 #[derive(Debug, Clone)]
 struct Record {
     fields: Vec<(String, usize)>,
-    /// (field name, index into `fields`), sorted by name.
-    by_name: Vec<(String, usize)>,
+    /// Field name → index into `fields`.
+    by_name: FxHashMap<String, usize>,
 }
 
 /// The compiled writer of one event schema.
@@ -251,21 +253,23 @@ impl EventWriter {
                     .as_object()
                     .ok_or_else(|| shape(path, "expected an object"))?;
                 // Few of a resource's many fields are present: place the present ones by
-                // name, write the rest as absent.
-                let mut present: Vec<Option<&Json>> = vec![None; record.fields.len()];
+                // name, then write every field in schema order, the rest as absent.
+                let mut present: SmallVec<[(usize, &Json); 16]> = SmallVec::new();
                 for (name, value) in object {
-                    match record
-                        .by_name
-                        .binary_search_by(|(field, _)| field.as_str().cmp(name))
-                    {
-                        Ok(i) => present[record.by_name[i].1] = Some(value),
+                    match record.by_name.get(name.as_str()) {
+                        Some(index) => present.push((*index, value)),
                         // The envelope's resource_type says it; the resource record has no field.
-                        Err(_) if name == "resourceType" => {}
-                        Err(_) => return Err(shape(name, "an element the schema does not have")),
+                        None if name == "resourceType" => {}
+                        None => return Err(shape(name, "an element the schema does not have")),
                     }
                 }
-                for ((name, field), value) in record.fields.iter().zip(present) {
-                    self.write_json(*field, value.unwrap_or(&Json::Null), out, name)?;
+                present.sort_unstable_by_key(|(index, _)| *index);
+                let mut present = present.into_iter().peekable();
+                for (index, (name, field)) in record.fields.iter().enumerate() {
+                    let value = present
+                        .next_if(|(at, _)| *at == index)
+                        .map_or(&Json::Null, |(_, value)| value);
+                    self.write_json(*field, value, out, name)?;
                 }
             }
         }
@@ -344,12 +348,11 @@ impl Compiler<'_> {
                 for field in &record.fields {
                     fields.push((field.name.clone(), self.compile(&field.schema)?));
                 }
-                let mut by_name: Vec<(String, usize)> = fields
+                let by_name = fields
                     .iter()
                     .enumerate()
                     .map(|(i, (n, _))| (n.clone(), i))
                     .collect();
-                by_name.sort();
                 self.nodes[index] = Node::Record(Record { fields, by_name });
                 index
             }
