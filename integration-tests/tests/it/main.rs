@@ -7,6 +7,7 @@ mod compose;
 mod fhir_definitions;
 mod fhir_oracle;
 mod kafka_sink;
+mod postgres_snapshot;
 mod postgres_stream;
 mod schemas_cli;
 mod smoke_kafka;

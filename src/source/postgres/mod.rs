@@ -4,4 +4,5 @@ pub mod changes;
 pub mod pgoutput;
 pub mod preflight;
 pub mod replication;
+pub mod snapshot;
 pub mod types;

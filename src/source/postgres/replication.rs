@@ -112,6 +112,15 @@ impl ReplicationStream {
         })
     }
 
+    /// Continue on a session that already started replication (after a snapshot: see
+    /// [`super::snapshot::ExportedSnapshot::start_streaming`]).
+    pub fn resume(client: ReplicationClient, connector: &str, database: &str) -> Self {
+        Self {
+            client,
+            decoder: ChangeDecoder::new(connector, database),
+        }
+    }
+
     /// The next decoded item, or `None` when the stream ended at `stop_at`.
     pub async fn next(&mut self) -> Result<Option<Decoded>, StreamError> {
         loop {

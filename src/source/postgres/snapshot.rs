@@ -1,0 +1,281 @@
+//! The consistent initial snapshot: the rows that exist when capture starts, read so that
+//! the stream continues exactly where the snapshot ends — no gap, no double.
+//!
+//! How (<https://www.postgresql.org/docs/current/protocol-replication.html>,
+//! CREATE_REPLICATION_SLOT … EXPORT_SNAPSHOT): the slot is created on a replication
+//! session that stays open and idle, which keeps the exported snapshot alive. The slot's
+//! consistent point is the LSN from which its stream holds every transaction that the
+//! snapshot does not see. A second, ordinary connection imports the snapshot
+//! (`SET TRANSACTION SNAPSHOT` in a REPEATABLE READ transaction) and reads the tables
+//! through cursors in chunks (bounded memory). Only then does the replication session send
+//! START_REPLICATION: changes committed before the consistent point are in the snapshot,
+//! changes after it are in the stream, each exactly once.
+//!
+//! Snapshot rows are [`Operation::Read`] changes at the consistent point, numbered in read
+//! order.
+
+use std::{str::FromStr, sync::Arc};
+
+use chrono::Utc;
+use pgwire_replication::{ReplicationClient, ReplicationConfig};
+use tokio_postgres::{config::Host, NoTls, SimpleQueryMessage};
+
+use super::types;
+use crate::{
+    change::{ChangeEvent, Operation, PgLsn, Position, Row, SourceTable},
+    config::Secret,
+};
+
+/// Why the snapshot could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("source.url cannot be used: {0}")]
+    Config(String),
+    #[error("creating replication slot {slot} failed: {reason}")]
+    Slot { slot: String, reason: String },
+    #[error("reading {table} in the snapshot failed: {reason}")]
+    Read { table: String, reason: String },
+}
+
+/// A slot created with an exported snapshot, its replication session held open and idle.
+pub struct ExportedSnapshot {
+    session: ReplicationClient,
+    /// Where the slot's stream begins: the first change the snapshot does not contain.
+    pub consistent_point: PgLsn,
+    /// The name other sessions import it by.
+    pub name: String,
+}
+
+impl std::fmt::Debug for ExportedSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportedSnapshot")
+            .field("consistent_point", &self.consistent_point)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ExportedSnapshot {
+    /// Create logical replication slot `slot` (pgoutput) exporting its snapshot.
+    pub async fn create(
+        url: &Secret,
+        slot: &str,
+        publication: &str,
+    ) -> Result<Self, SnapshotError> {
+        let config = tokio_postgres::Config::from_str(url.expose())
+            .map_err(|e| SnapshotError::Config(e.to_string()))?;
+        let host = match config.get_hosts().first() {
+            Some(Host::Tcp(host)) => host.clone(),
+            #[cfg(unix)]
+            Some(Host::Unix(path)) => path.display().to_string(),
+            None => "localhost".to_owned(),
+        };
+        let user = config
+            .get_user()
+            .ok_or_else(|| SnapshotError::Config("no user".into()))?
+            .to_owned();
+        let password = config
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        let database = config.get_dbname().unwrap_or(&user).to_owned();
+        let replication = ReplicationConfig::new(host, user, password, database, slot, publication)
+            .with_port(config.get_ports().first().copied().unwrap_or(5432))
+            .with_options("-c DateStyle=ISO -c TimeZone=UTC");
+        let fail = |reason: String| SnapshotError::Slot {
+            slot: slot.to_owned(),
+            reason,
+        };
+        let mut session = ReplicationClient::connect_gated(replication)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let rows = session
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                quote_ident(slot)
+            ))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        // The reply's columns: slot_name, consistent_point, snapshot_name, output_plugin.
+        let row = rows
+            .first()
+            .ok_or_else(|| fail("the server returned no slot".into()))?;
+        let field = |index: usize, name: &str| {
+            row.get(index)
+                .and_then(|v| v.as_ref())
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .ok_or_else(|| fail(format!("no `{name}` in the reply")))
+        };
+        let consistent_point = PgLsn::from_str(&field(1, "consistent_point")?).map_err(fail)?;
+        Ok(Self {
+            session,
+            consistent_point,
+            name: field(2, "snapshot_name")?,
+        })
+    }
+
+    /// Start streaming from the consistent point on the same session (the snapshot ends).
+    pub async fn start_streaming(mut self) -> Result<ReplicationClient, SnapshotError> {
+        let fail = |e: pgwire_replication::PgWireError| SnapshotError::Slot {
+            slot: String::new(),
+            reason: e.to_string(),
+        };
+        self.session.start().await.map_err(fail)?;
+        self.session.wait_started().await.map_err(fail)?;
+        Ok(self.session)
+    }
+}
+
+/// Read `tables` (`schema.table`) inside `snapshot`, `chunk_rows` rows at a time, handing
+/// each row to `emit` as a snapshot read. Returns the number of rows read.
+pub async fn read_tables(
+    url: &Secret,
+    snapshot: &ExportedSnapshot,
+    connector: &str,
+    tables: &[(String, String)],
+    chunk_rows: usize,
+    mut emit: impl FnMut(ChangeEvent),
+) -> Result<u64, SnapshotError> {
+    let (client, connection) = tokio_postgres::connect(url.expose(), NoTls)
+        .await
+        .map_err(|e| SnapshotError::Config(e.to_string()))?;
+    tokio::spawn(connection);
+    let database: String = client
+        .query_one("SELECT current_database()", &[])
+        .await
+        .map_err(|e| SnapshotError::Config(e.to_string()))?
+        .get(0);
+    client
+        .batch_execute(&format!(
+            "SET DateStyle = ISO; SET TimeZone = 'UTC';
+             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
+             SET TRANSACTION SNAPSHOT {};",
+            quote_literal(&snapshot.name)
+        ))
+        .await
+        .map_err(|e| SnapshotError::Read {
+            table: "(snapshot import)".into(),
+            reason: e.to_string(),
+        })?;
+    let mut ordinal: u32 = 0;
+    for (schema, table) in tables {
+        let name = format!("{schema}.{table}");
+        let fail = |e: tokio_postgres::Error| SnapshotError::Read {
+            table: name.clone(),
+            reason: e.to_string(),
+        };
+        let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
+        // Column types come from the statement's description; values come as text.
+        let statement = client
+            .prepare(&format!("SELECT * FROM {qualified}"))
+            .await
+            .map_err(fail)?;
+        let columns: Vec<(String, u32)> = statement
+            .columns()
+            .iter()
+            .map(|c| (c.name().to_owned(), c.type_().oid()))
+            .collect();
+        let key: Vec<String> = client
+            .query(
+                "SELECT a.attname::text FROM pg_index i
+                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+                  WHERE i.indrelid = $1::text::regclass AND i.indisprimary
+                  ORDER BY array_position(i.indkey, a.attnum)",
+                &[&qualified],
+            )
+            .await
+            .map_err(fail)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let source = Arc::new(SourceTable {
+            connector: connector.to_owned(),
+            kind: "postgres".into(),
+            database: database.clone(),
+            schema: schema.clone(),
+            table: table.clone(),
+        });
+        client
+            .batch_execute(&format!(
+                "DECLARE fhir_cdc_snapshot NO SCROLL CURSOR FOR SELECT * FROM {qualified}"
+            ))
+            .await
+            .map_err(fail)?;
+        loop {
+            let messages = client
+                .simple_query(&format!("FETCH {chunk_rows} FROM fhir_cdc_snapshot"))
+                .await
+                .map_err(fail)?;
+            let mut fetched = 0;
+            for message in messages {
+                let SimpleQueryMessage::Row(row) = message else {
+                    continue;
+                };
+                fetched += 1;
+                let values = columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (name, oid))| {
+                        (
+                            name.clone(),
+                            row.get(i).map_or(crate::change::Value::Null, |text| {
+                                types::from_text(*oid, text)
+                            }),
+                        )
+                    })
+                    .collect();
+                emit(ChangeEvent {
+                    source: source.clone(),
+                    op: Operation::Read,
+                    key: key.clone(),
+                    before: None,
+                    after: Some(Row::new(values)),
+                    position: Position::Postgres(snapshot.consistent_point),
+                    ordinal,
+                    transaction_id: None,
+                    commit_time: None,
+                    capture_time: Utc::now(),
+                });
+                ordinal = ordinal.wrapping_add(1);
+            }
+            if fetched < chunk_rows {
+                break;
+            }
+        }
+        client
+            .batch_execute("CLOSE fhir_cdc_snapshot")
+            .await
+            .map_err(fail)?;
+    }
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(|e| SnapshotError::Read {
+            table: "(commit)".into(),
+            reason: e.to_string(),
+        })?;
+    Ok(u64::from(ordinal))
+}
+
+/// `"name"`, with embedded quotes doubled.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `'text'`, with embedded quotes doubled.
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_and_literals_are_quoted() {
+        assert_eq!(quote_ident("lab\"result"), "\"lab\"\"result\"");
+        assert_eq!(
+            quote_literal("00000003-0000001B-1'"),
+            "'00000003-0000001B-1'''"
+        );
+    }
+}
