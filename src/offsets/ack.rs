@@ -1,11 +1,16 @@
 //! Which source position is safe to acknowledge.
 //!
 //! The contract: a position is acknowledged to the database only once every event at or
-//! before it is durable in Kafka. The source hands each position over in log order with
-//! the number of events it produced — zero for progress (a heartbeat, a transaction on
-//! unmapped tables), so that the position still advances and WAL is not retained for
-//! nothing — and the sink reports each event's acknowledgement. The safe position is the
-//! highest tracked position with no unacknowledged event at or before it.
+//! before it is durable in Kafka. The source hands over, in log order, the events each
+//! change at a position produced, then marks the position complete once nothing more can
+//! come at it (the transaction's commit was read; the snapshot was read to its end). A
+//! complete position with no events is progress (a heartbeat, a transaction on unmapped
+//! tables): it still advances, so WAL is not retained for nothing. The safe position is the
+//! highest complete position with no unacknowledged event at or before it.
+//!
+//! Completeness matters because a transaction's changes share its commit position: were
+//! the first change's event acknowledged before the second change is read, the position
+//! would look done while the second change is still unwritten.
 //!
 //! Kafka acknowledges in any order across partitions, so acknowledgements may arrive out of
 //! order; a later position is never safe while an earlier one is still pending.
@@ -15,8 +20,9 @@ use std::collections::BTreeMap;
 /// Tracks positions in flight (see the module docs).
 #[derive(Debug, Clone)]
 pub struct AckTracker<P> {
-    /// Positions handed over and not yet safe, with their unacknowledged events.
-    pending: BTreeMap<P, usize>,
+    /// Positions handed over and not yet safe: unacknowledged events, and whether the
+    /// position is complete.
+    pending: BTreeMap<P, (usize, bool)>,
     safe: Option<P>,
 }
 
@@ -40,7 +46,12 @@ impl<P: Ord + Clone + std::fmt::Debug> AckTracker<P> {
                 .is_none_or(|last| *last <= position),
             "positions go forward"
         );
-        *self.pending.entry(position).or_insert(0) += events;
+        self.pending.entry(position).or_insert((0, false)).0 += events;
+    }
+
+    /// Nothing more will be produced at `position`.
+    pub fn complete(&mut self, position: P) {
+        self.pending.entry(position).or_insert((0, false)).1 = true;
         self.advance();
     }
 
@@ -53,6 +64,7 @@ impl<P: Ord + Clone + std::fmt::Debug> AckTracker<P> {
         let outstanding = self
             .pending
             .get_mut(position)
+            .map(|(n, _)| n)
             .filter(|n| **n > 0)
             .unwrap_or_else(|| {
                 panic!("acknowledged an event at {position:?} that is not outstanding")
@@ -68,12 +80,12 @@ impl<P: Ord + Clone + std::fmt::Debug> AckTracker<P> {
 
     /// Events produced and not yet durable.
     pub fn in_flight(&self) -> usize {
-        self.pending.values().sum()
+        self.pending.values().map(|(n, _)| n).sum()
     }
 
     fn advance(&mut self) {
         while let Some(entry) = self.pending.first_entry() {
-            if *entry.get() > 0 {
+            if *entry.get() != (0, true) {
                 break;
             }
             self.safe = Some(entry.remove_entry().0);
@@ -90,10 +102,11 @@ mod tests {
     #[test]
     fn progress_without_events_is_safe_at_once_unless_something_before_is_pending() {
         let mut t = AckTracker::default();
-        t.track(10, 0);
+        t.complete(10);
         assert_eq!(t.safe(), Some(&10));
         t.track(20, 2);
-        t.track(30, 0);
+        t.complete(20);
+        t.complete(30);
         assert_eq!(t.safe(), Some(&10), "30 waits for 20");
         t.acknowledge(&20);
         assert_eq!(t.safe(), Some(&10));
@@ -103,10 +116,24 @@ mod tests {
     }
 
     #[test]
+    fn a_transaction_is_not_safe_before_its_commit_was_read() {
+        let mut t = AckTracker::default();
+        t.track(40, 1);
+        t.acknowledge(&40);
+        assert_eq!(t.safe(), None, "a second change at 40 may still come");
+        t.track(40, 1);
+        t.complete(40);
+        assert_eq!(t.safe(), None);
+        t.acknowledge(&40);
+        assert_eq!(t.safe(), Some(&40));
+    }
+
+    #[test]
     #[should_panic(expected = "not outstanding")]
     fn a_double_acknowledgement_is_a_bug() {
         let mut t = AckTracker::default();
         t.track(1, 1);
+        t.complete(1);
         t.acknowledge(&1);
         t.acknowledge(&1);
     }
@@ -123,6 +150,7 @@ mod tests {
             let mut outstanding: Vec<u64> = Vec::new();
             for (position, count) in counts.iter().enumerate() {
                 t.track(position as u64, *count);
+                t.complete(position as u64);
                 outstanding.extend(std::iter::repeat_n(position as u64, *count));
             }
             for pick in order {
