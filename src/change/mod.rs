@@ -77,3 +77,12 @@ pub struct ChangeEvent {
     pub commit_time: Option<DateTime<Utc>>,
     pub capture_time: DateTime<Utc>,
 }
+
+/// What a source emits: data, or progress that lets positions advance without data.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceMessage {
+    Change(ChangeEvent),
+    /// Nothing more will come at or before this position (a transaction's commit, the end
+    /// of the snapshot, a heartbeat).
+    Progress(Position),
+}

@@ -9,7 +9,10 @@ mod interpolate;
 mod kafka;
 mod secret;
 
-use std::{fmt, path::Path};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
 
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
@@ -32,6 +35,83 @@ pub struct ConnectorConfig {
     pub kafka: KafkaProperties,
     /// The Confluent-compatible schema registry that holds the events' Avro schemas.
     pub schema_registry: RegistryConfig,
+    /// The mapping files this connector runs. Needed by `run`; `check` does without.
+    pub mappings: Option<MappingsConfig>,
+    /// The topics events go to.
+    #[serde(default)]
+    pub topics: TopicsConfig,
+}
+
+/// Which mappings run, and what they need.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingsConfig {
+    /// A directory of mapping files (searched recursively), relative to this config file.
+    pub path: PathBuf,
+    /// The key for `protect: token` (HMAC-SHA-256); required when a mapping tokenizes.
+    pub token_key: Option<Secret>,
+    /// Names the legacy system in every event's provenance (a URI such as
+    /// `urn:oid:2.16.840.1.113883.19.5`). Default: the connector's name.
+    #[serde(default, deserialize_with = "optional_interpolated")]
+    pub source_system: Option<String>,
+}
+
+/// Topic naming and creation: `<prefix>.<domain>.<ResourceType>`, dead letters in
+/// `<prefix>.dlq.<connector>`. Topics are created when missing, never changed or deleted.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    /// Debezium's `topic.prefix`. Default `fhir`.
+    #[serde(default = "default_topic_prefix")]
+    pub prefix: String,
+    /// Partitions of each created topic. Default 1.
+    #[serde(default = "default_one")]
+    pub partitions: i32,
+    /// Replication factor of each created topic. Default 1 (raise it on a real cluster).
+    #[serde(default = "default_one")]
+    pub replication_factor: i32,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        Self {
+            prefix: default_topic_prefix(),
+            partitions: default_one(),
+            replication_factor: default_one(),
+        }
+    }
+}
+
+fn default_topic_prefix() -> String {
+    "fhir".to_owned()
+}
+
+fn default_one() -> i32 {
+    1
+}
+
+/// A named object (`slot.name = …`, `publication.name = …`, as Debezium spells them).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Named {
+    pub name: String,
+}
+
+/// Debezium's `snapshot.mode`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    pub mode: SnapshotMode,
+}
+
+/// When the connector reads the tables' existing rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// When the slot is created: existing rows first, then the stream (default).
+    Initial,
+    /// Never: only changes from the slot's creation on.
+    Never,
 }
 
 /// The source database.
@@ -45,6 +125,43 @@ pub struct SourceConfig {
     /// `postgres://user:password@host:port/database` or
     /// `mysql://user:password@host:port/database`.
     pub url: Secret,
+    /// PostgreSQL: the logical replication slot (`slot.name`). Default `fhir_cdc_<name>`,
+    /// with `-` as `_`. Created when absent; never dropped.
+    pub slot: Option<Named>,
+    /// PostgreSQL: the publication of the mapped tables (`publication.name`). Default as
+    /// the slot. Created when absent, limited to the mapped tables; never dropped.
+    pub publication: Option<Named>,
+    /// `snapshot.mode`: `initial` (default) or `never`.
+    pub snapshot: Option<SnapshotConfig>,
+}
+
+impl SourceConfig {
+    /// The slot name for connector `connector`.
+    pub fn slot_name(&self, connector: &str) -> String {
+        self.slot
+            .as_ref()
+            .map_or_else(|| default_object_name(connector), |s| s.name.clone())
+    }
+
+    /// The publication name for connector `connector`.
+    pub fn publication_name(&self, connector: &str) -> String {
+        self.publication
+            .as_ref()
+            .map_or_else(|| default_object_name(connector), |p| p.name.clone())
+    }
+
+    pub fn snapshot_mode(&self) -> SnapshotMode {
+        self.snapshot
+            .as_ref()
+            .map_or(SnapshotMode::Initial, |s| s.mode)
+    }
+}
+
+fn default_object_name(connector: &str) -> String {
+    format!(
+        "fhir_cdc_{}",
+        connector.replace('-', "_").to_ascii_lowercase()
+    )
 }
 
 /// The kinds of source database.
@@ -100,10 +217,16 @@ impl ConnectorConfig {
             path: shown.clone(),
             source,
         })?;
-        let config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let mut config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: shown.clone(),
             message: e.to_string(),
         })?;
+        // Mapping paths are relative to the config file, wherever the connector runs from.
+        if let (Some(mappings), Some(dir)) = (config.mappings.as_mut(), path.parent()) {
+            if mappings.path.is_relative() {
+                mappings.path = dir.join(&mappings.path);
+            }
+        }
         config
             .validate()
             .map_err(|(field, problem)| ConfigError::Invalid {
@@ -167,6 +290,12 @@ impl ConnectorConfig {
         }
         Ok(())
     }
+}
+
+fn optional_interpolated<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
+    interpolated(deserializer).map(Some)
 }
 
 /// Deserialize a non-secret string, resolving `${env:…}` / `${file:…}` references.

@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use fhir_cdc::{
-    change::{Operation, Value},
+    change::{Operation, Position, SourceMessage, Value},
     config::Secret,
     source::postgres::{
         changes::Decoded,
@@ -80,19 +80,38 @@ async fn the_snapshot_and_the_stream_meet_without_gap_or_double() {
         .unwrap();
     let mut state: BTreeMap<i64, i64> = BTreeMap::new();
     let tables = [(schema.clone(), "reading".to_owned())];
-    let read = read_tables(&url, &snapshot, "snap-it", &tables, 97, |change| {
-        assert_eq!(change.op, Operation::Read);
-        assert_eq!(change.key, ["id"]);
-        let row = change.after.unwrap();
-        assert!(
-            state
-                .insert(int(row.get("id")), int(row.get("value")))
-                .is_none(),
-            "a row read twice"
-        );
-    })
-    .await
-    .unwrap();
+    let (out, mut received) = tokio::sync::mpsc::channel(64);
+    let reading = read_tables(&url, &snapshot, "snap-it", &tables, 97, &out);
+    let collecting = async {
+        let mut progress = None;
+        while let Some(message) = received.recv().await {
+            match message {
+                SourceMessage::Change(change) => {
+                    assert_eq!(change.op, Operation::Read);
+                    assert_eq!(change.key, ["id"]);
+                    let row = change.after.unwrap();
+                    assert!(
+                        state
+                            .insert(int(row.get("id")), int(row.get("value")))
+                            .is_none(),
+                        "a row read twice"
+                    );
+                }
+                SourceMessage::Progress(position) => {
+                    progress = Some(position);
+                    break;
+                }
+            }
+        }
+        progress
+    };
+    let (read, progress) = tokio::join!(reading, collecting);
+    let read = read.unwrap();
+    assert_eq!(
+        progress,
+        Some(Position::Postgres(snapshot.consistent_point)),
+        "the snapshot ends with its consistent point"
+    );
     assert_eq!(read as usize, state.len());
     assert!(
         state.len() >= 2000,

@@ -21,8 +21,10 @@ use pgwire_replication::{ReplicationClient, ReplicationConfig};
 use tokio_postgres::{config::Host, NoTls, SimpleQueryMessage};
 
 use super::types;
+use tokio::sync::mpsc;
+
 use crate::{
-    change::{ChangeEvent, Operation, PgLsn, Position, Row, SourceTable},
+    change::{ChangeEvent, Operation, PgLsn, Position, Row, SourceMessage, SourceTable},
     config::Secret,
 };
 
@@ -35,6 +37,8 @@ pub enum SnapshotError {
     Slot { slot: String, reason: String },
     #[error("reading {table} in the snapshot failed: {reason}")]
     Read { table: String, reason: String },
+    #[error("the snapshot's reader stopped")]
+    Cancelled,
 }
 
 /// A slot created with an exported snapshot, its replication session held open and idle.
@@ -125,15 +129,16 @@ impl ExportedSnapshot {
     }
 }
 
-/// Read `tables` (`schema.table`) inside `snapshot`, `chunk_rows` rows at a time, handing
-/// each row to `emit` as a snapshot read. Returns the number of rows read.
+/// Read `tables` (`schema.table`) inside `snapshot`, `chunk_rows` rows at a time, sending
+/// each row to `out` as a snapshot read (a full channel holds the reading back), then the
+/// consistent point as progress. Returns the number of rows read.
 pub async fn read_tables(
     url: &Secret,
     snapshot: &ExportedSnapshot,
     connector: &str,
     tables: &[(String, String)],
     chunk_rows: usize,
-    mut emit: impl FnMut(ChangeEvent),
+    out: &mpsc::Sender<SourceMessage>,
 ) -> Result<u64, SnapshotError> {
     let (client, connection) = tokio_postgres::connect(url.expose(), NoTls)
         .await
@@ -223,7 +228,7 @@ pub async fn read_tables(
                         )
                     })
                     .collect();
-                emit(ChangeEvent {
+                let change = ChangeEvent {
                     source: source.clone(),
                     op: Operation::Read,
                     key: key.clone(),
@@ -234,7 +239,10 @@ pub async fn read_tables(
                     transaction_id: None,
                     commit_time: None,
                     capture_time: Utc::now(),
-                });
+                };
+                out.send(SourceMessage::Change(change))
+                    .await
+                    .map_err(|_| SnapshotError::Cancelled)?;
                 ordinal = ordinal.wrapping_add(1);
             }
             if fetched < chunk_rows {
@@ -253,6 +261,11 @@ pub async fn read_tables(
             table: "(commit)".into(),
             reason: e.to_string(),
         })?;
+    out.send(SourceMessage::Progress(Position::Postgres(
+        snapshot.consistent_point,
+    )))
+    .await
+    .map_err(|_| SnapshotError::Cancelled)?;
     Ok(u64::from(ordinal))
 }
 
