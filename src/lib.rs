@@ -12,6 +12,7 @@
 //! - [`source`]: one module per database kind;
 //! - [`sink`]: the Kafka producer side, and [`offsets`]: when a position may be acknowledged;
 //! - [`canonical`]: the canonical event envelope and the schema registry;
+//! - [`pipeline`]: the connector at work, source to Kafka with acknowledgements;
 //! - [`preflight`]: the findings `fhir-cdc check` reports;
 //! - [`cli`]: the command line.
 //!
@@ -34,6 +35,7 @@ pub mod config;
 pub mod fhir;
 pub mod mapping;
 pub mod offsets;
+pub mod pipeline;
 pub mod preflight;
 pub mod sink;
 pub mod source;

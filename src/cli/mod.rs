@@ -1,6 +1,7 @@
 //! The `fhir-cdc` command line. Only subcommands that work are listed.
 
 mod check;
+mod run;
 mod schemas;
 
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ use clap::{Parser, Subcommand};
 #[command(name = "fhir-cdc", version, about, propagate_version = true)]
 pub struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `fhir_cdc=debug`.
-    #[arg(long, global = true, env = "FHIR_CDC_LOG", default_value = "warn")]
+    #[arg(long, global = true, env = "FHIR_CDC_LOG", default_value = "info")]
     pub log: String,
 
     #[command(subcommand)]
@@ -24,6 +25,9 @@ pub enum Command {
     /// Validate a connector configuration and test every system it names: the source
     /// database's replication prerequisites, Kafka and the schema registry.
     Check(check::CheckArgs),
+    /// Capture changes from the source into Kafka until stopped (PostgreSQL sources):
+    /// snapshot, then the replication stream; positions acknowledged only after Kafka.
+    Run(run::RunArgs),
     /// Generate or check the Avro schemas of canonical events (schemas/*.avsc).
     Schemas(schemas::SchemasArgs),
 }
@@ -36,6 +40,7 @@ impl Cli {
     pub async fn run(self) -> ExitCode {
         match self.command {
             Command::Check(args) => check::run(args).await,
+            Command::Run(args) => run::run(args).await,
             Command::Schemas(args) => schemas::run(args),
         }
     }

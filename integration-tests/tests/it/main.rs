@@ -4,6 +4,7 @@
 mod avro_registry;
 mod check;
 mod compose;
+mod connector_run;
 mod fhir_definitions;
 mod fhir_oracle;
 mod kafka_sink;

@@ -99,6 +99,8 @@ impl ReplicationStream {
         .with_port(config.get_ports().first().copied().unwrap_or(5432))
         .with_start_lsn(Lsn::from_u64(options.start.0))
         .with_options("-c DateStyle=ISO -c TimeZone=UTC")
+        // Acknowledged positions reach the server within a second.
+        .with_status_interval(std::time::Duration::from_secs(1))
         .with_application_name(format!("fhir-cdc {}", options.connector));
         if let Some(stop) = options.stop_at {
             replication = replication.with_stop_lsn(Lsn::from_u64(stop.0));

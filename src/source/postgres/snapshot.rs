@@ -84,7 +84,9 @@ impl ExportedSnapshot {
         let database = config.get_dbname().unwrap_or(&user).to_owned();
         let replication = ReplicationConfig::new(host, user, password, database, slot, publication)
             .with_port(config.get_ports().first().copied().unwrap_or(5432))
-            .with_options("-c DateStyle=ISO -c TimeZone=UTC");
+            .with_options("-c DateStyle=ISO -c TimeZone=UTC")
+            // Acknowledged positions reach the server within a second.
+            .with_status_interval(std::time::Duration::from_secs(1));
         let fail = |reason: String| SnapshotError::Slot {
             slot: slot.to_owned(),
             reason,

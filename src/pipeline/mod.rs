@@ -1,0 +1,421 @@
+//! The connector at work: PostgreSQL → mappings → Avro → Kafka, with source positions
+//! acknowledged only after Kafka has every event at or before them.
+//!
+//! Two tasks joined by a bounded channel ([`CHANNEL_DEPTH`]): the source reads the
+//! snapshot and the replication stream; the sink maps each change, encodes its events,
+//! sends them, and keeps at most [`MAX_IN_FLIGHT`] unacknowledged messages — so a slow or
+//! absent Kafka holds the source back and nothing grows without bound. Each Kafka
+//! acknowledgement feeds the [`AckTracker`]; the tracker's safe position travels back to the
+//! source, which reports it to PostgreSQL as the flush LSN. A crash anywhere therefore
+//! re-reads from a position whose events all reached Kafka, and re-emitted events carry
+//! the same ids.
+//!
+//! A change a mapping cannot turn into an event goes to the dead-letter topic
+//! `<prefix>.dlq.<connector>` with the reason and the row as the database sent it; it counts
+//! as written once Kafka acknowledged the dead letter.
+
+mod dead_letter;
+
+use std::{collections::BTreeSet, time::Duration};
+
+use futures_util::{stream::FuturesUnordered, FutureExt, StreamExt};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    canonical::registry::{CodecError, EventCodec},
+    change::{PgLsn, Position, SourceMessage},
+    config::{ConnectorConfig, SnapshotMode, SourceKind},
+    mapping::{self, MapContext, Mapper},
+    offsets::AckTracker,
+    sink::kafka::{ensure_topics, Producer, SinkError, TopicSpec},
+    source::postgres::{
+        changes::Decoded,
+        replication::{ReplicationStream, StreamError, StreamOptions},
+        snapshot::{read_tables, ExportedSnapshot, SnapshotError},
+    },
+};
+
+/// Changes between the source and the sink.
+pub const CHANNEL_DEPTH: usize = 1024;
+/// Messages sent to Kafka and not yet acknowledged.
+pub const MAX_IN_FLIGHT: usize = 8192;
+/// Rows per snapshot fetch.
+const SNAPSHOT_CHUNK: usize = 1000;
+
+/// Why the connector stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the configuration has no [mappings]: `run` needs mapping files")]
+    NoMappings,
+    #[error("mappings:\n{0}")]
+    Mappings(#[from] mapping::LoadErrors),
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("encoding an event failed: {0}")]
+    Codec(#[from] CodecError),
+}
+
+/// What a run did, for the log and the tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RunSummary {
+    pub snapshot_rows: u64,
+    pub events: u64,
+    pub suppressed: u64,
+    pub dead_letters: u64,
+    /// The last position acknowledged to PostgreSQL.
+    pub acknowledged: Option<PgLsn>,
+}
+
+/// Run the connector until `shutdown` is cancelled (or the source ends), then drain what is
+/// in flight, acknowledge it and return.
+pub async fn run(
+    config: &ConnectorConfig,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, RunError> {
+    if config.source.kind != SourceKind::Postgres {
+        return Err(RunError::Setup(format!(
+            "`run` captures postgres sources; {} capture is not implemented yet",
+            config.source.kind
+        )));
+    }
+    let mappings_config = config.mappings.as_ref().ok_or(RunError::NoMappings)?;
+    let mappings = mapping::load_dir(&mappings_config.path)?;
+    let tables: BTreeSet<(String, String)> = mappings
+        .iter()
+        .filter_map(|m| {
+            m.table
+                .split_once('.')
+                .map(|(s, t)| (s.to_owned(), t.to_owned()))
+        })
+        .collect();
+    let prefix = &config.topics.prefix;
+    let mut topics: BTreeSet<String> = mappings
+        .iter()
+        .flat_map(|m| {
+            m.resources
+                .iter()
+                .map(move |r| format!("{prefix}.{}.{}", m.domain, r.resource_type))
+        })
+        .collect();
+    let dead_letter_topic = format!("{prefix}.dlq.{}", config.name);
+    topics.insert(dead_letter_topic.clone());
+    let specs: Vec<TopicSpec> = topics
+        .iter()
+        .map(|name| TopicSpec {
+            name: name.clone(),
+            partitions: config.topics.partitions,
+            replication_factor: config.topics.replication_factor,
+            config: Vec::new(),
+        })
+        .collect();
+    let created = ensure_topics(&config.kafka, &specs).await?;
+    info!(
+        created = created.len(),
+        topics = specs.len(),
+        "topics ready"
+    );
+    let source_system = mappings_config
+        .source_system
+        .clone()
+        .unwrap_or_else(|| config.name.clone());
+    let mapper = Mapper::new(
+        mappings,
+        MapContext {
+            token_key: mappings_config.token_key.clone(),
+        },
+        source_system,
+    )
+    .map_err(RunError::Setup)?;
+
+    let slot = config.source.slot_name(&config.name);
+    let publication = config.source.publication_name(&config.name);
+    let admin = setup::connect(&config.source.url).await?;
+    setup::ensure_publication(&admin, &publication, &tables).await?;
+    let slot_exists = setup::slot_exists(&admin, &slot).await?;
+
+    let (out, received) = mpsc::channel(CHANNEL_DEPTH);
+    let (acked, acknowledgements) = watch::channel(None::<PgLsn>);
+    let options = StreamOptions {
+        connector: config.name.clone(),
+        slot: slot.clone(),
+        publication,
+        start: PgLsn(0),
+        stop_at: None,
+    };
+    let mut summary = RunSummary::default();
+
+    let (admin_ref, options_ref, shutdown_ref) = (&admin, &options, &shutdown);
+    // The source owns the sender: when it ends, the channel closes and the sink drains.
+    let source = async move {
+        let stream = if slot_exists {
+            info!(slot = %slot, "resuming from the slot's confirmed position");
+            ReplicationStream::start(&config.source.url, options_ref).await?
+        } else if config.source.snapshot_mode() == SnapshotMode::Initial {
+            let snapshot =
+                ExportedSnapshot::create(&config.source.url, &slot, &options_ref.publication)
+                    .await?;
+            let tables: Vec<(String, String)> = tables.into_iter().collect();
+            let rows = read_tables(
+                &config.source.url,
+                &snapshot,
+                &config.name,
+                &tables,
+                SNAPSHOT_CHUNK,
+                &out,
+            )
+            .await?;
+            info!(slot = %slot, rows, "snapshot read");
+            let database = setup::database(admin_ref).await?;
+            ReplicationStream::resume(snapshot.start_streaming().await?, &config.name, &database)
+        } else {
+            setup::create_slot(admin_ref, &slot).await?;
+            ReplicationStream::start(&config.source.url, options_ref).await?
+        };
+        read_stream(stream, &out, acknowledgements, shutdown_ref).await
+    };
+    let sink = write_events(
+        received,
+        &mapper,
+        config,
+        &dead_letter_topic,
+        acked,
+        &mut summary,
+    );
+    let (source, sink) = tokio::join!(source, sink);
+    let stream = source?;
+    sink?;
+    if let Some(safe) = summary.acknowledged {
+        stream.acknowledge(safe);
+        setup::wait_for_flush(&admin, &config.source.slot_name(&config.name), safe).await;
+    }
+    stream.stop();
+    Ok(summary)
+}
+
+/// Read the stream into `out` until shutdown, reporting acknowledged positions to the
+/// server. Returns the stream, so that the last acknowledgement can follow the drain.
+async fn read_stream(
+    mut stream: ReplicationStream,
+    out: &mpsc::Sender<SourceMessage>,
+    mut acknowledgements: watch::Receiver<Option<PgLsn>>,
+    shutdown: &CancellationToken,
+) -> Result<ReplicationStream, RunError> {
+    loop {
+        if acknowledgements.has_changed().unwrap_or(false) {
+            if let Some(safe) = *acknowledgements.borrow_and_update() {
+                stream.acknowledge(safe);
+            }
+        }
+        let next = tokio::select! {
+            biased;
+            // Shutdown first: stop reading, let the sink drain.
+            () = shutdown.cancelled() => break,
+            // Wake up now and then to pass acknowledgements on while the database is idle.
+            next = tokio::time::timeout(Duration::from_millis(200), stream.next()) => next,
+        };
+        let Ok(next) = next else { continue };
+        let messages = match next? {
+            None => break,
+            Some(Decoded::Changes(changes)) => {
+                changes.into_iter().map(SourceMessage::Change).collect()
+            }
+            Some(Decoded::Committed { commit_lsn, .. }) => {
+                vec![SourceMessage::Progress(Position::Postgres(commit_lsn))]
+            }
+            Some(Decoded::Nothing) => Vec::new(),
+        };
+        for message in messages {
+            if out.send(message).await.is_err() {
+                return Ok(stream);
+            }
+        }
+    }
+    Ok(stream)
+}
+
+/// Map, encode and send until the channel closes and every message is acknowledged.
+async fn write_events(
+    mut received: mpsc::Receiver<SourceMessage>,
+    mapper: &Mapper,
+    config: &ConnectorConfig,
+    dead_letter_topic: &str,
+    acked: watch::Sender<Option<PgLsn>>,
+    summary: &mut RunSummary,
+) -> Result<(), RunError> {
+    let producer = Producer::new(&config.kafka)?;
+    let codec = EventCodec::new(&config.schema_registry);
+    let mut tracker: AckTracker<PgLsn> = AckTracker::default();
+    let mut in_flight = FuturesUnordered::new();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            biased;
+            // Acknowledgements first: they free room and let positions advance.
+            Some(delivery) = in_flight.next(), if !in_flight.is_empty() => {
+                let (lsn, result): (PgLsn, Result<(i32, i64), SinkError>) = delivery;
+                // A message Kafka refused after its retries stops the connector: nothing
+                // after it is acknowledged, so a restart writes it again.
+                result?;
+                tracker.acknowledge(&lsn);
+                if let Some(safe) = tracker.safe() {
+                    summary.acknowledged = Some(*safe);
+                    acked.send_replace(Some(*safe));
+                }
+            }
+            message = received.recv(), if open && in_flight.len() < MAX_IN_FLIGHT => match message {
+                None => open = false,
+                Some(SourceMessage::Progress(Position::Postgres(lsn))) => {
+                    tracker.complete(lsn);
+                    if let Some(safe) = tracker.safe() {
+                        summary.acknowledged = Some(*safe);
+                        acked.send_replace(Some(*safe));
+                    }
+                }
+                Some(SourceMessage::Progress(_)) => {}
+                Some(SourceMessage::Change(change)) => {
+                    let Position::Postgres(lsn) = change.position else { continue };
+                    if change.op == crate::change::Operation::Read {
+                        summary.snapshot_rows += 1;
+                    }
+                    let outcome = mapper.map(&change);
+                    summary.suppressed += outcome.suppressed as u64;
+                    tracker.track(lsn, outcome.events.len() + outcome.failures.len());
+                    for event in outcome.events {
+                        let topic = event.topic(&config.topics.prefix);
+                        let bytes = codec.encode(&event, &topic).await?;
+                        summary.events += 1;
+                        let producer = &producer;
+                        in_flight.push(async move {
+                            let headers = [
+                                ("event_id", event.event_id.as_str()),
+                                ("resource_type", event.resource_type.as_str()),
+                                ("connector", event.provenance.connector.as_str()),
+                            ];
+                            (lsn, producer.send(&topic, &event.key(), &bytes, &headers).await)
+                        }.boxed());
+                    }
+                    for failure in outcome.failures {
+                        warn!(mapping = failure.mapping_id, table = %change.source.qualified_name(), position = %change.position,
+                            "a change went to the dead-letter topic");
+                        summary.dead_letters += 1;
+                        let letter = dead_letter::record(&change, &failure);
+                        let key = format!("{}:{}", change.source.qualified_name(), change.position);
+                        let producer = &producer;
+                        in_flight.push(async move {
+                            (lsn, producer.send(dead_letter_topic, &key, &letter, &[("mapping_id", failure.mapping_id.as_str())]).await)
+                        }.boxed());
+                    }
+                }
+            },
+        }
+    }
+    Ok(())
+}
+
+mod setup {
+    //! The PostgreSQL objects the connector needs, created when absent, never dropped.
+
+    use std::{collections::BTreeSet, time::Duration};
+
+    use tokio_postgres::{Client, NoTls};
+
+    use super::RunError;
+    use crate::{change::PgLsn, config::Secret};
+
+    fn fail(what: &str) -> impl Fn(tokio_postgres::Error) -> RunError + '_ {
+        move |e| RunError::Setup(format!("{what}: {e}"))
+    }
+
+    pub async fn connect(url: &Secret) -> Result<Client, RunError> {
+        let (client, connection) = tokio_postgres::connect(url.expose(), NoTls)
+            .await
+            .map_err(fail("connecting to PostgreSQL"))?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    pub async fn database(client: &Client) -> Result<String, RunError> {
+        Ok(client
+            .query_one("SELECT current_database()", &[])
+            .await
+            .map_err(fail("reading the database name"))?
+            .get(0))
+    }
+
+    pub async fn ensure_publication(
+        client: &Client,
+        name: &str,
+        tables: &BTreeSet<(String, String)>,
+    ) -> Result<(), RunError> {
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
+            .await
+            .map_err(fail("looking up the publication"))?
+            .is_some();
+        if !exists {
+            let list: Vec<String> = tables
+                .iter()
+                .map(|(s, t)| format!("\"{s}\".\"{t}\""))
+                .collect();
+            client
+                .batch_execute(&format!(
+                    "CREATE PUBLICATION \"{name}\" FOR TABLE {}",
+                    list.join(", ")
+                ))
+                .await
+                .map_err(fail(
+                    "creating the publication (the role must own the mapped tables)",
+                ))?;
+        }
+        Ok(())
+    }
+
+    pub async fn slot_exists(client: &Client, slot: &str) -> Result<bool, RunError> {
+        Ok(client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(fail("looking up the replication slot"))?
+            .is_some())
+    }
+
+    pub async fn create_slot(client: &Client, slot: &str) -> Result<(), RunError> {
+        client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await
+            .map_err(fail("creating the replication slot"))?;
+        Ok(())
+    }
+
+    /// Wait (a few seconds at most) until the server has recorded `lsn` as flushed.
+    pub async fn wait_for_flush(client: &Client, slot: &str, lsn: PgLsn) {
+        for _ in 0..50 {
+            let flushed: Option<String> = client
+                .query_opt("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+                .await
+                .ok()
+                .flatten()
+                .and_then(|row| row.get(0));
+            if flushed
+                .and_then(|f| f.parse::<PgLsn>().ok())
+                .is_some_and(|f| f >= lsn)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
