@@ -133,6 +133,24 @@ pub struct SourceConfig {
     pub publication: Option<Named>,
     /// `snapshot.mode`: `initial` (default) or `never`.
     pub snapshot: Option<SnapshotConfig>,
+    /// PostgreSQL: `heartbeat.interval.ms`, how often a heartbeat is written so that the
+    /// acknowledged position advances on an idle database or over unmapped traffic.
+    /// Default 10000.
+    pub heartbeat: Option<HeartbeatConfig>,
+}
+
+/// Debezium's `heartbeat.interval.ms`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    pub interval: Milliseconds,
+}
+
+/// A duration written as `….ms`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Milliseconds {
+    pub ms: u64,
 }
 
 impl SourceConfig {
@@ -148,6 +166,10 @@ impl SourceConfig {
         self.publication
             .as_ref()
             .map_or_else(|| default_object_name(connector), |p| p.name.clone())
+    }
+
+    pub fn heartbeat_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.heartbeat.as_ref().map_or(10_000, |h| h.interval.ms))
     }
 
     pub fn snapshot_mode(&self) -> SnapshotMode {

@@ -21,7 +21,7 @@ use std::{collections::BTreeSet, time::Duration};
 use futures_util::{stream::FuturesUnordered, FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     canonical::registry::{CodecError, EventCodec},
@@ -181,6 +181,27 @@ pub async fn run(
         };
         read_stream(stream, &out, acknowledgements, shutdown_ref).await
     };
+    // Heartbeats into the WAL until the source stops, for whatever reason.
+    let heartbeat_interval = config.source.heartbeat_interval();
+    let source_done = shutdown.child_token();
+    let source = async {
+        let result = source.await;
+        source_done.cancel();
+        result
+    };
+    let heartbeats = async {
+        let mut tick = tokio::time::interval(heartbeat_interval);
+        loop {
+            tokio::select! {
+                () = source_done.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = ReplicationStream::emit_heartbeat(&admin).await {
+                        warn!(error = %e, "writing a heartbeat failed");
+                    }
+                }
+            }
+        }
+    };
     let sink = write_events(
         received,
         &mapper,
@@ -189,7 +210,7 @@ pub async fn run(
         acked,
         &mut summary,
     );
-    let (source, sink) = tokio::join!(source, sink);
+    let (source, sink, ()) = tokio::join!(source, sink, heartbeats);
     let stream = source?;
     sink?;
     if let Some(safe) = summary.acknowledged {
@@ -211,6 +232,7 @@ async fn read_stream(
     loop {
         if acknowledgements.has_changed().unwrap_or(false) {
             if let Some(safe) = *acknowledgements.borrow_and_update() {
+                debug!(position = %safe, "acknowledging");
                 stream.acknowledge(safe);
             }
         }
@@ -227,8 +249,13 @@ async fn read_stream(
             Some(Decoded::Changes(changes)) => {
                 changes.into_iter().map(SourceMessage::Change).collect()
             }
-            Some(Decoded::Committed { commit_lsn, .. }) => {
-                vec![SourceMessage::Progress(Position::Postgres(commit_lsn))]
+            Some(
+                Decoded::Committed {
+                    commit_lsn: lsn, ..
+                }
+                | Decoded::Heartbeat(lsn),
+            ) => {
+                vec![SourceMessage::Progress(Position::Postgres(lsn))]
             }
             Some(Decoded::Nothing) => Vec::new(),
         };
@@ -265,19 +292,13 @@ async fn write_events(
                 // after it is acknowledged, so a restart writes it again.
                 result?;
                 tracker.acknowledge(&lsn);
-                if let Some(safe) = tracker.safe() {
-                    summary.acknowledged = Some(*safe);
-                    acked.send_replace(Some(*safe));
-                }
+                publish(&tracker, &acked, summary);
             }
             message = received.recv(), if open && in_flight.len() < MAX_IN_FLIGHT => match message {
                 None => open = false,
                 Some(SourceMessage::Progress(Position::Postgres(lsn))) => {
                     tracker.complete(lsn);
-                    if let Some(safe) = tracker.safe() {
-                        summary.acknowledged = Some(*safe);
-                        acked.send_replace(Some(*safe));
-                    }
+                    publish(&tracker, &acked, summary);
                 }
                 Some(SourceMessage::Progress(_)) => {}
                 Some(SourceMessage::Change(change)) => {
@@ -318,6 +339,18 @@ async fn write_events(
         }
     }
     Ok(())
+}
+
+/// Pass a newly safe position on to the source.
+fn publish(
+    tracker: &AckTracker<PgLsn>,
+    acked: &watch::Sender<Option<PgLsn>>,
+    summary: &mut RunSummary,
+) {
+    if let Some(safe) = tracker.safe().copied() {
+        summary.acknowledged = Some(safe);
+        acked.send_if_modified(|current| std::mem::replace(current, Some(safe)) != Some(safe));
+    }
 }
 
 mod setup {

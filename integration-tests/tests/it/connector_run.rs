@@ -125,6 +125,7 @@ async fn run_snapshots_streams_dead_letters_and_resumes() {
 [source]
 kind = "postgres"
 url = "${{env:FHIR_CDC_PG_URL}}"
+heartbeat.interval.ms = 500
 [kafka]
 bootstrap.servers = "${{env:FHIR_CDC_KAFKA_BOOTSTRAP}}"
 [schema_registry]
@@ -203,6 +204,44 @@ prefix = "{prefix}"
         "the first three came from the snapshot"
     );
     assert_eq!(decoded[4].resource.as_ref().unwrap()["status"], "final");
+
+    // Heartbeats: traffic on a table no mapping reads still advances the acknowledged
+    // position, so the server does not keep WAL for nothing.
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {schema}.unmapped (x int); INSERT INTO {schema}.unmapped VALUES (1);"
+        ))
+        .await
+        .unwrap();
+    let unmapped: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let flushed_now = || async {
+        client
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&format!("fhir_cdc_{schema}")],
+            )
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while flushed_now()
+        .await
+        .parse::<fhir_cdc::change::PgLsn>()
+        .unwrap()
+        < unmapped.parse().unwrap()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the slot did not advance past unmapped traffic within 20s; log:\n{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     assert!(
         stop(connector).success(),

@@ -52,6 +52,10 @@ pub enum Decoded {
     /// The transaction ending at this commit LSN is complete: everything up to `end_lsn`
     /// has been read.
     Committed { commit_lsn: PgLsn, end_lsn: PgLsn },
+    /// The server has sent everything up to here and no transaction is open: a heartbeat,
+    /// which lets the acknowledged position advance on an idle database or over traffic on
+    /// unmapped tables (which pgoutput does not send at all).
+    Heartbeat(PgLsn),
     /// Nothing to publish (relation layouts, types, origins, logical messages).
     Nothing,
 }
@@ -87,6 +91,11 @@ impl ChangeDecoder {
             relations: HashMap::new(),
             transaction: None,
         }
+    }
+
+    /// Whether a transaction has begun and not yet committed.
+    pub fn in_transaction(&self) -> bool {
+        self.transaction.is_some()
     }
 
     /// The layout the stream last described for `schema.table`.

@@ -10,7 +10,7 @@
 //! which may then recycle WAL up to it. Call it only with a position whose events are all
 //! durable downstream — the server will never send anything before it again.
 
-use std::str::FromStr;
+use std::{str::FromStr, time::Duration};
 
 use chrono::Utc;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
@@ -55,6 +55,42 @@ pub struct StreamOptions {
     pub stop_at: Option<PgLsn>,
 }
 
+/// The replication session's settings for `slot` and `publication` from `source.url`,
+/// and the database it names. Text values are read under `DateStyle = ISO` and
+/// `TimeZone = UTC` (see [`super::types`]).
+pub(super) fn session_config(
+    url: &Secret,
+    slot: &str,
+    publication: &str,
+) -> Result<(ReplicationConfig, String), StreamError> {
+    let config = tokio_postgres::Config::from_str(url.expose())
+        .map_err(|e| StreamError::Config(e.to_string()))?;
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(host)) => host.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".to_owned(),
+    };
+    let user = config
+        .get_user()
+        .ok_or_else(|| StreamError::Config("no user".into()))?
+        .to_owned();
+    let password = config
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let database = config.get_dbname().unwrap_or(&user).to_owned();
+    let replication =
+        ReplicationConfig::new(host, user, password, database.clone(), slot, publication)
+            .with_port(config.get_ports().first().copied().unwrap_or(5432))
+            .with_options("-c DateStyle=ISO -c TimeZone=UTC")
+            // Acknowledged positions reach the server within a second, and keepalives (the
+            // heartbeats of an idle database) arrive at least as often.
+            .with_status_interval(Duration::from_secs(1))
+            .with_wakeup_interval(Duration::from_secs(1));
+    Ok((replication, database))
+}
+
 /// One slot's stream of decoded changes.
 pub struct ReplicationStream {
     client: ReplicationClient,
@@ -71,37 +107,10 @@ impl std::fmt::Debug for ReplicationStream {
 
 impl ReplicationStream {
     pub async fn start(url: &Secret, options: &StreamOptions) -> Result<Self, StreamError> {
-        let config = tokio_postgres::Config::from_str(url.expose())
-            .map_err(|e| StreamError::Config(e.to_string()))?;
-        let host = match config.get_hosts().first() {
-            Some(Host::Tcp(host)) => host.clone(),
-            #[cfg(unix)]
-            Some(Host::Unix(path)) => path.display().to_string(),
-            None => "localhost".to_owned(),
-        };
-        let user = config
-            .get_user()
-            .ok_or_else(|| StreamError::Config("no user".into()))?
-            .to_owned();
-        let password = config
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .unwrap_or_default();
-        let database = config.get_dbname().unwrap_or(&user).to_owned();
-        let mut replication = ReplicationConfig::new(
-            host,
-            user,
-            password,
-            database.clone(),
-            options.slot.clone(),
-            options.publication.clone(),
-        )
-        .with_port(config.get_ports().first().copied().unwrap_or(5432))
-        .with_start_lsn(Lsn::from_u64(options.start.0))
-        .with_options("-c DateStyle=ISO -c TimeZone=UTC")
-        // Acknowledged positions reach the server within a second.
-        .with_status_interval(std::time::Duration::from_secs(1))
-        .with_application_name(format!("fhir-cdc {}", options.connector));
+        let (replication, database) = session_config(url, &options.slot, &options.publication)?;
+        let mut replication = replication
+            .with_start_lsn(Lsn::from_u64(options.start.0))
+            .with_application_name(format!("fhir-cdc {}", options.connector));
         if let Some(stop) = options.stop_at {
             replication = replication.with_stop_lsn(Lsn::from_u64(stop.0));
         }
@@ -133,6 +142,16 @@ impl ReplicationStream {
                 .map_err(|e| StreamError::Connection(e.to_string()))?;
             let message = match event {
                 None | Some(ReplicationEvent::StoppedAt { .. }) => return Ok(None),
+                // Between transactions, a keepalive's WAL end and a heartbeat message's
+                // position are progress: everything before them has been sent.
+                Some(ReplicationEvent::KeepAlive { wal_end: lsn, .. })
+                | Some(ReplicationEvent::Message {
+                    transactional: false,
+                    lsn,
+                    ..
+                }) if !self.decoder.in_transaction() => {
+                    return Ok(Some(Decoded::Heartbeat(PgLsn(lsn.as_u64()))));
+                }
                 Some(ReplicationEvent::KeepAlive { .. } | ReplicationEvent::Message { .. }) => {
                     continue
                 }
@@ -167,6 +186,21 @@ impl ReplicationStream {
     /// Tell the server that everything up to `lsn` is durable downstream.
     pub fn acknowledge(&self, lsn: PgLsn) {
         self.client.update_applied_lsn(Lsn::from_u64(lsn.0));
+    }
+
+    /// Write a heartbeat into the WAL (a non-transactional logical message, which the stream
+    /// delivers as [`Decoded::Heartbeat`]): on an idle database, or one whose traffic is on
+    /// unmapped tables, it is what lets the acknowledged position advance.
+    pub async fn emit_heartbeat(
+        client: &tokio_postgres::Client,
+    ) -> Result<(), tokio_postgres::Error> {
+        client
+            .execute(
+                "SELECT pg_logical_emit_message(false, 'fhir-cdc-heartbeat', '')",
+                &[],
+            )
+            .await
+            .map(|_| ())
     }
 
     /// End the stream.

@@ -17,10 +17,10 @@
 use std::{str::FromStr, sync::Arc};
 
 use chrono::Utc;
-use pgwire_replication::{ReplicationClient, ReplicationConfig};
-use tokio_postgres::{config::Host, NoTls, SimpleQueryMessage};
+use pgwire_replication::ReplicationClient;
+use tokio_postgres::{NoTls, SimpleQueryMessage};
 
-use super::types;
+use super::{replication::session_config, types};
 use tokio::sync::mpsc;
 
 use crate::{
@@ -65,28 +65,8 @@ impl ExportedSnapshot {
         slot: &str,
         publication: &str,
     ) -> Result<Self, SnapshotError> {
-        let config = tokio_postgres::Config::from_str(url.expose())
+        let (replication, _) = session_config(url, slot, publication)
             .map_err(|e| SnapshotError::Config(e.to_string()))?;
-        let host = match config.get_hosts().first() {
-            Some(Host::Tcp(host)) => host.clone(),
-            #[cfg(unix)]
-            Some(Host::Unix(path)) => path.display().to_string(),
-            None => "localhost".to_owned(),
-        };
-        let user = config
-            .get_user()
-            .ok_or_else(|| SnapshotError::Config("no user".into()))?
-            .to_owned();
-        let password = config
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .unwrap_or_default();
-        let database = config.get_dbname().unwrap_or(&user).to_owned();
-        let replication = ReplicationConfig::new(host, user, password, database, slot, publication)
-            .with_port(config.get_ports().first().copied().unwrap_or(5432))
-            .with_options("-c DateStyle=ISO -c TimeZone=UTC")
-            // Acknowledged positions reach the server within a second.
-            .with_status_interval(std::time::Duration::from_secs(1));
         let fail = |reason: String| SnapshotError::Slot {
             slot: slot.to_owned(),
             reason,
