@@ -349,7 +349,7 @@ fn publish(
 ) {
     if let Some(safe) = tracker.safe().copied() {
         summary.acknowledged = Some(safe);
-        acked.send_if_modified(|current| std::mem::replace(current, Some(safe)) != Some(safe));
+        acked.send_if_modified(|current| current.replace(safe) != Some(safe));
     }
 }
 
