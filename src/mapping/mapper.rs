@@ -3,8 +3,9 @@
 //! - Reads and inserts map the new row; each resource it yields is an upsert.
 //! - Updates map the new row, and the old one when the source provides it. Identical
 //!   results produce nothing (a suppressed no-op: the update touched no mapped content); a
-//!   changed resource id produces a delete of the old id and an upsert of the new; a row that
-//!   no longer meets a mapping's conditions produces a delete.
+//!   changed resource id produces a delete of the old id and an upsert of the new (also when
+//!   only the old key is known); a row that no longer meets a mapping's conditions produces
+//!   a delete.
 //! - Deletes produce a delete for every resource the row had produced. The old row must
 //!   hold the id template's columns (the key, with PostgreSQL's default replica identity).
 //! - Truncates name no rows; they are reported as failures for reconciliation to repair.
@@ -141,7 +142,15 @@ impl Mapper {
                         }
                         outcome.events.push(upsert(new));
                     }
-                    (_, Some(new)) => outcome.events.push(upsert(new)),
+                    (_, Some(new)) => {
+                        // Only the old key is known (PostgreSQL sends it when the key
+                        // changed): the resource under the old id must go.
+                        let old_id = change.before.as_ref().and_then(|row| resource.id_for(row).ok());
+                        if let Some(old_id) = old_id.filter(|id| new["id"] != id.as_str()) {
+                            outcome.events.push(delete(old_id));
+                        }
+                        outcome.events.push(upsert(new));
+                    }
                     (Some(Some(old)), None) => outcome.events.push(delete(old["id"].as_str().unwrap_or_default().to_owned())),
                     (Some(None), None) => {}
                     // No old row to tell whether the resource existed: delete what the row's id
