@@ -96,9 +96,31 @@ async fn check_connector(path: &std::path::Path) -> ExitCode {
         Finding::ok("config", "parsed and valid; secret references resolved")
     );
 
+    // With mappings configured, also what `run` will capture.
+    let mut mapping_findings = Vec::new();
+    let capture = match &config.mappings {
+        Some(m) => match mapping::load_dir(&m.path) {
+            Ok(mappings) => Some(postgres::preflight::Capture {
+                tables: mapping::source_tables(&mappings),
+                slot: config.source.slot_name(&config.name),
+                publication: config.source.publication_name(&config.name),
+            }),
+            Err(errors) => {
+                mapping_findings.push(Finding::problem(
+                    "mapping",
+                    format!("{} problem(s) in {}", errors.0.len(), m.path.display()),
+                    format!("run fhir-cdc check --mappings {}", m.path.display()),
+                ));
+                None
+            }
+        },
+        None => None,
+    };
     let source = async {
         match config.source.kind {
-            SourceKind::Postgres => postgres::preflight::check(&config.source.url).await,
+            SourceKind::Postgres => {
+                postgres::preflight::check(&config.source.url, capture.as_ref()).await
+            }
             SourceKind::Mysql => mysql::preflight::check(&config.source.url).await,
         }
     };
@@ -107,7 +129,12 @@ async fn check_connector(path: &std::path::Path) -> ExitCode {
         kafka::check(&config.kafka),
         registry::check(&config.schema_registry)
     );
-    let findings: Vec<Finding> = source.into_iter().chain(kafka).chain(registry).collect();
+    let findings: Vec<Finding> = mapping_findings
+        .into_iter()
+        .chain(source)
+        .chain(kafka)
+        .chain(registry)
+        .collect();
     for finding in &findings {
         println!("{finding}");
     }

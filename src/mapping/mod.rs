@@ -19,8 +19,8 @@ pub use self::{
     location::{LoadError, LoadErrors, Location},
     mapper::{MapFailure, MapOutcome, Mapper},
     model::{
-        ChoiceGroup, Condition, ElementMapping, Mapping, Protect, RequiredNode, ResourceMapping,
-        Sensitivity, Test, Translation, Unmapped, ValueSource,
+        source_tables, ChoiceGroup, Condition, ElementMapping, Mapping, Protect, RequiredNode,
+        ResourceMapping, Sensitivity, Test, Translation, Unmapped, ValueSource,
     },
     template::{RenderError, Template},
 };

@@ -29,6 +29,26 @@ pub struct Mapping {
     pub resources: Vec<ResourceMapping>,
 }
 
+impl Mapping {
+    /// The source table as (schema, table).
+    pub fn schema_table(&self) -> (&str, &str) {
+        // The loader accepts only `schema.table`.
+        self.table.split_once('.').unwrap_or(("", &self.table))
+    }
+}
+
+/// The distinct tables a set of mappings reads, as (schema, table), in order.
+pub fn source_tables(mappings: &[Mapping]) -> Vec<(String, String)> {
+    let tables: std::collections::BTreeSet<(String, String)> = mappings
+        .iter()
+        .map(|m| {
+            let (schema, table) = m.schema_table();
+            (schema.to_owned(), table.to_owned())
+        })
+        .collect();
+    tables.into_iter().collect()
+}
+
 /// How sensitive the produced resources are; travels with every event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sensitivity {

@@ -88,14 +88,7 @@ pub async fn run(
     }
     let mappings_config = config.mappings.as_ref().ok_or(RunError::NoMappings)?;
     let mappings = mapping::load_dir(&mappings_config.path)?;
-    let tables: BTreeSet<(String, String)> = mappings
-        .iter()
-        .filter_map(|m| {
-            m.table
-                .split_once('.')
-                .map(|(s, t)| (s.to_owned(), t.to_owned()))
-        })
-        .collect();
+    let tables = mapping::source_tables(&mappings);
     let prefix = &config.topics.prefix;
     let mut topics: BTreeSet<String> = mappings
         .iter()
@@ -162,7 +155,6 @@ pub async fn run(
             let snapshot =
                 ExportedSnapshot::create(&config.source.url, &slot, &options_ref.publication)
                     .await?;
-            let tables: Vec<(String, String)> = tables.into_iter().collect();
             let rows = read_tables(
                 &config.source.url,
                 &snapshot,
@@ -356,7 +348,7 @@ fn publish(
 mod setup {
     //! The PostgreSQL objects the connector needs, created when absent, never dropped.
 
-    use std::{collections::BTreeSet, time::Duration};
+    use std::time::Duration;
 
     use tokio_postgres::{Client, NoTls};
 
@@ -386,7 +378,7 @@ mod setup {
     pub async fn ensure_publication(
         client: &Client,
         name: &str,
-        tables: &BTreeSet<(String, String)>,
+        tables: &[(String, String)],
     ) -> Result<(), RunError> {
         let exists = client
             .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])

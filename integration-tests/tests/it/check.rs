@@ -39,8 +39,37 @@ fn closed_port() -> u16 {
         .port()
 }
 
+/// Run `sql` on the stack's PostgreSQL.
+fn execute(sql: &str) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let (client, connection) =
+                tokio_postgres::connect(&stack::pg_url(), tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            client.batch_execute(sql).await.unwrap();
+        });
+}
+
+/// The sample lab tables, as a DBA would prepare them: full replica identity.
+fn ensure_lab_tables() {
+    let ddl = std::fs::read_to_string(stack::repo_root().join("mappings/lab/schema.sql"))
+        .unwrap()
+        .replace("CREATE TABLE ", "CREATE TABLE IF NOT EXISTS ");
+    execute(&ddl);
+    execute(
+        "ALTER TABLE lis.patient REPLICA IDENTITY FULL; ALTER TABLE lis.lab_order REPLICA IDENTITY FULL;
+         ALTER TABLE lis.specimen REPLICA IDENTITY FULL; ALTER TABLE lis.lab_result REPLICA IDENTITY FULL;",
+    );
+}
+
 #[test]
 fn the_reference_configs_pass_against_the_stack() {
+    ensure_lab_tables();
     for (file, source_line) in [
         ("lab-postgres.toml", "ok    postgres  wal_level = logical"),
         ("billing-mysql.toml", "ok    mysql     binlog_format = ROW"),
@@ -222,4 +251,56 @@ fn the_sample_mappings_are_valid_and_broken_ones_are_located() {
         "{}",
         broken.stdout
     );
+}
+
+#[test]
+fn capture_prerequisites_of_the_mapped_tables_are_named() {
+    let schema = stack::unique("capture");
+    execute(&format!(
+        "CREATE SCHEMA {schema}; CREATE TABLE {schema}.lab_result (result_id int PRIMARY KEY);"
+    ));
+    let dir = std::env::temp_dir().join(&schema);
+    std::fs::create_dir_all(dir.join("mappings")).unwrap();
+    let lab = stack::repo_root().join("mappings/lab");
+    for (file, table) in [("result.yaml", "lab_result"), ("specimen.yaml", "missing")] {
+        let source_table = if file == "result.yaml" {
+            "lis.lab_result"
+        } else {
+            "lis.specimen"
+        };
+        let text = std::fs::read_to_string(lab.join(file))
+            .unwrap()
+            .replace(source_table, &format!("{schema}.{table}"));
+        std::fs::write(dir.join("mappings").join(file), text).unwrap();
+    }
+    std::fs::copy(
+        lab.join("tests.codes.yaml"),
+        dir.join("mappings/tests.codes.yaml"),
+    )
+    .unwrap();
+    let reference = std::fs::read_to_string(reference("lab-postgres.toml")).unwrap();
+    let config = dir.join("connector.toml");
+    std::fs::write(
+        &config,
+        reference.replace("path = \"../mappings/lab\"", "path = \"mappings\""),
+    )
+    .unwrap();
+
+    let outcome = check(&config, &[]);
+    assert_eq!(outcome.code, 1, "{}", outcome.stdout);
+    for expected in [
+        format!("WARN  postgres  {schema}.lab_result: REPLICA IDENTITY DEFAULT"),
+        format!("fix: run ALTER TABLE {schema}.lab_result REPLICA IDENTITY FULL;"),
+        format!("FAIL  postgres  table {schema}.missing does not exist, but a mapping reads it"),
+        "ok    postgres  slot fhir_cdc_lab_postgres does not exist yet: `run` creates it"
+            .to_owned(),
+    ] {
+        assert!(
+            outcome.stdout.contains(&expected),
+            "`{expected}` missing from:\n{}",
+            outcome.stdout
+        );
+    }
+    execute(&format!("DROP SCHEMA {schema} CASCADE;"));
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -17,18 +17,34 @@ use tokio_postgres::NoTls;
 
 use crate::stack;
 
-fn start(config: &Path, log: &Path) -> Child {
-    Command::new(stack::fhir_cdc_bin())
-        .args(["run", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
+/// A running connector; killed if the test fails before stopping it, so that no
+/// connector (and no walsender) outlives its test.
+struct Connector(Option<Child>);
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn start(config: &Path, log: &Path) -> Connector {
+    Connector(Some(
+        Command::new(stack::fhir_cdc_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    ))
 }
 
 /// SIGTERM, then the exit status (within 30 s).
-fn stop(mut child: Child) -> std::process::ExitStatus {
+fn stop(mut connector: Connector) -> std::process::ExitStatus {
+    let mut child = connector.0.take().expect("a running connector");
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

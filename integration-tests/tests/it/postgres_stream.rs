@@ -34,7 +34,7 @@ async fn read_all(options: &StreamOptions, mapper: &Mapper) -> (Vec<CanonicalEve
     }
     let mut stream = stream.expect("replication stream");
     let (mut events, mut suppressed) = (Vec::new(), 0);
-    let read = tokio::time::timeout(Duration::from_secs(30), async {
+    let read = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(decoded) = stream.next().await.unwrap() {
             if let Decoded::Changes(changes) = decoded {
                 for change in changes {
@@ -48,7 +48,7 @@ async fn read_all(options: &StreamOptions, mapper: &Mapper) -> (Vec<CanonicalEve
     })
     .await;
     stream.stop();
-    read.expect("the stream did not reach its stop position within 30s");
+    read.expect("the stream did not reach its stop position within 60s");
     (events, suppressed)
 }
 

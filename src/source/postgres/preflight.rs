@@ -33,8 +33,17 @@ pub struct ServerFacts {
     pub role_can_replicate: bool,
 }
 
-/// Connect with `url` and check every prerequisite of logical replication.
-pub async fn check(url: &Secret) -> Vec<Finding> {
+/// What `run` will capture: the mapped tables, the slot and the publication.
+#[derive(Debug, Clone)]
+pub struct Capture {
+    pub tables: Vec<(String, String)>,
+    pub slot: String,
+    pub publication: String,
+}
+
+/// Connect with `url` and check every prerequisite of logical replication, and, given
+/// `capture`, the state of the mapped tables, the slot and the publication.
+pub async fn check(url: &Secret, capture: Option<&Capture>) -> Vec<Finding> {
     let mut config = match Config::from_str(url.expose()) {
         Ok(config) => config,
         Err(e) => {
@@ -82,7 +91,108 @@ pub async fn check(url: &Secret) -> Vec<Finding> {
         ),
     )];
     findings.extend(evaluate(&facts));
+    if let Some(capture) = capture {
+        findings.extend(check_capture(&client, capture).await);
+    }
     findings
+}
+
+async fn check_capture(client: &tokio_postgres::Client, capture: &Capture) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let failed = |what: &str, e: tokio_postgres::Error| {
+        Finding::problem(
+            COMPONENT,
+            format!("reading {what} failed: {e}"),
+            "the role needs to read pg_class, pg_publication_tables and pg_replication_slots",
+        )
+    };
+    for (schema, table) in &capture.tables {
+        let identity = client
+            .query_opt(
+                "SELECT c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE n.nspname = $1 AND c.relname = $2",
+                &[schema, table],
+            )
+            .await;
+        match identity {
+            Ok(row) => findings.push(replica_identity(
+                schema,
+                table,
+                row.map(|r| r.get::<_, String>(0)).as_deref(),
+            )),
+            Err(e) => return vec![failed("the mapped tables", e)],
+        }
+    }
+    match client
+        .query_opt(
+            "SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&capture.slot],
+        )
+        .await
+    {
+        Ok(None) => findings.push(Finding::ok(COMPONENT, format!("slot {} does not exist yet: `run` creates it", capture.slot))),
+        Ok(Some(row)) if row.get::<_, bool>(0) => findings.push(Finding::warning(
+            COMPONENT,
+            format!("slot {} is in use by another process", capture.slot),
+            "stop the other connector first: a slot has one reader",
+        )),
+        Ok(Some(row)) => findings.push(Finding::ok(
+            COMPONENT,
+            format!("slot {} exists; `run` resumes after {}", capture.slot, row.get::<_, Option<String>>(1).unwrap_or_default()),
+        )),
+        Err(e) => findings.push(failed("the replication slots", e)),
+    }
+    match client
+        .query("SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1", &[&capture.publication])
+        .await
+    {
+        Ok(rows) => {
+            let published: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let exists = !published.is_empty()
+                || client
+                    .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&capture.publication])
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some();
+            if !exists {
+                findings.push(Finding::ok(COMPONENT, format!("publication {} does not exist yet: `run` creates it for the mapped tables", capture.publication)));
+            }
+            for (schema, table) in capture.tables.iter().filter(|t| exists && !published.contains(t)) {
+                findings.push(Finding::problem(
+                    COMPONENT,
+                    format!("publication {} does not include {schema}.{table}, which a mapping reads", capture.publication),
+                    format!("run ALTER PUBLICATION {} ADD TABLE {schema}.{table};", capture.publication),
+                ));
+            }
+        }
+        Err(e) => findings.push(failed("the publication", e)),
+    }
+    findings
+}
+
+/// What a table's replica identity means for capture.
+pub fn replica_identity(schema: &str, table: &str, identity: Option<&str>) -> Finding {
+    let name = format!("{schema}.{table}");
+    match identity {
+        None => Finding::problem(
+            COMPONENT,
+            format!("table {name} does not exist, but a mapping reads it"),
+            "create the table, or correct `source.table` in the mapping",
+        ),
+        Some("f") => Finding::ok(COMPONENT, format!("{name}: REPLICA IDENTITY FULL (old rows complete)")),
+        Some("i") => Finding::ok(COMPONENT, format!("{name}: REPLICA IDENTITY USING INDEX")),
+        Some("n") => Finding::problem(
+            COMPONENT,
+            format!("{name}: REPLICA IDENTITY NOTHING: deletes carry no key, so deleted rows cannot be told"),
+            format!("run ALTER TABLE {name} REPLICA IDENTITY FULL; (or DEFAULT with a primary key)"),
+        ),
+        Some(_) => Finding::warning(
+            COMPONENT,
+            format!("{name}: REPLICA IDENTITY DEFAULT: updates carry only the key, so updates that change no mapped content cannot be suppressed and unchanged TOASTed values cannot be filled"),
+            format!("run ALTER TABLE {name} REPLICA IDENTITY FULL; (more WAL per update)"),
+        ),
+    }
 }
 
 const FACTS_QUERY: &str = "
@@ -243,6 +353,25 @@ mod tests {
             .into_iter()
             .filter(|f| f.severity == Severity::Problem)
             .collect()
+    }
+
+    #[test]
+    fn replica_identities_are_judged() {
+        assert_eq!(
+            replica_identity("lis", "r", Some("f")).severity,
+            Severity::Ok
+        );
+        assert_eq!(
+            replica_identity("lis", "r", Some("d")).severity,
+            Severity::Warning
+        );
+        assert_eq!(
+            replica_identity("lis", "r", Some("n")).severity,
+            Severity::Problem
+        );
+        let missing = replica_identity("lis", "r", None);
+        assert_eq!(missing.severity, Severity::Problem);
+        assert!(missing.summary.contains("lis.r does not exist"));
     }
 
     #[test]
