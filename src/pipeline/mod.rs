@@ -141,7 +141,6 @@ pub async fn run(
         slot: slot.clone(),
         publication,
         start: PgLsn(0),
-        stop_at: None,
     };
     let mut summary = RunSummary::default();
 

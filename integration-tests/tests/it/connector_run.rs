@@ -295,15 +295,6 @@ prefix = "{prefix}"
         "events were re-sent after a clean stop"
     );
 
-    client
-        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-        .await
-        .unwrap();
-    client
-        .batch_execute(&format!(
-            "DROP PUBLICATION fhir_cdc_{schema}; DROP SCHEMA {schema} CASCADE;"
-        ))
-        .await
-        .unwrap();
+    stack::drop_capture(&client, &slot, &format!("fhir_cdc_{schema}"), &schema).await;
     std::fs::remove_dir_all(dir).unwrap();
 }

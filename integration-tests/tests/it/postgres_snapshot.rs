@@ -170,20 +170,5 @@ async fn the_snapshot_and_the_stream_meet_without_gap_or_double() {
     assert_eq!(state, expected, "snapshot + stream differ from the table");
     assert!(streamed_inserts > 1 && streamed_updates > 0, "the writes ran concurrently: {streamed_inserts} inserts, {streamed_updates} updates streamed");
 
-    for _ in 0..50 {
-        if client
-            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    client
-        .batch_execute(&format!(
-            "DROP PUBLICATION {schema}_pub; DROP SCHEMA {schema} CASCADE;"
-        ))
-        .await
-        .unwrap();
+    stack::drop_capture(&client, &slot, &format!("{schema}_pub"), &schema).await;
 }

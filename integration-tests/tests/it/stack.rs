@@ -147,3 +147,29 @@ pub fn golden_events() -> Vec<(String, serde_json::Value)> {
     }
     events
 }
+
+/// Drop a test's replication slot (retrying while its walsender lets go), publication and
+/// schema.
+pub async fn drop_capture(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    publication: &str,
+    schema: &str,
+) {
+    for _ in 0..50 {
+        if client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    client
+        .batch_execute(&format!(
+            "DROP PUBLICATION {publication}; DROP SCHEMA {schema} CASCADE;"
+        ))
+        .await
+        .unwrap();
+}

@@ -51,8 +51,6 @@ pub struct StreamOptions {
     pub publication: String,
     /// Resume from here (the slot's confirmed position when `0/0`).
     pub start: PgLsn,
-    /// End the stream once this position is reached (for bounded reads and tests).
-    pub stop_at: Option<PgLsn>,
 }
 
 /// The replication session's settings for `slot` and `publication` from `source.url`,
@@ -108,12 +106,9 @@ impl std::fmt::Debug for ReplicationStream {
 impl ReplicationStream {
     pub async fn start(url: &Secret, options: &StreamOptions) -> Result<Self, StreamError> {
         let (replication, database) = session_config(url, &options.slot, &options.publication)?;
-        let mut replication = replication
+        let replication = replication
             .with_start_lsn(Lsn::from_u64(options.start.0))
             .with_application_name(format!("fhir-cdc {}", options.connector));
-        if let Some(stop) = options.stop_at {
-            replication = replication.with_stop_lsn(Lsn::from_u64(stop.0));
-        }
         let client = ReplicationClient::connect(replication)
             .await
             .map_err(|e| StreamError::Connection(e.to_string()))?;
@@ -132,7 +127,7 @@ impl ReplicationStream {
         }
     }
 
-    /// The next decoded item, or `None` when the stream ended at `stop_at`.
+    /// The next decoded item, or `None` when the stream was stopped.
     pub async fn next(&mut self) -> Result<Option<Decoded>, StreamError> {
         loop {
             let event = self
