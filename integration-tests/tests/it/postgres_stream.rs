@@ -81,14 +81,7 @@ async fn a_lab_result_life_streams_into_canonical_events_with_stable_ids() {
         .await
         .unwrap();
     let slot = format!("{schema}_slot");
-    let start: String = client
-        .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let start = stack::create_slot(&client, &slot).await;
 
     let t = format!("{schema}.lab_result");
     // One simple query runs as one transaction: each step is its own query.

@@ -52,14 +52,7 @@ async fn an_insert_arrives_through_a_pgoutput_slot() {
         ))
         .await
         .unwrap();
-    let start: String = client
-        .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let start = stack::create_slot(&client, &slot).await;
     client
         .execute(
             &format!("INSERT INTO {table} VALUES (1, 'MRN-0001', 12.500)"),

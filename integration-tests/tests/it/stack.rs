@@ -173,3 +173,15 @@ pub async fn drop_capture(
         .await
         .unwrap();
 }
+
+/// Create a pgoutput slot; its start position.
+pub async fn create_slot(client: &tokio_postgres::Client, slot: &str) -> String {
+    client
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
