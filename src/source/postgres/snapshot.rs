@@ -35,6 +35,8 @@ pub enum SnapshotError {
     Config(String),
     #[error("creating replication slot {slot} failed: {reason}")]
     Slot { slot: String, reason: String },
+    #[error("starting replication from slot {slot} after the snapshot failed: {reason}")]
+    Start { slot: String, reason: String },
     #[error("reading {table} in the snapshot failed: {reason}")]
     Read { table: String, reason: String },
     #[error("the snapshot's reader stopped")]
@@ -44,6 +46,7 @@ pub enum SnapshotError {
 /// A slot created with an exported snapshot, its replication session held open and idle.
 pub struct ExportedSnapshot {
     session: ReplicationClient,
+    slot: String,
     /// Where the slot's stream begins: the first change the snapshot does not contain.
     pub consistent_point: PgLsn,
     /// The name other sessions import it by.
@@ -94,6 +97,7 @@ impl ExportedSnapshot {
         let consistent_point = PgLsn::from_str(&field(1, "consistent_point")?).map_err(fail)?;
         Ok(Self {
             session,
+            slot: slot.to_owned(),
             consistent_point,
             name: field(2, "snapshot_name")?,
         })
@@ -101,8 +105,9 @@ impl ExportedSnapshot {
 
     /// Start streaming from the consistent point on the same session (the snapshot ends).
     pub async fn start_streaming(mut self) -> Result<ReplicationClient, SnapshotError> {
-        let fail = |e: pgwire_replication::PgWireError| SnapshotError::Slot {
-            slot: String::new(),
+        let slot = self.slot.clone();
+        let fail = |e: pgwire_replication::PgWireError| SnapshotError::Start {
+            slot: slot.clone(),
             reason: e.to_string(),
         };
         self.session.start().await.map_err(fail)?;
