@@ -12,6 +12,7 @@ use apache_avro::{from_avro_datum, to_avro_datum, Schema};
 use fhir_cdc::canonical::{
     event_from_avro, event_to_avro, schema::event_schema, CanonicalEvent, EventWriter,
 };
+use fhir_cdc::fhir::Element;
 use serde_json::Value as Json;
 
 #[test]
@@ -65,7 +66,11 @@ fn a_value_that_does_not_fit_names_its_field() {
             .clone(),
     )
     .unwrap();
-    event.resource.as_mut().unwrap()["status"] = Json::Bool(true);
+    event
+        .resource
+        .as_mut()
+        .unwrap()
+        .insert("status".into(), Element::Boolean(true));
     let err = event_to_avro(&event, &schema).unwrap_err();
     assert_eq!(err.path, "resource.status");
 }

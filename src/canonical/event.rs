@@ -2,11 +2,11 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value as Json};
 use sha2::{Digest, Sha256};
 
 use crate::{
     change::{ChangeEvent, Operation},
+    fhir::{names, Element},
     mapping::{Mapping, Sensitivity},
 };
 
@@ -34,8 +34,8 @@ pub struct CanonicalEvent {
     pub domain: String,
     /// `normal` or `restricted`.
     pub sensitivity: String,
-    /// The FHIR R4 resource (JSON); `None` for deletes.
-    pub resource: Option<Json>,
+    /// The FHIR R4 resource; `None` for deletes.
+    pub resource: Option<Element>,
     pub provenance: Provenance,
 }
 
@@ -81,12 +81,16 @@ pub struct Origin<'a> {
 impl CanonicalEvent {
     /// An upsert of `resource` (as mapped, with `resourceType` and `id`); `meta` is set here
     /// so that it agrees with the envelope.
-    pub fn upsert(origin: Origin<'_>, mut resource: Json) -> Self {
-        let resource_type = resource["resourceType"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
-        let resource_id = resource["id"].as_str().unwrap_or_default().to_owned();
+    pub fn upsert(origin: Origin<'_>, mut resource: Element) -> Self {
+        let text = |name| {
+            resource
+                .get(name)
+                .and_then(Element::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let resource_type = text("resourceType");
+        let resource_id = text("id");
         let mut event = Self::new(origin, resource_type, resource_id, EventOp::Upsert);
         set_meta(&mut resource, &event);
         event.resource = Some(resource);
@@ -213,53 +217,47 @@ fn instant(ts: DateTime<Utc>) -> String {
 
 /// `meta.versionId`, `meta.lastUpdated` and `meta.source` from the envelope, and the
 /// confidentiality label of the sensitivity, keeping labels the mapping set (MASKED).
-fn set_meta(resource: &mut Json, event: &CanonicalEvent) {
+fn set_meta(resource: &mut Element, event: &CanonicalEvent) {
     let confidentiality = match event.sensitivity.as_str() {
         s if s == Sensitivity::Restricted.as_str() => "R",
         _ => "N",
     };
-    let Json::Object(fields) = resource else {
-        return;
-    };
-    let mut security = match fields
+    let names = names();
+    let mut security = match resource
         .get_mut("meta")
         .and_then(|m| m.get_mut("security"))
-        .map(Json::take)
+        .map(|labels| std::mem::replace(labels, Element::Array(Vec::new())))
     {
-        Some(Json::Array(labels)) => labels,
+        Some(Element::Array(labels)) => labels,
         _ => Vec::with_capacity(1),
     };
-    let mut label = Map::with_capacity(2);
-    label.insert(
-        "system".into(),
-        Json::String("http://terminology.hl7.org/CodeSystem/v3-Confidentiality".into()),
-    );
-    label.insert("code".into(), Json::String(confidentiality.into()));
-    security.push(Json::Object(label));
-    let p = &event.provenance;
-    let mut meta = Map::with_capacity(4);
-    meta.insert(
-        "versionId".into(),
-        Json::String(event.resource_version.clone()),
-    );
-    meta.insert(
-        "lastUpdated".into(),
-        Json::String(
-            p.commit_time
-                .clone()
-                .unwrap_or_else(|| p.capture_time.clone()),
+    security.push(Element::Object(vec![
+        (
+            names.system.clone(),
+            Element::text("http://terminology.hl7.org/CodeSystem/v3-Confidentiality"),
         ),
-    );
-    meta.insert(
-        "source".into(),
-        Json::String(format!(
-            "urn:fhir-cdc:{}:{}.{}.{}",
-            p.connector, p.database, p.schema, p.table
-        )),
-    );
-    meta.insert("security".into(), Json::Array(security));
-    let meta = Json::Object(meta);
+        (names.code.clone(), Element::text(confidentiality)),
+    ]));
+    let p = &event.provenance;
+    let meta = Element::Object(vec![
+        (
+            names.version_id.clone(),
+            Element::text(event.resource_version.clone()),
+        ),
+        (
+            names.last_updated.clone(),
+            Element::text(p.commit_time.as_ref().unwrap_or(&p.capture_time).clone()),
+        ),
+        (
+            names.source.clone(),
+            Element::text(format!(
+                "urn:fhir-cdc:{}:{}.{}.{}",
+                p.connector, p.database, p.schema, p.table
+            )),
+        ),
+        (names.security.clone(), Element::Array(security)),
+    ]);
     // The mapper leaves `meta` right after `id`, where FHIR JSON puts it; replacing the value
     // keeps the place.
-    fields.insert("meta".into(), meta);
+    resource.insert(names.meta.clone(), meta);
 }

@@ -14,10 +14,10 @@ use std::collections::HashMap;
 use apache_avro::schema::{Name, Schema};
 use chrono::DateTime;
 use rustc_hash::FxHashMap;
-use serde_json::Value as Json;
 use smallvec::SmallVec;
 
-use super::{avro::AvroShapeError, CanonicalEvent, EventOp, Provenance};
+use super::{avro::AvroShapeError, CanonicalEvent, EventOp, KeyColumn, Provenance};
+use crate::fhir::Element;
 
 /// One schema node; records and arrays refer to other nodes by index, so recursive types
 /// are plain cycles in the arena.
@@ -96,12 +96,7 @@ impl EventWriter {
                 }
                 "domain" => self.write_str(node, &event.domain, out, name)?,
                 "sensitivity" => self.write_str(node, &event.sensitivity, out, name)?,
-                "resource" => self.write_json(
-                    node,
-                    event.resource.as_ref().unwrap_or(&Json::Null),
-                    out,
-                    name,
-                )?,
+                "resource" => self.write_element(node, event.resource.as_ref(), out, name)?,
                 "provenance" => self.write_provenance(node, &event.provenance, out)?,
                 other => return Err(shape(other, "a field this writer does not know")),
             }
@@ -127,11 +122,7 @@ impl EventWriter {
                 "database" => self.write_str(node, &p.database, out, name)?,
                 "schema" => self.write_str(node, &p.schema, out, name)?,
                 "table" => self.write_str(node, &p.table, out, name)?,
-                "primary_key" => {
-                    let key = serde_json::to_value(&p.primary_key)
-                        .map_err(|e| shape(name, &e.to_string()))?;
-                    self.write_json(node, &key, out, name)?
-                }
+                "primary_key" => self.write_primary_key(node, &p.primary_key, out)?,
                 "source_position" => self.write_str(node, &p.source_position, out, name)?,
                 "transaction_id" => {
                     self.write_optional_str(node, p.transaction_id.as_deref(), out, name)?
@@ -142,7 +133,10 @@ impl EventWriter {
                 "capture_time" => self.write_str(node, &p.capture_time, out, name)?,
                 "mapping_id" => self.write_str(node, &p.mapping_id, out, name)?,
                 "mapping_version" => self.write_str(node, &p.mapping_version, out, name)?,
-                "snapshot" => self.write_json(node, &Json::Bool(p.snapshot), out, name)?,
+                "snapshot" => match self.nodes[node] {
+                    Node::Boolean => out.push(u8::from(p.snapshot)),
+                    _ => return Err(shape(name, "expected a boolean")),
+                },
                 other => return Err(shape(other, "a field this writer does not know")),
             }
         }
@@ -197,69 +191,106 @@ impl EventWriter {
         Ok(())
     }
 
-    fn write_json(
+    fn write_primary_key(
         &self,
         node: usize,
-        json: &Json,
+        key: &[KeyColumn],
+        out: &mut Vec<u8>,
+    ) -> Result<(), AvroShapeError> {
+        let path = "primary_key";
+        let Node::Array(item) = self.nodes[node] else {
+            return Err(shape(path, "expected an array"));
+        };
+        let Node::Record(Record { fields, .. }) = &self.nodes[item] else {
+            return Err(shape(path, "expected an array of records"));
+        };
+        if !key.is_empty() {
+            varint(key.len() as i64, out);
+            for column in key {
+                for (name, node) in fields {
+                    match name.as_str() {
+                        "column" => self.write_str(*node, &column.column, out, name)?,
+                        "value" => self.write_optional_str(*node, column.value.as_deref(), out, name)?,
+                        other => return Err(shape(other, "a field this writer does not know")),
+                    }
+                }
+            }
+        }
+        out.push(0);
+        Ok(())
+    }
+
+    /// A resource element, or its absence, into the schema node generated for it.
+    fn write_element(
+        &self,
+        node: usize,
+        element: Option<&Element>,
         out: &mut Vec<u8>,
         path: &str,
     ) -> Result<(), AvroShapeError> {
         match &self.nodes[node] {
             Node::Null => {}
-            Node::Boolean => out.push(u8::from(
-                json.as_bool()
-                    .ok_or_else(|| shape(path, "expected a boolean"))?,
-            )),
+            Node::Boolean => match element {
+                Some(Element::Boolean(b)) => out.push(u8::from(*b)),
+                _ => return Err(shape(path, "expected a boolean")),
+            },
             Node::Int => {
-                let i = json
-                    .as_i64()
-                    .and_then(|i| i32::try_from(i).ok())
-                    .ok_or_else(|| shape(path, "expected a 32-bit integer"))?;
-                varint(i64::from(i), out);
+                let i = match element {
+                    Some(Element::Number(n)) => n.as_i64().and_then(|i| i32::try_from(i).ok()),
+                    _ => None,
+                };
+                varint(
+                    i64::from(i.ok_or_else(|| shape(path, "expected a 32-bit integer"))?),
+                    out,
+                );
             }
-            Node::Long => varint(
-                json.as_i64()
-                    .ok_or_else(|| shape(path, "expected an integer"))?,
-                out,
-            ),
-            // A FHIR decimal: its exact digits.
-            Node::String if json.is_number() => string(&json.to_string(), out),
-            Node::String | Node::TimestampMicros | Node::Enum(_) => {
-                let text = json.as_str().ok_or_else(|| shape(path, "expected text"))?;
-                self.write_str(node, text, out, path)?;
-            }
-            Node::Array(items) => match json {
-                Json::Null => out.push(0),
-                Json::Array(values) if values.is_empty() => out.push(0),
-                Json::Array(values) => {
+            Node::Long => match element {
+                Some(Element::Number(n)) => varint(
+                    n.as_i64()
+                        .ok_or_else(|| shape(path, "expected an integer"))?,
+                    out,
+                ),
+                _ => return Err(shape(path, "expected an integer")),
+            },
+            Node::String | Node::TimestampMicros | Node::Enum(_) => match element {
+                // A FHIR decimal: its exact digits.
+                Some(Element::Number(number)) if matches!(self.nodes[node], Node::String) => {
+                    string(number.as_str(), out)
+                }
+                Some(Element::String(text)) => self.write_str(node, text, out, path)?,
+                _ => return Err(shape(path, "expected text")),
+            },
+            Node::Array(items) => match element {
+                None => out.push(0),
+                Some(Element::Array(values)) if values.is_empty() => out.push(0),
+                Some(Element::Array(values)) => {
                     varint(values.len() as i64, out);
                     for value in values {
-                        self.write_json(*items, value, out, path)?;
+                        self.write_element(*items, Some(value), out, path)?;
                     }
                     out.push(0);
                 }
-                _ => return Err(shape(path, "expected an array")),
+                Some(_) => return Err(shape(path, "expected an array")),
             },
-            Node::Nullable { null, value, node } => {
-                if json.is_null() {
-                    varint(i64::from(*null), out);
-                } else {
+            Node::Nullable { null, value, node } => match element {
+                None => varint(i64::from(*null), out),
+                Some(_) => {
                     varint(i64::from(*value), out);
-                    self.write_json(*node, json, out, path)?;
+                    self.write_element(*node, element, out, path)?;
                 }
-            }
+            },
             Node::Record(record) => {
-                let object = json
-                    .as_object()
-                    .ok_or_else(|| shape(path, "expected an object"))?;
+                let Some(Element::Object(object)) = element else {
+                    return Err(shape(path, "expected an object"));
+                };
                 // Few of a resource's many fields are present: place the present ones by
                 // name, then write every field in schema order, the rest as absent.
-                let mut present: SmallVec<[(usize, &Json); 16]> = SmallVec::new();
+                let mut present: SmallVec<[(usize, &Element); 16]> = SmallVec::new();
                 for (name, value) in object {
-                    match record.by_name.get(name.as_str()) {
+                    match record.by_name.get(&**name) {
                         Some(index) => present.push((*index, value)),
                         // The envelope's resource_type says it; the resource record has no field.
-                        None if name == "resourceType" => {}
+                        None if &**name == "resourceType" => {}
                         None => return Err(shape(name, "an element the schema does not have")),
                     }
                 }
@@ -268,8 +299,8 @@ impl EventWriter {
                 for (index, (name, field)) in record.fields.iter().enumerate() {
                     let value = present
                         .next_if(|(at, _)| *at == index)
-                        .map_or(&Json::Null, |(_, value)| value);
-                    self.write_json(*field, value, out, name)?;
+                        .map(|(_, value)| value);
+                    self.write_element(*field, value, out, name)?;
                 }
             }
         }

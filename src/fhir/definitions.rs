@@ -55,7 +55,7 @@ pub fn definitions() -> &'static Definitions {
 /// One step of an element path: a JSON name and, for repeating elements, an index.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Segment {
-    pub name: String,
+    pub name: super::Name,
     pub index: Option<usize>,
 }
 
@@ -130,7 +130,7 @@ impl Segment {
                     return Err(format!("`{part}` is not an element name"));
                 }
                 Ok(Segment {
-                    name: name.to_owned(),
+                    name: name.into(),
                     index,
                 })
             })

@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 
 use hmac::{Hmac, Mac};
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
 use super::{
@@ -15,6 +15,7 @@ use super::{
 use crate::{
     change::{Row, Value},
     config::Secret,
+    fhir::{names, Element, Name},
 };
 
 /// Why a row could not be mapped. Never holds row values: it names columns, elements and
@@ -88,7 +89,7 @@ impl ResourceMapping {
 
     /// The resource (without `meta`) this row yields, or `None` when a condition excludes
     /// the row.
-    pub fn apply(&self, row: &Row, context: &MapContext) -> Result<Option<Json>, MapError> {
+    pub fn apply(&self, row: &Row, context: &MapContext) -> Result<Option<Element>, MapError> {
         if !self.applies_to(row)? {
             return Ok(None);
         }
@@ -138,7 +139,7 @@ impl ResourceMapping {
                 Some(Draft::Object(fields)) => fields
                     .iter()
                     .filter(|(name, value)| {
-                        group.names.iter().any(|n| n == name) && !value.is_empty()
+                        group.names.iter().any(|n| **n == ***name) && !value.is_empty()
                     })
                     .count(),
                 _ => 0,
@@ -157,36 +158,45 @@ impl ResourceMapping {
         let Draft::Object(fields) = body else {
             unreachable!("the body is an object")
         };
-        let mut resource = Map::with_capacity(fields.len() + 3);
-        resource.insert(
-            "resourceType".into(),
-            Json::String(self.resource_type.clone()),
-        );
-        resource.insert("id".into(), Json::String(id));
+        let names = names();
+        let mut resource = Vec::with_capacity(fields.len() + 3);
+        resource.push((
+            names.resource_type.clone(),
+            Element::text(&*self.resource_type),
+        ));
+        resource.push((names.id.clone(), Element::text(id)));
         // The canonical layer fills `meta` in this place; a masked resource is labelled now.
-        resource.insert(
-            "meta".into(),
-            if masked {
-                serde_json::json!({"security": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "MASKED"}]})
-            } else {
-                Json::Object(Map::new())
-            },
-        );
+        let mut meta = Vec::new();
+        if masked {
+            meta.push((
+                names.security.clone(),
+                Element::Array(vec![Element::Object(vec![
+                    (
+                        names.system.clone(),
+                        Element::text(
+                            "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+                        ),
+                    ),
+                    (names.code.clone(), Element::text("MASKED")),
+                ])]),
+            ));
+        }
+        resource.push((names.meta.clone(), Element::Object(meta)));
         for (name, value) in fields {
-            if let Some(json) = value.into_json() {
-                resource.insert(name.to_owned(), json);
+            if let Some(element) = value.into_element() {
+                resource.push((name.clone(), element));
             }
         }
-        Ok(Some(Json::Object(resource)))
+        Ok(Some(Element::Object(resource)))
     }
 }
 
 /// A resource under construction: element names borrowed from the mapping, arrays with
-/// holes where sources were NULL. Turned into FHIR JSON once, dropping what is empty.
+/// holes where sources were NULL. Turned into an [`Element`] once, dropping what is empty.
 #[derive(Debug)]
 enum Draft<'m> {
-    Leaf(Json),
-    Object(Vec<(&'m str, Draft<'m>)>),
+    Leaf(Element),
+    Object(Vec<(&'m Name, Draft<'m>)>),
     Array(Vec<Draft<'m>>),
     /// Nothing here (a NULL source, an unanchored parent, a hole in an array).
     Removed,
@@ -214,7 +224,7 @@ impl<'m> Draft<'m> {
         let Draft::Object(fields) = self else {
             unreachable!()
         };
-        let slot = match fields.iter().position(|(name, _)| *name == segment.name) {
+        let slot = match fields.iter().position(|(name, _)| **name == segment.name) {
             Some(i) => &mut fields[i].1,
             None => {
                 fields.push((&segment.name, Draft::Removed));
@@ -246,7 +256,7 @@ impl<'m> Draft<'m> {
         let Draft::Object(fields) = self else {
             return None;
         };
-        let (_, child) = fields.iter().find(|(name, _)| *name == segment.name)?;
+        let (_, child) = fields.iter().find(|(name, _)| **name == segment.name)?;
         let child = match (segment.index, child) {
             (None, child) => child,
             (Some(index), Draft::Array(items)) => items.get(index)?,
@@ -255,24 +265,23 @@ impl<'m> Draft<'m> {
         child.get(rest)
     }
 
-    /// FHIR JSON, or `None` when nothing is left: holes close up, empty objects and arrays
-    /// disappear.
-    fn into_json(self) -> Option<Json> {
+    /// The element, or `None` when nothing is left: holes close up, empty objects and
+    /// arrays disappear.
+    fn into_element(self) -> Option<Element> {
         match self {
-            Draft::Leaf(json) => Some(json),
+            Draft::Leaf(element) => Some(element),
             Draft::Removed => None,
             Draft::Array(items) => {
-                let items: Vec<Json> = items.into_iter().filter_map(Draft::into_json).collect();
-                (!items.is_empty()).then_some(Json::Array(items))
+                let items: Vec<Element> =
+                    items.into_iter().filter_map(Draft::into_element).collect();
+                (!items.is_empty()).then_some(Element::Array(items))
             }
             Draft::Object(fields) => {
-                let mut object = Map::with_capacity(fields.len());
-                for (name, value) in fields {
-                    if let Some(json) = value.into_json() {
-                        object.insert(name.to_owned(), json);
-                    }
-                }
-                (!object.is_empty()).then_some(Json::Object(object))
+                let fields: Vec<(Name, Element)> = fields
+                    .into_iter()
+                    .filter_map(|(name, value)| Some((name.clone(), value.into_element()?)))
+                    .collect();
+                (!fields.is_empty()).then_some(Element::Object(fields))
             }
         }
     }
@@ -282,9 +291,9 @@ fn element_value(
     element: &ElementMapping,
     row: &Row,
     context: &MapContext,
-) -> Result<Option<Json>, MapError> {
-    if let Some(json) = &element.fixed {
-        return Ok(Some(json.clone()));
+) -> Result<Option<Element>, MapError> {
+    if let Some(fixed) = &element.fixed {
+        return Ok(Some(fixed.clone()));
     }
     let fail = |message: String| MapError {
         location: element.location.to_string(),
@@ -368,5 +377,5 @@ fn element_value(
             )));
         }
     }
-    Ok(Some(json))
+    Ok(Element::from_json(json))
 }

@@ -923,7 +923,9 @@ impl Reader<'_> {
             if t.is_literal() && element.translate.is_none() && element.protect.is_none() {
                 let text = t.render(&crate::change::Row::default()).ok()?;
                 element.fixed =
-                    to_fhir(&Value::Text(text), &element.fhir_type, &element.conversion).ok();
+                    to_fhir(&Value::Text(text), &element.fhir_type, &element.conversion)
+                        .ok()
+                        .and_then(crate::fhir::Element::from_json);
             }
         }
         Some(element)
@@ -1045,8 +1047,8 @@ fn choice_groups(resource_type: &str, elements: &[ElementMapping]) -> Vec<Choice
                 let names = groups
                     .entry((element.path[..depth].to_vec(), format!("{base}[x]")))
                     .or_default();
-                if !names.contains(&segment.name) {
-                    names.push(segment.name.clone());
+                if !names.iter().any(|n| **n == *segment.name) {
+                    names.push(segment.name.to_string());
                 }
             }
         }
@@ -1078,7 +1080,7 @@ pub fn display_path(path: &[Segment]) -> String {
     path.iter()
         .map(|s| match s.index {
             Some(i) => format!("{}[{i}]", s.name),
-            None => s.name.clone(),
+            None => s.name.to_string(),
         })
         .collect::<Vec<_>>()
         .join(".")

@@ -15,8 +15,6 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use serde_json::Value as Json;
-
 use super::{
     apply::{MapContext, MapError},
     model::{Mapping, ResourceMapping},
@@ -24,6 +22,7 @@ use super::{
 use crate::{
     canonical::{CanonicalEvent, Origin},
     change::{ChangeEvent, Operation, Row},
+    fhir::Element,
 };
 
 /// Runs the mappings of each table.
@@ -122,7 +121,7 @@ impl Mapper {
         outcome: &mut MapOutcome,
     ) -> Result<(), MapError> {
         let change = origin.change;
-        let upsert = |body: Json| CanonicalEvent::upsert(origin, body);
+        let upsert = |body: Element| CanonicalEvent::upsert(origin, body);
         let delete = |id: String| CanonicalEvent::delete(origin, &resource.resource_type, id);
         match change.op {
             Operation::Read | Operation::Insert => {
@@ -137,8 +136,8 @@ impl Mapper {
                 match (old, new) {
                     (Some(Some(old)), Some(new)) if old == new => outcome.suppressed += 1,
                     (Some(Some(old)), Some(new)) => {
-                        if old["id"] != new["id"] {
-                            outcome.events.push(delete(old["id"].as_str().unwrap_or_default().to_owned()));
+                        if id_of(&old) != id_of(&new) {
+                            outcome.events.push(delete(id_of(&old).to_owned()));
                         }
                         outcome.events.push(upsert(new));
                     }
@@ -146,12 +145,12 @@ impl Mapper {
                         // Only the old key is known (PostgreSQL sends it when the key
                         // changed): the resource under the old id must go.
                         let old_id = change.before.as_ref().and_then(|row| resource.id_for(row).ok());
-                        if let Some(old_id) = old_id.filter(|id| new["id"] != id.as_str()) {
+                        if let Some(old_id) = old_id.filter(|id| id_of(&new) != id) {
                             outcome.events.push(delete(old_id));
                         }
                         outcome.events.push(upsert(new));
                     }
-                    (Some(Some(old)), None) => outcome.events.push(delete(old["id"].as_str().unwrap_or_default().to_owned())),
+                    (Some(Some(old)), None) => outcome.events.push(delete(id_of(&old).to_owned())),
                     (Some(None), None) => {}
                     // No old row to tell whether the resource existed: delete what the row's id
                     // would be, so a resource that should no longer exist does not linger.
@@ -185,4 +184,9 @@ fn after<'a>(change: &'a ChangeEvent, resource: &ResourceMapping) -> Result<&'a 
         location: resource.location.to_string(),
         message: format!("a {} without the new row", change.op),
     })
+}
+
+/// The `id` of a mapped resource (the mapper always sets it).
+fn id_of(resource: &Element) -> &str {
+    resource.get("id").and_then(Element::as_str).unwrap_or_default()
 }

@@ -126,8 +126,8 @@ pub struct ElementMapping {
     pub protect: Option<Protect>,
     /// Used when the source is NULL.
     pub default: Option<String>,
-    /// The FHIR JSON of a literal value, converted once at load time.
-    pub fixed: Option<serde_json::Value>,
+    /// The FHIR value of a literal, converted once at load time.
+    pub fixed: Option<crate::fhir::Element>,
     pub location: Location,
 }
 

@@ -122,7 +122,7 @@ async fn a_lab_result_life_streams_into_canonical_events_with_stable_ids() {
     let (events, suppressed) = read_all(&options, &mapper).await;
     let statuses: Vec<Option<&str>> = events
         .iter()
-        .map(|e| e.resource.as_ref().map(|r| r["status"].as_str().unwrap()))
+        .map(|e| e.resource.as_ref().map(|r| r.get("status").and_then(fhir_cdc::fhir::Element::as_str).unwrap()))
         .collect();
     assert_eq!(
         statuses,
@@ -158,10 +158,10 @@ async fn a_lab_result_life_streams_into_canonical_events_with_stable_ids() {
         third.resource_version,
         fourth.resource_version
     );
-    let value = &third.resource.as_ref().unwrap()["valueQuantity"]["value"];
+    let value = &third.resource.as_ref().unwrap().to_json()["valueQuantity"]["value"];
     assert_eq!(value.to_string(), "112.0000", "numeric digits survive");
     assert_eq!(
-        fourth.resource.as_ref().unwrap()["note"][0]["text"],
+        fourth.resource.as_ref().unwrap().to_json()["note"][0]["text"],
         "Corrected: sample re-run"
     );
     assert_eq!(third.provenance.schema, schema);
