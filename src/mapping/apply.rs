@@ -4,18 +4,20 @@ use std::borrow::Cow;
 
 use hmac::{Hmac, Mac};
 use serde_json::Value as Json;
+use smallvec::SmallVec;
 use sha2::{Digest, Sha256};
 
 use super::{
     convert::{is_fhir_id, text_of, to_fhir},
-    load::{child_matches, display_path},
+    load::display_path,
+    shape::Broken,
     model::{ElementMapping, Protect, ResourceMapping, Test, Unmapped, ValueSource},
     template::{RenderError, Template},
 };
 use crate::{
     change::{Row, Value},
     config::Secret,
-    fhir::{names, Element, Name},
+    fhir::{names, Element},
 };
 
 /// Why a row could not be mapped. Never holds row values: it names columns, elements and
@@ -94,72 +96,15 @@ impl ResourceMapping {
             return Ok(None);
         }
         let id = self.id_for(row)?;
-        let mut body = Draft::Object(Vec::new());
+        let mut values: SmallVec<[Option<Element>; 32]> = SmallVec::with_capacity(self.elements.len());
         let mut masked = false;
-        let mut unanchored = Vec::new();
         for element in &self.elements {
-            match element_value(element, row, context)? {
-                Some(value) => {
-                    masked |= element.protect == Some(Protect::Mask);
-                    body.set(&element.path, Draft::Leaf(value));
-                }
-                None => {
-                    if let Some(depth) = element.anchor {
-                        unanchored.push(&element.path[..depth]);
-                    }
-                }
-            }
+            let value = element_value(element, row, context)?;
+            masked |= value.is_some() && element.protect == Some(Protect::Mask);
+            values.push(value);
         }
-        for parent in unanchored {
-            body.set(parent, Draft::Removed);
-        }
-        for node in &self.required {
-            let Some(Draft::Object(fields)) = body.get(&node.path) else {
-                continue;
-            };
-            for child in &node.children {
-                if !fields
-                    .iter()
-                    .any(|(name, value)| child_matches(child, name) && !value.is_empty())
-                {
-                    let at = if node.path.is_empty() {
-                        self.resource_type.clone()
-                    } else {
-                        format!("{}.{}", self.resource_type, display_path(&node.path))
-                    };
-                    return Err(MapError {
-                        location: self.location.to_string(),
-                        message: format!("{at} lacks `{child}`, which FHIR requires ({}.{child}): its source is NULL in this row", node.definition),
-                    });
-                }
-            }
-        }
-        for group in &self.choices {
-            let present = match body.get(&group.path) {
-                Some(Draft::Object(fields)) => fields
-                    .iter()
-                    .filter(|(name, value)| {
-                        group.names.iter().any(|n| **n == ***name) && !value.is_empty()
-                    })
-                    .count(),
-                _ => 0,
-            };
-            if present > 1 {
-                return Err(MapError {
-                    location: self.location.to_string(),
-                    message: format!(
-                        "{} is a choice: this row fills {present} of {}, FHIR allows one",
-                        group.choice,
-                        group.names.join(", ")
-                    ),
-                });
-            }
-        }
-        let Draft::Object(fields) = body else {
-            unreachable!("the body is an object")
-        };
         let names = names();
-        let mut resource = Vec::with_capacity(fields.len() + 3);
+        let mut resource = Vec::with_capacity(self.elements.len() + 3);
         resource.push((
             names.resource_type.clone(),
             Element::text(&*self.resource_type),
@@ -182,108 +127,32 @@ impl ResourceMapping {
             ));
         }
         resource.push((names.meta.clone(), Element::Object(meta)));
-        for (name, value) in fields {
-            if let Some(element) = value.into_element() {
-                resource.push((name.clone(), element));
-            }
-        }
+        self.shape
+            .build(&mut values, &mut resource)
+            .map_err(|broken| MapError {
+                location: self.location.to_string(),
+                message: match broken {
+                    Broken::Required(i, j) => {
+                        let node = &self.required[i];
+                        let child = &node.children[j];
+                        let at = if node.path.is_empty() {
+                            self.resource_type.clone()
+                        } else {
+                            format!("{}.{}", self.resource_type, display_path(&node.path))
+                        };
+                        format!("{at} lacks `{child}`, which FHIR requires ({}.{child}): its source is NULL in this row", node.definition)
+                    }
+                    Broken::Choice(i, present) => {
+                        let group = &self.choices[i];
+                        format!(
+                            "{} is a choice: this row fills {present} of {}, FHIR allows one",
+                            group.choice,
+                            group.names.join(", ")
+                        )
+                    }
+                },
+            })?;
         Ok(Some(Element::Object(resource)))
-    }
-}
-
-/// A resource under construction: element names borrowed from the mapping, arrays with
-/// holes where sources were NULL. Turned into an [`Element`] once, dropping what is empty.
-#[derive(Debug)]
-enum Draft<'m> {
-    Leaf(Element),
-    Object(Vec<(&'m Name, Draft<'m>)>),
-    Array(Vec<Draft<'m>>),
-    /// Nothing here (a NULL source, an unanchored parent, a hole in an array).
-    Removed,
-}
-
-impl<'m> Draft<'m> {
-    fn is_empty(&self) -> bool {
-        match self {
-            Draft::Leaf(_) => false,
-            Draft::Object(fields) => fields.iter().all(|(_, v)| v.is_empty()),
-            Draft::Array(items) => items.iter().all(Draft::is_empty),
-            Draft::Removed => true,
-        }
-    }
-
-    /// Put `value` at `path`, creating objects and arrays on the way.
-    fn set(&mut self, path: &'m [crate::fhir::Segment], value: Draft<'m>) {
-        let Some((segment, rest)) = path.split_first() else {
-            *self = value;
-            return;
-        };
-        if !matches!(self, Draft::Object(_)) {
-            *self = Draft::Object(Vec::new());
-        }
-        let Draft::Object(fields) = self else {
-            unreachable!()
-        };
-        let slot = match fields.iter().position(|(name, _)| **name == segment.name) {
-            Some(i) => &mut fields[i].1,
-            None => {
-                fields.push((&segment.name, Draft::Removed));
-                &mut fields.last_mut().expect("just pushed").1
-            }
-        };
-        let slot = match segment.index {
-            None => slot,
-            Some(index) => {
-                if !matches!(slot, Draft::Array(_)) {
-                    *slot = Draft::Array(Vec::new());
-                }
-                let Draft::Array(items) = slot else {
-                    unreachable!()
-                };
-                if items.len() <= index {
-                    items.resize_with(index + 1, || Draft::Removed);
-                }
-                &mut items[index]
-            }
-        };
-        slot.set(rest, value);
-    }
-
-    fn get(&self, path: &[crate::fhir::Segment]) -> Option<&Draft<'m>> {
-        let Some((segment, rest)) = path.split_first() else {
-            return Some(self);
-        };
-        let Draft::Object(fields) = self else {
-            return None;
-        };
-        let (_, child) = fields.iter().find(|(name, _)| **name == segment.name)?;
-        let child = match (segment.index, child) {
-            (None, child) => child,
-            (Some(index), Draft::Array(items)) => items.get(index)?,
-            _ => return None,
-        };
-        child.get(rest)
-    }
-
-    /// The element, or `None` when nothing is left: holes close up, empty objects and
-    /// arrays disappear.
-    fn into_element(self) -> Option<Element> {
-        match self {
-            Draft::Leaf(element) => Some(element),
-            Draft::Removed => None,
-            Draft::Array(items) => {
-                let items: Vec<Element> =
-                    items.into_iter().filter_map(Draft::into_element).collect();
-                (!items.is_empty()).then_some(Element::Array(items))
-            }
-            Draft::Object(fields) => {
-                let fields: Vec<(Name, Element)> = fields
-                    .into_iter()
-                    .filter_map(|(name, value)| Some((name.clone(), value.into_element()?)))
-                    .collect();
-                (!fields.is_empty()).then_some(Element::Object(fields))
-            }
-        }
     }
 }
 

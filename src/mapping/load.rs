@@ -13,6 +13,7 @@ use marked_yaml::{types::MarkedMappingNode, LoaderOptions, Node, Span};
 use sha2::{Digest, Sha256};
 
 use super::{
+    shape::Shape,
     convert::{to_fhir, Conversion},
     location::{LoadError, LoadErrors, Location},
     model::{
@@ -601,12 +602,14 @@ impl Reader<'_> {
             .map_or(*elements_node.span(), start_of);
         let required = self.required_nodes(&resource_type, &elements, &elements_span);
         let choices = choice_groups(&resource_type, &elements);
+        let required = required?;
         Some(ResourceMapping {
             resource_type,
             id: id?,
             when: when?,
+            shape: Shape::compile(&elements, &required, &choices),
             elements,
-            required: required?,
+            required,
             choices,
             location: self.location(&span),
         })

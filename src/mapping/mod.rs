@@ -10,6 +10,7 @@ mod load;
 mod location;
 mod mapper;
 mod model;
+mod shape;
 mod template;
 
 pub use self::{

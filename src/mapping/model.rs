@@ -6,7 +6,7 @@ use std::{
     sync::Arc,
 };
 
-use super::{convert::Conversion, location::Location, template::Template};
+use super::{convert::Conversion, location::Location, shape::Shape, template::Template};
 use crate::fhir::Segment;
 
 /// One mapping file: rows of one source table to one or more FHIR resources.
@@ -79,6 +79,8 @@ pub struct ResourceMapping {
     pub required: Vec<RequiredNode>,
     /// Choice elements the mapping fills with more than one type; a row may fill only one.
     pub choices: Vec<ChoiceGroup>,
+    /// The tree of `elements`' paths, with the two checks above placed in it.
+    pub shape: Shape,
     pub location: Location,
 }
 

@@ -1,0 +1,255 @@
+//! The tree of a resource mapping's element paths, compiled at load time.
+//!
+//! Every row a resource mapping reads fills the same paths, so the objects and arrays
+//! that can appear, and which element fills each leaf, are known before the first row.
+//! Mapping a row computes one value per element, then builds the resource bottom-up from
+//! this tree: a NULL leaf is left out, an object or array left empty disappears, holes in
+//! arrays close up, and an anchored parent whose anchor is NULL is left out whole — with no
+//! name lookups and no intermediate tree.
+
+use super::{
+    load::child_matches,
+    model::{ChoiceGroup, ElementMapping, RequiredNode},
+};
+use crate::fhir::{Element, Name, Segment};
+
+/// The compiled tree; node 0 is the resource.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    nodes: Vec<Node>,
+    /// Per required node: where it is, and per required child the nodes that fill it.
+    required: Vec<(usize, Vec<Vec<usize>>)>,
+    /// Per choice group: where it is, and the nodes of its names.
+    choices: Vec<(usize, Vec<usize>)>,
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    kind: Kind,
+    /// Elements whose NULL removes this node.
+    anchors: Vec<usize>,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    /// Filled by the element with this index.
+    Leaf(usize),
+    Object(Vec<(Name, usize)>),
+    /// Items in index order (indices the mapping skips are absent).
+    Array(Vec<(usize, usize)>),
+}
+
+/// A rule of the required/choice checks that a built resource breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broken {
+    /// `required[i]` lacks its child `j`.
+    Required(usize, usize),
+    /// `choices[i]` has this many of its names filled.
+    Choice(usize, usize),
+}
+
+impl Shape {
+    pub fn compile(
+        elements: &[ElementMapping],
+        required: &[RequiredNode],
+        choices: &[ChoiceGroup],
+    ) -> Self {
+        let mut shape = Shape {
+            nodes: vec![Node {
+                kind: Kind::Object(Vec::new()),
+                anchors: Vec::new(),
+            }],
+            required: Vec::new(),
+            choices: Vec::new(),
+        };
+        for (index, element) in elements.iter().enumerate() {
+            let leaf = shape.node_at(&element.path);
+            shape.nodes[leaf].kind = Kind::Leaf(index);
+        }
+        for (index, element) in elements.iter().enumerate() {
+            if let Some(depth) = element.anchor {
+                let parent = shape.node_at(&element.path[..depth]);
+                shape.nodes[parent].anchors.push(index);
+            }
+        }
+        let children_matching = |shape: &Shape, node: usize, matches: &dyn Fn(&str) -> bool| {
+            match &shape.nodes[node].kind {
+                Kind::Object(fields) => fields
+                    .iter()
+                    .filter(|(name, _)| matches(name))
+                    .map(|(_, child)| *child)
+                    .collect(),
+                _ => Vec::new(),
+            }
+        };
+        for node in required {
+            let at = shape.find(&node.path);
+            let children = node
+                .children
+                .iter()
+                .map(|child| match at {
+                    Some(at) => children_matching(&shape, at, &|name| child_matches(child, name)),
+                    None => Vec::new(),
+                })
+                .collect();
+            shape.required.push((at.unwrap_or(usize::MAX), children));
+        }
+        for group in choices {
+            let at = shape.find(&group.path);
+            let members = match at {
+                Some(at) => children_matching(&shape, at, &|name| {
+                    group.names.iter().any(|n| n == name)
+                }),
+                None => Vec::new(),
+            };
+            shape.choices.push((at.unwrap_or(usize::MAX), members));
+        }
+        shape
+    }
+
+    /// The node at `path`, created with its ancestors when absent.
+    fn node_at(&mut self, path: &[Segment]) -> usize {
+        let mut at = 0;
+        for segment in path {
+            at = self.field(at, &segment.name);
+            if let Some(index) = segment.index {
+                at = self.item(at, index);
+            }
+        }
+        at
+    }
+
+    /// The child `name` of the object `object`, created when absent.
+    fn field(&mut self, object: usize, name: &Name) -> usize {
+        match &self.nodes[object].kind {
+            Kind::Object(fields) => {
+                if let Some((_, node)) = fields.iter().find(|(n, _)| n == name) {
+                    return *node;
+                }
+            }
+            _ => self.nodes[object].kind = Kind::Object(Vec::new()),
+        }
+        let child = self.push();
+        if let Kind::Object(fields) = &mut self.nodes[object].kind {
+            fields.push((name.clone(), child));
+        }
+        child
+    }
+
+    /// The item `index` of the array `array`, created when absent.
+    fn item(&mut self, array: usize, index: usize) -> usize {
+        match &self.nodes[array].kind {
+            Kind::Array(items) => {
+                if let Some((_, node)) = items.iter().find(|(i, _)| *i == index) {
+                    return *node;
+                }
+            }
+            _ => self.nodes[array].kind = Kind::Array(Vec::new()),
+        }
+        let child = self.push();
+        if let Kind::Array(items) = &mut self.nodes[array].kind {
+            let place = items.partition_point(|(i, _)| *i < index);
+            items.insert(place, (index, child));
+        }
+        child
+    }
+
+    fn push(&mut self) -> usize {
+        self.nodes.push(Node {
+            kind: Kind::Object(Vec::new()),
+            anchors: Vec::new(),
+        });
+        self.nodes.len() - 1
+    }
+
+    /// The node at `path`, if the mapping fills anything there.
+    fn find(&self, path: &[Segment]) -> Option<usize> {
+        let mut at = 0;
+        for segment in path {
+            let Kind::Object(fields) = &self.nodes[at].kind else {
+                return None;
+            };
+            at = fields.iter().find(|(n, _)| *n == segment.name)?.1;
+            if let Some(index) = segment.index {
+                let Kind::Array(items) = &self.nodes[at].kind else {
+                    return None;
+                };
+                at = items.iter().find(|(i, _)| *i == index)?.1;
+            }
+        }
+        Some(at)
+    }
+
+    /// The resource's elements (as `(name, element)` appended to `fields`) from one value
+    /// per element mapping, which are taken; or the first required/choice rule broken.
+    pub fn build(
+        &self,
+        values: &mut [Option<Element>],
+        fields: &mut Vec<(Name, Element)>,
+    ) -> Result<(), Broken> {
+        let mut present = vec![false; self.nodes.len()];
+        present[0] = true;
+        let Kind::Object(root) = &self.nodes[0].kind else {
+            unreachable!("the resource is an object")
+        };
+        for (name, child) in root {
+            if let Some(element) = self.build_node(*child, values, &mut present) {
+                fields.push((name.clone(), element));
+            }
+        }
+        for (i, (at, children)) in self.required.iter().enumerate() {
+            if present.get(*at) != Some(&true) {
+                continue;
+            }
+            if let Some(j) = children
+                .iter()
+                .position(|nodes| !nodes.iter().any(|n| present[*n]))
+            {
+                return Err(Broken::Required(i, j));
+            }
+        }
+        for (i, (at, members)) in self.choices.iter().enumerate() {
+            if present.get(*at) != Some(&true) {
+                continue;
+            }
+            let filled = members.iter().filter(|n| present[**n]).count();
+            if filled > 1 {
+                return Err(Broken::Choice(i, filled));
+            }
+        }
+        Ok(())
+    }
+
+    fn build_node(
+        &self,
+        node: usize,
+        values: &mut [Option<Element>],
+        present: &mut [bool],
+    ) -> Option<Element> {
+        let Node { kind, anchors } = &self.nodes[node];
+        if anchors.iter().any(|e| values[*e].is_none()) {
+            return None;
+        }
+        let element = match kind {
+            Kind::Leaf(e) => values[*e].take(),
+            Kind::Object(fields) => {
+                let fields: Vec<(Name, Element)> = fields
+                    .iter()
+                    .filter_map(|(name, child)| {
+                        Some((name.clone(), self.build_node(*child, values, present)?))
+                    })
+                    .collect();
+                (!fields.is_empty()).then_some(Element::Object(fields))
+            }
+            Kind::Array(items) => {
+                let items: Vec<Element> = items
+                    .iter()
+                    .filter_map(|(_, child)| self.build_node(*child, values, present))
+                    .collect();
+                (!items.is_empty()).then_some(Element::Array(items))
+            }
+        };
+        present[node] = element.is_some();
+        element
+    }
+}
