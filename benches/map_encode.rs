@@ -101,6 +101,15 @@ fn main() {
     let budget = Duration::from_secs(3);
     // `cargo bench --bench map_encode -- map` (or `-- encode`) runs only that loop, for
     // profiling.
+    if std::env::args().any(|a| a == "apply") {
+        let m = &load_dir(&root.join("mappings")).unwrap().into_iter().find(|m| m.table == "lis.lab_result").unwrap().resources[0];
+        let ctx = MapContext { token_key: None };
+        let r = rate(&changes, budget * 3, |c| {
+            black_box(m.apply(c.after.as_ref().unwrap(), &ctx).unwrap());
+        });
+        println!("apply {r:.0} events/s");
+        return;
+    }
     if std::env::args().any(|a| a == "map") {
         let map = rate(&changes, budget * 3, |c| {
             black_box(mapper.map(c));

@@ -207,7 +207,8 @@ fn to_json<'s>(
             "decimal",
             &Default::default(),
         )
-        .map_err(|_| fail(path, "a decimal field holds no decimal"))?,
+        .map_err(|_| fail(path, "a decimal field holds no decimal"))?
+        .to_json(),
         (Value::String(s), _) => Json::String(s.clone()),
         (Value::TimestampMicros(micros), _) => {
             let time = DateTime::from_timestamp_micros(*micros)

@@ -46,6 +46,9 @@ struct Record {
     fields: Vec<(String, usize)>,
     /// Field name → index into `fields`.
     by_name: FxHashMap<String, usize>,
+    /// Per field, the byte an absent value is written as (a nullable's null branch, an
+    /// empty array); `None` for fields that cannot be absent, or are written as nothing.
+    absent: Vec<Option<u8>>,
 }
 
 /// The compiled writer of one event schema.
@@ -69,10 +72,26 @@ impl EventWriter {
             named: HashMap::new(),
         };
         let root = compiler.compile(schema)?;
-        Ok(Self {
-            nodes: compiler.nodes,
-            root,
-        })
+        let mut nodes = compiler.nodes;
+        // Most of a resource's fields are absent: their one byte is known in advance.
+        let absent_byte = |node: &Node| match node {
+            Node::Nullable { null, .. } => Some(*null << 1),
+            Node::Array(_) => Some(0),
+            _ => None,
+        };
+        for i in 0..nodes.len() {
+            if let Node::Record(record) = &nodes[i] {
+                let absent = record
+                    .fields
+                    .iter()
+                    .map(|(_, field)| absent_byte(&nodes[*field]))
+                    .collect();
+                if let Node::Record(record) = &mut nodes[i] {
+                    record.absent = absent;
+                }
+            }
+        }
+        Ok(Self { nodes, root })
     }
 
     /// The Avro body of `event`, appended to `out`.
@@ -297,10 +316,13 @@ impl EventWriter {
                 present.sort_unstable_by_key(|(index, _)| *index);
                 let mut present = present.into_iter().peekable();
                 for (index, (name, field)) in record.fields.iter().enumerate() {
-                    let value = present
-                        .next_if(|(at, _)| *at == index)
-                        .map(|(_, value)| value);
-                    self.write_element(*field, value, out, name)?;
+                    match present.next_if(|(at, _)| *at == index) {
+                        Some((_, value)) => self.write_element(*field, Some(value), out, name)?,
+                        None => match record.absent[index] {
+                            Some(byte) => out.push(byte),
+                            None => self.write_element(*field, None, out, name)?,
+                        },
+                    }
                 }
             }
         }
@@ -384,7 +406,11 @@ impl Compiler<'_> {
                     .enumerate()
                     .map(|(i, (n, _))| (n.clone(), i))
                     .collect();
-                self.nodes[index] = Node::Record(Record { fields, by_name });
+                self.nodes[index] = Node::Record(Record {
+                    fields,
+                    by_name,
+                    absent: Vec::new(),
+                });
                 index
             }
             _ => return Err(shape("", "a schema type event schemas do not use")),

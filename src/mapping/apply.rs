@@ -3,7 +3,6 @@
 use std::borrow::Cow;
 
 use hmac::{Hmac, Mac};
-use serde_json::Value as Json;
 use smallvec::SmallVec;
 use sha2::{Digest, Sha256};
 
@@ -236,9 +235,9 @@ fn element_value(
             Cow::Owned(Value::Text(hex::encode(&mac.finalize().into_bytes()[..16])))
         }
     };
-    let json = to_fhir(&value, &element.fhir_type, &element.conversion)
+    let fhir = to_fhir(&value, &element.fhir_type, &element.conversion)
         .map_err(|e| fail(format!("{}: {e}", element.definition)))?;
-    if let (Some(codes), Json::String(code)) = (element.required_codes, &json) {
+    if let (Some(codes), Element::String(code)) = (element.required_codes, &fhir) {
         if !codes.contains(code) {
             return Err(fail(format!(
                 "{} must be a code of its required value set; the mapped code is not",
@@ -246,5 +245,5 @@ fn element_value(
             )));
         }
     }
-    Ok(Element::from_json(json))
+    Ok(Some(fhir))
 }

@@ -10,9 +10,11 @@ use std::borrow::Cow;
 use base64::Engine;
 use chrono::{DateTime, FixedOffset, LocalResult, NaiveDateTime, SecondsFormat, TimeZone};
 use chrono_tz::Tz;
-use serde_json::Value as Json;
 
-use crate::change::{ExactDecimal, Value};
+use crate::{
+    change::{ExactDecimal, Value},
+    fhir::Element,
+};
 
 /// How a column value is read, beyond its FHIR type.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -48,14 +50,14 @@ pub fn text_of(value: &Value) -> Cow<'_, str> {
     }
 }
 
-/// Convert `value` (not NULL) to the FHIR primitive type `fhir_type`, as FHIR JSON.
-pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Result<Json, String> {
+/// Convert `value` (not NULL) to the FHIR primitive type `fhir_type`, as a FHIR value.
+pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Result<Element, String> {
     let refuse = || format!("a {} value cannot become a FHIR {fhir_type}", value.kind());
     match fhir_type {
         "boolean" => match value {
-            Value::Bool(b) => Ok(Json::Bool(*b)),
-            Value::Int(0) => Ok(Json::Bool(false)),
-            Value::Int(1) => Ok(Json::Bool(true)),
+            Value::Bool(b) => Ok(Element::Boolean(*b)),
+            Value::Int(0) => Ok(Element::Boolean(false)),
+            Value::Int(1) => Ok(Element::Boolean(true)),
             Value::Text(s) => {
                 let s = s.trim();
                 let is = |custom: &[String], default: &[&str]| {
@@ -66,9 +68,9 @@ pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Resul
                     }
                 };
                 if is(&conversion.true_values, &DEFAULT_TRUE) {
-                    Ok(Json::Bool(true))
+                    Ok(Element::Boolean(true))
                 } else if is(&conversion.false_values, &DEFAULT_FALSE) {
-                    Ok(Json::Bool(false))
+                    Ok(Element::Boolean(false))
                 } else {
                     Err("a text value is not one of the mapping's true/false encodings".into())
                 }
@@ -90,7 +92,7 @@ pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Resul
             if number < min || number > i64::from(i32::MAX) {
                 return Err(format!("an integer out of the range of a FHIR {fhir_type}"));
             }
-            Ok(Json::from(number))
+            Ok(Element::Number(number.into()))
         }
         "decimal" => {
             let text = match value {
@@ -111,12 +113,12 @@ pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Resul
                     .to_owned(),
                 _ => return Err(refuse()),
             };
-            decimal_json(&text).ok_or_else(refuse)
+            decimal(&text).ok_or_else(refuse)
         }
         "string" | "markdown" => match value {
             Value::Bytes(_) => Err(refuse()),
-            Value::Text(s) if conversion.trim => Ok(Json::String(s.trim().to_owned())),
-            other => Ok(Json::String(text_of(other).into_owned())),
+            Value::Text(s) if conversion.trim => Ok(Element::String(s.trim().to_owned())),
+            other => Ok(Element::String(text_of(other).into_owned())),
         },
         "code" | "id" | "uri" | "url" | "canonical" | "oid" | "uuid" => match value {
             Value::Bytes(_) | Value::Json(_) => Err(refuse()),
@@ -134,36 +136,36 @@ pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Resul
                 if fhir_type == "code" && !single_spaces {
                     return Err("a FHIR code cannot contain runs of whitespace".into());
                 }
-                Ok(Json::String(text.to_owned()))
+                Ok(Element::String(text.to_owned()))
             }
         },
         "date" => match value {
-            Value::Date(d) => Ok(Json::String(d.format("%Y-%m-%d").to_string())),
-            Value::Timestamp(ts) => Ok(Json::String(ts.format("%Y-%m-%d").to_string())),
-            Value::TimestampTz(ts) => Ok(Json::String(
+            Value::Date(d) => Ok(Element::String(d.format("%Y-%m-%d").to_string())),
+            Value::Timestamp(ts) => Ok(Element::String(ts.format("%Y-%m-%d").to_string())),
+            Value::TimestampTz(ts) => Ok(Element::String(
                 in_zone(ts, conversion).format("%Y-%m-%d").to_string(),
             )),
-            Value::Text(s) if is_partial_date(s.trim()) => Ok(Json::String(s.trim().to_owned())),
+            Value::Text(s) if is_partial_date(s.trim()) => Ok(Element::String(s.trim().to_owned())),
             _ => Err(refuse()),
         },
         "dateTime" | "instant" => {
             let instant = fhir_type == "instant";
             match value {
-                Value::Date(d) if !instant => Ok(Json::String(d.to_string())),
-                Value::TimestampTz(ts) => Ok(Json::String(rfc3339(&in_zone(ts, conversion)))),
+                Value::Date(d) if !instant => Ok(Element::String(d.to_string())),
+                Value::TimestampTz(ts) => Ok(Element::String(rfc3339(&in_zone(ts, conversion)))),
                 Value::Timestamp(naive) => {
                     let zone = conversion.zone.ok_or_else(|| {
                         format!("a timestamp without time zone needs the mapping's `zone` to become a FHIR {fhir_type}")
                     })?;
-                    Ok(Json::String(rfc3339(&localize(naive, zone)?)))
+                    Ok(Element::String(rfc3339(&localize(naive, zone)?)))
                 }
                 Value::Text(s) => {
                     let s = s.trim();
                     DateTime::parse_from_rfc3339(s)
-                        .map(|ts| Json::String(rfc3339(&ts)))
+                        .map(|ts| Element::String(rfc3339(&ts)))
                         .or_else(|_| {
                             if !instant && is_partial_date(s) {
-                                Ok(Json::String(s.to_owned()))
+                                Ok(Element::String(s.to_owned()))
                             } else {
                                 Err(refuse())
                             }
@@ -173,12 +175,12 @@ pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Resul
             }
         }
         "time" => match value {
-            Value::Time(t) => Ok(Json::String(t.format("%H:%M:%S%.f").to_string())),
-            Value::Timestamp(ts) => Ok(Json::String(ts.format("%H:%M:%S%.f").to_string())),
+            Value::Time(t) => Ok(Element::String(t.format("%H:%M:%S%.f").to_string())),
+            Value::Timestamp(ts) => Ok(Element::String(ts.format("%H:%M:%S%.f").to_string())),
             _ => Err(refuse()),
         },
         "base64Binary" => match value {
-            Value::Bytes(b) => Ok(Json::String(
+            Value::Bytes(b) => Ok(Element::String(
                 base64::engine::general_purpose::STANDARD.encode(b),
             )),
             _ => Err(refuse()),
@@ -187,12 +189,10 @@ pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Resul
     }
 }
 
-/// A FHIR decimal as a JSON number with exactly these digits.
-pub fn decimal_json(text: &str) -> Option<Json> {
+/// A FHIR decimal with exactly these digits.
+fn decimal(text: &str) -> Option<Element> {
     // serde_json keeps the digits (arbitrary_precision).
-    serde_json::from_str::<serde_json::Number>(text)
-        .ok()
-        .map(Json::Number)
+    text.parse::<serde_json::Number>().ok().map(Element::Number)
 }
 
 fn integral(text: &str) -> Option<i64> {
@@ -260,7 +260,7 @@ mod tests {
     use super::*;
 
     fn convert(value: Value, fhir_type: &str) -> Result<String, String> {
-        to_fhir(&value, fhir_type, &Conversion::default()).map(|j| j.to_string())
+        to_fhir(&value, fhir_type, &Conversion::default()).map(|e| e.to_json().to_string())
     }
 
     #[test]
@@ -295,7 +295,7 @@ mod tests {
         };
         assert_eq!(
             to_fhir(&Value::Text("j".into()), "boolean", &custom).unwrap(),
-            Json::Bool(true)
+            Element::Boolean(true)
         );
         assert!(to_fhir(&Value::Text("Y".into()), "boolean", &custom).is_err());
     }
@@ -313,7 +313,7 @@ mod tests {
             ..Default::default()
         };
         let json = to_fhir(&Value::Timestamp(naive), "instant", &chicago).unwrap();
-        assert_eq!(json, Json::String("2024-03-05T14:30:00.250-06:00".into()));
+        assert_eq!(json, Element::text("2024-03-05T14:30:00.250-06:00"));
         // 02:30 on 2024-03-10 does not exist in Chicago.
         let gap = NaiveDate::from_ymd_opt(2024, 3, 10)
             .unwrap()
@@ -358,7 +358,7 @@ mod tests {
         fn timestamptz_round_trips_through_fhir_instant(secs in 0i64..4_000_000_000, micros in 0u32..1_000_000, offset_min in -720i32..=840) {
             let offset = FixedOffset::east_opt(offset_min * 60).unwrap();
             let ts = DateTime::from_timestamp(secs, micros * 1000).unwrap().with_timezone(&offset);
-            let Json::String(text) = to_fhir(&Value::TimestampTz(ts), "instant", &Conversion::default()).unwrap() else { panic!() };
+            let Element::String(text) = to_fhir(&Value::TimestampTz(ts), "instant", &Conversion::default()).unwrap() else { panic!() };
             prop_assert_eq!(DateTime::parse_from_rfc3339(&text).unwrap(), ts);
         }
 
@@ -366,7 +366,7 @@ mod tests {
         fn decimal_text_round_trips_through_fhir_json(int in "-?[1-9][0-9]{0,25}", frac in "[0-9]{0,25}") {
             let text = if frac.is_empty() { int } else { format!("{int}.{frac}") };
             let json = to_fhir(&Value::Decimal(ExactDecimal::parse(&text).unwrap()), "decimal", &Conversion::default()).unwrap();
-            prop_assert_eq!(json.to_string(), text);
+            prop_assert_eq!(json.to_json().to_string(), text);
         }
     }
 }

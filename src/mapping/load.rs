@@ -926,9 +926,7 @@ impl Reader<'_> {
             if t.is_literal() && element.translate.is_none() && element.protect.is_none() {
                 let text = t.render(&crate::change::Row::default()).ok()?;
                 element.fixed =
-                    to_fhir(&Value::Text(text), &element.fhir_type, &element.conversion)
-                        .ok()
-                        .and_then(crate::fhir::Element::from_json);
+                    to_fhir(&Value::Text(text), &element.fhir_type, &element.conversion).ok();
             }
         }
         Some(element)
