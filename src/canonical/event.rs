@@ -54,9 +54,11 @@ pub struct Provenance {
     /// The source position, as text (`pg:0/16B3748`, `binlog:mysql-bin.000003:4567`).
     pub source_position: String,
     pub transaction_id: Option<String>,
-    /// RFC 3339, UTC.
-    pub commit_time: Option<String>,
-    pub capture_time: String,
+    /// RFC 3339, UTC, in JSON.
+    #[serde(with = "rfc3339::option")]
+    pub commit_time: Option<DateTime<Utc>>,
+    #[serde(with = "rfc3339")]
+    pub capture_time: DateTime<Utc>,
     pub mapping_id: String,
     /// The mapping's content hash.
     pub mapping_version: String,
@@ -150,8 +152,8 @@ impl CanonicalEvent {
                 primary_key,
                 source_position,
                 transaction_id: change.transaction_id.clone(),
-                commit_time: change.commit_time.map(instant),
-                capture_time: instant(change.capture_time),
+                commit_time: change.commit_time,
+                capture_time: change.capture_time,
                 mapping_id: origin.mapping.id.clone(),
                 mapping_version: origin.mapping.content_hash.clone(),
                 snapshot: change.op == Operation::Read,
@@ -211,8 +213,44 @@ fn event_id(
     )
 }
 
-fn instant(ts: DateTime<Utc>) -> String {
+/// RFC 3339 in UTC with the fraction it needs (`2024-03-05T14:30:00.25Z`): FHIR `instant`.
+pub fn instant(ts: DateTime<Utc>) -> String {
     ts.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// Serde of the provenance times as [`instant`] text.
+mod rfc3339 {
+    use chrono::{DateTime, Utc};
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(ts: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::instant(*ts))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let text = <std::borrow::Cow<'_, str>>::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|ts| ts.to_utc())
+            .map_err(|e| D::Error::custom(format!("not an RFC 3339 time: {e}")))
+    }
+
+    pub mod option {
+        use chrono::{DateTime, Utc};
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(ts: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+            match ts {
+                Some(ts) => super::serialize(ts, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+            #[derive(Deserialize)]
+            struct Wrapped(#[serde(with = "super")] DateTime<Utc>);
+            Ok(Option::<Wrapped>::deserialize(d)?.map(|Wrapped(ts)| ts))
+        }
+    }
 }
 
 /// `meta.versionId`, `meta.lastUpdated` and `meta.source` from the envelope, and the
@@ -246,7 +284,7 @@ fn set_meta(resource: &mut Element, event: &CanonicalEvent) {
         ),
         (
             names.last_updated.clone(),
-            Element::text(p.commit_time.as_ref().unwrap_or(&p.capture_time).clone()),
+            Element::text(instant(p.commit_time.unwrap_or(p.capture_time))),
         ),
         (
             names.source.clone(),

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use apache_avro::schema::{Name, Schema};
-use chrono::DateTime;
+use chrono::{DateTime, Utc};
 use rustc_hash::FxHashMap;
 use smallvec::SmallVec;
 
@@ -146,10 +146,8 @@ impl EventWriter {
                 "transaction_id" => {
                     self.write_optional_str(node, p.transaction_id.as_deref(), out, name)?
                 }
-                "commit_time" => {
-                    self.write_optional_str(node, p.commit_time.as_deref(), out, name)?
-                }
-                "capture_time" => self.write_str(node, &p.capture_time, out, name)?,
+                "commit_time" => self.write_time(node, p.commit_time, out, name)?,
+                "capture_time" => self.write_time(node, Some(p.capture_time), out, name)?,
                 "mapping_id" => self.write_str(node, &p.mapping_id, out, name)?,
                 "mapping_version" => self.write_str(node, &p.mapping_version, out, name)?,
                 "snapshot" => match self.nodes[node] {
@@ -158,6 +156,26 @@ impl EventWriter {
                 },
                 other => return Err(shape(other, "a field this writer does not know")),
             }
+        }
+        Ok(())
+    }
+
+    fn write_time(
+        &self,
+        node: usize,
+        time: Option<DateTime<Utc>>,
+        out: &mut Vec<u8>,
+        path: &str,
+    ) -> Result<(), AvroShapeError> {
+        match (time, &self.nodes[node]) {
+            (Some(time), Node::TimestampMicros) => varint(time.timestamp_micros(), out),
+            (Some(time), Node::Nullable { value, node, .. }) => {
+                varint(i64::from(*value), out);
+                self.write_time(*node, Some(time), out, path)?;
+            }
+            (None, Node::Nullable { null, .. }) => varint(i64::from(*null), out),
+            (None, _) => return Err(shape(path, "a required field is missing")),
+            (Some(_), _) => return Err(shape(path, "expected a timestamp")),
         }
         Ok(())
     }
@@ -179,7 +197,7 @@ impl EventWriter {
         }
     }
 
-    /// A text value into a string, enum, RFC 3339 timestamp or nullable of those.
+    /// A text value into a string, enum or nullable of those.
     fn write_str(
         &self,
         node: usize,
@@ -195,11 +213,6 @@ impl EventWriter {
                     .position(|sym| sym == s)
                     .ok_or_else(|| shape(path, "not a symbol of the enum"))?;
                 varint(index as i64, out);
-            }
-            Node::TimestampMicros => {
-                let time = DateTime::parse_from_rfc3339(s)
-                    .map_err(|_| shape(path, "expected an RFC 3339 time"))?;
-                varint(time.timestamp_micros(), out);
             }
             Node::Nullable { value, node, .. } => {
                 varint(i64::from(*value), out);
@@ -271,7 +284,8 @@ impl EventWriter {
                 ),
                 _ => return Err(shape(path, "expected an integer")),
             },
-            Node::String | Node::TimestampMicros | Node::Enum(_) => match element {
+            Node::TimestampMicros => return Err(shape(path, "a timestamp in a resource")),
+            Node::String | Node::Enum(_) => match element {
                 // A FHIR decimal: its exact digits.
                 Some(Element::Number(number)) if matches!(self.nodes[node], Node::String) => {
                     string(number.as_str(), out)
