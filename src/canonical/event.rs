@@ -202,15 +202,17 @@ fn event_id(
         hash.update(column.value.as_deref().unwrap_or("\u{0}NULL").as_bytes());
         hash.update([0x1f]);
     }
-    let h = hex::encode(&hash.finalize()[..16]);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    let digest = hash.finalize();
+    let mut id = String::with_capacity(36);
+    for (i, byte) in digest[..16].iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            id.push('-');
+        }
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        id.push(char::from(HEX[usize::from(byte >> 4)]));
+        id.push(char::from(HEX[usize::from(byte & 0xf)]));
+    }
+    id
 }
 
 /// RFC 3339 in UTC with the fraction it needs (`2024-03-05T14:30:00.25Z`): FHIR `instant`.

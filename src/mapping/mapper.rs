@@ -28,7 +28,8 @@ use crate::{
 /// Runs the mappings of each table.
 #[derive(Debug)]
 pub struct Mapper {
-    by_table: HashMap<String, Vec<Arc<Mapping>>>,
+    /// Schema → table → mappings (looked up per change without building a name).
+    by_table: HashMap<String, HashMap<String, Vec<Arc<Mapping>>>>,
     context: MapContext,
     source_system: String,
 }
@@ -72,10 +73,13 @@ impl Mapper {
                 ));
             }
         }
-        let mut by_table: HashMap<String, Vec<Arc<Mapping>>> = HashMap::new();
+        let mut by_table: HashMap<String, HashMap<String, Vec<Arc<Mapping>>>> = HashMap::new();
         for mapping in mappings {
+            let (schema, table) = mapping.schema_table();
             by_table
-                .entry(mapping.table.clone())
+                .entry(schema.to_owned())
+                .or_default()
+                .entry(table.to_owned())
                 .or_default()
                 .push(Arc::new(mapping));
         }
@@ -88,12 +92,17 @@ impl Mapper {
 
     /// Whether any mapping reads `schema.table`.
     pub fn maps_table(&self, qualified_name: &str) -> bool {
-        self.by_table.contains_key(qualified_name)
+        let (schema, table) = qualified_name.split_once('.').unwrap_or(("", qualified_name));
+        self.mappings_of(schema, table).is_some()
+    }
+
+    fn mappings_of(&self, schema: &str, table: &str) -> Option<&Vec<Arc<Mapping>>> {
+        self.by_table.get(schema)?.get(table)
     }
 
     pub fn map(&self, change: &ChangeEvent) -> MapOutcome {
         let mut outcome = MapOutcome::default();
-        let Some(mappings) = self.by_table.get(&change.source.qualified_name()) else {
+        let Some(mappings) = self.mappings_of(&change.source.schema, &change.source.table) else {
             return outcome;
         };
         for mapping in mappings {
