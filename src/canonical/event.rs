@@ -1,5 +1,7 @@
 //! The canonical event: one version of one FHIR resource, with where it came from.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -31,9 +33,9 @@ pub struct CanonicalEvent {
     pub resource_version: String,
     pub op: EventOp,
     /// The topic segment (`lab`, `billing`, …).
-    pub domain: String,
+    pub domain: Arc<str>,
     /// `normal` or `restricted`.
-    pub sensitivity: String,
+    pub sensitivity: Sensitivity,
     /// The FHIR R4 resource; `None` for deletes.
     pub resource: Option<Element>,
     pub provenance: Provenance,
@@ -42,13 +44,13 @@ pub struct CanonicalEvent {
 /// Where an event came from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Provenance {
-    pub source_system: String,
-    pub connector: String,
+    pub source_system: Arc<str>,
+    pub connector: Arc<str>,
     /// `postgres` or `mysql`.
-    pub database_kind: String,
-    pub database: String,
-    pub schema: String,
-    pub table: String,
+    pub database_kind: Arc<str>,
+    pub database: Arc<str>,
+    pub schema: Arc<str>,
+    pub table: Arc<str>,
     /// The row's key columns and their values as text, in key order.
     pub primary_key: Vec<KeyColumn>,
     /// The source position, as text (`pg:0/16B3748`, `binlog:mysql-bin.000003:4567`).
@@ -59,9 +61,9 @@ pub struct Provenance {
     pub commit_time: Option<DateTime<Utc>>,
     #[serde(with = "rfc3339")]
     pub capture_time: DateTime<Utc>,
-    pub mapping_id: String,
+    pub mapping_id: Arc<str>,
     /// The mapping's content hash.
-    pub mapping_version: String,
+    pub mapping_version: Arc<str>,
     /// Read by a snapshot rather than from the log.
     pub snapshot: bool,
 }
@@ -77,7 +79,7 @@ pub struct KeyColumn {
 pub struct Origin<'a> {
     pub change: &'a ChangeEvent,
     pub mapping: &'a Mapping,
-    pub source_system: &'a str,
+    pub source_system: &'a Arc<str>,
 }
 
 impl CanonicalEvent {
@@ -140,10 +142,10 @@ impl CanonicalEvent {
             resource_version,
             op,
             domain: origin.mapping.domain.clone(),
-            sensitivity: origin.mapping.sensitivity.as_str().to_owned(),
+            sensitivity: origin.mapping.sensitivity,
             resource: None,
             provenance: Provenance {
-                source_system: origin.source_system.to_owned(),
+                source_system: origin.source_system.clone(),
                 connector: source.connector.clone(),
                 database_kind: source.kind.clone(),
                 database: source.database.clone(),
@@ -258,9 +260,9 @@ mod rfc3339 {
 /// `meta.versionId`, `meta.lastUpdated` and `meta.source` from the envelope, and the
 /// confidentiality label of the sensitivity, keeping labels the mapping set (MASKED).
 fn set_meta(resource: &mut Element, event: &CanonicalEvent) {
-    let confidentiality = match event.sensitivity.as_str() {
-        s if s == Sensitivity::Restricted.as_str() => "R",
-        _ => "N",
+    let confidentiality = match event.sensitivity {
+        Sensitivity::Restricted => "R",
+        Sensitivity::Normal => "N",
     };
     let names = names();
     let mut security = match resource

@@ -114,7 +114,7 @@ impl EventWriter {
                     self.write_str(node, op, out, name)?
                 }
                 "domain" => self.write_str(node, &event.domain, out, name)?,
-                "sensitivity" => self.write_str(node, &event.sensitivity, out, name)?,
+                "sensitivity" => self.write_str(node, event.sensitivity.as_str(), out, name)?,
                 "resource" => self.write_element(node, event.resource.as_ref(), out, name)?,
                 "provenance" => self.write_provenance(node, &event.provenance, out)?,
                 other => return Err(shape(other, "a field this writer does not know")),

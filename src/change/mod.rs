@@ -17,12 +17,12 @@ pub use self::{
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SourceTable {
     /// The connector's name.
-    pub connector: String,
+    pub connector: Arc<str>,
     /// `postgres` or `mysql`.
-    pub kind: String,
-    pub database: String,
-    pub schema: String,
-    pub table: String,
+    pub kind: Arc<str>,
+    pub database: Arc<str>,
+    pub schema: Arc<str>,
+    pub table: Arc<str>,
 }
 
 impl SourceTable {

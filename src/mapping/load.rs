@@ -56,13 +56,13 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Mapping>, LoadErrors> {
                     line: 1,
                     column: 1,
                 };
-                if let Some(first) = ids.get(&mapping.id) {
+                if let Some(first) = ids.get(&*mapping.id) {
                     errors.push(LoadError {
                         location: here,
                         message: format!("mapping id `{}` is already used by {first}", mapping.id),
                     });
                 } else {
-                    ids.insert(mapping.id.clone(), here);
+                    ids.insert(mapping.id.to_string(), here);
                     mappings.push(mapping);
                 }
             }
@@ -350,13 +350,13 @@ impl Reader<'_> {
         let (table, Table { key, .. }) = source?;
         let content_hash = hex::encode(&std::mem::take(&mut self.hash).finalize()[..8]);
         Some(Mapping {
-            id: id?,
+            id: id?.into(),
             description,
-            domain: domain?,
+            domain: domain?.into(),
             sensitivity: sensitivity?,
             table,
             key,
-            content_hash,
+            content_hash: content_hash.into(),
             file: self.file.to_path_buf(),
             resources: resources?,
         })

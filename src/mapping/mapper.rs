@@ -31,7 +31,7 @@ pub struct Mapper {
     /// Schema → table → mappings (looked up per change without building a name).
     by_table: HashMap<String, HashMap<String, Vec<Arc<Mapping>>>>,
     context: MapContext,
-    source_system: String,
+    source_system: Arc<str>,
 }
 
 /// What one change yields.
@@ -56,7 +56,7 @@ impl Mapper {
     pub fn new(
         mappings: Vec<Mapping>,
         context: MapContext,
-        source_system: impl Into<String>,
+        source_system: impl Into<Arc<str>>,
     ) -> Result<Self, String> {
         if context.token_key.is_none() {
             let tokenizing = mappings.iter().find(|m| {
@@ -114,7 +114,7 @@ impl Mapper {
             for resource in &mapping.resources {
                 if let Err(error) = self.map_resource(origin, resource, &mut outcome) {
                     outcome.failures.push(MapFailure {
-                        mapping_id: mapping.id.clone(),
+                        mapping_id: mapping.id.to_string(),
                         error,
                     });
                 }

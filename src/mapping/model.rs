@@ -14,17 +14,17 @@ use crate::fhir::Segment;
 pub struct Mapping {
     /// Unique among all mappings; part of every event id. Never reuse one for a different
     /// meaning.
-    pub id: String,
+    pub id: Arc<str>,
     pub description: Option<String>,
     /// The topic segment: events go to `<prefix>.<domain>.<ResourceType>`.
-    pub domain: String,
+    pub domain: Arc<str>,
     pub sensitivity: Sensitivity,
     /// `schema.table`.
     pub table: String,
     /// The table's key columns.
     pub key: Vec<String>,
     /// The mapping version: a hash of the file and the code tables it reads.
-    pub content_hash: String,
+    pub content_hash: Arc<str>,
     pub file: PathBuf,
     pub resources: Vec<ResourceMapping>,
 }
@@ -50,7 +50,8 @@ pub fn source_tables(mappings: &[Mapping]) -> Vec<(String, String)> {
 }
 
 /// How sensitive the produced resources are; travels with every event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Sensitivity {
     /// Clinical or billing data for operational use (confidentiality `N`).
     Normal,

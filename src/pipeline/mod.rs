@@ -309,7 +309,7 @@ async fn write_events(
                             let headers = [
                                 ("event_id", event.event_id.as_str()),
                                 ("resource_type", event.resource_type.as_str()),
-                                ("connector", event.provenance.connector.as_str()),
+                                ("connector", &*event.provenance.connector),
                             ];
                             (lsn, producer.send(&topic, &event.key(), &bytes, &headers).await)
                         }.boxed());

@@ -164,8 +164,8 @@ async fn a_lab_result_life_streams_into_canonical_events_with_stable_ids() {
         fourth.resource.as_ref().unwrap().to_json()["note"][0]["text"],
         "Corrected: sample re-run"
     );
-    assert_eq!(third.provenance.schema, schema);
-    assert_eq!(third.provenance.table, "lab_result");
+    assert_eq!(*third.provenance.schema, *schema);
+    assert_eq!(&*third.provenance.table, "lab_result");
 
     // Nothing was acknowledged: reading again from the start re-emits the same events.
     let (again, _) = read_all(&options, &mapper).await;

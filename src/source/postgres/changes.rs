@@ -138,15 +138,15 @@ impl ChangeDecoder {
             }
             Message::Relation(relation) => {
                 let source = Arc::new(SourceTable {
-                    connector: self.connector.clone(),
+                    connector: self.connector.as_str().into(),
                     kind: "postgres".into(),
-                    database: self.database.clone(),
+                    database: self.database.as_str().into(),
                     schema: if relation.namespace.is_empty() {
                         "pg_catalog".into()
                     } else {
-                        relation.namespace.clone()
+                        relation.namespace.as_str().into()
                     },
-                    table: relation.name.clone(),
+                    table: relation.name.as_str().into(),
                 });
                 self.relations.insert(relation.oid, (relation, source));
                 Ok(Decoded::Nothing)

@@ -180,11 +180,11 @@ pub async fn read_tables(
             .map(|r| r.get(0))
             .collect();
         let source = Arc::new(SourceTable {
-            connector: connector.to_owned(),
+            connector: connector.into(),
             kind: "postgres".into(),
-            database: database.clone(),
-            schema: schema.clone(),
-            table: table.clone(),
+            database: database.as_str().into(),
+            schema: schema.as_str().into(),
+            table: table.as_str().into(),
         });
         client
             .batch_execute(&format!(
