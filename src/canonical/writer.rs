@@ -290,7 +290,9 @@ impl EventWriter {
                 Some(Element::Number(number)) if matches!(self.nodes[node], Node::String) => {
                     string(number.as_str(), out)
                 }
-                Some(Element::String(text)) => self.write_str(node, text, out, path)?,
+                Some(text @ (Element::String(_) | Element::Shared(_))) => {
+                    self.write_str(node, text.as_str().unwrap_or_default(), out, path)?
+                }
                 _ => return Err(shape(path, "expected text")),
             },
             Node::Array(items) => match element {

@@ -55,6 +55,9 @@ pub fn names() -> &'static Names {
 #[derive(Clone)]
 pub enum Element {
     String(String),
+    /// A string many resources share, such as a mapping's literal (`http://loinc.org`):
+    /// copying it is a reference count, not an allocation.
+    Shared(Arc<str>),
     /// Exact: the digits it was written with.
     Number(Number),
     Boolean(bool),
@@ -100,6 +103,7 @@ impl Element {
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Element::String(text) => Some(text),
+            Element::Shared(text) => Some(text),
             _ => None,
         }
     }
@@ -112,7 +116,9 @@ impl Element {
     /// Standard FHIR JSON, elements in order.
     pub fn to_json(&self) -> Json {
         match self {
-            Element::String(text) => Json::String(text.clone()),
+            Element::String(_) | Element::Shared(_) => {
+                Json::String(self.as_str().unwrap_or_default().to_owned())
+            }
             Element::Number(number) => Json::Number(number.clone()),
             Element::Boolean(b) => Json::Bool(*b),
             Element::Array(items) => Json::Array(items.iter().map(Element::to_json).collect()),
@@ -151,7 +157,9 @@ impl Element {
 impl PartialEq for Element {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
-            (Element::String(a), Element::String(b)) => a == b,
+            (Element::String(_) | Element::Shared(_), Element::String(_) | Element::Shared(_)) => {
+                self.as_str() == other.as_str()
+            }
             (Element::Number(a), Element::Number(b)) => a == b,
             (Element::Boolean(a), Element::Boolean(b)) => a == b,
             (Element::Array(a), Element::Array(b)) => a == b,
@@ -184,6 +192,7 @@ impl Serialize for Element {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
             Element::String(text) => serializer.serialize_str(text),
+            Element::Shared(text) => serializer.serialize_str(text),
             Element::Number(number) => number.serialize(serializer),
             Element::Boolean(b) => serializer.serialize_bool(*b),
             Element::Array(items) => serializer.collect_seq(items),

@@ -237,7 +237,7 @@ fn element_value(
     };
     let fhir = to_fhir(&value, &element.fhir_type, &element.conversion)
         .map_err(|e| fail(format!("{}: {e}", element.definition)))?;
-    if let (Some(codes), Element::String(code)) = (element.required_codes, &fhir) {
+    if let (Some(codes), Some(code)) = (element.required_codes, fhir.as_str()) {
         if !codes.contains(code) {
             return Err(fail(format!(
                 "{} must be a code of its required value set; the mapped code is not",

@@ -926,7 +926,14 @@ impl Reader<'_> {
             if t.is_literal() && element.translate.is_none() && element.protect.is_none() {
                 let text = t.render(&crate::change::Row::default()).ok()?;
                 element.fixed =
-                    to_fhir(&Value::Text(text), &element.fhir_type, &element.conversion).ok();
+                    to_fhir(&Value::Text(text), &element.fhir_type, &element.conversion)
+                        .ok()
+                        .map(|value| match value {
+                            crate::fhir::Element::String(text) => {
+                                crate::fhir::Element::Shared(text.into())
+                            }
+                            other => other,
+                        });
             }
         }
         Some(element)
