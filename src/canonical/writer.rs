@@ -242,7 +242,9 @@ impl EventWriter {
                 for (name, node) in fields {
                     match name.as_str() {
                         "column" => self.write_str(*node, &column.column, out, name)?,
-                        "value" => self.write_optional_str(*node, column.value.as_deref(), out, name)?,
+                        "value" => {
+                            self.write_optional_str(*node, column.value.as_deref(), out, name)?
+                        }
                         other => return Err(shape(other, "a field this writer does not know")),
                     }
                 }

@@ -145,7 +145,9 @@ impl Element {
             Json::Object(fields) => Element::Object(
                 fields
                     .into_iter()
-                    .filter_map(|(name, value)| Some((Name::from(name), Element::from_json(value)?)))
+                    .filter_map(|(name, value)| {
+                        Some((Name::from(name), Element::from_json(value)?))
+                    })
                     .collect(),
             ),
         })
@@ -165,11 +167,12 @@ impl PartialEq for Element {
             (Element::Array(a), Element::Array(b)) => a == b,
             (Element::Object(a), Element::Object(b)) => {
                 a.len() == b.len()
-                    && a.iter().zip(b).all(|((na, va), (nb, vb))| na == nb && va == vb)
+                    && a.iter()
+                        .zip(b)
+                        .all(|((na, va), (nb, vb))| na == nb && va == vb)
                     || a.len() == b.len()
-                        && a.iter().all(|(name, value)| {
-                            b.iter().any(|(n, v)| n == name && v == value)
-                        })
+                        && a.iter()
+                            .all(|(name, value)| b.iter().any(|(n, v)| n == name && v == value))
             }
             _ => false,
         }
@@ -232,7 +235,8 @@ mod tests {
             serde_json::to_string(&element).unwrap(),
             r#"{"resourceType":"Observation","id":"r-1","valueQuantity":{"value":98.0000},"status":"final","note":[{"text":"a"}],"flag":true}"#
         );
-        let back: Element = serde_json::from_str(&serde_json::to_string(&element).unwrap()).unwrap();
+        let back: Element =
+            serde_json::from_str(&serde_json::to_string(&element).unwrap()).unwrap();
         assert_eq!(back, element);
     }
 

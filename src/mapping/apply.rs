@@ -3,14 +3,14 @@
 use std::borrow::Cow;
 
 use hmac::{Hmac, Mac};
-use smallvec::SmallVec;
 use sha2::{Digest, Sha256};
+use smallvec::SmallVec;
 
 use super::{
     convert::{is_fhir_id, text_of, to_fhir},
     load::display_path,
-    shape::Broken,
     model::{ElementMapping, Protect, ResourceMapping, Test, Unmapped, ValueSource},
+    shape::Broken,
     template::{RenderError, Template},
 };
 use crate::{
@@ -95,7 +95,8 @@ impl ResourceMapping {
             return Ok(None);
         }
         let id = self.id_for(row)?;
-        let mut values: SmallVec<[Option<Element>; 32]> = SmallVec::with_capacity(self.elements.len());
+        let mut values: SmallVec<[Option<Element>; 32]> =
+            SmallVec::with_capacity(self.elements.len());
         let mut masked = false;
         for element in &self.elements {
             let value = element_value(element, row, context)?;
@@ -117,9 +118,7 @@ impl ResourceMapping {
                 Element::Array(vec![Element::Object(vec![
                     (
                         names.system.clone(),
-                        Element::text(
-                            "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
-                        ),
+                        Element::text("http://terminology.hl7.org/CodeSystem/v3-ObservationValue"),
                     ),
                     (names.code.clone(), Element::text("MASKED")),
                 ])]),

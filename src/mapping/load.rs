@@ -13,13 +13,13 @@ use marked_yaml::{types::MarkedMappingNode, LoaderOptions, Node, Span};
 use sha2::{Digest, Sha256};
 
 use super::{
-    shape::Shape,
     convert::{to_fhir, Conversion},
     location::{LoadError, LoadErrors, Location},
     model::{
         ChoiceGroup, Condition, ElementMapping, Mapping, Protect, RequiredNode, ResourceMapping,
         Sensitivity, Test, Translation, Unmapped, ValueSource,
     },
+    shape::Shape,
     template::Template,
 };
 use crate::{

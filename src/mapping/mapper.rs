@@ -92,7 +92,9 @@ impl Mapper {
 
     /// Whether any mapping reads `schema.table`.
     pub fn maps_table(&self, qualified_name: &str) -> bool {
-        let (schema, table) = qualified_name.split_once('.').unwrap_or(("", qualified_name));
+        let (schema, table) = qualified_name
+            .split_once('.')
+            .unwrap_or(("", qualified_name));
         self.mappings_of(schema, table).is_some()
     }
 
@@ -197,5 +199,8 @@ fn after<'a>(change: &'a ChangeEvent, resource: &ResourceMapping) -> Result<&'a 
 
 /// The `id` of a mapped resource (the mapper always sets it).
 fn id_of(resource: &Element) -> &str {
-    resource.get("id").and_then(Element::as_str).unwrap_or_default()
+    resource
+        .get("id")
+        .and_then(Element::as_str)
+        .unwrap_or_default()
 }

@@ -72,16 +72,17 @@ impl Shape {
                 shape.nodes[parent].anchors.push(index);
             }
         }
-        let children_matching = |shape: &Shape, node: usize, matches: &dyn Fn(&str) -> bool| {
-            match &shape.nodes[node].kind {
+        let children_matching =
+            |shape: &Shape, node: usize, matches: &dyn Fn(&str) -> bool| match &shape.nodes[node]
+                .kind
+            {
                 Kind::Object(fields) => fields
                     .iter()
                     .filter(|(name, _)| matches(name))
                     .map(|(_, child)| *child)
                     .collect(),
                 _ => Vec::new(),
-            }
-        };
+            };
         for node in required {
             let at = shape.find(&node.path);
             let children = node
@@ -97,9 +98,9 @@ impl Shape {
         for group in choices {
             let at = shape.find(&group.path);
             let members = match at {
-                Some(at) => children_matching(&shape, at, &|name| {
-                    group.names.iter().any(|n| n == name)
-                }),
+                Some(at) => {
+                    children_matching(&shape, at, &|name| group.names.iter().any(|n| n == name))
+                }
                 None => Vec::new(),
             };
             shape.choices.push((at.unwrap_or(usize::MAX), members));

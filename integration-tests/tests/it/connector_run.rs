@@ -219,7 +219,10 @@ prefix = "{prefix}"
         decoded[..3].iter().all(|e| e.provenance.snapshot),
         "the first three came from the snapshot"
     );
-    assert_eq!(decoded[4].resource.as_ref().unwrap().to_json()["status"], "final");
+    assert_eq!(
+        decoded[4].resource.as_ref().unwrap().to_json()["status"],
+        "final"
+    );
 
     // Heartbeats: traffic on a table no mapping reads still advances the acknowledged
     // position, so the server does not keep WAL for nothing.

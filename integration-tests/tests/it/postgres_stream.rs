@@ -122,7 +122,13 @@ async fn a_lab_result_life_streams_into_canonical_events_with_stable_ids() {
     let (events, suppressed) = read_all(&options, &mapper).await;
     let statuses: Vec<Option<&str>> = events
         .iter()
-        .map(|e| e.resource.as_ref().map(|r| r.get("status").and_then(fhir_cdc::fhir::Element::as_str).unwrap()))
+        .map(|e| {
+            e.resource.as_ref().map(|r| {
+                r.get("status")
+                    .and_then(fhir_cdc::fhir::Element::as_str)
+                    .unwrap()
+            })
+        })
         .collect();
     assert_eq!(
         statuses,
