@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -154,8 +154,10 @@ impl CanonicalEvent {
                 primary_key,
                 source_position,
                 transaction_id: change.transaction_id.clone(),
-                commit_time: change.commit_time,
-                capture_time: change.capture_time,
+                // Microseconds, as the Avro envelope keeps them, so that meta.lastUpdated
+                // still agrees with the envelope after a round trip.
+                commit_time: change.commit_time.map(|t| t.trunc_subsecs(6)),
+                capture_time: change.capture_time.trunc_subsecs(6),
                 mapping_id: origin.mapping.id.clone(),
                 mapping_version: origin.mapping.content_hash.clone(),
                 snapshot: change.op == Operation::Read,

@@ -1,6 +1,7 @@
 //! The `fhir-cdc` command line. Only subcommands that work are listed.
 
 mod check;
+mod preview;
 mod run;
 mod schemas;
 
@@ -28,6 +29,8 @@ pub enum Command {
     /// Capture changes from the source into Kafka until stopped (PostgreSQL sources):
     /// snapshot, then the replication stream; positions acknowledged only after Kafka.
     Run(run::RunArgs),
+    /// Print the FHIR resources the mappings make of live rows, writing nothing anywhere.
+    Preview(preview::PreviewArgs),
     /// Generate or check the Avro schemas of canonical events (schemas/*.avsc).
     Schemas(schemas::SchemasArgs),
 }
@@ -40,6 +43,7 @@ impl Cli {
     pub async fn run(self) -> ExitCode {
         match self.command {
             Command::Check(args) => check::run(args).await,
+            Command::Preview(args) => preview::run(args).await,
             Command::Run(args) => run::run(args).await,
             Command::Schemas(args) => schemas::run(args),
         }

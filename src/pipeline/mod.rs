@@ -27,7 +27,7 @@ use crate::{
     canonical::registry::{CodecError, EventCodec},
     change::{PgLsn, Position, SourceMessage},
     config::{ConnectorConfig, SnapshotMode, SourceKind},
-    mapping::{self, MapContext, Mapper},
+    mapping::{self, MapContext, Mapper, Mapping},
     offsets::AckTracker,
     sink::kafka::{ensure_topics, Producer, SinkError, TopicSpec},
     source::postgres::{
@@ -74,6 +74,23 @@ pub struct RunSummary {
     pub acknowledged: Option<PgLsn>,
 }
 
+/// The mapper of a connector's mappings, with its token key and source system.
+pub fn mapper_for(config: &ConnectorConfig, mappings: Vec<Mapping>) -> Result<Mapper, RunError> {
+    let mappings_config = config.mappings.as_ref().ok_or(RunError::NoMappings)?;
+    let source_system = mappings_config
+        .source_system
+        .clone()
+        .unwrap_or_else(|| config.name.clone());
+    Mapper::new(
+        mappings,
+        MapContext {
+            token_key: mappings_config.token_key.clone(),
+        },
+        source_system,
+    )
+    .map_err(RunError::Setup)
+}
+
 /// Run the connector until `shutdown` is cancelled (or the source ends), then drain what is
 /// in flight, acknowledge it and return.
 pub async fn run(
@@ -115,18 +132,7 @@ pub async fn run(
         topics = specs.len(),
         "topics ready"
     );
-    let source_system = mappings_config
-        .source_system
-        .clone()
-        .unwrap_or_else(|| config.name.clone());
-    let mapper = Mapper::new(
-        mappings,
-        MapContext {
-            token_key: mappings_config.token_key.clone(),
-        },
-        source_system,
-    )
-    .map_err(RunError::Setup)?;
+    let mapper = mapper_for(config, mappings)?;
 
     let slot = config.source.slot_name(&config.name);
     let publication = config.source.publication_name(&config.name);

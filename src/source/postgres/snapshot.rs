@@ -116,7 +116,7 @@ impl ExportedSnapshot {
     }
 }
 
-/// Read `tables` (`schema.table`) inside `snapshot`, `chunk_rows` rows at a time, sending
+/// Read the mapped tables inside the exported snapshot, `chunk_rows` rows at a time, sending
 /// each row to `out` as a snapshot read (a full channel holds the reading back), then the
 /// consistent point as progress. Returns the number of rows read.
 pub async fn read_tables(
@@ -127,29 +127,82 @@ pub async fn read_tables(
     chunk_rows: usize,
     out: &mpsc::Sender<SourceMessage>,
 ) -> Result<u64, SnapshotError> {
-    let (client, connection) = tokio_postgres::connect(url.expose(), NoTls)
-        .await
-        .map_err(|e| SnapshotError::Config(e.to_string()))?;
-    tokio::spawn(connection);
-    let database: String = client
-        .query_one("SELECT current_database()", &[])
-        .await
-        .map_err(|e| SnapshotError::Config(e.to_string()))?
-        .get(0);
-    client
-        .batch_execute(&format!(
-            "SET DateStyle = ISO; SET TimeZone = 'UTC';
-             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
-             SET TRANSACTION SNAPSHOT {};",
-            quote_literal(&snapshot.name)
-        ))
-        .await
-        .map_err(|e| SnapshotError::Read {
-            table: "(snapshot import)".into(),
-            reason: e.to_string(),
-        })?;
+    let reader = TableReader::open(url, connector, Some(&snapshot.name)).await?;
+    let position = Position::Postgres(snapshot.consistent_point);
     let mut ordinal: u32 = 0;
     for (schema, table) in tables {
+        reader
+            .read(schema, table, &position, &mut ordinal, chunk_rows, None, out)
+            .await?;
+    }
+    reader.close().await?;
+    out.send(SourceMessage::Progress(position))
+        .await
+        .map_err(|_| SnapshotError::Cancelled)?;
+    Ok(u64::from(ordinal))
+}
+
+/// Reads whole tables through cursors, inside one read-only REPEATABLE READ transaction:
+/// an exported snapshot's, or its own (`preview`).
+#[derive(Debug)]
+pub struct TableReader {
+    client: tokio_postgres::Client,
+    connector: String,
+    database: String,
+}
+
+impl TableReader {
+    /// Connect and begin the transaction, importing `snapshot` when given.
+    pub async fn open(
+        url: &Secret,
+        connector: &str,
+        snapshot: Option<&str>,
+    ) -> Result<Self, SnapshotError> {
+        let (client, connection) = tokio_postgres::connect(url.expose(), NoTls)
+            .await
+            .map_err(|e| SnapshotError::Config(e.to_string()))?;
+        tokio::spawn(connection);
+        let database: String = client
+            .query_one("SELECT current_database()", &[])
+            .await
+            .map_err(|e| SnapshotError::Config(e.to_string()))?
+            .get(0);
+        let import = snapshot.map_or(String::new(), |name| {
+            format!("SET TRANSACTION SNAPSHOT {};", quote_literal(name))
+        });
+        client
+            .batch_execute(&format!(
+                "SET DateStyle = ISO; SET TimeZone = 'UTC';
+                 BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
+                 {import}"
+            ))
+            .await
+            .map_err(|e| SnapshotError::Read {
+                table: "(snapshot import)".into(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            client,
+            connector: connector.to_owned(),
+            database,
+        })
+    }
+
+    /// Read `schema.table`, `chunk_rows` rows at a time and at most `limit` rows, sending
+    /// each as a snapshot read at `position`, numbered from `ordinal` on. Returns the number
+    /// of rows read.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn read(
+        &self,
+        schema: &str,
+        table: &str,
+        position: &Position,
+        ordinal: &mut u32,
+        chunk_rows: usize,
+        limit: Option<u64>,
+        out: &mpsc::Sender<SourceMessage>,
+    ) -> Result<u64, SnapshotError> {
+        let client = &self.client;
         let name = format!("{schema}.{table}");
         let fail = |e: tokio_postgres::Error| SnapshotError::Read {
             table: name.clone(),
@@ -180,18 +233,20 @@ pub async fn read_tables(
             .map(|r| r.get(0))
             .collect();
         let source = Arc::new(SourceTable {
-            connector: connector.into(),
+            connector: self.connector.as_str().into(),
             kind: "postgres".into(),
-            database: database.as_str().into(),
-            schema: schema.as_str().into(),
-            table: table.as_str().into(),
+            database: self.database.as_str().into(),
+            schema: schema.into(),
+            table: table.into(),
         });
+        let limit_clause = limit.map_or(String::new(), |n| format!(" LIMIT {n}"));
         client
             .batch_execute(&format!(
-                "DECLARE fhir_cdc_snapshot NO SCROLL CURSOR FOR SELECT * FROM {qualified}"
+                "DECLARE fhir_cdc_snapshot NO SCROLL CURSOR FOR SELECT * FROM {qualified}{limit_clause}"
             ))
             .await
             .map_err(fail)?;
+        let mut read = 0;
         loop {
             let messages = client
                 .simple_query(&format!("FETCH {chunk_rows} FROM fhir_cdc_snapshot"))
@@ -221,8 +276,8 @@ pub async fn read_tables(
                     key: key.clone(),
                     before: None,
                     after: Some(Row::new(values)),
-                    position: Position::Postgres(snapshot.consistent_point),
-                    ordinal,
+                    position: position.clone(),
+                    ordinal: *ordinal,
                     transaction_id: None,
                     commit_time: None,
                     capture_time: Utc::now(),
@@ -230,8 +285,9 @@ pub async fn read_tables(
                 out.send(SourceMessage::Change(change))
                     .await
                     .map_err(|_| SnapshotError::Cancelled)?;
-                ordinal = ordinal.wrapping_add(1);
+                *ordinal = ordinal.wrapping_add(1);
             }
+            read += fetched;
             if fetched < chunk_rows {
                 break;
             }
@@ -240,20 +296,19 @@ pub async fn read_tables(
             .batch_execute("CLOSE fhir_cdc_snapshot")
             .await
             .map_err(fail)?;
+        Ok(read as u64)
     }
-    client
-        .batch_execute("COMMIT")
-        .await
-        .map_err(|e| SnapshotError::Read {
-            table: "(commit)".into(),
-            reason: e.to_string(),
-        })?;
-    out.send(SourceMessage::Progress(Position::Postgres(
-        snapshot.consistent_point,
-    )))
-    .await
-    .map_err(|_| SnapshotError::Cancelled)?;
-    Ok(u64::from(ordinal))
+
+    /// End the transaction.
+    pub async fn close(self) -> Result<(), SnapshotError> {
+        self.client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| SnapshotError::Read {
+                table: "(commit)".into(),
+                reason: e.to_string(),
+            })
+    }
 }
 
 /// `"name"`, with embedded quotes doubled.
