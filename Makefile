@@ -1,18 +1,12 @@
 # The two commands a newcomer needs (see README.md), and the stack's own.
 .PHONY: demo test lint stack-up stack-down stack-status
 
-# Bring the stack up, prepare the sample lab tables and check both reference connectors.
-# (The scripted end-to-end story on a sample lab database is still to come.)
+# Bring the stack up, load the sample lab database, capture it into Kafka and play a short
+# story on it (integration-tests/fixtures/demo); then check the MySQL reference connector.
 demo: stack-up
 	cargo build --release --bin fhir-cdc
 	@integration-tests/stack/status
-	@echo
-	@# The sample lab tables (empty), prepared as a DBA would: full replica identity.
-	@. integration-tests/stack/env && sed 's/CREATE TABLE /CREATE TABLE IF NOT EXISTS /' mappings/lab/schema.sql \
-	  | psql "$$FHIR_CDC_PG_URL" -q -v ON_ERROR_STOP=1 -f - \
-	  && for t in patient lab_order specimen lab_result; do \
-	       psql "$$FHIR_CDC_PG_URL" -q -v ON_ERROR_STOP=1 -c "ALTER TABLE lis.$$t REPLICA IDENTITY FULL"; done
-	@. integration-tests/stack/env && target/release/fhir-cdc check --config connectors/lab-postgres.toml
+	integration-tests/fixtures/demo
 	@echo
 	@. integration-tests/stack/env && target/release/fhir-cdc check --config connectors/billing-mysql.toml
 

@@ -4,6 +4,7 @@ mod check;
 mod preview;
 mod run;
 mod schemas;
+mod tail;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,9 @@ pub enum Command {
     Run(run::RunArgs),
     /// Print the FHIR resources the mappings make of live rows, writing nothing anywhere.
     Preview(preview::PreviewArgs),
+    /// Print canonical events from Kafka, decoded through the schema registry, one JSON
+    /// object per line.
+    Tail(tail::TailArgs),
     /// Generate or check the Avro schemas of canonical events (schemas/*.avsc).
     Schemas(schemas::SchemasArgs),
 }
@@ -46,6 +50,7 @@ impl Cli {
             Command::Preview(args) => preview::run(args).await,
             Command::Run(args) => run::run(args).await,
             Command::Schemas(args) => schemas::run(args),
+            Command::Tail(args) => tail::run(args).await,
         }
     }
 }

@@ -34,7 +34,7 @@ pub struct PreviewArgs {
 
 pub async fn run(args: PreviewArgs) -> ExitCode {
     match preview(&args).await {
-        Ok(failures) if failures == 0 => ExitCode::SUCCESS,
+        Ok(0) => ExitCode::SUCCESS,
         Ok(failures) => {
             eprintln!("fhir-cdc preview: {failures} row(s) would go to the dead-letter topic");
             ExitCode::FAILURE

@@ -246,7 +246,7 @@ impl ConnectorConfig {
         // Mapping paths are relative to the config file, wherever the connector runs from.
         if let (Some(mappings), Some(dir)) = (config.mappings.as_mut(), path.parent()) {
             if mappings.path.is_relative() {
-                mappings.path = dir.join(&mappings.path);
+                mappings.path = lexically_normal(&dir.join(&mappings.path));
             }
         }
         config
@@ -326,9 +326,46 @@ fn interpolated<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D:
     interpolate::resolve(&raw).map_err(serde::de::Error::custom)
 }
 
+/// `a/b/../c` as `a/c`, without touching the file system, so that locations in messages
+/// read `mappings/lab/result.yaml`, not `connectors/../mappings/lab/result.yaml`. A `..`
+/// with nothing before it to cancel stays.
+fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component<'_>> = Vec::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.is_empty() {
+        return PathBuf::from(".");
+    }
+    out.iter().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mapping_paths_are_normalized_for_messages() {
+        for (path, normal) in [
+            ("connectors/../mappings/lab", "mappings/lab"),
+            ("/etc/fhir-cdc/./conf/../mappings", "/etc/fhir-cdc/mappings"),
+            ("../mappings", "../mappings"),
+            ("a/..", "."),
+        ] {
+            assert_eq!(
+                lexically_normal(Path::new(path)),
+                Path::new(normal),
+                "{path}"
+            );
+        }
+    }
 
     fn parse(text: &str) -> Result<ConnectorConfig, ConfigError> {
         let file = tempfile::NamedTempFile::new().unwrap();

@@ -321,8 +321,9 @@ async fn write_events(
                         }.boxed());
                     }
                     for failure in outcome.failures {
+                        // The reason names columns and rules, never row values.
                         warn!(mapping = failure.mapping_id, table = %change.source.qualified_name(), position = %change.position,
-                            "a change went to the dead-letter topic");
+                            reason = %failure.error, "a change went to the dead-letter topic");
                         summary.dead_letters += 1;
                         let letter = dead_letter::record(&change, &failure);
                         let key = format!("{}:{}", change.source.qualified_name(), change.position);

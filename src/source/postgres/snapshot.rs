@@ -132,7 +132,15 @@ pub async fn read_tables(
     let mut ordinal: u32 = 0;
     for (schema, table) in tables {
         reader
-            .read(schema, table, &position, &mut ordinal, chunk_rows, None, out)
+            .read(
+                schema,
+                table,
+                &position,
+                &mut ordinal,
+                chunk_rows,
+                None,
+                out,
+            )
             .await?;
     }
     reader.close().await?;

@@ -1,0 +1,243 @@
+//! `fhir-cdc tail`: canonical events read from Kafka and decoded through the schema
+//! registry, one JSON object per line — what an operator reaches for instead of a generic
+//! console consumer.
+//!
+//! Each line holds the Kafka coordinates (`topic`, `partition`, `offset`), then the
+//! envelope fields and the FHIR resource as standard FHIR JSON. Partitions are assigned
+//! directly (no consumer group, nothing committed), so tailing never disturbs a consumer.
+//! A message that cannot be decoded is reported on stderr with its coordinates and the
+//! reason, and tailing goes on; the exit status is then 1.
+
+use std::{collections::HashMap, path::PathBuf, process::ExitCode, time::Duration};
+
+use chrono::{DateTime, Utc};
+use clap::Args;
+use rdkafka::{
+    consumer::{Consumer, StreamConsumer},
+    Message, Offset, TopicPartitionList,
+};
+use serde_json::{Map, Value as Json};
+
+use crate::{
+    canonical::{registry::EventCodec, CanonicalEvent, EventOp},
+    config::ConnectorConfig,
+    sink::kafka::client_config,
+};
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// The connector configuration file (TOML): its Kafka, registry and topic prefix.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// A topic to read; repeat for several. Default: every event topic under the
+    /// configured prefix (`<prefix>.<domain>.<ResourceType>`), not the dead-letter topics.
+    #[arg(long = "topic")]
+    topics: Vec<String>,
+    /// Read from the first retained message instead of only new ones.
+    #[arg(long, conflicts_with = "since")]
+    from_beginning: bool,
+    /// Read from the first message written at or after this time (RFC 3339, e.g.
+    /// 2024-03-05T14:30:00Z).
+    #[arg(long, value_parser = parse_time)]
+    since: Option<DateTime<Utc>>,
+    /// Stop after this many events.
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Stop once every partition is read up to where it ended when tail started.
+    #[arg(long)]
+    to_end: bool,
+    /// One short line per event instead of JSON: operation, resource, version, status,
+    /// source position, and `snapshot` for snapshot reads.
+    #[arg(long)]
+    summary: bool,
+}
+
+pub async fn run(args: TailArgs) -> ExitCode {
+    let config = match ConnectorConfig::load(&args.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("fhir-cdc tail: {e}");
+            return ExitCode::from(super::EXIT_BAD_CONFIG);
+        }
+    };
+    match tail(&args, &config).await {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(undecodable) => {
+            eprintln!("fhir-cdc tail: {undecodable} message(s) could not be decoded");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("fhir-cdc tail: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints events until stopped; returns the number of undecodable messages.
+async fn tail(args: &TailArgs, config: &ConnectorConfig) -> Result<u64, String> {
+    let mut client = client_config(&config.kafka);
+    client
+        .set("group.id", format!("fhir-cdc-tail-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: StreamConsumer = client
+        .create()
+        .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
+    let metadata = consumer
+        .fetch_metadata(None, METADATA_TIMEOUT)
+        .map_err(|e| format!("cannot read the cluster's topics: {e}"))?;
+    let prefix = format!("{}.", config.topics.prefix);
+    let dead_letters = format!("{prefix}dlq.");
+    let mut assignment = TopicPartitionList::new();
+    // Per partition, the offset it ended at when tail started (for --to-end).
+    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    for topic in metadata.topics() {
+        let name = topic.name();
+        let wanted = if args.topics.is_empty() {
+            name.starts_with(&prefix) && !name.starts_with(&dead_letters)
+        } else {
+            args.topics.iter().any(|t| t == name)
+        };
+        if !wanted {
+            continue;
+        }
+        for partition in topic.partitions() {
+            let (low, high) = consumer
+                .fetch_watermarks(name, partition.id(), METADATA_TIMEOUT)
+                .map_err(|e| {
+                    format!("cannot read the offsets of {name}[{}]: {e}", partition.id())
+                })?;
+            let start = match args.since {
+                Some(since) => offset_at(&consumer, name, partition.id(), since)?.unwrap_or(high),
+                None if args.from_beginning => low,
+                None => high,
+            };
+            assignment
+                .add_partition_offset(name, partition.id(), Offset::Offset(start))
+                .map_err(|e| e.to_string())?;
+            if high > start {
+                ends.insert((name.to_owned(), partition.id()), high);
+            }
+        }
+    }
+    for wanted in &args.topics {
+        if !metadata.topics().iter().any(|t| t.name() == wanted) {
+            return Err(format!("topic `{wanted}` does not exist"));
+        }
+    }
+    if assignment.count() == 0 {
+        return Err(format!(
+            "no event topics under the prefix `{}`",
+            config.topics.prefix
+        ));
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(|e| format!("cannot assign the partitions: {e}"))?;
+    let codec = EventCodec::new(&config.schema_registry);
+    let (mut printed, mut undecodable) = (0u64, 0u64);
+    while !(args.to_end && ends.is_empty()) && args.limit.is_none_or(|limit| printed < limit) {
+        let message = consumer
+            .recv()
+            .await
+            .map_err(|e| format!("reading from Kafka failed: {e}"))?;
+        let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+        if ends
+            .get(&(topic.to_owned(), partition))
+            .is_some_and(|end| offset + 1 >= *end)
+        {
+            ends.remove(&(topic.to_owned(), partition));
+        }
+        let decoded = match message.payload() {
+            Some(bytes) => codec.decode(bytes).await.map_err(|e| e.to_string()),
+            None => Err("an empty message (a tombstone?)".to_owned()),
+        };
+        if args.summary {
+            match decoded {
+                Ok(event) => {
+                    println!("{}", summary(&event));
+                    printed += 1;
+                }
+                Err(reason) => {
+                    undecodable += 1;
+                    eprintln!("{topic}[{partition}]@{offset}: {reason}");
+                }
+            }
+            continue;
+        }
+        match decoded.and_then(|event| serde_json::to_value(event).map_err(|e| e.to_string())) {
+            Ok(Json::Object(fields)) => {
+                let mut line = Map::with_capacity(fields.len() + 3);
+                line.insert("topic".into(), topic.into());
+                line.insert("partition".into(), partition.into());
+                line.insert("offset".into(), offset.into());
+                line.extend(fields);
+                println!("{}", Json::Object(line));
+                printed += 1;
+            }
+            Ok(_) => unreachable!("events serialize as objects"),
+            Err(reason) => {
+                undecodable += 1;
+                eprintln!("{topic}[{partition}]@{offset}: {reason}");
+            }
+        }
+    }
+    Ok(undecodable)
+}
+
+/// `upsert Observation/result-12 v0000000016B37480.0000000000 final pg:0/16B3748`
+fn summary(event: &CanonicalEvent) -> String {
+    let op = match event.op {
+        EventOp::Upsert => "upsert",
+        EventOp::Delete => "delete",
+    };
+    let status = event
+        .resource
+        .as_ref()
+        .and_then(|r| r.get("status"))
+        .and_then(|s| s.as_str())
+        .unwrap_or("-");
+    let snapshot = if event.provenance.snapshot {
+        " snapshot"
+    } else {
+        ""
+    };
+    format!(
+        "{op:<6} {}/{} v{} {status} {}{snapshot}",
+        event.resource_type,
+        event.resource_id,
+        event.resource_version,
+        event.provenance.source_position
+    )
+}
+
+fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.to_utc())
+        .map_err(|e| format!("not an RFC 3339 time ({e}); write e.g. 2024-03-05T14:30:00Z"))
+}
+
+/// The first offset of `topic[partition]` written at or after `since`; `None` when none is.
+fn offset_at(
+    consumer: &StreamConsumer,
+    topic: &str,
+    partition: i32,
+    since: DateTime<Utc>,
+) -> Result<Option<i64>, String> {
+    let mut query = TopicPartitionList::new();
+    query
+        .add_partition_offset(topic, partition, Offset::Offset(since.timestamp_millis()))
+        .map_err(|e| e.to_string())?;
+    let found = consumer
+        .offsets_for_times(query, METADATA_TIMEOUT)
+        .map_err(|e| format!("cannot find the offsets of {topic}[{partition}] at {since}: {e}"))?;
+    Ok(found
+        .find_partition(topic, partition)
+        .and_then(|p| match p.offset() {
+            Offset::Offset(offset) => Some(offset),
+            _ => None,
+        }))
+}
