@@ -2,88 +2,15 @@
 //! new changes by the stream, a row no mapping can take goes to the dead-letter topic with
 //! its reason, SIGTERM drains and acknowledges, and a restart resumes without re-sending.
 
-use std::{
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::Duration;
 
 use fhir_cdc::{canonical::registry::EventCodec, config::RegistryConfig};
-use rdkafka::{
-    consumer::{Consumer, StreamConsumer},
-    ClientConfig, Message, Offset, TopicPartitionList,
-};
 use tokio_postgres::NoTls;
 
-use crate::stack;
-
-/// A running connector; killed if the test fails before stopping it, so that no
-/// connector (and no walsender) outlives its test.
-struct Connector(Option<Child>);
-
-impl Drop for Connector {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn start(config: &Path, log: &Path) -> Connector {
-    Connector(Some(
-        Command::new(stack::fhir_cdc_bin())
-            .args(["run", "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap(),
-    ))
-}
-
-/// SIGTERM, then the exit status (within 30 s).
-fn stop(mut connector: Connector) -> std::process::ExitStatus {
-    let mut child = connector.0.take().expect("a running connector");
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the connector did not stop within 30s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Every message of partition 0 of `topic`, read until `count` arrived or `wait` passed.
-async fn read_for(topic: &str, count: usize, wait: Duration) -> Vec<Vec<u8>> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", stack::kafka_bootstrap())
-        .set("group.id", stack::unique("run-reader"))
-        .create()
-        .unwrap();
-    let mut assignment = TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    consumer.assign(&assignment).unwrap();
-    let mut messages = Vec::new();
-    let deadline = Instant::now() + wait;
-    while messages.len() < count && Instant::now() < deadline {
-        if let Ok(Ok(message)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await
-        {
-            messages.push(message.payload().unwrap().to_vec());
-        }
-    }
-    messages
-}
+use crate::{
+    connector::{await_confirmed, current_lsn, read_for, start, stop},
+    stack,
+};
 
 async fn read(topic: &str, count: usize) -> Vec<Vec<u8>> {
     read_for(topic, count, Duration::from_secs(60)).await
@@ -97,18 +24,7 @@ async fn run_snapshots_streams_dead_letters_and_resumes() {
     tokio::spawn(connection);
     let schema = stack::unique("run");
     let t = format!("{schema}.lab_result");
-    let ddl = std::fs::read_to_string(stack::repo_root().join("mappings/lab/schema.sql"))
-        .unwrap()
-        .replace(
-            "CREATE SCHEMA IF NOT EXISTS lis;",
-            &format!("CREATE SCHEMA {schema};"),
-        )
-        .replace("lis.", &format!("{schema}."));
-    client.batch_execute(&ddl).await.unwrap();
-    client
-        .batch_execute(&format!("ALTER TABLE {t} REPLICA IDENTITY FULL"))
-        .await
-        .unwrap();
+    stack::create_lab_schema(&client, &schema).await;
     let insert = |id: i32, status: &str| {
         format!(
             "INSERT INTO {t} (result_id, accession_no, mrn, test_code, value_numeric, units, result_status, collected_at)
@@ -121,39 +37,9 @@ async fn run_snapshots_streams_dead_letters_and_resumes() {
 
     // The sample result mapping, reading this test's table.
     let dir = std::env::temp_dir().join(&schema);
-    std::fs::create_dir_all(dir.join("mappings")).unwrap();
-    let lab = stack::repo_root().join("mappings/lab");
-    let mapping = std::fs::read_to_string(lab.join("result.yaml"))
-        .unwrap()
-        .replace("table: lis.lab_result", &format!("table: {t}"));
-    std::fs::write(dir.join("mappings/result.yaml"), mapping).unwrap();
-    std::fs::copy(
-        lab.join("tests.codes.yaml"),
-        dir.join("mappings/tests.codes.yaml"),
-    )
-    .unwrap();
+    stack::lab_mappings(&dir.join("mappings"), &schema, &["result.yaml"]);
     let prefix = stack::unique("fhirit");
-    let config = dir.join("connector.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"name = "{schema}"
-[source]
-kind = "postgres"
-url = "${{env:FHIR_CDC_PG_URL}}"
-heartbeat.interval.ms = 500
-[kafka]
-bootstrap.servers = "${{env:FHIR_CDC_KAFKA_BOOTSTRAP}}"
-[schema_registry]
-url = "${{env:FHIR_CDC_SCHEMA_REGISTRY_URL}}"
-[mappings]
-path = "mappings"
-[topics]
-prefix = "{prefix}"
-"#
-        ),
-    )
-    .unwrap();
+    let config = stack::connector_config(&dir, &schema, &prefix, "");
     let observations = format!("{prefix}.lab.Observation");
     let dead_letters = format!("{prefix}.dlq.{schema}");
 
@@ -173,11 +59,7 @@ prefix = "{prefix}"
         ))
         .await
         .unwrap();
-    let before_last: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let before_last = current_lsn(&client).await;
     client.batch_execute(&insert(5, "Q")).await.unwrap(); // no translation for Q
 
     let messages = read(&observations, 5).await;
@@ -232,42 +114,15 @@ prefix = "{prefix}"
         ))
         .await
         .unwrap();
-    let unmapped: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let flushed_now = || async {
-        client
-            .query_one(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                &[&format!("fhir_cdc_{schema}")],
-            )
-            .await
-            .unwrap()
-            .get::<_, String>(0)
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while flushed_now()
-        .await
-        .parse::<fhir_cdc::change::PgLsn>()
-        .unwrap()
-        < unmapped.parse().unwrap()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the slot did not advance past unmapped traffic within 20s; log:\n{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let unmapped = current_lsn(&client).await;
+    let slot = format!("fhir_cdc_{schema}");
+    await_confirmed(&client, &slot, &unmapped, Duration::from_secs(20), &log).await;
 
     assert!(
         stop(connector).success(),
         "log:\n{}",
         std::fs::read_to_string(&log).unwrap()
     );
-    let slot = format!("fhir_cdc_{schema}");
     let flushed: String = client
         .query_one(
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",

@@ -4,12 +4,14 @@
 mod avro_registry;
 mod check;
 mod compose;
+mod connector;
 mod connector_run;
 mod fhir_definitions;
 mod fhir_oracle;
 mod kafka_sink;
 mod postgres_snapshot;
 mod postgres_stream;
+mod sample_database;
 mod schemas_cli;
 mod smoke_kafka;
 mod smoke_mariadb;

@@ -65,18 +65,10 @@ async fn a_lab_result_life_streams_into_canonical_events_with_stable_ids() {
         .unwrap();
     tokio::spawn(connection);
     let schema = stack::unique("lis");
-    let ddl = std::fs::read_to_string(stack::repo_root().join("mappings/lab/schema.sql"))
-        .unwrap()
-        .replace("lis.", &format!("{schema}."));
-    let ddl = ddl.replace(
-        "CREATE SCHEMA IF NOT EXISTS lis;",
-        &format!("CREATE SCHEMA {schema};"),
-    );
-    client.batch_execute(&ddl).await.unwrap();
+    stack::create_lab_schema(&client, &schema).await;
     client
         .batch_execute(&format!(
-            "ALTER TABLE {schema}.lab_result REPLICA IDENTITY FULL;
-             CREATE PUBLICATION {schema}_pub FOR TABLE {schema}.lab_result;"
+            "CREATE PUBLICATION {schema}_pub FOR TABLE {schema}.lab_result;"
         ))
         .await
         .unwrap();

@@ -1,7 +1,7 @@
 //! Where the stack is, and small helpers shared by the tests.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -184,4 +184,68 @@ pub async fn create_slot(client: &tokio_postgres::Client, slot: &str) -> String 
         .await
         .unwrap()
         .get(0)
+}
+
+/// The sample lab tables (`mappings/lab/schema.sql`) in a schema of their own, each with
+/// REPLICA IDENTITY FULL as the sample connector expects.
+pub async fn create_lab_schema(client: &tokio_postgres::Client, schema: &str) {
+    let ddl = std::fs::read_to_string(repo_root().join("mappings/lab/schema.sql"))
+        .unwrap()
+        .replace(
+            "CREATE SCHEMA IF NOT EXISTS lis;",
+            &format!("CREATE SCHEMA {schema};"),
+        )
+        .replace("lis.", &format!("{schema}."));
+    client.batch_execute(&ddl).await.unwrap();
+    for table in ["patient", "lab_order", "specimen", "lab_result"] {
+        client
+            .batch_execute(&format!(
+                "ALTER TABLE {schema}.{table} REPLICA IDENTITY FULL"
+            ))
+            .await
+            .unwrap();
+    }
+}
+
+/// The sample lab mappings named in `files` (with the code tables they read), copied to
+/// `dir` and pointed at the tables in `schema`.
+pub fn lab_mappings(dir: &Path, schema: &str, files: &[&str]) {
+    let lab = repo_root().join("mappings/lab");
+    std::fs::create_dir_all(dir).unwrap();
+    for file in files {
+        let text = std::fs::read_to_string(lab.join(file))
+            .unwrap()
+            .replace("table: lis.", &format!("table: {schema}."));
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+    std::fs::copy(lab.join("tests.codes.yaml"), dir.join("tests.codes.yaml")).unwrap();
+}
+
+/// A connector config in `dir` (connector `name`, topics under `prefix`, mappings in
+/// `dir/mappings`) against the stack, with `extra` appended to its `[source]` section.
+pub fn connector_config(dir: &Path, name: &str, prefix: &str, source_extra: &str) -> PathBuf {
+    let config = dir.join("connector.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"name = "{name}"
+[source]
+kind = "postgres"
+url = "${{env:FHIR_CDC_PG_URL}}"
+heartbeat.interval.ms = 500
+{source_extra}
+[kafka]
+bootstrap.servers = "${{env:FHIR_CDC_KAFKA_BOOTSTRAP}}"
+[schema_registry]
+url = "${{env:FHIR_CDC_SCHEMA_REGISTRY_URL}}"
+[mappings]
+path = "mappings"
+token_key = "${{env:FHIR_CDC_TOKEN_KEY}}"
+[topics]
+prefix = "{prefix}"
+"#
+        ),
+    )
+    .unwrap();
+    config
 }

@@ -1,0 +1,141 @@
+//! A `fhir-cdc run` process under test, and reading what it wrote to Kafka.
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use rdkafka::{
+    consumer::{Consumer, StreamConsumer},
+    ClientConfig, Message, Offset, TopicPartitionList,
+};
+
+use crate::stack;
+
+/// A running connector; killed if the test fails before stopping it, so that no
+/// connector (and no walsender) outlives its test.
+pub struct Connector(Option<Child>);
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `fhir-cdc run --config config`, its log (stderr) appended to `log`.
+pub fn start(config: &Path, log: &Path) -> Connector {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Connector(Some(
+        Command::new(stack::fhir_cdc_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    ))
+}
+
+/// SIGTERM, then the exit status (within 30 s).
+pub fn stop(connector: Connector) -> std::process::ExitStatus {
+    signal(connector, "-TERM", Duration::from_secs(30))
+}
+
+/// SIGKILL: a crash at whatever point the connector was.
+pub fn crash(connector: Connector) {
+    signal(connector, "-KILL", Duration::from_secs(10));
+}
+
+fn signal(mut connector: Connector, signal: &str, within: Duration) -> std::process::ExitStatus {
+    let mut child = connector.0.take().expect("a running connector");
+    Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the connector did not stop within {within:?} of {signal}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every message of partition 0 of `topic`, read until `count` arrived or `wait` passed.
+pub async fn read_for(topic: &str, count: usize, wait: Duration) -> Vec<Vec<u8>> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", stack::kafka_bootstrap())
+        .set("group.id", stack::unique("run-reader"))
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&assignment).unwrap();
+    let mut messages = Vec::new();
+    let deadline = Instant::now() + wait;
+    while messages.len() < count && Instant::now() < deadline {
+        if let Ok(Ok(message)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await
+        {
+            messages.push(message.payload().unwrap().to_vec());
+        }
+    }
+    messages
+}
+
+/// Wait (up to `within`) until the connector's slot has confirmed `lsn`: everything up to
+/// it is in Kafka.
+pub async fn await_confirmed(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    lsn: &str,
+    within: Duration,
+    log: &Path,
+) {
+    let target: fhir_cdc::change::PgLsn = lsn.parse().unwrap();
+    let deadline = Instant::now() + within;
+    loop {
+        let confirmed: Option<String> = client
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .and_then(|row| row.get(0));
+        if confirmed
+            .as_deref()
+            .is_some_and(|c| c.parse::<fhir_cdc::change::PgLsn>().unwrap() >= target)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slot {slot} did not confirm {lsn} within {within:?} (at {confirmed:?}); log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The current WAL position.
+pub async fn current_lsn(client: &tokio_postgres::Client) -> String {
+    client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
