@@ -139,3 +139,15 @@ pub async fn current_lsn(client: &tokio_postgres::Client) -> String {
         .unwrap()
         .get(0)
 }
+
+/// How many messages partition 0 of `topic` holds (its high watermark); 0 when it does not
+/// exist yet.
+pub fn messages_in(topic: &str) -> i64 {
+    let consumer: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", stack::kafka_bootstrap())
+        .create()
+        .unwrap();
+    consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(5))
+        .map_or(0, |(_, high)| high)
+}

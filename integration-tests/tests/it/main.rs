@@ -6,6 +6,7 @@ mod check;
 mod compose;
 mod connector;
 mod connector_run;
+mod crash_restart;
 mod fhir_definitions;
 mod fhir_oracle;
 mod kafka_sink;
