@@ -94,11 +94,40 @@ impl fmt::Display for ExactDecimal {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Row {
     columns: Vec<(String, Value)>,
+    /// Columns whose value the source did not send (PostgreSQL's unchanged TOASTed values
+    /// without an old row): absent from `columns`, never guessed.
+    unavailable: Vec<String>,
 }
 
 impl Row {
     pub fn new(columns: Vec<(String, Value)>) -> Self {
-        Self { columns }
+        Self {
+            columns,
+            unavailable: Vec::new(),
+        }
+    }
+
+    /// A row without the values of `unavailable`, which the source did not send.
+    pub fn with_unavailable(columns: Vec<(String, Value)>, unavailable: Vec<String>) -> Self {
+        Self {
+            columns,
+            unavailable,
+        }
+    }
+
+    /// Why `column` is not in the row, for messages: its value was not sent, or the table
+    /// has no such column (any more).
+    pub fn absence(&self, column: &str) -> &'static str {
+        if self.unavailable.iter().any(|c| c == column) {
+            "holds an unchanged TOASTed value the database did not send (no full old row: set REPLICA IDENTITY FULL); the row is not mapped on a guess"
+        } else {
+            "is not in the row (dropped or renamed?)"
+        }
+    }
+
+    /// The columns whose values the source did not send.
+    pub fn unavailable(&self) -> &[String] {
+        &self.unavailable
     }
 
     /// The value of `column`, or `None` when the row has no such column (not the same as

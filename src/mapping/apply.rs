@@ -60,8 +60,9 @@ impl ResourceMapping {
             let value = row.get(&condition.column).ok_or_else(|| MapError {
                 location: self.location.to_string(),
                 message: format!(
-                    "condition column `{}` is not in the row (dropped or renamed?)",
-                    condition.column
+                    "condition column `{}` {}",
+                    condition.column,
+                    row.absence(&condition.column)
                 ),
             })?;
             let text = || text_of(value).trim_end().to_owned();
@@ -83,7 +84,7 @@ impl ResourceMapping {
             location: self.location.to_string(),
             message: match e {
                 RenderError::Null(c) => format!("id column `{c}` is NULL"),
-                RenderError::Missing(c) => format!("id column `{c}` is not in the row"),
+                RenderError::Missing(c) => format!("id column `{c}` {}", row.absence(&c)),
             },
         })
     }
@@ -168,8 +169,9 @@ fn element_value(
     };
     let missing = |column: &str| {
         fail(format!(
-            "column `{column}` for {} is not in the row (dropped or renamed?)",
-            element.definition
+            "column `{column}` for {} {}",
+            element.definition,
+            row.absence(column)
         ))
     };
     let raw: Option<Cow<'_, Value>> = match &element.source {

@@ -31,7 +31,8 @@ pub fn record(change: &ChangeEvent, failure: &MapFailure) -> Vec<u8> {
     serde_json::to_vec(&record).expect("JSON values serialize")
 }
 
-/// Column → value as text (its kind kept for exactness), NULL as null.
+/// Column → value as text (its kind kept for exactness), NULL as null; a value the
+/// database did not send (an unchanged TOASTed value) as `{"unavailable": true}`.
 fn row(row: &Row) -> Json {
     let mut columns = Map::new();
     for (name, value) in row.columns() {
@@ -40,6 +41,9 @@ fn row(row: &Row) -> Json {
             other => json!({"kind": other.kind(), "text": text_of(other)}),
         };
         columns.insert(name.to_owned(), json);
+    }
+    for name in row.unavailable() {
+        columns.insert(name.clone(), json!({"unavailable": true}));
     }
     Json::Object(columns)
 }

@@ -13,6 +13,7 @@ mod kafka_sink;
 mod postgres_snapshot;
 mod postgres_stream;
 mod sample_database;
+mod schema_change;
 mod schemas_cli;
 mod smoke_kafka;
 mod smoke_mariadb;

@@ -8,9 +8,10 @@
 //! transaction, so two changes of one row in one transaction stay two versions.
 //!
 //! An unchanged TOASTed value (`u`) is never published as data: it is taken from the old
-//! row when the server sent one (replica identity full), and otherwise the change is
-//! refused with [`ChangeError::UnchangedToast`] so that the caller re-reads the row or
-//! dead-letters it — never a placeholder inside a FHIR resource.
+//! row when the server sent one (replica identity full), and otherwise the column is left
+//! out of the row and marked unavailable ([`Row::absence`]): a mapping that reads it fails
+//! for that row (dead-letter topic, with the reason), mappings that do not read it map the
+//! row as usual — never a placeholder inside a FHIR resource.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -38,8 +39,6 @@ pub enum ChangeError {
         expected: usize,
         got: usize,
     },
-    #[error("{table}.{column}: an unchanged TOASTed value arrived without the old row to take it from (set REPLICA IDENTITY FULL, or the row is re-read)")]
-    UnchangedToast { table: String, column: String },
     #[error("{table}.{column}: a binary-format value, which fhir-cdc does not request")]
     Binary { table: String, column: String },
 }
@@ -263,10 +262,11 @@ fn table_name(layout: &Relation) -> String {
     format!("{}.{}", layout.namespace, layout.name)
 }
 
-/// Every column, typed; unchanged TOAST values from `before`.
+/// Every column, typed; unchanged TOAST values from `before`, or marked unavailable.
 fn full_row(layout: &Relation, tuple: &Tuple, before: Option<&Row>) -> Result<Row, ChangeError> {
     check_width(layout, tuple)?;
     let mut columns = Vec::with_capacity(tuple.len());
+    let mut unavailable = Vec::new();
     for (column, datum) in layout.columns.iter().zip(tuple) {
         let value = match datum {
             Datum::Null => Value::Null,
@@ -276,10 +276,8 @@ fn full_row(layout: &Relation, tuple: &Tuple, before: Option<&Row>) -> Result<Ro
             Datum::UnchangedToast => match before.and_then(|row| row.get(&column.name)) {
                 Some(value) => value.clone(),
                 None => {
-                    return Err(ChangeError::UnchangedToast {
-                        table: table_name(layout),
-                        column: column.name.clone(),
-                    })
+                    unavailable.push(column.name.clone());
+                    continue;
                 }
             },
             Datum::Binary(_) => {
@@ -291,7 +289,7 @@ fn full_row(layout: &Relation, tuple: &Tuple, before: Option<&Row>) -> Result<Ro
         };
         columns.push((column.name.clone(), value));
     }
-    Ok(Row::new(columns))
+    Ok(Row::with_unavailable(columns, unavailable))
 }
 
 /// The key columns of an old-key tuple (the other columns are absent, not NULL).
@@ -409,7 +407,7 @@ mod tests {
     }
 
     #[test]
-    fn unchanged_toast_comes_from_the_old_row_or_is_refused() {
+    fn unchanged_toast_comes_from_the_old_row_or_is_marked_unavailable() {
         let mut d = decoder();
         let with_old = Message::Update {
             xid: None,
@@ -434,13 +432,14 @@ mod tests {
             old: None,
             new: vec![text("1"), text("2"), Datum::UnchangedToast],
         };
-        assert_eq!(
-            d.decode(without_old, Utc::now()).unwrap_err(),
-            ChangeError::UnchangedToast {
-                table: "lis.lab_result".into(),
-                column: "comment".into()
-            }
-        );
+        let Decoded::Changes(changes) = d.decode(without_old, Utc::now()).unwrap() else {
+            panic!()
+        };
+        let after = changes[0].after.as_ref().unwrap();
+        assert_eq!(after.get("comment"), None, "no value, not a guess");
+        assert_eq!(after.unavailable(), ["comment"]);
+        assert!(after.absence("comment").contains("unchanged TOASTed value"));
+        assert_eq!(after.get("result_id"), Some(&Value::Int(1)));
     }
 
     #[test]
