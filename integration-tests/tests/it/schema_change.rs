@@ -97,7 +97,7 @@ async fn schema_changes_and_unchanged_toast_values_mid_stream() {
     for bytes in read_for(
         &format!("{prefix}.lab.Observation"),
         7,
-        Duration::from_secs(30),
+        Duration::from_secs(5),
     )
     .await
     {
