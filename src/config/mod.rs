@@ -108,10 +108,15 @@ pub struct SnapshotConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotMode {
-    /// When the slot is created: existing rows first, then the stream (default).
+    /// When the slot is created: existing rows first, then the stream (default). A slot
+    /// that lost the WAL it needs stops the connector with an explanation.
     Initial,
     /// Never: only changes from the slot's creation on.
     Never,
+    /// As `initial`, and also when the slot exists but has lost the WAL it needs
+    /// (`wal_status = lost`, after `max_slot_wal_keep_size`): the lost slot is dropped and
+    /// recreated with a new snapshot, so the topics are whole again (with repeats).
+    WhenNeeded,
 }
 
 /// The source database.

@@ -91,6 +91,41 @@ pub fn mapper_for(config: &ConnectorConfig, mappings: Vec<Mapping>) -> Result<Ma
     .map_err(RunError::Setup)
 }
 
+/// The replication slot as the connector finds it at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    Absent,
+    Usable,
+    /// It exists, but the server removed WAL it still needed (`wal_status = lost`).
+    Lost,
+}
+
+/// How a run starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// From the slot's confirmed position.
+    Resume,
+    /// Create the slot with an exported snapshot; read the tables; stream.
+    Snapshot,
+    /// Drop the lost slot, then as `Snapshot`.
+    DropAndSnapshot,
+    /// Create the slot and stream, no snapshot.
+    Stream,
+}
+
+/// Debezium's `snapshot.mode` rules, applied to the slot found.
+fn start_plan(slot: SlotState, mode: SnapshotMode) -> Result<Start, String> {
+    Ok(match (slot, mode) {
+        (SlotState::Usable, _) => Start::Resume,
+        (SlotState::Absent, SnapshotMode::Never) => Start::Stream,
+        (SlotState::Absent, SnapshotMode::Initial | SnapshotMode::WhenNeeded) => Start::Snapshot,
+        (SlotState::Lost, SnapshotMode::WhenNeeded) => Start::DropAndSnapshot,
+        (SlotState::Lost, _) => {
+            return Err("the server removed WAL the slot still needs (wal_status = lost), so changes since its confirmed position are gone; set snapshot.mode = \"when_needed\" to drop it and take a new snapshot, or drop the slot yourself".into())
+        }
+    })
+}
+
 /// Run the connector until `shutdown` is cancelled (or the source ends), then drain what is
 /// in flight, acknowledge it and return.
 pub async fn run(
@@ -138,7 +173,11 @@ pub async fn run(
     let publication = config.source.publication_name(&config.name);
     let admin = setup::connect(&config.source.url).await?;
     setup::ensure_publication(&admin, &publication, &tables).await?;
-    let slot_exists = setup::slot_exists(&admin, &slot).await?;
+    let plan = start_plan(
+        setup::slot_state(&admin, &slot).await?,
+        config.source.snapshot_mode(),
+    )
+    .map_err(|why| RunError::Setup(format!("replication slot {slot}: {why}")))?;
 
     let (out, received) = mpsc::channel(CHANNEL_DEPTH);
     let (acked, acknowledgements) = watch::channel(None::<PgLsn>);
@@ -153,10 +192,14 @@ pub async fn run(
     let (admin_ref, options_ref, shutdown_ref) = (&admin, &options, &shutdown);
     // The source owns the sender: when it ends, the channel closes and the sink drains.
     let source = async move {
-        let stream = if slot_exists {
+        if plan == Start::DropAndSnapshot {
+            warn!(slot = %slot, "the slot lost the WAL it needs: dropping it and taking a new snapshot (snapshot.mode = when_needed)");
+            setup::drop_slot(admin_ref, &slot).await?;
+        }
+        let stream = if plan == Start::Resume {
             info!(slot = %slot, "resuming from the slot's confirmed position");
             ReplicationStream::start(&config.source.url, options_ref).await?
-        } else if config.source.snapshot_mode() == SnapshotMode::Initial {
+        } else if plan != Start::Stream {
             let snapshot =
                 ExportedSnapshot::create(&config.source.url, &slot, &options_ref.publication)
                     .await?;
@@ -358,7 +401,7 @@ mod setup {
 
     use tokio_postgres::{Client, NoTls};
 
-    use super::RunError;
+    use super::{RunError, SlotState};
     use crate::{change::PgLsn, config::Secret};
 
     fn fail(what: &str) -> impl Fn(tokio_postgres::Error) -> RunError + '_ {
@@ -409,15 +452,27 @@ mod setup {
         Ok(())
     }
 
-    pub async fn slot_exists(client: &Client, slot: &str) -> Result<bool, RunError> {
-        Ok(client
+    pub async fn slot_state(client: &Client, slot: &str) -> Result<SlotState, RunError> {
+        let row = client
             .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                "SELECT coalesce(wal_status = 'lost', false) FROM pg_replication_slots WHERE slot_name = $1",
                 &[&slot],
             )
             .await
-            .map_err(fail("looking up the replication slot"))?
-            .is_some())
+            .map_err(fail("looking up the replication slot"))?;
+        Ok(match row.map(|r| r.get::<_, bool>(0)) {
+            None => SlotState::Absent,
+            Some(false) => SlotState::Usable,
+            Some(true) => SlotState::Lost,
+        })
+    }
+
+    pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), RunError> {
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .map_err(fail("dropping the lost replication slot"))?;
+        Ok(())
     }
 
     pub async fn create_slot(client: &Client, slot: &str) -> Result<(), RunError> {
@@ -447,6 +502,28 @@ mod setup {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_modes_decide_the_start() {
+        use SlotState::*;
+        use SnapshotMode::*;
+        for mode in [Initial, Never, WhenNeeded] {
+            assert_eq!(start_plan(Usable, mode), Ok(Start::Resume), "{mode:?}");
+        }
+        assert_eq!(start_plan(Absent, Initial), Ok(Start::Snapshot));
+        assert_eq!(start_plan(Absent, WhenNeeded), Ok(Start::Snapshot));
+        assert_eq!(start_plan(Absent, Never), Ok(Start::Stream));
+        assert_eq!(start_plan(Lost, WhenNeeded), Ok(Start::DropAndSnapshot));
+        for mode in [Initial, Never] {
+            let refusal = start_plan(Lost, mode).unwrap_err();
+            assert!(refusal.contains("when_needed"), "{refusal}");
         }
     }
 }
