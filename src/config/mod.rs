@@ -40,6 +40,17 @@ pub struct ConnectorConfig {
     /// The topics events go to.
     #[serde(default)]
     pub topics: TopicsConfig,
+    /// The Prometheus endpoint of `run`. Absent: none.
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// Where `run` serves its metrics (Prometheus text format).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// The address to listen on, e.g. `127.0.0.1:9464` (`0.0.0.0:9464` for every
+    /// interface); scrape `http://<address>/metrics`.
+    pub listen: std::net::SocketAddr,
 }
 
 /// Which mappings run, and what they need.

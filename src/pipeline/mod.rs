@@ -15,14 +15,19 @@
 //! as written once Kafka acknowledged the dead letter.
 
 mod dead_letter;
+mod metrics;
 
 use std::{collections::BTreeSet, time::Duration};
 
+use chrono::{DateTime, Utc};
 use futures_util::{stream::FuturesUnordered, FutureExt, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use ::metrics::Counter;
+
+use self::metrics::Metrics;
 use crate::{
     canonical::registry::{CodecError, EventCodec},
     change::{PgLsn, Position, SourceMessage},
@@ -140,6 +145,10 @@ pub async fn run(
     }
     let mappings_config = config.mappings.as_ref().ok_or(RunError::NoMappings)?;
     let mappings = mapping::load_dir(&mappings_config.path)?;
+    if let Some(metrics) = &config.metrics {
+        metrics::serve(metrics.listen).map_err(RunError::Setup)?;
+        info!(listen = %metrics.listen, "serving metrics");
+    }
     let tables = mapping::source_tables(&mappings);
     let prefix = &config.topics.prefix;
     let mut topics: BTreeSet<String> = mappings
@@ -321,16 +330,25 @@ async fn write_events(
     let codec = EventCodec::new(&config.schema_registry);
     let mut tracker: AckTracker<PgLsn> = AckTracker::default();
     let mut in_flight = FuturesUnordered::new();
+    let mut measured = Metrics::new(&config.name);
     let mut open = true;
     while open || !in_flight.is_empty() {
+        measured.channel_depth.set(received.len() as f64);
+        measured.in_flight.set(in_flight.len() as f64);
         tokio::select! {
             biased;
             // Acknowledgements first: they free room and let positions advance.
             Some(delivery) = in_flight.next(), if !in_flight.is_empty() => {
-                let (lsn, result): (PgLsn, Result<(i32, i64), SinkError>) = delivery;
+                let (lsn, event, result): (PgLsn, Option<(Counter, Option<DateTime<Utc>>)>, Result<(i32, i64), SinkError>) = delivery;
                 // A message Kafka refused after its retries stops the connector: nothing
                 // after it is acknowledged, so a restart writes it again.
                 result?;
+                if let Some((acked_of_table, commit_time)) = event {
+                    acked_of_table.increment(1);
+                    if let Some(commit_time) = commit_time {
+                        measured.commit_to_ack.record(metrics::seconds_since(commit_time));
+                    }
+                }
                 tracker.acknowledge(&lsn);
                 publish(&tracker, &acked, summary);
             }
@@ -346,21 +364,30 @@ async fn write_events(
                     if change.op == crate::change::Operation::Read {
                         summary.snapshot_rows += 1;
                     }
+                    if let Some(commit_time) = change.commit_time {
+                        measured.source_lag_ms.set((change.capture_time - commit_time).num_milliseconds().max(0) as f64);
+                    }
+                    let table = measured.table(&change.source).clone();
+                    table.read.increment(1);
                     let outcome = mapper.map(&change);
                     summary.suppressed += outcome.suppressed as u64;
+                    table.suppressed.increment(outcome.suppressed as u64);
+                    table.mapped.increment(outcome.events.len() as u64);
                     tracker.track(lsn, outcome.events.len() + outcome.failures.len());
                     for event in outcome.events {
                         let topic = event.topic(&config.topics.prefix);
                         let bytes = codec.encode(&event, &topic).await?;
                         summary.events += 1;
+                        table.produced.increment(1);
                         let producer = &producer;
+                        let measured_event = Some((table.acked.clone(), change.commit_time));
                         in_flight.push(async move {
                             let headers = [
                                 ("event_id", event.event_id.as_str()),
                                 ("resource_type", event.resource_type.as_str()),
                                 ("connector", &*event.provenance.connector),
                             ];
-                            (lsn, producer.send(&topic, &event.key(), &bytes, &headers).await)
+                            (lsn, measured_event, producer.send(&topic, &event.key(), &bytes, &headers).await)
                         }.boxed());
                     }
                     for failure in outcome.failures {
@@ -368,11 +395,12 @@ async fn write_events(
                         warn!(mapping = failure.mapping_id, table = %change.source.qualified_name(), position = %change.position,
                             reason = %failure.error, "a change went to the dead-letter topic");
                         summary.dead_letters += 1;
+                        table.dead_letters.increment(1);
                         let letter = dead_letter::record(&change, &failure);
                         let key = format!("{}:{}", change.source.qualified_name(), change.position);
                         let producer = &producer;
                         in_flight.push(async move {
-                            (lsn, producer.send(dead_letter_topic, &key, &letter, &[("mapping_id", failure.mapping_id.as_str())]).await)
+                            (lsn, None, producer.send(dead_letter_topic, &key, &letter, &[("mapping_id", failure.mapping_id.as_str())]).await)
                         }.boxed());
                     }
                 }

@@ -1,9 +1,9 @@
 //! `fhir-cdc check` against the real stack: the reference configs pass, and each broken or
 //! stopped component is named with a fix — without printing credentials.
 
-use std::{net::TcpListener, path::Path, process::Command};
+use std::{path::Path, process::Command};
 
-use crate::stack;
+use crate::{connector::free_port, stack};
 
 struct Outcome {
     code: i32,
@@ -28,15 +28,6 @@ fn check(config: &Path, env: &[(&str, String)]) -> Outcome {
 
 fn reference(name: &str) -> std::path::PathBuf {
     stack::repo_root().join("connectors").join(name)
-}
-
-/// A local port nothing listens on.
-fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Run `sql` on the stack's PostgreSQL.
@@ -93,7 +84,7 @@ fn the_reference_configs_pass_against_the_stack() {
 
 #[test]
 fn stopped_components_are_named_with_the_fix() {
-    let (pg, kafka, registry) = (closed_port(), closed_port(), closed_port());
+    let (pg, kafka, registry) = (free_port(), free_port(), free_port());
     let outcome = check(
         &reference("lab-postgres.toml"),
         &[

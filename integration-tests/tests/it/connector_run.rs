@@ -8,7 +8,7 @@ use fhir_cdc::{canonical::registry::EventCodec, config::RegistryConfig};
 use tokio_postgres::NoTls;
 
 use crate::{
-    connector::{await_confirmed, current_lsn, read_for, start, stop},
+    connector::{await_confirmed, current_lsn, free_port, read_for, scrape, start, stop},
     stack,
 };
 
@@ -39,7 +39,13 @@ async fn run_snapshots_streams_dead_letters_and_resumes() {
     let dir = std::env::temp_dir().join(&schema);
     stack::lab_mappings(&dir.join("mappings"), &schema, &["result.yaml"]);
     let prefix = stack::unique("fhirit");
-    let config = stack::connector_config(&dir, &schema, &prefix, "");
+    let metrics_port = free_port();
+    let config = stack::connector_config(
+        &dir,
+        &schema,
+        &prefix,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\""),
+    );
     let observations = format!("{prefix}.lab.Observation");
     let dead_letters = format!("{prefix}.dlq.{schema}");
 
@@ -84,6 +90,38 @@ async fn run_snapshots_streams_dead_letters_and_resumes() {
         letter["after"]["result_status"]["text"], "Q",
         "the row as the database sent it"
     );
+
+    // The metrics say the same, per table (polled: an acknowledgement is counted a moment
+    // after Kafka has the message).
+    let labels = format!("connector=\"{schema}\",table=\"{t}\"");
+    let expected = [
+        ("fhir_cdc_changes_read_total", 6.0),
+        ("fhir_cdc_events_mapped_total", 5.0),
+        ("fhir_cdc_events_produced_total", 5.0),
+        ("fhir_cdc_events_acked_total", 5.0),
+        ("fhir_cdc_dead_letters_total", 1.0),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let samples = scrape(metrics_port);
+        let got: Vec<Option<f64>> = expected
+            .iter()
+            .map(|(name, _)| samples.get(&format!("{name}{{{labels}}}")).copied())
+            .collect();
+        let streamed_latencies = samples.get(&format!(
+            "fhir_cdc_commit_to_ack_seconds_count{{connector=\"{schema}\"}}"
+        ));
+        if got == expected.iter().map(|(_, v)| Some(*v)).collect::<Vec<_>>()
+            && streamed_latencies == Some(&2.0)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics {got:?} (commit→ack count {streamed_latencies:?}), expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     let codec = EventCodec::new(
         &toml::from_str::<RegistryConfig>(&format!("url = \"{}\"", stack::registry_url())).unwrap(),

@@ -222,8 +222,8 @@ pub fn lab_mappings(dir: &Path, schema: &str, files: &[&str]) {
 }
 
 /// A connector config in `dir` (connector `name`, topics under `prefix`, mappings in
-/// `dir/mappings`) against the stack, with `extra` appended to its `[source]` section.
-pub fn connector_config(dir: &Path, name: &str, prefix: &str, source_extra: &str) -> PathBuf {
+/// `dir/mappings`) against the stack, with `extra` (more tables) appended.
+pub fn connector_config(dir: &Path, name: &str, prefix: &str, extra: &str) -> PathBuf {
     let config = dir.join("connector.toml");
     std::fs::write(
         &config,
@@ -233,7 +233,6 @@ pub fn connector_config(dir: &Path, name: &str, prefix: &str, source_extra: &str
 kind = "postgres"
 url = "${{env:FHIR_CDC_PG_URL}}"
 heartbeat.interval.ms = 500
-{source_extra}
 [kafka]
 bootstrap.servers = "${{env:FHIR_CDC_KAFKA_BOOTSTRAP}}"
 [schema_registry]
@@ -243,6 +242,7 @@ path = "mappings"
 token_key = "${{env:FHIR_CDC_TOKEN_KEY}}"
 [topics]
 prefix = "{prefix}"
+{extra}
 "#
         ),
     )
