@@ -317,6 +317,9 @@ async fn read_stream(
     Ok(stream)
 }
 
+/// For an event sent to Kafka: its table's acknowledgement counter and its commit time.
+type AckCount = Option<(Counter, Option<DateTime<Utc>>)>;
+
 /// Map, encode and send until the channel closes and every message is acknowledged.
 async fn write_events(
     mut received: mpsc::Receiver<SourceMessage>,
@@ -339,7 +342,7 @@ async fn write_events(
             biased;
             // Acknowledgements first: they free room and let positions advance.
             Some(delivery) = in_flight.next(), if !in_flight.is_empty() => {
-                let (lsn, event, result): (PgLsn, Option<(Counter, Option<DateTime<Utc>>)>, Result<(i32, i64), SinkError>) = delivery;
+                let (lsn, event, result): (PgLsn, AckCount, Result<(i32, i64), SinkError>) = delivery;
                 // A message Kafka refused after its retries stops the connector: nothing
                 // after it is acknowledged, so a restart writes it again.
                 result?;
