@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# End-to-end benchmark of `fhir-cdc run` on the test stack, against pg_recvlogical as the
+# ceiling, in the same run (ratios travel between machines better than rates).
+#
+#   make stack-up && cargo build --release --bin fhir-cdc && benches/pipeline.sh [CHANGES]
+#
+# 1. Backlog: CHANGES inserts then CHANGES updates (default 100,000 each, 1,000 rows per
+#    transaction) into a fresh copy of the sample results table, with two slots waiting:
+#    pg_recvlogical drains one to /dev/null (pgoutput, the same publication); fhir-cdc
+#    drains the other — map, Avro, Kafka, acknowledgement — timed until PostgreSQL has the
+#    last commit confirmed. Prints changes/s of both and the ratio, and fhir-cdc's peak RSS.
+# 2. Latency: 2,000 changes/s for 15 s (pgbench, 200 transactions/s of 10 rows) with the
+#    connector caught up; p50/p99 commit → Kafka acknowledgement from its metrics histogram
+#    (bucket upper bounds, so the figures are "at most").
+set -euo pipefail
+[ -n "${BENCH_TRACE:-}" ] && set -x
+
+cd "$(dirname "$0")/.."
+. integration-tests/stack/env
+CHANGES=${1:-100000}
+BIN=target/release/fhir-cdc
+NAME=bench_$(date +%s)
+DIR=$(mktemp -d)
+PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+sql() { psql "$FHIR_CDC_PG_URL" -q -X -v ON_ERROR_STOP=1 "$@"; }
+run_pid=
+cleanup() {
+  [ -n "$run_pid" ] && kill "$run_pid" 2>/dev/null && wait "$run_pid" 2>/dev/null
+  sql -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name IN ('$NAME', '${NAME}_ceiling')" >/dev/null || true
+  sql -c "DROP PUBLICATION IF EXISTS $NAME" -c "DROP SCHEMA IF EXISTS $NAME CASCADE" || true
+  rm -rf "$DIR"
+}
+trap cleanup EXIT
+
+# The results table, its mapping, a connector.
+sed -e "s/CREATE SCHEMA IF NOT EXISTS lis;/CREATE SCHEMA $NAME;/" -e "s/lis\./$NAME./g" mappings/lab/schema.sql | sql
+sql -c "ALTER TABLE $NAME.lab_result REPLICA IDENTITY FULL"
+mkdir -p "$DIR/mappings"
+sed "s/table: lis\./table: $NAME./" mappings/lab/result.yaml >"$DIR/mappings/result.yaml"
+cp mappings/lab/tests.codes.yaml "$DIR/mappings/"
+cat >"$DIR/connector.toml" <<EOF
+name = "$NAME"
+[source]
+kind = "postgres"
+url = "\${env:FHIR_CDC_PG_URL}"
+slot.name = "$NAME"
+publication.name = "$NAME"
+snapshot.mode = "never"
+[kafka]
+bootstrap.servers = "\${env:FHIR_CDC_KAFKA_BOOTSTRAP}"
+linger.ms = "5"
+[schema_registry]
+url = "\${env:FHIR_CDC_SCHEMA_REGISTRY_URL}"
+[mappings]
+path = "mappings"
+[topics]
+prefix = "$NAME"
+[metrics]
+listen = "127.0.0.1:$PORT"
+EOF
+sql -c "CREATE PUBLICATION $NAME FOR TABLE $NAME.lab_result"
+sql -At -c "SELECT pg_create_logical_replication_slot('$NAME', 'pgoutput')" >/dev/null
+sql -At -c "SELECT pg_create_logical_replication_slot('${NAME}_ceiling', 'pgoutput')" >/dev/null
+
+# The backlog.
+batches=$(( (CHANGES + 999) / 1000 ))
+for b in $(seq 0 $((batches - 1))); do
+  echo "INSERT INTO $NAME.lab_result (result_id, accession_no, mrn, test_code, value_numeric, units, ref_low, ref_high, abnormal_flag, result_status, collected_at, verified_at)
+        SELECT i, 'A24-' || i, 'M' || lpad((i % 5000)::text, 6, '0'), 'GLU', 90 + i % 40, 'mg/dL', 70, 99, 'N', 'F', '2024-03-05 14:30:00', now()
+          FROM generate_series($((b * 1000 + 1)), $((b * 1000 + 1000))) AS i;"
+done | sql
+for b in $(seq 0 $((batches - 1))); do
+  echo "UPDATE $NAME.lab_result SET value_numeric = value_numeric + 1, result_status = 'C' WHERE result_id BETWEEN $((b * 1000 + 1)) AND $((b * 1000 + 1000));"
+done | sql
+end=$(sql -At -c "SELECT pg_current_wal_lsn()")
+total=$(( batches * 2000 ))
+echo "backlog: $total changes in $((batches * 2)) transactions, up to $end"
+
+t0=$(date +%s.%N)
+pg_recvlogical -d "$FHIR_CDC_PG_URL" -S "${NAME}_ceiling" --start -E "$end" -f /dev/null \
+  -o proto_version=1 -o "publication_names=$NAME" --no-loop
+t1=$(date +%s.%N)
+ceiling=$(python3 -c "print(round($total / ($t1 - $t0)))")
+
+t0=$(date +%s.%N)
+"$BIN" run --config "$DIR/connector.toml" 2>"$DIR/run.log" &
+run_pid=$!
+until [ "$(sql -At -c "SELECT confirmed_flush_lsn >= '$end' FROM pg_replication_slots WHERE slot_name = '$NAME'")" = t ]; do
+  kill -0 "$run_pid" 2>/dev/null || { cat "$DIR/run.log"; exit 1; }
+  sleep 0.05
+done
+t1=$(date +%s.%N)
+ours=$(python3 -c "print(round($total / ($t1 - $t0)))")
+peak_kib=$(awk '/VmHWM/ { print $2 }' "/proc/$run_pid/status")
+
+# Latency at 2,000 changes/s.
+cat >"$DIR/paced.sql" <<EOF
+\set id random(1, $((batches * 1000)))
+UPDATE $NAME.lab_result SET value_numeric = value_numeric + 1 WHERE result_id BETWEEN :id AND :id + 9;
+EOF
+before=$(curl -sf "http://127.0.0.1:$PORT/metrics" | grep '^fhir_cdc_commit_to_ack_seconds_bucket')
+pgbench -n -R 200 -T 15 -f "$DIR/paced.sql" "$FHIR_CDC_PG_URL" >/dev/null 2>&1
+end=$(sql -At -c "SELECT pg_current_wal_lsn()")
+until [ "$(sql -At -c "SELECT confirmed_flush_lsn >= '$end' FROM pg_replication_slots WHERE slot_name = '$NAME'")" = t ]; do sleep 0.05; done
+after=$(curl -sf "http://127.0.0.1:$PORT/metrics" | grep '^fhir_cdc_commit_to_ack_seconds_bucket')
+peak_kib=$(awk '/VmHWM/ { print $2 }' "/proc/$run_pid/status")
+quantiles=$(python3 - "$before" "$after" <<'EOF'
+import re, sys
+def buckets(text):
+    return {float(m.group(1)) if m.group(1) != "+Inf" else float("inf"): float(m.group(2))
+            for m in re.finditer(r'le="([^"]+)"\} (\S+)', text)}
+before, after = buckets(sys.argv[1]), buckets(sys.argv[2])
+counts = sorted((le, after[le] - before.get(le, 0)) for le in after)
+total = counts[-1][1]
+def quantile(q):
+    return next(le for le, n in counts if n >= q * total)
+print(f"{int(total)} changes measured, p50 ≤ {quantile(0.5) * 1000:g} ms, p99 ≤ {quantile(0.99) * 1000:g} ms")
+EOF
+)
+
+echo
+echo "fhir-cdc run, one lab results table, $total changes (inserts, then updates):"
+echo "  pg_recvlogical to /dev/null (ceiling)   $ceiling changes/s"
+echo "  fhir-cdc, commit → Kafka ack            $ours changes/s ($(python3 -c "print(f'{$ours / $ceiling:.0%}')") of the ceiling)"
+echo "  fhir-cdc peak RSS                       $((peak_kib / 1024)) MiB"
+echo "  at 2,000 changes/s: $quantiles"
