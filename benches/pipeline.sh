@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . integration-tests/stack/env
 CHANGES=${1:-100000}
-BIN=target/release/fhir-cdc
+BIN=${FHIR_CDC_BIN:-target/release/fhir-cdc}
 NAME=bench_$(date +%s)
 DIR=$(mktemp -d)
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

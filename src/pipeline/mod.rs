@@ -17,7 +17,7 @@
 mod dead_letter;
 mod metrics;
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use futures_util::{stream::FuturesUnordered, FutureExt, StreamExt};
@@ -180,7 +180,7 @@ pub async fn run(
 
     let slot = config.source.slot_name(&config.name);
     let publication = config.source.publication_name(&config.name);
-    let admin = setup::connect(&config.source.url).await?;
+    let admin = Arc::new(setup::connect(&config.source.url).await?);
     setup::ensure_publication(&admin, &publication, &tables).await?;
     let plan = start_plan(
         setup::slot_state(&admin, &slot).await?,
@@ -198,43 +198,46 @@ pub async fn run(
     };
     let mut summary = RunSummary::default();
 
-    let (admin_ref, options_ref, shutdown_ref) = (&admin, &options, &shutdown);
-    // The source owns the sender: when it ends, the channel closes and the sink drains.
-    let source = async move {
-        if plan == Start::DropAndSnapshot {
-            warn!(slot = %slot, "the slot lost the WAL it needs: dropping it and taking a new snapshot (snapshot.mode = when_needed)");
-            setup::drop_slot(admin_ref, &slot).await?;
-        }
-        let stream = if plan == Start::Resume {
-            info!(slot = %slot, "resuming from the slot's confirmed position");
-            ReplicationStream::start(&config.source.url, options_ref).await?
-        } else if plan != Start::Stream {
-            let snapshot =
-                ExportedSnapshot::create(&config.source.url, &slot, &options_ref.publication)
-                    .await?;
-            let rows = read_tables(
-                &config.source.url,
-                &snapshot,
-                &config.name,
-                &tables,
-                SNAPSHOT_CHUNK,
-                &out,
-            )
-            .await?;
-            info!(slot = %slot, rows, "snapshot read");
-            let database = setup::database(admin_ref).await?;
-            ReplicationStream::resume(snapshot.start_streaming().await?, &config.name, &database)
-        } else {
-            setup::create_slot(admin_ref, &slot).await?;
-            ReplicationStream::start(&config.source.url, options_ref).await?
-        };
-        read_stream(stream, &out, acknowledgements, shutdown_ref).await
+    // The source runs as a task of its own, so that reading and decoding the stream use
+    // another core than mapping and encoding. It owns the sender: when it ends, the channel
+    // closes and the sink drains.
+    let source = {
+        let (url, name, admin, shutdown) = (
+            config.source.url.clone(),
+            config.name.clone(),
+            admin.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            if plan == Start::DropAndSnapshot {
+                warn!(slot = %slot, "the slot lost the WAL it needs: dropping it and taking a new snapshot (snapshot.mode = when_needed)");
+                setup::drop_slot(&admin, &slot).await?;
+            }
+            let stream = if plan == Start::Resume {
+                info!(slot = %slot, "resuming from the slot's confirmed position");
+                ReplicationStream::start(&url, &options).await?
+            } else if plan != Start::Stream {
+                let snapshot =
+                    ExportedSnapshot::create(&url, &slot, &options.publication).await?;
+                let rows =
+                    read_tables(&url, &snapshot, &name, &tables, SNAPSHOT_CHUNK, &out).await?;
+                info!(slot = %slot, rows, "snapshot read");
+                let database = setup::database(&admin).await?;
+                ReplicationStream::resume(snapshot.start_streaming().await?, &name, &database)
+            } else {
+                setup::create_slot(&admin, &slot).await?;
+                ReplicationStream::start(&url, &options).await?
+            };
+            read_stream(stream, &out, acknowledgements, &shutdown).await
+        })
     };
     // Heartbeats into the WAL until the source stops, for whatever reason.
     let heartbeat_interval = config.source.heartbeat_interval();
     let source_done = shutdown.child_token();
     let source = async {
-        let result = source.await;
+        let result = source.await.unwrap_or_else(|e| {
+            Err(RunError::Setup(format!("the source task failed: {e}")))
+        });
         source_done.cancel();
         result
     };
