@@ -43,9 +43,9 @@ use crate::{
 };
 
 /// Changes between the source and the sink.
-pub const CHANNEL_DEPTH: usize = 1024;
+pub const CHANNEL_DEPTH: usize = 256;
 /// Messages sent to Kafka and not yet acknowledged.
-pub const MAX_IN_FLIGHT: usize = 8192;
+pub const MAX_IN_FLIGHT: usize = 2048;
 /// Rows per snapshot fetch.
 const SNAPSHOT_CHUNK: usize = 1000;
 

@@ -85,7 +85,10 @@ pub(super) fn session_config(
             // Acknowledged positions reach the server within a second, and keepalives (the
             // heartbeats of an idle database) arrive at least as often.
             .with_status_interval(Duration::from_secs(1))
-            .with_wakeup_interval(Duration::from_secs(1));
+            .with_wakeup_interval(Duration::from_secs(1))
+            // Messages read ahead of the decoder: enough to keep it busy, few enough that a
+            // backlog of wide rows stays small in memory (the crate's default is 8,192).
+            .with_buffer_size(512);
     Ok((replication, database))
 }
 
