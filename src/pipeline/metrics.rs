@@ -17,8 +17,8 @@ use crate::change::SourceTable;
 
 /// Seconds: 1 ms to 30 s, finer around the tens of milliseconds a healthy pipeline takes.
 const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-    10.0, 30.0,
+    0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0,
 ];
 
 /// Serve the metrics at `listen` (any path answers, `/metrics` by convention).

@@ -217,8 +217,7 @@ pub async fn run(
                 info!(slot = %slot, "resuming from the slot's confirmed position");
                 ReplicationStream::start(&url, &options).await?
             } else if plan != Start::Stream {
-                let snapshot =
-                    ExportedSnapshot::create(&url, &slot, &options.publication).await?;
+                let snapshot = ExportedSnapshot::create(&url, &slot, &options.publication).await?;
                 let rows =
                     read_tables(&url, &snapshot, &name, &tables, SNAPSHOT_CHUNK, &out).await?;
                 info!(slot = %slot, rows, "snapshot read");
@@ -235,9 +234,9 @@ pub async fn run(
     let heartbeat_interval = config.source.heartbeat_interval();
     let source_done = shutdown.child_token();
     let source = async {
-        let result = source.await.unwrap_or_else(|e| {
-            Err(RunError::Setup(format!("the source task failed: {e}")))
-        });
+        let result = source
+            .await
+            .unwrap_or_else(|e| Err(RunError::Setup(format!("the source task failed: {e}"))));
         source_done.cancel();
         result
     };
