@@ -26,6 +26,13 @@ impl Drop for Connector {
     }
 }
 
+impl Connector {
+    /// A `fhir-cdc` process started otherwise, killed the same way.
+    pub fn adopt(child: Child) -> Self {
+        Connector(Some(child))
+    }
+}
+
 /// `fhir-cdc run --config config`, its log (stderr) appended to `log`.
 pub fn start(config: &Path, log: &Path) -> Connector {
     let log = std::fs::OpenOptions::new()
@@ -179,4 +186,26 @@ pub fn scrape(port: u16) -> std::collections::HashMap<String, f64> {
             Some((name.to_owned(), value.parse().ok()?))
         })
         .collect()
+}
+
+/// Wait (up to 30 s) until a connector streams from `slot`: from then on, new changes
+/// arrive by the stream, not the snapshot.
+pub async fn await_streaming(client: &tokio_postgres::Client, slot: &str, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -14,7 +14,9 @@ use fhir_cdc::{
 use tokio_postgres::NoTls;
 
 use crate::{
-    connector::{await_confirmed, crash, current_lsn, messages_in, read_for, start, stop},
+    connector::{
+        await_confirmed, await_streaming, crash, current_lsn, messages_in, read_for, start, stop,
+    },
     stack,
 };
 
@@ -40,24 +42,8 @@ async fn killed_mid_stream_the_connector_loses_nothing_and_repeats_only_exact_ev
     let log = dir.join("run.log");
 
     let mut connector = start(&config, &log);
-    // The slot exists once the connector is streaming; the workload starts after that.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while client
-        .query_opt(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .is_none()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // The workload starts once the connector streams.
+    await_streaming(&client, &slot, &log).await;
     let writer = {
         let (writer, connection) = tokio_postgres::connect(&stack::pg_url(), NoTls)
             .await
