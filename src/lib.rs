@@ -32,6 +32,7 @@ pub mod canonical;
 pub mod change;
 pub mod cli;
 pub mod config;
+pub mod consumer;
 pub mod fhir;
 pub mod mapping;
 pub mod offsets;

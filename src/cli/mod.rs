@@ -2,6 +2,7 @@
 
 mod check;
 mod preview;
+mod project;
 mod run;
 mod schemas;
 mod tail;
@@ -35,6 +36,8 @@ pub enum Command {
     /// Print canonical events from Kafka, decoded through the schema registry, one JSON
     /// object per line.
     Tail(tail::TailArgs),
+    /// Project the canonical topics into a PostgreSQL read model, each event exactly once.
+    Project(project::ProjectArgs),
     /// Generate or check the Avro schemas of canonical events (schemas/*.avsc).
     Schemas(schemas::SchemasArgs),
 }
@@ -48,6 +51,7 @@ impl Cli {
         match self.command {
             Command::Check(args) => check::run(args).await,
             Command::Preview(args) => preview::run(args).await,
+            Command::Project(args) => project::run(args).await,
             Command::Run(args) => run::run(args).await,
             Command::Schemas(args) => schemas::run(args),
             Command::Tail(args) => tail::run(args).await,

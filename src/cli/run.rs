@@ -48,7 +48,7 @@ pub async fn run(args: RunArgs) -> ExitCode {
 }
 
 /// Cancel `shutdown` on SIGTERM or Ctrl-C.
-async fn stop_on_signal(shutdown: CancellationToken) {
+pub(super) async fn stop_on_signal(shutdown: CancellationToken) {
     #[cfg(unix)]
     {
         let Ok(mut term) =

@@ -247,18 +247,24 @@ pub enum ConfigError {
     },
 }
 
+/// Read and parse a TOML configuration file into `T` (secrets resolved as fields parse).
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: shown,
+        message: e.to_string(),
+    })
+}
+
 impl ConnectorConfig {
     /// Read, parse and validate a connector configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        let mut config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: shown.clone(),
-            message: e.to_string(),
-        })?;
+        let mut config: Self = read_toml(path)?;
         // Mapping paths are relative to the config file, wherever the connector runs from.
         if let (Some(mappings), Some(dir)) = (config.mappings.as_mut(), path.parent()) {
             if mappings.path.is_relative() {

@@ -12,6 +12,8 @@ mod fhir_oracle;
 mod kafka_sink;
 mod postgres_snapshot;
 mod postgres_stream;
+mod postgres_types;
+mod projector;
 mod sample_database;
 mod schema_change;
 mod schemas_cli;

@@ -1,0 +1,397 @@
+//! `fhir-cdc project` against real Kafka, registry and PostgreSQL: the read model is the same
+//! however the events arrive — twice, interleaved across partitions, with duplicates and
+//! stale versions injected, through crashes — and a poison message is dead-lettered while
+//! everything after it is applied.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use chrono::{TimeZone, Utc};
+use fhir_cdc::{
+    canonical::{registry::EventCodec, CanonicalEvent},
+    change::{ChangeEvent, ExactDecimal, Operation, PgLsn, Position, Row, SourceTable, Value},
+    config::{KafkaProperties, RegistryConfig},
+    mapping::{load_dir, MapContext, Mapper},
+    sink::kafka::{ensure_topics, Producer, TopicSpec},
+};
+use tokio_postgres::NoTls;
+
+use crate::{connector::Connector, stack};
+
+/// Canonical Observation events: `results` lab results, `versions` versions each (with
+/// more than one, the last of every fifth result is a delete), in commit order.
+fn events(results: u64, versions: u64) -> Vec<CanonicalEvent> {
+    let mapper = Mapper::new(
+        load_dir(&stack::repo_root().join("mappings/lab"))
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.table == "lis.lab_result")
+            .collect(),
+        MapContext::default(),
+        "urn:oid:2.16.840.1.113883.19.5",
+    )
+    .unwrap();
+    let source = Arc::new(SourceTable {
+        connector: "projector-it".into(),
+        kind: "postgres".into(),
+        database: "lab".into(),
+        schema: "lis".into(),
+        table: "lab_result".into(),
+    });
+    let row = |id: u64, version: u64| {
+        let status = ["P", "F", "C", "A"][(version % 4) as usize];
+        Row::new(vec![
+            ("result_id".into(), Value::Int(id as i64)),
+            ("accession_no".into(), Value::Text(format!("A24-{id}"))),
+            ("mrn".into(), Value::Text("M000001".into())),
+            ("test_code".into(), Value::Text("GLU".into())),
+            (
+                "value_numeric".into(),
+                Value::Decimal(ExactDecimal::parse(&format!("{}.5", 90 + version)).unwrap()),
+            ),
+            ("value_text".into(), Value::Null),
+            ("units".into(), Value::Text("mg/dL".into())),
+            ("ref_low".into(), Value::Null),
+            ("ref_high".into(), Value::Null),
+            ("abnormal_flag".into(), Value::Null),
+            ("result_status".into(), Value::Text(status.into())),
+            (
+                "collected_at".into(),
+                Value::Timestamp(
+                    chrono::NaiveDate::from_ymd_opt(2024, 3, 5)
+                        .unwrap()
+                        .and_hms_opt(14, 30, 0)
+                        .unwrap(),
+                ),
+            ),
+            ("verified_at".into(), Value::Null),
+            ("comment".into(), Value::Null),
+        ])
+    };
+    let mut out = Vec::new();
+    let mut lsn = 0x1000_0000u64;
+    for version in 0..versions {
+        for id in 1..=results {
+            lsn += 0x100;
+            let delete = version > 0 && version == versions - 1 && id % 5 == 0;
+            let change = ChangeEvent {
+                source: source.clone(),
+                op: match (version, delete) {
+                    (_, true) => Operation::Delete,
+                    (0, _) => Operation::Insert,
+                    _ => Operation::Update,
+                },
+                key: vec!["result_id".into()],
+                before: (version > 0).then(|| row(id, version - 1)),
+                after: (!delete).then(|| row(id, version)),
+                position: Position::Postgres(PgLsn(lsn)),
+                ordinal: 0,
+                transaction_id: Some(lsn.to_string()),
+                commit_time: Some(
+                    Utc.timestamp_opt(1_709_650_000 + lsn as i64 / 256, 0)
+                        .unwrap(),
+                ),
+                capture_time: Utc
+                    .timestamp_opt(1_709_650_001 + lsn as i64 / 256, 0)
+                    .unwrap(),
+            };
+            let outcome = mapper.map(&change);
+            assert!(outcome.failures.is_empty(), "{:?}", outcome.failures);
+            out.extend(outcome.events);
+        }
+    }
+    out
+}
+
+fn kafka() -> KafkaProperties {
+    toml::from_str(&format!(
+        "\"bootstrap.servers\" = \"{}\"",
+        stack::kafka_bootstrap()
+    ))
+    .unwrap()
+}
+
+fn codec() -> EventCodec {
+    EventCodec::new(
+        &toml::from_str::<RegistryConfig>(&format!("url = \"{}\"", stack::registry_url())).unwrap(),
+    )
+}
+
+/// Create `topic` with `partitions` and write `messages` (key, bytes) in order.
+async fn write(topic: &str, partitions: i32, messages: &[(String, Vec<u8>)]) {
+    ensure_topics(
+        &kafka(),
+        &[TopicSpec {
+            name: topic.to_owned(),
+            partitions,
+            replication_factor: 1,
+            config: Vec::new(),
+        }],
+    )
+    .await
+    .unwrap();
+    let producer = Producer::new(&kafka()).unwrap();
+    // Queued in order (the idempotent producer keeps it), acknowledged together.
+    let sends = messages
+        .iter()
+        .map(|(key, bytes)| producer.send(topic, key, bytes, &[]));
+    for result in futures_util::future::join_all(sends).await {
+        result.unwrap();
+    }
+}
+
+async fn encode(events: &[CanonicalEvent], topic: &str) -> Vec<(String, Vec<u8>)> {
+    let codec = codec();
+    let mut out = Vec::new();
+    for event in events {
+        out.push((event.key(), codec.encode(event, topic).await.unwrap()));
+    }
+    out
+}
+
+/// A projector config in `dir`, reading `topic` into `schema` as group `name`.
+fn projector_config(dir: &Path, name: &str, topic: &str, schema: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            r#"name = "{name}"
+[kafka]
+bootstrap.servers = "${{env:FHIR_CDC_KAFKA_BOOTSTRAP}}"
+[schema_registry]
+url = "${{env:FHIR_CDC_SCHEMA_REGISTRY_URL}}"
+[topics]
+prefix = "{prefix}"
+include = ["{topic}"]
+[projection]
+url = "${{env:FHIR_CDC_PG_URL}}"
+schema = "{schema}"
+max_batch = 200
+max_batch_ms = 50
+"#,
+            prefix = topic.split('.').next().unwrap()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// `fhir-cdc project --until-caught-up`; its counters from the final log line.
+fn project_until_caught_up(config: &Path) -> BTreeMap<String, u64> {
+    let output = Command::new(stack::fhir_cdc_bin())
+        .args(["project", "--until-caught-up", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{log}");
+    let stopped = log
+        .lines()
+        .find(|l| l.contains("stopped"))
+        .unwrap_or_else(|| panic!("no summary in:\n{log}"));
+    ["applied", "duplicate", "stale", "dead_lettered"]
+        .iter()
+        .map(|name| {
+            let value = stopped
+                .split(&format!("{name}="))
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {stopped}"));
+            ((*name).to_owned(), value)
+        })
+        .collect()
+}
+
+/// The read model: every resource row's state, in key order.
+async fn resources(client: &tokio_postgres::Client, schema: &str) -> Vec<String> {
+    client
+        .query(
+            &format!(
+                "SELECT resource_type || '/' || resource_id || ' ' || version || ' ' || event_id || ' '
+                        || deleted || ' ' || coalesce(body::text, '-')
+                   FROM {schema}.resources ORDER BY resource_type, resource_id"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn the_read_model_is_the_same_however_events_arrive() {
+    let (client, connection) = tokio_postgres::connect(&stack::pg_url(), NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let prefix = stack::unique("fhirproj");
+    let dir = std::env::temp_dir().join(&prefix);
+    let all = events(200, 3);
+    assert_eq!(all.len(), 600);
+
+    // One partition, in order, with 40 exact duplicates and 25 stale versions injected.
+    let ordered = format!("{prefix}.lab.Observation");
+    let mut messages = encode(&all, &ordered).await;
+    let duplicates: Vec<_> = messages.iter().step_by(15).take(40).cloned().collect();
+    messages.extend(duplicates);
+    // Stale: the first version of resources whose newest is already applied, under event
+    // ids never seen (another mapping version re-emitting an old state).
+    let mut stale: Vec<CanonicalEvent> = all[..25].to_vec();
+    for event in &mut stale {
+        event.event_id = format!("{}0000", &event.event_id[..32]);
+    }
+    messages.extend(encode(&stale, &ordered).await);
+    write(&ordered, 1, &messages).await;
+    let first = format!("{}_a", prefix.replace('-', "_"));
+    let counters = project_until_caught_up(&projector_config(&dir, "a", &ordered, &first));
+    assert_eq!(
+        counters,
+        BTreeMap::from([
+            ("applied".to_owned(), 600),
+            ("duplicate".to_owned(), 40),
+            ("stale".to_owned(), 25),
+            ("dead_lettered".to_owned(), 0)
+        ])
+    );
+    let expected = resources(&client, &first).await;
+    assert_eq!(expected.len(), 200);
+    assert_eq!(
+        expected.iter().filter(|r| r.contains(" true -")).count(),
+        40,
+        "every fifth result ends deleted: a tombstone"
+    );
+    assert_eq!(
+        count(&client, &format!("SELECT count(*) FROM {first}.history")).await,
+        600
+    );
+
+    // The same stream again, from the start, into the same tables: nothing changes.
+    let again = project_until_caught_up(&projector_config(&dir, "again", &ordered, &first));
+    assert_eq!(again["applied"], 0);
+    assert_eq!(again["duplicate"], 640);
+    assert_eq!(again["stale"], 25);
+    assert_eq!(resources(&client, &first).await, expected);
+
+    // Three partitions (one resource's versions stay in one), read interleaved.
+    let spread = format!("{prefix}.lab.ObservationSpread");
+    write(&spread, 3, &encode(&all, &spread).await).await;
+    let second = format!("{}_b", prefix.replace('-', "_"));
+    let counters = project_until_caught_up(&projector_config(&dir, "b", &spread, &second));
+    assert_eq!(counters["applied"], 600);
+    assert_eq!(resources(&client, &second).await, expected);
+
+    for schema in [first, second] {
+        client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_and_the_rest_applied() {
+    let (client, connection) = tokio_postgres::connect(&stack::pg_url(), NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let prefix = stack::unique("fhirpoison");
+    let dir = std::env::temp_dir().join(&prefix);
+    let topic = format!("{prefix}.lab.Observation");
+    let all = events(50, 1);
+    let mut messages = encode(&all, &topic).await;
+    messages.insert(20, ("garbage".to_owned(), b"not an event".to_vec()));
+    write(&topic, 1, &messages).await;
+    let schema = prefix.replace('-', "_");
+    let counters = project_until_caught_up(&projector_config(&dir, "p", &topic, &schema));
+    assert_eq!(counters["applied"], 50);
+    assert_eq!(counters["dead_lettered"], 1);
+    assert_eq!(
+        count(&client, &format!("SELECT count(*) FROM {schema}.resources")).await,
+        50
+    );
+    let letters = crate::connector::read_for(
+        &format!("{prefix}.dlq.projector"),
+        2,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(letters.len(), 1);
+    let letter: serde_json::Value = serde_json::from_slice(&letters[0]).unwrap();
+    assert_eq!(letter["offset"], 20);
+    assert_eq!(letter["topic"], topic.as_str());
+    assert!(
+        letter["reason"].as_str().unwrap().contains("wire-format"),
+        "{letter}"
+    );
+    assert_eq!(letter["value_base64"], "bm90IGFuIGV2ZW50");
+
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn killed_at_random_points_the_projector_ends_with_the_uninterrupted_tables() {
+    let (client, connection) = tokio_postgres::connect(&stack::pg_url(), NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let prefix = stack::unique("fhircrashproj");
+    let dir = std::env::temp_dir().join(&prefix);
+    let topic = format!("{prefix}.lab.Observation");
+    let all = events(2_000, 3);
+    write(&topic, 2, &encode(&all, &topic).await).await;
+
+    let calm = format!("{}_calm", prefix.replace('-', "_"));
+    project_until_caught_up(&projector_config(&dir, "calm", &topic, &calm));
+    let expected = resources(&client, &calm).await;
+
+    let crashed = format!("{}_crashed", prefix.replace('-', "_"));
+    let config = projector_config(&dir, "crashed", &topic, &crashed);
+    // Kill -9 three times, each after a different delay, then let it finish.
+    for delay in [700, 1_300, 900] {
+        let process = Connector::adopt(
+            Command::new(stack::fhir_cdc_bin())
+                .args(["project", "--config"])
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        crate::connector::crash(process);
+    }
+    project_until_caught_up(&config);
+    assert_eq!(resources(&client, &crashed).await, expected);
+    assert_eq!(
+        count(&client, &format!("SELECT count(*) FROM {crashed}.history")).await,
+        all.len() as i64,
+        "the ledger holds each event once"
+    );
+
+    for schema in [calm, crashed] {
+        client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

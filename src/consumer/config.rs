@@ -1,0 +1,124 @@
+//! The projector's configuration: one TOML file (see `connectors/projector.toml`), checked
+//! like a connector's — unknown keys are errors, secrets are `${env:…}` / `${file:…}`.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::config::{read_toml, ConfigError, KafkaProperties, RegistryConfig, Secret};
+
+/// One projector: the topics it reads, the database it projects into.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectorConfig {
+    /// The projector's name: its Kafka consumer group (unless `kafka."group.id"` says
+    /// otherwise) and the owner of its offsets in the projection database. Keep it stable.
+    pub name: String,
+    /// librdkafka properties, passed through unchanged; `bootstrap.servers` is required.
+    #[serde(default)]
+    pub kafka: KafkaProperties,
+    /// The registry the events' schemas are in.
+    pub schema_registry: RegistryConfig,
+    /// Which topics are projected.
+    #[serde(default)]
+    pub topics: ProjectorTopics,
+    /// Where the read model lives.
+    pub projection: ProjectionConfig,
+}
+
+/// The canonical topics to read.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectorTopics {
+    /// The connectors' topic prefix: every `<prefix>.<domain>.<ResourceType>` topic that
+    /// exists at start is read (not the dead-letter topics). Dead letters of the projector
+    /// go to `<prefix>.dlq.projector`. Default `fhir`.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Read exactly these topics instead of every event topic under the prefix.
+    #[serde(default)]
+    pub include: Vec<String>,
+}
+
+impl Default for ProjectorTopics {
+    fn default() -> Self {
+        Self {
+            prefix: default_prefix(),
+            include: Vec::new(),
+        }
+    }
+}
+
+fn default_prefix() -> String {
+    "fhir".to_owned()
+}
+
+/// The PostgreSQL database of the read model.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectionConfig {
+    /// `postgres://user:password@host:port/database`; the role must be able to create the
+    /// schema (or own it).
+    pub url: Secret,
+    /// The schema the projector creates and migrates. Default `fhir_projection`.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// Events applied per database transaction, at most. Default 500.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// How long a batch waits to fill before it is applied anyway (ms). Default 100.
+    #[serde(default = "default_max_batch_ms")]
+    pub max_batch_ms: u64,
+}
+
+fn default_schema() -> String {
+    "fhir_projection".to_owned()
+}
+
+fn default_max_batch() -> usize {
+    500
+}
+
+fn default_max_batch_ms() -> u64 {
+    100
+}
+
+impl ProjectorConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let config: Self = read_toml(path)?;
+        let invalid = |field, problem: &str| ConfigError::Invalid {
+            path: shown.clone(),
+            field,
+            problem: problem.to_owned(),
+        };
+        let identifier = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        };
+        if config.name.is_empty() || config.name.len() > 64 {
+            return Err(invalid("name", "must be 1–64 characters"));
+        }
+        if !identifier(&config.projection.schema) {
+            return Err(invalid(
+                "projection.schema",
+                "must be a plain lower-case SQL identifier (letters, digits, _)",
+            ));
+        }
+        if config.projection.max_batch == 0 {
+            return Err(invalid("projection.max_batch", "must be at least 1"));
+        }
+        if config.kafka.get("bootstrap.servers").is_none() {
+            return Err(invalid("kafka", "needs \"bootstrap.servers\""));
+        }
+        Ok(config)
+    }
+
+    /// The consumer group: `kafka."group.id"`, else the projector's name.
+    pub fn group_id(&self) -> &str {
+        self.kafka.get("group.id").unwrap_or(&self.name)
+    }
+}

@@ -1,0 +1,471 @@
+//! `fhir-cdc project`: a Kafka consumer group over the canonical topics, applying each
+//! event to the read model exactly once.
+//!
+//! Events are read in batches (at most `max_batch`, or what arrived within `max_batch_ms`)
+//! and decoded through the registry, with whatever schema version wrote them. Each batch
+//! is one database transaction: the rows, the history (the ledger of applied event ids)
+//! and the consumed offsets commit together, so a crash at any point leaves either all of
+//! a batch or none of it. The Kafka group offsets are committed afterwards, for visibility
+//! and as the starting point only; on every assignment the projector seeks to the offsets
+//! stored in the projection database, and skips anything below them.
+//!
+//! A message that cannot be applied — undecodable bytes, an unknown schema id, an event
+//! whose body contradicts its envelope, a row the database refuses — goes to
+//! `<prefix>.dlq.projector` with the reason, its coordinates, headers and original bytes,
+//! before the batch commits; the rest of the batch is applied.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use base64::Engine;
+use rdkafka::{
+    client::ClientContext,
+    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
+    message::{BorrowedMessage, Headers},
+    Message, Offset, TopicPartitionList,
+};
+use serde_json::json;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{
+    config::ProjectorConfig,
+    projection::{self, Coordinates, Outcome},
+};
+use crate::{
+    canonical::{registry::EventCodec, CanonicalEvent, EventOp},
+    sink::kafka::{client_config, ensure_topics, Producer, TopicSpec},
+};
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a projector run did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProjectSummary {
+    pub applied: u64,
+    pub duplicate: u64,
+    pub stale: u64,
+    pub dead_lettered: u64,
+    pub batches: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectError {
+    #[error("the projection database: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("Kafka: {0}")]
+    Kafka(String),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Partitions assigned since the loop last looked, to be positioned from the database.
+#[derive(Debug, Default)]
+struct Assignments {
+    assigned: Mutex<Vec<(String, i32)>>,
+}
+
+impl ClientContext for Assignments {}
+
+impl ConsumerContext for Assignments {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(partitions) = rebalance {
+            let mut assigned = self
+                .assigned
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            assigned.extend(
+                partitions
+                    .elements()
+                    .iter()
+                    .map(|p| (p.topic().to_owned(), p.partition())),
+            );
+        }
+    }
+}
+
+/// A message read, ready to apply or to dead-letter.
+struct Read {
+    at: Coordinates,
+    event: Result<CanonicalEvent, String>,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: Vec<(String, String)>,
+}
+
+/// Project until `shutdown` is cancelled — or, with `until_caught_up`, until every assigned
+/// partition has been applied up to its end.
+pub async fn run(
+    config: &ProjectorConfig,
+    shutdown: CancellationToken,
+    until_caught_up: bool,
+) -> Result<ProjectSummary, ProjectError> {
+    let schema = &config.projection.schema;
+    let group = config.group_id().to_owned();
+    let (mut db, connection) =
+        tokio_postgres::connect(config.projection.url.expose(), NoTls).await?;
+    tokio::spawn(connection);
+    projection::migrate(&mut db, schema).await?;
+
+    let mut kafka = client_config(&config.kafka);
+    kafka
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest");
+    let consumer: StreamConsumer<Assignments> =
+        kafka
+            .create_with_context(Assignments::default())
+            .map_err(|e| ProjectError::Kafka(format!("cannot create a consumer: {e}")))?;
+    let topics = topics_to_read(&consumer, config)?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&names)
+        .map_err(|e| ProjectError::Kafka(format!("cannot subscribe: {e}")))?;
+    info!(group = %group, topics = topics.len(), schema = %schema, "projecting");
+
+    let dead_letter_topic = format!("{}.dlq.projector", config.topics.prefix);
+    ensure_topics(
+        &config.kafka,
+        &[TopicSpec {
+            name: dead_letter_topic.clone(),
+            partitions: 1,
+            replication_factor: 1,
+            config: Vec::new(),
+        }],
+    )
+    .await
+    .map_err(|e| ProjectError::Kafka(e.to_string()))?;
+    let producer = Producer::new(&config.kafka).map_err(|e| ProjectError::Kafka(e.to_string()))?;
+    let codec = EventCodec::new(&config.schema_registry);
+
+    let mut summary = ProjectSummary::default();
+    // Per partition: the next offset to apply (below it, everything is in the database).
+    let mut next: HashMap<(String, i32), i64> = HashMap::new();
+    let idle = Duration::from_millis(config.projection.max_batch_ms.max(200));
+    loop {
+        position(&consumer, &db, schema, &group, &mut next).await?;
+        if shutdown.is_cancelled() {
+            break;
+        }
+        // The first message of a batch, or an idle moment.
+        let first = tokio::select! {
+            () = shutdown.cancelled() => break,
+            first = tokio::time::timeout(idle, consumer.recv()) => first,
+        };
+        let Ok(first) = first else {
+            if until_caught_up && caught_up(&consumer, &next)? {
+                break;
+            }
+            continue;
+        };
+        let first = first.map_err(|e| ProjectError::Kafka(e.to_string()))?;
+        let mut batch = vec![read(&codec, &first).await];
+        let deadline = Instant::now() + Duration::from_millis(config.projection.max_batch_ms);
+        while batch.len() < config.projection.max_batch {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, consumer.recv()).await {
+                Ok(Ok(message)) => batch.push(read(&codec, &message).await),
+                Ok(Err(e)) => return Err(ProjectError::Kafka(e.to_string())),
+                Err(_) => break,
+            }
+        }
+        // Already in the database (read again before a seek took effect).
+        batch.retain(|r| {
+            r.at.offset
+                >= next
+                    .get(&(r.at.topic.clone(), r.at.partition))
+                    .copied()
+                    .unwrap_or(0)
+        });
+        if batch.is_empty() {
+            continue;
+        }
+        apply_batch(
+            &mut db,
+            config,
+            &group,
+            &producer,
+            &dead_letter_topic,
+            batch,
+            &mut next,
+            &mut summary,
+        )
+        .await?;
+        // For visibility (lag in Kafka's tools) and as the start point of a new member.
+        let mut commit = TopicPartitionList::new();
+        for ((topic, partition), offset) in &next {
+            let _ = commit.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+        }
+        if let Err(e) = consumer.commit(&commit, CommitMode::Async) {
+            debug!(error = %e, "committing group offsets to Kafka failed (the database has them)");
+        }
+    }
+    Ok(summary)
+}
+
+/// The topics to subscribe to: `topics.include`, or every event topic under the prefix.
+fn topics_to_read(
+    consumer: &StreamConsumer<Assignments>,
+    config: &ProjectorConfig,
+) -> Result<Vec<String>, ProjectError> {
+    if !config.topics.include.is_empty() {
+        return Ok(config.topics.include.clone());
+    }
+    let metadata = consumer
+        .fetch_metadata(None, METADATA_TIMEOUT)
+        .map_err(|e| ProjectError::Kafka(format!("cannot read the cluster's topics: {e}")))?;
+    let prefix = format!("{}.", config.topics.prefix);
+    let dead_letters = format!("{prefix}dlq.");
+    let topics: Vec<String> = metadata
+        .topics()
+        .iter()
+        .map(|t| t.name())
+        .filter(|name| name.starts_with(&prefix) && !name.starts_with(&dead_letters))
+        .map(str::to_owned)
+        .collect();
+    if topics.is_empty() {
+        return Err(ProjectError::Setup(format!(
+            "no event topics under the prefix `{}`: start a connector first, or name topics in [topics] include",
+            config.topics.prefix
+        )));
+    }
+    Ok(topics)
+}
+
+/// Seek newly assigned partitions to the offsets the database holds.
+async fn position(
+    consumer: &StreamConsumer<Assignments>,
+    db: &tokio_postgres::Client,
+    schema: &str,
+    group: &str,
+    next: &mut HashMap<(String, i32), i64>,
+) -> Result<(), ProjectError> {
+    let assigned: Vec<(String, i32)> = std::mem::take(
+        &mut *consumer
+            .context()
+            .assigned
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()),
+    );
+    if assigned.is_empty() {
+        return Ok(());
+    }
+    for partition in &assigned {
+        next.remove(partition);
+    }
+    for (topic, partition, offset) in
+        projection::stored_offsets(db, schema, group, &assigned).await?
+    {
+        if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(offset), METADATA_TIMEOUT) {
+            // Not fatal: what is read below the stored offset is skipped.
+            debug!(topic = %topic, partition, error = %e, "seek to the stored offset failed");
+        }
+        next.insert((topic, partition), offset);
+    }
+    info!(partitions = assigned.len(), "partitions assigned");
+    Ok(())
+}
+
+/// Whether every assigned partition is applied up to its end.
+fn caught_up(
+    consumer: &StreamConsumer<Assignments>,
+    next: &HashMap<(String, i32), i64>,
+) -> Result<bool, ProjectError> {
+    let assignment = consumer
+        .assignment()
+        .map_err(|e| ProjectError::Kafka(e.to_string()))?;
+    if assignment.count() == 0 {
+        return Ok(false);
+    }
+    for element in assignment.elements() {
+        let (topic, partition) = (element.topic(), element.partition());
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
+            .map_err(|e| ProjectError::Kafka(e.to_string()))?;
+        let at = next
+            .get(&(topic.to_owned(), partition))
+            .copied()
+            .unwrap_or(low);
+        if at.max(low) < high {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+async fn read(codec: &EventCodec, message: &BorrowedMessage<'_>) -> Read {
+    let payload = message.payload().unwrap_or_default().to_vec();
+    let event = match codec.decode(&payload).await {
+        Ok(event) => check(event),
+        Err(e) => Err(e.to_string()),
+    };
+    let headers = message
+        .headers()
+        .map(|headers| {
+            headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Read {
+        at: Coordinates {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+        },
+        event,
+        key: message.key().map(<[u8]>::to_vec),
+        payload,
+        headers,
+    }
+}
+
+/// An event whose body agrees with its envelope; otherwise why not.
+fn check(event: CanonicalEvent) -> Result<CanonicalEvent, String> {
+    let field = |name: &str| {
+        event
+            .resource
+            .as_ref()
+            .and_then(|r| r.get(name))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    match (event.op, &event.resource) {
+        (EventOp::Delete, Some(_)) => Err("a delete event carries a resource".into()),
+        (EventOp::Upsert, None) => Err("an upsert event carries no resource".into()),
+        (EventOp::Upsert, Some(_))
+            if field("resourceType").as_deref() != Some(&event.resource_type)
+                || field("id").as_deref() != Some(&event.resource_id) =>
+        {
+            Err("the resource's type or id differs from the envelope's".into())
+        }
+        _ => Ok(event),
+    }
+}
+
+/// Apply a batch in one transaction with its offsets; dead-letter what cannot be applied.
+#[allow(clippy::too_many_arguments)]
+async fn apply_batch(
+    db: &mut tokio_postgres::Client,
+    config: &ProjectorConfig,
+    group: &str,
+    producer: &Producer,
+    dead_letter_topic: &str,
+    batch: Vec<Read>,
+    next: &mut HashMap<(String, i32), i64>,
+    summary: &mut ProjectSummary,
+) -> Result<(), ProjectError> {
+    let schema = &config.projection.schema;
+    let mut counts = ProjectSummary::default();
+    let mut refused: Vec<(usize, String)> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.event.as_ref().err().map(|e| (i, e.clone())))
+        .collect();
+    // The fast path: the whole batch in one transaction. Should the database refuse an
+    // event, the batch is rolled back and applied again with a savepoint per event, so
+    // that only the refused one is set aside.
+    let tx = db.transaction().await?;
+    let mut fast = Ok(());
+    for read in &batch {
+        if let Ok(event) = &read.event {
+            match projection::apply(&tx, schema, event, &read.at).await {
+                Ok(outcome) => count(&mut counts, outcome),
+                Err(e) => {
+                    fast = Err(e);
+                    break;
+                }
+            }
+        }
+    }
+    let tx = if fast.is_ok() {
+        tx
+    } else {
+        tx.rollback().await?;
+        counts = ProjectSummary::default();
+        let mut tx = db.transaction().await?;
+        for (i, read) in batch.iter().enumerate() {
+            let Ok(event) = &read.event else { continue };
+            let savepoint = tx.savepoint("event").await?;
+            match projection::apply(&savepoint, schema, event, &read.at).await {
+                Ok(outcome) => {
+                    savepoint.commit().await?;
+                    count(&mut counts, outcome);
+                }
+                Err(e) => {
+                    savepoint.rollback().await?;
+                    refused.push((i, format!("the database refused it: {e}")));
+                }
+            }
+        }
+        tx
+    };
+    // Dead letters are in Kafka before the offsets that pass them are committed.
+    for (i, reason) in &refused {
+        let read = &batch[*i];
+        warn!(topic = %read.at.topic, partition = read.at.partition, offset = read.at.offset, reason = %reason,
+            "a message went to the projector's dead-letter topic");
+        let record = json!({
+            "reason": reason,
+            "topic": read.at.topic,
+            "partition": read.at.partition,
+            "offset": read.at.offset,
+            "key": read.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
+            "headers": read.headers.iter().cloned().collect::<HashMap<_, _>>(),
+            "value_base64": base64::engine::general_purpose::STANDARD.encode(&read.payload),
+        });
+        let key = format!("{}:{}:{}", read.at.topic, read.at.partition, read.at.offset);
+        producer
+            .send(
+                dead_letter_topic,
+                &key,
+                record.to_string().as_bytes(),
+                &[("reason", reason)],
+            )
+            .await
+            .map_err(|e| ProjectError::Kafka(e.to_string()))?;
+        counts.dead_lettered += 1;
+    }
+    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    for read in &batch {
+        let end = ends
+            .entry((read.at.topic.clone(), read.at.partition))
+            .or_insert(0);
+        *end = (*end).max(read.at.offset + 1);
+    }
+    for ((topic, partition), end) in &ends {
+        projection::store_offset(&tx, schema, group, topic, *partition, *end).await?;
+    }
+    tx.commit().await?;
+    next.extend(ends);
+    summary.applied += counts.applied;
+    summary.duplicate += counts.duplicate;
+    summary.stale += counts.stale;
+    summary.dead_lettered += counts.dead_lettered;
+    summary.batches += 1;
+    debug!(
+        events = batch.len(),
+        applied = counts.applied,
+        "batch committed"
+    );
+    Ok(())
+}
+
+fn count(counts: &mut ProjectSummary, outcome: Outcome) {
+    match outcome {
+        Outcome::Applied => counts.applied += 1,
+        Outcome::Duplicate => counts.duplicate += 1,
+        Outcome::Stale => counts.stale += 1,
+    }
+}
