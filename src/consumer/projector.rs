@@ -5,9 +5,12 @@
 //! and decoded through the registry, with whatever schema version wrote them. Each batch
 //! is one database transaction: the rows, the history (the ledger of applied event ids)
 //! and the consumed offsets commit together, so a crash at any point leaves either all of
-//! a batch or none of it. The Kafka group offsets are committed afterwards, for visibility
-//! and as the starting point only; on every assignment the projector seeks to the offsets
-//! stored in the projection database, and skips anything below them.
+//! a batch or none of it. The Kafka group offsets follow: committed after each batch, and
+//! at start set to the database's (a partition it has none for from its beginning), so that
+//! the group starts where the projection is. They may lag the database (a crash between the
+//! two commits, a partition moving to another process); on every assignment the projector
+//! reads the database's offsets and skips what is below them, and the ledger turns any
+//! other repeat into a counted duplicate. Nothing is skipped that the database lacks.
 //!
 //! A message that cannot be applied — undecodable bytes, an unknown schema id, an event
 //! whose body contradicts its envelope, a row the database refuses — goes to
@@ -122,6 +125,7 @@ pub async fn run(
             .create_with_context(Assignments::default())
             .map_err(|e| ProjectError::Kafka(format!("cannot create a consumer: {e}")))?;
     let topics = topics_to_read(&consumer, config)?;
+    let partitions = start_where_the_projection_is(&consumer, &db, schema, &group, &topics).await?;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&names)
@@ -148,7 +152,7 @@ pub async fn run(
     let mut next: HashMap<(String, i32), i64> = HashMap::new();
     let idle = Duration::from_millis(config.projection.max_batch_ms.max(200));
     loop {
-        position(&consumer, &db, schema, &group, &mut next).await?;
+        learn_assignments(&consumer, &db, schema, &group, &mut next).await?;
         if shutdown.is_cancelled() {
             break;
         }
@@ -158,7 +162,7 @@ pub async fn run(
             first = tokio::time::timeout(idle, consumer.recv()) => first,
         };
         let Ok(first) = first else {
-            if until_caught_up && caught_up(&consumer, &next)? {
+            if until_caught_up && caught_up(&consumer, &db, schema, &group, &partitions).await? {
                 break;
             }
             continue;
@@ -174,7 +178,7 @@ pub async fn run(
                 Err(_) => break,
             }
         }
-        // Already in the database (read again before a seek took effect).
+        // Already in the database.
         batch.retain(|r| {
             r.at.offset
                 >= next
@@ -237,8 +241,56 @@ fn topics_to_read(
     Ok(topics)
 }
 
-/// Seek newly assigned partitions to the offsets the database holds.
-async fn position(
+/// Set the group's Kafka offsets to the projection's before joining: the database's offset
+/// per partition, the partition's beginning where it has none (a new or emptied
+/// projection). Refused while other members of the group are active; they keep the group's
+/// offsets in step themselves.
+async fn start_where_the_projection_is(
+    consumer: &StreamConsumer<Assignments>,
+    db: &tokio_postgres::Client,
+    schema: &str,
+    group: &str,
+    topics: &[String],
+) -> Result<Vec<(String, i32)>, ProjectError> {
+    let mut partitions = Vec::new();
+    for topic in topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), METADATA_TIMEOUT)
+            .map_err(|e| ProjectError::Kafka(format!("cannot read topic {topic}: {e}")))?;
+        for t in metadata.topics() {
+            partitions.extend(t.partitions().iter().map(|p| (topic.clone(), p.id())));
+        }
+    }
+    let stored: HashMap<(String, i32), i64> =
+        projection::stored_offsets(db, schema, group, &partitions)
+            .await?
+            .into_iter()
+            .map(|(topic, partition, offset)| ((topic, partition), offset))
+            .collect();
+    let mut start = TopicPartitionList::new();
+    for (topic, partition) in &partitions {
+        let offset = match stored.get(&(topic.clone(), *partition)) {
+            Some(offset) => *offset,
+            None => {
+                consumer
+                    .fetch_watermarks(topic, *partition, METADATA_TIMEOUT)
+                    .map_err(|e| ProjectError::Kafka(e.to_string()))?
+                    .0
+            }
+        };
+        start
+            .add_partition_offset(topic, *partition, Offset::Offset(offset))
+            .map_err(|e| ProjectError::Kafka(e.to_string()))?;
+    }
+    if let Err(e) = consumer.commit(&start, CommitMode::Sync) {
+        info!(error = %e, "the group's offsets were left as they are (other members are active)");
+    }
+    Ok(partitions)
+}
+
+/// Read the database's offsets of newly assigned partitions: below them, everything is
+/// applied.
+async fn learn_assignments(
     consumer: &StreamConsumer<Assignments>,
     db: &tokio_postgres::Client,
     schema: &str,
@@ -256,39 +308,38 @@ async fn position(
         return Ok(());
     }
     for partition in &assigned {
-        next.remove(partition);
+        next.insert(partition.clone(), 0);
     }
     for (topic, partition, offset) in
         projection::stored_offsets(db, schema, group, &assigned).await?
     {
-        if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(offset), METADATA_TIMEOUT) {
-            // Not fatal: what is read below the stored offset is skipped.
-            debug!(topic = %topic, partition, error = %e, "seek to the stored offset failed");
-        }
         next.insert((topic, partition), offset);
     }
     info!(partitions = assigned.len(), "partitions assigned");
     Ok(())
 }
 
-/// Whether every assigned partition is applied up to its end.
-fn caught_up(
+/// Whether the projection holds every partition up to its end — whichever member of the
+/// group applied it (the database's offsets are the group's).
+async fn caught_up(
     consumer: &StreamConsumer<Assignments>,
-    next: &HashMap<(String, i32), i64>,
+    db: &tokio_postgres::Client,
+    schema: &str,
+    group: &str,
+    partitions: &[(String, i32)],
 ) -> Result<bool, ProjectError> {
-    let assignment = consumer
-        .assignment()
-        .map_err(|e| ProjectError::Kafka(e.to_string()))?;
-    if assignment.count() == 0 {
-        return Ok(false);
-    }
-    for element in assignment.elements() {
-        let (topic, partition) = (element.topic(), element.partition());
+    let stored: HashMap<(String, i32), i64> =
+        projection::stored_offsets(db, schema, group, partitions)
+            .await?
+            .into_iter()
+            .map(|(topic, partition, offset)| ((topic, partition), offset))
+            .collect();
+    for (topic, partition) in partitions {
         let (low, high) = consumer
-            .fetch_watermarks(topic, partition, METADATA_TIMEOUT)
+            .fetch_watermarks(topic, *partition, METADATA_TIMEOUT)
             .map_err(|e| ProjectError::Kafka(e.to_string()))?;
-        let at = next
-            .get(&(topic.to_owned(), partition))
+        let at = stored
+            .get(&(topic.clone(), *partition))
             .copied()
             .unwrap_or(low);
         if at.max(low) < high {

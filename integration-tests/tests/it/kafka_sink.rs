@@ -28,7 +28,7 @@ fn properties() -> KafkaProperties {
 
 #[tokio::test]
 async fn topics_are_created_once_with_their_settings_and_messages_are_acknowledged() {
-    let name = stack::unique("fhir.lab.Observation");
+    let name = stack::unique("sinkit.lab.Observation");
     let spec = TopicSpec {
         name: name.clone(),
         partitions: 3,
