@@ -9,9 +9,12 @@
 #    pg_recvlogical drains one to /dev/null (pgoutput, the same publication); fhir-cdc
 #    drains the other — map, Avro, Kafka, acknowledgement — timed until PostgreSQL has the
 #    last commit confirmed. Prints changes/s of both and the ratio, and fhir-cdc's peak RSS.
-# 2. Latency: 2,000 changes/s for 15 s (pgbench, 200 transactions/s of 10 rows) with the
-#    connector caught up; p50/p99 commit → Kafka acknowledgement from its metrics histogram
-#    (bucket upper bounds, so the figures are "at most").
+# 2. Projection: `fhir-cdc project --until-caught-up` applies the whole topic (the backlog's
+#    events) into a fresh read model; events/s.
+# 3. Latency: 2,000 changes/s for 15 s (pgbench, 200 transactions/s of 10 rows) with the
+#    connector and a projector running and caught up; p50/p99 commit → Kafka acknowledgement
+#    from the connector's metrics histogram (bucket upper bounds, so "at most"), and p50/p99
+#    Kafka → projection commit from the projection's history (kafka_timestamp, applied_at).
 set -euo pipefail
 [ -n "${BENCH_TRACE:-}" ] && set -x
 
@@ -27,7 +30,8 @@ run_pid=
 cleanup() {
   [ -n "$run_pid" ] && kill "$run_pid" 2>/dev/null && wait "$run_pid" 2>/dev/null
   sql -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name IN ('$NAME', '${NAME}_ceiling')" >/dev/null || true
-  sql -c "DROP PUBLICATION IF EXISTS $NAME" -c "DROP SCHEMA IF EXISTS $NAME CASCADE" || true
+  [ -n "${project_pid:-}" ] && kill "$project_pid" 2>/dev/null && wait "$project_pid" 2>/dev/null
+  sql -c "DROP PUBLICATION IF EXISTS $NAME" -c "DROP SCHEMA IF EXISTS $NAME CASCADE" -c "DROP SCHEMA IF EXISTS ${NAME}_projection CASCADE" || true
   rm -rf "$DIR"
 }
 trap cleanup EXIT
@@ -93,7 +97,31 @@ t1=$(date +%s.%N)
 ours=$(python3 -c "print(round($total / ($t1 - $t0)))")
 peak_kib=$(awk '/VmHWM/ { print $2 }' "/proc/$run_pid/status")
 
+# The projection of the whole topic.
+cat >"$DIR/projector.toml" <<EOF
+name = "${NAME}_projector"
+[kafka]
+bootstrap.servers = "\${env:FHIR_CDC_KAFKA_BOOTSTRAP}"
+[schema_registry]
+url = "\${env:FHIR_CDC_SCHEMA_REGISTRY_URL}"
+[topics]
+prefix = "$NAME"
+[projection]
+url = "\${env:FHIR_CDC_PG_URL}"
+schema = "${NAME}_projection"
+max_batch = 1000
+max_batch_ms = 20
+EOF
+t0=$(date +%s.%N)
+"$BIN" project --config "$DIR/projector.toml" --until-caught-up 2>"$DIR/project.log"
+t1=$(date +%s.%N)
+projected=$(grep -o 'applied=[0-9]*' "$DIR/project.log" | cut -d= -f2)
+projected_rate=$(python3 -c "print(round($projected / ($t1 - $t0)))")
+"$BIN" project --config "$DIR/projector.toml" 2>>"$DIR/project.log" &
+project_pid=$!
+
 # Latency at 2,000 changes/s.
+paced_since=$(sql -At -c "SELECT now()")
 cat >"$DIR/paced.sql" <<EOF
 \set id random(1, $((batches * 1000)))
 UPDATE $NAME.lab_result SET value_numeric = value_numeric + 1 WHERE result_id BETWEEN :id AND :id + 9;
@@ -104,6 +132,12 @@ end=$(sql -At -c "SELECT pg_current_wal_lsn()")
 until [ "$(sql -At -c "SELECT confirmed_flush_lsn >= '$end' FROM pg_replication_slots WHERE slot_name = '$NAME'")" = t ]; do sleep 0.05; done
 after=$(curl -sf "http://127.0.0.1:$PORT/metrics" | grep '^fhir_cdc_commit_to_ack_seconds_bucket')
 peak_kib=$(awk '/VmHWM/ { print $2 }' "/proc/$run_pid/status")
+sleep 2 # the projector's last batches
+apply_latency=$(sql -At -F ' ' -c "SELECT count(*),
+    round(1000 * extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY applied_at - kafka_timestamp))::numeric, 1),
+    round(1000 * extract(epoch FROM percentile_cont(0.99) WITHIN GROUP (ORDER BY applied_at - kafka_timestamp))::numeric, 1)
+  FROM ${NAME}_projection.history WHERE kafka_timestamp >= '$paced_since'" \
+  | awk '{ printf "%d events measured, p50 %s ms, p99 %s ms", $1, $2, $3 }')
 quantiles=$(python3 - "$before" "$after" <<'EOF'
 import re, sys
 def buckets(text):
@@ -124,3 +158,7 @@ echo "  pg_recvlogical to /dev/null (ceiling)   $ceiling changes/s"
 echo "  fhir-cdc, commit → Kafka ack            $ours changes/s ($(python3 -c "print(f'{$ours / $ceiling:.0%}')") of the ceiling)"
 echo "  fhir-cdc peak RSS                       $((peak_kib / 1024)) MiB"
 echo "  at 2,000 changes/s: $quantiles"
+echo
+echo "fhir-cdc project, the same topic into a fresh read model (batches of up to 1,000):"
+echo "  $projected events applied at $projected_rate events/s (start-up included)"
+echo "  at 2,000 events/s, Kafka → projection commit: $apply_latency"

@@ -19,16 +19,6 @@ use tokio_postgres::{GenericClient, Transaction};
 
 use crate::canonical::{CanonicalEvent, EventOp};
 
-/// What happened to one event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Applied,
-    /// Its event id is in the history: applied before.
-    Duplicate,
-    /// The stored version is newer or the same.
-    Stale,
-}
-
 /// Where an event was read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Coordinates {
@@ -45,8 +35,9 @@ fn migrations(schema: &str) -> Vec<String> {
         source_position text NOT NULL, transaction_id text, commit_time timestamptz,
         capture_time timestamptz NOT NULL, mapping_id text NOT NULL,
         mapping_version text NOT NULL, snapshot boolean NOT NULL";
-    vec![format!(
-        "CREATE TABLE {schema}.resources (
+    vec![
+        format!(
+            "CREATE TABLE {schema}.resources (
              resource_type text NOT NULL, resource_id text NOT NULL, version text NOT NULL,
              event_id uuid NOT NULL, deleted boolean NOT NULL, body jsonb, {provenance},
              applied_at timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -61,7 +52,10 @@ fn migrations(schema: &str) -> Vec<String> {
              consumer_group text NOT NULL, topic text NOT NULL, kafka_partition integer NOT NULL,
              next_offset bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
              PRIMARY KEY (consumer_group, topic, kafka_partition));"
-    )]
+        ),
+        // When Kafka took each message: with `applied_at`, the apply latency.
+        format!("ALTER TABLE {schema}.history ADD COLUMN kafka_timestamp timestamptz;"),
+    ]
 }
 
 /// Create the schema and bring its tables to the current version (idempotent; concurrent
@@ -142,106 +136,204 @@ pub async fn store_offset(
     Ok(())
 }
 
-/// Apply one event inside `tx`.
+/// One event of a batch, and where it was read.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    pub event: &'a CanonicalEvent,
+    pub at: &'a Coordinates,
+    /// When Kafka took the message (milliseconds since the epoch), if known.
+    pub kafka_timestamp: Option<i64>,
+}
+
+/// How a batch went.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub applied: u64,
+    pub duplicate: u64,
+    pub stale: u64,
+}
+
+/// Apply `entries`, in order, inside `tx` — set-based, one statement for the whole batch:
+/// an event id already in the history (or earlier in the batch) is a duplicate; an event
+/// whose version is not newer than the stored one, nor than those of the same resource
+/// earlier in the batch, is stale; the others go into the history, and the newest of each
+/// resource into `resources`.
 pub async fn apply(
     tx: &Transaction<'_>,
     schema: &str,
-    event: &CanonicalEvent,
-    at: &Coordinates,
-) -> Result<Outcome, tokio_postgres::Error> {
-    // Event ids travel as text and are cast to uuid in SQL.
-    let event_id = &event.event_id;
-    let p = &event.provenance;
-    let body = event
-        .resource
-        .as_ref()
-        .map(|r| serde_json::to_string(r).unwrap_or_default());
-    let primary_key = serde_json::to_string(&p.primary_key).unwrap_or_default();
-    let op = match event.op {
-        EventOp::Upsert => "upsert",
-        EventOp::Delete => "delete",
-    };
-    // The ledger first: an event id already applied stops here, whatever its version.
-    let recorded = tx
-        .execute(
+    entries: &[Entry<'_>],
+) -> Result<Counts, tokio_postgres::Error> {
+    let n = entries.len();
+    let mut c = Columns::default();
+    for Entry {
+        event,
+        at,
+        kafka_timestamp,
+    } in entries
+    {
+        let p = &event.provenance;
+        c.event_id.push(event.event_id.clone());
+        c.resource_type.push(event.resource_type.clone());
+        c.resource_id.push(event.resource_id.clone());
+        c.version.push(event.resource_version.clone());
+        c.op.push(
+            match event.op {
+                EventOp::Upsert => "upsert",
+                EventOp::Delete => "delete",
+            }
+            .to_owned(),
+        );
+        c.body.push(
+            event
+                .resource
+                .as_ref()
+                .map(|r| serde_json::to_string(r).unwrap_or_default()),
+        );
+        c.source_system.push(p.source_system.to_string());
+        c.connector.push(p.connector.to_string());
+        c.database_kind.push(p.database_kind.to_string());
+        c.source_database.push(p.database.to_string());
+        c.source_schema.push(p.schema.to_string());
+        c.source_table.push(p.table.to_string());
+        c.primary_key
+            .push(serde_json::to_string(&p.primary_key).unwrap_or_default());
+        c.source_position.push(p.source_position.clone());
+        c.transaction_id.push(p.transaction_id.clone());
+        c.commit_time
+            .push(p.commit_time.map(crate::canonical::instant));
+        c.capture_time
+            .push(crate::canonical::instant(p.capture_time));
+        c.mapping_id.push(p.mapping_id.to_string());
+        c.mapping_version.push(p.mapping_version.to_string());
+        c.snapshot.push(p.snapshot);
+        c.topic.push(at.topic.clone());
+        c.partition.push(at.partition);
+        c.offset.push(at.offset);
+        c.kafka_timestamp.push(*kafka_timestamp);
+    }
+    let provenance = "source_system, connector, database_kind, source_database, source_schema,
+        source_table, primary_key, source_position, transaction_id, commit_time, capture_time,
+        mapping_id, mapping_version, snapshot";
+    let provenance_cast = "source_system, connector, database_kind, source_database,
+        source_schema, source_table, primary_key::jsonb, source_position, transaction_id,
+        commit_time::timestamptz, capture_time::timestamptz, mapping_id, mapping_version,
+        snapshot";
+    let row = tx
+        .query_one(
             &format!(
-                "INSERT INTO {schema}.history (event_id, resource_type, resource_id, version, op, body,
-                    source_system, connector, database_kind, source_database, source_schema, source_table,
-                    primary_key, source_position, transaction_id, commit_time, capture_time, mapping_id,
-                    mapping_version, snapshot, topic, kafka_partition, kafka_offset)
-                 SELECT $1::text::uuid, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10, $11, $12,
-                    $13::text::jsonb, $14, $15, $16::text::timestamptz, $17::text::timestamptz, $18,
-                    $19, $20, $21, $22, $23
-                 WHERE NOT EXISTS (
-                    SELECT FROM {schema}.resources r
-                     WHERE r.resource_type = $2 AND r.resource_id = $3 AND r.version >= $4)
-                 ON CONFLICT (event_id) DO NOTHING"
+                "WITH input AS (
+                   SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                       $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
+                       $12::text[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[],
+                       $18::text[], $19::text[], $20::bool[], $21::text[], $22::int[], $23::bigint[],
+                       $24::bigint[])
+                     WITH ORDINALITY AS t(event_id, resource_type, resource_id, version, op, body,
+                       {provenance}, topic, kafka_partition, kafka_offset, kafka_ms, pos)),
+                 fresh AS (
+                   SELECT DISTINCT ON (event_id) * FROM input i
+                    WHERE NOT EXISTS (SELECT FROM {schema}.history h WHERE h.event_id = i.event_id::uuid)
+                    ORDER BY event_id, pos),
+                 ranked AS (
+                   SELECT f.*, GREATEST(r.version, max(f.version) OVER (
+                            PARTITION BY f.resource_type, f.resource_id ORDER BY f.pos
+                            ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)) AS newest_before
+                     FROM fresh f LEFT JOIN {schema}.resources r
+                       ON r.resource_type = f.resource_type AND r.resource_id = f.resource_id),
+                 applied AS (
+                   SELECT * FROM ranked WHERE newest_before IS NULL OR version > newest_before),
+                 recorded AS (
+                   INSERT INTO {schema}.history (event_id, resource_type, resource_id, version, op, body,
+                       {provenance}, topic, kafka_partition, kafka_offset, kafka_timestamp)
+                   SELECT event_id::uuid, resource_type, resource_id, version, op, body::jsonb,
+                       {provenance_cast}, topic, kafka_partition, kafka_offset,
+                       to_timestamp(kafka_ms / 1000.0)
+                     FROM applied
+                   ON CONFLICT (event_id) DO NOTHING
+                   RETURNING 1),
+                 newest AS (
+                   INSERT INTO {schema}.resources AS r (resource_type, resource_id, version, event_id,
+                       deleted, body, {provenance})
+                   SELECT DISTINCT ON (resource_type, resource_id) resource_type, resource_id, version,
+                       event_id::uuid, op = 'delete', body::jsonb, {provenance_cast}
+                     FROM applied ORDER BY resource_type, resource_id, version DESC
+                   ON CONFLICT (resource_type, resource_id) DO UPDATE SET
+                       version = EXCLUDED.version, event_id = EXCLUDED.event_id,
+                       deleted = EXCLUDED.deleted, body = EXCLUDED.body,
+                       source_system = EXCLUDED.source_system, connector = EXCLUDED.connector,
+                       database_kind = EXCLUDED.database_kind,
+                       source_database = EXCLUDED.source_database,
+                       source_schema = EXCLUDED.source_schema, source_table = EXCLUDED.source_table,
+                       primary_key = EXCLUDED.primary_key, source_position = EXCLUDED.source_position,
+                       transaction_id = EXCLUDED.transaction_id, commit_time = EXCLUDED.commit_time,
+                       capture_time = EXCLUDED.capture_time, mapping_id = EXCLUDED.mapping_id,
+                       mapping_version = EXCLUDED.mapping_version, snapshot = EXCLUDED.snapshot,
+                       applied_at = clock_timestamp()
+                     WHERE r.version < EXCLUDED.version
+                   RETURNING 1)
+                 SELECT (SELECT count(*) FROM fresh), (SELECT count(*) FROM recorded)"
             ),
             &[
-                event_id,
-                &event.resource_type,
-                &event.resource_id,
-                &event.resource_version,
-                &op,
-                &body,
-                &&*p.source_system,
-                &&*p.connector,
-                &&*p.database_kind,
-                &&*p.database,
-                &&*p.schema,
-                &&*p.table,
-                &primary_key,
-                &p.source_position,
-                &p.transaction_id,
-                &p.commit_time.map(crate::canonical::instant),
-                &crate::canonical::instant(p.capture_time),
-                &&*p.mapping_id,
-                &&*p.mapping_version,
-                &p.snapshot,
-                &at.topic,
-                &at.partition,
-                &at.offset,
+                &c.event_id,
+                &c.resource_type,
+                &c.resource_id,
+                &c.version,
+                &c.op,
+                &c.body,
+                &c.source_system,
+                &c.connector,
+                &c.database_kind,
+                &c.source_database,
+                &c.source_schema,
+                &c.source_table,
+                &c.primary_key,
+                &c.source_position,
+                &c.transaction_id,
+                &c.commit_time,
+                &c.capture_time,
+                &c.mapping_id,
+                &c.mapping_version,
+                &c.snapshot,
+                &c.topic,
+                &c.partition,
+                &c.offset,
+                &c.kafka_timestamp,
             ],
         )
         .await?;
-    if recorded == 0 {
-        let seen = tx
-            .query_opt(
-                &format!("SELECT 1 FROM {schema}.history WHERE event_id = $1::text::uuid"),
-                &[event_id],
-            )
-            .await?;
-        return Ok(if seen.is_some() {
-            Outcome::Duplicate
-        } else {
-            Outcome::Stale
-        });
-    }
-    tx.execute(
-        &format!(
-            "INSERT INTO {schema}.resources AS r (resource_type, resource_id, version, event_id, deleted, body,
-                source_system, connector, database_kind, source_database, source_schema, source_table,
-                primary_key, source_position, transaction_id, commit_time, capture_time, mapping_id,
-                mapping_version, snapshot)
-             SELECT resource_type, resource_id, version, event_id, op = 'delete', body,
-                source_system, connector, database_kind, source_database, source_schema, source_table,
-                primary_key, source_position, transaction_id, commit_time, capture_time, mapping_id,
-                mapping_version, snapshot
-               FROM {schema}.history WHERE event_id = $1::text::uuid
-             ON CONFLICT (resource_type, resource_id) DO UPDATE SET
-                version = EXCLUDED.version, event_id = EXCLUDED.event_id, deleted = EXCLUDED.deleted,
-                body = EXCLUDED.body, source_system = EXCLUDED.source_system,
-                connector = EXCLUDED.connector, database_kind = EXCLUDED.database_kind,
-                source_database = EXCLUDED.source_database, source_schema = EXCLUDED.source_schema,
-                source_table = EXCLUDED.source_table, primary_key = EXCLUDED.primary_key,
-                source_position = EXCLUDED.source_position, transaction_id = EXCLUDED.transaction_id,
-                commit_time = EXCLUDED.commit_time, capture_time = EXCLUDED.capture_time,
-                mapping_id = EXCLUDED.mapping_id, mapping_version = EXCLUDED.mapping_version,
-                snapshot = EXCLUDED.snapshot, applied_at = clock_timestamp()
-             WHERE r.version < EXCLUDED.version"
-        ),
-        &[event_id],
-    )
-    .await?;
-    Ok(Outcome::Applied)
+    let (fresh, applied): (i64, i64) = (row.get(0), row.get(1));
+    let (fresh, applied) = (fresh as u64, applied as u64);
+    Ok(Counts {
+        applied,
+        duplicate: n as u64 - fresh,
+        stale: fresh - applied,
+    })
+}
+
+/// The batch's values, column by column (the statement takes one array per column).
+#[derive(Default)]
+struct Columns {
+    event_id: Vec<String>,
+    resource_type: Vec<String>,
+    resource_id: Vec<String>,
+    version: Vec<String>,
+    op: Vec<String>,
+    body: Vec<Option<String>>,
+    source_system: Vec<String>,
+    connector: Vec<String>,
+    database_kind: Vec<String>,
+    source_database: Vec<String>,
+    source_schema: Vec<String>,
+    source_table: Vec<String>,
+    primary_key: Vec<String>,
+    source_position: Vec<String>,
+    transaction_id: Vec<Option<String>>,
+    commit_time: Vec<Option<String>>,
+    capture_time: Vec<String>,
+    mapping_id: Vec<String>,
+    mapping_version: Vec<String>,
+    snapshot: Vec<bool>,
+    topic: Vec<String>,
+    partition: Vec<i32>,
+    offset: Vec<i64>,
+    kafka_timestamp: Vec<Option<i64>>,
 }

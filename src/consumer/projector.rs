@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     config::ProjectorConfig,
-    projection::{self, Coordinates, Outcome},
+    projection::{self, Coordinates, Counts, Entry},
 };
 use crate::{
     canonical::{registry::EventCodec, CanonicalEvent, EventOp},
@@ -94,6 +94,8 @@ impl ConsumerContext for Assignments {
 /// A message read, ready to apply or to dead-letter.
 struct Read {
     at: Coordinates,
+    /// When Kafka took the message (ms since the epoch).
+    timestamp: Option<i64>,
     event: Result<CanonicalEvent, String>,
     key: Option<Vec<u8>>,
     payload: Vec<u8>,
@@ -375,6 +377,7 @@ async fn read(codec: &EventCodec, message: &BorrowedMessage<'_>) -> Read {
             partition: message.partition(),
             offset: message.offset(),
         },
+        timestamp: message.timestamp().to_millis(),
         event,
         key: message.key().map(<[u8]>::to_vec),
         payload,
@@ -418,50 +421,60 @@ async fn apply_batch(
     summary: &mut ProjectSummary,
 ) -> Result<(), ProjectError> {
     let schema = &config.projection.schema;
-    let mut counts = ProjectSummary::default();
     let mut refused: Vec<(usize, String)> = batch
         .iter()
         .enumerate()
         .filter_map(|(i, r)| r.event.as_ref().err().map(|e| (i, e.clone())))
         .collect();
-    // The fast path: the whole batch in one transaction. Should the database refuse an
-    // event, the batch is rolled back and applied again with a savepoint per event, so
-    // that only the refused one is set aside.
+    let entries: Vec<(usize, Entry<'_>)> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let event = r.event.as_ref().ok()?;
+            Some((
+                i,
+                Entry {
+                    event,
+                    at: &r.at,
+                    kafka_timestamp: r.timestamp,
+                },
+            ))
+        })
+        .collect();
+    // The fast path: the whole batch in one statement of one transaction. Should the
+    // database refuse it, the batch is applied again event by event, each under a
+    // savepoint, so that only what it refuses is set aside.
     let tx = db.transaction().await?;
-    let mut fast = Ok(());
-    for read in &batch {
-        if let Ok(event) = &read.event {
-            match projection::apply(&tx, schema, event, &read.at).await {
-                Ok(outcome) => count(&mut counts, outcome),
-                Err(e) => {
-                    fast = Err(e);
-                    break;
+    let all: Vec<Entry<'_>> = entries.iter().map(|(_, e)| *e).collect();
+    let (tx, counts) = match projection::apply(&tx, schema, &all).await {
+        Ok(counts) => (tx, counts),
+        Err(e) => {
+            debug!(error = ?e, "the batch was refused; applying it event by event");
+            tx.rollback().await?;
+            let mut tx = db.transaction().await?;
+            let mut counts = Counts::default();
+            for (i, entry) in &entries {
+                let savepoint = tx.savepoint("event").await?;
+                match projection::apply(&savepoint, schema, std::slice::from_ref(entry)).await {
+                    Ok(one) => {
+                        savepoint.commit().await?;
+                        counts.applied += one.applied;
+                        counts.duplicate += one.duplicate;
+                        counts.stale += one.stale;
+                    }
+                    Err(e) => {
+                        savepoint.rollback().await?;
+                        let reason = e
+                            .as_db_error()
+                            .map_or_else(|| e.to_string(), |db| db.message().to_owned());
+                        refused.push((*i, format!("the database refused it: {reason}")));
+                    }
                 }
             }
+            (tx, counts)
         }
-    }
-    let tx = if fast.is_ok() {
-        tx
-    } else {
-        tx.rollback().await?;
-        counts = ProjectSummary::default();
-        let mut tx = db.transaction().await?;
-        for (i, read) in batch.iter().enumerate() {
-            let Ok(event) = &read.event else { continue };
-            let savepoint = tx.savepoint("event").await?;
-            match projection::apply(&savepoint, schema, event, &read.at).await {
-                Ok(outcome) => {
-                    savepoint.commit().await?;
-                    count(&mut counts, outcome);
-                }
-                Err(e) => {
-                    savepoint.rollback().await?;
-                    refused.push((i, format!("the database refused it: {e}")));
-                }
-            }
-        }
-        tx
     };
+    let mut dead_lettered = 0;
     // Dead letters are in Kafka before the offsets that pass them are committed.
     for (i, reason) in &refused {
         let read = &batch[*i];
@@ -486,7 +499,7 @@ async fn apply_batch(
             )
             .await
             .map_err(|e| ProjectError::Kafka(e.to_string()))?;
-        counts.dead_lettered += 1;
+        dead_lettered += 1;
     }
     let mut ends: HashMap<(String, i32), i64> = HashMap::new();
     for read in &batch {
@@ -503,7 +516,7 @@ async fn apply_batch(
     summary.applied += counts.applied;
     summary.duplicate += counts.duplicate;
     summary.stale += counts.stale;
-    summary.dead_lettered += counts.dead_lettered;
+    summary.dead_lettered += dead_lettered;
     summary.batches += 1;
     debug!(
         events = batch.len(),
@@ -511,12 +524,4 @@ async fn apply_batch(
         "batch committed"
     );
     Ok(())
-}
-
-fn count(counts: &mut ProjectSummary, outcome: Outcome) {
-    match outcome {
-        Outcome::Applied => counts.applied += 1,
-        Outcome::Duplicate => counts.duplicate += 1,
-        Outcome::Stale => counts.stale += 1,
-    }
 }
