@@ -31,10 +31,17 @@ fn golden_events_round_trip_through_avro_losslessly() {
             let bytes = to_avro_datum(&schema, event_to_avro(&event, &schema).unwrap()).unwrap();
             // The compiled writer of the hot path writes exactly what apache-avro writes.
             let mut written = Vec::new();
-            EventWriter::new(&schema)
-                .unwrap()
-                .write(&event, &mut written)
-                .unwrap();
+            let compiled = EventWriter::new(&schema).unwrap();
+            compiled.write(&event, &mut written).unwrap();
+            // …and its reader reads back exactly what was written, in FHIR JSON's order.
+            let read = compiled.read(&written).unwrap();
+            assert_eq!(
+                serde_json::to_value(&read).unwrap(),
+                *json,
+                "{}: {} read back differently",
+                path.display(),
+                event.event_id
+            );
             assert_eq!(
                 written, bytes,
                 "{}: EventWriter and apache-avro disagree",

@@ -11,14 +11,11 @@ use std::{
 
 use apache_avro::Schema;
 use schema_registry_converter::{
-    async_impl::{
-        avro::AvroDecoder,
-        schema_registry::{post_schema, SrSettings},
-    },
+    async_impl::schema_registry::{get_schema_by_id, post_schema, SrSettings},
     schema_registry_common::{SchemaType, SuppliedSchema},
 };
 
-use super::{event_from_avro, schema::event_schema, AvroShapeError, CanonicalEvent, EventWriter};
+use super::{schema::event_schema, AvroShapeError, CanonicalEvent, EventWriter};
 use crate::{
     config::RegistryConfig,
     preflight::{self, Finding},
@@ -99,14 +96,16 @@ pub async fn check(config: &RegistryConfig) -> Vec<Finding> {
 /// id, the Avro body) and decodes them, against the registry through
 /// schema_registry_converter. Subjects follow TopicNameStrategy (`<topic>-value`); an
 /// event's schema is registered on first use and its id cached. Bodies are written by the
-/// compiled [`EventWriter`]; decoding uses whatever schema version the id names.
+/// compiled [`EventWriter`], and read by the same plan compiled from whatever schema version
+/// the message's id names (fetched once per id).
 pub struct EventCodec {
     settings: SrSettings,
-    decoder: AvroDecoder,
     /// Per resource type: the schema as sent to the registry, and its compiled writer.
     schemas: Mutex<HashMap<String, Arc<(SuppliedSchema, EventWriter)>>>,
     /// Schema id per subject.
     ids: Mutex<HashMap<String, u32>>,
+    /// The compiled writer schema per schema id, for reading.
+    readers: Mutex<HashMap<u32, Arc<EventWriter>>>,
 }
 
 impl fmt::Debug for EventCodec {
@@ -144,10 +143,10 @@ impl EventCodec {
     pub fn new(config: &RegistryConfig) -> Self {
         let settings = SrSettings::new(config.url.trim_end_matches('/').to_owned());
         Self {
-            decoder: AvroDecoder::new(settings.clone()),
             settings,
             schemas: Mutex::new(HashMap::new()),
             ids: Mutex::new(HashMap::new()),
+            readers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -197,23 +196,32 @@ impl EventCodec {
 
     /// The event in `bytes`, read with the schema version it was written with.
     pub async fn decode(&self, bytes: &[u8]) -> Result<CanonicalEvent, CodecError> {
-        if bytes.len() < 5 || bytes[0] != 0 {
+        let (Some(0), Some(id)) = (bytes.first(), bytes.get(1..5)) else {
             return Err(CodecError::Undecodable(
                 "no Confluent wire-format header (magic byte 0 and a schema id)".into(),
             ));
+        };
+        let id = u32::from_be_bytes(id.try_into().expect("four bytes"));
+        let reader = self.reader(id).await?;
+        Ok(reader.read(&bytes[5..])?)
+    }
+
+    /// The compiled schema with registry id `id`.
+    async fn reader(&self, id: u32) -> Result<Arc<EventWriter>, CodecError> {
+        if let Some(found) = locked(&self.readers).get(&id) {
+            return Ok(found.clone());
         }
-        let decoded = self
-            .decoder
-            .decode_with_schema(Some(bytes))
-            .await
-            .map_err(|e| {
-                if e.retriable {
-                    CodecError::Registry(e.to_string())
-                } else {
-                    CodecError::Undecodable(e.to_string())
-                }
-            })?
-            .ok_or_else(|| CodecError::Undecodable("empty message".into()))?;
-        Ok(event_from_avro(&decoded.value, &decoded.schema.parsed)?)
+        let registered = get_schema_by_id(id, &self.settings).await.map_err(|e| {
+            if e.retriable {
+                CodecError::Registry(e.to_string())
+            } else {
+                CodecError::Undecodable(format!("schema id {id}: {e}"))
+            }
+        })?;
+        let schema = Schema::parse_str(&registered.schema)
+            .map_err(|e| CodecError::Undecodable(format!("schema id {id}: {e}")))?;
+        let reader = Arc::new(EventWriter::new(&schema)?);
+        locked(&self.readers).insert(id, reader.clone());
+        Ok(reader)
     }
 }

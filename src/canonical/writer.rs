@@ -44,6 +44,10 @@ enum Node {
 #[derive(Debug, Clone)]
 struct Record {
     fields: Vec<(String, usize)>,
+    /// The field names as resources carry them (shared, not copied per event).
+    names: Vec<crate::fhir::Name>,
+    /// Per field: a FHIR decimal kept as its text (`"fhirType": "decimal"`).
+    decimal: Vec<bool>,
     /// Field name → index into `fields`.
     by_name: FxHashMap<String, usize>,
     /// Per field, the byte an absent value is written as (a nullable's null branch, an
@@ -348,6 +352,346 @@ impl EventWriter {
     }
 }
 
+/// Avro binary being read.
+struct Input<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Input<'a> {
+    fn byte(&mut self) -> Result<u8, AvroShapeError> {
+        let b = *self
+            .bytes
+            .get(self.at)
+            .ok_or_else(|| shape("", "the message ends early"))?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn long(&mut self) -> Result<i64, AvroShapeError> {
+        let mut n: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            n |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(((n >> 1) as i64) ^ -((n & 1) as i64));
+            }
+        }
+        Err(shape("", "a varint longer than 64 bits"))
+    }
+
+    fn text(&mut self) -> Result<&'a str, AvroShapeError> {
+        let len = usize::try_from(self.long()?).map_err(|_| shape("", "a negative length"))?;
+        let end = self
+            .at
+            .checked_add(len)
+            .filter(|end| *end <= self.bytes.len())
+            .ok_or_else(|| shape("", "the message ends early"))?;
+        let text = std::str::from_utf8(&self.bytes[self.at..end])
+            .map_err(|_| shape("", "a string that is not UTF-8"))?;
+        self.at = end;
+        Ok(text)
+    }
+
+    /// The item count of the next array block (a negative count is followed by a size).
+    fn block(&mut self) -> Result<usize, AvroShapeError> {
+        let count = self.long()?;
+        if count < 0 {
+            self.long()?;
+        }
+        usize::try_from(count.unsigned_abs()).map_err(|_| shape("", "an absurd block count"))
+    }
+}
+
+impl EventWriter {
+    /// The event in `bytes` (an Avro body written with this schema — any compatible version
+    /// of it: fields the reader does not know are skipped).
+    pub fn read(&self, bytes: &[u8]) -> Result<CanonicalEvent, AvroShapeError> {
+        let mut input = Input { bytes, at: 0 };
+        let Node::Record(Record { fields, .. }) = &self.nodes[self.root] else {
+            unreachable!("event schemas are records")
+        };
+        let (mut event_id, mut resource_type, mut resource_id, mut resource_version) =
+            (None, None, None, None);
+        let (mut op, mut domain, mut sensitivity, mut resource, mut provenance) =
+            (None, None, None, None, None);
+        for (name, node) in fields {
+            let node = *node;
+            match name.as_str() {
+                "event_id" => event_id = self.read_text(node, &mut input, name)?,
+                "resource_type" => resource_type = self.read_text(node, &mut input, name)?,
+                "resource_id" => resource_id = self.read_text(node, &mut input, name)?,
+                "resource_version" => resource_version = self.read_text(node, &mut input, name)?,
+                "op" => op = self.read_text(node, &mut input, name)?,
+                "domain" => domain = self.read_text(node, &mut input, name)?,
+                "sensitivity" => sensitivity = self.read_text(node, &mut input, name)?,
+                "resource" => resource = self.read_element(node, false, &mut input)?,
+                "provenance" => provenance = Some(self.read_provenance(node, &mut input)?),
+                _ => self.skip(node, &mut input)?,
+            }
+        }
+        let need = |value: Option<String>, field: &str| {
+            value.ok_or_else(|| shape(field, "missing from the writer's schema"))
+        };
+        let resource_type = need(resource_type, "resource_type")?;
+        let resource = resource.map(|body| {
+            // The envelope says the type; FHIR JSON has it first.
+            let Element::Object(fields) = body else {
+                return body;
+            };
+            let mut with_type = Vec::with_capacity(fields.len() + 1);
+            with_type.push((
+                crate::fhir::names().resource_type.clone(),
+                Element::text(resource_type.as_str()),
+            ));
+            with_type.extend(fields);
+            Element::Object(with_type)
+        });
+        Ok(CanonicalEvent {
+            event_id: need(event_id, "event_id")?,
+            resource_id: need(resource_id, "resource_id")?,
+            resource_version: need(resource_version, "resource_version")?,
+            op: match need(op, "op")?.as_str() {
+                "upsert" => EventOp::Upsert,
+                "delete" => EventOp::Delete,
+                _ => return Err(shape("op", "neither upsert nor delete")),
+            },
+            domain: need(domain, "domain")?.into(),
+            sensitivity: match need(sensitivity, "sensitivity")?.as_str() {
+                "normal" => crate::mapping::Sensitivity::Normal,
+                "restricted" => crate::mapping::Sensitivity::Restricted,
+                _ => return Err(shape("sensitivity", "neither normal nor restricted")),
+            },
+            resource_type,
+            resource,
+            provenance: provenance.ok_or_else(|| shape("provenance", "missing"))?,
+        })
+    }
+
+    fn read_provenance(
+        &self,
+        node: usize,
+        input: &mut Input<'_>,
+    ) -> Result<Provenance, AvroShapeError> {
+        let Node::Record(Record { fields, .. }) = &self.nodes[node] else {
+            return Err(shape("provenance", "expected a record"));
+        };
+        let mut text: HashMap<&str, Option<String>> = HashMap::new();
+        let (mut primary_key, mut commit_time, mut capture_time, mut snapshot) =
+            (Vec::new(), None, None, false);
+        for (name, node) in fields {
+            let node = *node;
+            match name.as_str() {
+                "primary_key" => {
+                    let Node::Array(item) = self.nodes[node] else {
+                        return Err(shape(name, "expected an array"));
+                    };
+                    let Node::Record(Record {
+                        fields: key_fields, ..
+                    }) = &self.nodes[item]
+                    else {
+                        return Err(shape(name, "expected records"));
+                    };
+                    loop {
+                        let count = input.block()?;
+                        if count == 0 {
+                            break;
+                        }
+                        for _ in 0..count {
+                            let (mut column, mut value) = (None, None);
+                            for (key_name, key_node) in key_fields {
+                                match key_name.as_str() {
+                                    "column" => {
+                                        column = self.read_text(*key_node, input, key_name)?
+                                    }
+                                    "value" => {
+                                        value = self.read_text(*key_node, input, key_name)?
+                                    }
+                                    _ => self.skip(*key_node, input)?,
+                                }
+                            }
+                            primary_key.push(KeyColumn {
+                                column: column
+                                    .ok_or_else(|| shape(name, "a key without its column"))?,
+                                value,
+                            });
+                        }
+                    }
+                }
+                "commit_time" => commit_time = self.read_time(node, input)?,
+                "capture_time" => capture_time = self.read_time(node, input)?,
+                "snapshot" => snapshot = input.byte()? != 0,
+                _ if matches!(self.nodes[node], Node::String | Node::Nullable { .. }) => {
+                    let value = self.read_text(node, input, name)?;
+                    text.insert(name.as_str(), value);
+                }
+                _ => self.skip(node, input)?,
+            }
+        }
+        let mut take = |field: &str| {
+            text.remove(field)
+                .flatten()
+                .ok_or_else(|| shape(field, "missing from the provenance"))
+        };
+        Ok(Provenance {
+            source_system: take("source_system")?.into(),
+            connector: take("connector")?.into(),
+            database_kind: take("database_kind")?.into(),
+            database: take("database")?.into(),
+            schema: take("schema")?.into(),
+            table: take("table")?.into(),
+            primary_key,
+            source_position: take("source_position")?,
+            transaction_id: take("transaction_id").ok(),
+            commit_time,
+            capture_time: capture_time.ok_or_else(|| shape("capture_time", "missing"))?,
+            mapping_id: take("mapping_id")?.into(),
+            mapping_version: take("mapping_version")?.into(),
+            snapshot,
+        })
+    }
+
+    fn read_time(
+        &self,
+        node: usize,
+        input: &mut Input<'_>,
+    ) -> Result<Option<DateTime<Utc>>, AvroShapeError> {
+        match &self.nodes[node] {
+            Node::TimestampMicros => DateTime::from_timestamp_micros(input.long()?)
+                .map(Some)
+                .ok_or_else(|| shape("", "a time out of range")),
+            Node::Nullable { null, node, .. } => {
+                if input.long()? == i64::from(*null) {
+                    Ok(None)
+                } else {
+                    self.read_time(*node, input)
+                }
+            }
+            _ => Err(shape("", "expected a timestamp")),
+        }
+    }
+
+    /// A string, enum symbol or nullable of those; `None` for null.
+    fn read_text(
+        &self,
+        node: usize,
+        input: &mut Input<'_>,
+        path: &str,
+    ) -> Result<Option<String>, AvroShapeError> {
+        Ok(match &self.nodes[node] {
+            Node::String => Some(input.text()?.to_owned()),
+            Node::Enum(symbols) => {
+                let index = usize::try_from(input.long()?).ok();
+                Some(
+                    index
+                        .and_then(|i| symbols.get(i))
+                        .ok_or_else(|| shape(path, "an enum index out of range"))?
+                        .clone(),
+                )
+            }
+            Node::Nullable { null, node, .. } => {
+                if input.long()? == i64::from(*null) {
+                    None
+                } else {
+                    self.read_text(*node, input, path)?
+                }
+            }
+            _ => return Err(shape(path, "expected text")),
+        })
+    }
+
+    /// A resource element; `None` when absent (null) or empty.
+    fn read_element(
+        &self,
+        node: usize,
+        decimal: bool,
+        input: &mut Input<'_>,
+    ) -> Result<Option<Element>, AvroShapeError> {
+        Ok(match &self.nodes[node] {
+            Node::Null => None,
+            Node::Boolean => Some(Element::Boolean(input.byte()? != 0)),
+            Node::Int | Node::Long => Some(Element::Number(input.long()?.into())),
+            Node::String if decimal => {
+                let text = input.text()?;
+                Some(Element::Number(text.parse().map_err(|_| {
+                    shape("", "a decimal field holds no decimal")
+                })?))
+            }
+            Node::String => Some(Element::String(input.text()?.to_owned())),
+            Node::Enum(_) | Node::TimestampMicros => {
+                self.read_text(node, input, "")?.map(Element::String)
+            }
+            Node::Array(items) => {
+                let mut out = Vec::new();
+                loop {
+                    let count = input.block()?;
+                    if count == 0 {
+                        break;
+                    }
+                    for _ in 0..count {
+                        if let Some(item) = self.read_element(*items, decimal, input)? {
+                            out.push(item);
+                        }
+                    }
+                }
+                (!out.is_empty()).then_some(Element::Array(out))
+            }
+            Node::Nullable { null, node, .. } => {
+                if input.long()? == i64::from(*null) {
+                    None
+                } else {
+                    self.read_element(*node, decimal, input)?
+                }
+            }
+            Node::Record(record) => {
+                let mut out = Vec::new();
+                for (i, (_, field)) in record.fields.iter().enumerate() {
+                    if let Some(value) = self.read_element(*field, record.decimal[i], input)? {
+                        out.push((record.names[i].clone(), value));
+                    }
+                }
+                (!out.is_empty()).then_some(Element::Object(out))
+            }
+        })
+    }
+
+    /// Past a value of `node` without keeping it.
+    fn skip(&self, node: usize, input: &mut Input<'_>) -> Result<(), AvroShapeError> {
+        match &self.nodes[node] {
+            Node::Null => {}
+            Node::Boolean => {
+                input.byte()?;
+            }
+            Node::Int | Node::Long | Node::Enum(_) | Node::TimestampMicros => {
+                input.long()?;
+            }
+            Node::String => {
+                input.text()?;
+            }
+            Node::Array(items) => loop {
+                let count = input.block()?;
+                if count == 0 {
+                    break;
+                }
+                for _ in 0..count {
+                    self.skip(*items, input)?;
+                }
+            },
+            Node::Nullable { null, node, .. } => {
+                if input.long()? != i64::from(*null) {
+                    self.skip(*node, input)?;
+                }
+            }
+            Node::Record(record) => {
+                for (_, field) in &record.fields {
+                    self.skip(*field, input)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn shape(path: &str, problem: &str) -> AvroShapeError {
     AvroShapeError {
         path: path.to_owned(),
@@ -416,9 +760,18 @@ impl Compiler<'_> {
                 let index = self.push(Node::Null);
                 self.named.insert(record.name.clone(), index);
                 let mut fields = Vec::with_capacity(record.fields.len());
+                let mut decimal = Vec::with_capacity(record.fields.len());
                 for field in &record.fields {
                     fields.push((field.name.clone(), self.compile(&field.schema)?));
+                    decimal.push(
+                        field
+                            .custom_attributes
+                            .get(super::schema::FHIR_TYPE_ATTRIBUTE)
+                            .and_then(|v| v.as_str())
+                            == Some("decimal"),
+                    );
                 }
+                let names = fields.iter().map(|(n, _)| n.as_str().into()).collect();
                 let by_name = fields
                     .iter()
                     .enumerate()
@@ -426,6 +779,8 @@ impl Compiler<'_> {
                     .collect();
                 self.nodes[index] = Node::Record(Record {
                     fields,
+                    names,
+                    decimal,
                     by_name,
                     absent: Vec::new(),
                 });
