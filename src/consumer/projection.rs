@@ -15,6 +15,8 @@
 //! An event is applied only when its `resource_version` is newer than the stored one; an
 //! older or equal one is `stale`. Both outcomes are counted, neither changes a row.
 
+use std::collections::HashMap;
+
 use tokio_postgres::{GenericClient, Transaction};
 
 use crate::canonical::{CanonicalEvent, EventOp};
@@ -101,14 +103,14 @@ pub async fn migrate(
     Ok(all.len())
 }
 
-/// The stored next offsets of `group` for `partitions`.
+/// The stored next offsets of `group` for those of `partitions` it has.
 pub async fn stored_offsets(
     client: &impl GenericClient,
     schema: &str,
     group: &str,
     partitions: &[(String, i32)],
-) -> Result<Vec<(String, i32, i64)>, tokio_postgres::Error> {
-    let mut found = Vec::new();
+) -> Result<HashMap<(String, i32), i64>, tokio_postgres::Error> {
+    let mut found = HashMap::new();
     for (topic, partition) in partitions {
         if let Some(row) = client
             .query_opt(
@@ -117,7 +119,7 @@ pub async fn stored_offsets(
             )
             .await?
         {
-            found.push((topic.clone(), *partition, row.get(0)));
+            found.insert((topic.clone(), *partition), row.get(0));
         }
     }
     Ok(found)

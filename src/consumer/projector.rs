@@ -263,12 +263,7 @@ async fn start_where_the_projection_is(
             partitions.extend(t.partitions().iter().map(|p| (topic.clone(), p.id())));
         }
     }
-    let stored: HashMap<(String, i32), i64> =
-        projection::stored_offsets(db, schema, group, &partitions)
-            .await?
-            .into_iter()
-            .map(|(topic, partition, offset)| ((topic, partition), offset))
-            .collect();
+    let stored = projection::stored_offsets(db, schema, group, &partitions).await?;
     let mut start = TopicPartitionList::new();
     for (topic, partition) in &partitions {
         let offset = match stored.get(&(topic.clone(), *partition)) {
@@ -312,11 +307,7 @@ async fn learn_assignments(
     for partition in &assigned {
         next.insert(partition.clone(), 0);
     }
-    for (topic, partition, offset) in
-        projection::stored_offsets(db, schema, group, &assigned).await?
-    {
-        next.insert((topic, partition), offset);
-    }
+    next.extend(projection::stored_offsets(db, schema, group, &assigned).await?);
     info!(partitions = assigned.len(), "partitions assigned");
     Ok(())
 }
@@ -330,12 +321,7 @@ async fn caught_up(
     group: &str,
     partitions: &[(String, i32)],
 ) -> Result<bool, ProjectError> {
-    let stored: HashMap<(String, i32), i64> =
-        projection::stored_offsets(db, schema, group, partitions)
-            .await?
-            .into_iter()
-            .map(|(topic, partition, offset)| ((topic, partition), offset))
-            .collect();
+    let stored = projection::stored_offsets(db, schema, group, partitions).await?;
     for (topic, partition) in partitions {
         let (low, high) = consumer
             .fetch_watermarks(topic, *partition, METADATA_TIMEOUT)

@@ -209,3 +209,20 @@ pub async fn await_streaming(client: &tokio_postgres::Client, slot: &str, log: &
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Wait (up to `within`) until the connector has everything written so far in Kafka and
+/// acknowledged, then stop it with SIGTERM; it must exit 0.
+pub async fn drain(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    connector: Connector,
+    within: Duration,
+    log: &Path,
+) {
+    await_confirmed(client, slot, &current_lsn(client).await, within, log).await;
+    assert!(
+        stop(connector).success(),
+        "{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}

@@ -4,9 +4,6 @@
 
 use std::time::Duration;
 
-use fhir_cdc::{canonical::registry::EventCodec, config::RegistryConfig};
-use tokio_postgres::NoTls;
-
 use crate::{
     connector::{await_confirmed, current_lsn, free_port, read_for, scrape, start, stop},
     stack,
@@ -18,10 +15,7 @@ async fn read(topic: &str, count: usize) -> Vec<Vec<u8>> {
 
 #[tokio::test]
 async fn run_snapshots_streams_dead_letters_and_resumes() {
-    let (client, connection) = tokio_postgres::connect(&stack::pg_url(), NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = stack::pg_client().await;
     let schema = stack::unique("run");
     let t = format!("{schema}.lab_result");
     stack::create_lab_schema(&client, &schema).await;
@@ -123,9 +117,7 @@ async fn run_snapshots_streams_dead_letters_and_resumes() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let codec = EventCodec::new(
-        &toml::from_str::<RegistryConfig>(&format!("url = \"{}\"", stack::registry_url())).unwrap(),
-    );
+    let codec = stack::codec();
     let mut decoded = Vec::new();
     for bytes in &messages {
         decoded.push(codec.decode(bytes).await.unwrap());

@@ -7,16 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fhir_cdc::{
-    canonical::{registry::EventCodec, CanonicalEvent},
-    config::RegistryConfig,
-};
-use tokio_postgres::NoTls;
+use fhir_cdc::canonical::CanonicalEvent;
 
 use crate::{
-    connector::{
-        await_confirmed, await_streaming, crash, current_lsn, messages_in, read_for, start, stop,
-    },
+    connector::{await_streaming, crash, drain, messages_in, read_for, start},
     stack,
 };
 
@@ -27,10 +21,7 @@ const ROWS: i64 = 100;
 
 #[tokio::test]
 async fn killed_mid_stream_the_connector_loses_nothing_and_repeats_only_exact_events() {
-    let (client, connection) = tokio_postgres::connect(&stack::pg_url(), NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = stack::pg_client().await;
     let schema = stack::unique("crash");
     stack::create_lab_schema(&client, &schema).await;
     let dir = std::env::temp_dir().join(&schema);
@@ -45,10 +36,7 @@ async fn killed_mid_stream_the_connector_loses_nothing_and_repeats_only_exact_ev
     // The workload starts once the connector streams.
     await_streaming(&client, &slot, &log).await;
     let writer = {
-        let (writer, connection) = tokio_postgres::connect(&stack::pg_url(), NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let writer = stack::pg_client().await;
         let table = format!("{schema}.lab_result");
         tokio::spawn(async move {
             for n in 0..TRANSACTIONS {
@@ -84,18 +72,10 @@ async fn killed_mid_stream_the_connector_loses_nothing_and_repeats_only_exact_ev
         connector = start(&config, &log);
     }
     writer.await.unwrap();
-    let end = current_lsn(&client).await;
-    await_confirmed(&client, &slot, &end, Duration::from_secs(120), &log).await;
-    assert!(
-        stop(connector).success(),
-        "{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    drain(&client, &slot, connector, Duration::from_secs(120), &log).await;
 
     let messages = read_for(&topic, usize::MAX, Duration::from_secs(10)).await;
-    let codec = EventCodec::new(
-        &toml::from_str::<RegistryConfig>(&format!("url = \"{}\"", stack::registry_url())).unwrap(),
-    );
+    let codec = stack::codec();
     let mut events = Vec::with_capacity(messages.len());
     for bytes in &messages {
         events.push(codec.decode(bytes).await.unwrap());

@@ -13,17 +13,13 @@ use fhir_cdc::{
         snapshot::{read_tables, ExportedSnapshot},
     },
 };
-use tokio_postgres::NoTls;
 
 use crate::stack;
 
 const SENTINEL: i64 = 999_999;
 
 async fn connect() -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(&stack::pg_url(), NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = stack::pg_client().await;
     client
 }
 

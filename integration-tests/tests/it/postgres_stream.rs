@@ -15,7 +15,6 @@ use fhir_cdc::{
         replication::{ReplicationStream, StreamOptions},
     },
 };
-use tokio_postgres::NoTls;
 
 use crate::stack;
 
@@ -60,10 +59,7 @@ async fn read_all(options: &StreamOptions, mapper: &Mapper) -> (Vec<CanonicalEve
 
 #[tokio::test]
 async fn a_lab_result_life_streams_into_canonical_events_with_stable_ids() {
-    let (client, connection) = tokio_postgres::connect(&stack::pg_url(), NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = stack::pg_client().await;
     let schema = stack::unique("lis");
     stack::create_lab_schema(&client, &schema).await;
     client

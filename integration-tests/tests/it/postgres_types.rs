@@ -5,12 +5,10 @@
 
 use std::time::Duration;
 
-use fhir_cdc::{canonical::registry::EventCodec, config::RegistryConfig};
 use serde_json::{json, Value};
-use tokio_postgres::NoTls;
 
 use crate::{
-    connector::{await_confirmed, await_streaming, current_lsn, read_for, start, stop},
+    connector::{await_streaming, drain, read_for, start},
     stack,
 };
 
@@ -57,10 +55,7 @@ const NULLS: &str = "'MRN43', 'Doe', NULL, NULL, NULL, NULL, NULL, NULL, NULL, N
 
 #[tokio::test]
 async fn every_type_the_mappings_use_arrives_exactly() {
-    let (client, connection) = tokio_postgres::connect(&stack::pg_url(), NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = stack::pg_client().await;
     let schema = stack::unique("types");
     client
         .batch_execute(&format!(
@@ -112,23 +107,9 @@ async fn every_type_the_mappings_use_arrives_exactly() {
         .batch_execute(&insert("b0eebc99-9c0b-4ef8-bb6d-6bb9bd380a12", NULLS))
         .await
         .unwrap();
-    await_confirmed(
-        &client,
-        &slot,
-        &current_lsn(&client).await,
-        Duration::from_secs(60),
-        &log,
-    )
-    .await;
-    assert!(
-        stop(connector).success(),
-        "{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    drain(&client, &slot, connector, Duration::from_secs(60), &log).await;
 
-    let codec = EventCodec::new(
-        &toml::from_str::<RegistryConfig>(&format!("url = \"{}\"", stack::registry_url())).unwrap(),
-    );
+    let codec = stack::codec();
     let mut resources = Vec::new();
     for resource_type in ["Patient", "Observation"] {
         let topic = format!("{prefix}.types.{resource_type}");

@@ -13,13 +13,12 @@ use std::{
 
 use chrono::{TimeZone, Utc};
 use fhir_cdc::{
-    canonical::{registry::EventCodec, CanonicalEvent},
+    canonical::CanonicalEvent,
     change::{ChangeEvent, ExactDecimal, Operation, PgLsn, Position, Row, SourceTable, Value},
-    config::{KafkaProperties, RegistryConfig},
+    config::KafkaProperties,
     mapping::{load_dir, MapContext, Mapper},
     sink::kafka::{ensure_topics, Producer, TopicSpec},
 };
-use tokio_postgres::NoTls;
 
 use crate::{connector::Connector, stack};
 
@@ -116,12 +115,6 @@ fn kafka() -> KafkaProperties {
     .unwrap()
 }
 
-fn codec() -> EventCodec {
-    EventCodec::new(
-        &toml::from_str::<RegistryConfig>(&format!("url = \"{}\"", stack::registry_url())).unwrap(),
-    )
-}
-
 /// Create `topic` with `partitions` and write `messages` (key, bytes) in order.
 async fn write(topic: &str, partitions: i32, messages: &[(String, Vec<u8>)]) {
     ensure_topics(
@@ -146,7 +139,7 @@ async fn write(topic: &str, partitions: i32, messages: &[(String, Vec<u8>)]) {
 }
 
 async fn encode(events: &[CanonicalEvent], topic: &str) -> Vec<(String, Vec<u8>)> {
-    let codec = codec();
+    let codec = stack::codec();
     let mut out = Vec::new();
     for event in events {
         out.push((event.key(), codec.encode(event, topic).await.unwrap()));
@@ -261,10 +254,7 @@ async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
 
 #[tokio::test]
 async fn the_read_model_is_the_same_however_events_arrive() {
-    let (client, connection) = tokio_postgres::connect(&stack::pg_url(), NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = stack::pg_client().await;
     let prefix = stack::unique("fhirproj");
     let dir = std::env::temp_dir().join(&prefix);
     let all = events(200, 3);
@@ -332,10 +322,7 @@ async fn the_read_model_is_the_same_however_events_arrive() {
 
 #[tokio::test]
 async fn a_poison_message_is_dead_lettered_and_the_rest_applied() {
-    let (client, connection) = tokio_postgres::connect(&stack::pg_url(), NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = stack::pg_client().await;
     let prefix = stack::unique("fhirpoison");
     let dir = std::env::temp_dir().join(&prefix);
     let topic = format!("{prefix}.lab.Observation");
@@ -376,10 +363,7 @@ async fn a_poison_message_is_dead_lettered_and_the_rest_applied() {
 
 #[tokio::test]
 async fn killed_at_random_points_the_projector_ends_with_the_uninterrupted_tables() {
-    let (client, connection) = tokio_postgres::connect(&stack::pg_url(), NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = stack::pg_client().await;
     let prefix = stack::unique("fhircrashproj");
     let dir = std::env::temp_dir().join(&prefix);
     let topic = format!("{prefix}.lab.Observation");

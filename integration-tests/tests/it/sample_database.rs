@@ -10,10 +10,9 @@ use std::{
 };
 
 use serde_json::Value;
-use tokio_postgres::NoTls;
 
 use crate::{
-    connector::{await_confirmed, current_lsn, read_for, start, stop},
+    connector::{drain, read_for, start},
     stack,
 };
 
@@ -37,10 +36,7 @@ fn fhir_cdc(args: &[&str]) -> std::process::Output {
 
 #[tokio::test]
 async fn the_sample_lab_database_arrives_whole_and_valid() {
-    let (client, connection) = tokio_postgres::connect(&stack::pg_url(), NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = stack::pg_client().await;
     let schema = stack::unique("sample");
     stack::create_lab_schema(&client, &schema).await;
     let fixture = Command::new("python3")
@@ -104,10 +100,7 @@ async fn the_sample_lab_database_arrives_whole_and_valid() {
 
     // run, with inserts committing while the snapshot is taken.
     let writer = {
-        let (writer, connection) = tokio_postgres::connect(&stack::pg_url(), NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(connection);
+        let writer = stack::pg_client().await;
         let table = results_table.clone();
         tokio::spawn(async move {
             for i in 0..CONCURRENT_INSERTS {
@@ -126,13 +119,7 @@ async fn the_sample_lab_database_arrives_whole_and_valid() {
     let log = dir.join("run.log");
     let connector = start(&config, &log);
     writer.await.unwrap();
-    let end = current_lsn(&client).await;
-    await_confirmed(&client, &slot, &end, Duration::from_secs(90), &log).await;
-    assert!(
-        stop(connector).success(),
-        "{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    drain(&client, &slot, connector, Duration::from_secs(90), &log).await;
 
     // What the database says should have arrived.
     let count = |sql: String| {

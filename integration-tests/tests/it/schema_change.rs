@@ -5,21 +5,16 @@
 
 use std::time::Duration;
 
-use fhir_cdc::{canonical::registry::EventCodec, config::RegistryConfig};
 use serde_json::Value;
-use tokio_postgres::NoTls;
 
 use crate::{
-    connector::{await_confirmed, current_lsn, read_for, start, stop},
+    connector::{await_confirmed, current_lsn, drain, read_for, start},
     stack,
 };
 
 #[tokio::test]
 async fn schema_changes_and_unchanged_toast_values_mid_stream() {
-    let (client, connection) = tokio_postgres::connect(&stack::pg_url(), NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
+    let client = stack::pg_client().await;
     let schema = stack::unique("ddl");
     stack::create_lab_schema(&client, &schema).await;
     let t = format!("{schema}.lab_result");
@@ -76,23 +71,9 @@ async fn schema_changes_and_unchanged_toast_values_mid_stream() {
     ] {
         client.batch_execute(&step).await.unwrap();
     }
-    await_confirmed(
-        &client,
-        &slot,
-        &current_lsn(&client).await,
-        Duration::from_secs(60),
-        &log,
-    )
-    .await;
-    assert!(
-        stop(connector).success(),
-        "{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    drain(&client, &slot, connector, Duration::from_secs(60), &log).await;
 
-    let codec = EventCodec::new(
-        &toml::from_str::<RegistryConfig>(&format!("url = \"{}\"", stack::registry_url())).unwrap(),
-    );
+    let codec = stack::codec();
     let mut events = Vec::new();
     for bytes in read_for(
         &format!("{prefix}.lab.Observation"),

@@ -249,3 +249,19 @@ prefix = "{prefix}"
     .unwrap();
     config
 }
+
+/// A client of the stack's PostgreSQL (its connection driven in the background).
+pub async fn pg_client() -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// An event codec against the stack's registry.
+pub fn codec() -> fhir_cdc::canonical::registry::EventCodec {
+    fhir_cdc::canonical::registry::EventCodec::new(
+        &toml::from_str(&format!("url = \"{}\"", registry_url())).unwrap(),
+    )
+}
