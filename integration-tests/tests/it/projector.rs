@@ -406,3 +406,54 @@ async fn killed_at_random_points_the_projector_ends_with_the_uninterrupted_table
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn two_projectors_in_one_group_one_killed_end_with_the_single_process_tables() {
+    let client = stack::pg_client().await;
+    let prefix = stack::unique("fhirgroup");
+    let dir = std::env::temp_dir().join(&prefix);
+    let topic = format!("{prefix}.lab.Observation");
+    let all = events(1_500, 3);
+    write(&topic, 6, &encode(&all, &topic).await).await;
+
+    let single = format!("{}_single", prefix.replace('-', "_"));
+    project_until_caught_up(&projector_config(&dir, "single", &topic, &single));
+    let expected = resources(&client, &single).await;
+
+    // Two members of one group share the six partitions; one is killed mid-stream and
+    // restarted; then both run until the projection holds everything.
+    let shared = format!("{}_shared", prefix.replace('-', "_"));
+    let config = projector_config(&dir, "shared", &topic, &shared);
+    let member = || {
+        Connector::adopt(
+            Command::new(stack::fhir_cdc_bin())
+                .args(["project", "--config"])
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let steady = member();
+    let victim = member();
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    crate::connector::crash(victim);
+    let _restarted = member();
+    project_until_caught_up(&config);
+    crate::connector::crash(steady);
+    same_tables(&resources(&client, &shared).await, &expected);
+    assert_eq!(
+        count(&client, &format!("SELECT count(*) FROM {shared}.history")).await,
+        all.len() as i64,
+        "the ledger holds each event once"
+    );
+
+    for schema in [single, shared] {
+        client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
