@@ -457,3 +457,91 @@ async fn two_projectors_in_one_group_one_killed_end_with_the_single_process_tabl
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Messages written with a compatible newer version of the Observation event schema (one
+/// more optional element in the resource record), registered under the topic's subject.
+async fn encode_evolved(events: &[CanonicalEvent], topic: &str) -> Vec<(String, Vec<u8>)> {
+    use schema_registry_converter::{
+        async_impl::schema_registry::{post_schema, SrSettings},
+        schema_registry_common::{SchemaType, SuppliedSchema},
+    };
+    let mut schema = fhir_cdc::canonical::schema::event_schema("Observation");
+    let resource = schema["fields"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|f| f["name"] == "resource")
+        .unwrap();
+    resource["type"][1]["fields"].as_array_mut().unwrap().push(
+        serde_json::json!({"name": "evolutionMarker", "type": ["null", "string"], "default": null}),
+    );
+    let registered = post_schema(
+        &SrSettings::new(stack::registry_url()),
+        format!("{topic}-value"),
+        SuppliedSchema::new(
+            Some("fhir_cdc.event.ObservationEvent".into()),
+            SchemaType::Avro,
+            schema.to_string(),
+        ),
+    )
+    .await
+    .unwrap();
+    let writer =
+        fhir_cdc::canonical::EventWriter::new(&apache_avro::Schema::parse(&schema).unwrap())
+            .unwrap();
+    events
+        .iter()
+        .map(|event| {
+            let mut bytes = vec![0];
+            bytes.extend_from_slice(&registered.id.to_be_bytes());
+            writer.write(event, &mut bytes).unwrap();
+            (event.key(), bytes)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn events_of_two_schema_versions_are_both_applied() {
+    let client = stack::pg_client().await;
+    let prefix = stack::unique("fhirevolve");
+    let dir = std::env::temp_dir().join(&prefix);
+    let topic = format!("{prefix}.lab.Observation");
+    let all = events(100, 2);
+    // The first half written with the schema as generated, the rest with its successor.
+    let mut messages = encode(&all[..100], &topic).await;
+    let evolved = encode_evolved(&all[100..], &topic).await;
+    assert_ne!(messages[0].1[1..5], evolved[0].1[1..5], "two schema ids");
+    messages.extend(evolved);
+    write(&topic, 1, &messages).await;
+    let schema = prefix.replace('-', "_");
+    let counters = project_until_caught_up(&projector_config(&dir, "e", &topic, &schema));
+    assert_eq!(counters["applied"], 200);
+    assert_eq!(counters["dead_lettered"], 0);
+    // Every resource holds its second version, as written.
+    let bodies: BTreeMap<String, serde_json::Value> = client
+        .query(
+            &format!("SELECT resource_id, body::text FROM {schema}.resources WHERE NOT deleted"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), serde_json::from_str(r.get::<_, &str>(1)).unwrap()))
+        .collect();
+    for event in &all[100..] {
+        if let Some(resource) = &event.resource {
+            assert_eq!(
+                bodies[&event.resource_id],
+                resource.to_json(),
+                "{}",
+                event.resource_id
+            );
+        }
+    }
+
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
