@@ -3,6 +3,7 @@
 mod check;
 mod preview;
 mod project;
+mod replay;
 mod run;
 mod schemas;
 mod tail;
@@ -38,8 +39,18 @@ pub enum Command {
     Tail(tail::TailArgs),
     /// Project the canonical topics into a PostgreSQL read model, each event exactly once.
     Project(project::ProjectArgs),
+    /// Project the topics again from a point in the log (`earliest` or a time) into the
+    /// same read model; what is already applied changes nothing.
+    Replay(replay::ReplayArgs),
     /// Generate or check the Avro schemas of canonical events (schemas/*.avsc).
     Schemas(schemas::SchemasArgs),
+}
+
+/// A time given on the command line (RFC 3339).
+fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.to_utc())
+        .map_err(|e| format!("not an RFC 3339 time ({e}); write e.g. 2024-03-05T14:30:00Z"))
 }
 
 /// Exit status for a configuration the program cannot use at all.
@@ -52,6 +63,7 @@ impl Cli {
             Command::Check(args) => check::run(args).await,
             Command::Preview(args) => preview::run(args).await,
             Command::Project(args) => project::run(args).await,
+            Command::Replay(args) => replay::run(args).await,
             Command::Run(args) => run::run(args).await,
             Command::Schemas(args) => schemas::run(args),
             Command::Tail(args) => tail::run(args).await,

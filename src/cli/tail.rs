@@ -21,7 +21,7 @@ use serde_json::{Map, Value as Json};
 use crate::{
     canonical::{registry::EventCodec, CanonicalEvent, EventOp},
     config::ConnectorConfig,
-    sink::kafka::client_config,
+    sink::kafka::{client_config, offset_at},
 };
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,7 +40,7 @@ pub struct TailArgs {
     from_beginning: bool,
     /// Read from the first message written at or after this time (RFC 3339, e.g.
     /// 2024-03-05T14:30:00Z).
-    #[arg(long, value_parser = parse_time)]
+    #[arg(long, value_parser = super::parse_time)]
     since: Option<DateTime<Utc>>,
     /// Stop after this many events.
     #[arg(long)]
@@ -212,32 +212,4 @@ fn summary(event: &CanonicalEvent) -> String {
         event.resource_version,
         event.provenance.source_position
     )
-}
-
-fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| t.to_utc())
-        .map_err(|e| format!("not an RFC 3339 time ({e}); write e.g. 2024-03-05T14:30:00Z"))
-}
-
-/// The first offset of `topic[partition]` written at or after `since`; `None` when none is.
-fn offset_at(
-    consumer: &StreamConsumer,
-    topic: &str,
-    partition: i32,
-    since: DateTime<Utc>,
-) -> Result<Option<i64>, String> {
-    let mut query = TopicPartitionList::new();
-    query
-        .add_partition_offset(topic, partition, Offset::Offset(since.timestamp_millis()))
-        .map_err(|e| e.to_string())?;
-    let found = consumer
-        .offsets_for_times(query, METADATA_TIMEOUT)
-        .map_err(|e| format!("cannot find the offsets of {topic}[{partition}] at {since}: {e}"))?;
-    Ok(found
-        .find_partition(topic, partition)
-        .and_then(|p| match p.offset() {
-            Offset::Offset(offset) => Some(offset),
-            _ => None,
-        }))
 }

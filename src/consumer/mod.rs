@@ -9,5 +9,5 @@ pub mod projector;
 
 pub use self::{
     config::ProjectorConfig,
-    projector::{run, ProjectError, ProjectSummary},
+    projector::{replay, run, ProjectError, ProjectSummary, ReplayFrom},
 };

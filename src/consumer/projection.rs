@@ -125,10 +125,25 @@ pub async fn stored_offsets(
     Ok(found)
 }
 
+/// Forget `group`'s offsets (a replay starts over).
+pub async fn forget_offsets(
+    client: &impl GenericClient,
+    schema: &str,
+    group: &str,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            &format!("DELETE FROM {schema}.offsets WHERE consumer_group = $1"),
+            &[&group],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Record that `group` has consumed `topic[partition]` up to `next_offset` (never moving
 /// it back: a projector that lost its partition mid-batch may commit after the new owner).
 pub async fn store_offset(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     schema: &str,
     group: &str,
     topic: &str,

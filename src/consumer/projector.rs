@@ -41,7 +41,7 @@ use super::{
 };
 use crate::{
     canonical::{registry::EventCodec, CanonicalEvent, EventOp},
-    sink::kafka::{client_config, ensure_topics, Producer, TopicSpec},
+    sink::kafka::{client_config, ensure_topics, offset_at, Producer, TopicSpec},
 };
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -109,12 +109,49 @@ pub async fn run(
     shutdown: CancellationToken,
     until_caught_up: bool,
 ) -> Result<ProjectSummary, ProjectError> {
+    project(config, shutdown, until_caught_up, None).await
+}
+
+/// Where a replay starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// The first retained message of every partition.
+    Earliest,
+    /// The first message of every partition written at or after this time.
+    Time(chrono::DateTime<chrono::Utc>),
+}
+
+/// Project the topics again from `from` into the same read model, until caught up. The
+/// ledger makes it harmless: what is already applied counts as duplicate and changes
+/// nothing, what is missing is applied. It runs as a group of its own
+/// (`<group>.replay`), so the projectors of the live group are not moved.
+pub async fn replay(
+    config: &ProjectorConfig,
+    shutdown: CancellationToken,
+    from: ReplayFrom,
+) -> Result<ProjectSummary, ProjectError> {
+    project(config, shutdown, true, Some(from)).await
+}
+
+async fn project(
+    config: &ProjectorConfig,
+    shutdown: CancellationToken,
+    until_caught_up: bool,
+    replay_from: Option<ReplayFrom>,
+) -> Result<ProjectSummary, ProjectError> {
     let schema = &config.projection.schema;
-    let group = config.group_id().to_owned();
+    let group = match replay_from {
+        None => config.group_id().to_owned(),
+        Some(_) => format!("{}.replay", config.group_id()),
+    };
     let (mut db, connection) =
         tokio_postgres::connect(config.projection.url.expose(), NoTls).await?;
     tokio::spawn(connection);
     projection::migrate(&mut db, schema).await?;
+    if replay_from.is_some() {
+        // A replay starts where it is told, not where an earlier replay stopped.
+        projection::forget_offsets(&db, schema, &group).await?;
+    }
 
     let mut kafka = client_config(&config.kafka);
     kafka
@@ -127,7 +164,8 @@ pub async fn run(
             .create_with_context(Assignments::default())
             .map_err(|e| ProjectError::Kafka(format!("cannot create a consumer: {e}")))?;
     let topics = topics_to_read(&consumer, config)?;
-    let partitions = start_where_the_projection_is(&consumer, &db, schema, &group, &topics).await?;
+    let partitions =
+        start_where_the_projection_is(&consumer, &db, schema, &group, &topics, replay_from).await?;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&names)
@@ -253,6 +291,7 @@ async fn start_where_the_projection_is(
     schema: &str,
     group: &str,
     topics: &[String],
+    replay_from: Option<ReplayFrom>,
 ) -> Result<Vec<(String, i32)>, ProjectError> {
     let mut partitions = Vec::new();
     for topic in topics {
@@ -269,15 +308,24 @@ async fn start_where_the_projection_is(
         let offset = match stored.get(&(topic.clone(), *partition)) {
             Some(offset) => *offset,
             None => {
-                consumer
+                let (low, high) = consumer
                     .fetch_watermarks(topic, *partition, METADATA_TIMEOUT)
-                    .map_err(|e| ProjectError::Kafka(e.to_string()))?
-                    .0
+                    .map_err(|e| ProjectError::Kafka(e.to_string()))?;
+                match replay_from {
+                    Some(ReplayFrom::Time(since)) => offset_at(consumer, topic, *partition, since)
+                        .map_err(ProjectError::Kafka)?
+                        .unwrap_or(high),
+                    _ => low,
+                }
             }
         };
         start
             .add_partition_offset(topic, *partition, Offset::Offset(offset))
             .map_err(|e| ProjectError::Kafka(e.to_string()))?;
+        if !stored.contains_key(&(topic.clone(), *partition)) {
+            // Where this group starts is where it stands: nothing before it is its to apply.
+            projection::store_offset(db, schema, group, topic, *partition, offset).await?;
+        }
     }
     if let Err(e) = consumer.commit(&start, CommitMode::Sync) {
         info!(error = %e, "the group's offsets were left as they are (other members are active)");

@@ -5,7 +5,7 @@ use std::time::Duration;
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     client::DefaultClientContext,
-    consumer::{BaseConsumer, Consumer},
+    consumer::{BaseConsumer, Consumer, ConsumerContext},
     error::KafkaError,
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
@@ -266,6 +266,32 @@ impl Producer {
             Err((error, _)) => Err(SinkError::Delivery(error.to_string())),
         }
     }
+}
+
+/// The first offset of `topic[partition]` written at or after `since`; `None` when none is.
+pub fn offset_at<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    partition: i32,
+    since: chrono::DateTime<chrono::Utc>,
+) -> Result<Option<i64>, String> {
+    let mut query = rdkafka::TopicPartitionList::new();
+    query
+        .add_partition_offset(
+            topic,
+            partition,
+            rdkafka::Offset::Offset(since.timestamp_millis()),
+        )
+        .map_err(|e| e.to_string())?;
+    let found = consumer
+        .offsets_for_times(query, METADATA_TIMEOUT)
+        .map_err(|e| format!("cannot find the offsets of {topic}[{partition}] at {since}: {e}"))?;
+    Ok(found
+        .find_partition(topic, partition)
+        .and_then(|p| match p.offset() {
+            rdkafka::Offset::Offset(offset) => Some(offset),
+            _ => None,
+        }))
 }
 
 #[cfg(test)]
