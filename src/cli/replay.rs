@@ -5,10 +5,8 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::Args;
-use tokio_util::sync::CancellationToken;
-use tracing::info;
 
-use crate::consumer::{self, ProjectorConfig, ReplayFrom};
+use crate::consumer::{self, ReplayFrom};
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
@@ -30,31 +28,9 @@ fn parse_from(text: &str) -> Result<ReplayFrom, String> {
 }
 
 pub async fn run(args: ReplayArgs) -> ExitCode {
-    let config = match ProjectorConfig::load(&args.config) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("fhir-cdc replay: {e}");
-            return ExitCode::from(super::EXIT_BAD_CONFIG);
-        }
-    };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(super::run::stop_on_signal(shutdown.clone()));
-    match consumer::replay(&config, shutdown, args.from).await {
-        Ok(summary) => {
-            info!(
-                projector = config.name,
-                applied = summary.applied,
-                duplicate = summary.duplicate,
-                stale = summary.stale,
-                dead_lettered = summary.dead_lettered,
-                batches = summary.batches,
-                "replayed"
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("fhir-cdc replay: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let from = args.from;
+    super::project::with_projector("replay", &args.config, |config, shutdown| async move {
+        consumer::replay(&config, shutdown, from).await
+    })
+    .await
 }
