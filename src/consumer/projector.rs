@@ -455,10 +455,13 @@ async fn apply_batch(
     summary: &mut ProjectSummary,
 ) -> Result<(), ProjectError> {
     let schema = &config.projection.schema;
-    let mut refused: Vec<(usize, String)> = batch
+    // What cannot be applied: the message's index, the reason for the dead letter, and the
+    // reason for the log — a database's message may quote a value, so the log gets its
+    // SQLSTATE only.
+    let mut refused: Vec<(usize, String, String)> = batch
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| r.event.as_ref().err().map(|e| (i, e.clone())))
+        .filter_map(|(i, r)| r.event.as_ref().err().map(|e| (i, e.clone(), e.clone())))
         .collect();
     let entries: Vec<(usize, Entry<'_>)> = batch
         .iter()
@@ -498,10 +501,15 @@ async fn apply_batch(
                     }
                     Err(e) => {
                         savepoint.rollback().await?;
-                        let reason = e
-                            .as_db_error()
-                            .map_or_else(|| e.to_string(), |db| db.message().to_owned());
-                        refused.push((*i, format!("the database refused it: {reason}")));
+                        let (message, code) = e.as_db_error().map_or_else(
+                            || (e.to_string(), "unknown".to_owned()),
+                            |db| (db.message().to_owned(), db.code().code().to_owned()),
+                        );
+                        refused.push((
+                            *i,
+                            format!("the database refused it: {message}"),
+                            format!("the database refused it (SQLSTATE {code})"),
+                        ));
                     }
                 }
             }
@@ -510,9 +518,9 @@ async fn apply_batch(
     };
     let mut dead_lettered = 0;
     // Dead letters are in Kafka before the offsets that pass them are committed.
-    for (i, reason) in &refused {
+    for (i, reason, logged) in &refused {
         let read = &batch[*i];
-        warn!(topic = %read.at.topic, partition = read.at.partition, offset = read.at.offset, reason = %reason,
+        warn!(topic = %read.at.topic, partition = read.at.partition, offset = read.at.offset, reason = %logged,
             "a message went to the projector's dead-letter topic");
         let record = json!({
             "reason": reason,
