@@ -1,6 +1,7 @@
-//! A compiled Avro writer for canonical events: the event schema turned once into a plan of
-//! nodes, then each event written straight from its JSON form into Avro binary, without
-//! building an intermediate `apache_avro::types::Value` tree or validating it again.
+//! A compiled Avro writer and reader for canonical events: the event schema turned once into
+//! a plan of nodes, then each event written straight from its resource tree into Avro
+//! binary — and read straight back with the plan of the writer's schema version — without an
+//! intermediate `apache_avro::types::Value` tree or validating it again.
 //!
 //! The binary encoding is the Avro specification's
 //! (<https://avro.apache.org/docs/1.11.1/specification/#binary-encoding>): zig-zag varint

@@ -372,7 +372,7 @@ async fn write_events(
                     if let Some(commit_time) = change.commit_time {
                         measured.source_lag_ms.set((change.capture_time - commit_time).num_milliseconds().max(0) as f64);
                     }
-                    let table = measured.table(&change.source).clone();
+                    let table = measured.table(&change.source);
                     table.read.increment(1);
                     let outcome = mapper.map(&change);
                     summary.suppressed += outcome.suppressed as u64;
