@@ -122,3 +122,57 @@ impl ProjectorConfig {
         self.kafka.get("group.id").unwrap_or(&self.name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<ProjectorConfig, ConfigError> {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        ProjectorConfig::load(file.path())
+    }
+
+    const GOOD: &str = r#"name = "lab-projection"
+[kafka]
+"bootstrap.servers" = "127.0.0.1:9092"
+[schema_registry]
+url = "http://127.0.0.1:8081"
+[projection]
+url = "postgres://u:p@127.0.0.1/db"
+"#;
+
+    #[test]
+    fn defaults_and_the_group() {
+        let config = load(GOOD).unwrap();
+        assert_eq!(config.projection.schema, "fhir_projection");
+        assert_eq!(config.projection.max_batch, 500);
+        assert_eq!(config.topics.prefix, "fhir");
+        assert_eq!(config.group_id(), "lab-projection");
+    }
+
+    #[test]
+    fn bad_configurations_name_the_field() {
+        for (text, expected) in [
+            (
+                GOOD.replace("[projection]", "[projection]\nschema = \"Bad-Name\""),
+                "projection.schema: must be a plain lower-case SQL identifier",
+            ),
+            (
+                GOOD.replace("[projection]", "[projection]\nmax_batch = 0"),
+                "projection.max_batch: must be at least 1",
+            ),
+            (
+                GOOD.replace("\"bootstrap.servers\" = \"127.0.0.1:9092\"", ""),
+                "kafka: needs \"bootstrap.servers\"",
+            ),
+            (
+                GOOD.replace("[projection]", "[projection]\nbatch = 3"),
+                "unknown field `batch`",
+            ),
+        ] {
+            let error = load(&text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{error}");
+        }
+    }
+}

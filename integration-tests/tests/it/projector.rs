@@ -597,3 +597,63 @@ async fn a_replay_changes_nothing_over_the_projection_and_rebuilds_an_empty_one(
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn tail_reports_an_undecodable_message_with_its_place_and_goes_on() {
+    let prefix = stack::unique("fhirtail");
+    let dir = std::env::temp_dir().join(&prefix);
+    let topic = format!("{prefix}.lab.Observation");
+    let all = events(3, 1);
+    let mut messages = encode(&all, &topic).await;
+    messages.insert(1, ("garbage".to_owned(), b"not an event".to_vec()));
+    write(&topic, 1, &messages).await;
+    // A connector config: tail reads its [kafka], [schema_registry] and topic prefix.
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("tail.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"name = "tail-it"
+[source]
+kind = "postgres"
+url = "${{env:FHIR_CDC_PG_URL}}"
+[kafka]
+bootstrap.servers = "${{env:FHIR_CDC_KAFKA_BOOTSTRAP}}"
+[schema_registry]
+url = "${{env:FHIR_CDC_SCHEMA_REGISTRY_URL}}"
+[topics]
+prefix = "{prefix}"
+"#
+        ),
+    )
+    .unwrap();
+    let output = Command::new(stack::fhir_cdc_bin())
+        .args([
+            "tail",
+            "--from-beginning",
+            "--to-end",
+            "--topic",
+            &topic,
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{topic}[0]@1: not a canonical event")),
+        "{stderr}"
+    );
+    let ids: Vec<String> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["resource_id"].to_string())
+        .collect();
+    assert_eq!(
+        ids,
+        ["\"result-1\"", "\"result-2\"", "\"result-3\""],
+        "the others all printed"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
