@@ -12,7 +12,7 @@ use std::{path::Path, sync::Arc};
 use base64::Engine;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use fhir_cdc::{
-    change::{ChangeEvent, ExactDecimal, Operation, Row, SourceTable, Value},
+    change::{ChangeEvent, ExactDecimal, Row, SourceTable, Value},
     config::Secret,
     mapping::{load_dir, MapContext, Mapper},
 };
@@ -83,14 +83,7 @@ fn changes(recording: &Json) -> Vec<ChangeEvent> {
                     schema: schema.into(),
                     table: table.into(),
                 }),
-                op: match c["op"].as_str().unwrap() {
-                    "read" => Operation::Read,
-                    "insert" => Operation::Insert,
-                    "update" => Operation::Update,
-                    "delete" => Operation::Delete,
-                    "truncate" => Operation::Truncate,
-                    other => panic!("unknown op {other}"),
-                },
+                op: c["op"].as_str().unwrap().parse().unwrap(),
                 key: c["key"]
                     .as_array()
                     .unwrap()

@@ -165,6 +165,15 @@ impl CanonicalEvent {
         }
     }
 
+    /// The Kafka headers of the event's message: event id, resource type, connector.
+    pub fn headers(&self) -> [(&'static str, &str); 3] {
+        [
+            ("event_id", &self.event_id),
+            ("resource_type", &self.resource_type),
+            ("connector", &self.provenance.connector),
+        ]
+    }
+
     /// The Kafka topic: `<prefix>.<domain>.<ResourceType>`.
     pub fn topic(&self, prefix: &str) -> String {
         format!("{prefix}.{}.{}", self.domain, self.resource_type)

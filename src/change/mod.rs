@@ -43,6 +43,25 @@ pub enum Operation {
     Truncate,
 }
 
+impl std::str::FromStr for Operation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "read" => Operation::Read,
+            "insert" => Operation::Insert,
+            "update" => Operation::Update,
+            "delete" => Operation::Delete,
+            "truncate" => Operation::Truncate,
+            other => {
+                return Err(format!(
+                    "`{other}` is not an operation (read, insert, update, delete, truncate)"
+                ))
+            }
+        })
+    }
+}
+
 impl fmt::Display for Operation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

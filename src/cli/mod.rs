@@ -1,6 +1,7 @@
 //! The `fhir-cdc` command line. Only subcommands that work are listed.
 
 mod check;
+mod dlq;
 mod preview;
 mod project;
 mod replay;
@@ -42,6 +43,8 @@ pub enum Command {
     /// Project the topics again from a point in the log (`earliest` or a time) into the
     /// same read model; what is already applied changes nothing.
     Replay(replay::ReplayArgs),
+    /// List, show and replay the dead letters of the connectors and the projector.
+    Dlq(dlq::DlqArgs),
     /// Generate or check the Avro schemas of canonical events (schemas/*.avsc).
     Schemas(schemas::SchemasArgs),
 }
@@ -61,6 +64,7 @@ impl Cli {
     pub async fn run(self) -> ExitCode {
         match self.command {
             Command::Check(args) => check::run(args).await,
+            Command::Dlq(args) => dlq::run(args).await,
             Command::Preview(args) => preview::run(args).await,
             Command::Project(args) => project::run(args).await,
             Command::Replay(args) => replay::run(args).await,

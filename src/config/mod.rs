@@ -283,8 +283,15 @@ impl ConnectorConfig {
 
     /// Check the constraints the types cannot express; on failure, the field and the
     /// broken constraint.
+    /// `<prefix>.dlq.<name>`: where changes no mapping could turn into an event go.
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}.dlq.{}", self.topics.prefix, self.name)
+    }
+
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        // `projector` names the projector's dead-letter topic (`<prefix>.dlq.projector`).
         let name_ok = (1..=64).contains(&self.name.len())
+            && self.name != "projector"
             && self
                 .name
                 .chars()
@@ -293,7 +300,7 @@ impl ConnectorConfig {
             return Err((
                 "name",
                 format!(
-                    "`{}` is not a valid connector name: use 1-64 letters, digits, '-' or '_'",
+                    "`{}` is not a valid connector name: use 1-64 letters, digits, '-' or '_' (not `projector`, the projector's dead-letter topic)",
                     self.name
                 ),
             ));

@@ -117,6 +117,11 @@ impl ProjectorConfig {
         Ok(config)
     }
 
+    /// `<prefix>.dlq.projector`: where messages it cannot apply go.
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}.dlq.{}", self.topics.prefix, super::dlq::PROJECTOR)
+    }
+
     /// The consumer group: `kafka."group.id"`, else the projector's name.
     pub fn group_id(&self) -> &str {
         self.kafka.get("group.id").unwrap_or(&self.name)

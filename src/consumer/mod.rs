@@ -4,6 +4,7 @@
 //! model in PostgreSQL; [`config`] the projector's configuration file.
 
 pub mod config;
+pub mod dlq;
 pub mod projection;
 pub mod projector;
 

@@ -172,7 +172,7 @@ async fn project(
         .map_err(|e| ProjectError::Kafka(format!("cannot subscribe: {e}")))?;
     info!(group = %group, topics = topics.len(), schema = %schema, "projecting");
 
-    let dead_letter_topic = format!("{}.dlq.projector", config.topics.prefix);
+    let dead_letter_topic = config.dead_letter_topic();
     ensure_topics(
         &config.kafka,
         &[TopicSpec {
@@ -420,7 +420,7 @@ async fn read(codec: &EventCodec, message: &BorrowedMessage<'_>) -> Read {
 }
 
 /// An event whose body agrees with its envelope; otherwise why not.
-fn check(event: CanonicalEvent) -> Result<CanonicalEvent, String> {
+pub(super) fn check(event: CanonicalEvent) -> Result<CanonicalEvent, String> {
     let field = |name: &str| {
         event
             .resource
@@ -527,6 +527,7 @@ async fn apply_batch(
             "topic": read.at.topic,
             "partition": read.at.partition,
             "offset": read.at.offset,
+            "timestamp": read.timestamp,
             "key": read.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()),
             "headers": read.headers.iter().cloned().collect::<HashMap<_, _>>(),
             "value_base64": base64::engine::general_purpose::STANDARD.encode(&read.payload),

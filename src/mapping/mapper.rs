@@ -103,11 +103,26 @@ impl Mapper {
     }
 
     pub fn map(&self, change: &ChangeEvent) -> MapOutcome {
+        self.map_through(change, |_| true)
+    }
+
+    /// [`Self::map`] through the mapping `mapping_id` only (a dead letter's replay: the
+    /// table's other mappings did not fail). `None` when no mapping of the change's table
+    /// has that id.
+    pub fn map_with(&self, change: &ChangeEvent, mapping_id: &str) -> Option<MapOutcome> {
+        let known = self
+            .mappings_of(&change.source.schema, &change.source.table)?
+            .iter()
+            .any(|m| &*m.id == mapping_id);
+        known.then(|| self.map_through(change, |m| &*m.id == mapping_id))
+    }
+
+    fn map_through(&self, change: &ChangeEvent, chosen: impl Fn(&Mapping) -> bool) -> MapOutcome {
         let mut outcome = MapOutcome::default();
         let Some(mappings) = self.mappings_of(&change.source.schema, &change.source.table) else {
             return outcome;
         };
-        for mapping in mappings {
+        for mapping in mappings.iter().filter(|m| chosen(m)) {
             let origin = Origin {
                 change,
                 mapping,

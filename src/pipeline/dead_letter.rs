@@ -1,11 +1,20 @@
 //! Dead-letter records: a change no mapping could turn into an event, with everything
 //! needed to understand and replay it — the reason, the mapping, the position, and the row
 //! as the database sent it. JSON, so that any consumer (and an operator) can read it.
+//!
+//! [`change_of`] reads a record back into the change it was made of, value for value, so
+//! that `fhir-cdc dlq replay` can map it again once the cause is fixed: the events it then
+//! yields carry the ids they would have had the first time.
 
+use std::{str::FromStr, sync::Arc};
+
+use base64::Engine;
+use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime};
 use serde_json::{json, Map, Value as Json};
 
 use crate::{
-    change::{ChangeEvent, Row, Value},
+    canonical::instant,
+    change::{ChangeEvent, ExactDecimal, Row, SourceTable, Value},
     mapping::{text_of, MapFailure},
 };
 
@@ -22,6 +31,8 @@ pub fn record(change: &ChangeEvent, failure: &MapFailure) -> Vec<u8> {
         "source_position": change.position.to_string(),
         "ordinal": change.ordinal,
         "transaction_id": change.transaction_id,
+        "commit_time": change.commit_time.map(instant),
+        "capture_time": instant(change.capture_time),
         "key": change.key,
         "mapping_id": failure.mapping_id,
         "error": failure.error.to_string(),
@@ -29,6 +40,57 @@ pub fn record(change: &ChangeEvent, failure: &MapFailure) -> Vec<u8> {
         "after": change.after.as_ref().map(row),
     });
     serde_json::to_vec(&record).expect("JSON values serialize")
+}
+
+/// The change a dead-letter record was made of, and the id of the mapping that failed it.
+/// The error names the field that is missing or malformed, never a value.
+pub fn change_of(record: &Json) -> Result<(ChangeEvent, String), String> {
+    let text = |field: &str| {
+        record[field]
+            .as_str()
+            .ok_or_else(|| format!("the record has no `{field}` text"))
+    };
+    let optional_text = |field: &str| record[field].as_str().map(str::to_owned);
+    let time = |field: &str, text: &str| {
+        DateTime::parse_from_rfc3339(text)
+            .map(|t| t.to_utc())
+            .map_err(|e| format!("`{field}` is not an RFC 3339 time: {e}"))
+    };
+    let image = |field: &str| match &record[field] {
+        Json::Null => Ok(None),
+        Json::Object(columns) => image_of(columns)
+            .map(Some)
+            .map_err(|e| format!("`{field}`: {e}")),
+        _ => Err(format!("`{field}` is neither null nor an object")),
+    };
+    let key = record["key"]
+        .as_array()
+        .and_then(|key| key.iter().map(|c| c.as_str().map(str::to_owned)).collect())
+        .ok_or("the record has no `key` list of column names")?;
+    let change = ChangeEvent {
+        source: Arc::new(SourceTable {
+            connector: text("connector")?.into(),
+            kind: text("database_kind")?.into(),
+            database: text("database")?.into(),
+            schema: text("schema")?.into(),
+            table: text("table")?.into(),
+        }),
+        op: text("op")?.parse()?,
+        key,
+        before: image("before")?,
+        after: image("after")?,
+        position: text("source_position")?.parse()?,
+        ordinal: record["ordinal"]
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or("the record has no `ordinal`")?,
+        transaction_id: optional_text("transaction_id"),
+        commit_time: optional_text("commit_time")
+            .map(|t| time("commit_time", &t))
+            .transpose()?,
+        capture_time: time("capture_time", text("capture_time")?)?,
+    };
+    Ok((change, text("mapping_id")?.to_owned()))
 }
 
 /// Column → value as text (its kind kept for exactness), NULL as null; a value the
@@ -46,4 +108,186 @@ fn row(row: &Row) -> Json {
         columns.insert(name.clone(), json!({"unavailable": true}));
     }
     Json::Object(columns)
+}
+
+/// The inverse of [`row`].
+fn image_of(columns: &Map<String, Json>) -> Result<Row, String> {
+    let mut values = Vec::with_capacity(columns.len());
+    let mut unavailable = Vec::new();
+    for (name, json) in columns {
+        if json["unavailable"] == Json::Bool(true) {
+            unavailable.push(name.clone());
+            continue;
+        }
+        let value = match json {
+            Json::Null => Value::Null,
+            _ => match (json["kind"].as_str(), json["text"].as_str()) {
+                (Some(kind), Some(text)) => {
+                    value_of(kind, text).map_err(|e| format!("column `{name}` ({kind}): {e}"))?
+                }
+                _ => return Err(format!("column `{name}` has no kind and text")),
+            },
+        };
+        values.push((name.clone(), value));
+    }
+    Ok(Row::with_unavailable(values, unavailable))
+}
+
+/// A value of `kind` from the text [`text_of`] made of it.
+fn value_of(kind: &str, text: &str) -> Result<Value, String> {
+    fn parsed<T: FromStr>(text: &str) -> Result<T, String>
+    where
+        T::Err: std::fmt::Display,
+    {
+        text.parse().map_err(|e: T::Err| e.to_string())
+    }
+    let chrono = |e: chrono::ParseError| e.to_string();
+    Ok(match kind {
+        "boolean" => Value::Bool(parsed(text)?),
+        "integer" => Value::Int(parsed(text)?),
+        "decimal" => Value::Decimal(ExactDecimal::parse(text)?),
+        "float" => Value::Float(parsed(text)?),
+        "text" => Value::Text(text.to_owned()),
+        "uuid" => Value::Uuid(text.to_owned()),
+        "bytes" => Value::Bytes(
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_err(|e| e.to_string())?,
+        ),
+        "date" => Value::Date(NaiveDate::parse_from_str(text, "%Y-%m-%d").map_err(chrono)?),
+        "time" => Value::Time(NaiveTime::parse_from_str(text, "%H:%M:%S%.f").map_err(chrono)?),
+        "timestamp" => Value::Timestamp(
+            NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").map_err(chrono)?,
+        ),
+        "timestamptz" => Value::TimestampTz(DateTime::parse_from_rfc3339(text).map_err(chrono)?),
+        "json" => Value::Json(serde_json::from_str(text).map_err(|e| e.to_string())?),
+        other => return Err(format!("unknown value kind `{other}`")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{FixedOffset, TimeZone, Utc};
+
+    use super::*;
+    use crate::{
+        change::{Operation, PgLsn, Position},
+        mapping::MapError,
+    };
+
+    fn change(before: Option<Row>, after: Option<Row>) -> ChangeEvent {
+        ChangeEvent {
+            source: Arc::new(SourceTable {
+                connector: "lab".into(),
+                kind: "postgres".into(),
+                database: "lis".into(),
+                schema: "lab".into(),
+                table: "results".into(),
+            }),
+            op: Operation::Update,
+            key: vec!["result_id".into()],
+            before,
+            after,
+            position: Position::Postgres(PgLsn(0x016B_3748)),
+            ordinal: 3,
+            transaction_id: Some("771".into()),
+            commit_time: Some(Utc.with_ymd_and_hms(2024, 3, 10, 8, 30, 0).unwrap()),
+            capture_time: DateTime::parse_from_rfc3339("2024-03-10T08:30:00.123456Z")
+                .unwrap()
+                .to_utc(),
+        }
+    }
+
+    fn failure() -> MapFailure {
+        MapFailure {
+            mapping_id: "lab-result".into(),
+            error: MapError {
+                location: "mappings/lab/result.yaml:12:5".into(),
+                message: "NULL in a required element".into(),
+            },
+        }
+    }
+
+    fn json(bytes: &[u8]) -> Json {
+        serde_json::from_slice(bytes).unwrap()
+    }
+
+    #[test]
+    fn a_record_reads_back_into_the_change_it_was_made_of() {
+        let zone = FixedOffset::west_opt(6 * 3600).unwrap();
+        let after = Row::with_unavailable(
+            vec![
+                ("result_id".into(), Value::Int(-42)),
+                ("flag".into(), Value::Bool(true)),
+                (
+                    "value".into(),
+                    Value::Decimal(ExactDecimal::parse("12.50").unwrap()),
+                ),
+                ("ratio".into(), Value::Float(0.1 + 0.2)),
+                (
+                    "comment".into(),
+                    Value::Text(" ünïcode \"quoted\"\n".into()),
+                ),
+                ("raw".into(), Value::Bytes(vec![0, 159, 255])),
+                (
+                    "taken_on".into(),
+                    Value::Date(NaiveDate::from_ymd_opt(2024, 2, 29).unwrap()),
+                ),
+                (
+                    "at".into(),
+                    Value::Time(NaiveTime::from_hms_micro_opt(23, 59, 59, 1).unwrap()),
+                ),
+                (
+                    "local".into(),
+                    Value::Timestamp(
+                        NaiveDate::from_ymd_opt(2024, 3, 10)
+                            .unwrap()
+                            .and_hms_nano_opt(2, 30, 0, 5_000)
+                            .unwrap(),
+                    ),
+                ),
+                (
+                    "instant".into(),
+                    Value::TimestampTz(zone.with_ymd_and_hms(2024, 3, 10, 1, 59, 59).unwrap()),
+                ),
+                (
+                    "id".into(),
+                    Value::Uuid("0b7c1f0e-8d4e-4f55-9a43-2b1d6e1b9f10".into()),
+                ),
+                (
+                    "extra".into(),
+                    Value::Json(json!({"b": [1, 2.50], "a": null})),
+                ),
+                ("cancelled".into(), Value::Null),
+            ],
+            vec!["notes".into()],
+        );
+        let before = Row::new(vec![("result_id".into(), Value::Int(-42))]);
+        let original = change(Some(before), Some(after));
+        let (read, mapping) = change_of(&json(&record(&original, &failure()))).unwrap();
+        assert_eq!(mapping, "lab-result");
+        assert_eq!(read, original);
+        let (read, _) = change_of(&json(&record(&change(None, None), &failure()))).unwrap();
+        assert_eq!(read, change(None, None));
+    }
+
+    #[test]
+    fn a_broken_record_is_refused_with_the_field_named() {
+        let mut good = json(&record(&change(None, None), &failure()));
+        assert!(change_of(&json!([]))
+            .unwrap_err()
+            .starts_with("the record has no `"));
+        good["after"] = json!({"value": {"kind": "decimal", "text": "1e5"}});
+        assert!(change_of(&good)
+            .unwrap_err()
+            .contains("`after`: column `value` (decimal)"));
+        good["after"] = Json::Null;
+        good["source_position"] = json!("somewhere");
+        assert!(change_of(&good)
+            .unwrap_err()
+            .contains("not a source position"));
+        good.as_object_mut().unwrap().remove("capture_time");
+        good["source_position"] = json!("pg:0/1");
+        assert!(change_of(&good).unwrap_err().contains("`capture_time`"));
+    }
 }

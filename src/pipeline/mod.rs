@@ -14,7 +14,7 @@
 //! `<prefix>.dlq.<connector>` with the reason and the row as the database sent it; it counts
 //! as written once Kafka acknowledged the dead letter.
 
-mod dead_letter;
+pub mod dead_letter;
 mod metrics;
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
@@ -96,6 +96,30 @@ pub fn mapper_for(config: &ConnectorConfig, mappings: Vec<Mapping>) -> Result<Ma
     .map_err(RunError::Setup)
 }
 
+/// The topics a connector writes: one per domain and resource type of its mappings, and
+/// its dead-letter topic.
+pub fn topic_specs(config: &ConnectorConfig, mappings: &[Mapping]) -> Vec<TopicSpec> {
+    let prefix = &config.topics.prefix;
+    let mut topics: BTreeSet<String> = mappings
+        .iter()
+        .flat_map(|m| {
+            m.resources
+                .iter()
+                .map(move |r| format!("{prefix}.{}.{}", m.domain, r.resource_type))
+        })
+        .collect();
+    topics.insert(config.dead_letter_topic());
+    topics
+        .into_iter()
+        .map(|name| TopicSpec {
+            name,
+            partitions: config.topics.partitions,
+            replication_factor: config.topics.replication_factor,
+            config: Vec::new(),
+        })
+        .collect()
+}
+
 /// The replication slot as the connector finds it at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotState {
@@ -150,26 +174,8 @@ pub async fn run(
         info!(listen = %metrics.listen, "serving metrics");
     }
     let tables = mapping::source_tables(&mappings);
-    let prefix = &config.topics.prefix;
-    let mut topics: BTreeSet<String> = mappings
-        .iter()
-        .flat_map(|m| {
-            m.resources
-                .iter()
-                .map(move |r| format!("{prefix}.{}.{}", m.domain, r.resource_type))
-        })
-        .collect();
-    let dead_letter_topic = format!("{prefix}.dlq.{}", config.name);
-    topics.insert(dead_letter_topic.clone());
-    let specs: Vec<TopicSpec> = topics
-        .iter()
-        .map(|name| TopicSpec {
-            name: name.clone(),
-            partitions: config.topics.partitions,
-            replication_factor: config.topics.replication_factor,
-            config: Vec::new(),
-        })
-        .collect();
+    let dead_letter_topic = config.dead_letter_topic();
+    let specs = topic_specs(config, &mappings);
     let created = ensure_topics(&config.kafka, &specs).await?;
     info!(
         created = created.len(),
@@ -387,12 +393,7 @@ async fn write_events(
                         let producer = &producer;
                         let measured_event = Some((table.acked.clone(), change.commit_time));
                         in_flight.push(async move {
-                            let headers = [
-                                ("event_id", event.event_id.as_str()),
-                                ("resource_type", event.resource_type.as_str()),
-                                ("connector", &*event.provenance.connector),
-                            ];
-                            (lsn, measured_event, producer.send(&topic, &event.key(), &bytes, &headers).await)
+                            (lsn, measured_event, producer.send(&topic, &event.key(), &bytes, &event.headers()).await)
                         }.boxed());
                     }
                     for failure in outcome.failures {

@@ -7,6 +7,7 @@ mod compose;
 mod connector;
 mod connector_run;
 mod crash_restart;
+mod dlq;
 mod fhir_definitions;
 mod fhir_oracle;
 mod kafka_sink;

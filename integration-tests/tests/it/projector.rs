@@ -24,7 +24,7 @@ use crate::{connector::Connector, stack};
 
 /// Canonical Observation events: `results` lab results, `versions` versions each (with
 /// more than one, the last of every fifth result is a delete), in commit order.
-fn events(results: u64, versions: u64) -> Vec<CanonicalEvent> {
+pub(crate) fn events(results: u64, versions: u64) -> Vec<CanonicalEvent> {
     let mapper = Mapper::new(
         load_dir(&stack::repo_root().join("mappings/lab"))
             .unwrap()
@@ -116,7 +116,7 @@ fn kafka() -> KafkaProperties {
 }
 
 /// Create `topic` with `partitions` and write `messages` (key, bytes) in order.
-async fn write(topic: &str, partitions: i32, messages: &[(String, Vec<u8>)]) {
+pub(crate) async fn write(topic: &str, partitions: i32, messages: &[(String, Vec<u8>)]) {
     ensure_topics(
         &kafka(),
         &[TopicSpec {
@@ -138,7 +138,7 @@ async fn write(topic: &str, partitions: i32, messages: &[(String, Vec<u8>)]) {
     }
 }
 
-async fn encode(events: &[CanonicalEvent], topic: &str) -> Vec<(String, Vec<u8>)> {
+pub(crate) async fn encode(events: &[CanonicalEvent], topic: &str) -> Vec<(String, Vec<u8>)> {
     let codec = stack::codec();
     let mut out = Vec::new();
     for event in events {
@@ -148,7 +148,7 @@ async fn encode(events: &[CanonicalEvent], topic: &str) -> Vec<(String, Vec<u8>)
 }
 
 /// A projector config in `dir`, reading `topic` into `schema` as group `name`.
-fn projector_config(dir: &Path, name: &str, topic: &str, schema: &str) -> PathBuf {
+pub(crate) fn projector_config(dir: &Path, name: &str, topic: &str, schema: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let config = dir.join(format!("{name}.toml"));
     std::fs::write(
@@ -179,12 +179,12 @@ max_batch_ms = 50
 }
 
 /// `fhir-cdc project --until-caught-up`; its counters from the final log line.
-fn project_until_caught_up(config: &Path) -> BTreeMap<String, u64> {
+pub(crate) fn project_until_caught_up(config: &Path) -> BTreeMap<String, u64> {
     counters_of(config, &["project", "--until-caught-up"])
 }
 
 /// `fhir-cdc <args> --config config`; its counters from the final log line.
-fn counters_of(config: &Path, args: &[&str]) -> BTreeMap<String, u64> {
+pub(crate) fn counters_of(config: &Path, args: &[&str]) -> BTreeMap<String, u64> {
     let output = Command::new(stack::fhir_cdc_bin())
         .args(args)
         .arg("--config")
@@ -214,7 +214,7 @@ fn counters_of(config: &Path, args: &[&str]) -> BTreeMap<String, u64> {
 }
 
 /// The read model: every resource row's state, in key order.
-async fn resources(client: &tokio_postgres::Client, schema: &str) -> Vec<String> {
+pub(crate) async fn resources(client: &tokio_postgres::Client, schema: &str) -> Vec<String> {
     client
         .query(
             &format!(
@@ -232,7 +232,7 @@ async fn resources(client: &tokio_postgres::Client, schema: &str) -> Vec<String>
 }
 
 /// The two read models hold the same rows; otherwise the first few differences.
-fn same_tables(got: &[String], expected: &[String]) {
+pub(crate) fn same_tables(got: &[String], expected: &[String]) {
     let key = |row: &String| row.split(' ').take(2).collect::<Vec<_>>().join(" ");
     let missing: Vec<String> = expected
         .iter()
@@ -254,7 +254,7 @@ fn same_tables(got: &[String], expected: &[String]) {
     );
 }
 
-async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+pub(crate) async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 

@@ -1,0 +1,267 @@
+//! `fhir-cdc dlq list|show|replay` against the real stack: a dead letter stays outstanding
+//! while its cause does, is replayed once the cause is fixed — a change through the fixed
+//! mapping into its topic with the event id it would have had, a projector's message into
+//! the read model — and a replay applies nothing twice.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use fhir_cdc::canonical::CanonicalEvent;
+
+use crate::{
+    connector::{await_confirmed, current_lsn, drain, read_for, start},
+    projector::{
+        count, counters_of, encode, events, project_until_caught_up, projector_config, resources,
+        same_tables, write,
+    },
+    stack,
+};
+
+/// `fhir-cdc dlq <args> --config config`: whether it succeeded, and its stdout and stderr.
+fn dlq(config: &Path, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(stack::fhir_cdc_bin())
+        .arg("dlq")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The ids of the letters `dlq list` prints (with `--all`: replayed ones too).
+fn listed(config: &Path, all: bool) -> Vec<String> {
+    let args: &[&str] = if all { &["list", "--all"] } else { &["list"] };
+    let (ok, out, err) = dlq(config, args);
+    assert!(ok, "{err}");
+    out.lines()
+        .map(|l| l.split_whitespace().next().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_dead_lettered_change_is_replayed_through_the_fixed_mapping() {
+    let client = stack::pg_client().await;
+    let schema = stack::unique("dlq");
+    stack::create_lab_schema(&client, &schema).await;
+    let dir = std::env::temp_dir().join(&schema);
+    let mappings = dir.join("mappings");
+    stack::lab_mappings(&mappings, &schema, &["result.yaml"]);
+    let prefix = stack::unique("fhirdlq");
+    let config = stack::connector_config(&dir, &schema, &prefix, "");
+    let slot = format!("fhir_cdc_{schema}");
+    let log = dir.join("run.log");
+    let connector = start(&config, &log);
+    await_confirmed(
+        &client,
+        &slot,
+        &current_lsn(&client).await,
+        Duration::from_secs(30),
+        &log,
+    )
+    .await;
+    // Result 2's test code is not in the LOINC table (unmapped: fail).
+    for (id, code) in [(1, "GLU"), (2, "ZZZ"), (3, "K")] {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO {schema}.lab_result (result_id, accession_no, mrn, test_code, value_numeric, units, result_status, collected_at)
+                 VALUES ({id}, 'A24-{id}', 'M000001', '{code}', 4.5, 'mmol/L', 'F', '2024-03-05 14:30:00')"
+            ))
+            .await
+            .unwrap();
+    }
+    drain(&client, &slot, connector, Duration::from_secs(60), &log).await;
+
+    let letter = format!("{schema}:0:0");
+    let (ok, out, err) = dlq(&config, &["list"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.starts_with(&format!("{letter}  ")), "{out}");
+    assert!(
+        out.contains(&format!("{schema}.lab_result pg:"))
+            && out.contains(" insert  mapping lab.result: ")
+            && out.contains("translation `loinc` (unmapped: fail)"),
+        "{out}"
+    );
+    let (ok, shown, err) = dlq(&config, &["show", &letter]);
+    assert!(ok, "{err}");
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(
+        shown["record"]["after"]["test_code"],
+        serde_json::json!({"kind": "text", "text": "ZZZ"})
+    );
+    assert_eq!(shown["replayed"], serde_json::Value::Null);
+
+    // Before the fix the change fails again and stays outstanding.
+    let (ok, out, _) = dlq(&config, &["replay", "--all"]);
+    assert!(!ok);
+    assert!(
+        out.contains(&format!("{letter}  NOT replayed: fails again: ")),
+        "{out}"
+    );
+    assert_eq!(listed(&config, false), [letter.as_str()]);
+
+    // The fix: the code gets its LOINC entry.
+    let codes = mappings.join("tests.codes.yaml");
+    let text = std::fs::read_to_string(&codes).unwrap() + "ZZZ: 2951-2\n";
+    std::fs::write(&codes, text).unwrap();
+    let (ok, out, err) = dlq(&config, &["replay", "--reason", "loinc"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!("{letter}  replayed: 1 event(s) written")),
+        "{out}"
+    );
+    assert!(listed(&config, false).is_empty());
+    assert_eq!(listed(&config, true), [letter.as_str()]);
+    let (_, out, _) = dlq(&config, &["replay", "--all"]);
+    assert_eq!(out.trim(), "nothing to replay");
+
+    // By id it is replayed again: the same event, with the same id.
+    let (ok, out, err) = dlq(&config, &["replay", "--id", &letter]);
+    assert!(ok, "{out}{err}");
+    let codec = stack::codec();
+    let mut events: Vec<CanonicalEvent> = Vec::new();
+    for bytes in read_for(
+        &format!("{prefix}.lab.Observation"),
+        4,
+        Duration::from_secs(10),
+    )
+    .await
+    {
+        events.push(codec.decode(&bytes).await.unwrap());
+    }
+    let ids: Vec<&str> = events.iter().map(|e| e.resource_id.as_str()).collect();
+    assert_eq!(ids, ["result-1", "result-3", "result-2", "result-2"]);
+    let (replayed, again) = (&events[2], &events[3]);
+    assert_eq!(replayed.event_id, again.event_id);
+    assert_eq!(
+        replayed.provenance.source_position,
+        shown["record"]["source_position"].as_str().unwrap(),
+        "the event says where the change came from, not when it was replayed"
+    );
+    assert!(replayed.resource_version < events[1].resource_version);
+    let resource = replayed.resource.as_ref().unwrap().to_json();
+    assert_eq!(resource["code"]["coding"][0]["code"], "2951-2");
+
+    stack::drop_capture(&client, &slot, &slot, &schema).await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_event_is_applied_once_the_cause_is_fixed_and_only_once() {
+    let client = stack::pg_client().await;
+    let prefix = stack::unique("fhirdlqp");
+    let dir = std::env::temp_dir().join(&prefix);
+    let topic = format!("{prefix}.lab.Observation");
+    let mut messages = encode(&events(30, 1), &topic).await;
+    messages.insert(10, ("garbage".to_owned(), b"not an event".to_vec()));
+    write(&topic, 1, &messages).await;
+    let schema = prefix.replace('-', "_");
+    // The read model refuses one resource (say, a constraint a DBA added by mistake).
+    let (mut db, connection) = tokio_postgres::connect(&stack::pg_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    fhir_cdc::consumer::projection::migrate(&mut db, &schema)
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {schema}.resources ADD CONSTRAINT refuse_7 CHECK (resource_id <> 'result-7')"
+        ))
+        .await
+        .unwrap();
+    let config = projector_config(&dir, "p", &topic, &schema);
+    let counters = project_until_caught_up(&config);
+    assert_eq!((counters["applied"], counters["dead_lettered"]), (29, 2));
+
+    let (ok, out, err) = dlq(&config, &["list"]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let (garbage, refused) = ("projector:0:0", "projector:0:1");
+    assert!(
+        lines[0].starts_with(garbage)
+            && lines[0].contains(&format!("{topic}[0]@10"))
+            && lines[0].contains("wire-format"),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with(refused) && lines[1].contains("refuse_7"),
+        "{out}"
+    );
+
+    // A projector's letter is not the connector's to replay, nor the other way round.
+    let connector = stack::connector_config(&dir, "some-connector", &prefix, "");
+    let (ok, _, err) = dlq(&connector, &["replay", "--id", refused]);
+    assert!(
+        !ok && err.contains("is a dead letter of `projector`"),
+        "{err}"
+    );
+
+    let (ok, out, _) = dlq(&config, &["replay", "--reason", "refuse_7"]);
+    assert!(
+        !ok && out.contains("NOT replayed: the database refused it"),
+        "{out}"
+    );
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {schema}.resources DROP CONSTRAINT refuse_7"
+        ))
+        .await
+        .unwrap();
+    let (ok, out, err) = dlq(&config, &["replay", "--reason", "refuse_7"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "{refused}  replayed: applied 1, duplicate 0, stale 0"
+        )),
+        "{out}"
+    );
+    assert_eq!(listed(&config, false), [garbage]);
+    // Again by id: the ledger has it.
+    let (ok, out, _) = dlq(&config, &["replay", "--id", refused]);
+    assert!(
+        ok && out.contains("applied 0, duplicate 1, stale 0"),
+        "{out}"
+    );
+    // Bytes that are no event stay outstanding.
+    let (ok, out, _) = dlq(&config, &["replay", "--id", garbage]);
+    assert!(
+        !ok && out.contains("NOT replayed") && out.contains("wire-format"),
+        "{out}"
+    );
+    let (ok, _, err) = dlq(&config, &["replay", "--id", "projector:0:99"]);
+    assert!(
+        !ok && err.contains("no dead letter `projector:0:99`"),
+        "{err}"
+    );
+    assert_eq!(listed(&config, false), [garbage]);
+
+    // The read model equals one projected without the refusal.
+    assert_eq!(
+        count(&client, &format!("SELECT count(*) FROM {schema}.history")).await,
+        30
+    );
+    let fresh = format!("{schema}_fresh");
+    let counters = counters_of(
+        &projector_config(&dir, "fresh", &topic, &fresh),
+        &["project", "--until-caught-up"],
+    );
+    assert_eq!(counters["applied"], 30);
+    same_tables(
+        &resources(&client, &schema).await,
+        &resources(&client, &fresh).await,
+    );
+
+    for schema in [schema, fresh] {
+        client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -1,0 +1,423 @@
+//! Dead letters of both sides, listed, shown and replayed (`fhir-cdc dlq`): a connector's
+//! (`<prefix>.dlq.<connector>`: a change no mapping could turn into an event) and the
+//! projector's (`<prefix>.dlq.projector`: a message it could not apply).
+//!
+//! A letter's id is `<side>:<partition>:<offset>` — the side being the dead-letter topic's
+//! last segment (the connector's name, or `projector`) — e.g. `lab-postgres:0:12`. It is
+//! stable for as long as Kafka keeps the letter.
+//!
+//! Replaying sends a letter back through the path that failed, as that path is now (after
+//! the fix):
+//! - a connector's letter: the change it holds is mapped again, by the mapping that failed
+//!   only, with the connector's mapping files; the events are written to their topics. They
+//!   carry the ids they would have had the first time, so a consumer that has them already
+//!   drops them as duplicates;
+//! - a projector's letter: its original bytes are decoded through the registry and applied
+//!   to the read model in one transaction with the ledger, so an event already applied is a
+//!   counted duplicate: replays apply at most once.
+//!
+//! A replay that succeeds is recorded in the dead-letter topic itself, by a marker message
+//! (header `replay_of` = the letter's id; a JSON body with the time and the outcome), so that
+//! `list` shows what is still outstanding whoever replayed it. A letter that fails again
+//! stays outstanding, with the reason reported.
+
+use std::{collections::HashMap, time::Duration};
+
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use rdkafka::{
+    consumer::{Consumer, StreamConsumer},
+    message::Headers,
+    Message, Offset, TopicPartitionList,
+};
+use serde_json::{json, Value as Json};
+use tokio_postgres::NoTls;
+
+use super::{
+    config::ProjectorConfig,
+    projection::{self, Coordinates, Entry},
+    projector::check,
+};
+use crate::{
+    canonical::{instant, registry::EventCodec},
+    config::{ConnectorConfig, KafkaProperties},
+    mapping,
+    pipeline::{dead_letter, mapper_for, topic_specs},
+    sink::kafka::{client_config, ensure_topics, Producer},
+};
+
+/// The side of the projector's dead letters (a connector may not take this name).
+pub const PROJECTOR: &str = "projector";
+
+/// The header that makes a message in a dead-letter topic a replay marker.
+const REPLAY_OF: &str = "replay_of";
+
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One dead letter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Letter {
+    /// `<side>:<partition>:<offset>`.
+    pub id: String,
+    /// The dead-letter topic it is in.
+    pub topic: String,
+    /// When Kafka took it.
+    pub written: Option<DateTime<Utc>>,
+    pub reason: String,
+    /// Where it failed, in one line: `lab.results pg:0/16B3748 update` for a change,
+    /// `fhir.lab.Observation[2]@17` for a message.
+    pub origin: String,
+    /// The letter as written (JSON; a letter that is not JSON as a string).
+    pub record: Json,
+    /// The marker of its last successful replay, if any.
+    pub replayed: Option<Json>,
+}
+
+impl Letter {
+    /// The connector's name, or [`PROJECTOR`].
+    pub fn side(&self) -> &str {
+        self.id.rsplitn(3, ':').last().unwrap_or_default()
+    }
+
+    /// Its JSON form for `dlq show`.
+    pub fn to_json(&self) -> Json {
+        json!({
+            "id": self.id,
+            "topic": self.topic,
+            "written": self.written.map(instant),
+            "reason": self.reason,
+            "origin": self.origin,
+            "replayed": self.replayed,
+            "record": self.record,
+        })
+    }
+}
+
+/// Every letter in the dead-letter topics under `prefix`, in topic and offset order, each
+/// with its last replay marker.
+pub async fn read_all(kafka: &KafkaProperties, prefix: &str) -> Result<Vec<Letter>, String> {
+    let mut client = client_config(kafka);
+    client
+        .set("group.id", format!("fhir-cdc-dlq-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    let consumer: StreamConsumer = client
+        .create()
+        .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
+    let metadata = consumer
+        .fetch_metadata(None, METADATA_TIMEOUT)
+        .map_err(|e| format!("cannot read the cluster's topics: {e}"))?;
+    let dead_letters = format!("{prefix}.dlq.");
+    let mut assignment = TopicPartitionList::new();
+    // Per partition with messages: the offset it ends at.
+    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
+    for topic in metadata.topics() {
+        let name = topic.name();
+        if !name.starts_with(&dead_letters) {
+            continue;
+        }
+        for partition in topic.partitions() {
+            let (low, high) = consumer
+                .fetch_watermarks(name, partition.id(), METADATA_TIMEOUT)
+                .map_err(|e| {
+                    format!("cannot read the offsets of {name}[{}]: {e}", partition.id())
+                })?;
+            if high > low {
+                assignment
+                    .add_partition_offset(name, partition.id(), Offset::Offset(low))
+                    .map_err(|e| e.to_string())?;
+                ends.insert((name.to_owned(), partition.id()), high);
+            }
+        }
+    }
+    let mut letters = Vec::new();
+    let mut markers: HashMap<String, Json> = HashMap::new();
+    if ends.is_empty() {
+        return Ok(letters);
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(|e| format!("cannot assign the partitions: {e}"))?;
+    while !ends.is_empty() {
+        let message = consumer
+            .recv()
+            .await
+            .map_err(|e| format!("reading the dead letters failed: {e}"))?;
+        let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+        if ends
+            .get(&(topic.to_owned(), partition))
+            .is_some_and(|end| offset + 1 >= *end)
+        {
+            ends.remove(&(topic.to_owned(), partition));
+        }
+        let payload = message.payload().unwrap_or_default();
+        let record = serde_json::from_slice(payload)
+            .unwrap_or_else(|_| Json::String(String::from_utf8_lossy(payload).into_owned()));
+        let replay_of = message.headers().and_then(|headers| {
+            headers
+                .iter()
+                .find(|h| h.key == REPLAY_OF)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        });
+        if let Some(id) = replay_of {
+            markers.insert(id, record);
+            continue;
+        }
+        let side = topic.strip_prefix(&dead_letters).unwrap_or(topic);
+        let (reason, origin) = describe(side, &record);
+        letters.push(Letter {
+            id: format!("{side}:{partition}:{offset}"),
+            topic: topic.to_owned(),
+            written: message
+                .timestamp()
+                .to_millis()
+                .and_then(DateTime::from_timestamp_millis),
+            reason,
+            origin,
+            record,
+            replayed: None,
+        });
+    }
+    for letter in &mut letters {
+        letter.replayed = markers.remove(&letter.id);
+    }
+    letters.sort_by(|a, b| {
+        let place = |l: &Letter| {
+            let mut parts = l.id.rsplitn(3, ':');
+            let offset: i64 = parts.next().and_then(|o| o.parse().ok()).unwrap_or(0);
+            let partition: i32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            (l.topic.clone(), partition, offset)
+        };
+        place(a).cmp(&place(b))
+    });
+    Ok(letters)
+}
+
+/// The reason and origin lines of a letter of `side`.
+fn describe(side: &str, record: &Json) -> (String, String) {
+    let text = |field: &str| record[field].as_str().unwrap_or("?");
+    if !record.is_object() {
+        return (
+            "not a dead-letter record (not a JSON object)".into(),
+            "?".into(),
+        );
+    }
+    if side == PROJECTOR {
+        let origin = format!(
+            "{}[{}]@{}",
+            text("topic"),
+            record["partition"],
+            record["offset"]
+        );
+        (text("reason").to_owned(), origin)
+    } else {
+        let origin = format!(
+            "{}.{} {} {}",
+            text("schema"),
+            text("table"),
+            text("source_position"),
+            text("op")
+        );
+        (
+            format!("mapping {}: {}", text("mapping_id"), text("error")),
+            origin,
+        )
+    }
+}
+
+/// What replaying one letter did: a line for the operator, or why it failed again.
+pub type Outcome = Result<String, String>;
+
+/// Replay connector letters (all of `config`'s connector): map each change again with the
+/// mapping that failed and write the events. Returns each letter's outcome.
+pub async fn replay_changes(
+    config: &ConnectorConfig,
+    letters: &[&Letter],
+) -> Result<Vec<Outcome>, String> {
+    let mappings_config = config
+        .mappings
+        .as_ref()
+        .ok_or("the connector configuration names no mappings")?;
+    let mappings = mapping::load_dir(&mappings_config.path).map_err(|e| e.to_string())?;
+    let specs = topic_specs(config, &mappings);
+    let mapper = mapper_for(config, mappings).map_err(|e| e.to_string())?;
+    ensure_topics(&config.kafka, &specs)
+        .await
+        .map_err(|e| e.to_string())?;
+    let producer = Producer::new(&config.kafka).map_err(|e| e.to_string())?;
+    let codec = EventCodec::new(&config.schema_registry);
+    let mut outcomes = Vec::with_capacity(letters.len());
+    for letter in letters {
+        let outcome = async {
+            let (change, mapping_id) = dead_letter::change_of(&letter.record)?;
+            let outcome = mapper.map_with(&change, &mapping_id).ok_or_else(|| {
+                format!(
+                    "no mapping `{mapping_id}` reads {} any more",
+                    change.source.qualified_name()
+                )
+            })?;
+            if !outcome.failures.is_empty() {
+                let reasons: Vec<String> = outcome
+                    .failures
+                    .iter()
+                    .map(|f| f.error.to_string())
+                    .collect();
+                return Err(format!("fails again: {}", reasons.join("; ")));
+            }
+            for event in &outcome.events {
+                let topic = event.topic(&config.topics.prefix);
+                let bytes = codec
+                    .encode(event, &topic)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                producer
+                    .send(&topic, &event.key(), &bytes, &event.headers())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(format!(
+                "{} event(s) written, {} no-op",
+                outcome.events.len(),
+                outcome.suppressed
+            ))
+        }
+        .await;
+        outcomes.push(outcome);
+    }
+    mark(&config.kafka, letters, &outcomes).await?;
+    Ok(outcomes)
+}
+
+/// Replay projector letters: decode each message's original bytes and apply the event to
+/// the read model with the ledger. Returns each letter's outcome.
+pub async fn replay_messages(
+    config: &ProjectorConfig,
+    letters: &[&Letter],
+) -> Result<Vec<Outcome>, String> {
+    let schema = &config.projection.schema;
+    let (mut db, connection) = tokio_postgres::connect(config.projection.url.expose(), NoTls)
+        .await
+        .map_err(|e| format!("the projection database: {e}"))?;
+    tokio::spawn(connection);
+    projection::migrate(&mut db, schema)
+        .await
+        .map_err(|e| format!("the projection database: {e}"))?;
+    let codec = EventCodec::new(&config.schema_registry);
+    let mut outcomes = Vec::with_capacity(letters.len());
+    for letter in letters {
+        let record = &letter.record;
+        let outcome = async {
+            let bytes = record["value_base64"]
+                .as_str()
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .ok_or("the letter holds no original bytes (`value_base64`)")?;
+            let event = codec
+                .decode(&bytes)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(check)?;
+            let at = Coordinates {
+                topic: record["topic"].as_str().unwrap_or_default().to_owned(),
+                partition: record["partition"]
+                    .as_i64()
+                    .and_then(|p| i32::try_from(p).ok())
+                    .unwrap_or(-1),
+                offset: record["offset"].as_i64().unwrap_or(-1),
+            };
+            let entry = Entry {
+                event: &event,
+                at: &at,
+                kafka_timestamp: record["timestamp"].as_i64(),
+            };
+            let refused = |e: tokio_postgres::Error| match e.as_db_error() {
+                Some(db) => format!("the database refused it: {}", db.message()),
+                None => format!("the projection database: {e}"),
+            };
+            let tx = db.transaction().await.map_err(refused)?;
+            let counts = projection::apply(&tx, schema, &[entry])
+                .await
+                .map_err(refused)?;
+            tx.commit().await.map_err(refused)?;
+            Ok(format!(
+                "applied {}, duplicate {}, stale {}",
+                counts.applied, counts.duplicate, counts.stale
+            ))
+        }
+        .await;
+        outcomes.push(outcome);
+    }
+    mark(&config.kafka, letters, &outcomes).await?;
+    Ok(outcomes)
+}
+
+/// Record the successful replays in the letters' topics.
+async fn mark(
+    kafka: &KafkaProperties,
+    letters: &[&Letter],
+    outcomes: &[Outcome],
+) -> Result<(), String> {
+    let producer = Producer::new(kafka).map_err(|e| e.to_string())?;
+    for (letter, outcome) in letters.iter().zip(outcomes) {
+        if let Ok(outcome) = outcome {
+            let marker = json!({
+                REPLAY_OF: letter.id,
+                "replayed_at": instant(Utc::now()),
+                "outcome": outcome,
+            });
+            producer
+                .send(
+                    &letter.topic,
+                    &letter.id,
+                    marker.to_string().as_bytes(),
+                    &[(REPLAY_OF, &letter.id)],
+                )
+                .await
+                .map_err(|e| {
+                    format!("{} was replayed, but recording that failed: {e}", letter.id)
+                })?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn letters_say_where_they_failed_and_why() {
+        let change = json!({"schema": "lab", "table": "results", "source_position": "pg:0/16B3748",
+            "op": "update", "mapping_id": "lab-result", "error": "x.yaml:3:1: NULL in a required element"});
+        assert_eq!(
+            describe("lab-postgres", &change),
+            (
+                "mapping lab-result: x.yaml:3:1: NULL in a required element".to_owned(),
+                "lab.results pg:0/16B3748 update".to_owned()
+            )
+        );
+        let message = json!({"reason": "unknown schema id 9", "topic": "fhir.lab.Observation", "partition": 2, "offset": 17});
+        assert_eq!(
+            describe(PROJECTOR, &message),
+            (
+                "unknown schema id 9".to_owned(),
+                "fhir.lab.Observation[2]@17".to_owned()
+            )
+        );
+        assert_eq!(describe(PROJECTOR, &json!("garbage")).1, "?");
+    }
+
+    #[test]
+    fn the_side_is_what_precedes_partition_and_offset() {
+        let letter = Letter {
+            id: "lab-postgres:3:120".into(),
+            topic: "fhir.dlq.lab-postgres".into(),
+            written: None,
+            reason: String::new(),
+            origin: String::new(),
+            record: Json::Null,
+            replayed: None,
+        };
+        assert_eq!(letter.side(), "lab-postgres");
+    }
+}
