@@ -13,6 +13,8 @@
 //! - [`sink`]: the Kafka producer side, and [`offsets`]: when a position may be acknowledged;
 //! - [`canonical`]: the canonical event envelope and the schema registry;
 //! - [`pipeline`]: the connector at work, source to Kafka with acknowledgements;
+//! - [`consumer`]: the projector, its read model, replays and dead letters;
+//! - [`observe`]: the metrics both sides serve;
 //! - [`preflight`]: the findings `fhir-cdc check` reports;
 //! - [`cli`]: the command line.
 //!
@@ -35,6 +37,7 @@ pub mod config;
 pub mod consumer;
 pub mod fhir;
 pub mod mapping;
+pub mod observe;
 pub mod offsets;
 pub mod pipeline;
 pub mod preflight;

@@ -5,7 +5,9 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::config::{read_toml, ConfigError, KafkaProperties, RegistryConfig, Secret};
+use crate::config::{
+    read_toml, ConfigError, KafkaProperties, MetricsConfig, RegistryConfig, Secret,
+};
 
 /// One projector: the topics it reads, the database it projects into.
 #[derive(Debug, Deserialize)]
@@ -24,6 +26,8 @@ pub struct ProjectorConfig {
     pub topics: ProjectorTopics,
     /// Where the read model lives.
     pub projection: ProjectionConfig,
+    /// Where `project` serves its metrics (Prometheus text format); none when absent.
+    pub metrics: Option<MetricsConfig>,
 }
 
 /// The canonical topics to read.

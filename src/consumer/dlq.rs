@@ -338,6 +338,7 @@ pub async fn replay_messages(
             let counts = projection::apply(&tx, schema, &[entry])
                 .await
                 .map_err(refused)?;
+            let counts = projection::total(&counts);
             tx.commit().await.map_err(refused)?;
             Ok(format!(
                 "applied {}, duplicate {}, stale {}",

@@ -173,12 +173,32 @@ pub struct Entry<'a> {
     pub kafka_timestamp: Option<i64>,
 }
 
-/// How a batch went.
+/// How a batch went (for one topic, or all of them).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
     pub applied: u64,
     pub duplicate: u64,
     pub stale: u64,
+}
+
+impl std::ops::AddAssign for Counts {
+    fn add_assign(&mut self, other: Self) {
+        self.applied += other.applied;
+        self.duplicate += other.duplicate;
+        self.stale += other.stale;
+    }
+}
+
+/// How a batch went, per topic.
+pub type TopicCounts = HashMap<String, Counts>;
+
+/// The counts of every topic added up.
+pub fn total(counts: &TopicCounts) -> Counts {
+    let mut total = Counts::default();
+    for counts in counts.values() {
+        total += *counts;
+    }
+    total
 }
 
 /// Apply `entries`, in order, inside `tx` — set-based, one statement for the whole batch:
@@ -190,8 +210,7 @@ pub async fn apply(
     tx: &Transaction<'_>,
     schema: &str,
     entries: &[Entry<'_>],
-) -> Result<Counts, tokio_postgres::Error> {
-    let n = entries.len();
+) -> Result<TopicCounts, tokio_postgres::Error> {
     let mut c = Columns::default();
     for Entry {
         event,
@@ -246,8 +265,8 @@ pub async fn apply(
         source_schema, source_table, primary_key::jsonb, source_position, transaction_id,
         commit_time::timestamptz, capture_time::timestamptz, mapping_id, mapping_version,
         snapshot";
-    let row = tx
-        .query_one(
+    let rows = tx
+        .query(
             &format!(
                 "WITH raw AS (
                    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -282,7 +301,7 @@ pub async fn apply(
                        topic, kafka_partition, kafka_offset, kafka_timestamp
                      FROM applied
                    ON CONFLICT (event_id) DO NOTHING
-                   RETURNING 1),
+                   RETURNING topic),
                  newest AS (
                    INSERT INTO {schema}.resources AS r (resource_type, resource_id, version, event_id,
                        deleted, body, {provenance})
@@ -303,7 +322,10 @@ pub async fn apply(
                        applied_at = clock_timestamp()
                      WHERE r.version < EXCLUDED.version
                    RETURNING 1)
-                 SELECT (SELECT count(*) FROM fresh), (SELECT count(*) FROM recorded)"
+                 SELECT i.topic, count(*),
+                        (SELECT count(*) FROM fresh f WHERE f.topic = i.topic),
+                        (SELECT count(*) FROM recorded r WHERE r.topic = i.topic)
+                   FROM input i GROUP BY i.topic"
             ),
             &[
                 &c.event_id,
@@ -333,13 +355,19 @@ pub async fn apply(
             ],
         )
         .await?;
-    let (fresh, applied): (i64, i64) = (row.get(0), row.get(1));
-    let (fresh, applied) = (fresh as u64, applied as u64);
-    Ok(Counts {
-        applied,
-        duplicate: n as u64 - fresh,
-        stale: fresh - applied,
-    })
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let count = |i: usize| row.get::<_, i64>(i) as u64;
+            let (received, fresh, applied) = (count(1), count(2), count(3));
+            let counts = Counts {
+                applied,
+                duplicate: received - fresh,
+                stale: fresh - applied,
+            };
+            (row.get(0), counts)
+        })
+        .collect())
 }
 
 /// The batch's values, column by column (the statement takes one array per column).

@@ -24,10 +24,12 @@ use std::{
 };
 
 use base64::Engine;
+use chrono::{DateTime, Utc};
 use rdkafka::{
     client::ClientContext,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
     message::{BorrowedMessage, Headers},
+    statistics::Statistics,
     Message, Offset, TopicPartitionList,
 };
 use serde_json::json;
@@ -37,10 +39,11 @@ use tracing::{debug, info, warn};
 
 use super::{
     config::ProjectorConfig,
-    projection::{self, Coordinates, Counts, Entry},
+    projection::{self, Coordinates, Entry, TopicCounts},
 };
 use crate::{
     canonical::{registry::EventCodec, CanonicalEvent, EventOp},
+    observe::{self, projector::Metrics},
     sink::kafka::{client_config, ensure_topics, offset_at, Producer, TopicSpec},
 };
 
@@ -66,13 +69,31 @@ pub enum ProjectError {
     Setup(String),
 }
 
-/// Partitions assigned since the loop last looked, to be positioned from the database.
+/// Partitions assigned since the loop last looked, to be positioned from the database; and
+/// the consumer lag from librdkafka's statistics, when they are on.
 #[derive(Debug, Default)]
 struct Assignments {
+    projector: String,
     assigned: Mutex<Vec<(String, i32)>>,
 }
 
-impl ClientContext for Assignments {}
+impl ClientContext for Assignments {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1: not consumed by this member (or no committed offset yet).
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    observe::projector::consumer_lag(
+                        &self.projector,
+                        topic,
+                        *partition,
+                        p.consumer_lag,
+                    );
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for Assignments {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -118,7 +139,7 @@ pub enum ReplayFrom {
     /// The first retained message of every partition.
     Earliest,
     /// The first message of every partition written at or after this time.
-    Time(chrono::DateTime<chrono::Utc>),
+    Time(DateTime<Utc>),
 }
 
 /// Project the topics again from `from` into the same read model, until caught up. The
@@ -144,6 +165,12 @@ async fn project(
         None => config.group_id().to_owned(),
         Some(_) => format!("{}.replay", config.group_id()),
     };
+    // A replay may run beside the live projector, on its port: only the latter serves.
+    let metrics = config.metrics.as_ref().filter(|_| replay_from.is_none());
+    if let Some(metrics) = metrics {
+        observe::serve(metrics.listen).map_err(ProjectError::Setup)?;
+        info!(listen = %metrics.listen, "serving metrics");
+    }
     let (mut db, connection) =
         tokio_postgres::connect(config.projection.url.expose(), NoTls).await?;
     tokio::spawn(connection);
@@ -159,10 +186,17 @@ async fn project(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest");
-    let consumer: StreamConsumer<Assignments> =
-        kafka
-            .create_with_context(Assignments::default())
-            .map_err(|e| ProjectError::Kafka(format!("cannot create a consumer: {e}")))?;
+    if metrics.is_some() && config.kafka.get("statistics.interval.ms").is_none() {
+        // The consumer lag per partition comes with the statistics.
+        kafka.set("statistics.interval.ms", "5000");
+    }
+    let context = Assignments {
+        projector: config.name.clone(),
+        ..Assignments::default()
+    };
+    let consumer: StreamConsumer<Assignments> = kafka
+        .create_with_context(context)
+        .map_err(|e| ProjectError::Kafka(format!("cannot create a consumer: {e}")))?;
     let topics = topics_to_read(&consumer, config)?;
     let partitions =
         start_where_the_projection_is(&consumer, &db, schema, &group, &topics, replay_from).await?;
@@ -188,6 +222,7 @@ async fn project(
     let codec = EventCodec::new(&config.schema_registry);
 
     let mut summary = ProjectSummary::default();
+    let mut measured = Metrics::new(&config.name);
     // Per partition: the next offset to apply (below it, everything is in the database).
     let mut next: HashMap<(String, i32), i64> = HashMap::new();
     let idle = Duration::from_millis(config.projection.max_batch_ms.max(200));
@@ -237,7 +272,7 @@ async fn project(
             &dead_letter_topic,
             batch,
             &mut next,
-            &mut summary,
+            (&mut summary, &mut measured),
         )
         .await?;
         // For visibility (lag in Kafka's tools) and as the start point of a new member.
@@ -452,7 +487,7 @@ async fn apply_batch(
     dead_letter_topic: &str,
     batch: Vec<Read>,
     next: &mut HashMap<(String, i32), i64>,
-    summary: &mut ProjectSummary,
+    (summary, measured): (&mut ProjectSummary, &mut Metrics),
 ) -> Result<(), ProjectError> {
     let schema = &config.projection.schema;
     // What cannot be applied: the message's index, the reason for the dead letter, and the
@@ -489,15 +524,15 @@ async fn apply_batch(
             debug!(error = ?e, "the batch was refused; applying it event by event");
             tx.rollback().await?;
             let mut tx = db.transaction().await?;
-            let mut counts = Counts::default();
+            let mut counts = TopicCounts::new();
             for (i, entry) in &entries {
                 let savepoint = tx.savepoint("event").await?;
                 match projection::apply(&savepoint, schema, std::slice::from_ref(entry)).await {
                     Ok(one) => {
                         savepoint.commit().await?;
-                        counts.applied += one.applied;
-                        counts.duplicate += one.duplicate;
-                        counts.stale += one.stale;
+                        for (topic, one) in one {
+                            *counts.entry(topic).or_default() += one;
+                        }
                     }
                     Err(e) => {
                         savepoint.rollback().await?;
@@ -543,6 +578,7 @@ async fn apply_batch(
             .await
             .map_err(|e| ProjectError::Kafka(e.to_string()))?;
         dead_lettered += 1;
+        measured.topic(&read.at.topic).dead_lettered.increment(1);
     }
     let mut ends: HashMap<(String, i32), i64> = HashMap::new();
     for read in &batch {
@@ -556,6 +592,22 @@ async fn apply_batch(
     }
     tx.commit().await?;
     next.extend(ends);
+    for read in &batch {
+        measured.topic(&read.at.topic).consumed.increment(1);
+        if let Some(written) = read.timestamp.and_then(DateTime::from_timestamp_millis) {
+            measured
+                .apply_latency
+                .record(observe::seconds_since(written));
+        }
+    }
+    measured.batch_events.record(batch.len() as f64);
+    for (topic, counts) in &counts {
+        let topic = measured.topic(topic);
+        topic.applied.increment(counts.applied);
+        topic.duplicate.increment(counts.duplicate);
+        topic.stale.increment(counts.stale);
+    }
+    let counts = projection::total(&counts);
     summary.applied += counts.applied;
     summary.duplicate += counts.duplicate;
     summary.stale += counts.stale;

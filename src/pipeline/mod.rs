@@ -15,7 +15,6 @@
 //! as written once Kafka acknowledged the dead letter.
 
 pub mod dead_letter;
-mod metrics;
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
@@ -27,7 +26,7 @@ use tracing::{debug, info, warn};
 
 use ::metrics::Counter;
 
-use self::metrics::Metrics;
+use crate::observe::{self, pipeline::Metrics};
 use crate::{
     canonical::registry::{CodecError, EventCodec},
     change::{PgLsn, Position, SourceMessage},
@@ -170,7 +169,7 @@ pub async fn run(
     let mappings_config = config.mappings.as_ref().ok_or(RunError::NoMappings)?;
     let mappings = mapping::load_dir(&mappings_config.path)?;
     if let Some(metrics) = &config.metrics {
-        metrics::serve(metrics.listen).map_err(RunError::Setup)?;
+        observe::serve(metrics.listen).map_err(RunError::Setup)?;
         info!(listen = %metrics.listen, "serving metrics");
     }
     let tables = mapping::source_tables(&mappings);
@@ -357,7 +356,7 @@ async fn write_events(
                 if let Some((acked_of_table, commit_time)) = event {
                     acked_of_table.increment(1);
                     if let Some(commit_time) = commit_time {
-                        measured.commit_to_ack.record(metrics::seconds_since(commit_time));
+                        measured.commit_to_ack.record(observe::seconds_since(commit_time));
                     }
                 }
                 tracker.acknowledge(&lsn);

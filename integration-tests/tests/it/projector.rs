@@ -657,3 +657,98 @@ prefix = "{prefix}"
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn the_metrics_count_per_topic_and_the_lag_comes_down_to_zero() {
+    let client = stack::pg_client().await;
+    let prefix = stack::unique("fhirprojm");
+    let dir = std::env::temp_dir().join(&prefix);
+    let (a, b) = (
+        format!("{prefix}.lab.Observation"),
+        format!("{prefix}.lab.ObservationB"),
+    );
+    // a: results 1–40 in two versions, the first ten events again, one poison message;
+    // b (two partitions): results 41–60, one version.
+    let mut messages = encode(&events(40, 2), &a).await;
+    let repeats: Vec<_> = messages[..10].to_vec();
+    messages.extend(repeats);
+    messages.push(("garbage".to_owned(), b"not an event".to_vec()));
+    write(&a, 1, &messages).await;
+    write(&b, 2, &encode(&events(60, 1)[40..], &b).await).await;
+
+    let schema = prefix.replace('-', "_");
+    let config = projector_config(&dir, "m", &a, &schema);
+    let port = crate::connector::free_port();
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("include = [\"{a}\"]"),
+        &format!("include = [\"{a}\", \"{b}\"]"),
+    ) + &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    std::fs::write(&config, text).unwrap();
+    let log = std::fs::File::create(dir.join("m.log")).unwrap();
+    let projector = Connector::adopt(
+        Command::new(stack::fhir_cdc_bin())
+            .args(["project", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+
+    let topic = |name: &str, topic: &str| format!("{name}{{projector=\"m\",topic=\"{topic}\"}}");
+    let expected = [
+        (topic("fhir_cdc_projector_events_consumed_total", &a), 91.0),
+        (topic("fhir_cdc_projector_events_applied_total", &a), 80.0),
+        (topic("fhir_cdc_projector_events_duplicate_total", &a), 10.0),
+        (topic("fhir_cdc_projector_events_stale_total", &a), 0.0),
+        (topic("fhir_cdc_projector_dead_letters_total", &a), 1.0),
+        (topic("fhir_cdc_projector_events_consumed_total", &b), 20.0),
+        (topic("fhir_cdc_projector_events_applied_total", &b), 20.0),
+        (
+            "fhir_cdc_projector_batch_events_sum{projector=\"m\"}".to_owned(),
+            111.0,
+        ),
+        (
+            "fhir_cdc_projector_apply_latency_seconds_count{projector=\"m\"}".to_owned(),
+            111.0,
+        ),
+    ];
+    let lags = [(&a, 0), (&b, 0), (&b, 1)].map(|(topic, partition)| {
+        format!("fhir_cdc_projector_consumer_lag_messages{{projector=\"m\",topic=\"{topic}\",partition=\"{partition}\"}}")
+    });
+    // Polled: the lag comes with librdkafka's statistics, every 5 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        // Nothing listens until the projector has started.
+        let samples = if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            crate::connector::scrape(port)
+        } else {
+            Default::default()
+        };
+        let got: Vec<Option<f64>> = expected
+            .iter()
+            .map(|(name, _)| samples.get(name).copied())
+            .collect();
+        let lag: Vec<Option<f64>> = lags.iter().map(|name| samples.get(name).copied()).collect();
+        if got == expected.iter().map(|(_, v)| Some(*v)).collect::<Vec<_>>()
+            && lag == [Some(0.0); 3]
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics {got:?}, lag {lag:?}; expected {expected:?}, lag 0"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(crate::connector::stop(projector).success());
+    assert_eq!(
+        count(&client, &format!("SELECT count(*) FROM {schema}.resources")).await,
+        60
+    );
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}

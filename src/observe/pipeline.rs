@@ -1,5 +1,4 @@
-//! What `run` measures, served in the Prometheus text format when `[metrics] listen` is set
-//! (through the `metrics` facade and its Prometheus exporter).
+//! What `run` measures (see [`super`] for how it is served).
 //!
 //! Per table (`connector`, `table` labels): changes read, events mapped, produced and
 //! acknowledged by Kafka, dead letters, suppressed no-op updates. Per connector: the source
@@ -7,29 +6,11 @@
 //! latency histogram, the depth of the source → sink channel and the messages in flight to
 //! Kafka. Labels name tables, never values.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
-use chrono::{DateTime, Utc};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
-use metrics_exporter_prometheus::PrometheusBuilder;
 
 use crate::change::SourceTable;
-
-/// Seconds: 1 ms to 30 s, finer around the tens of milliseconds a healthy pipeline takes.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    30.0,
-];
-
-/// Serve the metrics at `listen` (any path answers, `/metrics` by convention).
-pub fn serve(listen: SocketAddr) -> Result<(), String> {
-    PrometheusBuilder::new()
-        .with_http_listener(listen)
-        .set_buckets(LATENCY_BUCKETS)
-        .map_err(|e| e.to_string())?
-        .install()
-        .map_err(|e| format!("metrics.listen = {listen}: {e}"))
-}
 
 /// The counters of one table.
 #[derive(Debug, Clone)]
@@ -85,9 +66,4 @@ impl Metrics {
                 }
             })
     }
-}
-
-/// Seconds from `commit` to now (never negative: clocks may disagree).
-pub fn seconds_since(commit: DateTime<Utc>) -> f64 {
-    (Utc::now() - commit).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6
 }
