@@ -93,9 +93,9 @@ async fn preview(args: &PreviewArgs) -> Result<u64, Failure> {
                     table,
                     &Position::Postgres(PgLsn(0)),
                     &mut ordinal,
-                    256,
-                    Some(args.limit),
+                    (256, Some(args.limit)),
                     &out,
+                    None,
                 )
                 .await;
             drop(out);

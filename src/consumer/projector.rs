@@ -43,7 +43,7 @@ use super::{
 };
 use crate::{
     canonical::{registry::EventCodec, CanonicalEvent, EventOp},
-    observe::{self, projector::Metrics},
+    observe::{self, progress::Progress, projector::Metrics},
     sink::kafka::{client_config, ensure_topics, offset_at, Producer, TopicSpec},
 };
 
@@ -198,8 +198,13 @@ async fn project(
         .create_with_context(context)
         .map_err(|e| ProjectError::Kafka(format!("cannot create a consumer: {e}")))?;
     let topics = topics_to_read(&consumer, config)?;
-    let partitions =
+    let (partitions, remaining) =
         start_where_the_projection_is(&consumer, &db, schema, &group, &topics, replay_from).await?;
+    let progress = replay_from.map(|_| {
+        let progress = Progress::new("replay");
+        progress.start("messages", Some(remaining));
+        progress
+    });
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&names)
@@ -253,6 +258,9 @@ async fn project(
                 Err(_) => break,
             }
         }
+        if let Some(progress) = &progress {
+            progress.advance(batch.len() as u64);
+        }
         // Already in the database.
         batch.retain(|r| {
             r.at.offset
@@ -283,6 +291,9 @@ async fn project(
         if let Err(e) = consumer.commit(&commit, CommitMode::Async) {
             debug!(error = %e, "committing group offsets to Kafka failed (the database has them)");
         }
+    }
+    if let Some(progress) = progress {
+        progress.finish();
     }
     Ok(summary)
 }
@@ -319,7 +330,8 @@ fn topics_to_read(
 /// Set the group's Kafka offsets to the projection's before joining: the database's offset
 /// per partition, the partition's beginning where it has none (a new or emptied
 /// projection). Refused while other members of the group are active; they keep the group's
-/// offsets in step themselves.
+/// offsets in step themselves. Returns the partitions, and how many messages lie ahead in
+/// those the database had no offsets for (all of them for a replay).
 async fn start_where_the_projection_is(
     consumer: &StreamConsumer<Assignments>,
     db: &tokio_postgres::Client,
@@ -327,8 +339,9 @@ async fn start_where_the_projection_is(
     group: &str,
     topics: &[String],
     replay_from: Option<ReplayFrom>,
-) -> Result<Vec<(String, i32)>, ProjectError> {
+) -> Result<(Vec<(String, i32)>, u64), ProjectError> {
     let mut partitions = Vec::new();
+    let mut remaining = 0;
     for topic in topics {
         let metadata = consumer
             .fetch_metadata(Some(topic), METADATA_TIMEOUT)
@@ -346,12 +359,14 @@ async fn start_where_the_projection_is(
                 let (low, high) = consumer
                     .fetch_watermarks(topic, *partition, METADATA_TIMEOUT)
                     .map_err(|e| ProjectError::Kafka(e.to_string()))?;
-                match replay_from {
+                let start = match replay_from {
                     Some(ReplayFrom::Time(since)) => offset_at(consumer, topic, *partition, since)
                         .map_err(ProjectError::Kafka)?
                         .unwrap_or(high),
                     _ => low,
-                }
+                };
+                remaining += u64::try_from(high - start).unwrap_or(0);
+                start
             }
         };
         start
@@ -365,7 +380,7 @@ async fn start_where_the_projection_is(
     if let Err(e) = consumer.commit(&start, CommitMode::Sync) {
         info!(error = %e, "the group's offsets were left as they are (other members are active)");
     }
-    Ok(partitions)
+    Ok((partitions, remaining))
 }
 
 /// Read the database's offsets of newly assigned partitions: below them, everything is

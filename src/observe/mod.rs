@@ -3,6 +3,7 @@
 //! [`pipeline`] for `run`, [`projector`] for `project` and `replay`.
 
 pub mod pipeline;
+pub mod progress;
 pub mod projector;
 
 use std::net::SocketAddr;

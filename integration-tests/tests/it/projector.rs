@@ -567,6 +567,12 @@ async fn a_replay_changes_nothing_over_the_projection_and_rebuilds_an_empty_one(
 
     // The whole log again over the existing projection: every event a duplicate.
     let again = counters_of(&config, &["replay", "--from", "earliest"]);
+    let logged = std::fs::read_to_string(config.with_extension("log")).unwrap();
+    assert!(
+        logged.contains("started job=replay part=messages expected=450")
+            && logged.contains("done job=replay part=messages done=450"),
+        "the replay's progress: {logged}"
+    );
     assert_eq!(again["applied"], 0);
     assert_eq!(again["duplicate"], all.len() as u64);
     same_tables(&resources(&client, &projected).await, &expected);

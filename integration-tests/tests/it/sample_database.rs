@@ -132,6 +132,15 @@ async fn the_sample_lab_database_arrives_whole_and_valid() {
         "Patient",
         count(format!("SELECT count(*) FROM {s}.patient")).await,
     );
+    // The snapshot's progress, in the log (no terminal here), per table.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains(&format!(
+            "done job=snapshot part={s}.patient done={}",
+            expected["Patient"]
+        )),
+        "{logged}"
+    );
     expected.insert(
         "ServiceRequest",
         count(format!(

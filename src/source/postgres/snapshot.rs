@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use crate::{
     change::{ChangeEvent, Operation, PgLsn, Position, Row, SourceMessage, SourceTable},
     config::Secret,
+    observe::progress::Progress,
 };
 
 /// Why the snapshot could not be taken.
@@ -130,18 +131,24 @@ pub async fn read_tables(
     let reader = TableReader::open(url, connector, Some(&snapshot.name)).await?;
     let position = Position::Postgres(snapshot.consistent_point);
     let mut ordinal: u32 = 0;
+    let progress = Progress::new("snapshot");
     for (schema, table) in tables {
+        progress.start(
+            &format!("{schema}.{table}"),
+            reader.estimated_rows(schema, table).await,
+        );
         reader
             .read(
                 schema,
                 table,
                 &position,
                 &mut ordinal,
-                chunk_rows,
-                None,
+                (chunk_rows, None),
                 out,
+                Some(&progress),
             )
             .await?;
+        progress.finish();
     }
     reader.close().await?;
     out.send(SourceMessage::Progress(position))
@@ -196,19 +203,33 @@ impl TableReader {
         })
     }
 
+    /// The planner's estimate of the rows in `schema.table` (`None` before the table was
+    /// ever analysed): for progress, never for correctness.
+    pub async fn estimated_rows(&self, schema: &str, table: &str) -> Option<u64> {
+        let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
+        let row = self
+            .client
+            .query_one(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = $1::text::regclass",
+                &[&qualified],
+            )
+            .await
+            .ok()?;
+        u64::try_from(row.get::<_, i64>(0)).ok()
+    }
+
     /// Read `schema.table`, `chunk_rows` rows at a time and at most `limit` rows, sending
-    /// each as a snapshot read at `position`, numbered from `ordinal` on. Returns the number
-    /// of rows read.
-    #[allow(clippy::too_many_arguments)]
+    /// each as a snapshot read at `position`, numbered from `ordinal` on, and counting each
+    /// chunk into `progress`. Returns the number of rows read.
     pub async fn read(
         &self,
         schema: &str,
         table: &str,
         position: &Position,
         ordinal: &mut u32,
-        chunk_rows: usize,
-        limit: Option<u64>,
+        (chunk_rows, limit): (usize, Option<u64>),
         out: &mpsc::Sender<SourceMessage>,
+        progress: Option<&Progress>,
     ) -> Result<u64, SnapshotError> {
         let client = &self.client;
         let name = format!("{schema}.{table}");
@@ -296,6 +317,9 @@ impl TableReader {
                 *ordinal = ordinal.wrapping_add(1);
             }
             read += fetched;
+            if let Some(progress) = progress {
+                progress.advance(fetched as u64);
+            }
             if fetched < chunk_rows {
                 break;
             }
