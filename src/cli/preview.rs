@@ -16,7 +16,7 @@ use crate::{
     config::{ConnectorConfig, SourceKind},
     mapping,
     pipeline::mapper_for,
-    source::postgres::snapshot::TableReader,
+    source::postgres::snapshot::{Reading, TableReader},
 };
 
 #[derive(Debug, Args)]
@@ -93,9 +93,12 @@ async fn preview(args: &PreviewArgs) -> Result<u64, Failure> {
                     table,
                     &Position::Postgres(PgLsn(0)),
                     &mut ordinal,
-                    (256, Some(args.limit)),
+                    Reading {
+                        chunk_rows: 256,
+                        limit: Some(args.limit),
+                        progress: None,
+                    },
                     &out,
-                    None,
                 )
                 .await;
             drop(out);

@@ -143,9 +143,12 @@ pub async fn read_tables(
                 table,
                 &position,
                 &mut ordinal,
-                (chunk_rows, None),
+                Reading {
+                    chunk_rows,
+                    limit: None,
+                    progress: Some(&progress),
+                },
                 out,
-                Some(&progress),
             )
             .await?;
         progress.finish();
@@ -155,6 +158,17 @@ pub async fn read_tables(
         .await
         .map_err(|_| SnapshotError::Cancelled)?;
     Ok(u64::from(ordinal))
+}
+
+/// How [`TableReader::read`] reads a table.
+#[derive(Debug, Clone, Copy)]
+pub struct Reading<'a> {
+    /// Rows fetched at a time (memory stays bounded by it).
+    pub chunk_rows: usize,
+    /// Rows read at most.
+    pub limit: Option<u64>,
+    /// Where each chunk is counted.
+    pub progress: Option<&'a Progress>,
 }
 
 /// Reads whole tables through cursors, inside one read-only REPEATABLE READ transaction:
@@ -218,19 +232,22 @@ impl TableReader {
         u64::try_from(row.get::<_, i64>(0)).ok()
     }
 
-    /// Read `schema.table`, `chunk_rows` rows at a time and at most `limit` rows, sending
-    /// each as a snapshot read at `position`, numbered from `ordinal` on, and counting each
-    /// chunk into `progress`. Returns the number of rows read.
+    /// Read `schema.table` as `how` says, sending each row as a snapshot read at `position`,
+    /// numbered from `ordinal` on. Returns the number of rows read.
     pub async fn read(
         &self,
         schema: &str,
         table: &str,
         position: &Position,
         ordinal: &mut u32,
-        (chunk_rows, limit): (usize, Option<u64>),
+        how: Reading<'_>,
         out: &mpsc::Sender<SourceMessage>,
-        progress: Option<&Progress>,
     ) -> Result<u64, SnapshotError> {
+        let Reading {
+            chunk_rows,
+            limit,
+            progress,
+        } = how;
         let client = &self.client;
         let name = format!("{schema}.{table}");
         let fail = |e: tokio_postgres::Error| SnapshotError::Read {
