@@ -8,23 +8,18 @@
 //! A message that cannot be decoded is reported on stderr with its coordinates and the
 //! reason, and tailing goes on; the exit status is then 1.
 
-use std::{collections::HashMap, path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode};
 
 use chrono::{DateTime, Utc};
 use clap::Args;
-use rdkafka::{
-    consumer::{Consumer, StreamConsumer},
-    Message, Offset, TopicPartitionList,
-};
+use rdkafka::Message;
 use serde_json::{Map, Value as Json};
 
 use crate::{
     canonical::{registry::EventCodec, CanonicalEvent, EventOp},
     config::ConnectorConfig,
-    sink::kafka::{client_config, offset_at},
+    sink::kafka::{offset_at, TopicReader},
 };
-
-const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Args)]
 pub struct TailArgs {
@@ -77,80 +72,39 @@ pub async fn run(args: TailArgs) -> ExitCode {
 
 /// Prints events until stopped; returns the number of undecodable messages.
 async fn tail(args: &TailArgs, config: &ConnectorConfig) -> Result<u64, String> {
-    let mut client = client_config(&config.kafka);
-    client
-        .set("group.id", format!("fhir-cdc-tail-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false");
-    let consumer: StreamConsumer = client
-        .create()
-        .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
-    let metadata = consumer
-        .fetch_metadata(None, METADATA_TIMEOUT)
-        .map_err(|e| format!("cannot read the cluster's topics: {e}"))?;
     let prefix = format!("{}.", config.topics.prefix);
     let dead_letters = format!("{prefix}dlq.");
-    let mut assignment = TopicPartitionList::new();
-    // Per partition, the offset it ended at when tail started (for --to-end).
-    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
-    for topic in metadata.topics() {
-        let name = topic.name();
-        let wanted = if args.topics.is_empty() {
-            name.starts_with(&prefix) && !name.starts_with(&dead_letters)
-        } else {
-            args.topics.iter().any(|t| t == name)
-        };
-        if !wanted {
-            continue;
-        }
-        for partition in topic.partitions() {
-            let (low, high) = consumer
-                .fetch_watermarks(name, partition.id(), METADATA_TIMEOUT)
-                .map_err(|e| {
-                    format!("cannot read the offsets of {name}[{}]: {e}", partition.id())
-                })?;
-            let start = match args.since {
-                Some(since) => offset_at(&consumer, name, partition.id(), since)?.unwrap_or(high),
+    let mut reader = TopicReader::open(
+        &config.kafka,
+        |name| {
+            if args.topics.is_empty() {
+                name.starts_with(&prefix) && !name.starts_with(&dead_letters)
+            } else {
+                args.topics.iter().any(|t| t == name)
+            }
+        },
+        |consumer, topic, partition, low, high| {
+            Ok(match args.since {
+                Some(since) => offset_at(consumer, topic, partition, since)?.unwrap_or(high),
                 None if args.from_beginning => low,
                 None => high,
-            };
-            assignment
-                .add_partition_offset(name, partition.id(), Offset::Offset(start))
-                .map_err(|e| e.to_string())?;
-            if high > start {
-                ends.insert((name.to_owned(), partition.id()), high);
-            }
-        }
+            })
+        },
+    )?;
+    if let Some(missing) = args.topics.iter().find(|t| !reader.topics.contains(t)) {
+        return Err(format!("topic `{missing}` does not exist"));
     }
-    for wanted in &args.topics {
-        if !metadata.topics().iter().any(|t| t.name() == wanted) {
-            return Err(format!("topic `{wanted}` does not exist"));
-        }
-    }
-    if assignment.count() == 0 {
+    if reader.topics.is_empty() {
         return Err(format!(
             "no event topics under the prefix `{}`",
             config.topics.prefix
         ));
     }
-    consumer
-        .assign(&assignment)
-        .map_err(|e| format!("cannot assign the partitions: {e}"))?;
     let codec = EventCodec::new(&config.schema_registry);
     let (mut printed, mut undecodable) = (0u64, 0u64);
-    while !(args.to_end && ends.is_empty()) && args.limit.is_none_or(|limit| printed < limit) {
-        let message = consumer
-            .recv()
-            .await
-            .map_err(|e| format!("reading from Kafka failed: {e}"))?;
+    while !(args.to_end && reader.at_end()) && args.limit.is_none_or(|limit| printed < limit) {
+        let message = reader.next().await?;
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
-        if ends
-            .get(&(topic.to_owned(), partition))
-            .is_some_and(|end| offset + 1 >= *end)
-        {
-            ends.remove(&(topic.to_owned(), partition));
-        }
         let decoded = match message.payload() {
             Some(bytes) => codec.decode(bytes).await.map_err(|e| e.to_string()),
             None => Err("an empty message (a tombstone?)".to_owned()),

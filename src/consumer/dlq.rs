@@ -21,15 +21,11 @@
 //! `list` shows what is still outstanding whoever replayed it. A letter that fails again
 //! stays outstanding, with the reason reported.
 
-use std::{collections::HashMap, time::Duration};
+use std::collections::HashMap;
 
 use base64::Engine;
 use chrono::{DateTime, Utc};
-use rdkafka::{
-    consumer::{Consumer, StreamConsumer},
-    message::Headers,
-    Message, Offset, TopicPartitionList,
-};
+use rdkafka::{message::Headers, Message};
 use serde_json::{json, Value as Json};
 use tokio_postgres::NoTls;
 
@@ -43,7 +39,7 @@ use crate::{
     config::{ConnectorConfig, KafkaProperties},
     mapping,
     pipeline::{dead_letter, mapper_for, topic_specs},
-    sink::kafka::{client_config, ensure_topics, Producer},
+    sink::kafka::{ensure_topics, Producer, TopicReader},
 };
 
 /// The side of the projector's dead letters (a connector may not take this name).
@@ -51,8 +47,6 @@ pub const PROJECTOR: &str = "projector";
 
 /// The header that makes a message in a dead-letter topic a replay marker.
 const REPLAY_OF: &str = "replay_of";
-
-const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One dead letter.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,60 +90,17 @@ impl Letter {
 /// Every letter in the dead-letter topics under `prefix`, in topic and offset order, each
 /// with its last replay marker.
 pub async fn read_all(kafka: &KafkaProperties, prefix: &str) -> Result<Vec<Letter>, String> {
-    let mut client = client_config(kafka);
-    client
-        .set("group.id", format!("fhir-cdc-dlq-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false");
-    let consumer: StreamConsumer = client
-        .create()
-        .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
-    let metadata = consumer
-        .fetch_metadata(None, METADATA_TIMEOUT)
-        .map_err(|e| format!("cannot read the cluster's topics: {e}"))?;
     let dead_letters = format!("{prefix}.dlq.");
-    let mut assignment = TopicPartitionList::new();
-    // Per partition with messages: the offset it ends at.
-    let mut ends: HashMap<(String, i32), i64> = HashMap::new();
-    for topic in metadata.topics() {
-        let name = topic.name();
-        if !name.starts_with(&dead_letters) {
-            continue;
-        }
-        for partition in topic.partitions() {
-            let (low, high) = consumer
-                .fetch_watermarks(name, partition.id(), METADATA_TIMEOUT)
-                .map_err(|e| {
-                    format!("cannot read the offsets of {name}[{}]: {e}", partition.id())
-                })?;
-            if high > low {
-                assignment
-                    .add_partition_offset(name, partition.id(), Offset::Offset(low))
-                    .map_err(|e| e.to_string())?;
-                ends.insert((name.to_owned(), partition.id()), high);
-            }
-        }
-    }
+    let mut reader = TopicReader::open(
+        kafka,
+        |topic| topic.starts_with(&dead_letters),
+        |_, _, _, low, _| Ok(low),
+    )?;
     let mut letters = Vec::new();
     let mut markers: HashMap<String, Json> = HashMap::new();
-    if ends.is_empty() {
-        return Ok(letters);
-    }
-    consumer
-        .assign(&assignment)
-        .map_err(|e| format!("cannot assign the partitions: {e}"))?;
-    while !ends.is_empty() {
-        let message = consumer
-            .recv()
-            .await
-            .map_err(|e| format!("reading the dead letters failed: {e}"))?;
+    while !reader.at_end() {
+        let message = reader.next().await?;
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
-        if ends
-            .get(&(topic.to_owned(), partition))
-            .is_some_and(|end| offset + 1 >= *end)
-        {
-            ends.remove(&(topic.to_owned(), partition));
-        }
         let payload = message.payload().unwrap_or_default();
         let record = serde_json::from_slice(payload)
             .unwrap_or_else(|_| Json::String(String::from_utf8_lossy(payload).into_owned()));

@@ -1,17 +1,17 @@
 //! Kafka, through librdkafka (rdkafka).
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     client::DefaultClientContext,
-    consumer::{BaseConsumer, Consumer, ConsumerContext},
+    consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer},
     error::KafkaError,
-    message::{Header, OwnedHeaders},
+    message::{BorrowedMessage, Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
     types::RDKafkaErrorCode,
     util::Timeout,
-    ClientConfig,
+    ClientConfig, Message, Offset, TopicPartitionList,
 };
 
 use crate::{config::KafkaProperties, preflight::Finding};
@@ -275,13 +275,9 @@ pub fn offset_at<C: ConsumerContext>(
     partition: i32,
     since: chrono::DateTime<chrono::Utc>,
 ) -> Result<Option<i64>, String> {
-    let mut query = rdkafka::TopicPartitionList::new();
+    let mut query = TopicPartitionList::new();
     query
-        .add_partition_offset(
-            topic,
-            partition,
-            rdkafka::Offset::Offset(since.timestamp_millis()),
-        )
+        .add_partition_offset(topic, partition, Offset::Offset(since.timestamp_millis()))
         .map_err(|e| e.to_string())?;
     let found = consumer
         .offsets_for_times(query, METADATA_TIMEOUT)
@@ -289,9 +285,104 @@ pub fn offset_at<C: ConsumerContext>(
     Ok(found
         .find_partition(topic, partition)
         .and_then(|p| match p.offset() {
-            rdkafka::Offset::Offset(offset) => Some(offset),
+            Offset::Offset(offset) => Some(offset),
             _ => None,
         }))
+}
+
+/// Topics read directly — partitions assigned, no consumer group, nothing committed, so
+/// reading never disturbs a consumer — knowing where each partition ended when reading
+/// began (what `tail` and `dlq` read).
+pub struct TopicReader {
+    consumer: StreamConsumer,
+    /// The topics read.
+    pub topics: Vec<String>,
+    /// Per partition with messages still ahead of the reader: where it ended.
+    ends: HashMap<(String, i32), i64>,
+}
+
+impl std::fmt::Debug for TopicReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TopicReader")
+            .field("topics", &self.topics)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TopicReader {
+    /// Read every partition of the topics `wanted` picks, each from the offset `start`
+    /// gives for it (its topic, partition, low and high watermarks).
+    pub fn open(
+        properties: &KafkaProperties,
+        wanted: impl Fn(&str) -> bool,
+        start: impl Fn(&StreamConsumer, &str, i32, i64, i64) -> Result<i64, String>,
+    ) -> Result<Self, String> {
+        let consumer: StreamConsumer = client_config(properties)
+            .set(
+                "group.id",
+                format!("fhir-cdc-reader-{}", std::process::id()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .create()
+            .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
+        let metadata = consumer
+            .fetch_metadata(None, METADATA_TIMEOUT)
+            .map_err(|e| format!("cannot read the cluster's topics: {e}"))?;
+        let mut assignment = TopicPartitionList::new();
+        let (mut topics, mut ends) = (Vec::new(), HashMap::new());
+        for topic in metadata.topics().iter().filter(|t| wanted(t.name())) {
+            let name = topic.name();
+            topics.push(name.to_owned());
+            for partition in topic.partitions() {
+                let (low, high) = consumer
+                    .fetch_watermarks(name, partition.id(), METADATA_TIMEOUT)
+                    .map_err(|e| {
+                        format!("cannot read the offsets of {name}[{}]: {e}", partition.id())
+                    })?;
+                let from = start(&consumer, name, partition.id(), low, high)?;
+                assignment
+                    .add_partition_offset(name, partition.id(), Offset::Offset(from))
+                    .map_err(|e| e.to_string())?;
+                if high > from {
+                    ends.insert((name.to_owned(), partition.id()), high);
+                }
+            }
+        }
+        if assignment.count() > 0 {
+            consumer
+                .assign(&assignment)
+                .map_err(|e| format!("cannot assign the partitions: {e}"))?;
+        }
+        Ok(Self {
+            consumer,
+            topics,
+            ends,
+        })
+    }
+
+    /// Whether every partition is read up to where it ended when reading began.
+    pub fn at_end(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The next message, waiting for one.
+    pub async fn next(&mut self) -> Result<BorrowedMessage<'_>, String> {
+        let message = self
+            .consumer
+            .recv()
+            .await
+            .map_err(|e| format!("reading from Kafka failed: {e}"))?;
+        let place = (message.topic().to_owned(), message.partition());
+        if self
+            .ends
+            .get(&place)
+            .is_some_and(|end| message.offset() + 1 >= *end)
+        {
+            self.ends.remove(&place);
+        }
+        Ok(message)
+    }
 }
 
 #[cfg(test)]

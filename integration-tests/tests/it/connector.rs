@@ -1,7 +1,7 @@
 //! A `fhir-cdc run` process under test, and reading what it wrote to Kafka.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -225,4 +225,44 @@ pub async fn drain(
         "{}",
         std::fs::read_to_string(log).unwrap_or_default()
     );
+}
+
+/// A connector capturing `<schema>.lab_result` (the sample lab tables, created by the
+/// caller) through the sample result mapping, into topics under a fresh prefix.
+pub struct ResultCapture {
+    /// The connector's directory: its config, `mappings/`, `run.log`.
+    pub dir: PathBuf,
+    pub prefix: String,
+    pub config: PathBuf,
+    pub slot: String,
+    pub log: PathBuf,
+}
+
+/// Start a [`ResultCapture`] of `schema` and wait until it streams: every change from now
+/// on arrives through the replication stream.
+pub async fn capture_results(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    prefix: &str,
+) -> (ResultCapture, Connector) {
+    let dir = std::env::temp_dir().join(schema);
+    stack::lab_mappings(&dir.join("mappings"), schema, &["result.yaml"]);
+    let prefix = stack::unique(prefix);
+    let capture = ResultCapture {
+        config: stack::connector_config(&dir, schema, &prefix, ""),
+        slot: format!("fhir_cdc_{schema}"),
+        log: dir.join("run.log"),
+        dir,
+        prefix,
+    };
+    let connector = start(&capture.config, &capture.log);
+    await_confirmed(
+        client,
+        &capture.slot,
+        &current_lsn(client).await,
+        Duration::from_secs(30),
+        &capture.log,
+    )
+    .await;
+    (capture, connector)
 }

@@ -8,7 +8,7 @@ use std::{path::Path, process::Command, time::Duration};
 use fhir_cdc::canonical::CanonicalEvent;
 
 use crate::{
-    connector::{await_confirmed, current_lsn, drain, read_for, start},
+    connector::{capture_results, drain, read_for, ResultCapture},
     projector::{
         count, counters_of, encode, events, project_until_caught_up, projector_config, resources,
         same_tables, write,
@@ -47,22 +47,16 @@ async fn a_dead_lettered_change_is_replayed_through_the_fixed_mapping() {
     let client = stack::pg_client().await;
     let schema = stack::unique("dlq");
     stack::create_lab_schema(&client, &schema).await;
-    let dir = std::env::temp_dir().join(&schema);
-    let mappings = dir.join("mappings");
-    stack::lab_mappings(&mappings, &schema, &["result.yaml"]);
-    let prefix = stack::unique("fhirdlq");
-    let config = stack::connector_config(&dir, &schema, &prefix, "");
-    let slot = format!("fhir_cdc_{schema}");
-    let log = dir.join("run.log");
-    let connector = start(&config, &log);
-    await_confirmed(
-        &client,
-        &slot,
-        &current_lsn(&client).await,
-        Duration::from_secs(30),
-        &log,
-    )
-    .await;
+    let (
+        ResultCapture {
+            dir,
+            prefix,
+            config,
+            slot,
+            log,
+        },
+        connector,
+    ) = capture_results(&client, &schema, "fhirdlq").await;
     // Result 2's test code is not in the LOINC table (unmapped: fail).
     for (id, code) in [(1, "GLU"), (2, "ZZZ"), (3, "K")] {
         client
@@ -105,7 +99,7 @@ async fn a_dead_lettered_change_is_replayed_through_the_fixed_mapping() {
     assert_eq!(listed(&config, false), [letter.as_str()]);
 
     // The fix: the code gets its LOINC entry.
-    let codes = mappings.join("tests.codes.yaml");
+    let codes = dir.join("mappings/tests.codes.yaml");
     let text = std::fs::read_to_string(&codes).unwrap() + "ZZZ: 2951-2\n";
     std::fs::write(&codes, text).unwrap();
     let (ok, out, err) = dlq(&config, &["replay", "--reason", "loinc"]);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::{
-    connector::{await_confirmed, current_lsn, drain, read_for, start},
+    connector::{capture_results, drain, read_for, ResultCapture},
     stack,
 };
 
@@ -22,21 +22,16 @@ async fn schema_changes_and_unchanged_toast_values_mid_stream() {
         .batch_execute(&format!("ALTER TABLE {t} REPLICA IDENTITY DEFAULT"))
         .await
         .unwrap();
-    let dir = std::env::temp_dir().join(&schema);
-    stack::lab_mappings(&dir.join("mappings"), &schema, &["result.yaml"]);
-    let prefix = stack::unique("fhirddl");
-    let config = stack::connector_config(&dir, &schema, &prefix, "");
-    let slot = format!("fhir_cdc_{schema}");
-    let log = dir.join("run.log");
-    let connector = start(&config, &log);
-    await_confirmed(
-        &client,
-        &slot,
-        &current_lsn(&client).await,
-        Duration::from_secs(30),
-        &log,
-    )
-    .await;
+    let (
+        ResultCapture {
+            dir,
+            prefix,
+            slot,
+            log,
+            ..
+        },
+        connector,
+    ) = capture_results(&client, &schema, "fhirddl").await;
 
     let insert_as = |id: i32, units: &str| {
         format!(
