@@ -10,5 +10,5 @@ pub mod projector;
 
 pub use self::{
     config::ProjectorConfig,
-    projector::{replay, run, ProjectError, ProjectSummary, ReplayFrom},
+    projector::{replay, run, ProjectError, ProjectSummary, Replay, ReplayFrom},
 };

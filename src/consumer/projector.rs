@@ -18,7 +18,7 @@
 //! before the batch commits; the rest of the batch is applied.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -133,35 +133,47 @@ pub async fn run(
     project(config, shutdown, until_caught_up, None).await
 }
 
+/// What a replay reads again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    pub from: ReplayFrom,
+    /// These topics instead of the configuration's.
+    pub topics: Vec<String>,
+}
+
 /// Where a replay starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplayFrom {
     /// The first retained message of every partition.
     Earliest,
     /// The first message of every partition written at or after this time.
     Time(DateTime<Utc>),
+    /// These partitions from these offsets (clamped to what Kafka still holds); the other
+    /// partitions are not replayed.
+    Offsets(BTreeMap<(String, i32), i64>),
 }
 
-/// Project the topics again from `from` into the same read model, until caught up. The
-/// ledger makes it harmless: what is already applied counts as duplicate and changes
+/// Project the topics again as `replay` says into the same read model, until caught up.
+/// The ledger makes it harmless: what is already applied counts as duplicate and changes
 /// nothing, what is missing is applied. It runs as a group of its own
 /// (`<group>.replay`), so the projectors of the live group are not moved.
 pub async fn replay(
     config: &ProjectorConfig,
     shutdown: CancellationToken,
-    from: ReplayFrom,
+    replay: &Replay,
 ) -> Result<ProjectSummary, ProjectError> {
-    project(config, shutdown, true, Some(from)).await
+    project(config, shutdown, true, Some(replay)).await
 }
 
 async fn project(
     config: &ProjectorConfig,
     shutdown: CancellationToken,
     until_caught_up: bool,
-    replay_from: Option<ReplayFrom>,
+    replay: Option<&Replay>,
 ) -> Result<ProjectSummary, ProjectError> {
+    let replay_from = replay.map(|r| &r.from);
     let schema = &config.projection.schema;
-    let group = match replay_from {
+    let group = match replay {
         None => config.group_id().to_owned(),
         Some(_) => format!("{}.replay", config.group_id()),
     };
@@ -197,7 +209,7 @@ async fn project(
     let consumer: StreamConsumer<Assignments> = kafka
         .create_with_context(context)
         .map_err(|e| ProjectError::Kafka(format!("cannot create a consumer: {e}")))?;
-    let topics = topics_to_read(&consumer, config)?;
+    let topics = topics_to_read(&consumer, config, replay.map_or(&[], |r| &r.topics))?;
     let (partitions, remaining) =
         start_where_the_projection_is(&consumer, &db, schema, &group, &topics, replay_from).await?;
     let progress = replay_from.map(|_| {
@@ -298,17 +310,30 @@ async fn project(
     Ok(summary)
 }
 
-/// The topics to subscribe to: `topics.include`, or every event topic under the prefix.
+/// The topics to subscribe to: `only` (a replay's choice, each of which must exist), else
+/// `topics.include`, else every event topic under the prefix.
 fn topics_to_read(
     consumer: &StreamConsumer<Assignments>,
     config: &ProjectorConfig,
+    only: &[String],
 ) -> Result<Vec<String>, ProjectError> {
-    if !config.topics.include.is_empty() {
-        return Ok(config.topics.include.clone());
-    }
     let metadata = consumer
         .fetch_metadata(None, METADATA_TIMEOUT)
         .map_err(|e| ProjectError::Kafka(format!("cannot read the cluster's topics: {e}")))?;
+    if let Some(missing) = only
+        .iter()
+        .find(|t| !metadata.topics().iter().any(|m| m.name() == t.as_str()))
+    {
+        return Err(ProjectError::Setup(format!(
+            "topic `{missing}` does not exist"
+        )));
+    }
+    if !only.is_empty() {
+        return Ok(only.to_vec());
+    }
+    if !config.topics.include.is_empty() {
+        return Ok(config.topics.include.clone());
+    }
     let prefix = format!("{}.", config.topics.prefix);
     let dead_letters = format!("{prefix}dlq.");
     let topics: Vec<String> = metadata
@@ -338,7 +363,7 @@ async fn start_where_the_projection_is(
     schema: &str,
     group: &str,
     topics: &[String],
-    replay_from: Option<ReplayFrom>,
+    replay_from: Option<&ReplayFrom>,
 ) -> Result<(Vec<(String, i32)>, u64), ProjectError> {
     let mut partitions = Vec::new();
     let mut remaining = 0;
@@ -348,6 +373,13 @@ async fn start_where_the_projection_is(
             .map_err(|e| ProjectError::Kafka(format!("cannot read topic {topic}: {e}")))?;
         for t in metadata.topics() {
             partitions.extend(t.partitions().iter().map(|p| (topic.clone(), p.id())));
+        }
+    }
+    if let Some(ReplayFrom::Offsets(offsets)) = replay_from {
+        if let Some((topic, partition)) = offsets.keys().find(|p| !partitions.contains(p)) {
+            return Err(ProjectError::Setup(format!(
+                "{topic}:{partition} is not a partition of the topics replayed"
+            )));
         }
     }
     let stored = projection::stored_offsets(db, schema, group, &partitions).await?;
@@ -360,10 +392,20 @@ async fn start_where_the_projection_is(
                     .fetch_watermarks(topic, *partition, METADATA_TIMEOUT)
                     .map_err(|e| ProjectError::Kafka(e.to_string()))?;
                 let start = match replay_from {
-                    Some(ReplayFrom::Time(since)) => offset_at(consumer, topic, *partition, since)
+                    Some(ReplayFrom::Time(since)) => offset_at(consumer, topic, *partition, *since)
                         .map_err(ProjectError::Kafka)?
                         .unwrap_or(high),
-                    _ => low,
+                    Some(ReplayFrom::Offsets(offsets)) => {
+                        match offsets.get(&(topic.clone(), *partition)) {
+                            Some(&from) if from < low => {
+                                warn!(topic = %topic, partition, from, low, "Kafka no longer holds the offsets asked for: replaying from the first it holds");
+                                low
+                            }
+                            Some(&from) => from.min(high),
+                            None => high,
+                        }
+                    }
+                    Some(ReplayFrom::Earliest) | None => low,
                 };
                 remaining += u64::try_from(high - start).unwrap_or(0);
                 start

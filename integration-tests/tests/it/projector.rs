@@ -591,11 +591,49 @@ async fn a_replay_changes_nothing_over_the_projection_and_rebuilds_an_empty_one(
     assert_eq!(counters["applied"], all.len() as u64);
     same_tables(&resources(&client, &rebuilt).await, &expected);
 
+    // From offsets: partition 0 from its tenth message, partition 1 not at all. Within a
+    // partition a resource's versions come in order, so every one of them applies.
+    let partial = format!("{}_partial", prefix.replace('-', "_"));
+    let counters = counters_of(
+        &projector_config(&dir, "partial", &topic, &partial),
+        &["replay", "--from", &format!("{topic}:0:10")],
+    );
+    let in_partition_0 = count(
+        &client,
+        &format!("SELECT count(*) FROM {projected}.history WHERE kafka_partition = 0 AND kafka_offset >= 10"),
+    )
+    .await;
+    assert!(in_partition_0 > 0);
+    assert_eq!(counters["applied"], in_partition_0 as u64);
+    for (args, refusal) in [
+        (
+            vec!["--from", "earliest", "--topics", "no.such.topic"],
+            "topic `no.such.topic` does not exist",
+        ),
+        (
+            vec!["--from", &format!("{topic}:7:0")],
+            "is not a partition of the topics replayed",
+        ),
+    ] {
+        let output = Command::new(stack::fhir_cdc_bin())
+            .arg("replay")
+            .args(&args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains(refusal),
+            "{stderr}"
+        );
+    }
+
     // From a time after the log: nothing to replay.
     let later = counters_of(&config, &["replay", "--from", "2999-01-01T00:00:00Z"]);
     assert_eq!(later["applied"] + later["duplicate"], 0);
 
-    for schema in [projected, rebuilt] {
+    for schema in [projected, rebuilt, partial] {
         client
             .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
             .await
