@@ -32,13 +32,13 @@ fn result_change(i: u64) -> ChangeEvent {
         .and_hms_opt(14, 30, 0)
         .unwrap();
     ChangeEvent {
-        source: Arc::new(SourceTable {
-            connector: "lab-postgres".into(),
-            kind: "postgres".into(),
-            database: "lab".into(),
-            schema: "lis".into(),
-            table: "lab_result".into(),
-        }),
+        source: Arc::new(SourceTable::new(
+            "lab-postgres",
+            "postgres",
+            "lab",
+            "lis",
+            "lab_result",
+        )),
         op: Operation::Insert,
         key: vec!["result_id".into()],
         before: None,

@@ -76,13 +76,7 @@ fn changes(recording: &Json) -> Vec<ChangeEvent> {
                 .as_str()
                 .map(|t| DateTime::parse_from_rfc3339(t).unwrap().with_timezone(&Utc));
             ChangeEvent {
-                source: Arc::new(SourceTable {
-                    connector: connector.into(),
-                    kind: kind.into(),
-                    database: database.into(),
-                    schema: schema.into(),
-                    table: table.into(),
-                }),
+                source: Arc::new(SourceTable::new(connector, kind, database, schema, table)),
                 op: c["op"].as_str().unwrap().parse().unwrap(),
                 key: c["key"]
                     .as_array()

@@ -26,13 +26,7 @@ fn row(key: &str) -> Row {
 
 fn change(key: &str, lsn: u64, ordinal: u32) -> ChangeEvent {
     ChangeEvent {
-        source: Arc::new(SourceTable {
-            connector: "c".into(),
-            kind: "postgres".into(),
-            database: "d".into(),
-            schema: "s".into(),
-            table: "t".into(),
-        }),
+        source: Arc::new(SourceTable::new("c", "postgres", "d", "s", "t")),
         op: Operation::Insert,
         key: vec!["k".into()],
         before: None,

@@ -1,15 +1,15 @@
 //! The canonical event: one version of one FHIR resource, with where it came from.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
-use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::{
     change::{ChangeEvent, Operation},
     fhir::{names, Element},
-    mapping::{Mapping, Sensitivity},
+    mapping::{push_decimal, Mapping, Sensitivity},
 };
 
 /// What the event does to its resource.
@@ -96,7 +96,7 @@ impl CanonicalEvent {
         let resource_type = text("resourceType");
         let resource_id = text("id");
         let mut event = Self::new(origin, resource_type, resource_id, EventOp::Upsert);
-        set_meta(&mut resource, &event);
+        set_meta(&mut resource, &event, &origin.change.source.urn);
         event.resource = Some(resource);
         event
     }
@@ -124,7 +124,10 @@ impl CanonicalEvent {
                     .map(|v| crate::mapping::text_of(v).into_owned()),
             })
             .collect();
-        let resource_version = format!("{}.{:010}", change.position.sort_key(), change.ordinal);
+        let mut resource_version = String::with_capacity(40);
+        change.position.push_sort_key(&mut resource_version);
+        resource_version.push('.');
+        push_decimal(&mut resource_version, change.ordinal.into(), 10);
         let source_position = change.position.to_string();
         let event_id = event_id(
             change,
@@ -197,18 +200,24 @@ fn event_id(
 ) -> String {
     let mut hash = Sha256::new();
     let source = &change.source;
-    let mut part = |bytes: &[u8]| {
-        hash.update(bytes);
+    let mut ordinal = String::with_capacity(10);
+    push_decimal(&mut ordinal, change.ordinal.into(), 1);
+    // Each part, then the unit separator; `schema.table` is one part.
+    for part in [
+        &[source.connector.as_bytes()][..],
+        &[position.as_bytes()],
+        &[ordinal.as_bytes()],
+        &[source.database.as_bytes()],
+        &[source.schema.as_bytes(), b".", source.table.as_bytes()],
+        &[mapping_id.as_bytes()],
+        &[resource_type.as_bytes()],
+        &[resource_id.as_bytes()],
+    ] {
+        for piece in part {
+            hash.update(piece);
+        }
         hash.update([0x1f]);
-    };
-    part(source.connector.as_bytes());
-    part(position.as_bytes());
-    part(change.ordinal.to_string().as_bytes());
-    part(source.database.as_bytes());
-    part(format!("{}.{}", source.schema, source.table).as_bytes());
-    part(mapping_id.as_bytes());
-    part(resource_type.as_bytes());
-    part(resource_id.as_bytes());
+    }
     for column in key {
         hash.update(column.column.as_bytes());
         hash.update([0x1e]);
@@ -230,7 +239,7 @@ fn event_id(
 
 /// RFC 3339 in UTC with the fraction it needs (`2024-03-05T14:30:00.25Z`): FHIR `instant`.
 pub fn instant(ts: DateTime<Utc>) -> String {
-    ts.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+    crate::mapping::rfc3339(&ts.fixed_offset())
 }
 
 /// Serde of the provenance times as [`instant`] text.
@@ -275,10 +284,20 @@ mod rfc3339 {
 
 /// `meta.versionId`, `meta.lastUpdated` and `meta.source` from the envelope, and the
 /// confidentiality label of the sensitivity, keeping labels the mapping set (MASKED).
-fn set_meta(resource: &mut Element, event: &CanonicalEvent) {
+fn set_meta(resource: &mut Element, event: &CanonicalEvent, source: &Arc<str>) {
+    /// The confidentiality label's system and codes, shared by every event.
+    static LABELS: LazyLock<[Element; 3]> = LazyLock::new(|| {
+        [
+            "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
+            "R",
+            "N",
+        ]
+        .map(|text| Element::Shared(text.into()))
+    });
+    let [system, restricted, normal] = &*LABELS;
     let confidentiality = match event.sensitivity {
-        Sensitivity::Restricted => "R",
-        Sensitivity::Normal => "N",
+        Sensitivity::Restricted => restricted,
+        Sensitivity::Normal => normal,
     };
     let names = names();
     let mut security = match resource
@@ -290,11 +309,8 @@ fn set_meta(resource: &mut Element, event: &CanonicalEvent) {
         _ => Vec::with_capacity(1),
     };
     security.push(Element::Object(vec![
-        (
-            names.system.clone(),
-            Element::text("http://terminology.hl7.org/CodeSystem/v3-Confidentiality"),
-        ),
-        (names.code.clone(), Element::text(confidentiality)),
+        (names.system.clone(), system.clone()),
+        (names.code.clone(), confidentiality.clone()),
     ]));
     let p = &event.provenance;
     let meta = Element::Object(vec![
@@ -306,13 +322,7 @@ fn set_meta(resource: &mut Element, event: &CanonicalEvent) {
             names.last_updated.clone(),
             Element::text(instant(p.commit_time.unwrap_or(p.capture_time))),
         ),
-        (
-            names.source.clone(),
-            Element::text(format!(
-                "urn:fhir-cdc:{}:{}.{}.{}",
-                p.connector, p.database, p.schema, p.table
-            )),
-        ),
+        (names.source.clone(), Element::Shared(source.clone())),
         (names.security.clone(), Element::Array(security)),
     ]);
     // The mapper leaves `meta` right after `id`, where FHIR JSON puts it; replacing the value

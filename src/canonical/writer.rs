@@ -328,9 +328,19 @@ impl EventWriter {
                 // Few of a resource's many fields are present: place the present ones by
                 // name, then write every field in schema order, the rest as absent.
                 let mut present: SmallVec<[(usize, &Element); 16]> = SmallVec::new();
+                // Resources mostly list their elements in schema order: try the field after
+                // the last one found before looking the name up.
+                let mut next = 0;
                 for (name, value) in object {
-                    match record.by_name.get(&**name) {
-                        Some(index) => present.push((*index, value)),
+                    let index = match record.names.get(next) {
+                        Some(expected) if **expected == **name => Some(next),
+                        _ => record.by_name.get(&**name).copied(),
+                    };
+                    match index {
+                        Some(index) => {
+                            present.push((index, value));
+                            next = index + 1;
+                        }
                         // The envelope's resource_type says it; the resource record has no field.
                         None if &**name == "resourceType" => {}
                         None => return Err(shape(name, "an element the schema does not have")),

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 
 pub use self::{
     position::{BinlogPosition, PgLsn, Position},
-    value::{ExactDecimal, Row, Value},
+    value::{Column, ExactDecimal, Row, Value},
 };
 
 /// Which table of which database a change comes from.
@@ -23,9 +23,35 @@ pub struct SourceTable {
     pub database: Arc<str>,
     pub schema: Arc<str>,
     pub table: Arc<str>,
+    /// `urn:fhir-cdc:<connector>:<database>.<schema>.<table>`: the `meta.source` of every
+    /// resource made from the table's rows.
+    pub urn: Arc<str>,
 }
 
 impl SourceTable {
+    pub fn new(
+        connector: impl Into<Arc<str>>,
+        kind: impl Into<Arc<str>>,
+        database: impl Into<Arc<str>>,
+        schema: impl Into<Arc<str>>,
+        table: impl Into<Arc<str>>,
+    ) -> Self {
+        let (connector, database, schema, table) = (
+            connector.into(),
+            database.into(),
+            schema.into(),
+            table.into(),
+        );
+        Self {
+            urn: format!("urn:fhir-cdc:{connector}:{database}.{schema}.{table}").into(),
+            connector,
+            kind: kind.into(),
+            database,
+            schema,
+            table,
+        }
+    }
+
     /// `schema.table`, as mappings name tables.
     pub fn qualified_name(&self) -> String {
         format!("{}.{}", self.schema, self.table)

@@ -107,9 +107,28 @@ impl Position {
     /// A fixed-width text that sorts like the position, for versions and ids: `0000000016B37480`
     /// for an LSN, `000042:00000000000012F7` for a binlog coordinate.
     pub fn sort_key(&self) -> String {
+        let mut key = String::with_capacity(23);
+        self.push_sort_key(&mut key);
+        key
+    }
+
+    /// [`Self::sort_key`], appended to `out`.
+    pub fn push_sort_key(&self, out: &mut String) {
+        fn hex(out: &mut String, n: u64) {
+            const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+            out.extend(
+                (0..16)
+                    .rev()
+                    .map(|i| char::from(DIGITS[((n >> (i * 4)) & 0xF) as usize])),
+            );
+        }
         match self {
-            Position::Postgres(lsn) => format!("{:016X}", lsn.0),
-            Position::Mysql(pos) => format!("{:06}-{:016X}", pos.file_sequence, pos.offset),
+            Position::Postgres(lsn) => hex(out, lsn.0),
+            Position::Mysql(pos) => {
+                use std::fmt::Write;
+                let _ = write!(out, "{:06}-", pos.file_sequence);
+                hex(out, pos.offset);
+            }
         }
     }
 }

@@ -1,7 +1,10 @@
 //! Column values, typed and lossless: exact decimals stay exact text, timestamps keep their
 //! precision and whether they carry a zone, NULL is not an empty string, bytes stay bytes.
 
-use std::fmt;
+use std::{
+    fmt,
+    sync::atomic::{AtomicUsize, Ordering},
+};
 
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime};
 
@@ -144,11 +147,103 @@ impl Row {
     }
 }
 
+/// A column name that remembers where it was found in the last row it was looked up in:
+/// the rows of one table share a layout, so the next lookup takes one comparison instead of
+/// a scan ([`Row::find`]).
+#[derive(Debug, Default)]
+pub struct Column {
+    name: String,
+    at: AtomicUsize,
+}
+
+impl Column {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            at: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Clone for Column {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            at: AtomicUsize::new(self.at.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+impl PartialEq for Column {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for Column {}
+
+impl std::ops::Deref for Column {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.name
+    }
+}
+
+impl fmt::Display for Column {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl Row {
+    /// [`Row::get`] through a [`Column`]'s memory of where it was last.
+    pub fn find(&self, column: &Column) -> Option<&Value> {
+        let at = column.at.load(Ordering::Relaxed);
+        if let Some((name, value)) = self.columns.get(at) {
+            if *name == column.name {
+                return Some(value);
+            }
+        }
+        let at = self
+            .columns
+            .iter()
+            .position(|(name, _)| *name == column.name)?;
+        column.at.store(at, Ordering::Relaxed);
+        Some(&self.columns[at].1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn a_column_is_found_wherever_the_row_has_it() {
+        let column = Column::new("b");
+        let row = |names: &[&str]| {
+            Row::new(
+                names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| ((*n).to_owned(), Value::Int(i as i64)))
+                    .collect(),
+            )
+        };
+        assert_eq!(row(&["a", "b"]).find(&column), Some(&Value::Int(1)));
+        assert_eq!(row(&["a", "b"]).find(&column), Some(&Value::Int(1)));
+        // Another layout (a column added in front), then one without it.
+        assert_eq!(row(&["x", "a", "b"]).find(&column), Some(&Value::Int(2)));
+        assert_eq!(row(&["b"]).find(&column), Some(&Value::Int(0)));
+        assert_eq!(row(&["a", "c"]).find(&column), None);
+        assert_eq!(row(&[]).find(&column), None);
+    }
 
     #[test]
     fn decimals_keep_their_digits_and_refuse_what_fhir_cannot_hold() {

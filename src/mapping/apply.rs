@@ -57,7 +57,7 @@ impl ResourceMapping {
     /// fails the condition check with an error.
     pub fn applies_to(&self, row: &Row) -> Result<bool, MapError> {
         for condition in &self.when {
-            let value = row.get(&condition.column).ok_or_else(|| MapError {
+            let value = row.find(&condition.column).ok_or_else(|| MapError {
                 location: self.location.to_string(),
                 message: format!(
                     "condition column `{}` {}",
@@ -175,7 +175,7 @@ fn element_value(
         ))
     };
     let raw: Option<Cow<'_, Value>> = match &element.source {
-        ValueSource::Column(column) => match row.get(column) {
+        ValueSource::Column(column) => match row.find(column) {
             None => return Err(missing(column)),
             Some(Value::Null) => None,
             Some(value) => Some(Cow::Borrowed(value)),
@@ -207,6 +207,11 @@ fn element_value(
         Some(translation) => {
             let source = text_of(&raw);
             let code = source.trim();
+            if let Some(translated) = &element.translated {
+                if let Some(fhir) = translated.codes.get(code).or(translated.default.as_ref()) {
+                    return Ok(Some(fhir.clone()));
+                }
+            }
             match (translation.codes.get(code), &translation.unmapped) {
                 (Some(target), _) => Cow::Owned(Value::Text(target.clone())),
                 (None, Unmapped::Pass) => Cow::Owned(Value::Text(code.to_owned())),

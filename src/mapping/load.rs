@@ -17,13 +17,13 @@ use super::{
     location::{LoadError, LoadErrors, Location},
     model::{
         ChoiceGroup, Condition, ElementMapping, Mapping, Protect, RequiredNode, ResourceMapping,
-        Sensitivity, Test, Translation, Unmapped, ValueSource,
+        Sensitivity, Test, Translated, Translation, Unmapped, ValueSource,
     },
     shape::Shape,
     template::Template,
 };
 use crate::{
-    change::Value,
+    change::{Column, Value},
     fhir::{definitions, Segment},
 };
 
@@ -673,7 +673,7 @@ impl Reader<'_> {
                 }
             };
             conditions.push(Condition {
-                column: column.to_owned(),
+                column: Column::new(column),
                 test,
             });
         }
@@ -746,6 +746,7 @@ impl Reader<'_> {
             protect: None,
             default: None,
             fixed: None,
+            translated: None,
             location,
         };
         if spec.as_scalar().is_some() {
@@ -781,7 +782,7 @@ impl Reader<'_> {
                 ["column"] => {
                     let column = self.text(fields["column"], "`column`")?;
                     self.check_columns(fields["column"].span(), table, [column]);
-                    ValueSource::Column(column.to_owned())
+                    ValueSource::Column(Column::new(column))
                 }
                 ["template"] | ["value"] => {
                     ValueSource::Template(self.template(fields[sources[0]], &what, table)?)
@@ -922,19 +923,38 @@ impl Reader<'_> {
             }
         }
         self.check_values(&element, key_span, &what);
+        // What never depends on a row is converted now, once, to values shared by every
+        // resource (checked above: errors are reported, not converted).
+        let constant = |text: &str| {
+            to_fhir(
+                &Value::Text(text.to_owned()),
+                &element.fhir_type,
+                &element.conversion,
+            )
+            .ok()
+            .map(|value| match value {
+                crate::fhir::Element::String(text) => crate::fhir::Element::Shared(text.into()),
+                other => other,
+            })
+        };
         if let ValueSource::Template(t) = &element.source {
             if t.is_literal() && element.translate.is_none() && element.protect.is_none() {
                 let text = t.render(&crate::change::Row::default()).ok()?;
-                element.fixed =
-                    to_fhir(&Value::Text(text), &element.fhir_type, &element.conversion)
-                        .ok()
-                        .map(|value| match value {
-                            crate::fhir::Element::String(text) => {
-                                crate::fhir::Element::Shared(text.into())
-                            }
-                            other => other,
-                        });
+                element.fixed = constant(&text);
             }
+        }
+        if let (Some(translation), None) = (&element.translate, element.protect) {
+            element.translated = Some(Translated {
+                codes: translation
+                    .codes
+                    .iter()
+                    .filter_map(|(code, target)| Some((code.clone(), constant(target)?)))
+                    .collect(),
+                default: match &translation.unmapped {
+                    Unmapped::Default(target) => constant(target),
+                    _ => None,
+                },
+            });
         }
         Some(element)
     }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use super::{convert::Conversion, location::Location, shape::Shape, template::Template};
-use crate::fhir::Segment;
+use crate::{change::Column, fhir::Segment};
 
 /// One mapping file: rows of one source table to one or more FHIR resources.
 #[derive(Debug, Clone)]
@@ -131,6 +131,9 @@ pub struct ElementMapping {
     pub default: Option<String>,
     /// The FHIR value of a literal, converted once at load time.
     pub fixed: Option<crate::fhir::Element>,
+    /// The translation's targets as this element's FHIR values, converted once at load
+    /// time (when the value is not masked or tokenized after translation).
+    pub translated: Option<Translated>,
     pub location: Location,
 }
 
@@ -138,7 +141,7 @@ pub struct ElementMapping {
 #[derive(Debug, Clone)]
 pub enum ValueSource {
     /// A column's value, converted by type.
-    Column(String),
+    Column(Column),
     /// A string template (a literal when it reads no column).
     Template(Template),
     /// A reference to another mapped resource: `<type>/<deterministic id>`.
@@ -151,6 +154,15 @@ pub struct Translation {
     pub name: String,
     pub codes: HashMap<String, String>,
     pub unmapped: Unmapped,
+}
+
+/// A translation's targets as one element's FHIR values.
+#[derive(Debug, Clone, Default)]
+pub struct Translated {
+    /// Source code → FHIR value.
+    pub codes: rustc_hash::FxHashMap<String, crate::fhir::Element>,
+    /// The value of `unmapped: default`.
+    pub default: Option<crate::fhir::Element>,
 }
 
 /// What happens to a source code the table does not list.
@@ -167,7 +179,7 @@ pub enum Unmapped {
 /// A condition on one column.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Condition {
-    pub column: String,
+    pub column: Column,
     pub test: Test,
 }
 

@@ -233,21 +233,24 @@ impl Shape {
         }
         let element = match kind {
             Kind::Leaf(e) => values[*e].take(),
+            // Sized for every child at once: one allocation per object or array.
             Kind::Object(fields) => {
-                let fields: Vec<(Name, Element)> = fields
-                    .iter()
-                    .filter_map(|(name, child)| {
-                        Some((name.clone(), self.build_node(*child, values, present)?))
-                    })
-                    .collect();
-                (!fields.is_empty()).then_some(Element::Object(fields))
+                let mut built = Vec::with_capacity(fields.len());
+                for (name, child) in fields {
+                    if let Some(element) = self.build_node(*child, values, present) {
+                        built.push((name.clone(), element));
+                    }
+                }
+                (!built.is_empty()).then_some(Element::Object(built))
             }
             Kind::Array(items) => {
-                let items: Vec<Element> = items
-                    .iter()
-                    .filter_map(|(_, child)| self.build_node(*child, values, present))
-                    .collect();
-                (!items.is_empty()).then_some(Element::Array(items))
+                let mut built = Vec::with_capacity(items.len());
+                for (_, child) in items {
+                    if let Some(element) = self.build_node(*child, values, present) {
+                        built.push(element);
+                    }
+                }
+                (!built.is_empty()).then_some(Element::Array(built))
             }
         };
         present[node] = element.is_some();

@@ -1,13 +1,13 @@
 //! String templates: literal text with `{column}` placeholders; `{{` and `}}` write braces.
 
-use crate::change::{Row, Value};
+use crate::change::{Column, Row, Value};
 
 use super::convert::text_of;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
     Literal(String),
-    Column(String),
+    Column(Column),
 }
 
 /// A parsed template.
@@ -57,7 +57,7 @@ impl Template {
                     if !literal.is_empty() {
                         parts.push(Part::Literal(std::mem::take(&mut literal)));
                     }
-                    parts.push(Part::Column(name));
+                    parts.push(Part::Column(Column::new(name)));
                 }
                 '}' => return Err("a lone `}`: write `}}` for a brace".into()),
                 c => literal.push(c),
@@ -88,9 +88,9 @@ impl Template {
         for part in &self.parts {
             match part {
                 Part::Literal(text) => out.push_str(text),
-                Part::Column(column) => match row.get(column) {
-                    None => return Err(RenderError::Missing(column.clone())),
-                    Some(Value::Null) => return Err(RenderError::Null(column.clone())),
+                Part::Column(column) => match row.find(column) {
+                    None => return Err(RenderError::Missing(column.to_string())),
+                    Some(Value::Null) => return Err(RenderError::Null(column.to_string())),
                     Some(value) => out.push_str(text_of(value).trim_end_matches(' ')),
                 },
             }

@@ -68,13 +68,13 @@ pub fn change_of(record: &Json) -> Result<(ChangeEvent, String), String> {
         .and_then(|key| key.iter().map(|c| c.as_str().map(str::to_owned)).collect())
         .ok_or("the record has no `key` list of column names")?;
     let change = ChangeEvent {
-        source: Arc::new(SourceTable {
-            connector: text("connector")?.into(),
-            kind: text("database_kind")?.into(),
-            database: text("database")?.into(),
-            schema: text("schema")?.into(),
-            table: text("table")?.into(),
-        }),
+        source: Arc::new(SourceTable::new(
+            text("connector")?,
+            text("database_kind")?,
+            text("database")?,
+            text("schema")?,
+            text("table")?,
+        )),
         op: text("op")?.parse()?,
         key,
         before: image("before")?,
@@ -177,13 +177,7 @@ mod tests {
 
     fn change(before: Option<Row>, after: Option<Row>) -> ChangeEvent {
         ChangeEvent {
-            source: Arc::new(SourceTable {
-                connector: "lab".into(),
-                kind: "postgres".into(),
-                database: "lis".into(),
-                schema: "lab".into(),
-                table: "results".into(),
-            }),
+            source: Arc::new(SourceTable::new("lab", "postgres", "lis", "lab", "results")),
             op: Operation::Update,
             key: vec!["result_id".into()],
             before,

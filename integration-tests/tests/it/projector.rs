@@ -35,13 +35,13 @@ pub(crate) fn events(results: u64, versions: u64) -> Vec<CanonicalEvent> {
         "urn:oid:2.16.840.1.113883.19.5",
     )
     .unwrap();
-    let source = Arc::new(SourceTable {
-        connector: "projector-it".into(),
-        kind: "postgres".into(),
-        database: "lab".into(),
-        schema: "lis".into(),
-        table: "lab_result".into(),
-    });
+    let source = Arc::new(SourceTable::new(
+        "projector-it",
+        "postgres",
+        "lab",
+        "lis",
+        "lab_result",
+    ));
     let row = |id: u64, version: u64| {
         let status = ["P", "F", "C", "A"][(version % 4) as usize];
         Row::new(vec![

@@ -136,17 +136,17 @@ impl ChangeDecoder {
                 })
             }
             Message::Relation(relation) => {
-                let source = Arc::new(SourceTable {
-                    connector: self.connector.as_str().into(),
-                    kind: "postgres".into(),
-                    database: self.database.as_str().into(),
-                    schema: if relation.namespace.is_empty() {
-                        "pg_catalog".into()
+                let source = Arc::new(SourceTable::new(
+                    self.connector.as_str(),
+                    "postgres",
+                    self.database.as_str(),
+                    if relation.namespace.is_empty() {
+                        "pg_catalog"
                     } else {
-                        relation.namespace.as_str().into()
+                        relation.namespace.as_str()
                     },
-                    table: relation.name.as_str().into(),
-                });
+                    relation.name.as_str(),
+                ));
                 self.relations.insert(relation.oid, (relation, source));
                 Ok(Decoded::Nothing)
             }

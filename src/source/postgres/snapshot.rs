@@ -278,13 +278,13 @@ impl TableReader {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let source = Arc::new(SourceTable {
-            connector: self.connector.as_str().into(),
-            kind: "postgres".into(),
-            database: self.database.as_str().into(),
-            schema: schema.into(),
-            table: table.into(),
-        });
+        let source = Arc::new(SourceTable::new(
+            self.connector.as_str(),
+            "postgres",
+            self.database.as_str(),
+            schema,
+            table,
+        ));
         let limit_clause = limit.map_or(String::new(), |n| format!(" LIMIT {n}"));
         client
             .batch_execute(&format!(
