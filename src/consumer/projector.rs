@@ -2,7 +2,8 @@
 //! event to the read model exactly once.
 //!
 //! Events are read in batches (at most `max_batch`, or what arrived within `max_batch_ms`)
-//! and decoded through the registry, with whatever schema version wrote them. Each batch
+//! and decoded through the registry, with whatever schema version wrote them — on a task of
+//! its own, one batch ahead of the database, so that reading and applying overlap. Each batch
 //! is one database transaction: the rows, the history (the ledger of applied event ids)
 //! and the consumed offsets commit together, so a crash at any point leaves either all of
 //! a batch or none of it. The Kafka group offsets follow: committed after each batch, and
@@ -19,7 +20,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -33,6 +34,7 @@ use rdkafka::{
     Message, Offset, TopicPartitionList,
 };
 use serde_json::json;
+use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -242,34 +244,36 @@ async fn project(
     let mut measured = Metrics::new(&config.name);
     // Per partition: the next offset to apply (below it, everything is in the database).
     let mut next: HashMap<(String, i32), i64> = HashMap::new();
-    let idle = Duration::from_millis(config.projection.max_batch_ms.max(200));
+    // Kafka is read (and events decoded) on a task of its own, one batch ahead, while the
+    // database applies the batch before: the two overlap instead of taking turns.
+    let consumer = Arc::new(consumer);
+    let (batches, mut fetched) = mpsc::channel(1);
+    let reader = tokio::spawn(read_batches(
+        consumer.clone(),
+        codec,
+        BatchLimits {
+            events: config.projection.max_batch,
+            wait: Duration::from_millis(config.projection.max_batch_ms),
+            idle: Duration::from_millis(config.projection.max_batch_ms.max(200)),
+        },
+        shutdown.clone(),
+        batches,
+    ));
     loop {
-        learn_assignments(&consumer, &db, schema, &group, &mut next).await?;
-        if shutdown.is_cancelled() {
-            break;
-        }
-        // The first message of a batch, or an idle moment.
-        let first = tokio::select! {
+        let item = tokio::select! {
+            biased;
             () = shutdown.cancelled() => break,
-            first = tokio::time::timeout(idle, consumer.recv()) => first,
+            item = fetched.recv() => item,
         };
-        let Ok(first) = first else {
+        // The reader stops only when told to, or on an error it sent first.
+        let Some(item) = item else { break };
+        learn_assignments(&consumer, &db, schema, &group, &mut next).await?;
+        let Fetched::Batch(mut batch) = item? else {
             if until_caught_up && caught_up(&consumer, &db, schema, &group, &partitions).await? {
                 break;
             }
             continue;
         };
-        let first = first.map_err(|e| ProjectError::Kafka(e.to_string()))?;
-        let mut batch = vec![read(&codec, &first).await];
-        let deadline = Instant::now() + Duration::from_millis(config.projection.max_batch_ms);
-        while batch.len() < config.projection.max_batch {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, consumer.recv()).await {
-                Ok(Ok(message)) => batch.push(read(&codec, &message).await),
-                Ok(Err(e)) => return Err(ProjectError::Kafka(e.to_string())),
-                Err(_) => break,
-            }
-        }
         if let Some(progress) = &progress {
             progress.advance(batch.len() as u64);
         }
@@ -304,10 +308,71 @@ async fn project(
             debug!(error = %e, "committing group offsets to Kafka failed (the database has them)");
         }
     }
+    reader.abort();
     if let Some(progress) = progress {
         progress.finish();
     }
     Ok(summary)
+}
+
+/// What the reader hands the applier.
+enum Fetched {
+    Batch(Vec<Read>),
+    /// Nothing arrived for a while.
+    Idle,
+}
+
+/// How batches are cut.
+struct BatchLimits {
+    /// Events per batch, at most.
+    events: usize,
+    /// How long a batch waits to fill once its first event is in.
+    wait: Duration,
+    /// How long without any event before the applier hears of it.
+    idle: Duration,
+}
+
+/// Read batches from Kafka and decode them until `shutdown`, an error (sent on) or the
+/// applier hangs up.
+async fn read_batches(
+    consumer: Arc<StreamConsumer<Assignments>>,
+    codec: EventCodec,
+    limits: BatchLimits,
+    shutdown: CancellationToken,
+    batches: mpsc::Sender<Result<Fetched, ProjectError>>,
+) {
+    let kafka = |e: rdkafka::error::KafkaError| ProjectError::Kafka(e.to_string());
+    loop {
+        let first = tokio::select! {
+            () = shutdown.cancelled() => return,
+            first = tokio::time::timeout(limits.idle, consumer.recv()) => first,
+        };
+        let fetched = match first {
+            Err(_) => Ok(Fetched::Idle),
+            Ok(Err(e)) => Err(kafka(e)),
+            Ok(Ok(first)) => {
+                let mut batch = vec![read(&codec, &first).await];
+                let deadline = Instant::now() + limits.wait;
+                let mut failed = None;
+                while batch.len() < limits.events {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match tokio::time::timeout(left, consumer.recv()).await {
+                        Ok(Ok(message)) => batch.push(read(&codec, &message).await),
+                        Ok(Err(e)) => {
+                            failed = Some(kafka(e));
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                failed.map_or(Ok(Fetched::Batch(batch)), Err)
+            }
+        };
+        let stop = fetched.is_err();
+        if batches.send(fetched).await.is_err() || stop {
+            return;
+        }
+    }
 }
 
 /// The topics to subscribe to: `only` (a replay's choice, each of which must exist), else
