@@ -373,7 +373,8 @@ async fn killed_at_random_points_the_projector_ends_with_the_uninterrupted_table
     let prefix = stack::unique("fhircrashproj");
     let dir = std::env::temp_dir().join(&prefix);
     let topic = format!("{prefix}.lab.Observation");
-    let all = events(2_000, 3);
+    let all = events(5_000, 4);
+    assert_eq!(all.len(), 20_000);
     write(&topic, 2, &encode(&all, &topic).await).await;
 
     let calm = format!("{}_calm", prefix.replace('-', "_"));
@@ -396,6 +397,11 @@ async fn killed_at_random_points_the_projector_ends_with_the_uninterrupted_table
         tokio::time::sleep(Duration::from_millis(delay)).await;
         crate::connector::crash(process);
     }
+    let before_the_end = count(&client, &format!("SELECT count(*) FROM {crashed}.history")).await;
+    assert!(
+        (1..all.len() as i64).contains(&before_the_end),
+        "the kills land mid-stream ({before_the_end} applied)"
+    );
     project_until_caught_up(&config);
     same_tables(&resources(&client, &crashed).await, &expected);
     assert_eq!(
