@@ -282,9 +282,11 @@ pub async fn apply(
                        body::jsonb AS body, {provenance_cast}, topic, kafka_partition,
                        kafka_offset, to_timestamp(kafka_ms / 1000.0) AS kafka_timestamp, pos
                      FROM raw),
+                 -- One index probe per event (OFFSET 0 keeps the planner from turning the
+                 -- probe into a hash join over the whole history, whose cost grows with it).
                  fresh AS (
                    SELECT DISTINCT ON (event_id) * FROM input i
-                    WHERE NOT EXISTS (SELECT FROM {schema}.history h WHERE h.event_id = i.event_id)
+                    WHERE NOT EXISTS (SELECT FROM {schema}.history h WHERE h.event_id = i.event_id OFFSET 0)
                     ORDER BY event_id, pos),
                  ranked AS (
                    SELECT f.*, GREATEST(r.version, max(f.version) OVER (
