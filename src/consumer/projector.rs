@@ -77,6 +77,19 @@ pub enum ProjectError {
 struct Assignments {
     projector: String,
     assigned: Mutex<Vec<(String, i32)>>,
+    /// Per partition, an offset the database holds everything below (it may lag the
+    /// database, never lead it): where a newly assigned partition is read from, whatever
+    /// the group's Kafka offset says — that may be ahead of the database (a replay started
+    /// again while its killed predecessor is still a member, a database restored from a
+    /// backup), and reading from there would skip what the database lacks.
+    floor: Mutex<HashMap<(String, i32), i64>>,
+}
+
+/// A mutex's data, even if a panicking thread poisoned it (the data here are plain maps).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl ClientContext for Assignments {
@@ -98,18 +111,28 @@ impl ClientContext for Assignments {
 }
 
 impl ConsumerContext for Assignments {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(partitions) = rebalance {
-            let mut assigned = self
-                .assigned
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            assigned.extend(
-                partitions
-                    .elements()
-                    .iter()
-                    .map(|p| (p.topic().to_owned(), p.partition())),
-            );
+            let partitions: Vec<(String, i32)> = partitions
+                .elements()
+                .iter()
+                .map(|p| (p.topic().to_owned(), p.partition()))
+                .collect();
+            // The assignment again, with the database's offsets where they are known (a
+            // seek is refused this early); the others from the group's offsets.
+            let floor = lock(&self.floor);
+            let mut positioned = TopicPartitionList::new();
+            for (topic, partition) in &partitions {
+                let offset = floor
+                    .get(&(topic.clone(), *partition))
+                    .map_or(Offset::Stored, |o| Offset::Offset(*o));
+                let _ = positioned.add_partition_offset(topic, *partition, offset);
+            }
+            drop(floor);
+            if let Err(e) = consumer.assign(&positioned) {
+                warn!(error = %e, "cannot position the newly assigned partitions at the projection's offsets");
+            }
+            lock(&self.assigned).extend(partitions);
         }
     }
 }
@@ -299,6 +322,7 @@ async fn project(
             (&mut summary, &mut measured),
         )
         .await?;
+        lock(&consumer.context().floor).extend(next.iter().map(|(p, o)| (p.clone(), *o)));
         // For visibility (lag in Kafka's tools) and as the start point of a new member.
         let mut commit = TopicPartitionList::new();
         for ((topic, partition), offset) in &next {
@@ -479,6 +503,7 @@ async fn start_where_the_projection_is(
         start
             .add_partition_offset(topic, *partition, Offset::Offset(offset))
             .map_err(|e| ProjectError::Kafka(e.to_string()))?;
+        lock(&consumer.context().floor).insert((topic.clone(), *partition), offset);
         if !stored.contains_key(&(topic.clone(), *partition)) {
             // Where this group starts is where it stands: nothing before it is its to apply.
             projection::store_offset(db, schema, group, topic, *partition, offset).await?;
@@ -499,13 +524,7 @@ async fn learn_assignments(
     group: &str,
     next: &mut HashMap<(String, i32), i64>,
 ) -> Result<(), ProjectError> {
-    let assigned: Vec<(String, i32)> = std::mem::take(
-        &mut *consumer
-            .context()
-            .assigned
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()),
-    );
+    let assigned: Vec<(String, i32)> = std::mem::take(&mut *lock(&consumer.context().assigned));
     if assigned.is_empty() {
         return Ok(());
     }
