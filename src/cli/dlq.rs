@@ -102,11 +102,12 @@ impl Side {
         }
     }
 
-    /// The side name of the letters this configuration replays.
-    fn name(&self) -> &str {
+    /// Whether `letter` is this configuration's to replay: its connector's, or its
+    /// projector's (see [`Letter::owner`]).
+    fn owns(&self, letter: &Letter) -> bool {
         match self {
-            Side::Connector(c) => &c.name,
-            Side::Projector(_) => PROJECTOR,
+            Side::Connector(c) => letter.side() == c.name,
+            Side::Projector(p) => letter.side() == PROJECTOR && letter.owner() == p.name,
         }
     }
 }
@@ -178,7 +179,7 @@ async fn replay(side: &Side, letters: &[Letter], select: &Selection) -> ExitCode
     let chosen: Vec<&Letter> = if select.ids.is_empty() {
         letters
             .iter()
-            .filter(|l| l.side() == side.name() && l.replayed.is_none())
+            .filter(|l| side.owns(l) && l.replayed.is_none())
             .filter(|l| {
                 select
                     .reason
@@ -190,11 +191,12 @@ async fn replay(side: &Side, letters: &[Letter], select: &Selection) -> ExitCode
         let mut chosen = Vec::new();
         for id in &select.ids {
             match letters.iter().find(|l| &l.id == id) {
-                Some(letter) if letter.side() == side.name() => chosen.push(letter),
+                Some(letter) if side.owns(letter) => chosen.push(letter),
                 Some(letter) => {
                     eprintln!(
-                        "fhir-cdc dlq: `{id}` is a dead letter of `{}`: replay it with that side's configuration",
-                        letter.side()
+                        "fhir-cdc dlq: `{id}` is a dead letter of `{}`: replay it with that {}'s configuration",
+                        letter.owner(),
+                        if letter.side() == PROJECTOR { "projector" } else { "connector" }
                     );
                     return ExitCode::FAILURE;
                 }

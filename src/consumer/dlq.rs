@@ -73,6 +73,15 @@ impl Letter {
         self.id.rsplitn(3, ':').last().unwrap_or_default()
     }
 
+    /// Who may replay the letter: the connector's name, or for a projector's letter the
+    /// projector that wrote it (every projector shares `<prefix>.dlq.projector`).
+    pub fn owner(&self) -> &str {
+        match self.record["projector"].as_str() {
+            Some(projector) if self.side() == PROJECTOR => projector,
+            _ => self.side(),
+        }
+    }
+
     /// Its JSON form for `dlq show`.
     pub fn to_json(&self) -> Json {
         json!({
@@ -155,12 +164,15 @@ fn describe(side: &str, record: &Json) -> (String, String) {
         );
     }
     if side == PROJECTOR {
-        let origin = format!(
+        let mut origin = format!(
             "{}[{}]@{}",
             text("topic"),
             record["partition"],
             record["offset"]
         );
+        if let Some(projector) = record["projector"].as_str() {
+            origin.push_str(&format!(" (projector {projector})"));
+        }
         (text("reason").to_owned(), origin)
     } else {
         let origin = format!(
@@ -234,9 +246,8 @@ pub async fn replay_changes(
             ))
         }
         .await;
-        outcomes.push(outcome);
+        outcomes.push(marked(&producer, letter, outcome).await);
     }
-    mark(&config.kafka, letters, &outcomes).await?;
     Ok(outcomes)
 }
 
@@ -255,6 +266,7 @@ pub async fn replay_messages(
         .await
         .map_err(|e| format!("the projection database: {e}"))?;
     let codec = EventCodec::new(&config.schema_registry);
+    let producer = Producer::new(&config.kafka).map_err(|e| e.to_string())?;
     let mut outcomes = Vec::with_capacity(letters.len());
     for letter in letters {
         let record = &letter.record;
@@ -297,40 +309,34 @@ pub async fn replay_messages(
             ))
         }
         .await;
-        outcomes.push(outcome);
+        outcomes.push(marked(&producer, letter, outcome).await);
     }
-    mark(&config.kafka, letters, &outcomes).await?;
     Ok(outcomes)
 }
 
-/// Record the successful replays in the letters' topics.
-async fn mark(
-    kafka: &KafkaProperties,
-    letters: &[&Letter],
-    outcomes: &[Outcome],
-) -> Result<(), String> {
-    let producer = Producer::new(kafka).map_err(|e| e.to_string())?;
-    for (letter, outcome) in letters.iter().zip(outcomes) {
-        if let Ok(outcome) = outcome {
-            let marker = json!({
-                REPLAY_OF: letter.id,
-                "replayed_at": instant(Utc::now()),
-                "outcome": outcome,
-            });
-            producer
-                .send(
-                    &letter.topic,
-                    &letter.id,
-                    marker.to_string().as_bytes(),
-                    &[(REPLAY_OF, &letter.id)],
-                )
-                .await
-                .map_err(|e| {
-                    format!("{} was replayed, but recording that failed: {e}", letter.id)
-                })?;
-        }
+/// `outcome`, recorded in the letter's topic when the replay succeeded (right away, so
+/// that what is done stays known whatever happens to the letters after it).
+async fn marked(producer: &Producer, letter: &Letter, outcome: Outcome) -> Outcome {
+    let done = outcome?;
+    let marker = json!({
+        REPLAY_OF: letter.id,
+        "replayed_at": instant(Utc::now()),
+        "outcome": done,
+    });
+    match producer
+        .send(
+            &letter.topic,
+            &letter.id,
+            marker.to_string().as_bytes(),
+            &[(REPLAY_OF, &letter.id)],
+        )
+        .await
+    {
+        Ok(_) => Ok(done),
+        Err(e) => Ok(format!(
+            "{done}; recording the replay failed ({e}), so the letter is still listed"
+        )),
     }
-    Ok(())
 }
 
 #[cfg(test)]

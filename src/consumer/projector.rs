@@ -288,8 +288,17 @@ async fn project(
             () = shutdown.cancelled() => break,
             item = fetched.recv() => item,
         };
-        // The reader stops only when told to, or on an error it sent first.
-        let Some(item) = item else { break };
+        // The reader stops only when told to, or after sending its error: anything else is
+        // a failure, not the end of the work.
+        let Some(item) = item else {
+            let why = match reader.await {
+                Err(e) => e.to_string(),
+                Ok(()) => "it stopped".to_owned(),
+            };
+            return Err(ProjectError::Kafka(format!(
+                "the Kafka reader failed: {why}"
+            )));
+        };
         learn_assignments(&consumer, &db, schema, &group, &mut next).await?;
         let Fetched::Batch(mut batch) = item? else {
             if until_caught_up && caught_up(&consumer, &db, schema, &group, &partitions).await? {
@@ -662,7 +671,8 @@ async fn apply_batch(
     let (tx, counts) = match projection::apply(&tx, schema, &all).await {
         Ok(counts) => (tx, counts),
         Err(e) => {
-            debug!(error = ?e, "the batch was refused; applying it event by event");
+            // A database's message may quote a value: its SQLSTATE only.
+            debug!(sqlstate = ?e.code().map(|c| c.code()), "the batch was refused; applying it event by event");
             tx.rollback().await?;
             let mut tx = db.transaction().await?;
             let mut counts = TopicCounts::new();
@@ -699,6 +709,8 @@ async fn apply_batch(
         warn!(topic = %read.at.topic, partition = read.at.partition, offset = read.at.offset, reason = %logged,
             "a message went to the projector's dead-letter topic");
         let record = json!({
+            "projector": config.name,
+            "group": group,
             "reason": reason,
             "topic": read.at.topic,
             "partition": read.at.partition,

@@ -192,9 +192,17 @@ async fn a_refused_event_is_applied_once_the_cause_is_fixed_and_only_once() {
     let connector = stack::connector_config(&dir, "some-connector", &prefix, "");
     let (ok, _, err) = dlq(&connector, &["replay", "--id", refused]);
     assert!(
-        !ok && err.contains("is a dead letter of `projector`"),
+        !ok && err
+            .contains("is a dead letter of `p`: replay it with that projector's configuration"),
         "{err}"
     );
+
+    // Nor another projector's (they share the topic).
+    let other = projector_config(&dir, "q", &topic, &format!("{schema}_q"));
+    let (ok, _, err) = dlq(&other, &["replay", "--id", refused]);
+    assert!(!ok && err.contains("is a dead letter of `p`"), "{err}");
+    let (ok, out, _) = dlq(&other, &["replay", "--all"]);
+    assert!(ok && out.trim() == "nothing to replay", "{out}");
 
     let (ok, out, _) = dlq(&config, &["replay", "--reason", "refuse_7"]);
     assert!(
