@@ -103,7 +103,9 @@ async fn tail(args: &TailArgs, config: &ConnectorConfig) -> Result<u64, String> 
     let codec = EventCodec::new(&config.schema_registry);
     let (mut printed, mut undecodable) = (0u64, 0u64);
     while !(args.to_end && reader.at_end()) && args.limit.is_none_or(|limit| printed < limit) {
-        let message = reader.next().await?;
+        let Some(message) = reader.next().await? else {
+            continue;
+        };
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
         let decoded = match message.payload() {
             Some(bytes) => codec.decode(bytes).await.map_err(|e| e.to_string()),

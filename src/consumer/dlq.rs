@@ -108,7 +108,9 @@ pub async fn read_all(kafka: &KafkaProperties, prefix: &str) -> Result<Vec<Lette
     let mut letters = Vec::new();
     let mut markers: HashMap<String, Json> = HashMap::new();
     while !reader.at_end() {
-        let message = reader.next().await?;
+        let Some(message) = reader.next().await? else {
+            continue;
+        };
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
         let payload = message.payload().unwrap_or_default();
         let record = serde_json::from_slice(payload)

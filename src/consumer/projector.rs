@@ -76,7 +76,9 @@ pub enum ProjectError {
 #[derive(Debug, Default)]
 struct Assignments {
     projector: String,
-    assigned: Mutex<Vec<(String, i32)>>,
+    /// Partitions assigned (`true`) and revoked (`false`) since the loop last looked, in
+    /// order.
+    assigned: Mutex<Vec<((String, i32), bool)>>,
     /// Per partition, an offset the database holds everything below (it may lag the
     /// database, never lead it): where a newly assigned partition is read from, whatever
     /// the group's Kafka offset says — that may be ahead of the database (a replay started
@@ -112,6 +114,14 @@ impl ClientContext for Assignments {
 
 impl ConsumerContext for Assignments {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(partitions) = rebalance {
+            lock(&self.assigned).extend(
+                partitions
+                    .elements()
+                    .iter()
+                    .map(|p| ((p.topic().to_owned(), p.partition()), false)),
+            );
+        }
         if let Rebalance::Assign(partitions) = rebalance {
             let partitions: Vec<(String, i32)> = partitions
                 .elements()
@@ -132,7 +142,7 @@ impl ConsumerContext for Assignments {
             if let Err(e) = consumer.assign(&positioned) {
                 warn!(error = %e, "cannot position the newly assigned partitions at the projection's offsets");
             }
-            lock(&self.assigned).extend(partitions);
+            lock(&self.assigned).extend(partitions.into_iter().map(|p| (p, true)));
         }
     }
 }
@@ -309,13 +319,10 @@ async fn project(
         if let Some(progress) = &progress {
             progress.advance(batch.len() as u64);
         }
-        // Already in the database.
+        // Already in the database, or read before its partition moved to another member.
         batch.retain(|r| {
-            r.at.offset
-                >= next
-                    .get(&(r.at.topic.clone(), r.at.partition))
-                    .copied()
-                    .unwrap_or(0)
+            next.get(&(r.at.topic.clone(), r.at.partition))
+                .is_some_and(|from| r.at.offset >= *from)
         });
         if batch.is_empty() {
             continue;
@@ -384,17 +391,17 @@ async fn read_batches(
             Err(_) => Ok(Fetched::Idle),
             Ok(Err(e)) => Err(kafka(e)),
             Ok(Ok(first)) => {
-                let mut batch = vec![read(&codec, &first).await];
+                let mut batch = Vec::with_capacity(limits.events);
+                let mut failed = read(&codec, &first).await.map(|r| batch.push(r)).err();
                 let deadline = Instant::now() + limits.wait;
-                let mut failed = None;
-                while batch.len() < limits.events {
+                while failed.is_none() && batch.len() < limits.events {
                     let left = deadline.saturating_duration_since(Instant::now());
                     match tokio::time::timeout(left, consumer.recv()).await {
-                        Ok(Ok(message)) => batch.push(read(&codec, &message).await),
-                        Ok(Err(e)) => {
-                            failed = Some(kafka(e));
-                            break;
-                        }
+                        Ok(Ok(message)) => match read(&codec, &message).await {
+                            Ok(read) => batch.push(read),
+                            Err(e) => failed = Some(e),
+                        },
+                        Ok(Err(e)) => failed = Some(kafka(e)),
                         Err(_) => break,
                     }
                 }
@@ -524,8 +531,8 @@ async fn start_where_the_projection_is(
     Ok((partitions, remaining))
 }
 
-/// Read the database's offsets of newly assigned partitions: below them, everything is
-/// applied.
+/// Forget revoked partitions (their offsets are their new owner's to commit); read the
+/// database's offsets of newly assigned ones: below them, everything is applied.
 async fn learn_assignments(
     consumer: &StreamConsumer<Assignments>,
     db: &tokio_postgres::Client,
@@ -533,7 +540,16 @@ async fn learn_assignments(
     group: &str,
     next: &mut HashMap<(String, i32), i64>,
 ) -> Result<(), ProjectError> {
-    let assigned: Vec<(String, i32)> = std::mem::take(&mut *lock(&consumer.context().assigned));
+    let changes = std::mem::take(&mut *lock(&consumer.context().assigned));
+    let mut assigned: Vec<(String, i32)> = Vec::new();
+    for (partition, now_assigned) in changes {
+        assigned.retain(|p| *p != partition);
+        if now_assigned {
+            assigned.push(partition);
+        } else {
+            next.remove(&partition);
+        }
+    }
     if assigned.is_empty() {
         return Ok(());
     }
@@ -570,11 +586,24 @@ async fn caught_up(
     Ok(true)
 }
 
-async fn read(codec: &EventCodec, message: &BorrowedMessage<'_>) -> Read {
+/// A message, decoded. An unreachable registry is waited for a few seconds, then an error:
+/// its messages are not bad, and must not become dead letters.
+async fn read(codec: &EventCodec, message: &BorrowedMessage<'_>) -> Result<Read, ProjectError> {
     let payload = message.payload().unwrap_or_default().to_vec();
-    let event = match codec.decode(&payload).await {
-        Ok(event) => check(event),
-        Err(e) => Err(e.to_string()),
+    let mut wait = Duration::from_millis(200);
+    let event = loop {
+        match codec.decode(&payload).await {
+            Ok(event) => break check(event),
+            Err(e) if e.is_transient() && wait <= Duration::from_secs(4) => {
+                warn!(error = %e, retry_in_ms = wait.as_millis(), "the schema registry failed; trying again");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            Err(e) if e.is_transient() => {
+                return Err(ProjectError::Setup(format!("the schema registry: {e}")))
+            }
+            Err(e) => break Err(e.to_string()),
+        }
     };
     let headers = message
         .headers()
@@ -590,7 +619,7 @@ async fn read(codec: &EventCodec, message: &BorrowedMessage<'_>) -> Read {
                 .collect()
         })
         .unwrap_or_default();
-    Read {
+    Ok(Read {
         at: Coordinates {
             topic: message.topic().to_owned(),
             partition: message.partition(),
@@ -601,7 +630,19 @@ async fn read(codec: &EventCodec, message: &BorrowedMessage<'_>) -> Read {
         key: message.key().map(<[u8]>::to_vec),
         payload,
         headers,
-    }
+    })
+}
+
+/// Whether the database refused for a reason of its own that may pass: a serialization
+/// failure or deadlock, a lock or statement timeout, a lack of resources, a lost connection.
+fn transient(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || e.code().is_some_and(|code| {
+            let code = code.code();
+            matches!(code, "40001" | "40P01" | "55P03" | "57014")
+                || code.starts_with("53")
+                || code.starts_with("08")
+        })
 }
 
 /// An event whose body agrees with its envelope; otherwise why not.
@@ -685,6 +726,9 @@ async fn apply_batch(
                             *counts.entry(topic).or_default() += one;
                         }
                     }
+                    // A refusal that says nothing about the event (a deadlock with another
+                    // member, a timeout, a server short of resources) fails the batch instead.
+                    Err(e) if transient(&e) => return Err(ProjectError::Database(e)),
                     Err(e) => {
                         savepoint.rollback().await?;
                         let (message, code) = e.as_db_error().map_or_else(

@@ -324,6 +324,8 @@ impl TopicReader {
             )
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
+            // A start offset retention removed meanwhile: from the first one left.
+            .set("auto.offset.reset", "earliest")
             .create()
             .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
         let metadata = consumer
@@ -366,13 +368,27 @@ impl TopicReader {
         self.ends.is_empty()
     }
 
-    /// The next message, waiting for one.
-    pub async fn next(&mut self) -> Result<BorrowedMessage<'_>, String> {
-        let message = self
-            .consumer
-            .recv()
-            .await
-            .map_err(|e| format!("reading from Kafka failed: {e}"))?;
+    /// The next message; `None` after a second without one (the partitions' positions
+    /// are then checked against their ends: the last offset before an end need not be a
+    /// message one reads).
+    pub async fn next(&mut self) -> Result<Option<BorrowedMessage<'_>>, String> {
+        let message = match tokio::time::timeout(Duration::from_secs(1), self.consumer.recv()).await
+        {
+            Ok(message) => message.map_err(|e| format!("reading from Kafka failed: {e}"))?,
+            Err(_) => {
+                let positions = self
+                    .consumer
+                    .position()
+                    .map_err(|e| format!("cannot read the consumer's positions: {e}"))?;
+                self.ends.retain(|(topic, partition), end| {
+                    !matches!(
+                        positions.find_partition(topic, *partition).map(|p| p.offset()),
+                        Some(Offset::Offset(at)) if at >= *end
+                    )
+                });
+                return Ok(None);
+            }
+        };
         let place = (message.topic().to_owned(), message.partition());
         if self
             .ends
@@ -381,7 +397,7 @@ impl TopicReader {
         {
             self.ends.remove(&place);
         }
-        Ok(message)
+        Ok(Some(message))
     }
 }
 
