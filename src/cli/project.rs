@@ -15,7 +15,7 @@ pub struct ProjectArgs {
     /// The projector configuration file (TOML), e.g. connectors/projector.toml.
     #[arg(long, short)]
     config: PathBuf,
-    /// Stop once every partition is applied up to its end.
+    /// Stop once every partition is applied up to where it ended when the run started.
     #[arg(long)]
     until_caught_up: bool,
 }

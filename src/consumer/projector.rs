@@ -247,6 +247,11 @@ async fn project(
     let topics = topics_to_read(&consumer, config, replay.map_or(&[], |r| &r.topics))?;
     let (partitions, remaining) =
         start_where_the_projection_is(&consumer, &db, schema, &group, &topics, replay_from).await?;
+    let ends = if until_caught_up {
+        ends_now(&consumer, &partitions)?
+    } else {
+        Vec::new()
+    };
     let progress = replay_from.map(|_| {
         let progress = Progress::new("replay");
         progress.start("messages", Some(remaining));
@@ -311,7 +316,7 @@ async fn project(
         };
         learn_assignments(&consumer, &db, schema, &group, &mut next).await?;
         let Fetched::Batch(mut batch) = item? else {
-            if until_caught_up && caught_up(&consumer, &db, schema, &group, &partitions).await? {
+            if until_caught_up && caught_up(&db, schema, &group, &ends).await? {
                 break;
             }
             continue;
@@ -346,6 +351,9 @@ async fn project(
         }
         if let Err(e) = consumer.commit(&commit, CommitMode::Async) {
             debug!(error = %e, "committing group offsets to Kafka failed (the database has them)");
+        }
+        if until_caught_up && caught_up(&db, schema, &group, &ends).await? {
+            break;
         }
     }
     reader.abort();
@@ -561,29 +569,36 @@ async fn learn_assignments(
     Ok(())
 }
 
-/// Whether the projection holds every partition up to its end — whichever member of the
+/// Where each partition ends now, and where it begins: what `--until-caught-up` waits for
+/// (later writes are the next run's, or it would never end while a connector writes).
+fn ends_now(
+    consumer: &StreamConsumer<Assignments>,
+    partitions: &[(String, i32)],
+) -> Result<Vec<((String, i32), i64, i64)>, ProjectError> {
+    partitions
+        .iter()
+        .map(|(topic, partition)| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, *partition, METADATA_TIMEOUT)
+                .map_err(|e| ProjectError::Kafka(e.to_string()))?;
+            Ok(((topic.clone(), *partition), low, high))
+        })
+        .collect()
+}
+
+/// Whether the projection holds every partition up to `ends` — whichever member of the
 /// group applied it (the database's offsets are the group's).
 async fn caught_up(
-    consumer: &StreamConsumer<Assignments>,
     db: &tokio_postgres::Client,
     schema: &str,
     group: &str,
-    partitions: &[(String, i32)],
+    ends: &[((String, i32), i64, i64)],
 ) -> Result<bool, ProjectError> {
-    let stored = projection::stored_offsets(db, schema, group, partitions).await?;
-    for (topic, partition) in partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, *partition, METADATA_TIMEOUT)
-            .map_err(|e| ProjectError::Kafka(e.to_string()))?;
-        let at = stored
-            .get(&(topic.clone(), *partition))
-            .copied()
-            .unwrap_or(low);
-        if at.max(low) < high {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+    let partitions: Vec<(String, i32)> = ends.iter().map(|(p, _, _)| p.clone()).collect();
+    let stored = projection::stored_offsets(db, schema, group, &partitions).await?;
+    Ok(ends.iter().all(|(partition, low, high)| {
+        stored.get(partition).copied().unwrap_or(*low).max(*low) >= *high
+    }))
 }
 
 /// A message, decoded. An unreachable registry is waited for a few seconds, then an error:
