@@ -569,19 +569,30 @@ async fn learn_assignments(
     Ok(())
 }
 
+/// A partition's first and end offsets at one moment.
+struct Span {
+    partition: (String, i32),
+    low: i64,
+    high: i64,
+}
+
 /// Where each partition ends now, and where it begins: what `--until-caught-up` waits for
 /// (later writes are the next run's, or it would never end while a connector writes).
 fn ends_now(
     consumer: &StreamConsumer<Assignments>,
     partitions: &[(String, i32)],
-) -> Result<Vec<((String, i32), i64, i64)>, ProjectError> {
+) -> Result<Vec<Span>, ProjectError> {
     partitions
         .iter()
         .map(|(topic, partition)| {
             let (low, high) = consumer
                 .fetch_watermarks(topic, *partition, METADATA_TIMEOUT)
                 .map_err(|e| ProjectError::Kafka(e.to_string()))?;
-            Ok(((topic.clone(), *partition), low, high))
+            Ok(Span {
+                partition: (topic.clone(), *partition),
+                low,
+                high,
+            })
         })
         .collect()
 }
@@ -592,12 +603,17 @@ async fn caught_up(
     db: &tokio_postgres::Client,
     schema: &str,
     group: &str,
-    ends: &[((String, i32), i64, i64)],
+    ends: &[Span],
 ) -> Result<bool, ProjectError> {
-    let partitions: Vec<(String, i32)> = ends.iter().map(|(p, _, _)| p.clone()).collect();
+    let partitions: Vec<(String, i32)> = ends.iter().map(|e| e.partition.clone()).collect();
     let stored = projection::stored_offsets(db, schema, group, &partitions).await?;
-    Ok(ends.iter().all(|(partition, low, high)| {
-        stored.get(partition).copied().unwrap_or(*low).max(*low) >= *high
+    Ok(ends.iter().all(|end| {
+        stored
+            .get(&end.partition)
+            .copied()
+            .unwrap_or(end.low)
+            .max(end.low)
+            >= end.high
     }))
 }
 
