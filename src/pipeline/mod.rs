@@ -44,7 +44,7 @@ use crate::{
 /// Changes between the source and the sink.
 pub const CHANNEL_DEPTH: usize = 256;
 /// Messages sent to Kafka and not yet acknowledged.
-pub const MAX_IN_FLIGHT: usize = 2048;
+pub const MAX_IN_FLIGHT: usize = 1024;
 /// Rows per snapshot fetch.
 const SNAPSHOT_CHUNK: usize = 1000;
 
@@ -384,9 +384,12 @@ async fn write_events(
                     table.suppressed.increment(outcome.suppressed as u64);
                     table.mapped.increment(outcome.events.len() as u64);
                     tracker.track(lsn, outcome.events.len() + outcome.failures.len());
-                    for event in outcome.events {
+                    for mut event in outcome.events {
                         let topic = event.topic(&config.topics.prefix);
                         let bytes = codec.encode(&event, &topic).await?;
+                        // In flight, the message needs its bytes and headers, not the tree
+                        // they were encoded from (most of an event's memory).
+                        event.resource = None;
                         summary.events += 1;
                         table.produced.increment(1);
                         let producer = &producer;
