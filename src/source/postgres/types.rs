@@ -8,7 +8,12 @@
 //! (`NaN`, `infinity`, a BC date) also stays text, so nothing is lost here: the mapping
 //! decides, and refuses with a reason, what FHIR cannot hold.
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime};
+use std::sync::LazyLock;
+
+use chrono::{
+    format::{Item, Parsed, StrftimeItems},
+    NaiveDate, NaiveTime,
+};
 
 use crate::change::{ExactDecimal, Value};
 
@@ -34,6 +39,26 @@ pub fn from_text(type_oid: u32, text: &str) -> Value {
     typed(type_oid, text).unwrap_or_else(|| Value::Text(text.to_owned()))
 }
 
+/// PostgreSQL's text forms of timestamps, as chrono format items compiled once (every
+/// change carries some; compiling the format per value cost more than the parse).
+static TIMESTAMP_TEXT: LazyLock<Vec<Item<'static>>> =
+    LazyLock::new(|| compiled("%Y-%m-%d %H:%M:%S%.f"));
+static TIMESTAMPTZ_TEXT: LazyLock<Vec<Item<'static>>> =
+    LazyLock::new(|| compiled("%Y-%m-%d %H:%M:%S%.f%#z"));
+
+fn compiled(format: &str) -> Vec<Item<'static>> {
+    StrftimeItems::new(format)
+        .parse_to_owned()
+        .expect("a valid chrono format")
+}
+
+/// `text` read by `items`, all of it.
+fn parsed(items: &[Item<'static>], text: &str) -> Option<Parsed> {
+    let mut parsed = Parsed::new();
+    chrono::format::parse(&mut parsed, text, items.iter()).ok()?;
+    Some(parsed)
+}
+
 fn typed(type_oid: u32, text: &str) -> Option<Value> {
     Some(match type_oid {
         BOOL => Value::Bool(match text {
@@ -46,13 +71,13 @@ fn typed(type_oid: u32, text: &str) -> Option<Value> {
         FLOAT4 | FLOAT8 => Value::Float(text.parse().ok().filter(|f: &f64| f.is_finite())?),
         DATE => Value::Date(NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()?),
         TIME => Value::Time(NaiveTime::parse_from_str(text, "%H:%M:%S%.f").ok()?),
-        TIMESTAMP => {
-            Value::Timestamp(NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f").ok()?)
-        }
+        TIMESTAMP => Value::Timestamp(
+            parsed(&TIMESTAMP_TEXT, text)?
+                .to_naive_datetime_with_offset(0)
+                .ok()?,
+        ),
         // `2024-03-05 20:30:00.25+00`; zones with minutes print `+05:30`.
-        TIMESTAMPTZ => {
-            Value::TimestampTz(DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z").ok()?)
-        }
+        TIMESTAMPTZ => Value::TimestampTz(parsed(&TIMESTAMPTZ_TEXT, text)?.to_datetime().ok()?),
         UUID => Value::Uuid(text.to_owned()),
         JSON | JSONB => Value::Json(serde_json::from_str(text).ok()?),
         BYTEA => {
@@ -65,7 +90,36 @@ fn typed(type_oid: u32, text: &str) -> Option<Value> {
 
 #[cfg(test)]
 mod tests {
+    use chrono::{DateTime, NaiveDateTime};
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        #[test]
+        fn compiled_formats_read_what_chrono_reads(
+            seconds in 0i64..253_402_300_799,
+            micros in prop_oneof![Just(0u32), 0u32..1_000_000],
+            offset_minutes in -720i32..=840,
+        ) {
+            let ts = DateTime::from_timestamp(seconds, micros * 1_000).unwrap().naive_utc();
+            let text = ts.format("%Y-%m-%d %H:%M:%S%.f").to_string();
+            prop_assert_eq!(
+                from_text(TIMESTAMP, &text),
+                Value::Timestamp(NaiveDateTime::parse_from_str(&text, "%Y-%m-%d %H:%M:%S%.f").unwrap())
+            );
+            let zone = if offset_minutes % 60 == 0 {
+                format!("{:+03}", offset_minutes / 60)
+            } else {
+                format!("{}{:02}:{:02}", if offset_minutes < 0 { '-' } else { '+' }, offset_minutes.abs() / 60, offset_minutes.abs() % 60)
+            };
+            let text = format!("{text}{zone}");
+            prop_assert_eq!(
+                from_text(TIMESTAMPTZ, &text),
+                Value::TimestampTz(DateTime::parse_from_str(&text, "%Y-%m-%d %H:%M:%S%.f%#z").unwrap())
+            );
+        }
+    }
 
     #[test]
     fn each_type_the_mappings_use_reads_exactly() {
