@@ -246,24 +246,23 @@ pub async fn apply(
             .push(serde_json::to_string(&p.primary_key).unwrap_or_default());
         c.source_position.push(p.source_position.clone());
         c.transaction_id.push(p.transaction_id.clone());
-        c.commit_time
-            .push(p.commit_time.map(crate::canonical::instant));
-        c.capture_time
-            .push(crate::canonical::instant(p.capture_time));
+        c.commit_time.push(p.commit_time);
+        c.capture_time.push(p.capture_time);
         c.mapping_id.push(p.mapping_id.to_string());
         c.mapping_version.push(p.mapping_version.to_string());
         c.snapshot.push(p.snapshot);
         c.topic.push(at.topic.clone());
         c.partition.push(at.partition);
         c.offset.push(at.offset);
-        c.kafka_timestamp.push(*kafka_timestamp);
+        c.kafka_timestamp
+            .push(kafka_timestamp.and_then(chrono::DateTime::from_timestamp_millis));
     }
     let provenance = "source_system, connector, database_kind, source_database, source_schema,
         source_table, primary_key, source_position, transaction_id, commit_time, capture_time,
         mapping_id, mapping_version, snapshot";
     let provenance_cast = "source_system, connector, database_kind, source_database,
         source_schema, source_table, primary_key::jsonb, source_position, transaction_id,
-        commit_time::timestamptz, capture_time::timestamptz, mapping_id, mapping_version,
+        commit_time, capture_time, mapping_id, mapping_version,
         snapshot";
     let rows = tx
         .query(
@@ -271,16 +270,16 @@ pub async fn apply(
                 "WITH raw AS (
                    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                        $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
-                       $12::text[], $13::text[], $14::text[], $15::text[], $16::text[], $17::text[],
-                       $18::text[], $19::text[], $20::bool[], $21::text[], $22::int[], $23::bigint[],
-                       $24::bigint[])
+                       $12::text[], $13::text[], $14::text[], $15::text[], $16::timestamptz[],
+                       $17::timestamptz[], $18::text[], $19::text[], $20::bool[], $21::text[],
+                       $22::int[], $23::bigint[], $24::timestamptz[])
                      WITH ORDINALITY AS t(event_id, resource_type, resource_id, version, op, body,
-                       {provenance}, topic, kafka_partition, kafka_offset, kafka_ms, pos)),
+                       {provenance}, topic, kafka_partition, kafka_offset, kafka_timestamp, pos)),
                  -- Each value converted once, for both tables.
                  input AS MATERIALIZED (
                    SELECT event_id::uuid AS event_id, resource_type, resource_id, version, op,
                        body::jsonb AS body, {provenance_cast}, topic, kafka_partition,
-                       kafka_offset, to_timestamp(kafka_ms / 1000.0) AS kafka_timestamp, pos
+                       kafka_offset, kafka_timestamp, pos
                      FROM raw),
                  -- One index probe per event (OFFSET 0 keeps the planner from turning the
                  -- probe into a hash join over the whole history, whose cost grows with it).
@@ -390,13 +389,13 @@ struct Columns {
     primary_key: Vec<String>,
     source_position: Vec<String>,
     transaction_id: Vec<Option<String>>,
-    commit_time: Vec<Option<String>>,
-    capture_time: Vec<String>,
+    commit_time: Vec<Option<chrono::DateTime<chrono::Utc>>>,
+    capture_time: Vec<chrono::DateTime<chrono::Utc>>,
     mapping_id: Vec<String>,
     mapping_version: Vec<String>,
     snapshot: Vec<bool>,
     topic: Vec<String>,
     partition: Vec<i32>,
     offset: Vec<i64>,
-    kafka_timestamp: Vec<Option<i64>>,
+    kafka_timestamp: Vec<Option<chrono::DateTime<chrono::Utc>>>,
 }
