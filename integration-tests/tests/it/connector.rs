@@ -26,13 +26,6 @@ impl Drop for Connector {
     }
 }
 
-impl Connector {
-    /// A `fhir-cdc` process started otherwise, killed the same way.
-    pub fn adopt(child: Child) -> Self {
-        Connector(Some(child))
-    }
-}
-
 /// `fhir-cdc run --config config`, its log (stderr) appended to `log`.
 pub fn start(config: &Path, log: &Path) -> Connector {
     let log = std::fs::OpenOptions::new()
@@ -40,12 +33,18 @@ pub fn start(config: &Path, log: &Path) -> Connector {
         .append(true)
         .open(log)
         .unwrap();
+    spawn(&["run"], config, log.into())
+}
+
+/// `fhir-cdc <args> --config config` in the background, its stderr to `stderr`.
+pub fn spawn(args: &[&str], config: &Path, stderr: Stdio) -> Connector {
     Connector(Some(
         Command::new(stack::fhir_cdc_bin())
-            .args(["run", "--config"])
+            .args(args)
+            .arg("--config")
             .arg(config)
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(stderr)
             .spawn()
             .unwrap(),
     ))

@@ -10,8 +10,8 @@ use fhir_cdc::canonical::CanonicalEvent;
 use crate::{
     connector::{capture_results, drain, read_for, ResultCapture},
     projector::{
-        count, counters_of, encode, events, project_until_caught_up, projector_config, resources,
-        same_tables, write,
+        count, counters_of, drop_projections, encode, events, project_until_caught_up,
+        projector_config, resources, same_tables, write,
     },
     stack,
 };
@@ -259,11 +259,5 @@ async fn a_refused_event_is_applied_once_the_cause_is_fixed_and_only_once() {
         &resources(&client, &fresh).await,
     );
 
-    for schema in [schema, fresh] {
-        client
-            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-            .await
-            .unwrap();
-    }
-    std::fs::remove_dir_all(dir).unwrap();
+    drop_projections(&client, &[schema, fresh], &dir).await;
 }

@@ -20,7 +20,7 @@ use fhir_cdc::{
     sink::kafka::{ensure_topics, Producer, TopicSpec},
 };
 
-use crate::{connector::Connector, stack};
+use crate::stack;
 
 /// Canonical Observation events: `results` lab results, `versions` versions each (with
 /// more than one, the last of every fifth result is a delete), in commit order.
@@ -254,6 +254,21 @@ pub(crate) fn same_tables(got: &[String], expected: &[String]) {
     );
 }
 
+/// Drop the read models a test made, and its directory.
+pub(crate) async fn drop_projections(
+    client: &tokio_postgres::Client,
+    schemas: &[String],
+    dir: &Path,
+) {
+    for schema in schemas {
+        client
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 pub(crate) async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
@@ -317,13 +332,7 @@ async fn the_read_model_is_the_same_however_events_arrive() {
     assert_eq!(counters["applied"], 600);
     same_tables(&resources(&client, &second).await, &expected);
 
-    for schema in [first, second] {
-        client
-            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-            .await
-            .unwrap();
-    }
-    std::fs::remove_dir_all(dir).unwrap();
+    drop_projections(&client, &[first, second], &dir).await;
 }
 
 #[tokio::test]
@@ -360,11 +369,7 @@ async fn a_poison_message_is_dead_lettered_and_the_rest_applied() {
     );
     assert_eq!(letter["value_base64"], "bm90IGFuIGV2ZW50");
 
-    client
-        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
-    std::fs::remove_dir_all(dir).unwrap();
+    drop_projections(&client, &[schema], &dir).await;
 }
 
 #[tokio::test]
@@ -385,15 +390,7 @@ async fn killed_at_random_points_the_projector_ends_with_the_uninterrupted_table
     let config = projector_config(&dir, "crashed", &topic, &crashed);
     // Kill -9 three times, each after a different delay, then let it finish.
     for delay in [700, 1_300, 900] {
-        let process = Connector::adopt(
-            Command::new(stack::fhir_cdc_bin())
-                .args(["project", "--config"])
-                .arg(&config)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
+        let process = crate::connector::spawn(&["project"], &config, Stdio::null());
         tokio::time::sleep(Duration::from_millis(delay)).await;
         crate::connector::crash(process);
     }
@@ -415,15 +412,8 @@ async fn killed_at_random_points_the_projector_ends_with_the_uninterrupted_table
     // the new one still reads from where it was told, and rebuilds everything.
     let replayed = format!("{}_replayed", prefix.replace('-', "_"));
     let config = projector_config(&dir, "replayed", &topic, &replayed);
-    let process = Connector::adopt(
-        Command::new(stack::fhir_cdc_bin())
-            .args(["replay", "--from", "earliest", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let process =
+        crate::connector::spawn(&["replay", "--from", "earliest"], &config, Stdio::null());
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     crate::connector::crash(process);
     let partly = count(&client, &format!("SELECT count(*) FROM {replayed}.history")).await;
@@ -441,13 +431,7 @@ async fn killed_at_random_points_the_projector_ends_with_the_uninterrupted_table
     assert_eq!(counters["applied"], all.len() as u64);
     same_tables(&resources(&client, &replayed).await, &expected);
 
-    for schema in [calm, crashed, replayed] {
-        client
-            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-            .await
-            .unwrap();
-    }
-    std::fs::remove_dir_all(dir).unwrap();
+    drop_projections(&client, &[calm, crashed, replayed], &dir).await;
 }
 
 #[tokio::test]
@@ -467,17 +451,7 @@ async fn two_projectors_in_one_group_one_killed_end_with_the_single_process_tabl
     // restarted; then both run until the projection holds everything.
     let shared = format!("{}_shared", prefix.replace('-', "_"));
     let config = projector_config(&dir, "shared", &topic, &shared);
-    let member = || {
-        Connector::adopt(
-            Command::new(stack::fhir_cdc_bin())
-                .args(["project", "--config"])
-                .arg(&config)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
+    let member = || crate::connector::spawn(&["project"], &config, Stdio::null());
     let steady = member();
     let victim = member();
     tokio::time::sleep(Duration::from_millis(2_500)).await;
@@ -492,13 +466,7 @@ async fn two_projectors_in_one_group_one_killed_end_with_the_single_process_tabl
         "the ledger holds each event once"
     );
 
-    for schema in [single, shared] {
-        client
-            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-            .await
-            .unwrap();
-    }
-    std::fs::remove_dir_all(dir).unwrap();
+    drop_projections(&client, &[single, shared], &dir).await;
 }
 
 /// Messages written with a compatible newer version of the Observation event schema (one
@@ -582,11 +550,7 @@ async fn events_of_two_schema_versions_are_both_applied() {
         }
     }
 
-    client
-        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
-    std::fs::remove_dir_all(dir).unwrap();
+    drop_projections(&client, &[schema], &dir).await;
 }
 
 #[tokio::test]
@@ -670,13 +634,7 @@ async fn a_replay_changes_nothing_over_the_projection_and_rebuilds_an_empty_one(
     let later = counters_of(&config, &["replay", "--from", "2999-01-01T00:00:00Z"]);
     assert_eq!(later["applied"] + later["duplicate"], 0);
 
-    for schema in [projected, rebuilt, partial] {
-        client
-            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-            .await
-            .unwrap();
-    }
-    std::fs::remove_dir_all(dir).unwrap();
+    drop_projections(&client, &[projected, rebuilt, partial], &dir).await;
 }
 
 #[tokio::test]
@@ -766,15 +724,7 @@ async fn the_metrics_count_per_topic_and_the_lag_comes_down_to_zero() {
     ) + &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
     std::fs::write(&config, text).unwrap();
     let log = std::fs::File::create(dir.join("m.log")).unwrap();
-    let projector = Connector::adopt(
-        Command::new(stack::fhir_cdc_bin())
-            .args(["project", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let projector = crate::connector::spawn(&["project"], &config, log.into());
 
     let topic = |name: &str, topic: &str| format!("{name}{{projector=\"m\",topic=\"{topic}\"}}");
     let expected = [
@@ -827,9 +777,5 @@ async fn the_metrics_count_per_topic_and_the_lag_comes_down_to_zero() {
         count(&client, &format!("SELECT count(*) FROM {schema}.resources")).await,
         60
     );
-    client
-        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
-        .await
-        .unwrap();
-    std::fs::remove_dir_all(dir).unwrap();
+    drop_projections(&client, &[schema], &dir).await;
 }
