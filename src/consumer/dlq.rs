@@ -128,32 +128,32 @@ pub async fn read_all(kafka: &KafkaProperties, prefix: &str) -> Result<Vec<Lette
         }
         let side = topic.strip_prefix(&dead_letters).unwrap_or(topic);
         let (reason, origin) = describe(side, &record);
-        letters.push(Letter {
-            id: format!("{side}:{partition}:{offset}"),
-            topic: topic.to_owned(),
-            written: message
-                .timestamp()
-                .to_millis()
-                .and_then(DateTime::from_timestamp_millis),
-            reason,
-            origin,
-            record,
-            replayed: None,
-        });
+        let place = (topic.to_owned(), partition, offset);
+        letters.push((
+            place,
+            Letter {
+                id: format!("{side}:{partition}:{offset}"),
+                topic: topic.to_owned(),
+                written: message
+                    .timestamp()
+                    .to_millis()
+                    .and_then(DateTime::from_timestamp_millis),
+                reason,
+                origin,
+                record,
+                replayed: None,
+            },
+        ));
     }
-    for letter in &mut letters {
-        letter.replayed = markers.remove(&letter.id);
-    }
-    letters.sort_by(|a, b| {
-        let place = |l: &Letter| {
-            let mut parts = l.id.rsplitn(3, ':');
-            let offset: i64 = parts.next().and_then(|o| o.parse().ok()).unwrap_or(0);
-            let partition: i32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-            (l.topic.clone(), partition, offset)
-        };
-        place(a).cmp(&place(b))
-    });
-    Ok(letters)
+    // Partitions were read interleaved: topic, partition and offset order.
+    letters.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+    Ok(letters
+        .into_iter()
+        .map(|(_, mut letter)| {
+            letter.replayed = markers.remove(&letter.id);
+            letter
+        })
+        .collect())
 }
 
 /// The reason and origin lines of a letter of `side`.

@@ -140,6 +140,48 @@ async fn a_dead_lettered_change_is_replayed_through_the_fixed_mapping() {
     let resource = replayed.resource.as_ref().unwrap().to_json();
     assert_eq!(resource["code"]["coding"][0]["code"], "2951-2");
 
+    // Something in the dead-letter topic that is not a letter: listed as such, shown, and
+    // refused by replay with the field it lacks; the letters around it are unaffected.
+    write(
+        &format!("{prefix}.dlq.{schema}"),
+        1,
+        &[("stray".to_owned(), b"not a letter".to_vec())],
+    )
+    .await;
+    // After the letter and the markers of its two replays.
+    let stray = format!("{schema}:0:3");
+    let (ok, out, err) = dlq(&config, &["list"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.lines().count() == 1
+            && out.starts_with(&format!("{stray}  "))
+            && out.contains("not a dead-letter record"),
+        "{out}"
+    );
+    let (ok, shown, _) = dlq(&config, &["show", &stray]);
+    assert!(
+        ok && shown.contains("\"record\": \"not a letter\""),
+        "{shown}"
+    );
+    let (ok, out, _) = dlq(&config, &["replay", "--id", &stray]);
+    assert!(
+        !ok && out.contains(&format!("{stray}  NOT replayed: the record has no `")),
+        "{out}"
+    );
+    assert_eq!(listed(&config, true), [letter.as_str(), stray.as_str()]);
+
+    // A configuration that cannot be read: the exit status says so, with the file.
+    let broken = dir.join("broken.toml");
+    std::fs::write(&broken, "name = \"x\"\nunknown_key = 1\n").unwrap();
+    let output = Command::new(stack::fhir_cdc_bin())
+        .args(["dlq", "list", "--config"])
+        .arg(&broken)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("broken.toml"), "{stderr}");
+
     stack::drop_capture(&client, &slot, &slot, &schema).await;
     std::fs::remove_dir_all(dir).unwrap();
 }
