@@ -113,7 +113,12 @@ impl CanonicalEvent {
     fn new(origin: Origin<'_>, resource_type: String, resource_id: String, op: EventOp) -> Self {
         let change = origin.change;
         let key_row = change.after.as_ref().or(change.before.as_ref());
-        let primary_key: Vec<KeyColumn> = change
+        // The key the mapping declares, not the one the source reports: with PostgreSQL's
+        // REPLICA IDENTITY FULL every column is flagged as key, and the provenance would
+        // carry the whole row (values a consumer of provenance has no business seeing), and
+        // a snapshot and a stream event of one row would name different keys.
+        let primary_key: Vec<KeyColumn> = origin
+            .mapping
             .key
             .iter()
             .map(|column| KeyColumn {

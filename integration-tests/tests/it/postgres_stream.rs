@@ -6,7 +6,7 @@
 use std::{str::FromStr, time::Duration};
 
 use fhir_cdc::{
-    canonical::{CanonicalEvent, EventOp},
+    canonical::{CanonicalEvent, EventOp, KeyColumn},
     change::PgLsn,
     config::Secret,
     mapping::{load_str, MapContext, Mapper},
@@ -160,6 +160,19 @@ async fn a_lab_result_life_streams_into_canonical_events_with_stable_ids() {
     );
     assert_eq!(*third.provenance.schema, *schema);
     assert_eq!(&*third.provenance.table, "lab_result");
+    // REPLICA IDENTITY FULL flags every column as key in pgoutput; the provenance names the
+    // mapping's key only, with its value, for the delete too.
+    for event in &events {
+        assert_eq!(
+            event.provenance.primary_key,
+            [KeyColumn {
+                column: "result_id".into(),
+                value: Some("101".into())
+            }],
+            "{:?}",
+            event.op
+        );
+    }
 
     // Nothing was acknowledged: reading again from the start re-emits the same events.
     let (again, _) = read_all(&options, &mapper).await;
