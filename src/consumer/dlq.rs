@@ -31,7 +31,7 @@ use tokio_postgres::NoTls;
 
 use super::{
     config::ProjectorConfig,
-    projection::{self, Coordinates, Entry},
+    projection::{self, Coordinates, Row},
     projector::check,
 };
 use crate::{
@@ -290,17 +290,14 @@ pub async fn replay_messages(
                     .unwrap_or(-1),
                 offset: record["offset"].as_i64().unwrap_or(-1),
             };
-            let entry = Entry {
-                event: &event,
-                at: &at,
-                kafka_timestamp: record["timestamp"].as_i64(),
-            };
+            let row = Row::new(event, at, record["timestamp"].as_i64());
             let refused = |e: tokio_postgres::Error| match e.as_db_error() {
                 Some(db) => format!("the database refused it: {}", db.message()),
                 None => format!("the projection database: {e}"),
             };
             let tx = db.transaction().await.map_err(refused)?;
-            let counts = projection::apply(&tx, schema, &[entry])
+            let statement = projection::prepare(&tx, schema).await.map_err(refused)?;
+            let counts = projection::apply(&tx, &statement, &[&row])
                 .await
                 .map_err(refused)?;
             let counts = projection::total(&counts);

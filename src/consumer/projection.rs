@@ -17,9 +17,9 @@
 
 use std::collections::HashMap;
 
-use tokio_postgres::{GenericClient, Transaction};
+use tokio_postgres::{GenericClient, Statement};
 
-use crate::canonical::{CanonicalEvent, EventOp};
+use crate::canonical::{CanonicalEvent, EventOp, Provenance};
 
 /// Where an event was read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,13 +164,34 @@ pub async fn store_offset(
     Ok(())
 }
 
-/// One event of a batch, and where it was read.
-#[derive(Debug, Clone, Copy)]
-pub struct Entry<'a> {
-    pub event: &'a CanonicalEvent,
-    pub at: &'a Coordinates,
+/// One event as the read model stores it, and where it was read: its resource already
+/// serialized, so that the transaction that writes it waits for nothing but the database.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// The event; its resource is in `body`.
+    event: CanonicalEvent,
+    body: Option<String>,
+    primary_key: String,
+    pub at: Coordinates,
     /// When Kafka took the message (milliseconds since the epoch), if known.
     pub kafka_timestamp: Option<i64>,
+}
+
+impl Row {
+    pub fn new(mut event: CanonicalEvent, at: Coordinates, kafka_timestamp: Option<i64>) -> Self {
+        let body = event
+            .resource
+            .take()
+            .map(|r| serde_json::to_string(&r).unwrap_or_default());
+        let primary_key = serde_json::to_string(&event.provenance.primary_key).unwrap_or_default();
+        Row {
+            event,
+            body,
+            primary_key,
+            at,
+            kafka_timestamp,
+        }
+    }
 }
 
 /// How a batch went (for one topic, or all of them).
@@ -201,62 +222,12 @@ pub fn total(counts: &TopicCounts) -> Counts {
     total
 }
 
-/// Apply `entries`, in order, inside `tx` — set-based, one statement for the whole batch:
-/// an event id already in the history (or earlier in the batch) is a duplicate; an event
-/// whose version is not newer than the stored one, nor than those of the same resource
-/// earlier in the batch, is stale; the others go into the history, and the newest of each
-/// resource into `resources`.
-pub async fn apply(
-    tx: &Transaction<'_>,
+/// The statement that applies a batch, prepared once per connection (its plan is made
+/// once, not for every batch).
+pub async fn prepare(
+    client: &impl GenericClient,
     schema: &str,
-    entries: &[Entry<'_>],
-) -> Result<TopicCounts, tokio_postgres::Error> {
-    let mut c = Columns::default();
-    for Entry {
-        event,
-        at,
-        kafka_timestamp,
-    } in entries
-    {
-        let p = &event.provenance;
-        c.event_id.push(event.event_id.clone());
-        c.resource_type.push(event.resource_type.clone());
-        c.resource_id.push(event.resource_id.clone());
-        c.version.push(event.resource_version.clone());
-        c.op.push(
-            match event.op {
-                EventOp::Upsert => "upsert",
-                EventOp::Delete => "delete",
-            }
-            .to_owned(),
-        );
-        c.body.push(
-            event
-                .resource
-                .as_ref()
-                .map(|r| serde_json::to_string(r).unwrap_or_default()),
-        );
-        c.source_system.push(p.source_system.to_string());
-        c.connector.push(p.connector.to_string());
-        c.database_kind.push(p.database_kind.to_string());
-        c.source_database.push(p.database.to_string());
-        c.source_schema.push(p.schema.to_string());
-        c.source_table.push(p.table.to_string());
-        c.primary_key
-            .push(serde_json::to_string(&p.primary_key).unwrap_or_default());
-        c.source_position.push(p.source_position.clone());
-        c.transaction_id.push(p.transaction_id.clone());
-        c.commit_time.push(p.commit_time);
-        c.capture_time.push(p.capture_time);
-        c.mapping_id.push(p.mapping_id.to_string());
-        c.mapping_version.push(p.mapping_version.to_string());
-        c.snapshot.push(p.snapshot);
-        c.topic.push(at.topic.clone());
-        c.partition.push(at.partition);
-        c.offset.push(at.offset);
-        c.kafka_timestamp
-            .push(kafka_timestamp.and_then(chrono::DateTime::from_timestamp_millis));
-    }
+) -> Result<Statement, tokio_postgres::Error> {
     let provenance = "source_system, connector, database_kind, source_database, source_schema,
         source_table, primary_key, source_position, transaction_id, commit_time, capture_time,
         mapping_id, mapping_version, snapshot";
@@ -264,9 +235,8 @@ pub async fn apply(
         source_schema, source_table, primary_key::jsonb, source_position, transaction_id,
         commit_time, capture_time, mapping_id, mapping_version,
         snapshot";
-    let rows = tx
-        .query(
-            &format!(
+    client
+        .prepare(&format!(
                 "WITH raw AS (
                    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                        $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
@@ -327,32 +297,64 @@ pub async fn apply(
                         (SELECT count(*) FROM fresh f WHERE f.topic = i.topic),
                         (SELECT count(*) FROM recorded r WHERE r.topic = i.topic)
                    FROM input i GROUP BY i.topic"
-            ),
+        ))
+        .await
+}
+
+/// Apply `rows`, in order, inside `tx` with `statement` (from [`prepare`]) — set-based, one
+/// statement for the whole batch: an event id already in the history (or earlier in the
+/// batch) is a duplicate; an event whose version is not newer than the stored one, nor than
+/// those of the same resource earlier in the batch, is stale; the others go into the
+/// history, and the newest of each resource into `resources`.
+pub async fn apply(
+    tx: &impl GenericClient,
+    statement: &Statement,
+    rows: &[&Row],
+) -> Result<TopicCounts, tokio_postgres::Error> {
+    // One array per column, of references into the rows.
+    fn column<'a, T>(rows: &[&'a Row], value: impl Fn(&'a Row) -> T) -> Vec<T> {
+        rows.iter().map(|r| value(r)).collect()
+    }
+    fn e(r: &Row) -> &CanonicalEvent {
+        &r.event
+    }
+    fn p(r: &Row) -> &Provenance {
+        &r.event.provenance
+    }
+    let rows = tx
+        .query(
+            statement,
             &[
-                &c.event_id,
-                &c.resource_type,
-                &c.resource_id,
-                &c.version,
-                &c.op,
-                &c.body,
-                &c.source_system,
-                &c.connector,
-                &c.database_kind,
-                &c.source_database,
-                &c.source_schema,
-                &c.source_table,
-                &c.primary_key,
-                &c.source_position,
-                &c.transaction_id,
-                &c.commit_time,
-                &c.capture_time,
-                &c.mapping_id,
-                &c.mapping_version,
-                &c.snapshot,
-                &c.topic,
-                &c.partition,
-                &c.offset,
-                &c.kafka_timestamp,
+                &column(rows, |r| e(r).event_id.as_str()),
+                &column(rows, |r| e(r).resource_type.as_str()),
+                &column(rows, |r| e(r).resource_id.as_str()),
+                &column(rows, |r| e(r).resource_version.as_str()),
+                &column(rows, |r| match e(r).op {
+                    EventOp::Upsert => "upsert",
+                    EventOp::Delete => "delete",
+                }),
+                &column(rows, |r| r.body.as_deref()),
+                &column(rows, |r| &*p(r).source_system),
+                &column(rows, |r| &*p(r).connector),
+                &column(rows, |r| &*p(r).database_kind),
+                &column(rows, |r| &*p(r).database),
+                &column(rows, |r| &*p(r).schema),
+                &column(rows, |r| &*p(r).table),
+                &column(rows, |r| r.primary_key.as_str()),
+                &column(rows, |r| p(r).source_position.as_str()),
+                &column(rows, |r| p(r).transaction_id.as_deref()),
+                &column(rows, |r| p(r).commit_time),
+                &column(rows, |r| p(r).capture_time),
+                &column(rows, |r| &*p(r).mapping_id),
+                &column(rows, |r| &*p(r).mapping_version),
+                &column(rows, |r| p(r).snapshot),
+                &column(rows, |r| r.at.topic.as_str()),
+                &column(rows, |r| r.at.partition),
+                &column(rows, |r| r.at.offset),
+                &column(rows, |r| {
+                    r.kafka_timestamp
+                        .and_then(chrono::DateTime::from_timestamp_millis)
+                }),
             ],
         )
         .await?;
@@ -369,33 +371,4 @@ pub async fn apply(
             (row.get(0), counts)
         })
         .collect())
-}
-
-/// The batch's values, column by column (the statement takes one array per column).
-#[derive(Default)]
-struct Columns {
-    event_id: Vec<String>,
-    resource_type: Vec<String>,
-    resource_id: Vec<String>,
-    version: Vec<String>,
-    op: Vec<String>,
-    body: Vec<Option<String>>,
-    source_system: Vec<String>,
-    connector: Vec<String>,
-    database_kind: Vec<String>,
-    source_database: Vec<String>,
-    source_schema: Vec<String>,
-    source_table: Vec<String>,
-    primary_key: Vec<String>,
-    source_position: Vec<String>,
-    transaction_id: Vec<Option<String>>,
-    commit_time: Vec<Option<chrono::DateTime<chrono::Utc>>>,
-    capture_time: Vec<chrono::DateTime<chrono::Utc>>,
-    mapping_id: Vec<String>,
-    mapping_version: Vec<String>,
-    snapshot: Vec<bool>,
-    topic: Vec<String>,
-    partition: Vec<i32>,
-    offset: Vec<i64>,
-    kafka_timestamp: Vec<Option<chrono::DateTime<chrono::Utc>>>,
 }

@@ -35,13 +35,13 @@ use rdkafka::{
 };
 use serde_json::json;
 use tokio::sync::mpsc;
-use tokio_postgres::NoTls;
+use tokio_postgres::{NoTls, Statement};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
     config::ProjectorConfig,
-    projection::{self, Coordinates, Entry, TopicCounts},
+    projection::{self, Coordinates, Row, TopicCounts},
 };
 use crate::{
     canonical::{registry::EventCodec, CanonicalEvent, EventOp},
@@ -152,7 +152,8 @@ struct Read {
     at: Coordinates,
     /// When Kafka took the message (ms since the epoch).
     timestamp: Option<i64>,
-    event: Result<CanonicalEvent, String>,
+    /// The event, ready to write, or why it cannot be applied.
+    row: Result<Row, String>,
     key: Option<Vec<u8>>,
     payload: Vec<u8>,
     headers: Vec<(String, String)>,
@@ -222,6 +223,7 @@ async fn project(
         tokio_postgres::connect(config.projection.url.expose(), NoTls).await?;
     tokio::spawn(connection);
     projection::migrate(&mut db, schema).await?;
+    let statement = projection::prepare(&db, schema).await?;
     if replay_from.is_some() {
         // A replay starts where it is told, not where an earlier replay stopped.
         projection::forget_offsets(&db, schema, &group).await?;
@@ -334,6 +336,7 @@ async fn project(
         }
         apply_batch(
             &mut db,
+            &statement,
             config,
             &group,
             &producer,
@@ -621,10 +624,16 @@ async fn caught_up(
 /// its messages are not bad, and must not become dead letters.
 async fn read(codec: &EventCodec, message: &BorrowedMessage<'_>) -> Result<Read, ProjectError> {
     let payload = message.payload().unwrap_or_default().to_vec();
+    let at = Coordinates {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+    };
+    let timestamp = message.timestamp().to_millis();
     let mut wait = Duration::from_millis(200);
     let event = loop {
         match codec.decode(&payload).await {
-            Ok(event) => break check(event),
+            Ok(event) => break check(event).map(|e| Row::new(e, at.clone(), timestamp)),
             Err(e) if e.is_transient() && wait <= Duration::from_secs(4) => {
                 warn!(error = %e, retry_in_ms = wait.as_millis(), "the schema registry failed; trying again");
                 tokio::time::sleep(wait).await;
@@ -651,13 +660,9 @@ async fn read(codec: &EventCodec, message: &BorrowedMessage<'_>) -> Result<Read,
         })
         .unwrap_or_default();
     Ok(Read {
-        at: Coordinates {
-            topic: message.topic().to_owned(),
-            partition: message.partition(),
-            offset: message.offset(),
-        },
-        timestamp: message.timestamp().to_millis(),
-        event,
+        at,
+        timestamp,
+        row: event,
         key: message.key().map(<[u8]>::to_vec),
         payload,
         headers,
@@ -703,6 +708,7 @@ pub(super) fn check(event: CanonicalEvent) -> Result<CanonicalEvent, String> {
 #[allow(clippy::too_many_arguments)]
 async fn apply_batch(
     db: &mut tokio_postgres::Client,
+    statement: &Statement,
     config: &ProjectorConfig,
     group: &str,
     producer: &Producer,
@@ -718,29 +724,19 @@ async fn apply_batch(
     let mut refused: Vec<(usize, String, String)> = batch
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| r.event.as_ref().err().map(|e| (i, e.clone(), e.clone())))
+        .filter_map(|(i, r)| r.row.as_ref().err().map(|e| (i, e.clone(), e.clone())))
         .collect();
-    let entries: Vec<(usize, Entry<'_>)> = batch
+    let rows: Vec<(usize, &Row)> = batch
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| {
-            let event = r.event.as_ref().ok()?;
-            Some((
-                i,
-                Entry {
-                    event,
-                    at: &r.at,
-                    kafka_timestamp: r.timestamp,
-                },
-            ))
-        })
+        .filter_map(|(i, r)| Some((i, r.row.as_ref().ok()?)))
         .collect();
     // The fast path: the whole batch in one statement of one transaction. Should the
     // database refuse it, the batch is applied again event by event, each under a
     // savepoint, so that only what it refuses is set aside.
     let tx = db.transaction().await?;
-    let all: Vec<Entry<'_>> = entries.iter().map(|(_, e)| *e).collect();
-    let (tx, counts) = match projection::apply(&tx, schema, &all).await {
+    let all: Vec<&Row> = rows.iter().map(|(_, r)| *r).collect();
+    let (tx, counts) = match projection::apply(&tx, statement, &all).await {
         Ok(counts) => (tx, counts),
         Err(e) => {
             // A database's message may quote a value: its SQLSTATE only.
@@ -748,9 +744,9 @@ async fn apply_batch(
             tx.rollback().await?;
             let mut tx = db.transaction().await?;
             let mut counts = TopicCounts::new();
-            for (i, entry) in &entries {
+            for (i, row) in &rows {
                 let savepoint = tx.savepoint("event").await?;
-                match projection::apply(&savepoint, schema, std::slice::from_ref(entry)).await {
+                match projection::apply(&savepoint, statement, &[row]).await {
                     Ok(one) => {
                         savepoint.commit().await?;
                         for (topic, one) in one {
