@@ -231,31 +231,27 @@ pub async fn prepare(
     let provenance = "source_system, connector, database_kind, source_database, source_schema,
         source_table, primary_key, source_position, transaction_id, commit_time, capture_time,
         mapping_id, mapping_version, snapshot";
-    let provenance_cast = "source_system, connector, database_kind, source_database,
-        source_schema, source_table, primary_key::jsonb, source_position, transaction_id,
-        commit_time, capture_time, mapping_id, mapping_version,
-        snapshot";
+    let provenance_cast = "w.source_system, w.connector, w.database_kind, w.source_database,
+        w.source_schema, w.source_table, w.primary_key::jsonb, w.source_position,
+        w.transaction_id, w.commit_time, w.capture_time, w.mapping_id, w.mapping_version,
+        w.snapshot";
+    let provenance_recorded = "h.source_system, h.connector, h.database_kind,
+        h.source_database, h.source_schema, h.source_table, h.primary_key, h.source_position,
+        h.transaction_id, h.commit_time, h.capture_time, h.mapping_id, h.mapping_version,
+        h.snapshot";
     client
         .prepare(&format!(
-                "WITH raw AS (
-                   SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                       $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[],
-                       $12::text[], $13::text[], $14::text[], $15::text[], $16::timestamptz[],
-                       $17::timestamptz[], $18::text[], $19::text[], $20::bool[], $21::text[],
-                       $22::int[], $23::bigint[], $24::timestamptz[])
-                     WITH ORDINALITY AS t(event_id, resource_type, resource_id, version, op, body,
-                       {provenance}, topic, kafka_partition, kafka_offset, kafka_timestamp, pos)),
-                 -- Each value converted once, for both tables.
-                 input AS MATERIALIZED (
-                   SELECT event_id::uuid AS event_id, resource_type, resource_id, version, op,
-                       body::jsonb AS body, {provenance_cast}, topic, kafka_partition,
-                       kafka_offset, kafka_timestamp, pos
-                     FROM raw),
+                "WITH keys AS (
+                   SELECT event_id::uuid AS event_id, resource_type, resource_id, version, topic, pos
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $21::text[])
+                       WITH ORDINALITY AS k(event_id, resource_type, resource_id, version, topic, pos)),
+                 -- The decisions are taken on these narrow rows; the bodies and provenance are
+                 -- read once, by the insert into the history, and handed on by its RETURNING.
                  -- One index probe per event (OFFSET 0 keeps the planner from turning the
                  -- probe into a hash join over the whole history, whose cost grows with it).
                  fresh AS (
-                   SELECT DISTINCT ON (event_id) * FROM input i
-                    WHERE NOT EXISTS (SELECT FROM {schema}.history h WHERE h.event_id = i.event_id OFFSET 0)
+                   SELECT DISTINCT ON (event_id) * FROM keys k
+                    WHERE NOT EXISTS (SELECT FROM {schema}.history h WHERE h.event_id = k.event_id OFFSET 0)
                     ORDER BY event_id, pos),
                  ranked AS (
                    SELECT f.*, GREATEST(r.version, max(f.version) OVER (
@@ -268,17 +264,26 @@ pub async fn prepare(
                  recorded AS (
                    INSERT INTO {schema}.history (event_id, resource_type, resource_id, version, op, body,
                        {provenance}, topic, kafka_partition, kafka_offset, kafka_timestamp)
-                   SELECT event_id, resource_type, resource_id, version, op, body, {provenance},
-                       topic, kafka_partition, kafka_offset, kafka_timestamp
-                     FROM applied
+                   SELECT a.event_id, a.resource_type, a.resource_id, a.version, w.op, w.body::jsonb,
+                       {provenance_cast}, a.topic, w.kafka_partition, w.kafka_offset, w.kafka_timestamp
+                     FROM unnest($5::text[], $6::text[], $7::text[], $8::text[], $9::text[],
+                         $10::text[], $11::text[], $12::text[], $13::text[], $14::text[],
+                         $15::text[], $16::timestamptz[], $17::timestamptz[], $18::text[],
+                         $19::text[], $20::bool[], $22::int[], $23::bigint[], $24::timestamptz[])
+                       WITH ORDINALITY AS w(op, body, {provenance}, kafka_partition, kafka_offset,
+                         kafka_timestamp, pos)
+                     JOIN applied a ON a.pos = w.pos
                    ON CONFLICT (event_id) DO NOTHING
-                   RETURNING topic),
+                   RETURNING *),
                  newest AS (
                    INSERT INTO {schema}.resources AS r (resource_type, resource_id, version, event_id,
                        deleted, body, {provenance})
-                   SELECT DISTINCT ON (resource_type, resource_id) resource_type, resource_id, version,
-                       event_id, op = 'delete', body, {provenance}
-                     FROM applied ORDER BY resource_type, resource_id, version DESC
+                   SELECT h.resource_type, h.resource_id, h.version, h.event_id, h.op = 'delete',
+                       h.body, {provenance_recorded}
+                     FROM recorded h JOIN (
+                       SELECT DISTINCT ON (resource_type, resource_id) event_id FROM applied
+                        ORDER BY resource_type, resource_id, version DESC) n
+                       ON n.event_id = h.event_id
                    ON CONFLICT (resource_type, resource_id) DO UPDATE SET
                        version = EXCLUDED.version, event_id = EXCLUDED.event_id,
                        deleted = EXCLUDED.deleted, body = EXCLUDED.body,
@@ -293,10 +298,10 @@ pub async fn prepare(
                        applied_at = clock_timestamp()
                      WHERE r.version < EXCLUDED.version
                    RETURNING 1)
-                 SELECT i.topic, count(*),
-                        (SELECT count(*) FROM fresh f WHERE f.topic = i.topic),
-                        (SELECT count(*) FROM recorded r WHERE r.topic = i.topic)
-                   FROM input i GROUP BY i.topic"
+                 SELECT k.topic, count(*),
+                        (SELECT count(*) FROM fresh f WHERE f.topic = k.topic),
+                        (SELECT count(*) FROM recorded r WHERE r.topic = k.topic)
+                   FROM keys k GROUP BY k.topic"
         ))
         .await
 }
