@@ -211,11 +211,14 @@ impl EventCodec {
         if let Some(found) = locked(&self.readers).get(&id) {
             return Ok(found.clone());
         }
+        // Only the registry's word that it has no such schema condemns the bytes; anything
+        // else (an unreachable registry, a 500 while its storage is down, a garbled answer)
+        // says nothing about them. The client flags only connection failures as retriable.
         let registered = get_schema_by_id(id, &self.settings).await.map_err(|e| {
-            if e.retriable {
-                CodecError::Registry(e.to_string())
-            } else {
+            if e.error.contains("status 404") {
                 CodecError::Undecodable(format!("schema id {id}: {e}"))
+            } else {
+                CodecError::Registry(e.to_string())
             }
         })?;
         let schema = Schema::parse_str(&registered.schema)

@@ -372,6 +372,77 @@ async fn a_poison_message_is_dead_lettered_and_the_rest_applied() {
     drop_projections(&client, &[schema], &dir).await;
 }
 
+/// A registry that answers every request with a 500, as Apicurio does while its storage is
+/// down (a fault no real registry can be made to show on demand).
+async fn failing_registry() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0; 4096];
+                let _ = socket.read(&mut request).await;
+                let body = r#"{"error_code":50001,"message":"the storage is unavailable"}"#;
+                let response = format!(
+                    "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_registry_stops_the_projector_and_dead_letters_nothing() {
+    let client = stack::pg_client().await;
+    let prefix = stack::unique("fhirregfail");
+    let dir = std::env::temp_dir().join(&prefix);
+    let topic = format!("{prefix}.lab.Observation");
+    write(&topic, 1, &encode(&events(20, 1), &topic).await).await;
+    let schema = prefix.replace('-', "_");
+    let config = projector_config(&dir, "p", &topic, &schema);
+    let good = std::fs::read_to_string(&config).unwrap();
+    let failing = dir.join("failing.toml");
+    std::fs::write(
+        &failing,
+        good.replace(
+            "${env:FHIR_CDC_SCHEMA_REGISTRY_URL}",
+            &failing_registry().await,
+        ),
+    )
+    .unwrap();
+
+    let output = tokio::process::Command::new(stack::fhir_cdc_bin())
+        .args(["project", "--until-caught-up", "--config"])
+        .arg(&failing)
+        .output()
+        .await
+        .unwrap();
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{log}");
+    assert!(log.contains("the schema registry"), "{log}");
+    assert_eq!(
+        count(&client, &format!("SELECT count(*) FROM {schema}.history")).await,
+        0
+    );
+    let letters = crate::connector::read_for(
+        &format!("{prefix}.dlq.projector"),
+        1,
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(letters.is_empty(), "good messages were dead-lettered");
+
+    // The registry is back: everything is applied, from the start.
+    let counters = project_until_caught_up(&config);
+    assert_eq!((counters["applied"], counters["dead_lettered"]), (20, 0));
+
+    drop_projections(&client, &[schema], &dir).await;
+}
+
 #[tokio::test]
 async fn killed_at_random_points_the_projector_ends_with_the_uninterrupted_tables() {
     let client = stack::pg_client().await;
