@@ -159,6 +159,6 @@ echo "  fhir-cdc, commit → Kafka ack            $ours changes/s ($(python3 -c 
 echo "  fhir-cdc peak RSS                       $((peak_kib / 1024)) MiB"
 echo "  at 2,000 changes/s: $quantiles"
 echo
-echo "fhir-cdc project, the same topic into a fresh read model (batches of up to 1,000):"
+echo "fhir-cdc project, the same topic into a fresh read model (batches of up to 1,000 on 2 connections):"
 echo "  $projected events applied at $projected_rate events/s (start-up included)"
 echo "  at 2,000 events/s, Kafka → projection commit: $apply_latency"

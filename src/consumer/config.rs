@@ -73,6 +73,14 @@ pub struct ProjectionConfig {
     /// How long a batch waits to fill before it is applied anyway (ms). Default 100.
     #[serde(default = "default_max_batch_ms")]
     pub max_batch_ms: u64,
+    /// Database connections a batch is written on at once, each taking a share of its
+    /// resources (all the events of one resource on the same). Default 2.
+    #[serde(default = "default_connections")]
+    pub connections: usize,
+}
+
+fn default_connections() -> usize {
+    2
 }
 
 fn default_schema() -> String {
@@ -115,6 +123,9 @@ impl ProjectorConfig {
         if config.projection.max_batch == 0 {
             return Err(invalid("projection.max_batch", "must be at least 1"));
         }
+        if !(1..=16).contains(&config.projection.connections) {
+            return Err(invalid("projection.connections", "must be from 1 to 16"));
+        }
         if config.kafka.get("bootstrap.servers").is_none() {
             return Err(invalid("kafka", "needs \"bootstrap.servers\""));
         }
@@ -156,6 +167,7 @@ url = "postgres://u:p@127.0.0.1/db"
         let config = load(GOOD).unwrap();
         assert_eq!(config.projection.schema, "fhir_projection");
         assert_eq!(config.projection.max_batch, 500);
+        assert_eq!(config.projection.connections, 2);
         assert_eq!(config.topics.prefix, "fhir");
         assert_eq!(config.group_id(), "lab-projection");
     }
@@ -170,6 +182,10 @@ url = "postgres://u:p@127.0.0.1/db"
             (
                 GOOD.replace("[projection]", "[projection]\nmax_batch = 0"),
                 "projection.max_batch: must be at least 1",
+            ),
+            (
+                GOOD.replace("[projection]", "[projection]\nconnections = 0"),
+                "projection.connections: must be from 1 to 16",
             ),
             (
                 GOOD.replace("\"bootstrap.servers\" = \"127.0.0.1:9092\"", ""),

@@ -15,7 +15,10 @@
 //! An event is applied only when its `resource_version` is newer than the stored one; an
 //! older or equal one is `stale`. Both outcomes are counted, neither changes a row.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+};
 
 use tokio_postgres::{GenericClient, Statement};
 
@@ -191,6 +194,13 @@ impl Row {
             at,
             kafka_timestamp,
         }
+    }
+
+    /// Which of `parts` the event's resource falls in: the same for every event of it.
+    pub fn part(&self, parts: usize) -> usize {
+        let mut hash = std::hash::DefaultHasher::new();
+        (&self.event.resource_type, &self.event.resource_id).hash(&mut hash);
+        (hash.finish() % parts.max(1) as u64) as usize
     }
 }
 

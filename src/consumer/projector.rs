@@ -35,7 +35,7 @@ use rdkafka::{
 };
 use serde_json::json;
 use tokio::sync::mpsc;
-use tokio_postgres::{NoTls, Statement};
+use tokio_postgres::{NoTls, Statement, Transaction};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -223,10 +223,17 @@ async fn project(
         tokio_postgres::connect(config.projection.url.expose(), NoTls).await?;
     tokio::spawn(connection);
     projection::migrate(&mut db, schema).await?;
-    let statement = projection::prepare(&db, schema).await?;
+    let mut writers = vec![Writer::new(db, schema).await?];
+    for _ in 1..config.projection.connections {
+        let (client, connection) =
+            tokio_postgres::connect(config.projection.url.expose(), NoTls).await?;
+        tokio::spawn(connection);
+        writers.push(Writer::new(client, schema).await?);
+    }
+    let db = &writers[0].client;
     if replay_from.is_some() {
         // A replay starts where it is told, not where an earlier replay stopped.
-        projection::forget_offsets(&db, schema, &group).await?;
+        projection::forget_offsets(db, schema, &group).await?;
     }
 
     let mut kafka = client_config(&config.kafka);
@@ -248,7 +255,7 @@ async fn project(
         .map_err(|e| ProjectError::Kafka(format!("cannot create a consumer: {e}")))?;
     let topics = topics_to_read(&consumer, config, replay.map_or(&[], |r| &r.topics))?;
     let (partitions, remaining) =
-        start_where_the_projection_is(&consumer, &db, schema, &group, &topics, replay_from).await?;
+        start_where_the_projection_is(&consumer, db, schema, &group, &topics, replay_from).await?;
     let ends = if until_caught_up {
         ends_now(&consumer, &partitions)?
     } else {
@@ -316,9 +323,9 @@ async fn project(
                 "the Kafka reader failed: {why}"
             )));
         };
-        learn_assignments(&consumer, &db, schema, &group, &mut next).await?;
+        learn_assignments(&consumer, &writers[0].client, schema, &group, &mut next).await?;
         let Fetched::Batch(mut batch) = item? else {
-            if until_caught_up && caught_up(&db, schema, &group, &ends).await? {
+            if until_caught_up && caught_up(&writers[0].client, schema, &group, &ends).await? {
                 break;
             }
             continue;
@@ -335,8 +342,7 @@ async fn project(
             continue;
         }
         apply_batch(
-            &mut db,
-            &statement,
+            &mut writers,
             config,
             &group,
             &producer,
@@ -355,7 +361,7 @@ async fn project(
         if let Err(e) = consumer.commit(&commit, CommitMode::Async) {
             debug!(error = %e, "committing group offsets to Kafka failed (the database has them)");
         }
-        if until_caught_up && caught_up(&db, schema, &group, &ends).await? {
+        if until_caught_up && caught_up(&writers[0].client, schema, &group, &ends).await? {
             break;
         }
     }
@@ -704,11 +710,34 @@ pub(super) fn check(event: CanonicalEvent) -> Result<CanonicalEvent, String> {
     }
 }
 
-/// Apply a batch in one transaction with its offsets; dead-letter what cannot be applied.
+/// A connection batches are written on, with the batch statement prepared on it.
+struct Writer {
+    client: tokio_postgres::Client,
+    statement: Statement,
+}
+
+impl Writer {
+    async fn new(client: tokio_postgres::Client, schema: &str) -> Result<Self, ProjectError> {
+        let statement = projection::prepare(&client, schema).await?;
+        Ok(Writer { client, statement })
+    }
+}
+
+/// What cannot be applied: the message's index in its batch, the reason for the dead
+/// letter, and the reason for the log (a database's message may quote a value, so the log
+/// gets its SQLSTATE only).
+type Refused = (usize, String, String);
+
+/// Apply a batch and commit its offsets; dead-letter what cannot be applied.
+///
+/// The batch is split by resource over the writers (a resource's events stay in one part,
+/// in order), each part applied in a transaction of its own connection, all at once. The
+/// offsets go into the first writer's transaction, which commits last: a crash before it
+/// leaves the offsets where they were, and the events of parts that did commit are read
+/// again and recognized by the ledger as duplicates.
 #[allow(clippy::too_many_arguments)]
 async fn apply_batch(
-    db: &mut tokio_postgres::Client,
-    statement: &Statement,
+    writers: &mut [Writer],
     config: &ProjectorConfig,
     group: &str,
     producer: &Producer,
@@ -718,61 +747,33 @@ async fn apply_batch(
     (summary, measured): (&mut ProjectSummary, &mut Metrics),
 ) -> Result<(), ProjectError> {
     let schema = &config.projection.schema;
-    // What cannot be applied: the message's index, the reason for the dead letter, and the
-    // reason for the log — a database's message may quote a value, so the log gets its
-    // SQLSTATE only.
-    let mut refused: Vec<(usize, String, String)> = batch
+    let mut refused: Vec<Refused> = batch
         .iter()
         .enumerate()
         .filter_map(|(i, r)| r.row.as_ref().err().map(|e| (i, e.clone(), e.clone())))
         .collect();
-    let rows: Vec<(usize, &Row)> = batch
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| Some((i, r.row.as_ref().ok()?)))
-        .collect();
-    // The fast path: the whole batch in one statement of one transaction. Should the
-    // database refuse it, the batch is applied again event by event, each under a
-    // savepoint, so that only what it refuses is set aside.
-    let tx = db.transaction().await?;
-    let all: Vec<&Row> = rows.iter().map(|(_, r)| *r).collect();
-    let (tx, counts) = match projection::apply(&tx, statement, &all).await {
-        Ok(counts) => (tx, counts),
-        Err(e) => {
-            // A database's message may quote a value: its SQLSTATE only.
-            debug!(sqlstate = ?e.code().map(|c| c.code()), "the batch was refused; applying it event by event");
-            tx.rollback().await?;
-            let mut tx = db.transaction().await?;
-            let mut counts = TopicCounts::new();
-            for (i, row) in &rows {
-                let savepoint = tx.savepoint("event").await?;
-                match projection::apply(&savepoint, statement, &[row]).await {
-                    Ok(one) => {
-                        savepoint.commit().await?;
-                        for (topic, one) in one {
-                            *counts.entry(topic).or_default() += one;
-                        }
-                    }
-                    // A refusal that says nothing about the event (a deadlock with another
-                    // member, a timeout, a server short of resources) fails the batch instead.
-                    Err(e) if transient(&e) => return Err(ProjectError::Database(e)),
-                    Err(e) => {
-                        savepoint.rollback().await?;
-                        let (message, code) = e.as_db_error().map_or_else(
-                            || (e.to_string(), "unknown".to_owned()),
-                            |db| (db.message().to_owned(), db.code().code().to_owned()),
-                        );
-                        refused.push((
-                            *i,
-                            format!("the database refused it: {message}"),
-                            format!("the database refused it (SQLSTATE {code})"),
-                        ));
-                    }
-                }
-            }
-            (tx, counts)
+    let mut parts: Vec<Vec<(usize, &Row)>> = writers.iter().map(|_| Vec::new()).collect();
+    for (i, read) in batch.iter().enumerate() {
+        if let Ok(row) = &read.row {
+            parts[row.part(writers.len())].push((i, row));
         }
-    };
+    }
+    let applied = futures_util::future::try_join_all(
+        writers
+            .iter_mut()
+            .zip(&parts)
+            .map(|(writer, part)| apply_part(writer, part)),
+    )
+    .await?;
+    let mut counts = TopicCounts::new();
+    let mut transactions = Vec::with_capacity(applied.len());
+    for (tx, part_counts, part_refused) in applied {
+        for (topic, one) in part_counts {
+            *counts.entry(topic).or_default() += one;
+        }
+        refused.extend(part_refused);
+        transactions.push(tx);
+    }
     let mut dead_lettered = 0;
     // Dead letters are in Kafka before the offsets that pass them are committed.
     for (i, reason, logged) in &refused {
@@ -811,10 +812,17 @@ async fn apply_batch(
             .or_insert(0);
         *end = (*end).max(read.at.offset + 1);
     }
+    let mut transactions = transactions.into_iter();
+    let Some(first) = transactions.next() else {
+        unreachable!("a projector has at least one writer");
+    };
     for ((topic, partition), end) in &ends {
-        projection::store_offset(&tx, schema, group, topic, *partition, *end).await?;
+        projection::store_offset(&first, schema, group, topic, *partition, *end).await?;
     }
-    tx.commit().await?;
+    for tx in transactions {
+        tx.commit().await?;
+    }
+    first.commit().await?;
     next.extend(ends);
     for read in &batch {
         measured.topic(&read.at.topic).consumed.increment(1);
@@ -843,4 +851,58 @@ async fn apply_batch(
         "batch committed"
     );
     Ok(())
+}
+
+/// Apply `rows` in a transaction of `writer`, left open: in one statement, or, should the
+/// database refuse it, event by event under savepoints, so that only what it refuses is
+/// set aside. A refusal that says nothing about an event (a deadlock, a timeout, a server
+/// short of resources, a lost connection) fails the batch instead.
+async fn apply_part<'c>(
+    writer: &'c mut Writer,
+    rows: &[(usize, &Row)],
+) -> Result<(Transaction<'c>, TopicCounts, Vec<Refused>), ProjectError> {
+    let Writer { client, statement } = writer;
+    let mut tx = client.transaction().await?;
+    let mut counts = TopicCounts::new();
+    let mut refused = Vec::new();
+    if rows.is_empty() {
+        return Ok((tx, counts, refused));
+    }
+    let all: Vec<&Row> = rows.iter().map(|(_, r)| *r).collect();
+    let whole = tx.savepoint("batch").await?;
+    match projection::apply(&whole, statement, &all).await {
+        Ok(applied) => {
+            whole.commit().await?;
+            return Ok((tx, applied, refused));
+        }
+        Err(e) => {
+            debug!(sqlstate = ?e.code().map(|c| c.code()), "the batch was refused; applying it event by event");
+            whole.rollback().await?;
+        }
+    }
+    for (i, row) in rows {
+        let savepoint = tx.savepoint("event").await?;
+        match projection::apply(&savepoint, statement, &[row]).await {
+            Ok(one) => {
+                savepoint.commit().await?;
+                for (topic, one) in one {
+                    *counts.entry(topic).or_default() += one;
+                }
+            }
+            Err(e) if transient(&e) => return Err(ProjectError::Database(e)),
+            Err(e) => {
+                savepoint.rollback().await?;
+                let (message, code) = e.as_db_error().map_or_else(
+                    || (e.to_string(), "unknown".to_owned()),
+                    |db| (db.message().to_owned(), db.code().code().to_owned()),
+                );
+                refused.push((
+                    *i,
+                    format!("the database refused it: {message}"),
+                    format!("the database refused it (SQLSTATE {code})"),
+                ));
+            }
+        }
+    }
+    Ok((tx, counts, refused))
 }
