@@ -115,6 +115,7 @@ prefix = "$NAME"
 url = "\${env:FHIR_CDC_PG_URL}"
 schema = "${NAME}_projection"
 max_batch = 2000
+connections = 2
 max_batch_ms = 20
 EOF
 t0=$(date +%s.%N)

@@ -74,13 +74,15 @@ pub struct ProjectionConfig {
     #[serde(default = "default_max_batch_ms")]
     pub max_batch_ms: u64,
     /// Database connections a batch is written on at once, each taking a share of its
-    /// resources (all the events of one resource on the same). Default 2.
+    /// resources (all the events of one resource on the same). Default 1: a batch is one
+    /// transaction with its offsets. With more, the offsets commit with the last part and
+    /// the ledger recognizes the parts a crash left committed.
     #[serde(default = "default_connections")]
     pub connections: usize,
 }
 
 fn default_connections() -> usize {
-    2
+    1
 }
 
 fn default_schema() -> String {
@@ -167,7 +169,7 @@ url = "postgres://u:p@127.0.0.1/db"
         let config = load(GOOD).unwrap();
         assert_eq!(config.projection.schema, "fhir_projection");
         assert_eq!(config.projection.max_batch, 500);
-        assert_eq!(config.projection.connections, 2);
+        assert_eq!(config.projection.connections, 1);
         assert_eq!(config.topics.prefix, "fhir");
         assert_eq!(config.group_id(), "lab-projection");
     }

@@ -170,6 +170,8 @@ url = "${{env:FHIR_CDC_PG_URL}}"
 schema = "{schema}"
 max_batch = 200
 max_batch_ms = 50
+# Batches split over two connections: the path with more to get wrong.
+connections = 2
 "#,
             prefix = topic.split('.').next().unwrap()
         ),
