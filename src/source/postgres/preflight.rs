@@ -125,20 +125,24 @@ async fn check_capture(client: &tokio_postgres::Client, capture: &Capture) -> Ve
     }
     match client
         .query_opt(
-            "SELECT active, confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            // wal_status is PostgreSQL 13+: read through to_jsonb, NULL before.
+            "SELECT active, confirmed_flush_lsn::text, to_jsonb(s) ->> 'wal_status',
+                    pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn))
+               FROM pg_replication_slots s WHERE slot_name = $1",
             &[&capture.slot],
         )
         .await
     {
-        Ok(None) => findings.push(Finding::ok(COMPONENT, format!("slot {} does not exist yet: `run` creates it", capture.slot))),
-        Ok(Some(row)) if row.get::<_, bool>(0) => findings.push(Finding::warning(
+        Ok(None) => findings.push(Finding::ok(
             COMPONENT,
-            format!("slot {} is in use by another process", capture.slot),
-            "stop the other connector first: a slot has one reader",
+            format!("slot {} does not exist yet: `run` creates it", capture.slot),
         )),
-        Ok(Some(row)) => findings.push(Finding::ok(
-            COMPONENT,
-            format!("slot {} exists; `run` resumes after {}", capture.slot, row.get::<_, Option<String>>(1).unwrap_or_default()),
+        Ok(Some(row)) => findings.push(slot_finding(
+            &capture.slot,
+            row.get(0),
+            row.get::<_, Option<String>>(1).as_deref().unwrap_or("?"),
+            row.get(2),
+            row.get::<_, Option<String>>(3).as_deref().unwrap_or("?"),
         )),
         Err(e) => findings.push(failed("the replication slots", e)),
     }
@@ -330,6 +334,38 @@ fn explain_connect_error(err: &tokio_postgres::Error, target: &str, config: &Con
     })
 }
 
+/// What an existing slot means for `run`: whether it can resume, and how much WAL it makes
+/// the server keep (all of it since the connector last confirmed a position).
+fn slot_finding(
+    slot: &str,
+    active: bool,
+    confirmed: &str,
+    wal_status: Option<&str>,
+    retained: &str,
+) -> Finding {
+    match wal_status {
+        Some("lost") => Finding::problem(
+            COMPONENT,
+            format!("slot {slot} was invalidated: the server removed WAL it still needed (max_slot_wal_keep_size), so the changes after {confirmed} are gone from the log"),
+            format!("set snapshot.mode = \"when_needed\" (`run` drops the slot and takes a new snapshot), or drop it yourself (SELECT pg_drop_replication_slot('{slot}');) and use \"initial\""),
+        ),
+        _ if active => Finding::warning(
+            COMPONENT,
+            format!("slot {slot} is in use by another process"),
+            "stop the other connector first: a slot has one reader",
+        ),
+        Some("unreserved") => Finding::warning(
+            COMPONENT,
+            format!("slot {slot} holds {retained} of WAL, beyond max_slot_wal_keep_size: the server may remove it at the next checkpoint"),
+            "start the connector now, or the slot is lost and the tables must be captured again",
+        ),
+        _ => Finding::ok(
+            COMPONENT,
+            format!("slot {slot} exists; `run` resumes after {confirmed} (the server keeps {retained} of WAL for it)"),
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,6 +452,34 @@ mod tests {
                 "{:?}",
                 found[0]
             );
+        }
+    }
+
+    #[test]
+    fn a_slot_is_judged_by_whether_run_can_resume_from_it() {
+        let judged = |active, status| slot_finding("cdc", active, "0/16B3748", status, "3 GB");
+        let lost = judged(false, Some("lost"));
+        assert_eq!(lost.severity, Severity::Problem);
+        assert!(
+            lost.summary.contains("after 0/16B3748 are gone"),
+            "{lost:?}"
+        );
+        let fix = lost.fix.unwrap();
+        assert!(fix.contains("when_needed") && fix.contains("pg_drop_replication_slot('cdc')"));
+        let unreserved = judged(false, Some("unreserved"));
+        assert_eq!(unreserved.severity, Severity::Warning);
+        assert!(
+            unreserved.summary.contains("holds 3 GB of WAL"),
+            "{unreserved:?}"
+        );
+        assert_eq!(judged(true, Some("reserved")).severity, Severity::Warning);
+        assert_eq!(judged(true, Some("lost")).severity, Severity::Problem);
+        for status in [Some("reserved"), Some("extended"), None] {
+            let fine = judged(false, status);
+            assert_eq!(fine.severity, Severity::Ok);
+            assert!(fine
+                .summary
+                .contains("resumes after 0/16B3748 (the server keeps 3 GB of WAL for it)"));
         }
     }
 }
