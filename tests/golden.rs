@@ -58,8 +58,14 @@ fn value(json: &Json) -> Value {
 }
 
 fn row(json: &Json) -> Option<Row> {
-    json.as_object()
-        .map(|columns| Row::new(columns.iter().map(|(k, v)| (k.clone(), value(v))).collect()))
+    json.as_object().map(|columns| {
+        Row::new(
+            columns
+                .iter()
+                .map(|(k, v)| (k.as_str().into(), value(v)))
+                .collect(),
+        )
+    })
 }
 
 fn changes(recording: &Json) -> Vec<ChangeEvent> {
@@ -82,7 +88,7 @@ fn changes(recording: &Json) -> Vec<ChangeEvent> {
                     .as_array()
                     .unwrap()
                     .iter()
-                    .map(|k| k.as_str().unwrap().to_owned())
+                    .map(|k| k.as_str().unwrap().into())
                     .collect(),
                 before: row(&c["before"]),
                 after: row(&c["after"]),

@@ -106,7 +106,7 @@ pub struct ChangeEvent {
     pub source: Arc<SourceTable>,
     pub op: Operation,
     /// The key columns, in key order.
-    pub key: Vec<String>,
+    pub key: Vec<Arc<str>>,
     /// The row before the change, when the database provides it (updates and deletes with
     /// a full replica identity / full row image; deletes always carry at least the key).
     pub before: Option<Row>,

@@ -3,7 +3,10 @@
 
 use std::{
     fmt,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
 };
 
 use chrono::{DateTime, FixedOffset, NaiveDate, NaiveDateTime, NaiveTime};
@@ -96,14 +99,15 @@ impl fmt::Display for ExactDecimal {
 /// A row image: column names with their values, in table order.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Row {
-    columns: Vec<(String, Value)>,
+    /// Names are shared with the source's table layout: a row copies no name.
+    columns: Vec<(Arc<str>, Value)>,
     /// Columns whose value the source did not send (PostgreSQL's unchanged TOASTed values
     /// without an old row): absent from `columns`, never guessed.
     unavailable: Vec<String>,
 }
 
 impl Row {
-    pub fn new(columns: Vec<(String, Value)>) -> Self {
+    pub fn new(columns: Vec<(Arc<str>, Value)>) -> Self {
         Self {
             columns,
             unavailable: Vec::new(),
@@ -111,7 +115,7 @@ impl Row {
     }
 
     /// A row without the values of `unavailable`, which the source did not send.
-    pub fn with_unavailable(columns: Vec<(String, Value)>, unavailable: Vec<String>) -> Self {
+    pub fn with_unavailable(columns: Vec<(Arc<str>, Value)>, unavailable: Vec<String>) -> Self {
         Self {
             columns,
             unavailable,
@@ -138,12 +142,12 @@ impl Row {
     pub fn get(&self, column: &str) -> Option<&Value> {
         self.columns
             .iter()
-            .find(|(name, _)| name == column)
+            .find(|(name, _)| &**name == column)
             .map(|(_, v)| v)
     }
 
     pub fn columns(&self) -> impl Iterator<Item = (&str, &Value)> {
-        self.columns.iter().map(|(n, v)| (n.as_str(), v))
+        self.columns.iter().map(|(n, v)| (&**n, v))
     }
 }
 
@@ -205,14 +209,14 @@ impl Row {
     pub fn find(&self, column: &Column) -> Option<&Value> {
         let at = column.at.load(Ordering::Relaxed);
         if let Some((name, value)) = self.columns.get(at) {
-            if *name == column.name {
+            if **name == *column.name {
                 return Some(value);
             }
         }
         let at = self
             .columns
             .iter()
-            .position(|(name, _)| *name == column.name)?;
+            .position(|(name, _)| **name == *column.name)?;
         column.at.store(at, Ordering::Relaxed);
         Some(&self.columns[at].1)
     }
@@ -232,7 +236,7 @@ mod tests {
                 names
                     .iter()
                     .enumerate()
-                    .map(|(i, n)| ((*n).to_owned(), Value::Int(i as i64)))
+                    .map(|(i, n)| ((*n).into(), Value::Int(i as i64)))
                     .collect(),
             )
         };

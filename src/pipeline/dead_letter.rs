@@ -65,7 +65,7 @@ pub fn change_of(record: &Json) -> Result<(ChangeEvent, String), String> {
     };
     let key = record["key"]
         .as_array()
-        .and_then(|key| key.iter().map(|c| c.as_str().map(str::to_owned)).collect())
+        .and_then(|key| key.iter().map(|c| c.as_str().map(Into::into)).collect())
         .ok_or("the record has no `key` list of column names")?;
     let change = ChangeEvent {
         source: Arc::new(SourceTable::new(
@@ -128,7 +128,7 @@ fn image_of(columns: &Map<String, Json>) -> Result<Row, String> {
                 _ => return Err(format!("column `{name}` has no kind and text")),
             },
         };
-        values.push((name.clone(), value));
+        values.push((name.as_str().into(), value));
     }
     Ok(Row::with_unavailable(values, unavailable))
 }

@@ -208,7 +208,7 @@ impl ChangeDecoder {
             .transaction
             .as_mut()
             .ok_or(ChangeError::NoTransaction)?;
-        let key: Vec<String> = layout
+        let key: Vec<Arc<str>> = layout
             .columns
             .iter()
             .filter(|c| c.key)
@@ -276,14 +276,14 @@ fn full_row(layout: &Relation, tuple: &Tuple, before: Option<&Row>) -> Result<Ro
             Datum::UnchangedToast => match before.and_then(|row| row.get(&column.name)) {
                 Some(value) => value.clone(),
                 None => {
-                    unavailable.push(column.name.clone());
+                    unavailable.push(column.name.to_string());
                     continue;
                 }
             },
             Datum::Binary(_) => {
                 return Err(ChangeError::Binary {
                     table: table_name(layout),
-                    column: column.name.clone(),
+                    column: column.name.to_string(),
                 })
             }
         };
@@ -374,7 +374,7 @@ mod tests {
         };
         assert_eq!((first[0].ordinal, second[0].ordinal), (0, 1));
         assert_eq!(first[0].position, Position::Postgres(PgLsn(0x1000)));
-        assert_eq!(first[0].key, ["result_id"]);
+        assert_eq!(first[0].key, ["result_id".into()]);
         assert_eq!(first[0].source.qualified_name(), "lis.lab_result");
         assert_eq!(
             first[0].commit_time.unwrap().to_rfc3339(),

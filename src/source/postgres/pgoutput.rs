@@ -98,7 +98,8 @@ pub struct Relation {
 pub struct Column {
     /// Part of the replica identity key.
     pub key: bool,
-    pub name: String,
+    /// Shared with every row of the relation.
+    pub name: std::sync::Arc<str>,
     pub type_oid: u32,
     pub type_modifier: i32,
 }
@@ -297,7 +298,7 @@ pub fn decode(bytes: &[u8], streaming: bool) -> Result<Message, DecodeError> {
             for _ in 0..count {
                 columns.push(Column {
                     key: r.u8()? & 1 == 1,
-                    name: r.string()?,
+                    name: r.string()?.into(),
                     type_oid: r.u32()?,
                     type_modifier: r.i32()?,
                 });

@@ -260,12 +260,12 @@ impl TableReader {
             .prepare(&format!("SELECT * FROM {qualified}"))
             .await
             .map_err(fail)?;
-        let columns: Vec<(String, u32)> = statement
+        let columns: Vec<(Arc<str>, u32)> = statement
             .columns()
             .iter()
-            .map(|c| (c.name().to_owned(), c.type_().oid()))
+            .map(|c| (c.name().into(), c.type_().oid()))
             .collect();
-        let key: Vec<String> = client
+        let key: Vec<Arc<str>> = client
             .query(
                 "SELECT a.attname::text FROM pg_index i
                    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
@@ -276,7 +276,7 @@ impl TableReader {
             .await
             .map_err(fail)?
             .iter()
-            .map(|r| r.get(0))
+            .map(|r| r.get::<_, &str>(0).into())
             .collect();
         let source = Arc::new(SourceTable::new(
             self.connector.as_str(),
