@@ -133,7 +133,7 @@ impl CanonicalEvent {
         change.position.push_sort_key(&mut resource_version);
         resource_version.push('.');
         push_decimal(&mut resource_version, change.ordinal.into(), 10);
-        let source_position = change.position.to_string();
+        let source_position = change.position.text();
         let event_id = event_id(
             change,
             &source_position,

@@ -114,23 +114,42 @@ impl Position {
 
     /// [`Self::sort_key`], appended to `out`.
     pub fn push_sort_key(&self, out: &mut String) {
-        fn hex(out: &mut String, n: u64) {
-            const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
-            out.extend(
-                (0..16)
-                    .rev()
-                    .map(|i| char::from(DIGITS[((n >> (i * 4)) & 0xF) as usize])),
-            );
-        }
         match self {
-            Position::Postgres(lsn) => hex(out, lsn.0),
+            Position::Postgres(lsn) => push_hex(out, lsn.0, 16),
             Position::Mysql(pos) => {
                 use std::fmt::Write;
                 let _ = write!(out, "{:06}-", pos.file_sequence);
-                hex(out, pos.offset);
+                push_hex(out, pos.offset, 16);
             }
         }
     }
+
+    /// The position as [`fmt::Display`] writes it (`pg:0/16B3748`), without the formatting
+    /// machinery for the common case: every event carries one.
+    pub fn text(&self) -> String {
+        match self {
+            Position::Postgres(lsn) => {
+                let mut text = String::with_capacity(20);
+                text.push_str("pg:");
+                push_hex(&mut text, lsn.0 >> 32, 1);
+                text.push('/');
+                push_hex(&mut text, lsn.0 & 0xFFFF_FFFF, 1);
+                text
+            }
+            Position::Mysql(_) => self.to_string(),
+        }
+    }
+}
+
+/// `n` in upper-case hex digits, zero-padded to at least `width` (at most 16).
+fn push_hex(out: &mut String, n: u64, width: usize) {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    let digits = (16 - n.leading_zeros() as usize / 4).max(width.clamp(1, 16));
+    out.extend(
+        (0..digits)
+            .rev()
+            .map(|i| char::from(DIGITS[((n >> (i * 4)) & 0xF) as usize])),
+    );
 }
 
 impl fmt::Display for Position {
@@ -161,6 +180,14 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    proptest! {
+        #[test]
+        fn position_text_is_what_display_writes(lsn: u64) {
+            let position = Position::Postgres(PgLsn(lsn));
+            prop_assert_eq!(position.text(), position.to_string());
+        }
+    }
 
     #[test]
     fn lsn_text_is_postgres_text() {

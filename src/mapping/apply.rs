@@ -186,7 +186,13 @@ fn element_value(
             Err(RenderError::Missing(column)) => return Err(missing(&column)),
         },
         ValueSource::Reference { resource_type, id } => match resource_id(id, row) {
-            Ok(id) => Some(Cow::Owned(Value::Text(format!("{resource_type}/{id}")))),
+            Ok(id) => {
+                let mut reference = String::with_capacity(resource_type.len() + 1 + id.len());
+                reference.push_str(resource_type);
+                reference.push('/');
+                reference.push_str(&id);
+                Some(Cow::Owned(Value::Text(reference)))
+            }
             Err(RenderError::Null(_)) => None,
             Err(RenderError::Missing(column)) => return Err(missing(&column)),
         },

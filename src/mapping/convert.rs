@@ -41,7 +41,14 @@ pub fn text_of(value: &Value) -> Cow<'_, str> {
         Value::Text(s) | Value::Uuid(s) => Cow::Borrowed(s),
         Value::Decimal(d) => Cow::Borrowed(d.as_str()),
         Value::Bool(b) => Cow::Borrowed(if *b { "true" } else { "false" }),
-        Value::Int(i) => Cow::Owned(i.to_string()),
+        Value::Int(i) => {
+            let mut text = String::with_capacity(20);
+            if *i < 0 {
+                text.push('-');
+            }
+            push_decimal(&mut text, i.unsigned_abs(), 1);
+            Cow::Owned(text)
+        }
         Value::Float(f) => Cow::Owned(f.to_string()),
         Value::Bytes(b) => Cow::Owned(base64::engine::general_purpose::STANDARD.encode(b)),
         Value::Date(d) => Cow::Owned(d.to_string()),
@@ -319,6 +326,12 @@ mod tests {
             let mut out = String::new();
             push_decimal(&mut out, n, width);
             prop_assert_eq!(out, format!("{n:0width$}"));
+        }
+
+        #[test]
+        fn integers_are_written_as_display_writes_them(i in prop_oneof![Just(i64::MIN), Just(i64::MAX), Just(0i64), any::<i64>()]) {
+            let value = Value::Int(i);
+            prop_assert_eq!(text_of(&value), i.to_string());
         }
 
         #[test]
