@@ -77,7 +77,7 @@ fn a_value_that_does_not_fit_names_its_field() {
         .resource
         .as_mut()
         .unwrap()
-        .insert("status".into(), Element::Boolean(true));
+        .insert("status", Element::Boolean(true));
     let err = event_to_avro(&event, &schema).unwrap_err();
     assert_eq!(err.path, "resource.status");
 }

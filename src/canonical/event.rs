@@ -314,23 +314,23 @@ fn set_meta(resource: &mut Element, event: &CanonicalEvent, source: &Arc<str>) {
         _ => Vec::with_capacity(1),
     };
     security.push(Element::Object(vec![
-        (names.system.clone(), system.clone()),
-        (names.code.clone(), confidentiality.clone()),
+        (names.system, system.clone()),
+        (names.code, confidentiality.clone()),
     ]));
     let p = &event.provenance;
     let meta = Element::Object(vec![
         (
-            names.version_id.clone(),
+            names.version_id,
             Element::text(event.resource_version.clone()),
         ),
         (
-            names.last_updated.clone(),
+            names.last_updated,
             Element::text(instant(p.commit_time.unwrap_or(p.capture_time))),
         ),
-        (names.source.clone(), Element::Shared(source.clone())),
-        (names.security.clone(), Element::Array(security)),
+        (names.source, Element::Shared(source.clone())),
+        (names.security, Element::Array(security)),
     ]);
     // The mapper leaves `meta` right after `id`, where FHIR JSON puts it; replacing the value
     // keeps the place.
-    resource.insert(names.meta.clone(), meta);
+    resource.insert(names.meta, meta);
 }

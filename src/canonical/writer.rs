@@ -452,7 +452,7 @@ impl EventWriter {
             };
             let mut with_type = Vec::with_capacity(fields.len() + 1);
             with_type.push((
-                crate::fhir::names().resource_type.clone(),
+                crate::fhir::names().resource_type,
                 Element::text(resource_type.as_str()),
             ));
             with_type.extend(fields);
@@ -658,7 +658,7 @@ impl EventWriter {
                 let mut out = Vec::new();
                 for (i, (_, field)) in record.fields.iter().enumerate() {
                     if let Some(value) = self.read_element(*field, record.decimal[i], input)? {
-                        out.push((record.names[i].clone(), value));
+                        out.push((record.names[i], value));
                     }
                 }
                 (!out.is_empty()).then_some(Element::Object(out))
@@ -782,7 +782,7 @@ impl Compiler<'_> {
                             == Some("decimal"),
                     );
                 }
-                let names = fields.iter().map(|(n, _)| n.as_str().into()).collect();
+                let names = fields.iter().map(|(n, _)| crate::fhir::intern(n)).collect();
                 let by_name = fields
                     .iter()
                     .enumerate()

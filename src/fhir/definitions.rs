@@ -130,7 +130,7 @@ impl Segment {
                     return Err(format!("`{part}` is not an element name"));
                 }
                 Ok(Segment {
-                    name: name.into(),
+                    name: super::intern(name),
                     index,
                 })
             })
@@ -264,8 +264,8 @@ impl Definitions {
                 message,
             };
             let (definition, element, type_code) = self
-                .find_child(&container, &segment.name)
-                .ok_or_else(|| fail(self.unknown_child_message(&container, &segment.name)))?;
+                .find_child(&container, segment.name)
+                .ok_or_else(|| fail(self.unknown_child_message(&container, segment.name)))?;
             match (element.max, segment.index) {
                 (Some(1), Some(index)) => {
                     return Err(fail(format!(

@@ -2,15 +2,16 @@
 //!
 //! A mapped resource has a few dozen elements, is built once, compared once (no-op
 //! suppression) and written once (Avro). Objects are therefore vectors of named elements
-//! in the order the mapping wrote them, and the names are shared with the mapping
-//! ([`Name`], a reference-counted string), so building one costs no hashing and no name
-//! copies; and an element is small (32 bytes), so a resource is compact in memory. Leaves
+//! in the order the mapping wrote them, and the names are interned ([`Name`], a
+//! `&'static str`), so building one costs no hashing, no name copies and no reference
+//! counts; and an element is small (32 bytes), so a resource is compact in memory. Leaves
 //! are strings, exact numbers (FHIR decimals keep their digits) and booleans; FHIR JSON has
 //! no nulls. [`Element::to_json`] and serde give standard FHIR JSON, in order.
 
 use std::{
+    collections::HashSet,
     fmt,
-    sync::{Arc, LazyLock},
+    sync::{Arc, LazyLock, Mutex},
 };
 
 use serde::{
@@ -19,10 +20,28 @@ use serde::{
 };
 use serde_json::{Map, Number, Value as Json};
 
-/// An element name, shared between the mapping that writes it and every resource it fills.
-pub type Name = Arc<str>;
+/// An element name: interned once ([`intern`]) when a mapping, a schema or a definition is
+/// loaded, so that the resources that carry it copy a pointer, with no reference count.
+pub type Name = &'static str;
 
-/// The names fhir-cdc itself writes into resources, allocated once.
+/// The one copy of `name`. Names come from the FHIR definitions, mapping files and Avro
+/// schemas — a bounded set, each kept for the life of the process.
+pub fn intern(name: &str) -> Name {
+    static INTERNED: LazyLock<Mutex<HashSet<Name>>> = LazyLock::new(Mutex::default);
+    let mut interned = INTERNED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    match interned.get(name) {
+        Some(found) => found,
+        None => {
+            let leaked: Name = Box::leak(name.to_owned().into_boxed_str());
+            interned.insert(leaked);
+            leaked
+        }
+    }
+}
+
+/// The names fhir-cdc itself writes into resources.
 #[derive(Debug)]
 pub struct Names {
     pub resource_type: Name,
@@ -37,17 +56,17 @@ pub struct Names {
 }
 
 pub fn names() -> &'static Names {
-    static NAMES: LazyLock<Names> = LazyLock::new(|| Names {
-        resource_type: "resourceType".into(),
-        id: "id".into(),
-        meta: "meta".into(),
-        version_id: "versionId".into(),
-        last_updated: "lastUpdated".into(),
-        source: "source".into(),
-        security: "security".into(),
-        system: "system".into(),
-        code: "code".into(),
-    });
+    static NAMES: Names = Names {
+        resource_type: "resourceType",
+        id: "id",
+        meta: "meta",
+        version_id: "versionId",
+        last_updated: "lastUpdated",
+        source: "source",
+        security: "security",
+        system: "system",
+        code: "code",
+    };
     &NAMES
 }
 
@@ -145,9 +164,7 @@ impl Element {
             Json::Object(fields) => Element::Object(
                 fields
                     .into_iter()
-                    .filter_map(|(name, value)| {
-                        Some((Name::from(name), Element::from_json(value)?))
-                    })
+                    .filter_map(|(name, value)| Some((intern(&name), Element::from_json(value)?)))
                     .collect(),
             ),
         })
@@ -266,8 +283,8 @@ mod tests {
     #[test]
     fn insert_replaces_in_place_or_appends() {
         let mut e = element(json!({"id": "x", "meta": {}, "status": "final"}));
-        e.insert("meta".into(), Element::text("m"));
-        e.insert("note".into(), Element::text("n"));
+        e.insert("meta", Element::text("m"));
+        e.insert("note", Element::text("n"));
         assert_eq!(
             serde_json::to_string(&e).unwrap(),
             r#"{"id":"x","meta":"m","status":"final","note":"n"}"#

@@ -7,4 +7,4 @@ pub use definitions::{
     definitions, upper_first, Definitions, ElementInfo, ElementType, PathError, ResolvedPath,
     Segment, TypeKind,
 };
-pub use element::{names, Element, Name};
+pub use element::{intern, names, Element, Name};

@@ -106,26 +106,23 @@ impl ResourceMapping {
         }
         let names = names();
         let mut resource = Vec::with_capacity(self.elements.len() + 3);
-        resource.push((
-            names.resource_type.clone(),
-            Element::text(&*self.resource_type),
-        ));
-        resource.push((names.id.clone(), Element::text(id)));
+        resource.push((names.resource_type, Element::text(&*self.resource_type)));
+        resource.push((names.id, Element::text(id)));
         // The canonical layer fills `meta` in this place; a masked resource is labelled now.
         let mut meta = Vec::new();
         if masked {
             meta.push((
-                names.security.clone(),
+                names.security,
                 Element::Array(vec![Element::Object(vec![
                     (
-                        names.system.clone(),
+                        names.system,
                         Element::text("http://terminology.hl7.org/CodeSystem/v3-ObservationValue"),
                     ),
-                    (names.code.clone(), Element::text("MASKED")),
+                    (names.code, Element::text("MASKED")),
                 ])]),
             ));
         }
-        resource.push((names.meta.clone(), Element::Object(meta)));
+        resource.push((names.meta, Element::Object(meta)));
         self.shape
             .build(&mut values, &mut resource)
             .map_err(|broken| MapError {

@@ -1028,7 +1028,7 @@ impl Reader<'_> {
                 let filled = elements.iter().any(|e| {
                     e.path.len() > path.len()
                         && e.path[..path.len()] == path[..]
-                        && child_matches(child, &e.path[path.len()].name)
+                        && child_matches(child, e.path[path.len()].name)
                 });
                 if !filled {
                     let node = if path.is_empty() {
@@ -1071,7 +1071,7 @@ fn choice_groups(resource_type: &str, elements: &[ElementMapping]) -> Vec<Choice
             } else {
                 &resolved.nodes[depth - 1]
             };
-            if let Some(base) = definitions().choice_base(container, &segment.name) {
+            if let Some(base) = definitions().choice_base(container, segment.name) {
                 let names = groups
                     .entry((element.path[..depth].to_vec(), format!("{base}[x]")))
                     .or_default();

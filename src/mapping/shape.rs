@@ -132,7 +132,7 @@ impl Shape {
         }
         let child = self.push();
         if let Kind::Object(fields) = &mut self.nodes[object].kind {
-            fields.push((name.clone(), child));
+            fields.push((*name, child));
         }
         child
     }
@@ -195,7 +195,7 @@ impl Shape {
         };
         for (name, child) in root {
             if let Some(element) = self.build_node(*child, values, &mut present) {
-                fields.push((name.clone(), element));
+                fields.push((*name, element));
             }
         }
         for (i, (at, children)) in self.required.iter().enumerate() {
@@ -238,7 +238,7 @@ impl Shape {
                 let mut built = Vec::with_capacity(fields.len());
                 for (name, child) in fields {
                     if let Some(element) = self.build_node(*child, values, present) {
-                        built.push((name.clone(), element));
+                        built.push((*name, element));
                     }
                 }
                 (!built.is_empty()).then_some(Element::Object(built))
