@@ -735,10 +735,9 @@ type Refused = (usize, String, String);
 ///
 /// A batch of at least twice [`MIN_PART`] events is split by resource over the writers (a
 /// resource's events stay in one part, in order), each part applied in a transaction of its
-/// own connection, all at once. The
-/// offsets go into the first writer's transaction, which commits last: a crash before it
-/// leaves the offsets where they were, and the events of parts that did commit are read
-/// again and recognized by the ledger as duplicates.
+/// own connection, all at once. The offsets go into the first writer's transaction, which
+/// commits last: a crash before it leaves the offsets where they were, and the events of
+/// parts that did commit are read again and recognized by the ledger as duplicates.
 #[allow(clippy::too_many_arguments)]
 async fn apply_batch(
     writers: &mut [Writer],
