@@ -31,7 +31,7 @@ use tokio_postgres::NoTls;
 
 use super::{
     config::ProjectorConfig,
-    projection::{self, Coordinates, Row},
+    projection::{self, Coordinates, Entry, Prepared},
     projector::check,
 };
 use crate::{
@@ -267,6 +267,9 @@ pub async fn replay_messages(
     projection::migrate(&mut db, schema)
         .await
         .map_err(|e| format!("the projection database: {e}"))?;
+    let statement = projection::prepare(&db, schema)
+        .await
+        .map_err(|e| format!("the projection database: {e}"))?;
     let codec = EventCodec::new(&config.schema_registry);
     let producer = Producer::new(&config.kafka).map_err(|e| e.to_string())?;
     let mut outcomes = Vec::with_capacity(letters.len());
@@ -290,14 +293,18 @@ pub async fn replay_messages(
                     .unwrap_or(-1),
                 offset: record["offset"].as_i64().unwrap_or(-1),
             };
-            let row = Row::new(event, at, record["timestamp"].as_i64());
+            let event = Prepared::new(event);
+            let entry = Entry {
+                event: &event,
+                at: &at,
+                kafka_timestamp: record["timestamp"].as_i64(),
+            };
             let refused = |e: tokio_postgres::Error| match e.as_db_error() {
                 Some(db) => format!("the database refused it: {}", db.message()),
                 None => format!("the projection database: {e}"),
             };
             let tx = db.transaction().await.map_err(refused)?;
-            let statement = projection::prepare(&tx, schema).await.map_err(refused)?;
-            let counts = projection::apply(&tx, &statement, &[&row])
+            let counts = projection::apply(&tx, &statement, &[entry])
                 .await
                 .map_err(refused)?;
             let counts = projection::total(&counts);

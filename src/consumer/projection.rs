@@ -167,32 +167,27 @@ pub async fn store_offset(
     Ok(())
 }
 
-/// One event as the read model stores it, and where it was read: its resource already
-/// serialized, so that the transaction that writes it waits for nothing but the database.
+/// An event as the read model stores it: its resource and key already serialized, so that
+/// the transaction that writes it waits for nothing but the database.
 #[derive(Debug, Clone)]
-pub struct Row {
+pub struct Prepared {
     /// The event; its resource is in `body`.
     event: CanonicalEvent,
     body: Option<String>,
     primary_key: String,
-    pub at: Coordinates,
-    /// When Kafka took the message (milliseconds since the epoch), if known.
-    pub kafka_timestamp: Option<i64>,
 }
 
-impl Row {
-    pub fn new(mut event: CanonicalEvent, at: Coordinates, kafka_timestamp: Option<i64>) -> Self {
+impl Prepared {
+    pub fn new(mut event: CanonicalEvent) -> Self {
         let body = event
             .resource
             .take()
             .map(|r| serde_json::to_string(&r).unwrap_or_default());
         let primary_key = serde_json::to_string(&event.provenance.primary_key).unwrap_or_default();
-        Row {
+        Prepared {
             event,
             body,
             primary_key,
-            at,
-            kafka_timestamp,
         }
     }
 
@@ -202,6 +197,15 @@ impl Row {
         (&self.event.resource_type, &self.event.resource_id).hash(&mut hash);
         (hash.finish() % parts.max(1) as u64) as usize
     }
+}
+
+/// One event of a batch, and where it was read.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry<'a> {
+    pub event: &'a Prepared,
+    pub at: &'a Coordinates,
+    /// When Kafka took the message (milliseconds since the epoch), if known.
+    pub kafka_timestamp: Option<i64>,
 }
 
 /// How a batch went (for one topic, or all of them).
@@ -316,7 +320,7 @@ pub async fn prepare(
         .await
 }
 
-/// Apply `rows`, in order, inside `tx` with `statement` (from [`prepare`]) — set-based, one
+/// Apply `entries`, in order, inside `tx` with `statement` (from [`prepare`]) — set-based, one
 /// statement for the whole batch: an event id already in the history (or earlier in the
 /// batch) is a duplicate; an event whose version is not newer than the stored one, nor than
 /// those of the same resource earlier in the batch, is stale; the others go into the
@@ -324,49 +328,49 @@ pub async fn prepare(
 pub async fn apply(
     tx: &impl GenericClient,
     statement: &Statement,
-    rows: &[&Row],
+    entries: &[Entry<'_>],
 ) -> Result<TopicCounts, tokio_postgres::Error> {
-    // One array per column, of references into the rows.
-    fn column<'a, T>(rows: &[&'a Row], value: impl Fn(&'a Row) -> T) -> Vec<T> {
-        rows.iter().map(|r| value(r)).collect()
+    // One array per column, of references into the entries.
+    fn column<'a, T>(entries: &[Entry<'a>], value: impl Fn(Entry<'a>) -> T) -> Vec<T> {
+        entries.iter().map(|e| value(*e)).collect()
     }
-    fn e(r: &Row) -> &CanonicalEvent {
-        &r.event
+    fn e<'a>(entry: Entry<'a>) -> &'a CanonicalEvent {
+        &entry.event.event
     }
-    fn p(r: &Row) -> &Provenance {
-        &r.event.provenance
+    fn p<'a>(entry: Entry<'a>) -> &'a Provenance {
+        &entry.event.event.provenance
     }
     let rows = tx
         .query(
             statement,
             &[
-                &column(rows, |r| e(r).event_id.as_str()),
-                &column(rows, |r| e(r).resource_type.as_str()),
-                &column(rows, |r| e(r).resource_id.as_str()),
-                &column(rows, |r| e(r).resource_version.as_str()),
-                &column(rows, |r| match e(r).op {
+                &column(entries, |r| e(r).event_id.as_str()),
+                &column(entries, |r| e(r).resource_type.as_str()),
+                &column(entries, |r| e(r).resource_id.as_str()),
+                &column(entries, |r| e(r).resource_version.as_str()),
+                &column(entries, |r| match e(r).op {
                     EventOp::Upsert => "upsert",
                     EventOp::Delete => "delete",
                 }),
-                &column(rows, |r| r.body.as_deref()),
-                &column(rows, |r| &*p(r).source_system),
-                &column(rows, |r| &*p(r).connector),
-                &column(rows, |r| &*p(r).database_kind),
-                &column(rows, |r| &*p(r).database),
-                &column(rows, |r| &*p(r).schema),
-                &column(rows, |r| &*p(r).table),
-                &column(rows, |r| r.primary_key.as_str()),
-                &column(rows, |r| p(r).source_position.as_str()),
-                &column(rows, |r| p(r).transaction_id.as_deref()),
-                &column(rows, |r| p(r).commit_time),
-                &column(rows, |r| p(r).capture_time),
-                &column(rows, |r| &*p(r).mapping_id),
-                &column(rows, |r| &*p(r).mapping_version),
-                &column(rows, |r| p(r).snapshot),
-                &column(rows, |r| r.at.topic.as_str()),
-                &column(rows, |r| r.at.partition),
-                &column(rows, |r| r.at.offset),
-                &column(rows, |r| {
+                &column(entries, |r| r.event.body.as_deref()),
+                &column(entries, |r| &*p(r).source_system),
+                &column(entries, |r| &*p(r).connector),
+                &column(entries, |r| &*p(r).database_kind),
+                &column(entries, |r| &*p(r).database),
+                &column(entries, |r| &*p(r).schema),
+                &column(entries, |r| &*p(r).table),
+                &column(entries, |r| r.event.primary_key.as_str()),
+                &column(entries, |r| p(r).source_position.as_str()),
+                &column(entries, |r| p(r).transaction_id.as_deref()),
+                &column(entries, |r| p(r).commit_time),
+                &column(entries, |r| p(r).capture_time),
+                &column(entries, |r| &*p(r).mapping_id),
+                &column(entries, |r| &*p(r).mapping_version),
+                &column(entries, |r| p(r).snapshot),
+                &column(entries, |r| r.at.topic.as_str()),
+                &column(entries, |r| r.at.partition),
+                &column(entries, |r| r.at.offset),
+                &column(entries, |r| {
                     r.kafka_timestamp
                         .and_then(chrono::DateTime::from_timestamp_millis)
                 }),

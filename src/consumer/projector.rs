@@ -6,7 +6,9 @@
 //! its own, one batch ahead of the database, so that reading and applying overlap. Each batch
 //! is one database transaction: the rows, the history (the ledger of applied event ids)
 //! and the consumed offsets commit together, so a crash at any point leaves either all of
-//! a batch or none of it. The Kafka group offsets follow: committed after each batch, and
+//! a batch or none of it. (With `connections` above 1, a big batch is split over that many
+//! transactions, the offsets committed last with the first: see `apply_batch`.) The
+//! Kafka group offsets follow: committed after each batch, and
 //! at start set to the database's (a partition it has none for from its beginning), so that
 //! the group starts where the projection is. They may lag the database (a crash between the
 //! two commits, a partition moving to another process); on every assignment the projector
@@ -41,7 +43,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     config::ProjectorConfig,
-    projection::{self, Coordinates, Row, TopicCounts},
+    projection::{self, Coordinates, Entry, Prepared, TopicCounts},
 };
 use crate::{
     canonical::{registry::EventCodec, CanonicalEvent, EventOp},
@@ -153,7 +155,7 @@ struct Read {
     /// When Kafka took the message (ms since the epoch).
     timestamp: Option<i64>,
     /// The event, ready to write, or why it cannot be applied.
-    row: Result<Row, String>,
+    event: Result<Prepared, String>,
     key: Option<Vec<u8>>,
     payload: Vec<u8>,
     headers: Vec<(String, String)>,
@@ -639,7 +641,7 @@ async fn read(codec: &EventCodec, message: &BorrowedMessage<'_>) -> Result<Read,
     let mut wait = Duration::from_millis(200);
     let event = loop {
         match codec.decode(&payload).await {
-            Ok(event) => break check(event).map(|e| Row::new(e, at.clone(), timestamp)),
+            Ok(event) => break check(event).map(Prepared::new),
             Err(e) if e.is_transient() && wait <= Duration::from_secs(4) => {
                 warn!(error = %e, retry_in_ms = wait.as_millis(), "the schema registry failed; trying again");
                 tokio::time::sleep(wait).await;
@@ -668,7 +670,7 @@ async fn read(codec: &EventCodec, message: &BorrowedMessage<'_>) -> Result<Read,
     Ok(Read {
         at,
         timestamp,
-        row: event,
+        event,
         key: message.key().map(<[u8]>::to_vec),
         payload,
         headers,
@@ -753,15 +755,22 @@ async fn apply_batch(
     let mut refused: Vec<Refused> = batch
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| r.row.as_ref().err().map(|e| (i, e.clone(), e.clone())))
+        .filter_map(|(i, r)| r.event.as_ref().err().map(|e| (i, e.clone(), e.clone())))
         .collect();
     // Splitting pays only when there is much to write: the small batches of a quiet stream
     // stay on one connection (fewer round trips, less contention, lower latency).
     let split = writers.len().min(batch.len() / MIN_PART).max(1);
-    let mut parts: Vec<Vec<(usize, &Row)>> = (0..split).map(|_| Vec::new()).collect();
+    let mut parts: Vec<Vec<(usize, Entry<'_>)>> = (0..split).map(|_| Vec::new()).collect();
     for (i, read) in batch.iter().enumerate() {
-        if let Ok(row) = &read.row {
-            parts[row.part(split)].push((i, row));
+        if let Ok(event) = &read.event {
+            parts[event.part(split)].push((
+                i,
+                Entry {
+                    event,
+                    at: &read.at,
+                    kafka_timestamp: read.timestamp,
+                },
+            ));
         }
     }
     let applied = futures_util::future::try_join_all(
@@ -859,22 +868,24 @@ async fn apply_batch(
     Ok(())
 }
 
-/// Apply `rows` in a transaction of `writer`, left open: in one statement, or, should the
+/// Apply `entries` in a transaction of `writer`, left open: in one statement, or, should the
 /// database refuse it, event by event under savepoints, so that only what it refuses is
 /// set aside. A refusal that says nothing about an event (a deadlock, a timeout, a server
 /// short of resources, a lost connection) fails the batch instead.
 async fn apply_part<'c>(
     writer: &'c mut Writer,
-    rows: &[(usize, &Row)],
+    entries: &[(usize, Entry<'_>)],
 ) -> Result<(Transaction<'c>, TopicCounts, Vec<Refused>), ProjectError> {
     let Writer { client, statement } = writer;
     let mut tx = client.transaction().await?;
     let mut counts = TopicCounts::new();
     let mut refused = Vec::new();
-    if rows.is_empty() {
+    if entries.is_empty() {
         return Ok((tx, counts, refused));
     }
-    let all: Vec<&Row> = rows.iter().map(|(_, r)| *r).collect();
+    let all: Vec<Entry<'_>> = entries.iter().map(|(_, e)| *e).collect();
+    // Under a savepoint, not a transaction of its own: the transaction must outlive a
+    // refusal, to be tried again event by event.
     let whole = tx.savepoint("batch").await?;
     match projection::apply(&whole, statement, &all).await {
         Ok(applied) => {
@@ -886,9 +897,9 @@ async fn apply_part<'c>(
             whole.rollback().await?;
         }
     }
-    for (i, row) in rows {
+    for (i, entry) in entries {
         let savepoint = tx.savepoint("event").await?;
-        match projection::apply(&savepoint, statement, &[row]).await {
+        match projection::apply(&savepoint, statement, &[*entry]).await {
             Ok(one) => {
                 savepoint.commit().await?;
                 for (topic, one) in one {
