@@ -151,7 +151,8 @@ impl Element {
     }
 
     /// From FHIR JSON; `None` for a JSON `null`, and nulls inside are left out (FHIR JSON
-    /// has none: an element is present with a value or absent).
+    /// has none: an element is present with a value or absent). Its names are interned for
+    /// good: for trusted FHIR JSON (fixtures, tests), never for arbitrary input.
     pub fn from_json(json: Json) -> Option<Self> {
         Some(match json {
             Json::Null => return None,
