@@ -292,6 +292,35 @@ fn capture_prerequisites_of_the_mapped_tables_are_named() {
             outcome.stdout
         );
     }
+
+    // A slot that exists: where `run` resumes, and how much WAL the server keeps for it.
+    let slot = format!("{schema}_slot");
+    execute(&format!(
+        "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput');"
+    ));
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap().replace(
+            "# slot.name = \"fhir_cdc_lab_postgres\"",
+            &format!("slot.name = \"{slot}\""),
+        ),
+    )
+    .unwrap();
+    let outcome = check(&config, &[]);
+    execute(&format!("SELECT pg_drop_replication_slot('{slot}');"));
+    let line = outcome
+        .stdout
+        .lines()
+        .find(|l| l.contains(&format!("slot {slot} ")))
+        .unwrap_or_else(|| panic!("no line on slot {slot} in:\n{}", outcome.stdout));
+    assert!(
+        line.starts_with(&format!(
+            "ok    postgres  slot {slot} exists; `run` resumes after "
+        )) && line.contains("(the server keeps ")
+            && line.ends_with(" of WAL for it)"),
+        "{line}"
+    );
+
     execute(&format!("DROP SCHEMA {schema} CASCADE;"));
     std::fs::remove_dir_all(dir).unwrap();
 }
