@@ -104,8 +104,8 @@ fn main() {
         .map(|c| mapper.map(c).events.remove(0))
         .collect();
     let budget = Duration::from_secs(3);
-    // `cargo bench --bench map_encode -- map` (or `-- encode`, `-- apply`) runs only that
-    // loop, for profiling.
+    // `cargo bench --bench map_encode -- map` (or `-- encode`, `-- apply`, `-- both`) runs
+    // only that loop, for profiling.
     if std::env::args().any(|a| a == "apply") {
         // The resource alone, without the event around it.
         let observation = &mappings_of_results[0].resources[0];
@@ -135,6 +135,19 @@ fn main() {
             black_box(&buffer);
         });
         println!("encode {encode:.0} events/s");
+        return;
+    }
+
+    if std::env::args().any(|a| a == "both") {
+        let writer = EventWriter::new(&schema).unwrap();
+        let mut buffer = Vec::with_capacity(4096);
+        let both = rate(&changes, budget * 3, |c| {
+            let event = mapper.map(c).events.remove(0);
+            buffer.clear();
+            writer.write(&event, &mut buffer).unwrap();
+            black_box(&buffer);
+        });
+        println!("map + encode {both:.0} events/s");
         return;
     }
 

@@ -204,7 +204,7 @@ fn to_json<'s>(
         (Value::Long(l), _) => Json::from(*l),
         (Value::String(s), _) if fhir_type == Some("decimal") => crate::mapping::to_fhir(
             &crate::change::Value::Text(s.clone()),
-            "decimal",
+            crate::mapping::Primitive::Decimal,
             &Default::default(),
         )
         .map_err(|_| fail(path, "a decimal field holds no decimal"))?

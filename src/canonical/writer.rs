@@ -52,8 +52,12 @@ struct Record {
     /// Field name → index into `fields`.
     by_name: FxHashMap<String, usize>,
     /// Per field, the byte an absent value is written as (a nullable's null branch, an
-    /// empty array); `None` for fields that cannot be absent, or are written as nothing.
-    absent: Vec<Option<u8>>,
+    /// empty array); 0 where `run_end` says there is none.
+    absent: Vec<u8>,
+    /// Per field, the end of the run of fields from it on whose absence is one known byte:
+    /// a run of absent fields is one copy from `absent`. Equal to the field's own index
+    /// when it cannot be absent, or is written as nothing.
+    run_end: Vec<usize>,
 }
 
 /// The compiled writer of one event schema.
@@ -86,13 +90,22 @@ impl EventWriter {
         };
         for i in 0..nodes.len() {
             if let Node::Record(record) = &nodes[i] {
-                let absent = record
+                let bytes: Vec<Option<u8>> = record
                     .fields
                     .iter()
                     .map(|(_, field)| absent_byte(&nodes[*field]))
                     .collect();
+                let mut run_end = vec![bytes.len(); bytes.len()];
+                for at in (0..bytes.len()).rev() {
+                    if bytes[at].is_none() {
+                        run_end[at] = at;
+                    } else if at + 1 < bytes.len() {
+                        run_end[at] = run_end[at + 1];
+                    }
+                }
                 if let Node::Record(record) = &mut nodes[i] {
-                    record.absent = absent;
+                    record.absent = bytes.iter().map(|b| b.unwrap_or(0)).collect();
+                    record.run_end = run_end;
                 }
             }
         }
@@ -333,7 +346,10 @@ impl EventWriter {
                 let mut next = 0;
                 for (name, value) in object {
                     let index = match record.names.get(next) {
-                        Some(expected) if **expected == **name => Some(next),
+                        // Names are interned: mostly the same pointer.
+                        Some(expected) if std::ptr::eq(*expected, *name) || expected == name => {
+                            Some(next)
+                        }
                         _ => record.by_name.get(&**name).copied(),
                     };
                     match index {
@@ -347,16 +363,38 @@ impl EventWriter {
                     }
                 }
                 present.sort_unstable_by_key(|(index, _)| *index);
-                let mut present = present.into_iter().peekable();
-                for (index, (name, field)) in record.fields.iter().enumerate() {
-                    match present.next_if(|(at, _)| *at == index) {
-                        Some((_, value)) => self.write_element(*field, Some(value), out, name)?,
-                        None => match record.absent[index] {
-                            Some(byte) => out.push(byte),
-                            None => self.write_element(*field, None, out, name)?,
-                        },
+                let mut written = 0;
+                for (index, value) in present {
+                    if index < written {
+                        return Err(shape(&record.fields[index].0, "an element given twice"));
                     }
+                    self.write_absent(record, written..index, out)?;
+                    let (name, field) = &record.fields[index];
+                    self.write_element(*field, Some(value), out, name)?;
+                    written = index + 1;
                 }
+                self.write_absent(record, written..record.fields.len(), out)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The fields `range` of `record`, all absent.
+    fn write_absent(
+        &self,
+        record: &Record,
+        range: std::ops::Range<usize>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), AvroShapeError> {
+        let mut at = range.start;
+        while at < range.end {
+            let end = record.run_end[at].min(range.end);
+            out.extend_from_slice(&record.absent[at..end]);
+            at = end;
+            if at < range.end {
+                let (name, field) = &record.fields[at];
+                self.write_element(*field, None, out, name)?;
+                at += 1;
             }
         }
         Ok(())
@@ -794,6 +832,7 @@ impl Compiler<'_> {
                     decimal,
                     by_name,
                     absent: Vec::new(),
+                    run_end: Vec::new(),
                 });
                 index
             }

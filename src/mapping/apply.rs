@@ -244,7 +244,7 @@ fn element_value(
             Cow::Owned(Value::Text(hex::encode(&mac.finalize().into_bytes()[..16])))
         }
     };
-    let fhir = to_fhir(&value, &element.fhir_type, &element.conversion)
+    let fhir = to_fhir(&value, element.fhir_type, &element.conversion)
         .map_err(|e| fail(format!("{}: {e}", element.definition)))?;
     if let (Some(codes), Some(code)) = (element.required_codes, fhir.as_str()) {
         if !codes.contains(code) {

@@ -33,6 +33,91 @@ pub struct Conversion {
 const DEFAULT_TRUE: [&str; 6] = ["true", "t", "y", "yes", "1", "on"];
 const DEFAULT_FALSE: [&str; 6] = ["false", "f", "n", "no", "0", "off"];
 
+/// The FHIR primitive types mappings fill: an element's type, resolved once when its
+/// mapping is loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Primitive {
+    Boolean,
+    Integer,
+    PositiveInt,
+    UnsignedInt,
+    Decimal,
+    String,
+    Markdown,
+    Code,
+    Id,
+    Uri,
+    Url,
+    Canonical,
+    Oid,
+    Uuid,
+    Date,
+    DateTime,
+    Instant,
+    Time,
+    Base64Binary,
+}
+
+impl Primitive {
+    const ALL: [Primitive; 19] = [
+        Primitive::Boolean,
+        Primitive::Integer,
+        Primitive::PositiveInt,
+        Primitive::UnsignedInt,
+        Primitive::Decimal,
+        Primitive::String,
+        Primitive::Markdown,
+        Primitive::Code,
+        Primitive::Id,
+        Primitive::Uri,
+        Primitive::Url,
+        Primitive::Canonical,
+        Primitive::Oid,
+        Primitive::Uuid,
+        Primitive::Date,
+        Primitive::DateTime,
+        Primitive::Instant,
+        Primitive::Time,
+        Primitive::Base64Binary,
+    ];
+
+    /// The type named `code` in the FHIR definitions; `None` for one fhir-cdc cannot fill
+    /// (`xhtml`).
+    pub fn of(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == code)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Primitive::Boolean => "boolean",
+            Primitive::Integer => "integer",
+            Primitive::PositiveInt => "positiveInt",
+            Primitive::UnsignedInt => "unsignedInt",
+            Primitive::Decimal => "decimal",
+            Primitive::String => "string",
+            Primitive::Markdown => "markdown",
+            Primitive::Code => "code",
+            Primitive::Id => "id",
+            Primitive::Uri => "uri",
+            Primitive::Url => "url",
+            Primitive::Canonical => "canonical",
+            Primitive::Oid => "oid",
+            Primitive::Uuid => "uuid",
+            Primitive::Date => "date",
+            Primitive::DateTime => "dateTime",
+            Primitive::Instant => "instant",
+            Primitive::Time => "time",
+            Primitive::Base64Binary => "base64Binary",
+        }
+    }
+}
+
+impl std::fmt::Display for Primitive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A value's text, as templates, conditions and code tables see it: decimals exact,
 /// dates and times in ISO 8601, bytes in base64.
 pub fn text_of(value: &Value) -> Cow<'_, str> {
@@ -60,10 +145,15 @@ pub fn text_of(value: &Value) -> Cow<'_, str> {
 }
 
 /// Convert `value` (not NULL) to the FHIR primitive type `fhir_type`, as a FHIR value.
-pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Result<Element, String> {
+pub fn to_fhir(
+    value: &Value,
+    fhir_type: Primitive,
+    conversion: &Conversion,
+) -> Result<Element, String> {
+    use Primitive as P;
     let refuse = || format!("a {} value cannot become a FHIR {fhir_type}", value.kind());
     match fhir_type {
-        "boolean" => match value {
+        P::Boolean => match value {
             Value::Bool(b) => Ok(Element::Boolean(*b)),
             Value::Int(0) => Ok(Element::Boolean(false)),
             Value::Int(1) => Ok(Element::Boolean(true)),
@@ -86,7 +176,7 @@ pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Resul
             }
             _ => Err(refuse()),
         },
-        "integer" | "positiveInt" | "unsignedInt" => {
+        P::Integer | P::PositiveInt | P::UnsignedInt => {
             let number: i64 = match value {
                 Value::Int(i) => *i,
                 Value::Decimal(d) => integral(d.as_str()).ok_or_else(refuse)?,
@@ -94,8 +184,8 @@ pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Resul
                 _ => return Err(refuse()),
             };
             let min = match fhir_type {
-                "positiveInt" => 1,
-                "unsignedInt" => 0,
+                P::PositiveInt => 1,
+                P::UnsignedInt => 0,
                 _ => i64::from(i32::MIN),
             };
             if number < min || number > i64::from(i32::MAX) {
@@ -103,7 +193,7 @@ pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Resul
             }
             Ok(Element::Number(number.into()))
         }
-        "decimal" => {
+        P::Decimal => {
             let text = match value {
                 Value::Decimal(d) => d.as_str().to_owned(),
                 Value::Int(i) => i.to_string(),
@@ -122,14 +212,14 @@ pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Resul
                     .to_owned(),
                 _ => return Err(refuse()),
             };
-            decimal(&text).ok_or_else(refuse)
+            decimal(text).ok_or_else(refuse)
         }
-        "string" | "markdown" => match value {
+        P::String | P::Markdown => match value {
             Value::Bytes(_) => Err(refuse()),
             Value::Text(s) if conversion.trim => Ok(Element::String(s.trim().to_owned())),
             other => Ok(Element::String(text_of(other).into_owned())),
         },
-        "code" | "id" | "uri" | "url" | "canonical" | "oid" | "uuid" => match value {
+        P::Code | P::Id | P::Uri | P::Url | P::Canonical | P::Oid | P::Uuid => match value {
             Value::Bytes(_) | Value::Json(_) => Err(refuse()),
             other => {
                 let text = text_of(other);
@@ -137,18 +227,18 @@ pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Resul
                 if text.is_empty() {
                     return Err(format!("an empty text cannot be a FHIR {fhir_type}"));
                 }
-                if fhir_type == "id" && !is_fhir_id(text) {
+                if fhir_type == P::Id && !is_fhir_id(text) {
                     return Err("the text is not a valid FHIR id ([A-Za-z0-9-.]{1,64})".into());
                 }
                 let single_spaces =
                     !text.split(' ').any(str::is_empty) && !text.contains(['\t', '\n', '\r']);
-                if fhir_type == "code" && !single_spaces {
+                if fhir_type == P::Code && !single_spaces {
                     return Err("a FHIR code cannot contain runs of whitespace".into());
                 }
                 Ok(Element::String(text.to_owned()))
             }
         },
-        "date" => match value {
+        P::Date => match value {
             Value::Date(d) => Ok(Element::String(d.format("%Y-%m-%d").to_string())),
             Value::Timestamp(ts) => Ok(Element::String(ts.format("%Y-%m-%d").to_string())),
             Value::TimestampTz(ts) => Ok(Element::String(
@@ -157,8 +247,8 @@ pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Resul
             Value::Text(s) if is_partial_date(s.trim()) => Ok(Element::String(s.trim().to_owned())),
             _ => Err(refuse()),
         },
-        "dateTime" | "instant" => {
-            let instant = fhir_type == "instant";
+        P::DateTime | P::Instant => {
+            let instant = fhir_type == P::Instant;
             match value {
                 Value::Date(d) if !instant => Ok(Element::String(d.to_string())),
                 Value::TimestampTz(ts) => Ok(Element::String(rfc3339(&in_zone(ts, conversion)))),
@@ -183,25 +273,41 @@ pub fn to_fhir(value: &Value, fhir_type: &str, conversion: &Conversion) -> Resul
                 _ => Err(refuse()),
             }
         }
-        "time" => match value {
+        P::Time => match value {
             Value::Time(t) => Ok(Element::String(t.format("%H:%M:%S%.f").to_string())),
             Value::Timestamp(ts) => Ok(Element::String(ts.format("%H:%M:%S%.f").to_string())),
             _ => Err(refuse()),
         },
-        "base64Binary" => match value {
+        P::Base64Binary => match value {
             Value::Bytes(b) => Ok(Element::String(
                 base64::engine::general_purpose::STANDARD.encode(b),
             )),
             _ => Err(refuse()),
         },
-        _ => Err(format!("fhir-cdc cannot fill FHIR {fhir_type} elements")),
     }
 }
 
-/// A FHIR decimal with exactly these digits.
-fn decimal(text: &str) -> Option<Element> {
-    // serde_json keeps the digits (arbitrary_precision).
-    text.parse::<serde_json::Number>().ok().map(Element::Number)
+/// A FHIR decimal with exactly these digits, if they are one: `-?(0|[1-9][0-9]*)(\.[0-9]+)?`
+/// (the values that reach here have no exponent: exact decimals and shortest doubles
+/// refuse them).
+fn decimal(text: String) -> Option<Element> {
+    let digits = |s: &[u8]| s.iter().take_while(|b| b.is_ascii_digit()).count();
+    let bytes = text.as_bytes();
+    let mut at = usize::from(bytes.first() == Some(&b'-'));
+    let int = digits(&bytes[at..]);
+    if int == 0 || (int > 1 && bytes[at] == b'0') {
+        return None;
+    }
+    at += int;
+    if bytes.get(at) == Some(&b'.') {
+        let fraction = digits(&bytes[at + 1..]);
+        if fraction == 0 {
+            return None;
+        }
+        at += 1 + fraction;
+    }
+    // serde_json keeps the digits (arbitrary_precision); checked above, so not parsed again.
+    (at == bytes.len()).then(|| Element::Number(serde_json::Number::from_string_unchecked(text)))
 }
 
 fn integral(text: &str) -> Option<i64> {
@@ -278,6 +384,12 @@ pub fn rfc3339(ts: &DateTime<FixedOffset>) -> String {
 
 /// `n` in decimal digits, zero-padded to at least `width` (at most 20).
 pub fn push_decimal(out: &mut String, mut n: u64, width: usize) {
+    // The fields of dates and times.
+    if width == 2 && n < 100 {
+        out.push(char::from(b'0' + (n / 10) as u8));
+        out.push(char::from(b'0' + (n % 10) as u8));
+        return;
+    }
     let mut buf = [b'0'; 20];
     let mut start = buf.len();
     while n > 0 || start > buf.len() - width.max(1) {
@@ -322,10 +434,17 @@ mod tests {
 
     proptest! {
         #[test]
-        fn decimals_are_written_as_format_writes_them(n: u64, width in 0usize..=20) {
+        fn decimals_are_written_as_format_writes_them(n in prop_oneof![0u64..200, any::<u64>()], width in 0usize..=20) {
             let mut out = String::new();
             push_decimal(&mut out, n, width);
             prop_assert_eq!(out, format!("{n:0width$}"));
+        }
+
+        #[test]
+        fn a_decimal_is_what_json_reads_as_a_number(text in "-?[0-9]{0,3}(\\.[0-9]{0,2})?|[-+0-9.]{0,8}") {
+            let ours = decimal(text.clone()).map(|n| n.to_json().to_string());
+            let json = text.parse::<serde_json::Number>().ok().map(|n| n.to_string());
+            prop_assert_eq!(ours, json);
         }
 
         #[test]
@@ -348,6 +467,7 @@ mod tests {
     }
 
     fn convert(value: Value, fhir_type: &str) -> Result<String, String> {
+        let fhir_type = Primitive::of(fhir_type).unwrap();
         to_fhir(&value, fhir_type, &Conversion::default()).map(|e| e.to_json().to_string())
     }
 
@@ -382,10 +502,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            to_fhir(&Value::Text("j".into()), "boolean", &custom).unwrap(),
+            to_fhir(&Value::Text("j".into()), Primitive::Boolean, &custom).unwrap(),
             Element::Boolean(true)
         );
-        assert!(to_fhir(&Value::Text("Y".into()), "boolean", &custom).is_err());
+        assert!(to_fhir(&Value::Text("Y".into()), Primitive::Boolean, &custom).is_err());
     }
 
     #[test]
@@ -400,16 +520,18 @@ mod tests {
             zone: Some(chrono_tz::America::Chicago),
             ..Default::default()
         };
-        let json = to_fhir(&Value::Timestamp(naive), "instant", &chicago).unwrap();
+        let json = to_fhir(&Value::Timestamp(naive), Primitive::Instant, &chicago).unwrap();
         assert_eq!(json, Element::text("2024-03-05T14:30:00.250-06:00"));
         // 02:30 on 2024-03-10 does not exist in Chicago.
         let gap = NaiveDate::from_ymd_opt(2024, 3, 10)
             .unwrap()
             .and_hms_opt(2, 30, 0)
             .unwrap();
-        assert!(to_fhir(&Value::Timestamp(gap), "dateTime", &chicago)
-            .unwrap_err()
-            .contains("daylight-saving gap"));
+        assert!(
+            to_fhir(&Value::Timestamp(gap), Primitive::DateTime, &chicago)
+                .unwrap_err()
+                .contains("daylight-saving gap")
+        );
         assert_eq!(
             convert(Value::Timestamp(naive), "date").unwrap(),
             "\"2024-03-05\""
@@ -446,14 +568,14 @@ mod tests {
         fn timestamptz_round_trips_through_fhir_instant(secs in 0i64..4_000_000_000, micros in 0u32..1_000_000, offset_min in -720i32..=840) {
             let offset = FixedOffset::east_opt(offset_min * 60).unwrap();
             let ts = DateTime::from_timestamp(secs, micros * 1000).unwrap().with_timezone(&offset);
-            let Element::String(text) = to_fhir(&Value::TimestampTz(ts), "instant", &Conversion::default()).unwrap() else { panic!() };
+            let Element::String(text) = to_fhir(&Value::TimestampTz(ts), Primitive::Instant, &Conversion::default()).unwrap() else { panic!() };
             prop_assert_eq!(DateTime::parse_from_rfc3339(&text).unwrap(), ts);
         }
 
         #[test]
         fn decimal_text_round_trips_through_fhir_json(int in "-?[1-9][0-9]{0,25}", frac in "[0-9]{0,25}") {
             let text = if frac.is_empty() { int } else { format!("{int}.{frac}") };
-            let json = to_fhir(&Value::Decimal(ExactDecimal::parse(&text).unwrap()), "decimal", &Conversion::default()).unwrap();
+            let json = to_fhir(&Value::Decimal(ExactDecimal::parse(&text).unwrap()), Primitive::Decimal, &Conversion::default()).unwrap();
             prop_assert_eq!(json.to_json().to_string(), text);
         }
     }

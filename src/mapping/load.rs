@@ -13,7 +13,7 @@ use marked_yaml::{types::MarkedMappingNode, LoaderOptions, Node, Span};
 use sha2::{Digest, Sha256};
 
 use super::{
-    convert::{to_fhir, Conversion},
+    convert::{to_fhir, Conversion, Primitive},
     location::{LoadError, LoadErrors, Location},
     model::{
         ChoiceGroup, Condition, ElementMapping, Mapping, Protect, RequiredNode, ResourceMapping,
@@ -733,10 +733,17 @@ impl Reader<'_> {
         let leaf = resolved.leaf;
         let what = format!("{resource_type}.{path_text}");
         let location = self.location(key_span);
+        let Some(fhir_type) = Primitive::of(&leaf.code) else {
+            self.error(
+                key_span,
+                format!("{what}: fhir-cdc cannot fill FHIR {} elements", leaf.code),
+            );
+            return None;
+        };
         let mut element = ElementMapping {
             path,
             source: ValueSource::Template(Template::parse("").ok()?),
-            fhir_type: leaf.code.clone(),
+            fhir_type,
             required_codes: leaf.required_codes,
             definition: leaf.definition.clone(),
             required: false,
@@ -928,7 +935,7 @@ impl Reader<'_> {
         let constant = |text: &str| {
             to_fhir(
                 &Value::Text(text.to_owned()),
-                &element.fhir_type,
+                element.fhir_type,
                 &element.conversion,
             )
             .ok()
@@ -987,7 +994,7 @@ impl Reader<'_> {
         for (text, role) in fixed {
             if let Err(e) = to_fhir(
                 &Value::Text(text.clone()),
-                &element.fhir_type,
+                element.fhir_type,
                 &element.conversion,
             ) {
                 self.error(span, format!("{what}: {role} `{text}` does not fit: {e}"));

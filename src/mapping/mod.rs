@@ -15,7 +15,7 @@ mod template;
 
 pub use self::{
     apply::{resource_id, MapContext, MapError},
-    convert::{push_decimal, rfc3339, text_of, to_fhir, Conversion},
+    convert::{push_decimal, rfc3339, text_of, to_fhir, Conversion, Primitive},
     load::{load_dir, load_file, load_str, CODE_TABLE_SUFFIX},
     location::{LoadError, LoadErrors, Location},
     mapper::{MapFailure, MapOutcome, Mapper},

@@ -6,7 +6,12 @@ use std::{
     sync::Arc,
 };
 
-use super::{convert::Conversion, location::Location, shape::Shape, template::Template};
+use super::{
+    convert::{Conversion, Primitive},
+    location::Location,
+    shape::Shape,
+    template::Template,
+};
 use crate::{change::Column, fhir::Segment};
 
 /// One mapping file: rows of one source table to one or more FHIR resources.
@@ -113,7 +118,7 @@ pub struct ElementMapping {
     pub path: Vec<Segment>,
     pub source: ValueSource,
     /// The FHIR primitive type of the element.
-    pub fhir_type: String,
+    pub fhir_type: Primitive,
     /// The codes a required binding allows.
     pub required_codes: Option<&'static HashSet<String>>,
     /// The definition path, for messages (`Observation.status`).

@@ -188,7 +188,8 @@ impl Shape {
         values: &mut [Option<Element>],
         fields: &mut Vec<(Name, Element)>,
     ) -> Result<(), Broken> {
-        let mut present = vec![false; self.nodes.len()];
+        let mut present: smallvec::SmallVec<[bool; 64]> =
+            smallvec::smallvec![false; self.nodes.len()];
         present[0] = true;
         let Kind::Object(root) = &self.nodes[0].kind else {
             unreachable!("the resource is an object")
