@@ -1,6 +1,6 @@
 //! The canonical event: one version of one FHIR resource, with where it came from.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
@@ -96,7 +96,7 @@ impl CanonicalEvent {
         let resource_type = text("resourceType");
         let resource_id = text("id");
         let mut event = Self::new(origin, resource_type, resource_id, EventOp::Upsert);
-        set_meta(&mut resource, &event, &origin.change.source.urn);
+        set_meta(&mut resource, &event, origin.change.source.urn);
         event.resource = Some(resource);
         event
     }
@@ -289,20 +289,10 @@ mod rfc3339 {
 
 /// `meta.versionId`, `meta.lastUpdated` and `meta.source` from the envelope, and the
 /// confidentiality label of the sensitivity, keeping labels the mapping set (MASKED).
-fn set_meta(resource: &mut Element, event: &CanonicalEvent, source: &Arc<str>) {
-    /// The confidentiality label's system and codes, shared by every event.
-    static LABELS: LazyLock<[Element; 3]> = LazyLock::new(|| {
-        [
-            "http://terminology.hl7.org/CodeSystem/v3-Confidentiality",
-            "R",
-            "N",
-        ]
-        .map(|text| Element::Shared(text.into()))
-    });
-    let [system, restricted, normal] = &*LABELS;
+fn set_meta(resource: &mut Element, event: &CanonicalEvent, source: &'static str) {
     let confidentiality = match event.sensitivity {
-        Sensitivity::Restricted => restricted,
-        Sensitivity::Normal => normal,
+        Sensitivity::Restricted => "R",
+        Sensitivity::Normal => "N",
     };
     let names = names();
     let mut security = match resource
@@ -314,8 +304,11 @@ fn set_meta(resource: &mut Element, event: &CanonicalEvent, source: &Arc<str>) {
         _ => Vec::with_capacity(1),
     };
     security.push(Element::Object(vec![
-        (names.system, system.clone()),
-        (names.code, confidentiality.clone()),
+        (
+            names.system,
+            Element::Shared("http://terminology.hl7.org/CodeSystem/v3-Confidentiality"),
+        ),
+        (names.code, Element::Shared(confidentiality)),
     ]));
     let p = &event.provenance;
     let meta = Element::Object(vec![
@@ -327,7 +320,7 @@ fn set_meta(resource: &mut Element, event: &CanonicalEvent, source: &Arc<str>) {
             names.last_updated,
             Element::text(instant(p.commit_time.unwrap_or(p.capture_time))),
         ),
-        (names.source, Element::Shared(source.clone())),
+        (names.source, Element::Shared(source)),
         (names.security, Element::Array(security)),
     ]);
     // The mapper leaves `meta` right after `id`, where FHIR JSON puts it; replacing the value

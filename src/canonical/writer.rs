@@ -38,7 +38,8 @@ enum Node {
         value: u8,
         node: usize,
     },
-    Record(Record),
+    /// Boxed: records are few, and the other nodes stay small and close together.
+    Record(Box<Record>),
 }
 
 /// A record's fields in schema order, and their positions by name for lookups.
@@ -114,9 +115,10 @@ impl EventWriter {
 
     /// The Avro body of `event`, appended to `out`.
     pub fn write(&self, event: &CanonicalEvent, out: &mut Vec<u8>) -> Result<(), AvroShapeError> {
-        let Node::Record(Record { fields, .. }) = &self.nodes[self.root] else {
+        let Node::Record(record) = &self.nodes[self.root] else {
             unreachable!("event schemas are records")
         };
+        let fields = &record.fields;
         for (name, node) in fields {
             let node = *node;
             match name.as_str() {
@@ -147,9 +149,10 @@ impl EventWriter {
         p: &Provenance,
         out: &mut Vec<u8>,
     ) -> Result<(), AvroShapeError> {
-        let Node::Record(Record { fields, .. }) = &self.nodes[node] else {
+        let Node::Record(record) = &self.nodes[node] else {
             return Err(shape("provenance", "expected a record"));
         };
+        let fields = &record.fields;
         for (name, node) in fields {
             let node = *node;
             match name.as_str() {
@@ -251,9 +254,10 @@ impl EventWriter {
         let Node::Array(item) = self.nodes[node] else {
             return Err(shape(path, "expected an array"));
         };
-        let Node::Record(Record { fields, .. }) = &self.nodes[item] else {
+        let Node::Record(record) = &self.nodes[item] else {
             return Err(shape(path, "expected an array of records"));
         };
+        let fields = &record.fields;
         if !key.is_empty() {
             varint(key.len() as i64, out);
             for column in key {
@@ -334,48 +338,58 @@ impl EventWriter {
                     self.write_element(*node, element, out, path)?;
                 }
             },
-            Node::Record(record) => {
-                let Some(Element::Object(object)) = element else {
-                    return Err(shape(path, "expected an object"));
-                };
-                // Few of a resource's many fields are present: place the present ones by
-                // name, then write every field in schema order, the rest as absent.
-                let mut present: SmallVec<[(usize, &Element); 16]> = SmallVec::new();
-                // Resources mostly list their elements in schema order: try the field after
-                // the last one found before looking the name up.
-                let mut next = 0;
-                for (name, value) in object {
-                    let index = match record.names.get(next) {
-                        // Names are interned: mostly the same pointer.
-                        Some(expected) if std::ptr::eq(*expected, *name) || expected == name => {
-                            Some(next)
-                        }
-                        _ => record.by_name.get(&**name).copied(),
-                    };
-                    match index {
-                        Some(index) => {
-                            present.push((index, value));
-                            next = index + 1;
-                        }
-                        // The envelope's resource_type says it; the resource record has no field.
-                        None if &**name == "resourceType" => {}
-                        None => return Err(shape(name, "an element the schema does not have")),
-                    }
+            Node::Record(record) => self.write_record(record, element, out, path)?,
+        }
+        Ok(())
+    }
+
+    /// An object into its record. Kept out of [`Self::write_element`], which every leaf
+    /// goes through, so that a leaf's call does not set up this one's large frame.
+    #[inline(never)]
+    fn write_record(
+        &self,
+        record: &Record,
+        element: Option<&Element>,
+        out: &mut Vec<u8>,
+        path: &str,
+    ) -> Result<(), AvroShapeError> {
+        let Some(Element::Object(object)) = element else {
+            return Err(shape(path, "expected an object"));
+        };
+        // Few of a resource's many fields are present: place the present ones by name, then
+        // write every field in schema order, the rest as absent.
+        let mut present: SmallVec<[(usize, &Element); 16]> = SmallVec::new();
+        // Resources mostly list their elements in schema order: try the field after the last
+        // one found before looking the name up.
+        let mut next = 0;
+        for (name, value) in object {
+            let index = match record.names.get(next) {
+                // Names are interned: mostly the same pointer.
+                Some(expected) if std::ptr::eq(*expected, *name) || expected == name => Some(next),
+                _ => record.by_name.get(&**name).copied(),
+            };
+            match index {
+                Some(index) => {
+                    present.push((index, value));
+                    next = index + 1;
                 }
-                present.sort_unstable_by_key(|(index, _)| *index);
-                let mut written = 0;
-                for (index, value) in present {
-                    if index < written {
-                        return Err(shape(&record.fields[index].0, "an element given twice"));
-                    }
-                    self.write_absent(record, written..index, out)?;
-                    let (name, field) = &record.fields[index];
-                    self.write_element(*field, Some(value), out, name)?;
-                    written = index + 1;
-                }
-                self.write_absent(record, written..record.fields.len(), out)?;
+                // The envelope's resource_type says it; the resource record has no field.
+                None if &**name == "resourceType" => {}
+                None => return Err(shape(name, "an element the schema does not have")),
             }
         }
+        present.sort_unstable_by_key(|(index, _)| *index);
+        let mut written = 0;
+        for (index, value) in present {
+            if index < written {
+                return Err(shape(&record.fields[index].0, "an element given twice"));
+            }
+            self.write_absent(record, written..index, out)?;
+            let (name, field) = &record.fields[index];
+            self.write_element(*field, Some(value), out, name)?;
+            written = index + 1;
+        }
+        self.write_absent(record, written..record.fields.len(), out)?;
         Ok(())
     }
 
@@ -457,9 +471,10 @@ impl EventWriter {
     /// of it: fields the reader does not know are skipped).
     pub fn read(&self, bytes: &[u8]) -> Result<CanonicalEvent, AvroShapeError> {
         let mut input = Input { bytes, at: 0 };
-        let Node::Record(Record { fields, .. }) = &self.nodes[self.root] else {
+        let Node::Record(record) = &self.nodes[self.root] else {
             unreachable!("event schemas are records")
         };
+        let fields = &record.fields;
         let (mut event_id, mut resource_type, mut resource_id, mut resource_version) =
             (None, None, None, None);
         let (mut op, mut domain, mut sensitivity, mut resource, mut provenance) =
@@ -522,9 +537,10 @@ impl EventWriter {
         node: usize,
         input: &mut Input<'_>,
     ) -> Result<Provenance, AvroShapeError> {
-        let Node::Record(Record { fields, .. }) = &self.nodes[node] else {
+        let Node::Record(record) = &self.nodes[node] else {
             return Err(shape("provenance", "expected a record"));
         };
+        let fields = &record.fields;
         let mut text: HashMap<&str, Option<String>> = HashMap::new();
         let (mut primary_key, mut commit_time, mut capture_time, mut snapshot) =
             (Vec::new(), None, None, false);
@@ -535,12 +551,10 @@ impl EventWriter {
                     let Node::Array(item) = self.nodes[node] else {
                         return Err(shape(name, "expected an array"));
                     };
-                    let Node::Record(Record {
-                        fields: key_fields, ..
-                    }) = &self.nodes[item]
-                    else {
+                    let Node::Record(key_record) = &self.nodes[item] else {
                         return Err(shape(name, "expected records"));
                     };
+                    let key_fields = &key_record.fields;
                     loop {
                         let count = input.block()?;
                         if count == 0 {
@@ -826,14 +840,14 @@ impl Compiler<'_> {
                     .enumerate()
                     .map(|(i, (n, _))| (n.clone(), i))
                     .collect();
-                self.nodes[index] = Node::Record(Record {
+                self.nodes[index] = Node::Record(Box::new(Record {
                     fields,
                     names,
                     decimal,
                     by_name,
                     absent: Vec::new(),
                     run_end: Vec::new(),
-                });
+                }));
                 index
             }
             _ => return Err(shape("", "a schema type event schemas do not use")),

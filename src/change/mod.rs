@@ -24,8 +24,9 @@ pub struct SourceTable {
     pub schema: Arc<str>,
     pub table: Arc<str>,
     /// `urn:fhir-cdc:<connector>:<database>.<schema>.<table>`: the `meta.source` of every
-    /// resource made from the table's rows.
-    pub urn: Arc<str>,
+    /// resource made from the table's rows (interned: a bounded set, copied into every
+    /// resource).
+    pub urn: &'static str,
 }
 
 impl SourceTable {
@@ -43,7 +44,9 @@ impl SourceTable {
             table.into(),
         );
         Self {
-            urn: format!("urn:fhir-cdc:{connector}:{database}.{schema}.{table}").into(),
+            urn: crate::fhir::intern(&format!(
+                "urn:fhir-cdc:{connector}:{database}.{schema}.{table}"
+            )),
             connector,
             kind: kind.into(),
             database,

@@ -11,7 +11,7 @@
 use std::{
     collections::HashSet,
     fmt,
-    sync::{Arc, LazyLock, Mutex},
+    sync::{LazyLock, Mutex},
 };
 
 use serde::{
@@ -25,7 +25,8 @@ use serde_json::{Map, Number, Value as Json};
 pub type Name = &'static str;
 
 /// The one copy of `name`. Names come from the FHIR definitions, mapping files and Avro
-/// schemas — a bounded set, each kept for the life of the process.
+/// schemas, and the same is done for mapping literals and source URNs ([`Element::Shared`])
+/// — bounded sets, each kept for the life of the process.
 pub fn intern(name: &str) -> Name {
     static INTERNED: LazyLock<Mutex<HashSet<Name>>> = LazyLock::new(Mutex::default);
     let mut interned = INTERNED
@@ -74,9 +75,10 @@ pub fn names() -> &'static Names {
 #[derive(Clone)]
 pub enum Element {
     String(String),
-    /// A string many resources share, such as a mapping's literal (`http://loinc.org`):
-    /// copying it is a reference count, not an allocation.
-    Shared(Arc<str>),
+    /// A string many resources share, such as a mapping's literal (`http://loinc.org`),
+    /// interned once ([`intern`]): copying it copies a pointer, with no allocation and no
+    /// reference count.
+    Shared(&'static str),
     /// Exact: the digits it was written with.
     Number(Number),
     Boolean(bool),

@@ -4,7 +4,7 @@ use std::borrow::Cow;
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
-use smallvec::SmallVec;
+use smallvec::{smallvec, SmallVec};
 
 use super::{
     convert::{is_fhir_id, text_of, to_fhir},
@@ -96,13 +96,11 @@ impl ResourceMapping {
             return Ok(None);
         }
         let id = self.id_for(row)?;
-        let mut values: SmallVec<[Option<Element>; 32]> =
-            SmallVec::with_capacity(self.elements.len());
+        let mut values: SmallVec<[Option<Element>; 32]> = smallvec![None; self.elements.len()];
         let mut masked = false;
-        for element in &self.elements {
-            let value = element_value(element, row, context)?;
+        for (element, value) in self.elements.iter().zip(&mut values) {
+            element_value(element, row, context, value)?;
             masked |= value.is_some() && element.protect == Some(Protect::Mask);
-            values.push(value);
         }
         let names = names();
         let mut resource = Vec::with_capacity(self.elements.len() + 3);
@@ -152,13 +150,17 @@ impl ResourceMapping {
     }
 }
 
+/// The element's value in this row, into `slot` (in place: a resource's values are built
+/// where they are kept until the resource is assembled); a NULL leaves it `None`.
 fn element_value(
     element: &ElementMapping,
     row: &Row,
     context: &MapContext,
-) -> Result<Option<Element>, MapError> {
+    slot: &mut Option<Element>,
+) -> Result<(), MapError> {
     if let Some(fixed) = &element.fixed {
-        return Ok(Some(fixed.clone()));
+        *slot = Some(fixed.clone());
+        return Ok(());
     }
     let fail = |message: String| MapError {
         location: element.location.to_string(),
@@ -203,7 +205,7 @@ fn element_value(
                 element.definition
             )))
         }
-        (None, None) => return Ok(None),
+        (None, None) => return Ok(()),
     };
     let value = match &element.translate {
         None => raw,
@@ -212,7 +214,8 @@ fn element_value(
             let code = source.trim();
             if let Some(translated) = &element.translated {
                 if let Some(fhir) = translated.codes.get(code).or(translated.default.as_ref()) {
-                    return Ok(Some(fhir.clone()));
+                    *slot = Some(fhir.clone());
+                    return Ok(());
                 }
             }
             match (translation.codes.get(code), &translation.unmapped) {
@@ -244,8 +247,10 @@ fn element_value(
             Cow::Owned(Value::Text(hex::encode(&mac.finalize().into_bytes()[..16])))
         }
     };
-    let fhir = to_fhir(&value, element.fhir_type, &element.conversion)
-        .map_err(|e| fail(format!("{}: {e}", element.definition)))?;
+    let fhir = slot.insert(
+        to_fhir(&value, element.fhir_type, &element.conversion)
+            .map_err(|e| fail(format!("{}: {e}", element.definition)))?,
+    );
     if let (Some(codes), Some(code)) = (element.required_codes, fhir.as_str()) {
         if !codes.contains(code) {
             return Err(fail(format!(
@@ -254,5 +259,5 @@ fn element_value(
             )));
         }
     }
-    Ok(Some(fhir))
+    Ok(())
 }

@@ -940,7 +940,9 @@ impl Reader<'_> {
             )
             .ok()
             .map(|value| match value {
-                crate::fhir::Element::String(text) => crate::fhir::Element::Shared(text.into()),
+                crate::fhir::Element::String(text) => {
+                    crate::fhir::Element::Shared(crate::fhir::intern(&text))
+                }
                 other => other,
             })
         };
