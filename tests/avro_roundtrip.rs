@@ -81,3 +81,37 @@ fn a_value_that_does_not_fit_names_its_field() {
     let err = event_to_avro(&event, &schema).unwrap_err();
     assert_eq!(err.path, "resource.status");
 }
+
+#[test]
+fn the_compiled_writer_refuses_a_resource_its_schema_cannot_hold() {
+    let expected: Json = serde_json::from_str(
+        &std::fs::read_to_string("tests/golden/lab-result-lifecycle.expected.json").unwrap(),
+    )
+    .unwrap();
+    let event: CanonicalEvent = serde_json::from_value(expected["events"][0].clone()).unwrap();
+    let schema = Schema::parse(&event_schema(&event.resource_type)).unwrap();
+    let writer = EventWriter::new(&schema).unwrap();
+    type Fields = Vec<(fhir_cdc::fhir::Name, Element)>;
+    let refusal = |change: &dyn Fn(&mut Fields)| {
+        let mut event = event.clone();
+        let Some(Element::Object(fields)) = event.resource.as_mut() else {
+            panic!("an upsert has an object")
+        };
+        change(fields);
+        writer
+            .write(&event, &mut Vec::new())
+            .unwrap_err()
+            .to_string()
+    };
+    let unknown =
+        refusal(&|fields| fields.push((fhir_cdc::fhir::intern("colour"), Element::text("red"))));
+    assert!(unknown.contains("colour"), "{unknown}");
+    let twice = refusal(&|fields| {
+        let status = fields.iter().find(|(n, _)| *n == "status").unwrap().clone();
+        fields.push(status);
+    });
+    assert!(
+        twice.contains("status") && twice.contains("twice"),
+        "{twice}"
+    );
+}

@@ -66,6 +66,75 @@ struct Record {
 pub struct EventWriter {
     nodes: Vec<Node>,
     root: usize,
+    /// What each field of the envelope, and of its provenance record, holds: recognized
+    /// once by name (`None`: a field this writer does not know).
+    envelope: Vec<Option<Field>>,
+    provenance: Vec<Option<Field>>,
+}
+
+/// The envelope's and provenance's fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    EventId,
+    ResourceType,
+    ResourceId,
+    ResourceVersion,
+    Op,
+    Domain,
+    Sensitivity,
+    Resource,
+    Provenance,
+    SourceSystem,
+    Connector,
+    DatabaseKind,
+    Database,
+    Schema,
+    Table,
+    PrimaryKey,
+    SourcePosition,
+    TransactionId,
+    CommitTime,
+    CaptureTime,
+    MappingId,
+    MappingVersion,
+    Snapshot,
+}
+
+impl Field {
+    fn of_envelope(name: &str) -> Option<Self> {
+        Some(match name {
+            "event_id" => Field::EventId,
+            "resource_type" => Field::ResourceType,
+            "resource_id" => Field::ResourceId,
+            "resource_version" => Field::ResourceVersion,
+            "op" => Field::Op,
+            "domain" => Field::Domain,
+            "sensitivity" => Field::Sensitivity,
+            "resource" => Field::Resource,
+            "provenance" => Field::Provenance,
+            _ => return None,
+        })
+    }
+
+    fn of_provenance(name: &str) -> Option<Self> {
+        Some(match name {
+            "source_system" => Field::SourceSystem,
+            "connector" => Field::Connector,
+            "database_kind" => Field::DatabaseKind,
+            "database" => Field::Database,
+            "schema" => Field::Schema,
+            "table" => Field::Table,
+            "primary_key" => Field::PrimaryKey,
+            "source_position" => Field::SourcePosition,
+            "transaction_id" => Field::TransactionId,
+            "commit_time" => Field::CommitTime,
+            "capture_time" => Field::CaptureTime,
+            "mapping_id" => Field::MappingId,
+            "mapping_version" => Field::MappingVersion,
+            "snapshot" => Field::Snapshot,
+            _ => return None,
+        })
+    }
 }
 
 impl EventWriter {
@@ -110,7 +179,31 @@ impl EventWriter {
                 }
             }
         }
-        Ok(Self { nodes, root })
+        let fields_of = |node: usize| match &nodes[node] {
+            Node::Record(record) => record.fields.as_slice(),
+            _ => &[],
+        };
+        let envelope: Vec<_> = fields_of(root)
+            .iter()
+            .map(|(name, _)| Field::of_envelope(name))
+            .collect();
+        let provenance = fields_of(root)
+            .iter()
+            .zip(&envelope)
+            .find(|(_, field)| **field == Some(Field::Provenance))
+            .map(|((_, node), _)| {
+                fields_of(*node)
+                    .iter()
+                    .map(|(name, _)| Field::of_provenance(name))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            nodes,
+            root,
+            envelope,
+            provenance,
+        })
     }
 
     /// The Avro body of `event`, appended to `out`.
@@ -118,26 +211,33 @@ impl EventWriter {
         let Node::Record(record) = &self.nodes[self.root] else {
             unreachable!("event schemas are records")
         };
-        let fields = &record.fields;
-        for (name, node) in fields {
+        for ((name, node), field) in record.fields.iter().zip(&self.envelope) {
             let node = *node;
-            match name.as_str() {
-                "event_id" => self.write_str(node, &event.event_id, out, name)?,
-                "resource_type" => self.write_str(node, &event.resource_type, out, name)?,
-                "resource_id" => self.write_str(node, &event.resource_id, out, name)?,
-                "resource_version" => self.write_str(node, &event.resource_version, out, name)?,
-                "op" => {
+            match field {
+                Some(Field::EventId) => self.write_str(node, &event.event_id, out, name)?,
+                Some(Field::ResourceType) => {
+                    self.write_str(node, &event.resource_type, out, name)?
+                }
+                Some(Field::ResourceId) => self.write_str(node, &event.resource_id, out, name)?,
+                Some(Field::ResourceVersion) => {
+                    self.write_str(node, &event.resource_version, out, name)?
+                }
+                Some(Field::Op) => {
                     let op = match event.op {
                         EventOp::Upsert => "upsert",
                         EventOp::Delete => "delete",
                     };
                     self.write_str(node, op, out, name)?
                 }
-                "domain" => self.write_str(node, &event.domain, out, name)?,
-                "sensitivity" => self.write_str(node, event.sensitivity.as_str(), out, name)?,
-                "resource" => self.write_element(node, event.resource.as_ref(), out, name)?,
-                "provenance" => self.write_provenance(node, &event.provenance, out)?,
-                other => return Err(shape(other, "a field this writer does not know")),
+                Some(Field::Domain) => self.write_str(node, &event.domain, out, name)?,
+                Some(Field::Sensitivity) => {
+                    self.write_str(node, event.sensitivity.as_str(), out, name)?
+                }
+                Some(Field::Resource) => {
+                    self.write_element(node, event.resource.as_ref(), out, name)?
+                }
+                Some(Field::Provenance) => self.write_provenance(node, &event.provenance, out)?,
+                _ => return Err(shape(name, "a field this writer does not know")),
             }
         }
         Ok(())
@@ -152,30 +252,35 @@ impl EventWriter {
         let Node::Record(record) = &self.nodes[node] else {
             return Err(shape("provenance", "expected a record"));
         };
-        let fields = &record.fields;
-        for (name, node) in fields {
+        for ((name, node), field) in record.fields.iter().zip(&self.provenance) {
             let node = *node;
-            match name.as_str() {
-                "source_system" => self.write_str(node, &p.source_system, out, name)?,
-                "connector" => self.write_str(node, &p.connector, out, name)?,
-                "database_kind" => self.write_str(node, &p.database_kind, out, name)?,
-                "database" => self.write_str(node, &p.database, out, name)?,
-                "schema" => self.write_str(node, &p.schema, out, name)?,
-                "table" => self.write_str(node, &p.table, out, name)?,
-                "primary_key" => self.write_primary_key(node, &p.primary_key, out)?,
-                "source_position" => self.write_str(node, &p.source_position, out, name)?,
-                "transaction_id" => {
+            match field {
+                Some(Field::SourceSystem) => self.write_str(node, &p.source_system, out, name)?,
+                Some(Field::Connector) => self.write_str(node, &p.connector, out, name)?,
+                Some(Field::DatabaseKind) => self.write_str(node, &p.database_kind, out, name)?,
+                Some(Field::Database) => self.write_str(node, &p.database, out, name)?,
+                Some(Field::Schema) => self.write_str(node, &p.schema, out, name)?,
+                Some(Field::Table) => self.write_str(node, &p.table, out, name)?,
+                Some(Field::PrimaryKey) => self.write_primary_key(node, &p.primary_key, out)?,
+                Some(Field::SourcePosition) => {
+                    self.write_str(node, &p.source_position, out, name)?
+                }
+                Some(Field::TransactionId) => {
                     self.write_optional_str(node, p.transaction_id.as_deref(), out, name)?
                 }
-                "commit_time" => self.write_time(node, p.commit_time, out, name)?,
-                "capture_time" => self.write_time(node, Some(p.capture_time), out, name)?,
-                "mapping_id" => self.write_str(node, &p.mapping_id, out, name)?,
-                "mapping_version" => self.write_str(node, &p.mapping_version, out, name)?,
-                "snapshot" => match self.nodes[node] {
+                Some(Field::CommitTime) => self.write_time(node, p.commit_time, out, name)?,
+                Some(Field::CaptureTime) => {
+                    self.write_time(node, Some(p.capture_time), out, name)?
+                }
+                Some(Field::MappingId) => self.write_str(node, &p.mapping_id, out, name)?,
+                Some(Field::MappingVersion) => {
+                    self.write_str(node, &p.mapping_version, out, name)?
+                }
+                Some(Field::Snapshot) => match self.nodes[node] {
                     Node::Boolean => out.push(u8::from(p.snapshot)),
                     _ => return Err(shape(name, "expected a boolean")),
                 },
-                other => return Err(shape(other, "a field this writer does not know")),
+                _ => return Err(shape(name, "a field this writer does not know")),
             }
         }
         Ok(())
@@ -359,14 +464,17 @@ impl EventWriter {
         // Few of a resource's many fields are present: place the present ones by name, then
         // write every field in schema order, the rest as absent.
         let mut present: SmallVec<[(usize, &Element); 16]> = SmallVec::new();
-        // Resources mostly list their elements in schema order: try the field after the last
-        // one found before looking the name up.
+        // Resources mostly list their elements in schema order, and names are interned:
+        // look for the same pointer among the fields after the last one found before
+        // looking the name up.
         let mut next = 0;
         for (name, value) in object {
-            let index = match record.names.get(next) {
-                // Names are interned: mostly the same pointer.
-                Some(expected) if std::ptr::eq(*expected, *name) || expected == name => Some(next),
-                _ => record.by_name.get(&**name).copied(),
+            let index = match record.names[next..]
+                .iter()
+                .position(|expected| std::ptr::eq(*expected, *name))
+            {
+                Some(ahead) => Some(next + ahead),
+                None => record.by_name.get(&**name).copied(),
             };
             match index {
                 Some(index) => {

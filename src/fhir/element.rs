@@ -56,18 +56,19 @@ pub struct Names {
     pub code: Name,
 }
 
+/// Interned ([`intern`]), like the names of definitions, mappings and schemas.
 pub fn names() -> &'static Names {
-    static NAMES: Names = Names {
-        resource_type: "resourceType",
-        id: "id",
-        meta: "meta",
-        version_id: "versionId",
-        last_updated: "lastUpdated",
-        source: "source",
-        security: "security",
-        system: "system",
-        code: "code",
-    };
+    static NAMES: LazyLock<Names> = LazyLock::new(|| Names {
+        resource_type: intern("resourceType"),
+        id: intern("id"),
+        meta: intern("meta"),
+        version_id: intern("versionId"),
+        last_updated: intern("lastUpdated"),
+        source: intern("source"),
+        security: intern("security"),
+        system: intern("system"),
+        code: intern("code"),
+    });
     &NAMES
 }
 
