@@ -8,7 +8,8 @@
 #    transaction) into a fresh copy of the sample results table, with two slots waiting:
 #    pg_recvlogical drains one to /dev/null (pgoutput, the same publication); fhir-cdc
 #    drains the other — map, Avro, Kafka, acknowledgement — timed until PostgreSQL has the
-#    last commit confirmed. Prints changes/s of both and the ratio, and fhir-cdc's peak RSS.
+#    last commit confirmed. Prints changes/s of both and the ratio, where the machine's CPU
+#    went per change (fhir-cdc, the WAL sender, the Kafka broker), and fhir-cdc's peak RSS.
 # 2. Projection: `fhir-cdc project --until-caught-up` applies the whole topic (the backlog's
 #    events) into a fresh read model, once autovacuum is done with the backlog; events/s.
 # 3. Latency: 2,000 changes/s for 15 s (pgbench, 200 transactions/s of 10 rows) with the
@@ -26,6 +27,11 @@ NAME=bench_$(date +%s)
 DIR=$(mktemp -d)
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 sql() { psql "$FHIR_CDC_PG_URL" -q -X -v ON_ERROR_STOP=1 "$@"; }
+# CPU seconds used so far: by a process (user + system), by the whole machine (not idle).
+hz=$(getconf CLK_TCK)
+cpu_of() { awk -v hz="$hz" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+busy() { awk -v hz="$hz" '/^cpu / { printf "%.2f", ($2 + $3 + $4 + $7 + $8 + $9) / hz }' /proc/stat; }
+kafka_pid=$(cat integration-tests/stack/state/kafka.pid)
 run_pid=
 cleanup() {
   [ -n "$run_pid" ] && kill "$run_pid" 2>/dev/null && wait "$run_pid" 2>/dev/null
@@ -81,20 +87,38 @@ total=$(( batches * 2000 ))
 echo "backlog: $total changes in $((batches * 2)) transactions, up to $end"
 
 t0=$(date +%s.%N)
+busy0=$(busy)
 pg_recvlogical -d "$FHIR_CDC_PG_URL" -S "${NAME}_ceiling" --start -E "$end" -f /dev/null \
   -o proto_version=1 -o "publication_names=$NAME" --no-loop
 t1=$(date +%s.%N)
 ceiling=$(python3 -c "print(round($total / ($t1 - $t0)))")
+ceiling_cpu=$(python3 -c "print(round(($(busy) - $busy0) * 1e6 / $total, 1))")
 
 t0=$(date +%s.%N)
+busy0=$(busy) kafka0=$(cpu_of "$kafka_pid")
 "$BIN" run --config "$DIR/connector.toml" 2>"$DIR/run.log" &
 run_pid=$!
-until [ "$(sql -At -c "SELECT confirmed_flush_lsn >= '$end' FROM pg_replication_slots WHERE slot_name = '$NAME'")" = t ]; do
+# Waiting for the slot inside one session: a psql started 20 times a second would take CPU
+# from the run it times.
+sql -c "DO \$\$ BEGIN
+  WHILE NOT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = '$NAME' AND confirmed_flush_lsn >= '$end') LOOP
+    PERFORM pg_sleep(0.02);
+  END LOOP; END \$\$" &
+waiter=$!
+walsender=
+while kill -0 "$waiter" 2>/dev/null; do
   kill -0 "$run_pid" 2>/dev/null || { cat "$DIR/run.log"; exit 1; }
+  [ -n "$walsender" ] || walsender=$(sql -At -c "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '$NAME'")
   sleep 0.05
 done
+wait "$waiter"
 t1=$(date +%s.%N)
 ours=$(python3 -c "print(round($total / ($t1 - $t0)))")
+# Where the machine's CPU went while fhir-cdc drained the backlog, in µs per change.
+read -r ours_cpu run_cpu walsender_cpu kafka_cpu < <(python3 -c "
+busy, run, ws, kafka = $(busy) - $busy0, $(cpu_of "$run_pid"), $(cpu_of "${walsender:-0}"), $(cpu_of "$kafka_pid") - $kafka0
+print(*(round(x * 1e6 / $total, 1) for x in (busy, run, ws, kafka)))")
+busy_share=$(python3 -c "print(f'{$ours_cpu * $ours / 1e6 / $(nproc):.0%}')")
 peak_kib=$(awk '/VmHWM/ { print $2 }' "/proc/$run_pid/status")
 
 # The projection of the whole topic, once PostgreSQL has finished vacuuming the backlog's
@@ -162,6 +186,8 @@ echo
 echo "fhir-cdc run, one lab results table, $total changes (inserts, then updates):"
 echo "  pg_recvlogical to /dev/null (ceiling)   $ceiling changes/s"
 echo "  fhir-cdc, commit → Kafka ack            $ours changes/s ($(python3 -c "print(f'{$ours / $ceiling:.0%}')") of the ceiling)"
+echo "  CPU per change, whole machine: ceiling $ceiling_cpu µs; fhir-cdc run $ours_cpu µs ($busy_share of $(nproc) cores busy):"
+echo "    fhir-cdc $run_cpu µs, PostgreSQL's WAL sender $walsender_cpu µs, Kafka broker $kafka_cpu µs, the rest $(python3 -c "print(round($ours_cpu - $run_cpu - $walsender_cpu - $kafka_cpu, 1))") µs"
 echo "  fhir-cdc peak RSS                       $((peak_kib / 1024)) MiB"
 echo "  at 2,000 changes/s: $quantiles"
 echo
