@@ -1,7 +1,5 @@
 //! Executing a resource mapping on one row image: the FHIR resource it yields, if any.
 
-use std::borrow::Cow;
-
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use smallvec::{smallvec, SmallVec};
@@ -173,14 +171,20 @@ fn element_value(
             row.absence(column)
         ))
     };
-    let raw: Option<Cow<'_, Value>> = match &element.source {
+    // Each step refers to the value it passes on; what a step makes is kept in its own
+    // local (the values are not moved from step to step).
+    let rendered: Value;
+    let raw: Option<&Value> = match &element.source {
         ValueSource::Column(column) => match row.find(column) {
             None => return Err(missing(column)),
             Some(Value::Null) => None,
-            Some(value) => Some(Cow::Borrowed(value)),
+            Some(value) => Some(value),
         },
         ValueSource::Template(template) => match template.render(row) {
-            Ok(text) => Some(Cow::Owned(Value::Text(text))),
+            Ok(text) => {
+                rendered = Value::Text(text);
+                Some(&rendered)
+            }
             Err(RenderError::Null(_)) => None,
             Err(RenderError::Missing(column)) => return Err(missing(&column)),
         },
@@ -190,15 +194,20 @@ fn element_value(
                 reference.push_str(resource_type);
                 reference.push('/');
                 reference.push_str(&id);
-                Some(Cow::Owned(Value::Text(reference)))
+                rendered = Value::Text(reference);
+                Some(&rendered)
             }
             Err(RenderError::Null(_)) => None,
             Err(RenderError::Missing(column)) => return Err(missing(&column)),
         },
     };
-    let raw = match (raw, &element.default) {
+    let defaulted: Value;
+    let raw: &Value = match (raw, &element.default) {
         (Some(value), _) => value,
-        (None, Some(default)) => Cow::Owned(Value::Text(default.clone())),
+        (None, Some(default)) => {
+            defaulted = Value::Text(default.clone());
+            &defaulted
+        }
         (None, None) if element.required => {
             return Err(fail(format!(
                 "{} is required but its source is NULL",
@@ -207,10 +216,11 @@ fn element_value(
         }
         (None, None) => return Ok(()),
     };
-    let value = match &element.translate {
+    let target: Value;
+    let value: &Value = match &element.translate {
         None => raw,
         Some(translation) => {
-            let source = text_of(&raw);
+            let source = text_of(raw);
             let code = source.trim();
             if let Some(translated) = &element.translated {
                 if let Some(fhir) = translated.codes.get(code).or(translated.default.as_ref()) {
@@ -218,22 +228,26 @@ fn element_value(
                     return Ok(());
                 }
             }
-            match (translation.codes.get(code), &translation.unmapped) {
-                (Some(target), _) => Cow::Owned(Value::Text(target.clone())),
-                (None, Unmapped::Pass) => Cow::Owned(Value::Text(code.to_owned())),
-                (None, Unmapped::Default(target)) => Cow::Owned(Value::Text(target.clone())),
+            target = Value::Text(match (translation.codes.get(code), &translation.unmapped) {
+                (Some(to), _) | (None, Unmapped::Default(to)) => to.clone(),
+                (None, Unmapped::Pass) => code.to_owned(),
                 (None, Unmapped::Fail) => {
                     return Err(fail(format!(
                         "the source code for {} has no entry in translation `{}` (unmapped: fail)",
                         element.definition, translation.name
                     )))
                 }
-            }
+            });
+            &target
         }
     };
-    let value = match element.protect {
+    let protected: Value;
+    let value: &Value = match element.protect {
         None => value,
-        Some(Protect::Mask) => Cow::Owned(Value::Text("****".into())),
+        Some(Protect::Mask) => {
+            protected = Value::Text("****".into());
+            &protected
+        }
         Some(Protect::Token) => {
             let key = context.token_key.as_ref().ok_or_else(|| {
                 fail(format!(
@@ -243,12 +257,13 @@ fn element_value(
             })?;
             let mut mac = Hmac::<Sha256>::new_from_slice(key.expose().as_bytes())
                 .expect("HMAC takes keys of any length");
-            mac.update(text_of(&value).trim().as_bytes());
-            Cow::Owned(Value::Text(hex::encode(&mac.finalize().into_bytes()[..16])))
+            mac.update(text_of(value).trim().as_bytes());
+            protected = Value::Text(hex::encode(&mac.finalize().into_bytes()[..16]));
+            &protected
         }
     };
     let fhir = slot.insert(
-        to_fhir(&value, element.fhir_type, &element.conversion)
+        to_fhir(value, element.fhir_type, &element.conversion)
             .map_err(|e| fail(format!("{}: {e}", element.definition)))?,
     );
     if let (Some(codes), Some(code)) = (element.required_codes, fhir.as_str()) {
