@@ -33,9 +33,20 @@ cpu_of() { awk -v hz="$hz" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"
 busy() { awk -v hz="$hz" '/^cpu / { printf "%.2f", ($2 + $3 + $4 + $7 + $8 + $9) / hz }' /proc/stat; }
 kafka_pid=$(cat integration-tests/stack/state/kafka.pid)
 run_pid=
+# A slot left behind keeps every byte of WAL written after it: drop each one, waiting for its
+# WAL sender to let go of it first.
+drop_slot() {
+  for _ in $(seq 100); do
+    [ "$(sql -At -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '$1'")" = 0 ] && return
+    sql -At -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '$1' AND NOT active" >/dev/null 2>&1 || true
+    sleep 0.1
+  done
+  echo "warning: replication slot $1 is still there; drop it, or it keeps the WAL" >&2
+}
 cleanup() {
   [ -n "$run_pid" ] && kill "$run_pid" 2>/dev/null && wait "$run_pid" 2>/dev/null
-  sql -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name IN ('$NAME', '${NAME}_ceiling')" >/dev/null || true
+  drop_slot "$NAME"
+  drop_slot "${NAME}_ceiling"
   [ -n "${project_pid:-}" ] && kill "$project_pid" 2>/dev/null && wait "$project_pid" 2>/dev/null
   sql -c "DROP PUBLICATION IF EXISTS $NAME" -c "DROP SCHEMA IF EXISTS $NAME CASCADE" -c "DROP SCHEMA IF EXISTS ${NAME}_projection CASCADE" || true
   rm -rf "$DIR"

@@ -2,9 +2,10 @@
 //! acknowledged only after Kafka has every event at or before them.
 //!
 //! Two tasks joined by a bounded channel ([`CHANNEL_DEPTH`]): the source reads the
-//! snapshot and the replication stream; the sink maps each change, encodes its events,
-//! sends them, and keeps at most [`MAX_IN_FLIGHT`] unacknowledged messages — so a slow or
-//! absent Kafka holds the source back and nothing grows without bound. Each Kafka
+//! snapshot and the replication stream; the sink takes the changes in batches, maps each
+//! change, encodes its events, sends them, and takes no more changes while
+//! [`MAX_IN_FLIGHT`] messages are unacknowledged — so a slow or absent Kafka holds the
+//! source back and nothing grows without bound. Each Kafka
 //! acknowledgement feeds the [`AckTracker`]; the tracker's safe position travels back to the
 //! source, which reports it to PostgreSQL as the flush LSN. A crash anywhere therefore
 //! re-reads from a position whose events all reached Kafka, and re-emitted events carry
@@ -43,8 +44,11 @@ use crate::{
 
 /// Changes between the source and the sink.
 pub const CHANNEL_DEPTH: usize = 256;
-/// Messages sent to Kafka and not yet acknowledged.
+/// Messages sent to Kafka and not yet acknowledged: no more changes are taken beyond it
+/// (the events of one received batch may pass it).
 pub const MAX_IN_FLIGHT: usize = 1024;
+/// Changes the sink takes from the channel at once.
+const RECEIVE_BATCH: usize = 64;
 /// Rows per snapshot fetch.
 const SNAPSHOT_CHUNK: usize = 1000;
 
@@ -342,6 +346,7 @@ async fn write_events(
     let mut in_flight = FuturesUnordered::new();
     let mut measured = Metrics::new(&config.name);
     let mut open = true;
+    let mut batch = Vec::with_capacity(RECEIVE_BATCH);
     while open || !in_flight.is_empty() {
         measured.channel_depth.set(received.len() as f64);
         measured.in_flight.set(in_flight.len() as f64);
@@ -362,57 +367,65 @@ async fn write_events(
                 tracker.acknowledge(&lsn);
                 publish(&tracker, &acked, summary);
             }
-            message = received.recv(), if open && in_flight.len() < MAX_IN_FLIGHT => match message {
-                None => open = false,
-                Some(SourceMessage::Progress(Position::Postgres(lsn))) => {
-                    tracker.complete(lsn);
-                    publish(&tracker, &acked, summary);
+            // Many at once: taking one change at a time from a full channel woke the source
+            // for every change, and the two threads took turns instead of working.
+            received_count = received.recv_many(&mut batch, RECEIVE_BATCH), if open && in_flight.len() < MAX_IN_FLIGHT => {
+                if received_count == 0 {
+                    open = false;
                 }
-                Some(SourceMessage::Progress(_)) => {}
-                Some(SourceMessage::Change(change)) => {
-                    let Position::Postgres(lsn) = change.position else { continue };
-                    if change.op == crate::change::Operation::Read {
-                        summary.snapshot_rows += 1;
-                    }
-                    if let Some(commit_time) = change.commit_time {
-                        measured.source_lag_ms.set((change.capture_time - commit_time).num_milliseconds().max(0) as f64);
-                    }
-                    let table = measured.table(&change.source);
-                    table.read.increment(1);
-                    let outcome = mapper.map(&change);
-                    summary.suppressed += outcome.suppressed as u64;
-                    table.suppressed.increment(outcome.suppressed as u64);
-                    table.mapped.increment(outcome.events.len() as u64);
-                    tracker.track(lsn, outcome.events.len() + outcome.failures.len());
-                    for mut event in outcome.events {
-                        let topic = event.topic(&config.topics.prefix);
-                        let bytes = codec.encode(&event, &topic).await?;
-                        // In flight, the message needs its bytes and headers, not the tree
-                        // they were encoded from (most of an event's memory).
-                        event.resource = None;
-                        summary.events += 1;
-                        table.produced.increment(1);
-                        let producer = &producer;
-                        let measured_event = Some((table.acked.clone(), change.commit_time));
-                        in_flight.push(async move {
-                            (lsn, measured_event, producer.send(&topic, &event.key(), &bytes, &event.headers()).await)
-                        }.boxed());
-                    }
-                    for failure in outcome.failures {
-                        // The reason names columns and rules, never row values.
-                        warn!(mapping = failure.mapping_id, table = %change.source.qualified_name(), position = %change.position,
-                            reason = %failure.error, "a change went to the dead-letter topic");
-                        summary.dead_letters += 1;
-                        table.dead_letters.increment(1);
-                        let letter = dead_letter::record(&change, &failure);
-                        let key = format!("{}:{}", change.source.qualified_name(), change.position);
-                        let producer = &producer;
-                        in_flight.push(async move {
-                            (lsn, None, producer.send(dead_letter_topic, &key, &letter, &[("mapping_id", failure.mapping_id.as_str())]).await)
-                        }.boxed());
+                for message in batch.drain(..) {
+                    match message {
+                        SourceMessage::Progress(Position::Postgres(lsn)) => {
+                            tracker.complete(lsn);
+                            publish(&tracker, &acked, summary);
+                        }
+                        SourceMessage::Progress(_) => {}
+                        SourceMessage::Change(change) => {
+                            let Position::Postgres(lsn) = change.position else { continue };
+                            if change.op == crate::change::Operation::Read {
+                                summary.snapshot_rows += 1;
+                            }
+                            if let Some(commit_time) = change.commit_time {
+                                measured.source_lag_ms.set((change.capture_time - commit_time).num_milliseconds().max(0) as f64);
+                            }
+                            let table = measured.table(&change.source);
+                            table.read.increment(1);
+                            let outcome = mapper.map(&change);
+                            summary.suppressed += outcome.suppressed as u64;
+                            table.suppressed.increment(outcome.suppressed as u64);
+                            table.mapped.increment(outcome.events.len() as u64);
+                            tracker.track(lsn, outcome.events.len() + outcome.failures.len());
+                            for mut event in outcome.events {
+                                let topic = event.topic(&config.topics.prefix);
+                                let bytes = codec.encode(&event, &topic).await?;
+                                // In flight, the message needs its bytes and headers, not the tree
+                                // they were encoded from (most of an event's memory).
+                                event.resource = None;
+                                summary.events += 1;
+                                table.produced.increment(1);
+                                let producer = &producer;
+                                let measured_event = Some((table.acked.clone(), change.commit_time));
+                                in_flight.push(async move {
+                                    (lsn, measured_event, producer.send(&topic, &event.key(), &bytes, &event.headers()).await)
+                                }.boxed());
+                            }
+                            for failure in outcome.failures {
+                                // The reason names columns and rules, never row values.
+                                warn!(mapping = failure.mapping_id, table = %change.source.qualified_name(), position = %change.position,
+                                    reason = %failure.error, "a change went to the dead-letter topic");
+                                summary.dead_letters += 1;
+                                table.dead_letters.increment(1);
+                                let letter = dead_letter::record(&change, &failure);
+                                let key = format!("{}:{}", change.source.qualified_name(), change.position);
+                                let producer = &producer;
+                                in_flight.push(async move {
+                                    (lsn, None, producer.send(dead_letter_topic, &key, &letter, &[("mapping_id", failure.mapping_id.as_str())]).await)
+                                }.boxed());
+                            }
+                        }
                     }
                 }
-            },
+            }
         }
     }
     Ok(())
