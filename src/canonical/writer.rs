@@ -72,8 +72,9 @@ pub struct EventWriter {
     provenance: Vec<Option<Field>>,
 }
 
-/// The envelope's and provenance's fields.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The envelope's and provenance's fields, recognized once by name when a schema is
+/// compiled; the writer and the reader both go by them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Field {
     EventId,
     ResourceType,
@@ -101,39 +102,65 @@ enum Field {
 }
 
 impl Field {
-    fn of_envelope(name: &str) -> Option<Self> {
-        Some(match name {
-            "event_id" => Field::EventId,
-            "resource_type" => Field::ResourceType,
-            "resource_id" => Field::ResourceId,
-            "resource_version" => Field::ResourceVersion,
-            "op" => Field::Op,
-            "domain" => Field::Domain,
-            "sensitivity" => Field::Sensitivity,
-            "resource" => Field::Resource,
-            "provenance" => Field::Provenance,
-            _ => return None,
-        })
+    const ENVELOPE: [Field; 9] = [
+        Field::EventId,
+        Field::ResourceType,
+        Field::ResourceId,
+        Field::ResourceVersion,
+        Field::Op,
+        Field::Domain,
+        Field::Sensitivity,
+        Field::Resource,
+        Field::Provenance,
+    ];
+    const PROVENANCE: [Field; 14] = [
+        Field::SourceSystem,
+        Field::Connector,
+        Field::DatabaseKind,
+        Field::Database,
+        Field::Schema,
+        Field::Table,
+        Field::PrimaryKey,
+        Field::SourcePosition,
+        Field::TransactionId,
+        Field::CommitTime,
+        Field::CaptureTime,
+        Field::MappingId,
+        Field::MappingVersion,
+        Field::Snapshot,
+    ];
+
+    /// The field of `among` called `name` in the schema.
+    fn named(among: &[Field], name: &str) -> Option<Self> {
+        among.iter().copied().find(|field| field.name() == name)
     }
 
-    fn of_provenance(name: &str) -> Option<Self> {
-        Some(match name {
-            "source_system" => Field::SourceSystem,
-            "connector" => Field::Connector,
-            "database_kind" => Field::DatabaseKind,
-            "database" => Field::Database,
-            "schema" => Field::Schema,
-            "table" => Field::Table,
-            "primary_key" => Field::PrimaryKey,
-            "source_position" => Field::SourcePosition,
-            "transaction_id" => Field::TransactionId,
-            "commit_time" => Field::CommitTime,
-            "capture_time" => Field::CaptureTime,
-            "mapping_id" => Field::MappingId,
-            "mapping_version" => Field::MappingVersion,
-            "snapshot" => Field::Snapshot,
-            _ => return None,
-        })
+    fn name(self) -> &'static str {
+        match self {
+            Field::EventId => "event_id",
+            Field::ResourceType => "resource_type",
+            Field::ResourceId => "resource_id",
+            Field::ResourceVersion => "resource_version",
+            Field::Op => "op",
+            Field::Domain => "domain",
+            Field::Sensitivity => "sensitivity",
+            Field::Resource => "resource",
+            Field::Provenance => "provenance",
+            Field::SourceSystem => "source_system",
+            Field::Connector => "connector",
+            Field::DatabaseKind => "database_kind",
+            Field::Database => "database",
+            Field::Schema => "schema",
+            Field::Table => "table",
+            Field::PrimaryKey => "primary_key",
+            Field::SourcePosition => "source_position",
+            Field::TransactionId => "transaction_id",
+            Field::CommitTime => "commit_time",
+            Field::CaptureTime => "capture_time",
+            Field::MappingId => "mapping_id",
+            Field::MappingVersion => "mapping_version",
+            Field::Snapshot => "snapshot",
+        }
     }
 }
 
@@ -185,7 +212,7 @@ impl EventWriter {
         };
         let envelope: Vec<_> = fields_of(root)
             .iter()
-            .map(|(name, _)| Field::of_envelope(name))
+            .map(|(name, _)| Field::named(&Field::ENVELOPE, name))
             .collect();
         let provenance = fields_of(root)
             .iter()
@@ -194,7 +221,7 @@ impl EventWriter {
             .map(|((_, node), _)| {
                 fields_of(*node)
                     .iter()
-                    .map(|(name, _)| Field::of_provenance(name))
+                    .map(|(name, _)| Field::named(&Field::PROVENANCE, name))
                     .collect()
             })
             .unwrap_or_default();
@@ -582,30 +609,32 @@ impl EventWriter {
         let Node::Record(record) = &self.nodes[self.root] else {
             unreachable!("event schemas are records")
         };
-        let fields = &record.fields;
         let (mut event_id, mut resource_type, mut resource_id, mut resource_version) =
             (None, None, None, None);
         let (mut op, mut domain, mut sensitivity, mut resource, mut provenance) =
             (None, None, None, None, None);
-        for (name, node) in fields {
+        for ((name, node), field) in record.fields.iter().zip(&self.envelope) {
             let node = *node;
-            match name.as_str() {
-                "event_id" => event_id = self.read_text(node, &mut input, name)?,
-                "resource_type" => resource_type = self.read_text(node, &mut input, name)?,
-                "resource_id" => resource_id = self.read_text(node, &mut input, name)?,
-                "resource_version" => resource_version = self.read_text(node, &mut input, name)?,
-                "op" => op = self.read_text(node, &mut input, name)?,
-                "domain" => domain = self.read_text(node, &mut input, name)?,
-                "sensitivity" => sensitivity = self.read_text(node, &mut input, name)?,
-                "resource" => resource = self.read_element(node, false, &mut input)?,
-                "provenance" => provenance = Some(self.read_provenance(node, &mut input)?),
-                _ => self.skip(node, &mut input)?,
+            let input = &mut input;
+            match field {
+                Some(Field::EventId) => event_id = self.read_text(node, input, name)?,
+                Some(Field::ResourceType) => resource_type = self.read_text(node, input, name)?,
+                Some(Field::ResourceId) => resource_id = self.read_text(node, input, name)?,
+                Some(Field::ResourceVersion) => {
+                    resource_version = self.read_text(node, input, name)?
+                }
+                Some(Field::Op) => op = self.read_text(node, input, name)?,
+                Some(Field::Domain) => domain = self.read_text(node, input, name)?,
+                Some(Field::Sensitivity) => sensitivity = self.read_text(node, input, name)?,
+                Some(Field::Resource) => resource = self.read_element(node, false, input)?,
+                Some(Field::Provenance) => provenance = Some(self.read_provenance(node, input)?),
+                _ => self.skip(node, input)?,
             }
         }
-        let need = |value: Option<String>, field: &str| {
-            value.ok_or_else(|| shape(field, "missing from the writer's schema"))
+        let need = |value: Option<String>, field: Field| {
+            value.ok_or_else(|| shape(field.name(), "missing from the writer's schema"))
         };
-        let resource_type = need(resource_type, "resource_type")?;
+        let resource_type = need(resource_type, Field::ResourceType)?;
         let resource = resource.map(|body| {
             // The envelope says the type; FHIR JSON has it first.
             let Element::Object(fields) = body else {
@@ -620,16 +649,16 @@ impl EventWriter {
             Element::Object(with_type)
         });
         Ok(CanonicalEvent {
-            event_id: need(event_id, "event_id")?,
-            resource_id: need(resource_id, "resource_id")?,
-            resource_version: need(resource_version, "resource_version")?,
-            op: match need(op, "op")?.as_str() {
+            event_id: need(event_id, Field::EventId)?,
+            resource_id: need(resource_id, Field::ResourceId)?,
+            resource_version: need(resource_version, Field::ResourceVersion)?,
+            op: match need(op, Field::Op)?.as_str() {
                 "upsert" => EventOp::Upsert,
                 "delete" => EventOp::Delete,
                 _ => return Err(shape("op", "neither upsert nor delete")),
             },
-            domain: need(domain, "domain")?.into(),
-            sensitivity: match need(sensitivity, "sensitivity")?.as_str() {
+            domain: need(domain, Field::Domain)?.into(),
+            sensitivity: match need(sensitivity, Field::Sensitivity)?.as_str() {
                 "normal" => crate::mapping::Sensitivity::Normal,
                 "restricted" => crate::mapping::Sensitivity::Restricted,
                 _ => return Err(shape("sensitivity", "neither normal nor restricted")),
@@ -648,14 +677,13 @@ impl EventWriter {
         let Node::Record(record) = &self.nodes[node] else {
             return Err(shape("provenance", "expected a record"));
         };
-        let fields = &record.fields;
-        let mut text: HashMap<&str, Option<String>> = HashMap::new();
+        let mut text: HashMap<Field, Option<String>> = HashMap::new();
         let (mut primary_key, mut commit_time, mut capture_time, mut snapshot) =
             (Vec::new(), None, None, false);
-        for (name, node) in fields {
+        for ((name, node), field) in record.fields.iter().zip(&self.provenance) {
             let node = *node;
-            match name.as_str() {
-                "primary_key" => {
+            match field {
+                Some(Field::PrimaryKey) => {
                     let Node::Array(item) = self.nodes[node] else {
                         return Err(shape(name, "expected an array"));
                     };
@@ -689,35 +717,36 @@ impl EventWriter {
                         }
                     }
                 }
-                "commit_time" => commit_time = self.read_time(node, input)?,
-                "capture_time" => capture_time = self.read_time(node, input)?,
-                "snapshot" => snapshot = input.byte()? != 0,
-                _ if matches!(self.nodes[node], Node::String | Node::Nullable { .. }) => {
+                Some(Field::CommitTime) => commit_time = self.read_time(node, input)?,
+                Some(Field::CaptureTime) => capture_time = self.read_time(node, input)?,
+                Some(Field::Snapshot) => snapshot = input.byte()? != 0,
+                Some(field) if matches!(self.nodes[node], Node::String | Node::Nullable { .. }) => {
                     let value = self.read_text(node, input, name)?;
-                    text.insert(name.as_str(), value);
+                    text.insert(*field, value);
                 }
                 _ => self.skip(node, input)?,
             }
         }
-        let mut take = |field: &str| {
-            text.remove(field)
+        let mut take = |field: Field| {
+            text.remove(&field)
                 .flatten()
-                .ok_or_else(|| shape(field, "missing from the provenance"))
+                .ok_or_else(|| shape(field.name(), "missing from the provenance"))
         };
         Ok(Provenance {
-            source_system: take("source_system")?.into(),
-            connector: take("connector")?.into(),
-            database_kind: take("database_kind")?.into(),
-            database: take("database")?.into(),
-            schema: take("schema")?.into(),
-            table: take("table")?.into(),
+            source_system: take(Field::SourceSystem)?.into(),
+            connector: take(Field::Connector)?.into(),
+            database_kind: take(Field::DatabaseKind)?.into(),
+            database: take(Field::Database)?.into(),
+            schema: take(Field::Schema)?.into(),
+            table: take(Field::Table)?.into(),
             primary_key,
-            source_position: take("source_position")?,
-            transaction_id: take("transaction_id").ok(),
+            source_position: take(Field::SourcePosition)?,
+            transaction_id: take(Field::TransactionId).ok(),
             commit_time,
-            capture_time: capture_time.ok_or_else(|| shape("capture_time", "missing"))?,
-            mapping_id: take("mapping_id")?.into(),
-            mapping_version: take("mapping_version")?.into(),
+            capture_time: capture_time
+                .ok_or_else(|| shape(Field::CaptureTime.name(), "missing"))?,
+            mapping_id: take(Field::MappingId)?.into(),
+            mapping_version: take(Field::MappingVersion)?.into(),
             snapshot,
         })
     }
