@@ -267,7 +267,7 @@ pub async fn replay_messages(
     projection::migrate(&mut db, schema)
         .await
         .map_err(|e| format!("the projection database: {e}"))?;
-    let statement = projection::prepare(&db, schema)
+    let statements = projection::prepare(&db, schema)
         .await
         .map_err(|e| format!("the projection database: {e}"))?;
     let codec = EventCodec::new(&config.schema_registry);
@@ -304,7 +304,7 @@ pub async fn replay_messages(
                 None => format!("the projection database: {e}"),
             };
             let tx = db.transaction().await.map_err(refused)?;
-            let counts = projection::apply(&tx, &statement, &[entry])
+            let counts = projection::apply(&tx, &statements.one, &[entry])
                 .await
                 .map_err(refused)?;
             let counts = projection::total(&counts);

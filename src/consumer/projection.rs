@@ -71,6 +71,20 @@ fn migrations(schema: &str) -> Vec<String> {
              EXCEPTION WHEN feature_not_supported OR invalid_parameter_value THEN NULL;
              END $$;"
         ),
+        // Keys and versions compare byte by byte, whatever the database's default collation:
+        // a version is ordered by its bytes (a linguistic collation may skip its '.' or fold
+        // case), and an identifier needs no linguistic order. In "C" a comparison is a
+        // memcmp, not a strcoll.
+        ["resources", "history"]
+            .map(|table| {
+                format!(
+                    "ALTER TABLE {schema}.{table}
+                       ALTER COLUMN resource_type TYPE text COLLATE \"C\",
+                       ALTER COLUMN resource_id TYPE text COLLATE \"C\",
+                       ALTER COLUMN version TYPE text COLLATE \"C\";"
+                )
+            })
+            .concat(),
     ]
 }
 
@@ -236,11 +250,37 @@ pub fn total(counts: &TopicCounts) -> Counts {
     total
 }
 
-/// The statement that applies a batch, prepared once per connection (its plan is made
+/// The statements that apply events, prepared once per connection (their plans are made
 /// once, not for every batch).
+#[derive(Debug)]
+pub struct Statements {
+    /// For a whole batch. An event id the history already holds is found by the ledger
+    /// check; one that another projector records while this statement runs (two processes
+    /// on one partition for a moment, around a rebalance) is a unique violation that
+    /// refuses the batch, which is then applied event by event with `one`. Without
+    /// `ON CONFLICT` here, PostgreSQL inserts each history row once instead of
+    /// speculatively (measured: PostgreSQL's CPU per event ~2.5 % lower).
+    pub batch: Statement,
+    /// For one event at a time: an event id recorded concurrently is skipped, not refused.
+    pub one: Statement,
+}
+
+/// Prepare the [`Statements`] on `client`.
 pub async fn prepare(
     client: &impl GenericClient,
     schema: &str,
+) -> Result<Statements, tokio_postgres::Error> {
+    Ok(Statements {
+        batch: prepare_apply(client, schema, "").await?,
+        one: prepare_apply(client, schema, "ON CONFLICT (event_id) DO NOTHING").await?,
+    })
+}
+
+/// The statement that applies events, with `on_conflict` for the insert into the history.
+async fn prepare_apply(
+    client: &impl GenericClient,
+    schema: &str,
+    on_conflict: &str,
 ) -> Result<Statement, tokio_postgres::Error> {
     let provenance = "source_system, connector, database_kind, source_database, source_schema,
         source_table, primary_key, source_position, transaction_id, commit_time, capture_time,
@@ -256,7 +296,9 @@ pub async fn prepare(
     client
         .prepare(&format!(
                 "WITH keys AS (
-                   SELECT event_id::uuid AS event_id, resource_type, resource_id, version, topic, pos
+                   SELECT event_id::uuid AS event_id, resource_type COLLATE \"C\" AS resource_type,
+                          resource_id COLLATE \"C\" AS resource_id, version COLLATE \"C\" AS version,
+                          topic, pos
                      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $21::text[])
                        WITH ORDINALITY AS k(event_id, resource_type, resource_id, version, topic, pos)),
                  -- The decisions are taken on these narrow rows; the bodies and provenance are
@@ -287,7 +329,7 @@ pub async fn prepare(
                        WITH ORDINALITY AS w(op, body, {provenance}, kafka_partition, kafka_offset,
                          kafka_timestamp, pos)
                      JOIN applied a ON a.pos = w.pos
-                   ON CONFLICT (event_id) DO NOTHING
+                   {on_conflict}
                    RETURNING *),
                  newest AS (
                    INSERT INTO {schema}.resources AS r (resource_type, resource_id, version, event_id,
@@ -320,7 +362,7 @@ pub async fn prepare(
         .await
 }
 
-/// Apply `entries`, in order, inside `tx` with `statement` (from [`prepare`]) — set-based, one
+/// Apply `entries`, in order, inside `tx` with `statement` (one of [`Statements`]) — set-based, one
 /// statement for the whole batch: an event id already in the history (or earlier in the
 /// batch) is a duplicate; an event whose version is not newer than the stored one, nor than
 /// those of the same resource earlier in the batch, is stale; the others go into the

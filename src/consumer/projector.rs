@@ -37,13 +37,13 @@ use rdkafka::{
 };
 use serde_json::json;
 use tokio::sync::mpsc;
-use tokio_postgres::{NoTls, Statement, Transaction};
+use tokio_postgres::{NoTls, Transaction};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
     config::ProjectorConfig,
-    projection::{self, Coordinates, Entry, Prepared, TopicCounts},
+    projection::{self, Coordinates, Entry, Prepared, Statements, TopicCounts},
 };
 use crate::{
     canonical::{registry::EventCodec, CanonicalEvent, EventOp},
@@ -712,16 +712,16 @@ pub(super) fn check(event: CanonicalEvent) -> Result<CanonicalEvent, String> {
     }
 }
 
-/// A connection batches are written on, with the batch statement prepared on it.
+/// A connection batches are written on, with the statements prepared on it.
 struct Writer {
     client: tokio_postgres::Client,
-    statement: Statement,
+    statements: Statements,
 }
 
 impl Writer {
     async fn new(client: tokio_postgres::Client, schema: &str) -> Result<Self, ProjectError> {
-        let statement = projection::prepare(&client, schema).await?;
-        Ok(Writer { client, statement })
+        let statements = projection::prepare(&client, schema).await?;
+        Ok(Writer { client, statements })
     }
 }
 
@@ -876,7 +876,7 @@ async fn apply_part<'c>(
     writer: &'c mut Writer,
     entries: &[(usize, Entry<'_>)],
 ) -> Result<(Transaction<'c>, TopicCounts, Vec<Refused>), ProjectError> {
-    let Writer { client, statement } = writer;
+    let Writer { client, statements } = writer;
     let mut tx = client.transaction().await?;
     let mut counts = TopicCounts::new();
     let mut refused = Vec::new();
@@ -887,7 +887,7 @@ async fn apply_part<'c>(
     // Under a savepoint, not a transaction of its own: the transaction must outlive a
     // refusal, to be tried again event by event.
     let whole = tx.savepoint("batch").await?;
-    match projection::apply(&whole, statement, &all).await {
+    match projection::apply(&whole, &statements.batch, &all).await {
         Ok(applied) => {
             whole.commit().await?;
             return Ok((tx, applied, refused));
@@ -899,7 +899,7 @@ async fn apply_part<'c>(
     }
     for (i, entry) in entries {
         let savepoint = tx.savepoint("event").await?;
-        match projection::apply(&savepoint, statement, &[*entry]).await {
+        match projection::apply(&savepoint, &statements.one, &[*entry]).await {
             Ok(one) => {
                 savepoint.commit().await?;
                 for (topic, one) in one {

@@ -852,3 +852,75 @@ async fn the_metrics_count_per_topic_and_the_lag_comes_down_to_zero() {
     );
     drop_projections(&client, &[schema], &dir).await;
 }
+
+#[tokio::test]
+async fn an_event_another_projector_records_meanwhile_refuses_the_batch_and_is_a_duplicate_alone() {
+    use fhir_cdc::consumer::projection::{self, Coordinates, Entry, Prepared};
+    let client = stack::pg_client().await;
+    let schema = stack::unique("fhirprojrace").replace('-', "_");
+    let connect = || async {
+        let (mut db, connection) = tokio_postgres::connect(&stack::pg_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        projection::migrate(&mut db, &schema).await.unwrap();
+        let statements = projection::prepare(&db, &schema).await.unwrap();
+        (db, statements)
+    };
+    let ((mut first, first_statements), (mut second, second_statements)) =
+        (connect().await, connect().await);
+    let prepared: Vec<Prepared> = events(3, 1).into_iter().map(Prepared::new).collect();
+    let at: Vec<Coordinates> = (0..3)
+        .map(|offset| Coordinates {
+            topic: "t".to_owned(),
+            partition: 0,
+            offset,
+        })
+        .collect();
+    let entries: Vec<Entry<'_>> = prepared
+        .iter()
+        .zip(&at)
+        .map(|(event, at)| Entry {
+            event,
+            at,
+            kafka_timestamp: None,
+        })
+        .collect();
+
+    // The first projector records the middle event and has not committed yet when the
+    // second applies all three in one statement: the second waits on the ledger's key.
+    let first_tx = first.transaction().await.unwrap();
+    projection::apply(&first_tx, &first_statements.batch, &entries[1..2])
+        .await
+        .unwrap();
+    let second_tx = second.transaction().await.unwrap();
+    let batch = projection::apply(&second_tx, &second_statements.batch, &entries);
+    let committed = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        first_tx.commit().await.unwrap();
+    };
+    let (refused, ()) = tokio::join!(batch, committed);
+    let refused = refused.expect_err("a batch holding an event recorded meanwhile is refused");
+    assert_eq!(refused.code().map(|c| c.code()), Some("23505"), "{refused}");
+    second_tx.rollback().await.unwrap();
+
+    // Event by event, the ledger sees the other's commit: a duplicate, the rest applied.
+    let tx = second.transaction().await.unwrap();
+    let mut counts = projection::Counts::default();
+    for entry in &entries {
+        let one = projection::apply(&tx, &second_statements.one, &[*entry])
+            .await
+            .unwrap();
+        counts += projection::total(&one);
+    }
+    tx.commit().await.unwrap();
+    assert_eq!((counts.applied, counts.duplicate, counts.stale), (2, 1, 0));
+    assert_eq!(
+        count(&client, &format!("SELECT count(*) FROM {schema}.history")).await,
+        3
+    );
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
