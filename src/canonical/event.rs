@@ -175,11 +175,11 @@ impl CanonicalEvent {
 
     /// The Kafka headers of the event's message: event id, resource type, connector.
     pub fn headers(&self) -> [(&'static str, &str); 3] {
-        [
-            ("event_id", &self.event_id),
-            ("resource_type", &self.resource_type),
-            ("connector", &self.provenance.connector),
-        ]
+        headers(
+            &self.event_id,
+            &self.resource_type,
+            &self.provenance.connector,
+        )
     }
 
     /// The Kafka topic: `<prefix>.<domain>.<ResourceType>`.
@@ -191,6 +191,44 @@ impl CanonicalEvent {
     pub fn key(&self) -> String {
         format!("{}/{}", self.resource_type, self.resource_id)
     }
+}
+
+/// What an event's Kafka headers say, kept without the rest of the event (for a message in
+/// flight, which needs its bytes and headers only).
+#[derive(Debug)]
+pub struct EventHeaders {
+    event_id: String,
+    resource_type: String,
+    connector: Arc<str>,
+}
+
+impl From<CanonicalEvent> for EventHeaders {
+    fn from(event: CanonicalEvent) -> Self {
+        Self {
+            event_id: event.event_id,
+            resource_type: event.resource_type,
+            connector: event.provenance.connector,
+        }
+    }
+}
+
+impl EventHeaders {
+    /// The headers, as [`CanonicalEvent::headers`] gives them.
+    pub fn pairs(&self) -> [(&'static str, &str); 3] {
+        headers(&self.event_id, &self.resource_type, &self.connector)
+    }
+}
+
+fn headers<'a>(
+    event_id: &'a str,
+    resource_type: &'a str,
+    connector: &'a str,
+) -> [(&'static str, &'a str); 3] {
+    [
+        ("event_id", event_id),
+        ("resource_type", resource_type),
+        ("connector", connector),
+    ]
 }
 
 /// UUID-formatted first 128 bits of SHA-256 over the change's identity: connector, source

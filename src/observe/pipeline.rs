@@ -3,7 +3,7 @@
 //! Per table (`connector`, `table` labels): changes read, events mapped, produced and
 //! acknowledged by Kafka, dead letters, suppressed no-op updates. Per connector: the source
 //! lag (capture time − commit time of the last change), the commit → Kafka-acknowledgement
-//! latency histogram, the depth of the source → sink channel and the messages in flight to
+//! latency histogram, the changes read and waiting to be mapped and the messages in flight to
 //! Kafka. Labels name tables, never values.
 
 use std::{collections::HashMap, sync::Arc};

@@ -1,11 +1,12 @@
 //! The connector at work: PostgreSQL → mappings → Avro → Kafka, with source positions
 //! acknowledged only after Kafka has every event at or before them.
 //!
-//! Two tasks joined by a bounded channel ([`CHANNEL_DEPTH`]): the source reads the
-//! snapshot and the replication stream; the sink takes the changes in batches, maps each
-//! change, encodes its events, sends them, and takes no more changes while
-//! [`MAX_IN_FLIGHT`] messages are unacknowledged — so a slow or absent Kafka holds the
-//! source back and nothing grows without bound. Each Kafka
+//! Three stages joined by bounded channels ([`CHANNEL_DEPTH`]), each on a core of its own
+//! when there is one: the source reads the snapshot and the replication stream; the
+//! mapping stage maps each change and encodes its events and dead letters; the sink sends
+//! them and takes no more while [`MAX_IN_FLIGHT`] messages are unacknowledged — so a slow
+//! or absent Kafka holds the mapping and the source back and nothing grows without bound.
+//! Each Kafka
 //! acknowledgement feeds the [`AckTracker`]; the tracker's safe position travels back to the
 //! source, which reports it to PostgreSQL as the flush LSN. A crash anywhere therefore
 //! re-reads from a position whose events all reached Kafka, and re-emitted events carry
@@ -29,7 +30,10 @@ use ::metrics::Counter;
 
 use crate::observe::{self, pipeline::Metrics};
 use crate::{
-    canonical::registry::{CodecError, EventCodec},
+    canonical::{
+        registry::{CodecError, EventCodec},
+        EventHeaders,
+    },
     change::{PgLsn, Position, SourceMessage},
     config::{ConnectorConfig, SnapshotMode, SourceKind},
     mapping::{self, MapContext, Mapper, Mapping},
@@ -42,7 +46,7 @@ use crate::{
     },
 };
 
-/// Changes between the source and the sink.
+/// Changes between the source and the mapping stage, and mapped changes between it and the sink.
 pub const CHANNEL_DEPTH: usize = 256;
 /// Messages sent to Kafka and not yet acknowledged: no more changes are taken beyond it
 /// (the events of one received batch may pass it).
@@ -205,7 +209,6 @@ pub async fn run(
         publication,
         start: PgLsn(0),
     };
-    let mut summary = RunSummary::default();
 
     // The source runs as a task of its own, so that reading and decoding the stream use
     // another core than mapping and encoding. It owns the sender: when it ends, the channel
@@ -262,17 +265,34 @@ pub async fn run(
             }
         }
     };
-    let sink = write_events(
+    let (mapped, to_send) = mpsc::channel(CHANNEL_DEPTH);
+    let mapping = map_changes(
         received,
-        &mapper,
-        config,
-        &dead_letter_topic,
-        acked,
-        &mut summary,
+        mapped,
+        mapper,
+        EventCodec::new(&config.schema_registry),
+        (
+            config.topics.prefix.clone(),
+            dead_letter_topic,
+            config.name.clone(),
+        ),
     );
-    let (source, sink, ()) = tokio::join!(source, sink, heartbeats);
+    // On a thread of its own, not as a task: woken by the source, a task runs on the
+    // source's worker right after it (tokio's LIFO slot, which other workers do not steal
+    // from), so the two took turns on one core. Measured with Kafka left out: 47,000 →
+    // 61,500 changes/s.
+    let runtime = tokio::runtime::Handle::current();
+    let mapping = tokio::task::spawn_blocking(move || runtime.block_on(mapping));
+    let mapping = async {
+        mapping
+            .await
+            .unwrap_or_else(|e| Err(RunError::Setup(format!("the mapping task failed: {e}"))))
+    };
+    let sink = send_messages(to_send, config, acked);
+    let (source, mapping, sink, ()) = tokio::join!(source, mapping, sink, heartbeats);
     let stream = source?;
-    sink?;
+    let mut summary = mapping?;
+    summary.acknowledged = sink?;
     if let Some(safe) = summary.acknowledged {
         stream.acknowledge(safe);
         setup::wait_for_flush(&admin, &config.source.slot_name(&config.name), safe).await;
@@ -328,98 +348,190 @@ async fn read_stream(
     Ok(stream)
 }
 
-/// For an event sent to Kafka: its table's acknowledgement counter and its commit time.
-type AckCount = Option<(Counter, Option<DateTime<Utc>>)>;
+/// What the mapping stage hands the sink, in source order.
+#[derive(Debug)]
+enum Outgoing {
+    /// Every change before this position (a commit, a heartbeat) has been handed over.
+    Progress(PgLsn),
+    /// The Kafka messages of one change — its events and dead letters, possibly none (a
+    /// suppressed no-op, a table without a mapping): its position is safe once Kafka has
+    /// acknowledged all of them.
+    Change(PgLsn, Vec<Message>),
+}
 
-/// Map, encode and send until the channel closes and every message is acknowledged.
-async fn write_events(
+/// A Kafka message ready to send.
+#[derive(Debug)]
+struct Message {
+    topic: String,
+    key: String,
+    payload: Vec<u8>,
+    kind: MessageKind,
+}
+
+#[derive(Debug)]
+enum MessageKind {
+    /// An event: the values of its headers, the acknowledgement counter of its table and its
+    /// commit time. (In flight, the message needs its bytes and headers, not the event they
+    /// were encoded from, which the mapping stage drops.)
+    Event {
+        headers: EventHeaders,
+        acked: Counter,
+        commit_time: Option<DateTime<Utc>>,
+    },
+    /// A dead letter of this mapping.
+    DeadLetter { mapping_id: String },
+}
+
+/// The mapping stage: map each change, encode its events and dead letters, and hand them
+/// to the sink until the source's channel closes. Returns what it counted; the sink fills
+/// in the acknowledged position.
+async fn map_changes(
     mut received: mpsc::Receiver<SourceMessage>,
-    mapper: &Mapper,
+    out: mpsc::Sender<Outgoing>,
+    mapper: Mapper,
+    codec: EventCodec,
+    (prefix, dead_letter_topic, connector): (String, String, String),
+) -> Result<RunSummary, RunError> {
+    let mut summary = RunSummary::default();
+    let mut measured = Metrics::new(&connector);
+    let mut batch = Vec::with_capacity(RECEIVE_BATCH);
+    // Many at once: taking one change at a time from a full channel woke the source for
+    // every change, and the two threads took turns instead of working.
+    while received.recv_many(&mut batch, RECEIVE_BATCH).await > 0 {
+        measured.channel_depth.set(received.len() as f64);
+        for message in batch.drain(..) {
+            let outgoing = match message {
+                SourceMessage::Progress(Position::Postgres(lsn)) => Outgoing::Progress(lsn),
+                SourceMessage::Progress(_) => continue,
+                SourceMessage::Change(change) => {
+                    let Position::Postgres(lsn) = change.position else {
+                        continue;
+                    };
+                    if change.op == crate::change::Operation::Read {
+                        summary.snapshot_rows += 1;
+                    }
+                    if let Some(commit_time) = change.commit_time {
+                        measured.source_lag_ms.set(
+                            (change.capture_time - commit_time)
+                                .num_milliseconds()
+                                .max(0) as f64,
+                        );
+                    }
+                    let table = measured.table(&change.source);
+                    table.read.increment(1);
+                    let outcome = mapper.map(&change);
+                    summary.suppressed += outcome.suppressed as u64;
+                    table.suppressed.increment(outcome.suppressed as u64);
+                    table.mapped.increment(outcome.events.len() as u64);
+                    let mut messages =
+                        Vec::with_capacity(outcome.events.len() + outcome.failures.len());
+                    for event in outcome.events {
+                        let topic = event.topic(&prefix);
+                        let payload = codec.encode(&event, &topic).await?;
+                        summary.events += 1;
+                        table.produced.increment(1);
+                        messages.push(Message {
+                            key: event.key(),
+                            topic,
+                            payload,
+                            kind: MessageKind::Event {
+                                headers: event.into(),
+                                acked: table.acked.clone(),
+                                commit_time: change.commit_time,
+                            },
+                        });
+                    }
+                    for failure in outcome.failures {
+                        // The reason names columns and rules, never row values.
+                        warn!(mapping = failure.mapping_id, table = %change.source.qualified_name(), position = %change.position,
+                            reason = %failure.error, "a change went to the dead-letter topic");
+                        summary.dead_letters += 1;
+                        table.dead_letters.increment(1);
+                        messages.push(Message {
+                            topic: dead_letter_topic.clone(),
+                            key: format!("{}:{}", change.source.qualified_name(), change.position),
+                            payload: dead_letter::record(&change, &failure),
+                            kind: MessageKind::DeadLetter {
+                                mapping_id: failure.mapping_id,
+                            },
+                        });
+                    }
+                    Outgoing::Change(lsn, messages)
+                }
+            };
+            if out.send(outgoing).await.is_err() {
+                // The sink stopped; it says why.
+                return Ok(summary);
+            }
+        }
+    }
+    Ok(summary)
+}
+
+/// Send what the mapping stage hands over until its channel closes and every message is
+/// acknowledged, passing each newly safe position on to the source. Returns the last
+/// safe position.
+async fn send_messages(
+    mut received: mpsc::Receiver<Outgoing>,
     config: &ConnectorConfig,
-    dead_letter_topic: &str,
     acked: watch::Sender<Option<PgLsn>>,
-    summary: &mut RunSummary,
-) -> Result<(), RunError> {
+) -> Result<Option<PgLsn>, RunError> {
     let producer = Producer::new(&config.kafka)?;
-    let codec = EventCodec::new(&config.schema_registry);
     let mut tracker: AckTracker<PgLsn> = AckTracker::default();
     let mut in_flight = FuturesUnordered::new();
-    let mut measured = Metrics::new(&config.name);
+    let measured = Metrics::new(&config.name);
     let mut open = true;
     let mut batch = Vec::with_capacity(RECEIVE_BATCH);
+    let mut acknowledged = None;
+    let mut publish = |tracker: &AckTracker<PgLsn>| {
+        if let Some(safe) = tracker.safe().copied() {
+            acknowledged = Some(safe);
+            acked.send_if_modified(|current| current.replace(safe) != Some(safe));
+        }
+    };
     while open || !in_flight.is_empty() {
-        measured.channel_depth.set(received.len() as f64);
         measured.in_flight.set(in_flight.len() as f64);
         tokio::select! {
             biased;
             // Acknowledgements first: they free room and let positions advance.
             Some(delivery) = in_flight.next(), if !in_flight.is_empty() => {
-                let (lsn, event, result): (PgLsn, AckCount, Result<(i32, i64), SinkError>) = delivery;
+                let (lsn, message, result): (PgLsn, Message, Result<(i32, i64), SinkError>) = delivery;
                 // A message Kafka refused after its retries stops the connector: nothing
                 // after it is acknowledged, so a restart writes it again.
                 result?;
-                if let Some((acked_of_table, commit_time)) = event {
-                    acked_of_table.increment(1);
+                if let MessageKind::Event { acked, commit_time, .. } = &message.kind {
+                    acked.increment(1);
                     if let Some(commit_time) = commit_time {
-                        measured.commit_to_ack.record(observe::seconds_since(commit_time));
+                        measured.commit_to_ack.record(observe::seconds_since(*commit_time));
                     }
                 }
                 tracker.acknowledge(&lsn);
-                publish(&tracker, &acked, summary);
+                publish(&tracker);
             }
-            // Many at once: taking one change at a time from a full channel woke the source
-            // for every change, and the two threads took turns instead of working.
             received_count = received.recv_many(&mut batch, RECEIVE_BATCH), if open && in_flight.len() < MAX_IN_FLIGHT => {
                 if received_count == 0 {
                     open = false;
                 }
-                for message in batch.drain(..) {
-                    match message {
-                        SourceMessage::Progress(Position::Postgres(lsn)) => {
+                for outgoing in batch.drain(..) {
+                    match outgoing {
+                        Outgoing::Progress(lsn) => {
                             tracker.complete(lsn);
-                            publish(&tracker, &acked, summary);
+                            publish(&tracker);
                         }
-                        SourceMessage::Progress(_) => {}
-                        SourceMessage::Change(change) => {
-                            let Position::Postgres(lsn) = change.position else { continue };
-                            if change.op == crate::change::Operation::Read {
-                                summary.snapshot_rows += 1;
-                            }
-                            if let Some(commit_time) = change.commit_time {
-                                measured.source_lag_ms.set((change.capture_time - commit_time).num_milliseconds().max(0) as f64);
-                            }
-                            let table = measured.table(&change.source);
-                            table.read.increment(1);
-                            let outcome = mapper.map(&change);
-                            summary.suppressed += outcome.suppressed as u64;
-                            table.suppressed.increment(outcome.suppressed as u64);
-                            table.mapped.increment(outcome.events.len() as u64);
-                            tracker.track(lsn, outcome.events.len() + outcome.failures.len());
-                            for mut event in outcome.events {
-                                let topic = event.topic(&config.topics.prefix);
-                                let bytes = codec.encode(&event, &topic).await?;
-                                // In flight, the message needs its bytes and headers, not the tree
-                                // they were encoded from (most of an event's memory).
-                                event.resource = None;
-                                summary.events += 1;
-                                table.produced.increment(1);
-                                let producer = &producer;
-                                let measured_event = Some((table.acked.clone(), change.commit_time));
-                                in_flight.push(async move {
-                                    (lsn, measured_event, producer.send(&topic, &event.key(), &bytes, &event.headers()).await)
-                                }.boxed());
-                            }
-                            for failure in outcome.failures {
-                                // The reason names columns and rules, never row values.
-                                warn!(mapping = failure.mapping_id, table = %change.source.qualified_name(), position = %change.position,
-                                    reason = %failure.error, "a change went to the dead-letter topic");
-                                summary.dead_letters += 1;
-                                table.dead_letters.increment(1);
-                                let letter = dead_letter::record(&change, &failure);
-                                let key = format!("{}:{}", change.source.qualified_name(), change.position);
+                        Outgoing::Change(lsn, messages) => {
+                            tracker.track(lsn, messages.len());
+                            for message in messages {
                                 let producer = &producer;
                                 in_flight.push(async move {
-                                    (lsn, None, producer.send(dead_letter_topic, &key, &letter, &[("mapping_id", failure.mapping_id.as_str())]).await)
+                                    let result = match &message.kind {
+                                        MessageKind::Event { headers, .. } => {
+                                            producer.send(&message.topic, &message.key, &message.payload, &headers.pairs()).await
+                                        }
+                                        MessageKind::DeadLetter { mapping_id } => {
+                                            producer.send(&message.topic, &message.key, &message.payload, &[("mapping_id", mapping_id)]).await
+                                        }
+                                    };
+                                    (lsn, message, result)
                                 }.boxed());
                             }
                         }
@@ -428,19 +540,7 @@ async fn write_events(
             }
         }
     }
-    Ok(())
-}
-
-/// Pass a newly safe position on to the source.
-fn publish(
-    tracker: &AckTracker<PgLsn>,
-    acked: &watch::Sender<Option<PgLsn>>,
-    summary: &mut RunSummary,
-) {
-    if let Some(safe) = tracker.safe().copied() {
-        summary.acknowledged = Some(safe);
-        acked.send_if_modified(|current| current.replace(safe) != Some(safe));
-    }
+    Ok(acknowledged)
 }
 
 mod setup {
