@@ -1,6 +1,7 @@
 //! Every golden event survives Avro exactly: encoded with the generated schema of its
 //! resource type, decoded back, it equals the original — decimals digit for digit, absent
-//! elements absent, times to the microsecond.
+//! elements absent, times to the microsecond — and read straight into FHIR JSON, its
+//! resource is the JSON the decoded tree serializes to.
 
 // The bare datum functions are what a Confluent-framed message body is, and what
 // schema_registry_converter uses; their builder-style successors add nothing here.
@@ -41,6 +42,33 @@ fn golden_events_round_trip_through_avro_losslessly() {
                 "{}: {} read back differently",
                 path.display(),
                 event.event_id
+            );
+            // Read straight into FHIR JSON (the projector's way), the resource is the very
+            // text serializing the tree gives, and the rest of the event the same.
+            let (envelope, resource) = compiled.read_json(&written).unwrap();
+            assert_eq!(
+                resource.as_ref().map(|r| r.json.as_str()),
+                read.resource
+                    .as_ref()
+                    .map(|r| serde_json::to_string(r).unwrap())
+                    .as_deref(),
+                "{}: {} read into JSON differently",
+                path.display(),
+                event.event_id
+            );
+            assert_eq!(
+                resource.and_then(|r| r.id),
+                read.resource
+                    .as_ref()
+                    .and_then(|r| r.get("id"))
+                    .and_then(|id| id.as_str())
+                    .map(str::to_owned)
+            );
+            let mut without_resource = read.clone();
+            without_resource.resource = None;
+            assert_eq!(
+                serde_json::to_value(&envelope).unwrap(),
+                serde_json::to_value(&without_resource).unwrap()
             );
             assert_eq!(
                 written, bytes,

@@ -9,5 +9,5 @@ mod writer;
 pub use self::{
     avro::{event_from_avro, event_to_avro, AvroShapeError},
     event::{instant, CanonicalEvent, EventHeaders, EventOp, KeyColumn, Origin, Provenance},
-    writer::EventWriter,
+    writer::{EventWriter, JsonResource},
 };

@@ -15,7 +15,7 @@ use schema_registry_converter::{
     schema_registry_common::{SchemaType, SuppliedSchema},
 };
 
-use super::{schema::event_schema, AvroShapeError, CanonicalEvent, EventWriter};
+use super::{schema::event_schema, AvroShapeError, CanonicalEvent, EventWriter, JsonResource};
 use crate::{
     config::RegistryConfig,
     preflight::{self, Finding},
@@ -196,14 +196,18 @@ impl EventCodec {
 
     /// The event in `bytes`, read with the schema version it was written with.
     pub async fn decode(&self, bytes: &[u8]) -> Result<CanonicalEvent, CodecError> {
-        let (Some(0), Some(id)) = (bytes.first(), bytes.get(1..5)) else {
-            return Err(CodecError::Undecodable(
-                "no Confluent wire-format header (magic byte 0 and a schema id)".into(),
-            ));
-        };
-        let id = u32::from_be_bytes(id.try_into().expect("four bytes"));
-        let reader = self.reader(id).await?;
-        Ok(reader.read(&bytes[5..])?)
+        let (id, body) = wire_format(bytes)?;
+        Ok(self.reader(id).await?.read(body)?)
+    }
+
+    /// The event in `bytes` without its resource, and the resource as FHIR JSON (see
+    /// [`EventWriter::read_json`]).
+    pub async fn decode_json(
+        &self,
+        bytes: &[u8],
+    ) -> Result<(CanonicalEvent, Option<JsonResource>), CodecError> {
+        let (id, body) = wire_format(bytes)?;
+        Ok(self.reader(id).await?.read_json(body)?)
     }
 
     /// The compiled schema with registry id `id`.
@@ -227,4 +231,17 @@ impl EventCodec {
         locked(&self.readers).insert(id, reader.clone());
         Ok(reader)
     }
+}
+
+/// The schema id and the Avro body of a message in the Confluent wire format.
+fn wire_format(bytes: &[u8]) -> Result<(u32, &[u8]), CodecError> {
+    let (Some(0), Some(id)) = (bytes.first(), bytes.get(1..5)) else {
+        return Err(CodecError::Undecodable(
+            "no Confluent wire-format header (magic byte 0 and a schema id)".into(),
+        ));
+    };
+    Ok((
+        u32::from_be_bytes(id.try_into().expect("four bytes")),
+        &bytes[5..],
+    ))
 }

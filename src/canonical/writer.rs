@@ -601,10 +601,73 @@ impl<'a> Input<'a> {
     }
 }
 
+/// A resource read straight into FHIR JSON (see [`EventWriter::read_json`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonResource {
+    /// The resource as FHIR JSON, `resourceType` first: what serializing the resource
+    /// [`EventWriter::read`] gives would write.
+    pub json: String,
+    /// Its `id` element.
+    pub id: Option<String>,
+}
+
 impl EventWriter {
     /// The event in `bytes` (an Avro body written with this schema — any compatible version
     /// of it: fields the reader does not know are skipped).
     pub fn read(&self, bytes: &[u8]) -> Result<CanonicalEvent, AvroShapeError> {
+        let (mut event, resource) =
+            self.read_parts(bytes, |input, node| self.read_element(node, false, input))?;
+        event.resource = resource.map(|body| {
+            // The envelope says the type; FHIR JSON has it first.
+            let Element::Object(fields) = body else {
+                return body;
+            };
+            let mut with_type = Vec::with_capacity(fields.len() + 1);
+            with_type.push((
+                crate::fhir::names().resource_type,
+                Element::text(event.resource_type.as_str()),
+            ));
+            with_type.extend(fields);
+            Element::Object(with_type)
+        });
+        Ok(event)
+    }
+
+    /// The event in `bytes` without its resource, and the resource as FHIR JSON, written as
+    /// it is read — for a reader that stores the JSON and has no use for the tree (building
+    /// it, serializing it and freeing it was most of the projector's own work).
+    pub fn read_json(
+        &self,
+        bytes: &[u8],
+    ) -> Result<(CanonicalEvent, Option<JsonResource>), AvroShapeError> {
+        let (event, resource) = self.read_parts(bytes, |input, node| {
+            let mut fields = Vec::with_capacity(2 * bytes.len());
+            let mut id = None;
+            Ok(self
+                .write_json_resource(node, input, &mut fields, &mut id)?
+                .then_some((fields, id)))
+        })?;
+        let resource = resource.map(|(fields, id)| {
+            let mut json = Vec::with_capacity(fields.len() + event.resource_type.len() + 20);
+            json.extend_from_slice(b"{\"resourceType\":");
+            json_string(&mut json, &event.resource_type);
+            json.extend_from_slice(&fields);
+            json.push(b'}');
+            JsonResource {
+                json: String::from_utf8(json).expect("JSON written from UTF-8 text"),
+                id,
+            }
+        });
+        Ok((event, resource))
+    }
+
+    /// The envelope and provenance in `bytes`, and the resource as `read_resource` reads it
+    /// (`None`: absent or empty).
+    fn read_parts<R>(
+        &self,
+        bytes: &[u8],
+        mut read_resource: impl FnMut(&mut Input<'_>, usize) -> Result<Option<R>, AvroShapeError>,
+    ) -> Result<(CanonicalEvent, Option<R>), AvroShapeError> {
         let mut input = Input { bytes, at: 0 };
         let Node::Record(record) = &self.nodes[self.root] else {
             unreachable!("event schemas are records")
@@ -626,7 +689,7 @@ impl EventWriter {
                 Some(Field::Op) => op = self.read_text(node, input, name)?,
                 Some(Field::Domain) => domain = self.read_text(node, input, name)?,
                 Some(Field::Sensitivity) => sensitivity = self.read_text(node, input, name)?,
-                Some(Field::Resource) => resource = self.read_element(node, false, input)?,
+                Some(Field::Resource) => resource = read_resource(input, node)?,
                 Some(Field::Provenance) => provenance = Some(self.read_provenance(node, input)?),
                 _ => self.skip(node, input)?,
             }
@@ -635,20 +698,7 @@ impl EventWriter {
             value.ok_or_else(|| shape(field.name(), "missing from the writer's schema"))
         };
         let resource_type = need(resource_type, Field::ResourceType)?;
-        let resource = resource.map(|body| {
-            // The envelope says the type; FHIR JSON has it first.
-            let Element::Object(fields) = body else {
-                return body;
-            };
-            let mut with_type = Vec::with_capacity(fields.len() + 1);
-            with_type.push((
-                crate::fhir::names().resource_type,
-                Element::text(resource_type.as_str()),
-            ));
-            with_type.extend(fields);
-            Element::Object(with_type)
-        });
-        Ok(CanonicalEvent {
+        let event = CanonicalEvent {
             event_id: need(event_id, Field::EventId)?,
             resource_id: need(resource_id, Field::ResourceId)?,
             resource_version: need(resource_version, Field::ResourceVersion)?,
@@ -664,9 +714,10 @@ impl EventWriter {
                 _ => return Err(shape("sensitivity", "neither normal nor restricted")),
             },
             resource_type,
-            resource,
+            resource: None,
             provenance: provenance.ok_or_else(|| shape("provenance", "missing"))?,
-        })
+        };
+        Ok((event, resource))
     }
 
     fn read_provenance(
@@ -855,6 +906,163 @@ impl EventWriter {
         })
     }
 
+    /// The resource record at `node` onto `out` as the members of a JSON object, each with a
+    /// leading comma (the caller writes the braces and `resourceType`), its `id` into `id`;
+    /// false, with nothing written, when it is absent or empty.
+    fn write_json_resource(
+        &self,
+        node: usize,
+        input: &mut Input<'_>,
+        out: &mut Vec<u8>,
+        id: &mut Option<String>,
+    ) -> Result<bool, AvroShapeError> {
+        match &self.nodes[node] {
+            Node::Nullable { null, node, .. } => {
+                if input.long()? == i64::from(*null) {
+                    Ok(false)
+                } else {
+                    self.write_json_resource(*node, input, out, id)
+                }
+            }
+            Node::Record(record) => {
+                let mut any = false;
+                for (i, (_, field)) in record.fields.iter().enumerate() {
+                    let name = record.names[i];
+                    if name == crate::fhir::names().id {
+                        *id = self.read_text(*field, input, name)?;
+                        if let Some(id) = id {
+                            out.extend_from_slice(b",\"id\":");
+                            json_string(out, id);
+                            any = true;
+                        }
+                        continue;
+                    }
+                    let mark = out.len();
+                    out.push(b',');
+                    json_string(out, name);
+                    out.push(b':');
+                    if self.write_json(*field, record.decimal[i], input, out)? {
+                        any = true;
+                    } else {
+                        out.truncate(mark);
+                    }
+                }
+                if !any {
+                    out.clear();
+                }
+                Ok(any)
+            }
+            _ => Err(shape("resource", "a resource is a record")),
+        }
+    }
+
+    /// The element at `node` onto `out` as FHIR JSON, as [`Self::read_element`] reads it and
+    /// serializing the element writes it; false, with nothing written, when it is absent or
+    /// empty.
+    fn write_json(
+        &self,
+        node: usize,
+        decimal: bool,
+        input: &mut Input<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, AvroShapeError> {
+        Ok(match &self.nodes[node] {
+            Node::Null => false,
+            Node::Boolean => {
+                out.extend_from_slice(if input.byte()? != 0 {
+                    b"true"
+                } else {
+                    b"false"
+                });
+                true
+            }
+            Node::Int | Node::Long => {
+                serde_json::to_writer(&mut *out, &input.long()?)
+                    .expect("writing into memory cannot fail");
+                true
+            }
+            Node::String if decimal => {
+                let number: serde_json::Number = input
+                    .text()?
+                    .parse()
+                    .map_err(|_| shape("", "a decimal field holds no decimal"))?;
+                serde_json::to_writer(&mut *out, &number)
+                    .map_err(|_| shape("", "a decimal field holds no decimal"))?;
+                true
+            }
+            Node::String => {
+                json_string(out, input.text()?);
+                true
+            }
+            Node::Enum(_) | Node::TimestampMicros => match self.read_text(node, input, "")? {
+                Some(text) => {
+                    json_string(out, &text);
+                    true
+                }
+                None => false,
+            },
+            Node::Array(items) => {
+                let start = out.len();
+                out.push(b'[');
+                let mut any = false;
+                loop {
+                    let count = input.block()?;
+                    if count == 0 {
+                        break;
+                    }
+                    for _ in 0..count {
+                        let mark = out.len();
+                        if any {
+                            out.push(b',');
+                        }
+                        if self.write_json(*items, decimal, input, out)? {
+                            any = true;
+                        } else {
+                            out.truncate(mark);
+                        }
+                    }
+                }
+                if any {
+                    out.push(b']');
+                } else {
+                    out.truncate(start);
+                }
+                any
+            }
+            Node::Nullable { null, node, .. } => {
+                if input.long()? == i64::from(*null) {
+                    false
+                } else {
+                    self.write_json(*node, decimal, input, out)?
+                }
+            }
+            Node::Record(record) => {
+                let start = out.len();
+                out.push(b'{');
+                let mut any = false;
+                for (i, (_, field)) in record.fields.iter().enumerate() {
+                    let mark = out.len();
+                    if any {
+                        out.push(b',');
+                    }
+                    json_string(out, record.names[i]);
+                    out.push(b':');
+                    if self.write_json(*field, record.decimal[i], input, out)? {
+                        any = true;
+                    } else {
+                        out.truncate(mark);
+                    }
+                }
+                if any {
+                    out.push(b'}');
+                } else {
+                    out.truncate(start);
+                }
+                any
+            }
+        })
+    }
+
     /// Past a value of `node` without keeping it.
     fn skip(&self, node: usize, input: &mut Input<'_>) -> Result<(), AvroShapeError> {
         match &self.nodes[node] {
@@ -890,6 +1098,11 @@ impl EventWriter {
         }
         Ok(())
     }
+}
+
+/// `text` as a JSON string, escaped as serde_json escapes it.
+fn json_string(out: &mut Vec<u8>, text: &str) {
+    serde_json::to_writer(out, text).expect("writing into memory cannot fail");
 }
 
 fn shape(path: &str, problem: &str) -> AvroShapeError {

@@ -32,7 +32,6 @@ use tokio_postgres::NoTls;
 use super::{
     config::ProjectorConfig,
     projection::{self, Coordinates, Entry, Prepared},
-    projector::check,
 };
 use crate::{
     canonical::{instant, registry::EventCodec},
@@ -281,10 +280,10 @@ pub async fn replay_messages(
                 .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
                 .ok_or("the letter holds no original bytes (`value_base64`)")?;
             let event = codec
-                .decode(&bytes)
+                .decode_json(&bytes)
                 .await
                 .map_err(|e| e.to_string())
-                .and_then(check)?;
+                .and_then(|(event, resource)| Prepared::checked(event, resource))?;
             let at = Coordinates {
                 topic: record["topic"].as_str().unwrap_or_default().to_owned(),
                 partition: record["partition"]
@@ -293,7 +292,6 @@ pub async fn replay_messages(
                     .unwrap_or(-1),
                 offset: record["offset"].as_i64().unwrap_or(-1),
             };
-            let event = Prepared::new(event);
             let entry = Entry {
                 event: &event,
                 at: &at,

@@ -22,7 +22,7 @@ use std::{
 
 use tokio_postgres::{GenericClient, Statement};
 
-use crate::canonical::{CanonicalEvent, EventOp, Provenance};
+use crate::canonical::{CanonicalEvent, EventOp, JsonResource, Provenance};
 
 /// Where an event was read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,11 +192,32 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// An event with its resource in memory.
     pub fn new(mut event: CanonicalEvent) -> Self {
         let body = event
             .resource
             .take()
             .map(|r| serde_json::to_string(&r).unwrap_or_default());
+        Self::with_body(event, body)
+    }
+
+    /// An event as [`crate::canonical::registry::EventCodec::decode_json`] reads it, when its
+    /// resource agrees with its envelope; otherwise why not.
+    pub fn checked(event: CanonicalEvent, resource: Option<JsonResource>) -> Result<Self, String> {
+        match (event.op, &resource) {
+            (EventOp::Delete, Some(_)) => Err("a delete event carries a resource".into()),
+            (EventOp::Upsert, None) => Err("an upsert event carries no resource".into()),
+            // (Its type is the envelope's: the reader writes it from there.)
+            (EventOp::Upsert, Some(resource))
+                if resource.id.as_deref() != Some(&event.resource_id) =>
+            {
+                Err("the resource's type or id differs from the envelope's".into())
+            }
+            _ => Ok(Self::with_body(event, resource.map(|r| r.json))),
+        }
+    }
+
+    fn with_body(event: CanonicalEvent, body: Option<String>) -> Self {
         let primary_key = serde_json::to_string(&event.provenance.primary_key).unwrap_or_default();
         Prepared {
             event,

@@ -46,7 +46,7 @@ use super::{
     projection::{self, Coordinates, Entry, Prepared, Statements, TopicCounts},
 };
 use crate::{
-    canonical::{registry::EventCodec, CanonicalEvent, EventOp},
+    canonical::registry::EventCodec,
     observe::{self, progress::Progress, projector::Metrics},
     sink::kafka::{client_config, ensure_topics, offset_at, Producer, TopicSpec},
 };
@@ -640,8 +640,8 @@ async fn read(codec: &EventCodec, message: &BorrowedMessage<'_>) -> Result<Read,
     let timestamp = message.timestamp().to_millis();
     let mut wait = Duration::from_millis(200);
     let event = loop {
-        match codec.decode(&payload).await {
-            Ok(event) => break check(event).map(Prepared::new),
+        match codec.decode_json(&payload).await {
+            Ok((event, resource)) => break Prepared::checked(event, resource),
             Err(e) if e.is_transient() && wait <= Duration::from_secs(4) => {
                 warn!(error = %e, retry_in_ms = wait.as_millis(), "the schema registry failed; trying again");
                 tokio::time::sleep(wait).await;
@@ -687,29 +687,6 @@ fn transient(e: &tokio_postgres::Error) -> bool {
                 || code.starts_with("53")
                 || code.starts_with("08")
         })
-}
-
-/// An event whose body agrees with its envelope; otherwise why not.
-pub(super) fn check(event: CanonicalEvent) -> Result<CanonicalEvent, String> {
-    let field = |name: &str| {
-        event
-            .resource
-            .as_ref()
-            .and_then(|r| r.get(name))
-            .and_then(|v| v.as_str())
-            .map(str::to_owned)
-    };
-    match (event.op, &event.resource) {
-        (EventOp::Delete, Some(_)) => Err("a delete event carries a resource".into()),
-        (EventOp::Upsert, None) => Err("an upsert event carries no resource".into()),
-        (EventOp::Upsert, Some(_))
-            if field("resourceType").as_deref() != Some(&event.resource_type)
-                || field("id").as_deref() != Some(&event.resource_id) =>
-        {
-            Err("the resource's type or id differs from the envelope's".into())
-        }
-        _ => Ok(event),
-    }
 }
 
 /// A connection batches are written on, with the statements prepared on it.
