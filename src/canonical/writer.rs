@@ -925,35 +925,44 @@ impl EventWriter {
                 }
             }
             Node::Record(record) => {
-                let mut any = false;
-                for (i, (_, field)) in record.fields.iter().enumerate() {
-                    let name = record.names[i];
-                    if name == crate::fhir::names().id {
-                        *id = self.read_text(*field, input, name)?;
-                        if let Some(id) = id {
-                            out.extend_from_slice(b",\"id\":");
-                            json_string(out, id);
-                            any = true;
-                        }
-                        continue;
-                    }
-                    let mark = out.len();
-                    out.push(b',');
-                    json_string(out, name);
-                    out.push(b':');
-                    if self.write_json(*field, record.decimal[i], input, out)? {
-                        any = true;
-                    } else {
-                        out.truncate(mark);
-                    }
-                }
-                if !any {
-                    out.clear();
-                }
-                Ok(any)
+                let start = out.len();
+                // A member before: every member gets its comma.
+                self.write_json_members(record, input, out, &mut true, Some(id))?;
+                Ok(out.len() > start)
             }
             _ => Err(shape("resource", "a resource is a record")),
         }
+    }
+
+    /// The present fields of `record` onto `out` as JSON object members, each after a comma
+    /// once `any` member came before (it says whether one did when done); the `id` field's
+    /// value also into `id`, if given.
+    fn write_json_members(
+        &self,
+        record: &Record,
+        input: &mut Input<'_>,
+        out: &mut Vec<u8>,
+        any: &mut bool,
+        mut id: Option<&mut Option<String>>,
+    ) -> Result<(), AvroShapeError> {
+        for (i, (_, field)) in record.fields.iter().enumerate() {
+            let name = record.names[i];
+            json_member(out, any, |out| {
+                json_string(out, name);
+                out.push(b':');
+                match id
+                    .as_deref_mut()
+                    .filter(|_| name == crate::fhir::names().id)
+                {
+                    Some(id) => {
+                        *id = self.read_text(*field, input, name)?;
+                        Ok(id.as_deref().map(|id| json_string(out, id)).is_some())
+                    }
+                    None => self.write_json(*field, record.decimal[i], input, out),
+                }
+            })?;
+        }
+        Ok(())
     }
 
     /// The element at `node` onto `out` as FHIR JSON, as [`Self::read_element`] reads it and
@@ -1011,23 +1020,12 @@ impl EventWriter {
                         break;
                     }
                     for _ in 0..count {
-                        let mark = out.len();
-                        if any {
-                            out.push(b',');
-                        }
-                        if self.write_json(*items, decimal, input, out)? {
-                            any = true;
-                        } else {
-                            out.truncate(mark);
-                        }
+                        json_member(out, &mut any, |out| {
+                            self.write_json(*items, decimal, input, out)
+                        })?;
                     }
                 }
-                if any {
-                    out.push(b']');
-                } else {
-                    out.truncate(start);
-                }
-                any
+                json_close(out, start, any, b']')
             }
             Node::Nullable { null, node, .. } => {
                 if input.long()? == i64::from(*null) {
@@ -1040,25 +1038,8 @@ impl EventWriter {
                 let start = out.len();
                 out.push(b'{');
                 let mut any = false;
-                for (i, (_, field)) in record.fields.iter().enumerate() {
-                    let mark = out.len();
-                    if any {
-                        out.push(b',');
-                    }
-                    json_string(out, record.names[i]);
-                    out.push(b':');
-                    if self.write_json(*field, record.decimal[i], input, out)? {
-                        any = true;
-                    } else {
-                        out.truncate(mark);
-                    }
-                }
-                if any {
-                    out.push(b'}');
-                } else {
-                    out.truncate(start);
-                }
-                any
+                self.write_json_members(record, input, out, &mut any, None)?;
+                json_close(out, start, any, b'}')
             }
         })
     }
@@ -1098,6 +1079,36 @@ impl EventWriter {
         }
         Ok(())
     }
+}
+
+/// One member of a JSON array or object onto `out`, after a comma if `any` came before:
+/// `write` writes it and says whether it is there; when it is not, nothing stays written.
+fn json_member(
+    out: &mut Vec<u8>,
+    any: &mut bool,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<bool, AvroShapeError>,
+) -> Result<(), AvroShapeError> {
+    let mark = out.len();
+    if *any {
+        out.push(b',');
+    }
+    if write(out)? {
+        *any = true;
+    } else {
+        out.truncate(mark);
+    }
+    Ok(())
+}
+
+/// Close the array or object opened at `start` with `close` if `any` member is in it, or
+/// take it back (an empty one is absent in FHIR JSON); whether it stays.
+fn json_close(out: &mut Vec<u8>, start: usize, any: bool, close: u8) -> bool {
+    if any {
+        out.push(close);
+    } else {
+        out.truncate(start);
+    }
+    any
 }
 
 /// `text` as a JSON string, escaped as serde_json escapes it.
