@@ -211,7 +211,7 @@ impl Prepared {
             (EventOp::Upsert, Some(resource))
                 if resource.id.as_deref() != Some(&event.resource_id) =>
             {
-                Err("the resource's type or id differs from the envelope's".into())
+                Err("the resource's id differs from the envelope's".into())
             }
             _ => Ok(Self::with_body(event, resource.map(|r| r.json))),
         }

@@ -346,30 +346,50 @@ async fn a_poison_message_is_dead_lettered_and_the_rest_applied() {
     let all = events(50, 1);
     let mut messages = encode(&all, &topic).await;
     messages.insert(20, ("garbage".to_owned(), b"not an event".to_vec()));
+    // Well-formed Avro whose resource disagrees with its envelope: another id, a delete
+    // that carries a resource, an upsert without one.
+    let mut other_id = all[1].clone();
+    other_id.resource_id = "result-elsewhere".into();
+    let mut delete_with_body = all[2].clone();
+    delete_with_body.op = fhir_cdc::canonical::EventOp::Delete;
+    let mut upsert_without_body = all[3].clone();
+    upsert_without_body.resource = None;
+    let disagreeing = encode(&[other_id, delete_with_body, upsert_without_body], &topic).await;
+    messages.splice(30..30, disagreeing);
     write(&topic, 1, &messages).await;
     let schema = prefix.replace('-', "_");
     let counters = project_until_caught_up(&projector_config(&dir, "p", &topic, &schema));
     assert_eq!(counters["applied"], 50);
-    assert_eq!(counters["dead_lettered"], 1);
+    assert_eq!(counters["dead_lettered"], 4);
     assert_eq!(
         count(&client, &format!("SELECT count(*) FROM {schema}.resources")).await,
         50
     );
     let letters = crate::connector::read_for(
         &format!("{prefix}.dlq.projector"),
-        2,
+        5,
         Duration::from_secs(5),
     )
     .await;
-    assert_eq!(letters.len(), 1);
-    let letter: serde_json::Value = serde_json::from_slice(&letters[0]).unwrap();
-    assert_eq!(letter["offset"], 20);
-    assert_eq!(letter["topic"], topic.as_str());
-    assert!(
-        letter["reason"].as_str().unwrap().contains("wire-format"),
-        "{letter}"
-    );
-    assert_eq!(letter["value_base64"], "bm90IGFuIGV2ZW50");
+    assert_eq!(letters.len(), 4);
+    let letters: Vec<serde_json::Value> = letters
+        .iter()
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    for (letter, (offset, reason)) in letters.iter().zip([
+        (20, "wire-format"),
+        (30, "the resource's id differs from the envelope's"),
+        (31, "a delete event carries a resource"),
+        (32, "an upsert event carries no resource"),
+    ]) {
+        assert_eq!(letter["offset"], offset);
+        assert_eq!(letter["topic"], topic.as_str());
+        assert!(
+            letter["reason"].as_str().unwrap().contains(reason),
+            "{letter}"
+        );
+    }
+    assert_eq!(letters[0]["value_base64"], "bm90IGFuIGV2ZW50");
 
     drop_projections(&client, &[schema], &dir).await;
 }
