@@ -12,7 +12,7 @@ use super::{
     template::{RenderError, Template},
 };
 use crate::{
-    change::{Row, Value},
+    change::{Column, Row, Value},
     config::Secret,
     fhir::{names, Element},
 };
@@ -94,12 +94,63 @@ impl ResourceMapping {
             return Ok(None);
         }
         let id = self.id_for(row)?;
-        let mut values: SmallVec<[Option<Element>; 32]> = smallvec![None; self.elements.len()];
-        let mut masked = false;
+        let values = self.values(row, context)?;
+        self.assemble(id, values).map(Some)
+    }
+
+    /// An update's new resource, and whether the old row's would be the same — or `None`
+    /// when neither yields one. Only for rows whose conditions and id read the same values
+    /// ([`Self::same_gates`]); then the old row is not mapped: an element whose columns hold
+    /// the same values in both rows has the same value (mapping is a function of the columns
+    /// it reads), and only the others are evaluated on the old row. An element the old row
+    /// cannot give differs, as a resource the old row could not give does.
+    pub fn apply_update(
+        &self,
+        old: &Row,
+        new: &Row,
+        context: &MapContext,
+    ) -> Result<Option<(Element, bool)>, MapError> {
+        if !self.applies_to(new)? {
+            return Ok(None);
+        }
+        let id = self.id_for(new)?;
+        let values = self.values(new, context)?;
+        let unchanged = self.elements.iter().zip(&values).all(|(element, value)| {
+            element.columns().all(|c| old.find(c) == new.find(c)) || {
+                let mut before = None;
+                element_value(element, old, context, &mut before).is_ok() && before == *value
+            }
+        });
+        Ok(Some((self.assemble(id, values)?, unchanged)))
+    }
+
+    /// Whether the columns of the conditions and of the id hold the same values in both
+    /// rows (and both rows have them): then both rows yield a resource, or neither, under
+    /// the same id.
+    pub fn same_gates(&self, old: &Row, new: &Row) -> bool {
+        let condition_columns = self.when.iter().map(|condition| &condition.column);
+        condition_columns.chain(self.id.columns()).all(|column| {
+            let value = old.find(column);
+            value.is_some() && value == new.find(column)
+        })
+    }
+
+    /// The value of each element in this row.
+    fn values(&self, row: &Row, context: &MapContext) -> Result<Values, MapError> {
+        let mut values: Values = smallvec![None; self.elements.len()];
         for (element, value) in self.elements.iter().zip(&mut values) {
             element_value(element, row, context, value)?;
-            masked |= value.is_some() && element.protect == Some(Protect::Mask);
         }
+        Ok(values)
+    }
+
+    /// The resource with this id and these element values.
+    fn assemble(&self, id: String, mut values: Values) -> Result<Element, MapError> {
+        let masked = self
+            .elements
+            .iter()
+            .zip(&values)
+            .any(|(element, value)| value.is_some() && element.protect == Some(Protect::Mask));
         let names = names();
         let mut resource = Vec::with_capacity(self.elements.len() + 3);
         resource.push((names.resource_type, Element::text(&*self.resource_type)));
@@ -144,7 +195,26 @@ impl ResourceMapping {
                     }
                 },
             })?;
-        Ok(Some(Element::Object(resource)))
+        Ok(Element::Object(resource))
+    }
+}
+
+/// A resource's element values, in the order of its element mappings; `None` for a NULL.
+type Values = SmallVec<[Option<Element>; 32]>;
+
+impl ElementMapping {
+    /// The columns the element reads (none for a literal).
+    fn columns(&self) -> impl Iterator<Item = &Column> {
+        let (column, template) = match &self.source {
+            _ if self.fixed.is_some() => (None, None),
+            ValueSource::Column(column) => (Some(column), None),
+            ValueSource::Template(template) | ValueSource::Reference { id: template, .. } => {
+                (None, Some(template))
+            }
+        };
+        column
+            .into_iter()
+            .chain(template.into_iter().flat_map(Template::columns))
     }
 }
 

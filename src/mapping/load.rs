@@ -619,7 +619,7 @@ impl Reader<'_> {
         let text = self.text(node, what)?;
         match Template::parse(text) {
             Ok(template) => {
-                self.check_columns(node.span(), table, template.columns());
+                self.check_columns(node.span(), table, template.columns().map(|c| c.as_str()));
                 Some(template)
             }
             Err(e) => {

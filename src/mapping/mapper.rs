@@ -2,7 +2,9 @@
 //!
 //! - Reads and inserts map the new row; each resource it yields is an upsert.
 //! - Updates map the new row, and the old one when the source provides it. Identical
-//!   results produce nothing (a suppressed no-op: the update touched no mapped content); a
+//!   results produce nothing (a suppressed no-op: the update touched no mapped content).
+//!   When the id and the conditions read the same values in both rows, the old row is not
+//!   mapped: only the elements whose columns changed are evaluated on it and compared. A
 //!   changed resource id produces a delete of the old id and an upsert of the new (also when
 //!   only the old key is known); a row that no longer meets a mapping's conditions produces
 //!   a delete.
@@ -156,7 +158,19 @@ impl Mapper {
                 }
             }
             Operation::Update => {
-                let new = resource.apply(after(change, resource)?, &self.context)?;
+                let new_row = after(change, resource)?;
+                // The usual update leaves the id and the conditions alone: the old row is
+                // then compared column by column instead of mapped.
+                let old_row = change.before.as_ref();
+                if let Some(old_row) = old_row.filter(|old| resource.same_gates(old, new_row)) {
+                    match resource.apply_update(old_row, new_row, &self.context)? {
+                        Some((_, true)) => outcome.suppressed += 1,
+                        Some((new, false)) => outcome.events.push(upsert(new)),
+                        None => {}
+                    }
+                    return Ok(());
+                }
+                let new = resource.apply(new_row, &self.context)?;
                 // The old row as it was mapped; unknown when the source sent no (full) old row.
                 let old = change.before.as_ref().and_then(|row| resource.apply(row, &self.context).ok());
                 match (old, new) {

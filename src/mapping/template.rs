@@ -70,9 +70,9 @@ impl Template {
     }
 
     /// The columns the template reads, in order.
-    pub fn columns(&self) -> impl Iterator<Item = &str> {
+    pub fn columns(&self) -> impl Iterator<Item = &Column> {
         self.parts.iter().filter_map(|p| match p {
-            Part::Column(c) => Some(c.as_str()),
+            Part::Column(c) => Some(c),
             Part::Literal(_) => None,
         })
     }
@@ -114,7 +114,10 @@ mod tests {
     #[test]
     fn placeholders_are_replaced_and_char_padding_dropped() {
         let template = Template::parse("Patient/p-{mrn}.{seq} {{literal}}").unwrap();
-        assert_eq!(template.columns().collect::<Vec<_>>(), ["mrn", "seq"]);
+        assert_eq!(
+            template.columns().map(Column::as_str).collect::<Vec<_>>(),
+            ["mrn", "seq"]
+        );
         assert_eq!(
             template.render(&row()).unwrap(),
             "Patient/p-MRN-1.7 {literal}"
