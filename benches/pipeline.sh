@@ -69,7 +69,6 @@ publication.name = "$NAME"
 snapshot.mode = "never"
 [kafka]
 bootstrap.servers = "\${env:FHIR_CDC_KAFKA_BOOTSTRAP}"
-linger.ms = "5"
 [schema_registry]
 url = "\${env:FHIR_CDC_SCHEMA_REGISTRY_URL}"
 [mappings]
