@@ -1,12 +1,12 @@
 //! The connector at work: PostgreSQL → mappings → Avro → Kafka, with source positions
 //! acknowledged only after Kafka has every event at or before them.
 //!
-//! Three stages joined by bounded channels ([`CHANNEL_DEPTH`]), each on a core of its own
-//! when there is one: the source reads the snapshot and the replication stream; the
-//! mapping stage maps each change and encodes its events and dead letters; the sink sends
-//! them and takes no more while [`MAX_IN_FLIGHT`] messages are unacknowledged — so a slow
-//! or absent Kafka holds the mapping and the source back and nothing grows without bound.
-//! Each Kafka
+//! Three stages joined by bounded channels ([`CHANNEL_DEPTH`] changes each; the mapping
+//! stage hands its work over a batch at a time), each on a core of its own when there is
+//! one: the source reads the snapshot and the replication stream; the mapping stage maps
+//! each change and encodes its events and dead letters; the sink sends them and takes no
+//! more while [`MAX_IN_FLIGHT`] messages are unacknowledged — so a slow or absent Kafka
+//! holds the mapping and the source back and nothing grows without bound. Each Kafka
 //! acknowledgement feeds the [`AckTracker`]; the tracker's safe position travels back to the
 //! source, which reports it to PostgreSQL as the flush LSN. A crash anywhere therefore
 //! re-reads from a position whose events all reached Kafka, and re-emitted events carry
@@ -265,7 +265,11 @@ pub async fn run(
             }
         }
     };
-    let (mapped, to_send) = mpsc::channel(CHANNEL_DEPTH);
+    // The mapping stage hands over what it made of each batch it took at once: one wake-up
+    // of the sink per batch instead of per change (alternating runs: fhir-cdc's CPU per
+    // change 14.7-22.6 µs against 19.8-23.6, 54.7/50.8/62.7/70.1k changes/s against
+    // 47.0/50.9/52.2/55.2k).
+    let (mapped, to_send) = mpsc::channel(CHANNEL_DEPTH / RECEIVE_BATCH);
     let mapping = map_changes(
         received,
         mapped,
@@ -387,7 +391,7 @@ enum MessageKind {
 /// in the acknowledged position.
 async fn map_changes(
     mut received: mpsc::Receiver<SourceMessage>,
-    out: mpsc::Sender<Outgoing>,
+    out: mpsc::Sender<Vec<Outgoing>>,
     mapper: Mapper,
     codec: EventCodec,
     (prefix, dead_letter_topic, connector): (String, String, String),
@@ -399,8 +403,9 @@ async fn map_changes(
     // every change, and the two threads took turns instead of working.
     while received.recv_many(&mut batch, RECEIVE_BATCH).await > 0 {
         measured.channel_depth.set(received.len() as f64);
+        let mut handed = Vec::with_capacity(batch.len());
         for message in batch.drain(..) {
-            let outgoing = match message {
+            handed.push(match message {
                 SourceMessage::Progress(Position::Postgres(lsn)) => Outgoing::Progress(lsn),
                 SourceMessage::Progress(_) => continue,
                 SourceMessage::Change(change) => {
@@ -458,11 +463,12 @@ async fn map_changes(
                     }
                     Outgoing::Change(lsn, messages)
                 }
-            };
-            if out.send(outgoing).await.is_err() {
-                // The sink stopped; it says why.
-                return Ok(summary);
-            }
+            });
+        }
+        // One hand-over per batch, not per change: each wakes the sink.
+        if out.send(handed).await.is_err() {
+            // The sink stopped; it says why.
+            return Ok(summary);
         }
     }
     Ok(summary)
@@ -472,7 +478,7 @@ async fn map_changes(
 /// acknowledged, passing each newly safe position on to the source. Returns the last
 /// safe position.
 async fn send_messages(
-    mut received: mpsc::Receiver<Outgoing>,
+    mut received: mpsc::Receiver<Vec<Outgoing>>,
     config: &ConnectorConfig,
     acked: watch::Sender<Option<PgLsn>>,
 ) -> Result<Option<PgLsn>, RunError> {
@@ -481,7 +487,6 @@ async fn send_messages(
     let mut in_flight = FuturesUnordered::new();
     let measured = Metrics::new(&config.name);
     let mut open = true;
-    let mut batch = Vec::with_capacity(RECEIVE_BATCH);
     let mut acknowledged = None;
     let mut publish = |tracker: &AckTracker<PgLsn>| {
         if let Some(safe) = tracker.safe().copied() {
@@ -508,11 +513,12 @@ async fn send_messages(
                 tracker.acknowledge(&lsn);
                 publish(&tracker);
             }
-            received_count = received.recv_many(&mut batch, RECEIVE_BATCH), if open && in_flight.len() < MAX_IN_FLIGHT => {
-                if received_count == 0 {
+            handed = received.recv(), if open && in_flight.len() < MAX_IN_FLIGHT => {
+                let Some(handed) = handed else {
                     open = false;
-                }
-                for outgoing in batch.drain(..) {
+                    continue;
+                };
+                for outgoing in handed {
                     match outgoing {
                         Outgoing::Progress(lsn) => {
                             tracker.complete(lsn);
