@@ -69,13 +69,13 @@ fn rows(
         .map(|(column, options)| {
             proptest::sample::select(*options).prop_map(move |text| {
                 (
-                    column.to_string(),
+                    Arc::from(*column),
                     text.map_or(Value::Null, |text| value(column, text)),
                 )
             })
         })
         .collect::<Vec<_>>()
-        .prop_map(|columns| Row::new(columns.into_iter().map(|(c, v)| (c.into(), v)).collect()))
+        .prop_map(Row::new)
 }
 
 const RESULT_COLUMNS: &[(&str, &[Option<&str>])] = &[
@@ -123,8 +123,9 @@ const ORDER_COLUMNS: &[(&str, &[Option<&str>])] = &[
     ("reported_at", &[Some("2024-03-05T20:30:00Z"), None]),
 ];
 
-/// What mapping both rows says of an update whose id and conditions read the same values:
-/// the new resource, and whether the old row's was the same.
+/// For each resource of `mapping` whose id and conditions read the same values in both
+/// rows: the same id and conditions hold for both, and the update's verdict (the new
+/// resource, and whether the old row's is the same) is what mapping both rows gives.
 fn mapped_both(mapping: &Mapping, old: &Row, new: &Row) -> Result<(), TestCaseError> {
     let context = MapContext::default();
     for resource in &mapping.resources {

@@ -133,7 +133,7 @@ const REQUIRED: [(&str, &str, &str); 2] = [
 /// Defaults for what the configuration leaves unset. `linger.ms`: librdkafka's 5 ms makes
 /// small requests, and with idempotence only five may be in flight to a partition; when
 /// five are and the next batch is due, librdkafka's broker thread polls its socket with no
-/// timeout until one returns — ten to forty thousand polls a second under the benchmark's
+/// timeout until one returns — 8,000 to 45,000 polls a second under the benchmark's
 /// backlog, a fifth of fhir-cdc's CPU. At 10 ms it polls a few hundred times a second (at
 /// 20 ms hardly fewer, and every change waits 10 ms more).
 const DEFAULTS: [(&str, &str); 2] = [("compression.type", "lz4"), ("linger.ms", "10")];
