@@ -60,21 +60,33 @@ pub fn crash(connector: Connector) {
     signal(connector, "-KILL", Duration::from_secs(10));
 }
 
-fn signal(mut connector: Connector, signal: &str, within: Duration) -> std::process::ExitStatus {
-    let mut child = connector.0.take().expect("a running connector");
+fn signal(connector: Connector, signal: &str, within: Duration) -> std::process::ExitStatus {
+    let id = connector.0.as_ref().expect("a running connector").id();
     Command::new("kill")
-        .args([signal, &child.id().to_string()])
+        .args([signal, &id.to_string()])
         .status()
         .unwrap();
+    exit_within(connector, within, &format!("of {signal}"))
+}
+
+/// The exit status of a connector that must stop by itself within `within` (`after` says
+/// of what, for the failure message).
+pub fn exit_within(
+    mut connector: Connector,
+    within: Duration,
+    after: &str,
+) -> std::process::ExitStatus {
+    let mut child = connector.0.take().expect("a running connector");
     let deadline = Instant::now() + within;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the connector did not stop within {within:?} of {signal}"
-        );
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the connector did not stop within {within:?} {after}");
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }

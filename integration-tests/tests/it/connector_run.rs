@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use crate::{
-    connector::{await_confirmed, current_lsn, free_port, read_for, scrape, start, stop},
+    connector::{
+        await_confirmed, await_streaming, current_lsn, exit_within, free_port, read_for, scrape,
+        start, stop,
+    },
     stack,
 };
 
@@ -185,4 +188,87 @@ async fn run_snapshots_streams_dead_letters_and_resumes() {
 
     stack::drop_capture(&client, &slot, &format!("fhir_cdc_{schema}"), &schema).await;
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Kafka's acknowledgement of the last change before the database goes quiet reaches the
+/// server without waiting for more traffic: with heartbeats an hour apart and nothing else
+/// written to the publication, the slot still confirms the change's commit within seconds
+/// (the server's own keepalives come every 30 s).
+#[tokio::test]
+async fn the_last_acknowledgement_reaches_an_idle_server() {
+    let client = stack::pg_client().await;
+    let schema = stack::unique("idle");
+    stack::create_lab_schema(&client, &schema).await;
+    let dir = std::env::temp_dir().join(&schema);
+    stack::lab_mappings(&dir.join("mappings"), &schema, &["result.yaml"]);
+    let config = quiet_config(&dir, &schema, &stack::unique("fhirit"), "");
+    let log = dir.join("run.log");
+    let slot = format!("fhir_cdc_{schema}");
+    let connector = start(&config, &log);
+    await_streaming(&client, &slot, &log).await;
+
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {schema}.lab_result (result_id, accession_no, mrn, test_code, value_numeric, units, result_status, collected_at)
+             VALUES (1, 'A24-1', 'MRN0000042', 'GLU', 98.5, 'mg/dL', 'F', '2024-03-05 14:30:00')"
+        ))
+        .await
+        .unwrap();
+    let written = current_lsn(&client).await;
+    await_confirmed(&client, &slot, &written, Duration::from_secs(10), &log).await;
+
+    assert!(
+        stop(connector).success(),
+        "log:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    stack::drop_capture(&client, &slot, &format!("fhir_cdc_{schema}"), &schema).await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// When Kafka refuses to create the topics (three replicas asked of a one-broker cluster),
+/// `run` says which topic and why and exits non-zero at once — the topics are created while
+/// the source starts, so by then it has taken its snapshot and is streaming.
+#[tokio::test]
+async fn refused_topics_stop_the_connector_with_the_reason() {
+    let client = stack::pg_client().await;
+    let schema = stack::unique("refused");
+    stack::create_lab_schema(&client, &schema).await;
+    let dir = std::env::temp_dir().join(&schema);
+    stack::lab_mappings(&dir.join("mappings"), &schema, &["result.yaml"]);
+    let prefix = stack::unique("fhirit");
+    let config = quiet_config(&dir, &schema, &prefix, "replication_factor = 3");
+    let log = dir.join("run.log");
+    let status = exit_within(
+        start(&config, &log),
+        Duration::from_secs(60),
+        "of Kafka refusing its topics",
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "log:\n{text}");
+    assert!(
+        text.contains(&prefix) && text.contains("eplication factor"),
+        "the error names the topic and the reason; log:\n{text}"
+    );
+
+    let slot = format!("fhir_cdc_{schema}");
+    stack::drop_capture(&client, &slot, &format!("fhir_cdc_{schema}"), &schema).await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The stack's connector config in `dir`, `extra` in its `[topics]`, with heartbeats an
+/// hour apart: nothing but the test's own writes wakes the connector.
+fn quiet_config(
+    dir: &std::path::Path,
+    schema: &str,
+    prefix: &str,
+    extra: &str,
+) -> std::path::PathBuf {
+    let config = stack::connector_config(dir, schema, prefix, extra);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "heartbeat.interval.ms = 500",
+        "heartbeat.interval.ms = 3600000",
+    );
+    std::fs::write(&config, text).unwrap();
+    config
 }
