@@ -40,7 +40,7 @@ fn result_change(i: u64) -> ChangeEvent {
             "lab_result",
         )),
         op: Operation::Insert,
-        key: vec!["result_id".into()],
+        key: vec!["result_id".into()].into(),
         before: None,
         after: Some(Row::new(vec![
             ("result_id".into(), Value::Int(i as i64)),

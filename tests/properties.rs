@@ -31,7 +31,7 @@ fn change(key: &str, lsn: u64, ordinal: u32) -> ChangeEvent {
     ChangeEvent {
         source: Arc::new(SourceTable::new("c", "postgres", "d", "s", "t")),
         op: Operation::Insert,
-        key: vec!["k".into()],
+        key: vec!["k".into()].into(),
         before: None,
         after: Some(row(key)),
         position: Position::Postgres(PgLsn(lsn)),

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 
 pub use self::{
     position::{BinlogPosition, PgLsn, Position},
-    value::{Column, ExactDecimal, Row, Value},
+    value::{Column, ExactDecimal, Names, Row, Value},
 };
 
 /// Which table of which database a change comes from.
@@ -108,8 +108,8 @@ impl fmt::Display for Operation {
 pub struct ChangeEvent {
     pub source: Arc<SourceTable>,
     pub op: Operation,
-    /// The key columns, in key order.
-    pub key: Vec<Arc<str>>,
+    /// The key columns, in key order (shared by the changes of one table layout).
+    pub key: Names,
     /// The row before the change, when the database provides it (updates and deletes with
     /// a full replica identity / full row image; deletes always carry at least the key).
     pub before: Option<Row>,

@@ -179,7 +179,7 @@ mod tests {
         ChangeEvent {
             source: Arc::new(SourceTable::new("lab", "postgres", "lis", "lab", "results")),
             op: Operation::Update,
-            key: vec!["result_id".into()],
+            key: vec!["result_id".into()].into(),
             before,
             after,
             position: Position::Postgres(PgLsn(0x016B_3748)),

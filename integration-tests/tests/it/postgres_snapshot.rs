@@ -84,7 +84,7 @@ async fn the_snapshot_and_the_stream_meet_without_gap_or_double() {
             match message {
                 SourceMessage::Change(change) => {
                     assert_eq!(change.op, Operation::Read);
-                    assert_eq!(change.key, ["id".into()]);
+                    assert_eq!(*change.key, ["id".into()]);
                     let row = change.after.unwrap();
                     assert!(
                         state

@@ -85,7 +85,7 @@ pub(crate) fn events(results: u64, versions: u64) -> Vec<CanonicalEvent> {
                     (0, _) => Operation::Insert,
                     _ => Operation::Update,
                 },
-                key: vec!["result_id".into()],
+                key: vec!["result_id".into()].into(),
                 before: (version > 0).then(|| row(id, version - 1)),
                 after: (!delete).then(|| row(id, version)),
                 position: Position::Postgres(PgLsn(lsn)),

@@ -21,7 +21,7 @@ use super::{
     pgoutput::{Datum, Message, OldTuple, Relation, Tuple},
     types,
 };
-use crate::change::{ChangeEvent, Operation, PgLsn, Position, Row, SourceTable, Value};
+use crate::change::{ChangeEvent, Names, Operation, PgLsn, Position, Row, SourceTable, Value};
 
 /// Microseconds between the Unix epoch and PostgreSQL's epoch, 2000-01-01.
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
@@ -66,11 +66,21 @@ struct Transaction {
     next_ordinal: u32,
 }
 
+/// A table as the stream last described it, with what its changes share.
+struct Layout {
+    relation: Relation,
+    source: Arc<SourceTable>,
+    /// The column names, in table order.
+    names: Names,
+    /// The key columns, in table order.
+    key: Names,
+}
+
 /// Turns one replication stream's messages into changes.
 pub struct ChangeDecoder {
     connector: String,
     database: String,
-    relations: HashMap<u32, (Relation, Arc<SourceTable>)>,
+    relations: HashMap<u32, Layout>,
     transaction: Option<Transaction>,
 }
 
@@ -101,7 +111,7 @@ impl ChangeDecoder {
     pub fn relation(&self, schema: &str, table: &str) -> Option<&Relation> {
         self.relations
             .values()
-            .map(|(r, _)| r)
+            .map(|layout| &layout.relation)
             .find(|r| r.namespace == schema && r.name == table)
     }
 
@@ -147,7 +157,22 @@ impl ChangeDecoder {
                     },
                     relation.name.as_str(),
                 ));
-                self.relations.insert(relation.oid, (relation, source));
+                let names = relation.columns.iter().map(|c| c.name.clone()).collect();
+                let key = relation
+                    .columns
+                    .iter()
+                    .filter(|c| c.key)
+                    .map(|c| c.name.clone())
+                    .collect();
+                self.relations.insert(
+                    relation.oid,
+                    Layout {
+                        relation,
+                        source,
+                        names,
+                        key,
+                    },
+                );
                 Ok(Decoded::Nothing)
             }
             Message::Insert { relation, new, .. } => {
@@ -200,7 +225,7 @@ impl ChangeDecoder {
         new: Option<Tuple>,
         capture_time: DateTime<Utc>,
     ) -> Result<ChangeEvent, ChangeError> {
-        let (layout, source) = self
+        let layout = self
             .relations
             .get(&relation)
             .ok_or(ChangeError::UnknownRelation(relation))?;
@@ -208,16 +233,10 @@ impl ChangeDecoder {
             .transaction
             .as_mut()
             .ok_or(ChangeError::NoTransaction)?;
-        let key: Vec<Arc<str>> = layout
-            .columns
-            .iter()
-            .filter(|c| c.key)
-            .map(|c| c.name.clone())
-            .collect();
         let before = match old {
             None => None,
             // Only the key columns are filled; the others are NULL in the message.
-            Some(OldTuple::Key(tuple)) => Some(key_row(layout, &tuple)?),
+            Some(OldTuple::Key(tuple)) => Some(key_row(&layout.relation, &tuple)?),
             Some(OldTuple::Full(tuple)) => Some(full_row(layout, &tuple, None)?),
         };
         let after = match new {
@@ -227,9 +246,9 @@ impl ChangeDecoder {
         let ordinal = transaction.next_ordinal;
         transaction.next_ordinal += 1;
         Ok(ChangeEvent {
-            source: source.clone(),
+            source: layout.source.clone(),
             op,
-            key,
+            key: layout.key.clone(),
             before,
             after,
             position: Position::Postgres(transaction.commit_lsn),
@@ -263,12 +282,13 @@ fn table_name(layout: &Relation) -> String {
 }
 
 /// Every column, typed; unchanged TOAST values from `before`, or marked unavailable.
-fn full_row(layout: &Relation, tuple: &Tuple, before: Option<&Row>) -> Result<Row, ChangeError> {
-    check_width(layout, tuple)?;
-    let mut columns = Vec::with_capacity(tuple.len());
+fn full_row(layout: &Layout, tuple: &Tuple, before: Option<&Row>) -> Result<Row, ChangeError> {
+    let relation = &layout.relation;
+    check_width(relation, tuple)?;
+    let mut values = Vec::with_capacity(tuple.len());
     let mut unavailable = Vec::new();
-    for (column, datum) in layout.columns.iter().zip(tuple) {
-        let value = match datum {
+    for (column, datum) in relation.columns.iter().zip(tuple) {
+        values.push(match datum {
             Datum::Null => Value::Null,
             Datum::Text(bytes) => {
                 types::from_text(column.type_oid, &String::from_utf8_lossy(bytes))
@@ -277,18 +297,28 @@ fn full_row(layout: &Relation, tuple: &Tuple, before: Option<&Row>) -> Result<Ro
                 Some(value) => value.clone(),
                 None => {
                     unavailable.push(column.name.to_string());
-                    continue;
+                    Value::Null
                 }
             },
             Datum::Binary(_) => {
                 return Err(ChangeError::Binary {
-                    table: table_name(layout),
+                    table: table_name(relation),
                     column: column.name.to_string(),
                 })
             }
-        };
-        columns.push((column.name.clone(), value));
+        });
     }
+    if unavailable.is_empty() {
+        return Ok(Row::of_layout(layout.names.clone(), values));
+    }
+    // Rare (no old row to take them from): the row leaves out what was not sent.
+    let columns = relation
+        .columns
+        .iter()
+        .zip(values)
+        .filter(|(column, _)| !unavailable.iter().any(|u| **u == *column.name))
+        .map(|(column, value)| (column.name.clone(), value))
+        .collect();
     Ok(Row::with_unavailable(columns, unavailable))
 }
 
@@ -374,7 +404,7 @@ mod tests {
         };
         assert_eq!((first[0].ordinal, second[0].ordinal), (0, 1));
         assert_eq!(first[0].position, Position::Postgres(PgLsn(0x1000)));
-        assert_eq!(first[0].key, ["result_id".into()]);
+        assert_eq!(*first[0].key, ["result_id".into()]);
         assert_eq!(first[0].source.qualified_name(), "lis.lab_result");
         assert_eq!(
             first[0].commit_time.unwrap().to_rfc3339(),

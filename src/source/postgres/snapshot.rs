@@ -24,7 +24,7 @@ use super::{replication::session_config, types};
 use tokio::sync::mpsc;
 
 use crate::{
-    change::{ChangeEvent, Operation, PgLsn, Position, Row, SourceMessage, SourceTable},
+    change::{ChangeEvent, Names, Operation, PgLsn, Position, Row, SourceMessage, SourceTable},
     config::Secret,
     observe::progress::Progress,
 };
@@ -260,12 +260,17 @@ impl TableReader {
             .prepare(&format!("SELECT * FROM {qualified}"))
             .await
             .map_err(fail)?;
-        let columns: Vec<(Arc<str>, u32)> = statement
+        let names: Names = statement
             .columns()
             .iter()
-            .map(|c| (c.name().into(), c.type_().oid()))
+            .map(|c| c.name().into())
             .collect();
-        let key: Vec<Arc<str>> = client
+        let oids: Vec<u32> = statement
+            .columns()
+            .iter()
+            .map(|c| c.type_().oid())
+            .collect();
+        let key: Names = client
             .query(
                 "SELECT a.attname::text FROM pg_index i
                    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
@@ -304,16 +309,13 @@ impl TableReader {
                     continue;
                 };
                 fetched += 1;
-                let values = columns
+                let values = oids
                     .iter()
                     .enumerate()
-                    .map(|(i, (name, oid))| {
-                        (
-                            name.clone(),
-                            row.get(i).map_or(crate::change::Value::Null, |text| {
-                                types::from_text(*oid, text)
-                            }),
-                        )
+                    .map(|(i, oid)| {
+                        row.get(i).map_or(crate::change::Value::Null, |text| {
+                            types::from_text(*oid, text)
+                        })
                     })
                     .collect();
                 let change = ChangeEvent {
@@ -321,7 +323,7 @@ impl TableReader {
                     op: Operation::Read,
                     key: key.clone(),
                     before: None,
-                    after: Some(Row::new(values)),
+                    after: Some(Row::of_layout(names.clone(), values)),
                     position: position.clone(),
                     ordinal: *ordinal,
                     transaction_id: None,
