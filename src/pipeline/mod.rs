@@ -354,10 +354,17 @@ async fn read_stream(
             }
             next = stream.next() => next,
         };
-        let messages = match next? {
+        let sent = match next? {
             None => break,
             Some(Decoded::Changes(changes)) => {
-                changes.into_iter().map(SourceMessage::Change).collect()
+                let mut sent = Ok(());
+                for change in changes {
+                    sent = out.send(SourceMessage::Change(change)).await;
+                    if sent.is_err() {
+                        break;
+                    }
+                }
+                sent
             }
             Some(
                 Decoded::Committed {
@@ -365,14 +372,13 @@ async fn read_stream(
                 }
                 | Decoded::Heartbeat(lsn),
             ) => {
-                vec![SourceMessage::Progress(Position::Postgres(lsn))]
+                out.send(SourceMessage::Progress(Position::Postgres(lsn)))
+                    .await
             }
-            Some(Decoded::Nothing) => Vec::new(),
+            Some(Decoded::Nothing) => Ok(()),
         };
-        for message in messages {
-            if out.send(message).await.is_err() {
-                return Ok(stream);
-            }
+        if sent.is_err() {
+            return Ok(stream);
         }
     }
     Ok(stream)

@@ -16,6 +16,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use chrono::{DateTime, Utc};
+use smallvec::{smallvec, SmallVec};
 
 use super::{
     pgoutput::{Datum, Message, OldTuple, Relation, Tuple},
@@ -45,9 +46,14 @@ pub enum ChangeError {
 
 /// What one message means for the stream.
 #[derive(Debug, Clone, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "moved once, from the decoder to the channel; boxing would allocate per change"
+)]
 pub enum Decoded {
-    /// Changes of captured rows (a truncate names several tables).
-    Changes(Vec<ChangeEvent>),
+    /// Changes of captured rows: one, or for a truncate one per table (held inline: one
+    /// allocation less per change).
+    Changes(SmallVec<[ChangeEvent; 1]>),
     /// The transaction ending at this commit LSN is complete: everything up to `end_lsn`
     /// has been read.
     Committed { commit_lsn: PgLsn, end_lsn: PgLsn },
@@ -117,7 +123,7 @@ impl ChangeDecoder {
 
     pub fn decode(
         &mut self,
-        message: Message,
+        message: Message<'_>,
         capture_time: DateTime<Utc>,
     ) -> Result<Decoded, ChangeError> {
         match message {
@@ -178,22 +184,22 @@ impl ChangeDecoder {
             Message::Insert { relation, new, .. } => {
                 let change =
                     self.change(relation, Operation::Insert, None, Some(new), capture_time)?;
-                Ok(Decoded::Changes(vec![change]))
+                Ok(Decoded::Changes(smallvec![change]))
             }
             Message::Update {
                 relation, old, new, ..
             } => {
                 let change =
                     self.change(relation, Operation::Update, old, Some(new), capture_time)?;
-                Ok(Decoded::Changes(vec![change]))
+                Ok(Decoded::Changes(smallvec![change]))
             }
             Message::Delete { relation, old, .. } => {
                 let change =
                     self.change(relation, Operation::Delete, Some(old), None, capture_time)?;
-                Ok(Decoded::Changes(vec![change]))
+                Ok(Decoded::Changes(smallvec![change]))
             }
             Message::Truncate { relations, .. } => {
-                let mut changes = Vec::with_capacity(relations.len());
+                let mut changes = SmallVec::with_capacity(relations.len());
                 for relation in relations {
                     changes.push(self.change(
                         relation,
@@ -221,8 +227,8 @@ impl ChangeDecoder {
         &mut self,
         relation: u32,
         op: Operation,
-        old: Option<OldTuple>,
-        new: Option<Tuple>,
+        old: Option<OldTuple<'_>>,
+        new: Option<Tuple<'_>>,
         capture_time: DateTime<Utc>,
     ) -> Result<ChangeEvent, ChangeError> {
         let layout = self
@@ -342,7 +348,7 @@ mod tests {
     use super::*;
     use crate::source::postgres::pgoutput::Column;
 
-    fn relation() -> Message {
+    fn relation() -> Message<'static> {
         let column = |key, name: &str, type_oid| Column {
             key,
             name: name.into(),
@@ -363,8 +369,8 @@ mod tests {
         })
     }
 
-    fn text(s: &str) -> Datum {
-        Datum::Text(s.as_bytes().to_vec())
+    fn text(s: &str) -> Datum<'_> {
+        Datum::Text(s.as_bytes())
     }
 
     fn decoder() -> ChangeDecoder {

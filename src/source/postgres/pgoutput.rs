@@ -9,9 +9,10 @@
 
 use std::fmt;
 
-/// One pgoutput message.
+/// One pgoutput message. Column values borrow from the message's bytes: a change's row is
+/// typed straight from them, without a copy per column.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Message {
+pub enum Message<'a> {
     Begin {
         final_lsn: u64,
         commit_time: i64,
@@ -37,18 +38,18 @@ pub enum Message {
     Insert {
         xid: Option<u32>,
         relation: u32,
-        new: Tuple,
+        new: Tuple<'a>,
     },
     Update {
         xid: Option<u32>,
         relation: u32,
-        old: Option<OldTuple>,
-        new: Tuple,
+        old: Option<OldTuple<'a>>,
+        new: Tuple<'a>,
     },
     Delete {
         xid: Option<u32>,
         relation: u32,
-        old: OldTuple,
+        old: OldTuple<'a>,
     },
     Truncate {
         xid: Option<u32>,
@@ -107,21 +108,21 @@ pub struct Column {
 /// The old row of an update or delete: only the key columns (`K`, default replica
 /// identity) or the whole row (`O`, replica identity full).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OldTuple {
-    Key(Tuple),
-    Full(Tuple),
+pub enum OldTuple<'a> {
+    Key(Tuple<'a>),
+    Full(Tuple<'a>),
 }
 
 /// Column values in relation order.
-pub type Tuple = Vec<Datum>;
+pub type Tuple<'a> = Vec<Datum<'a>>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Datum {
+pub enum Datum<'a> {
     Null,
     /// A TOASTed value that did not change: the server did not send it.
     UnchangedToast,
-    Text(Vec<u8>),
-    Binary(Vec<u8>),
+    Text(&'a [u8]),
+    Binary(&'a [u8]),
 }
 
 /// A malformed message: its type byte and where reading failed.
@@ -227,7 +228,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn tuple(&mut self) -> Result<Tuple, DecodeError> {
+    fn tuple(&mut self) -> Result<Tuple<'a>, DecodeError> {
         let count = self.u16()?;
         let mut tuple = Vec::with_capacity(usize::from(count).min(self.bytes.len()));
         for _ in 0..count {
@@ -236,7 +237,7 @@ impl<'a> Reader<'a> {
                 b'u' => Datum::UnchangedToast,
                 kind @ (b't' | b'b') => {
                     let len = self.u32()?;
-                    let data = self.take(len as usize)?.to_vec();
+                    let data = self.take(len as usize)?;
                     if kind == b't' {
                         Datum::Text(data)
                     } else {
@@ -260,7 +261,7 @@ impl<'a> Reader<'a> {
 
 /// Decode one message. `streaming` says whether it arrives between a Stream Start and a
 /// Stream Stop, where data messages carry their transaction id (protocol version 2).
-pub fn decode(bytes: &[u8], streaming: bool) -> Result<Message, DecodeError> {
+pub fn decode(bytes: &[u8], streaming: bool) -> Result<Message<'_>, DecodeError> {
     let message_type = *bytes.first().ok_or(DecodeError {
         message_type: 0,
         offset: 0,
@@ -458,11 +459,8 @@ mod tests {
             Message::Update {
                 xid: None,
                 relation: 16_384,
-                old: Some(OldTuple::Key(vec![
-                    Datum::Text(b"101".to_vec()),
-                    Datum::Null
-                ])),
-                new: vec![Datum::Text(b"101".to_vec()), Datum::UnchangedToast],
+                old: Some(OldTuple::Key(vec![Datum::Text(b"101"), Datum::Null])),
+                new: vec![Datum::Text(b"101"), Datum::UnchangedToast],
             }
         );
     }

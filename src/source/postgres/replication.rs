@@ -140,6 +140,8 @@ impl ReplicationStream {
                 .recv()
                 .await
                 .map_err(|e| StreamError::Connection(e.to_string()))?;
+            // The message's column values borrow from its bytes.
+            let bytes;
             let message = match event {
                 None | Some(ReplicationEvent::StoppedAt { .. }) => return Ok(None),
                 // Between transactions, a keepalive's WAL end and a heartbeat message's
@@ -174,7 +176,10 @@ impl ReplicationStream {
                     end_lsn: end_lsn.as_u64(),
                     commit_time: commit_time_micros,
                 },
-                Some(ReplicationEvent::XLogData { data, .. }) => pgoutput::decode(&data, false)?,
+                Some(ReplicationEvent::XLogData { data, .. }) => {
+                    bytes = data;
+                    pgoutput::decode(&bytes, false)?
+                }
             };
             match self.decoder.decode(message, Utc::now())? {
                 Decoded::Nothing => continue,
