@@ -18,10 +18,14 @@
 
 pub mod dead_letter;
 
-use std::{collections::BTreeSet, future::Future, sync::Arc};
+use std::{
+    collections::{BTreeSet, HashMap},
+    future::Future,
+    sync::Arc,
+};
 
 use chrono::{DateTime, Utc};
-use futures_util::{stream::FuturesUnordered, FutureExt, StreamExt};
+
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -38,7 +42,7 @@ use crate::{
     config::{ConnectorConfig, SnapshotMode, SourceKind},
     mapping::{self, MapContext, Mapper, Mapping},
     offsets::AckTracker,
-    sink::kafka::{ensure_topics, Producer, SinkError, TopicSpec},
+    sink::kafka::{ensure_topics, Delivery, SinkError, StreamProducer, TopicSpec},
     source::postgres::{
         changes::Decoded,
         replication::{ReplicationStream, StreamError, StreamOptions},
@@ -187,7 +191,7 @@ pub async fn run(
     let dead_letter_topic = config.dead_letter_topic();
     let specs = topic_specs(config, &mappings);
     // Connecting to Kafka (and, with idempotence, getting a producer id) starts now.
-    let producer = Producer::new(&config.kafka)?;
+    let producer = StreamProducer::new(&config.kafka)?;
     let mapper = mapper_for(config, mappings)?;
 
     let slot = config.source.slot_name(&config.name);
@@ -506,17 +510,27 @@ async fn map_changes(
     Ok(summary)
 }
 
+/// A message sent, by the id it was sent with: its change's position, and for an event its
+/// table's acknowledgement counter and commit time.
+struct InFlight {
+    lsn: PgLsn,
+    event: Option<(Counter, Option<DateTime<Utc>>)>,
+}
+
 /// Send what the mapping stage hands over until its channel closes and every message is
 /// acknowledged, passing each newly safe position on to the source. Returns the last
 /// safe position.
 async fn send_messages(
     mut received: mpsc::Receiver<Vec<Outgoing>>,
-    producer: Producer,
+    (producer, mut deliveries): (StreamProducer, mpsc::UnboundedReceiver<Delivery>),
     connector: &str,
     acked: watch::Sender<Option<PgLsn>>,
 ) -> Result<Option<PgLsn>, RunError> {
     let mut tracker: AckTracker<PgLsn> = AckTracker::default();
-    let mut in_flight = FuturesUnordered::new();
+    let mut in_flight: HashMap<usize, InFlight> =
+        HashMap::with_capacity(MAX_IN_FLIGHT + RECEIVE_BATCH);
+    let mut next_id = 0;
+    let mut reports = Vec::with_capacity(MAX_IN_FLIGHT);
     let measured = Metrics::new(connector);
     let mut open = true;
     let mut acknowledged = None;
@@ -531,18 +545,25 @@ async fn send_messages(
         tokio::select! {
             biased;
             // Acknowledgements first: they free room and let positions advance.
-            Some(delivery) = in_flight.next(), if !in_flight.is_empty() => {
-                let (lsn, message, result): (PgLsn, Message, Result<(i32, i64), SinkError>) = delivery;
-                // A message Kafka refused after its retries stops the connector: nothing
-                // after it is acknowledged, so a restart writes it again.
-                result?;
-                if let MessageKind::Event { acked, commit_time, .. } = &message.kind {
-                    acked.increment(1);
-                    if let Some(commit_time) = commit_time {
-                        measured.commit_to_ack.record(observe::seconds_since(*commit_time));
-                    }
+            reported = deliveries.recv_many(&mut reports, MAX_IN_FLIGHT), if !in_flight.is_empty() => {
+                if reported == 0 {
+                    return Err(SinkError::Delivery("the producer stopped reporting deliveries".into()).into());
                 }
-                tracker.acknowledge(&lsn);
+                for (id, result) in reports.drain(..) {
+                    let Some(InFlight { lsn, event }) = in_flight.remove(&id) else {
+                        continue;
+                    };
+                    // A message Kafka refused after its retries stops the connector: nothing
+                    // after it is acknowledged, so a restart writes it again.
+                    result?;
+                    if let Some((acked, commit_time)) = event {
+                        acked.increment(1);
+                        if let Some(commit_time) = commit_time {
+                            measured.commit_to_ack.record(observe::seconds_since(commit_time));
+                        }
+                    }
+                    tracker.acknowledge(&lsn);
+                }
                 publish(&tracker);
             }
             handed = received.recv(), if open && in_flight.len() < MAX_IN_FLIGHT => {
@@ -552,29 +573,28 @@ async fn send_messages(
                 };
                 for outgoing in handed {
                     match outgoing {
-                        Outgoing::Progress(lsn) => {
-                            tracker.complete(lsn);
-                            publish(&tracker);
-                        }
+                        Outgoing::Progress(lsn) => tracker.complete(lsn),
                         Outgoing::Change(lsn, messages) => {
                             tracker.track(lsn, messages.len());
                             for message in messages {
-                                let producer = &producer;
-                                in_flight.push(async move {
-                                    let result = match &message.kind {
-                                        MessageKind::Event { headers, .. } => {
-                                            producer.send(&message.topic, &message.key, &message.payload, &headers.pairs()).await
-                                        }
-                                        MessageKind::DeadLetter { mapping_id } => {
-                                            producer.send(&message.topic, &message.key, &message.payload, &[("mapping_id", mapping_id)]).await
-                                        }
-                                    };
-                                    (lsn, message, result)
-                                }.boxed());
+                                let id = next_id;
+                                next_id += 1;
+                                let event = match message.kind {
+                                    MessageKind::Event { headers, acked, commit_time } => {
+                                        producer.send(id, &message.topic, &message.key, &message.payload, &headers.pairs()).await?;
+                                        Some((acked, commit_time))
+                                    }
+                                    MessageKind::DeadLetter { mapping_id } => {
+                                        producer.send(id, &message.topic, &message.key, &message.payload, &[("mapping_id", &mapping_id)]).await?;
+                                        None
+                                    }
+                                };
+                                in_flight.insert(id, InFlight { lsn, event });
                             }
                         }
                     }
                 }
+                publish(&tracker);
             }
         }
     }

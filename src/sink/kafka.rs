@@ -4,11 +4,14 @@ use std::{collections::HashMap, time::Duration};
 
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::ClientContext,
     client::DefaultClientContext,
     consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer},
     error::KafkaError,
     message::{BorrowedMessage, Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
+    producer::{
+        BaseRecord, DeliveryResult, FutureProducer, FutureRecord, ProducerContext, ThreadedProducer,
+    },
     types::RDKafkaErrorCode,
     util::Timeout,
     ClientConfig, Message, Offset, TopicPartitionList,
@@ -269,6 +272,93 @@ impl Producer {
         match self.inner.send(record, Timeout::Never).await {
             Ok(delivery) => Ok((delivery.partition, delivery.offset)),
             Err((error, _)) => Err(SinkError::Delivery(error.to_string())),
+        }
+    }
+}
+
+/// Kafka's answer about one message of a [`StreamProducer`]: the id it was sent with, and
+/// its partition and offset or why Kafka refused it.
+pub type Delivery = (usize, Result<(i32, i64), SinkError>);
+
+/// Hands each delivery report of a [`StreamProducer`] to its receiver.
+struct Reporting {
+    reports: tokio::sync::mpsc::UnboundedSender<Delivery>,
+}
+
+impl ClientContext for Reporting {}
+
+impl ProducerContext for Reporting {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, id: usize) {
+        let outcome = match result {
+            Ok(message) => Ok((message.partition(), message.offset())),
+            Err((error, _)) => Err(SinkError::Delivery(error.to_string())),
+        };
+        // Nobody listening: the connector is stopping, and what was not acknowledged is
+        // sent again on restart.
+        let _ = self.reports.send((id, outcome));
+    }
+}
+
+/// Writes a stream of messages: each goes out with an id, and Kafka's answer comes back
+/// with that id through the receiver [`StreamProducer::new`] returns — no future, channel
+/// or task per message ([`Producer`] has those, for callers that await each message).
+/// Nothing unbounded: there is one report per message sent, and the caller bounds those
+/// in flight.
+pub struct StreamProducer {
+    inner: ThreadedProducer<Reporting>,
+}
+
+impl std::fmt::Debug for StreamProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamProducer").finish_non_exhaustive()
+    }
+}
+
+impl StreamProducer {
+    pub fn new(
+        properties: &KafkaProperties,
+    ) -> Result<(Self, tokio::sync::mpsc::UnboundedReceiver<Delivery>), SinkError> {
+        let (reports, received) = tokio::sync::mpsc::unbounded_channel();
+        let inner = producer_config(properties)?
+            .create_with_context(Reporting { reports })
+            .map_err(|e| SinkError::Config(creation_message(&e)))?;
+        Ok((Self { inner }, received))
+    }
+
+    /// Queue one message (librdkafka copies it); its delivery report carries `id`. Waits
+    /// while librdkafka's queue is full.
+    pub async fn send(
+        &self,
+        id: usize,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Result<(), SinkError> {
+        let headers = headers.iter().fold(
+            OwnedHeaders::new_with_capacity(headers.len()),
+            |h, (key, value)| {
+                h.insert(Header {
+                    key,
+                    value: Some(*value),
+                })
+            },
+        );
+        let mut record = BaseRecord::with_opaque_to(topic, id)
+            .key(key)
+            .payload(payload)
+            .headers(headers);
+        loop {
+            match self.inner.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err((error, _)) => return Err(SinkError::Delivery(error.to_string())),
+            }
         }
     }
 }

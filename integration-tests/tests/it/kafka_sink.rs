@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use fhir_cdc::{
     config::KafkaProperties,
-    sink::kafka::{ensure_topics, Producer, TopicSpec},
+    sink::kafka::{ensure_topics, Producer, StreamProducer, TopicSpec},
 };
 use rdkafka::{
     admin::{AdminClient, AdminOptions, ResourceSpecifier},
@@ -112,4 +112,54 @@ async fn topics_are_created_once_with_their_settings_and_messages_are_acknowledg
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
     assert_eq!(received, expected);
+}
+
+/// The connector's producer: every message's report comes back with the id it was sent
+/// with, in one partition in the order sent — also when librdkafka's queue (four messages
+/// here) is full and sending waits for room.
+#[tokio::test]
+async fn a_stream_producer_reports_each_message_by_its_id_when_its_queue_fills() {
+    let name = stack::unique("sinkit.lab.Stream");
+    let spec = TopicSpec {
+        name: name.clone(),
+        partitions: 1,
+        replication_factor: 1,
+        config: Vec::new(),
+    };
+    ensure_topics(&properties(), &[spec]).await.unwrap();
+    let properties: KafkaProperties = toml::from_str(&format!(
+        "\"bootstrap.servers\" = \"{}\"\n\"queue.buffering.max.messages\" = \"4\"",
+        stack::kafka_bootstrap()
+    ))
+    .unwrap();
+    let (producer, mut reports) = StreamProducer::new(&properties).unwrap();
+    let sent = 40;
+    for id in 0..sent {
+        let payload = format!("m{id}");
+        producer
+            .send(
+                id,
+                &name,
+                "Observation/1",
+                payload.as_bytes(),
+                &[("n", "1")],
+            )
+            .await
+            .unwrap();
+    }
+    let mut offsets = vec![None; sent];
+    for _ in 0..sent {
+        let (id, result) = tokio::time::timeout(Duration::from_secs(30), reports.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let (partition, offset) = result.unwrap();
+        assert_eq!(partition, 0);
+        assert_eq!(offsets[id].replace(offset), None, "one report for id {id}");
+    }
+    let offsets: Vec<i64> = offsets.into_iter().map(Option::unwrap).collect();
+    assert!(
+        offsets.windows(2).all(|w| w[1] == w[0] + 1),
+        "offsets follow the ids: {offsets:?}"
+    );
 }
