@@ -102,7 +102,7 @@ pub struct EventCodec {
     settings: SrSettings,
     /// Per resource type: the schema as sent to the registry, and its compiled writer.
     schemas: Mutex<HashMap<String, Arc<(SuppliedSchema, EventWriter)>>>,
-    /// Schema id per subject.
+    /// Schema id per topic (its subject: `<topic>-value`).
     ids: Mutex<HashMap<String, u32>>,
     /// The compiled writer schema per schema id, for reading.
     readers: Mutex<HashMap<u32, Arc<EventWriter>>>,
@@ -175,15 +175,15 @@ impl EventCodec {
     /// The event's bytes for `topic`.
     pub async fn encode(&self, event: &CanonicalEvent, topic: &str) -> Result<Vec<u8>, CodecError> {
         let schema = self.schema_for(&event.resource_type)?;
-        let subject = format!("{topic}-value");
-        let cached = locked(&self.ids).get(&subject).copied();
+        let cached = locked(&self.ids).get(topic).copied();
         let id = match cached {
             Some(id) => id,
             None => {
-                let registered = post_schema(&self.settings, subject.clone(), schema.0.clone())
+                let subject = format!("{topic}-value");
+                let registered = post_schema(&self.settings, subject, schema.0.clone())
                     .await
                     .map_err(|e| CodecError::Registry(e.to_string()))?;
-                locked(&self.ids).insert(subject, registered.id);
+                locked(&self.ids).insert(topic.to_owned(), registered.id);
                 registered.id
             }
         };

@@ -27,7 +27,9 @@ pub struct TableMetrics {
 #[derive(Debug)]
 pub struct Metrics {
     connector: String,
-    tables: HashMap<(Arc<str>, Arc<str>), TableMetrics>,
+    /// By schema, then table: looked up with the change's names, without taking a
+    /// reference to them (shared with the source's thread) per change.
+    tables: HashMap<Arc<str>, HashMap<Arc<str>, TableMetrics>>,
     pub source_lag_ms: Gauge,
     pub commit_to_ack: Histogram,
     pub channel_depth: Gauge,
@@ -48,9 +50,22 @@ impl Metrics {
     }
 
     pub fn table(&mut self, source: &SourceTable) -> &TableMetrics {
+        let known = self
+            .tables
+            .get(&source.schema)
+            .is_some_and(|tables| tables.contains_key(&source.table));
+        if !known {
+            self.add(source);
+        }
+        &self.tables[&source.schema][&source.table]
+    }
+
+    fn add(&mut self, source: &SourceTable) {
         let connector = &self.connector;
         self.tables
-            .entry((source.schema.clone(), source.table.clone()))
+            .entry(source.schema.clone())
+            .or_default()
+            .entry(source.table.clone())
             .or_insert_with(|| {
                 let labels = [
                     ("connector", connector.clone()),
@@ -64,6 +79,6 @@ impl Metrics {
                     dead_letters: counter!("fhir_cdc_dead_letters_total", &labels),
                     suppressed: counter!("fhir_cdc_suppressed_updates_total", &labels),
                 }
-            })
+            });
     }
 }
