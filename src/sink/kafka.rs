@@ -228,6 +228,19 @@ pub async fn ensure_topics(
     Ok(created)
 }
 
+/// Message headers as librdkafka takes them.
+fn owned_headers(headers: &[(&str, &str)]) -> OwnedHeaders {
+    headers.iter().fold(
+        OwnedHeaders::new_with_capacity(headers.len()),
+        |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(*value),
+            })
+        },
+    )
+}
+
 /// Writes messages and reports when Kafka has them.
 pub struct Producer {
     inner: FutureProducer,
@@ -256,19 +269,10 @@ impl Producer {
         payload: &[u8],
         headers: &[(&str, &str)],
     ) -> Result<(i32, i64), SinkError> {
-        let headers = headers.iter().fold(
-            OwnedHeaders::new_with_capacity(headers.len()),
-            |h, (key, value)| {
-                h.insert(Header {
-                    key,
-                    value: Some(*value),
-                })
-            },
-        );
         let record = FutureRecord::to(topic)
             .key(key)
             .payload(payload)
-            .headers(headers);
+            .headers(owned_headers(headers));
         match self.inner.send(record, Timeout::Never).await {
             Ok(delivery) => Ok((delivery.partition, delivery.offset)),
             Err((error, _)) => Err(SinkError::Delivery(error.to_string())),
@@ -337,19 +341,10 @@ impl StreamProducer {
         payload: &[u8],
         headers: &[(&str, &str)],
     ) -> Result<(), SinkError> {
-        let headers = headers.iter().fold(
-            OwnedHeaders::new_with_capacity(headers.len()),
-            |h, (key, value)| {
-                h.insert(Header {
-                    key,
-                    value: Some(*value),
-                })
-            },
-        );
         let mut record = BaseRecord::with_opaque_to(topic, id)
             .key(key)
             .payload(payload)
-            .headers(headers);
+            .headers(owned_headers(headers));
         loop {
             match self.inner.send(record) {
                 Ok(()) => return Ok(()),
