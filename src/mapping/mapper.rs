@@ -172,7 +172,7 @@ impl Mapper {
                 }
                 let new = resource.apply(new_row, &self.context)?;
                 // The old row as it was mapped; unknown when the source sent no (full) old row.
-                let old = change.before.as_ref().and_then(|row| resource.apply(row, &self.context).ok());
+                let old = old_row.and_then(|row| resource.apply(row, &self.context).ok());
                 match (old, new) {
                     (Some(Some(old)), Some(new)) if old == new => outcome.suppressed += 1,
                     (Some(Some(old)), Some(new)) => {

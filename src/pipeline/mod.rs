@@ -25,7 +25,7 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-
+use smallvec::{smallvec, SmallVec};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -362,31 +362,24 @@ async fn read_stream(
             }
             next = stream.next() => next,
         };
-        let sent = match next? {
+        // Held inline: nothing allocated per change on its way to the channel.
+        let messages: SmallVec<[SourceMessage; 1]> = match next? {
             None => break,
             Some(Decoded::Changes(changes)) => {
-                let mut sent = Ok(());
-                for change in changes {
-                    sent = out.send(SourceMessage::Change(change)).await;
-                    if sent.is_err() {
-                        break;
-                    }
-                }
-                sent
+                changes.into_iter().map(SourceMessage::Change).collect()
             }
             Some(
                 Decoded::Committed {
                     commit_lsn: lsn, ..
                 }
                 | Decoded::Heartbeat(lsn),
-            ) => {
-                out.send(SourceMessage::Progress(Position::Postgres(lsn)))
-                    .await
-            }
-            Some(Decoded::Nothing) => Ok(()),
+            ) => smallvec![SourceMessage::Progress(Position::Postgres(lsn))],
+            Some(Decoded::Nothing) => SmallVec::new(),
         };
-        if sent.is_err() {
-            return Ok(stream);
+        for message in messages {
+            if out.send(message).await.is_err() {
+                return Ok(stream);
+            }
         }
     }
     Ok(stream)
@@ -415,8 +408,9 @@ struct Message {
 #[derive(Debug)]
 enum MessageKind {
     /// An event: the values of its headers, the acknowledgement counter of its table and its
-    /// commit time. (In flight, the message needs its bytes and headers, not the event they
-    /// were encoded from, which the mapping stage drops.)
+    /// commit time. (The message carries its bytes and headers, not the event they were
+    /// encoded from, which the mapping stage drops; once sent, only librdkafka's copy and
+    /// the sink's [`InFlight`] entry remain.)
     Event {
         headers: EventHeaders,
         acked: Counter,

@@ -4,8 +4,7 @@ use std::{collections::HashMap, time::Duration};
 
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::ClientContext,
-    client::DefaultClientContext,
+    client::{ClientContext, DefaultClientContext},
     consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer},
     error::KafkaError,
     message::{BorrowedMessage, Header, OwnedHeaders},
