@@ -197,11 +197,8 @@ async fn run_snapshots_streams_dead_letters_and_resumes() {
 #[tokio::test]
 async fn the_last_acknowledgement_reaches_an_idle_server() {
     let client = stack::pg_client().await;
-    let schema = stack::unique("idle");
-    stack::create_lab_schema(&client, &schema).await;
-    let dir = std::env::temp_dir().join(&schema);
-    stack::lab_mappings(&dir.join("mappings"), &schema, &["result.yaml"]);
-    let config = quiet_config(&dir, &schema, &stack::unique("fhirit"), "");
+    let (schema, dir, config) =
+        quiet_connector(&client, "idle", &stack::unique("fhirit"), "").await;
     let log = dir.join("run.log");
     let slot = format!("fhir_cdc_{schema}");
     let connector = start(&config, &log);
@@ -232,12 +229,9 @@ async fn the_last_acknowledgement_reaches_an_idle_server() {
 #[tokio::test]
 async fn refused_topics_stop_the_connector_with_the_reason() {
     let client = stack::pg_client().await;
-    let schema = stack::unique("refused");
-    stack::create_lab_schema(&client, &schema).await;
-    let dir = std::env::temp_dir().join(&schema);
-    stack::lab_mappings(&dir.join("mappings"), &schema, &["result.yaml"]);
     let prefix = stack::unique("fhirit");
-    let config = quiet_config(&dir, &schema, &prefix, "replication_factor = 3");
+    let (schema, dir, config) =
+        quiet_connector(&client, "refused", &prefix, "replication_factor = 3").await;
     let log = dir.join("run.log");
     let status = exit_within(
         start(&config, &log),
@@ -256,19 +250,27 @@ async fn refused_topics_stop_the_connector_with_the_reason() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// The stack's connector config in `dir`, `extra` in its `[topics]`, with heartbeats an
-/// hour apart: nothing but the test's own writes wakes the connector.
-fn quiet_config(
-    dir: &std::path::Path,
-    schema: &str,
+/// A connector of its own (named after `name`, its topics under `prefix`): a lab results
+/// table, the sample result mapping reading it, and the stack's connector config (`extra`
+/// in its `[topics]`) with heartbeats an hour apart, so that nothing but the test's own
+/// writes wakes the connector. Returns the schema (also the connector's name), the
+/// directory and the config file.
+async fn quiet_connector(
+    client: &tokio_postgres::Client,
+    name: &str,
     prefix: &str,
     extra: &str,
-) -> std::path::PathBuf {
-    let config = stack::connector_config(dir, schema, prefix, extra);
+) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let schema = stack::unique(name);
+    stack::create_lab_schema(client, &schema).await;
+    let dir = std::env::temp_dir().join(&schema);
+    stack::lab_mappings(&dir.join("mappings"), &schema, &["result.yaml"]);
+    let config = stack::connector_config(&dir, &schema, prefix, extra);
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "heartbeat.interval.ms = 500",
         "heartbeat.interval.ms = 3600000",
     );
+    assert!(text.contains("heartbeat.interval.ms = 3600000"), "{text}");
     std::fs::write(&config, text).unwrap();
-    config
+    (schema, dir, config)
 }
