@@ -82,11 +82,11 @@ pub(super) fn session_config(
         ReplicationConfig::new(host, user, password, database.clone(), slot, publication)
             .with_port(config.get_ports().first().copied().unwrap_or(5432))
             .with_options("-c DateStyle=ISO -c TimeZone=UTC")
-            // Acknowledged positions reach the server within 100 ms of Kafka's acknowledgement
-            // (at most ten small status messages a second; with one a second, a slot lagged
+            // Acknowledged positions reach the server within 20 ms of Kafka's acknowledgement
+            // (at most fifty small status messages a second; with one a second, a slot lagged
             // up to a second behind Kafka, and the benchmark's end-to-end time with it), and
             // keepalives (the heartbeats of an idle database) arrive at least every second.
-            .with_status_interval(Duration::from_millis(100))
+            .with_status_interval(Duration::from_millis(20))
             .with_wakeup_interval(Duration::from_secs(1))
             // Messages read ahead of the decoder: enough to keep it busy, few enough that a
             // backlog of wide rows stays small in memory (the crate's default is 8,192).
