@@ -184,39 +184,28 @@ impl CanonicalEvent {
 
     /// The Kafka topic: `<prefix>.<domain>.<ResourceType>`.
     pub fn topic(&self, prefix: &str) -> String {
-        format!("{prefix}.{}.{}", self.domain, self.resource_type)
+        topic(prefix, &self.domain, &self.resource_type)
     }
 
     /// The Kafka key, `<ResourceType>/<id>`, so one resource's versions share a partition.
     pub fn key(&self) -> String {
-        format!("{}/{}", self.resource_type, self.resource_id)
+        let mut key = String::new();
+        self.write_key(&mut key);
+        key
+    }
+
+    /// [`Self::key`], written over what `key` held (no allocation once it is large enough).
+    pub fn write_key(&self, key: &mut String) {
+        key.clear();
+        key.push_str(&self.resource_type);
+        key.push('/');
+        key.push_str(&self.resource_id);
     }
 }
 
-/// What an event's Kafka headers say, kept without the rest of the event (for a message in
-/// flight, which needs its bytes and headers only).
-#[derive(Debug)]
-pub struct EventHeaders {
-    event_id: String,
-    resource_type: String,
-    connector: Arc<str>,
-}
-
-impl From<CanonicalEvent> for EventHeaders {
-    fn from(event: CanonicalEvent) -> Self {
-        Self {
-            event_id: event.event_id,
-            resource_type: event.resource_type,
-            connector: event.provenance.connector,
-        }
-    }
-}
-
-impl EventHeaders {
-    /// The headers, as [`CanonicalEvent::headers`] gives them.
-    pub fn pairs(&self) -> [(&'static str, &str); 3] {
-        headers(&self.event_id, &self.resource_type, &self.connector)
-    }
+/// The topic of a domain's events about one resource type: `<prefix>.<domain>.<ResourceType>`.
+pub fn topic(prefix: &str, domain: &str, resource_type: &str) -> String {
+    format!("{prefix}.{domain}.{resource_type}")
 }
 
 fn headers<'a>(

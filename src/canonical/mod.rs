@@ -8,6 +8,6 @@ mod writer;
 
 pub use self::{
     avro::{event_from_avro, event_to_avro, AvroShapeError},
-    event::{instant, CanonicalEvent, EventHeaders, EventOp, KeyColumn, Origin, Provenance},
+    event::{instant, topic, CanonicalEvent, EventOp, KeyColumn, Origin, Provenance},
     writer::{EventWriter, JsonResource},
 };

@@ -172,26 +172,50 @@ impl EventCodec {
         Ok(entry)
     }
 
+    /// Register the schema of `resource_type`'s events under `topic`'s subject, as the first
+    /// event for `topic` would: a connector does it at start, so that a registry that is
+    /// unreachable or refuses the schema stops it before it reads a change.
+    pub async fn register(&self, topic: &str, resource_type: &str) -> Result<(), CodecError> {
+        let schema = self.schema_for(resource_type)?;
+        self.id_for(topic, &schema.0).await.map(drop)
+    }
+
+    /// The registry's id of `schema` under `topic`'s subject (`<topic>-value`), registered
+    /// on first use.
+    async fn id_for(&self, topic: &str, schema: &SuppliedSchema) -> Result<u32, CodecError> {
+        if let Some(id) = locked(&self.ids).get(topic).copied() {
+            return Ok(id);
+        }
+        let subject = format!("{topic}-value");
+        let registered = post_schema(&self.settings, subject, schema.clone())
+            .await
+            .map_err(|e| CodecError::Registry(e.to_string()))?;
+        locked(&self.ids).insert(topic.to_owned(), registered.id);
+        Ok(registered.id)
+    }
+
     /// The event's bytes for `topic`.
     pub async fn encode(&self, event: &CanonicalEvent, topic: &str) -> Result<Vec<u8>, CodecError> {
-        let schema = self.schema_for(&event.resource_type)?;
-        let cached = locked(&self.ids).get(topic).copied();
-        let id = match cached {
-            Some(id) => id,
-            None => {
-                let subject = format!("{topic}-value");
-                let registered = post_schema(&self.settings, subject, schema.0.clone())
-                    .await
-                    .map_err(|e| CodecError::Registry(e.to_string()))?;
-                locked(&self.ids).insert(topic.to_owned(), registered.id);
-                registered.id
-            }
-        };
         let mut bytes = Vec::with_capacity(1024);
+        self.encode_into(event, topic, &mut bytes).await?;
+        Ok(bytes)
+    }
+
+    /// [`Self::encode`], written over what `bytes` held (no allocation once it is large
+    /// enough).
+    pub async fn encode_into(
+        &self,
+        event: &CanonicalEvent,
+        topic: &str,
+        bytes: &mut Vec<u8>,
+    ) -> Result<(), CodecError> {
+        let schema = self.schema_for(&event.resource_type)?;
+        let id = self.id_for(topic, &schema.0).await?;
+        bytes.clear();
         bytes.push(0);
         bytes.extend_from_slice(&id.to_be_bytes());
-        schema.1.write(event, &mut bytes)?;
-        Ok(bytes)
+        schema.1.write(event, bytes)?;
+        Ok(())
     }
 
     /// The event in `bytes`, read with the schema version it was written with.

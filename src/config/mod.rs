@@ -220,7 +220,7 @@ impl fmt::Display for SourceKind {
 }
 
 /// The schema registry.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     /// Root of the Confluent-compatible REST API, e.g. `http://registry:8081` for Confluent

@@ -1,16 +1,15 @@
 //! The connector at work: PostgreSQL → mappings → Avro → Kafka, with source positions
 //! acknowledged only after Kafka has every event at or before them.
 //!
-//! Three stages joined by bounded channels ([`CHANNEL_DEPTH`] changes each; the mapping
-//! stage hands its work over a batch at a time), each on a core of its own when there is
-//! one: the source reads the snapshot and the replication stream; the mapping stage maps
-//! each change and encodes its events and dead letters; the sink sends them and takes no
-//! more while [`MAX_IN_FLIGHT`] messages are unacknowledged — so a slow or absent Kafka
-//! holds the mapping and the source back and nothing grows without bound. Each Kafka
-//! acknowledgement feeds the [`AckTracker`]; the tracker's safe position travels back to the
-//! source, which reports it to PostgreSQL as the flush LSN. A crash anywhere therefore
-//! re-reads from a position whose events all reached Kafka, and re-emitted events carry
-//! the same ids.
+//! Two stages joined by a bounded channel of [`CHANNEL_DEPTH`] changes, each on a core of
+//! its own when there is one: the source reads the snapshot and the replication stream; the
+//! mapping stage maps each change, encodes its events and dead letters and hands them to
+//! librdkafka, and takes no more changes while [`MAX_IN_FLIGHT`] messages are
+//! unacknowledged — so a slow or absent Kafka holds the mapping and the source back and
+//! nothing grows without bound. Each Kafka acknowledgement feeds the [`AckTracker`]; the
+//! tracker's safe position travels back to the source, which reports it to PostgreSQL as
+//! the flush LSN. A crash anywhere therefore re-reads from a position whose events all
+//! reached Kafka, and re-emitted events carry the same ids.
 //!
 //! A change a mapping cannot turn into an event goes to the dead-letter topic
 //! `<prefix>.dlq.<connector>` with the reason and the row as the database sent it; it counts
@@ -19,7 +18,7 @@
 pub mod dead_letter;
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     future::Future,
     sync::Arc,
 };
@@ -35,8 +34,8 @@ use ::metrics::Counter;
 use crate::observe::{self, pipeline::Metrics};
 use crate::{
     canonical::{
+        self,
         registry::{CodecError, EventCodec},
-        EventHeaders,
     },
     change::{PgLsn, Position, SourceMessage},
     config::{ConnectorConfig, SnapshotMode, SourceKind},
@@ -50,19 +49,19 @@ use crate::{
     },
 };
 
-/// Changes between the source and the mapping stage, and mapped changes between it and the sink.
+/// Changes between the source and the mapping stage.
 pub const CHANNEL_DEPTH: usize = 256;
 /// Messages sent to Kafka and not yet acknowledged: no more changes are taken beyond it
 /// (the events of one received batch may pass it). librdkafka holds a message up to
 /// `linger.ms` (10) before it even goes out, so this caps the rate at about this many per
-/// linger plus round trip: 1,024 stalled the sink at ≈ 70-80k messages/s with the cores not
-/// busy. Alternating benchmark runs, 2,048 against 1,024: median 72.5 % of the ceiling
+/// linger plus round trip: 1,024 stalled the pipeline at ≈ 70-80k messages/s with the cores
+/// not busy. Alternating benchmark runs, 2,048 against 1,024: median 72.5 % of the ceiling
 /// against 59.7 % (7 each), peak RSS 56-60 MiB against 52-58 (4,096: 57-64 MiB).
 pub const MAX_IN_FLIGHT: usize = 2048;
-/// Changes the mapping stage takes from its channel at once, and so hands the sink at once.
-/// Medians of two series of alternating benchmark runs (10 and 8 each): 128 gave 51 % and
-/// 55 % of the ceiling at 20.5 and 17.1 µs per change, 64 gave 48 % and 52 % at 21.9 and
-/// 18.0; 256 (second series) 52 % at 17.6.
+/// Changes the mapping stage takes from its channel at once. Measured when it handed each
+/// batch's messages to a sink stage of their own, medians of two series of alternating
+/// benchmark runs (10 and 8 each): 128 gave 51 % and 55 % of the ceiling at 20.5 and 17.1
+/// µs per change, 64 gave 48 % and 52 % at 21.9 and 18.0; 256 (second series) 52 % at 17.6.
 const RECEIVE_BATCH: usize = 128;
 /// Rows per snapshot fetch.
 const SNAPSHOT_CHUNK: usize = 1000;
@@ -114,18 +113,25 @@ pub fn mapper_for(config: &ConnectorConfig, mappings: Vec<Mapping>) -> Result<Ma
     .map_err(RunError::Setup)
 }
 
-/// The topics a connector writes: one per domain and resource type of its mappings, and
-/// its dead-letter topic.
-pub fn topic_specs(config: &ConnectorConfig, mappings: &[Mapping]) -> Vec<TopicSpec> {
-    let prefix = &config.topics.prefix;
-    let mut topics: BTreeSet<String> = mappings
+/// The topics of a connector's events, one per domain and resource type of its mappings,
+/// each with the resource type its events carry.
+fn event_topics(config: &ConnectorConfig, mappings: &[Mapping]) -> BTreeMap<String, String> {
+    mappings
         .iter()
         .flat_map(|m| {
-            m.resources
-                .iter()
-                .map(move |r| format!("{prefix}.{}.{}", m.domain, r.resource_type))
+            m.resources.iter().map(move |r| {
+                (
+                    canonical::topic(&config.topics.prefix, &m.domain, &r.resource_type),
+                    r.resource_type.clone(),
+                )
+            })
         })
-        .collect();
+        .collect()
+}
+
+/// The topics a connector writes: those of its events, and its dead-letter topic.
+pub fn topic_specs(config: &ConnectorConfig, mappings: &[Mapping]) -> Vec<TopicSpec> {
+    let mut topics: BTreeSet<String> = event_topics(config, mappings).into_keys().collect();
     topics.insert(config.dead_letter_topic());
     topics
         .into_iter()
@@ -194,9 +200,56 @@ pub async fn run(
     let tables = mapping::source_tables(&mappings);
     let dead_letter_topic = config.dead_letter_topic();
     let specs = topic_specs(config, &mappings);
+    let event_topics = event_topics(config, &mappings);
     // Connecting to Kafka (and, with idempotence, getting a producer id) starts now.
     let producer = StreamProducer::new(&config.kafka)?;
     let mapper = mapper_for(config, mappings)?;
+    // The mapping stage starts first: it creates the topics, builds the registry's client
+    // and registers the events' schemas while the database is set up and the stream starts
+    // (≈ 250 ms for new topics, ≈ 150 ms for the client and the schemas); it takes no change
+    // before they are done.
+    let (out, received) = mpsc::channel(CHANNEL_DEPTH);
+    let (acked, acknowledgements) = watch::channel(None::<PgLsn>);
+    let (kafka, registry) = (config.kafka.clone(), config.schema_registry.clone());
+    let ready = async move {
+        let codec = EventCodec::new(&registry);
+        let registered = async {
+            for (topic, resource_type) in &event_topics {
+                codec.register(topic, resource_type).await?;
+            }
+            Ok::<_, RunError>(())
+        };
+        let topics = async {
+            let created = ensure_topics(&kafka, &specs).await?;
+            info!(
+                created = created.len(),
+                topics = specs.len(),
+                "topics ready"
+            );
+            Ok(())
+        };
+        tokio::try_join!(registered, topics)?;
+        Ok(codec)
+    };
+    let stage = map_and_send(
+        received,
+        mapper,
+        producer,
+        ready,
+        Destinations {
+            prefix: config.topics.prefix.clone(),
+            dead_letter_topic,
+            connector: config.name.clone(),
+        },
+        acked,
+    );
+    // On a thread of its own, not as a task: woken by the source, a task runs on the
+    // source's worker right after it (tokio's LIFO slot, which other workers do not steal
+    // from), so the two took turns on one core. Measured end to end, alternating: as a
+    // task 49,500/44,700/54,600 changes/s, on its own thread 58,700/63,500/59,200. (When
+    // setting up the database fails below, the stage ends by itself: its channel closes.)
+    let runtime = tokio::runtime::Handle::current();
+    let stage = tokio::task::spawn_blocking(move || runtime.block_on(stage));
 
     let slot = config.source.slot_name(&config.name);
     let publication = config.source.publication_name(&config.name);
@@ -211,8 +264,6 @@ pub async fn run(
     // A stage that fails stops the source (which then ends the others), also while the
     // database is idle; shutdown stops it too.
     let stop = shutdown.child_token();
-    let (out, received) = mpsc::channel(CHANNEL_DEPTH);
-    let (acked, acknowledgements) = watch::channel(None::<PgLsn>);
     let options = StreamOptions {
         connector: config.name.clone(),
         slot: slot.clone(),
@@ -275,48 +326,15 @@ pub async fn run(
             }
         }
     };
-    // The mapping stage hands over what it made of each batch it took at once: one wake-up
-    // of the sink per batch instead of per change (alternating runs: fhir-cdc's CPU per
-    // change 14.7-22.6 µs against 19.8-23.6, 54.7/50.8/62.7/70.1k changes/s against
-    // 47.0/50.9/52.2/55.2k).
-    let (mapped, to_send) = mpsc::channel(CHANNEL_DEPTH / RECEIVE_BATCH);
-    let mapping = map_changes(
-        received,
-        mapped,
-        mapper,
-        EventCodec::new(&config.schema_registry),
-        (
-            config.topics.prefix.clone(),
-            dead_letter_topic,
-            config.name.clone(),
-        ),
-    );
-    // On a thread of its own, not as a task: woken by the source, a task runs on the
-    // source's worker right after it (tokio's LIFO slot, which other workers do not steal
-    // from), so the two took turns on one core. Measured end to end, alternating: as a
-    // task 49,500/44,700/54,600 changes/s, on its own thread 58,700/63,500/59,200.
-    let runtime = tokio::runtime::Handle::current();
-    let mapping = tokio::task::spawn_blocking(move || runtime.block_on(mapping));
-    let mapping = stopping_on_error(&stop, async {
-        mapping
+    let stage = stopping_on_error(&stop, async {
+        stage
             .await
-            .unwrap_or_else(|e| Err(RunError::Setup(format!("the mapping task failed: {e}"))))
+            .unwrap_or_else(|e| Err(RunError::Setup(format!("the mapping stage failed: {e}"))))
     });
-    // The topics are created while the source starts and the first changes are mapped
-    // (creating them took ≈ 150 ms of every start); nothing is sent before they exist.
-    let sink = stopping_on_error(&stop, async {
-        let created = ensure_topics(&config.kafka, &specs).await?;
-        info!(
-            created = created.len(),
-            topics = specs.len(),
-            "topics ready"
-        );
-        send_messages(to_send, producer, &config.name, acked).await
-    });
-    let (source, mapping, sink, ()) = tokio::join!(source, mapping, sink, heartbeats);
+    let (source, summary, ()) = tokio::join!(source, stage, heartbeats);
+    // A stage that failed is why the source stopped, if it did: its error first.
+    let summary = summary?;
     let stream = source?;
-    let mut summary = mapping?;
-    summary.acknowledged = sink?;
     if let Some(safe) = summary.acknowledged {
         stream.acknowledge(safe);
         setup::wait_for_flush(&admin, &config.source.slot_name(&config.name), safe).await;
@@ -385,127 +403,11 @@ async fn read_stream(
     Ok(stream)
 }
 
-/// What the mapping stage hands the sink, in source order.
-#[derive(Debug)]
-enum Outgoing {
-    /// Every change before this position (a commit, a heartbeat) has been handed over.
-    Progress(PgLsn),
-    /// The Kafka messages of one change — its events and dead letters, possibly none (a
-    /// suppressed no-op, a table without a mapping): its position is safe once Kafka has
-    /// acknowledged all of them.
-    Change(PgLsn, Vec<Message>),
-}
-
-/// A Kafka message ready to send.
-#[derive(Debug)]
-struct Message {
-    topic: String,
-    key: String,
-    payload: Vec<u8>,
-    kind: MessageKind,
-}
-
-#[derive(Debug)]
-enum MessageKind {
-    /// An event: the values of its headers, the acknowledgement counter of its table and its
-    /// commit time. (The message carries its bytes and headers, not the event they were
-    /// encoded from, which the mapping stage drops; once sent, only librdkafka's copy and
-    /// the sink's [`InFlight`] entry remain.)
-    Event {
-        headers: EventHeaders,
-        acked: Counter,
-        commit_time: Option<DateTime<Utc>>,
-    },
-    /// A dead letter of this mapping.
-    DeadLetter { mapping_id: String },
-}
-
-/// The mapping stage: map each change, encode its events and dead letters, and hand them
-/// to the sink until the source's channel closes. Returns what it counted; the sink fills
-/// in the acknowledged position.
-async fn map_changes(
-    mut received: mpsc::Receiver<SourceMessage>,
-    out: mpsc::Sender<Vec<Outgoing>>,
-    mapper: Mapper,
-    codec: EventCodec,
-    (prefix, dead_letter_topic, connector): (String, String, String),
-) -> Result<RunSummary, RunError> {
-    let mut summary = RunSummary::default();
-    let mut measured = Metrics::new(&connector);
-    let mut batch = Vec::with_capacity(RECEIVE_BATCH);
-    // Many at once: taking one change at a time from a full channel woke the source for
-    // every change, and the two threads took turns instead of working.
-    while received.recv_many(&mut batch, RECEIVE_BATCH).await > 0 {
-        measured.channel_depth.set(received.len() as f64);
-        let mut handed = Vec::with_capacity(batch.len());
-        for message in batch.drain(..) {
-            handed.push(match message {
-                SourceMessage::Progress(Position::Postgres(lsn)) => Outgoing::Progress(lsn),
-                SourceMessage::Progress(_) => continue,
-                SourceMessage::Change(change) => {
-                    let Position::Postgres(lsn) = change.position else {
-                        continue;
-                    };
-                    if change.op == crate::change::Operation::Read {
-                        summary.snapshot_rows += 1;
-                    }
-                    if let Some(commit_time) = change.commit_time {
-                        measured.source_lag_ms.set(
-                            (change.capture_time - commit_time)
-                                .num_milliseconds()
-                                .max(0) as f64,
-                        );
-                    }
-                    let table = measured.table(&change.source);
-                    table.read.increment(1);
-                    let outcome = mapper.map(&change);
-                    summary.suppressed += outcome.suppressed as u64;
-                    table.suppressed.increment(outcome.suppressed as u64);
-                    table.mapped.increment(outcome.events.len() as u64);
-                    let mut messages =
-                        Vec::with_capacity(outcome.events.len() + outcome.failures.len());
-                    for event in outcome.events {
-                        let topic = event.topic(&prefix);
-                        let payload = codec.encode(&event, &topic).await?;
-                        summary.events += 1;
-                        table.produced.increment(1);
-                        messages.push(Message {
-                            key: event.key(),
-                            topic,
-                            payload,
-                            kind: MessageKind::Event {
-                                headers: event.into(),
-                                acked: table.acked.clone(),
-                                commit_time: change.commit_time,
-                            },
-                        });
-                    }
-                    for failure in outcome.failures {
-                        // The reason names columns and rules, never row values.
-                        warn!(mapping = failure.mapping_id, table = %change.source.qualified_name(), position = %change.position,
-                            reason = %failure.error, "a change went to the dead-letter topic");
-                        summary.dead_letters += 1;
-                        table.dead_letters.increment(1);
-                        messages.push(Message {
-                            topic: dead_letter_topic.clone(),
-                            key: format!("{}:{}", change.source.qualified_name(), change.position),
-                            payload: dead_letter::record(&change, &failure),
-                            kind: MessageKind::DeadLetter {
-                                mapping_id: failure.mapping_id,
-                            },
-                        });
-                    }
-                    Outgoing::Change(lsn, messages)
-                }
-            });
-        }
-        // One hand-over per batch, not per change: each wakes the sink.
-        if out.send(handed).await.is_err() {
-            // The sink stopped; it says why.
-            return Ok(summary);
-        }
-    }
-    Ok(summary)
+/// Where the stage writes: the topics' prefix, the dead-letter topic, the connector's name.
+struct Destinations {
+    prefix: String,
+    dead_letter_topic: String,
+    connector: String,
 }
 
 /// A message sent, by the id it was sent with: its change's position, and for an event its
@@ -515,88 +417,163 @@ struct InFlight {
     event: Option<(Counter, Option<DateTime<Utc>>)>,
 }
 
-/// Send what the mapping stage hands over until its channel closes and every message is
-/// acknowledged, passing each newly safe position on to the source. Returns the last
-/// safe position.
-async fn send_messages(
-    mut received: mpsc::Receiver<Vec<Outgoing>>,
-    (producer, mut deliveries): (StreamProducer, mpsc::UnboundedReceiver<Delivery>),
-    connector: &str,
-    acked: watch::Sender<Option<PgLsn>>,
-) -> Result<Option<PgLsn>, RunError> {
-    let mut tracker: AckTracker<PgLsn> = AckTracker::default();
-    let mut in_flight: HashMap<usize, InFlight> =
-        HashMap::with_capacity(MAX_IN_FLIGHT + RECEIVE_BATCH);
-    let mut next_id = 0;
-    let mut reports = Vec::with_capacity(MAX_IN_FLIGHT);
-    let measured = Metrics::new(connector);
-    let mut open = true;
-    let mut acknowledged = None;
-    let mut publish = |tracker: &AckTracker<PgLsn>| {
-        if let Some(safe) = tracker.safe().copied() {
-            acknowledged = Some(safe);
-            acked.send_if_modified(|current| current.replace(safe) != Some(safe));
+/// Messages handed to librdkafka and not yet acknowledged, and the positions they hold back.
+struct Sink {
+    producer: StreamProducer,
+    in_flight: HashMap<usize, InFlight>,
+    next_id: usize,
+    tracker: AckTracker<PgLsn>,
+}
+
+impl Sink {
+    /// Hand one message to librdkafka (which copies it); its acknowledgement counts for `lsn`.
+    async fn send(
+        &mut self,
+        (topic, key, payload): (&str, &str, &[u8]),
+        headers: &[(&str, &str)],
+        lsn: PgLsn,
+        event: Option<(Counter, Option<DateTime<Utc>>)>,
+    ) -> Result<(), SinkError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.producer.send(id, topic, key, payload, headers).await?;
+        self.in_flight.insert(id, InFlight { lsn, event });
+        Ok(())
+    }
+
+    /// Count Kafka's answer about message `id`. A message Kafka refused after its retries
+    /// stops the connector: nothing after it is acknowledged, so a restart writes it again.
+    fn delivered(
+        &mut self,
+        (id, result): Delivery,
+        commit_to_ack: &metrics::Histogram,
+    ) -> Result<(), SinkError> {
+        let Some(InFlight { lsn, event }) = self.in_flight.remove(&id) else {
+            return Ok(());
+        };
+        result?;
+        if let Some((acked, commit_time)) = event {
+            acked.increment(1);
+            if let Some(commit_time) = commit_time {
+                commit_to_ack.record(observe::seconds_since(commit_time));
+            }
         }
+        self.tracker.acknowledge(&lsn);
+        Ok(())
+    }
+}
+
+/// The mapping stage and the sink, as one loop: map each change, encode its events and
+/// dead letters and hand them to librdkafka; count Kafka's acknowledgements and pass each
+/// newly safe position on to the source. Takes no more changes while [`MAX_IN_FLIGHT`]
+/// messages are unacknowledged (the events of one batch may pass it); ends when the
+/// source's channel closes and every message is acknowledged. Takes no change before
+/// `ready` gives the codec (the topics exist and the schemas are registered). Returns what
+/// it counted and the last safe position.
+///
+/// One loop on one thread: no message crosses to another thread before librdkafka's copy,
+/// and the key and payload are written into the same two buffers each time. (Mapping and
+/// sending as two stages on two threads, handing each batch's messages over a channel, cost
+/// more CPU per change.)
+async fn map_and_send(
+    mut received: mpsc::Receiver<SourceMessage>,
+    mapper: Mapper,
+    (producer, mut deliveries): (StreamProducer, mpsc::UnboundedReceiver<Delivery>),
+    ready: impl Future<Output = Result<EventCodec, RunError>>,
+    to: Destinations,
+    acked: watch::Sender<Option<PgLsn>>,
+) -> Result<RunSummary, RunError> {
+    let mut summary = RunSummary::default();
+    let mut measured = Metrics::new(&to.connector);
+    let mut sink = Sink {
+        producer,
+        in_flight: HashMap::with_capacity(MAX_IN_FLIGHT + RECEIVE_BATCH),
+        next_id: 0,
+        tracker: AckTracker::default(),
     };
-    while open || !in_flight.is_empty() {
-        measured.in_flight.set(in_flight.len() as f64);
+    let (mut key, mut payload) = (String::new(), Vec::with_capacity(1024));
+    let mut batch = Vec::with_capacity(RECEIVE_BATCH);
+    let mut reports = Vec::with_capacity(MAX_IN_FLIGHT);
+    let mut open = true;
+    let codec = ready.await?;
+    while open || !sink.in_flight.is_empty() {
+        measured.in_flight.set(sink.in_flight.len() as f64);
         tokio::select! {
             biased;
             // Acknowledgements first: they free room and let positions advance.
-            reported = deliveries.recv_many(&mut reports, MAX_IN_FLIGHT), if !in_flight.is_empty() => {
+            reported = deliveries.recv_many(&mut reports, MAX_IN_FLIGHT), if !sink.in_flight.is_empty() => {
                 if reported == 0 {
                     return Err(SinkError::Delivery("the producer stopped reporting deliveries".into()).into());
                 }
-                for (id, result) in reports.drain(..) {
-                    let Some(InFlight { lsn, event }) = in_flight.remove(&id) else {
-                        continue;
-                    };
-                    // A message Kafka refused after its retries stops the connector: nothing
-                    // after it is acknowledged, so a restart writes it again.
-                    result?;
-                    if let Some((acked, commit_time)) = event {
-                        acked.increment(1);
-                        if let Some(commit_time) = commit_time {
-                            measured.commit_to_ack.record(observe::seconds_since(commit_time));
-                        }
-                    }
-                    tracker.acknowledge(&lsn);
+                for report in reports.drain(..) {
+                    sink.delivered(report, &measured.commit_to_ack)?;
                 }
-                publish(&tracker);
             }
-            handed = received.recv(), if open && in_flight.len() < MAX_IN_FLIGHT => {
-                let Some(handed) = handed else {
+            // Many at once: taking one change at a time from a full channel woke the source
+            // for every change, and the two threads took turns instead of working.
+            taken = received.recv_many(&mut batch, RECEIVE_BATCH), if open && sink.in_flight.len() < MAX_IN_FLIGHT => {
+                if taken == 0 {
                     open = false;
                     continue;
-                };
-                for outgoing in handed {
-                    match outgoing {
-                        Outgoing::Progress(lsn) => tracker.complete(lsn),
-                        Outgoing::Change(lsn, messages) => {
-                            tracker.track(lsn, messages.len());
-                            for message in messages {
-                                let id = next_id;
-                                next_id += 1;
-                                let event = match message.kind {
-                                    MessageKind::Event { headers, acked, commit_time } => {
-                                        producer.send(id, &message.topic, &message.key, &message.payload, &headers.pairs()).await?;
-                                        Some((acked, commit_time))
-                                    }
-                                    MessageKind::DeadLetter { mapping_id } => {
-                                        producer.send(id, &message.topic, &message.key, &message.payload, &[("mapping_id", &mapping_id)]).await?;
-                                        None
-                                    }
-                                };
-                                in_flight.insert(id, InFlight { lsn, event });
-                            }
+                }
+                measured.channel_depth.set(received.len() as f64);
+                for message in batch.drain(..) {
+                    let change = match message {
+                        SourceMessage::Progress(Position::Postgres(lsn)) => {
+                            sink.tracker.complete(lsn);
+                            continue;
                         }
+                        SourceMessage::Progress(_) => continue,
+                        SourceMessage::Change(change) => change,
+                    };
+                    let Position::Postgres(lsn) = change.position else {
+                        continue;
+                    };
+                    if change.op == crate::change::Operation::Read {
+                        summary.snapshot_rows += 1;
+                    }
+                    if let Some(commit_time) = change.commit_time {
+                        measured.source_lag_ms.set(
+                            (change.capture_time - commit_time).num_milliseconds().max(0) as f64,
+                        );
+                    }
+                    let table = measured.table(&change.source);
+                    table.read.increment(1);
+                    let outcome = mapper.map(&change);
+                    summary.suppressed += outcome.suppressed as u64;
+                    table.suppressed.increment(outcome.suppressed as u64);
+                    table.mapped.increment(outcome.events.len() as u64);
+                    // A change without messages (a suppressed no-op, a table without a
+                    // mapping) is safe at once.
+                    sink.tracker.track(lsn, outcome.events.len() + outcome.failures.len());
+                    for event in &outcome.events {
+                        let topic = event.topic(&to.prefix);
+                        codec.encode_into(event, &topic, &mut payload).await?;
+                        event.write_key(&mut key);
+                        let acknowledged = (table.acked.clone(), change.commit_time);
+                        sink.send((&topic, &key, &payload), &event.headers(), lsn, Some(acknowledged)).await?;
+                        summary.events += 1;
+                        table.produced.increment(1);
+                    }
+                    for failure in outcome.failures {
+                        // The reason names columns and rules, never row values.
+                        warn!(mapping = failure.mapping_id, table = %change.source.qualified_name(), position = %change.position,
+                            reason = %failure.error, "a change went to the dead-letter topic");
+                        summary.dead_letters += 1;
+                        table.dead_letters.increment(1);
+                        let key = format!("{}:{}", change.source.qualified_name(), change.position);
+                        let record = dead_letter::record(&change, &failure);
+                        sink.send((&to.dead_letter_topic, &key, &record), &[("mapping_id", &failure.mapping_id)], lsn, None).await?;
                     }
                 }
-                publish(&tracker);
             }
         }
+        if let Some(safe) = sink.tracker.safe().copied() {
+            summary.acknowledged = Some(safe);
+            acked.send_if_modified(|current| current.replace(safe) != Some(safe));
+        }
     }
-    Ok(acknowledged)
+    Ok(summary)
 }
 
 mod setup {

@@ -224,8 +224,9 @@ async fn the_last_acknowledgement_reaches_an_idle_server() {
 }
 
 /// When Kafka refuses to create the topics (three replicas asked of a one-broker cluster),
-/// `run` says which topic and why and exits non-zero at once — the topics are created while
-/// the source starts, so by then it has taken its snapshot and is streaming.
+/// `run` says which topic and why and exits non-zero at once — Kafka's reason, not what the
+/// source it stopped says (the topics are created while the database is set up and the
+/// snapshot starts).
 #[tokio::test]
 async fn refused_topics_stop_the_connector_with_the_reason() {
     let client = stack::pg_client().await;
@@ -243,6 +244,37 @@ async fn refused_topics_stop_the_connector_with_the_reason() {
     assert!(
         text.contains(&prefix) && text.contains("eplication factor"),
         "the error names the topic and the reason; log:\n{text}"
+    );
+
+    let slot = format!("fhir_cdc_{schema}");
+    stack::drop_capture(&client, &slot, &format!("fhir_cdc_{schema}"), &schema).await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A schema registry that does not answer stops the connector at start, saying so, before it
+/// reads a change — not at the first event, which on a quiet database may be hours away
+/// (heartbeats an hour apart here).
+#[tokio::test]
+async fn an_unreachable_registry_stops_the_connector_at_start() {
+    let client = stack::pg_client().await;
+    let (schema, dir, config) =
+        quiet_connector(&client, "noregistry", &stack::unique("fhirit"), "").await;
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "${env:FHIR_CDC_SCHEMA_REGISTRY_URL}",
+        &format!("http://127.0.0.1:{}", free_port()),
+    );
+    std::fs::write(&config, text).unwrap();
+    let log = dir.join("run.log");
+    let status = exit_within(
+        start(&config, &log),
+        Duration::from_secs(60),
+        "of the registry not answering",
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "log:\n{text}");
+    assert!(
+        text.contains("schema registry"),
+        "the error names the registry; log:\n{text}"
     );
 
     let slot = format!("fhir_cdc_{schema}");
