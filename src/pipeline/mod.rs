@@ -4,11 +4,11 @@
 //! Two stages joined by a bounded channel of [`CHANNEL_DEPTH`] changes, each on a core of
 //! its own when there is one: the source reads the snapshot and the replication stream; the
 //! mapping stage maps each change, encodes its events and dead letters and hands them to
-//! librdkafka, and takes no more changes while [`MAX_IN_FLIGHT`] messages are
-//! unacknowledged — so a slow or absent Kafka holds the mapping and the source back and
-//! nothing grows without bound. Each Kafka acknowledgement feeds the [`AckTracker`]; the
-//! tracker's safe position travels back to the source, which reports it to PostgreSQL as
-//! the flush LSN. A crash anywhere therefore re-reads from a position whose events all
+//! librdkafka, and takes no more changes while [`MAX_IN_FLIGHT`] messages, from the oldest
+//! unacknowledged on, are out — so a slow or absent Kafka holds the mapping and the source
+//! back and nothing grows without bound. Each Kafka acknowledgement feeds the
+//! [`AckTracker`]; the tracker's safe position travels back to the source, which reports it
+//! to PostgreSQL as the flush LSN. A crash anywhere therefore re-reads from a position whose events all
 //! reached Kafka, and re-emitted events carry the same ids.
 //!
 //! A change a mapping cannot turn into an event goes to the dead-letter topic
@@ -18,7 +18,7 @@
 pub mod dead_letter;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     future::Future,
     sync::Arc,
 };
@@ -51,8 +51,8 @@ use crate::{
 
 /// Changes between the source and the mapping stage.
 pub const CHANNEL_DEPTH: usize = 256;
-/// Messages sent to Kafka and not yet acknowledged: no more changes are taken beyond it
-/// (the events of one received batch may pass it). librdkafka holds a message up to
+/// Messages sent to Kafka from the oldest not yet acknowledged on: no more changes are taken
+/// beyond it (the events of one received batch may pass it). librdkafka holds a message up to
 /// `linger.ms` (10) before it even goes out, so this caps the rate at about this many per
 /// linger plus round trip: 1,024 stalled the pipeline at ≈ 70-80k messages/s with the cores
 /// not busy. Alternating benchmark runs, 2,048 against 1,024: median 72.5 % of the ceiling
@@ -420,8 +420,13 @@ struct InFlight {
 /// Messages handed to librdkafka and not yet acknowledged, and the positions they hold back.
 struct Sink {
     producer: StreamProducer,
-    in_flight: HashMap<usize, InFlight>,
-    next_id: usize,
+    /// By id, from `first`, the oldest not answered yet, on. Ids are handed out in order and
+    /// Kafka mostly answers in that order; an answer that comes early leaves its place empty
+    /// until those before it came. So the length is the window from the oldest message
+    /// waiting to the newest: bounding it bounds this and the tracker, also when one topic
+    /// stalls while others are answered.
+    in_flight: VecDeque<Option<InFlight>>,
+    first: usize,
     tracker: AckTracker<PgLsn>,
 }
 
@@ -434,10 +439,9 @@ impl Sink {
         lsn: PgLsn,
         event: Option<(Counter, Option<DateTime<Utc>>)>,
     ) -> Result<(), SinkError> {
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.first + self.in_flight.len();
         self.producer.send(id, topic, key, payload, headers).await?;
-        self.in_flight.insert(id, InFlight { lsn, event });
+        self.in_flight.push_back(Some(InFlight { lsn, event }));
         Ok(())
     }
 
@@ -448,9 +452,17 @@ impl Sink {
         (id, result): Delivery,
         commit_to_ack: &metrics::Histogram,
     ) -> Result<(), SinkError> {
-        let Some(InFlight { lsn, event }) = self.in_flight.remove(&id) else {
+        let Some(InFlight { lsn, event }) = id
+            .checked_sub(self.first)
+            .and_then(|at| self.in_flight.get_mut(at))
+            .and_then(Option::take)
+        else {
             return Ok(());
         };
+        while let Some(None) = self.in_flight.front() {
+            self.in_flight.pop_front();
+            self.first += 1;
+        }
         result?;
         if let Some((acked, commit_time)) = event {
             acked.increment(1);
@@ -487,8 +499,8 @@ async fn map_and_send(
     let mut measured = Metrics::new(&to.connector);
     let mut sink = Sink {
         producer,
-        in_flight: HashMap::with_capacity(MAX_IN_FLIGHT + RECEIVE_BATCH),
-        next_id: 0,
+        in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT + RECEIVE_BATCH),
+        first: 0,
         tracker: AckTracker::default(),
     };
     let (mut key, mut payload) = (String::new(), Vec::with_capacity(1024));
@@ -707,5 +719,54 @@ mod tests {
             let refusal = start_plan(Lost, mode).unwrap_err();
             assert!(refusal.contains("when_needed"), "{refusal}");
         }
+    }
+
+    /// Kafka's answers out of order: the window keeps its oldest unanswered message, a
+    /// position is safe only once every message at or before it is answered, and the
+    /// window empties once all are. (The producer is never connected: librdkafka queues.)
+    #[tokio::test]
+    async fn the_window_of_messages_in_flight_starts_at_the_oldest_unanswered() {
+        let properties = toml::from_str(r#""bootstrap.servers" = "127.0.0.1:9""#).unwrap();
+        let (producer, _reports) = StreamProducer::new(&properties).unwrap();
+        let mut sink = Sink {
+            producer,
+            in_flight: VecDeque::new(),
+            first: 0,
+            tracker: AckTracker::default(),
+        };
+        // Ids 0 and 1 for the transaction at 10, 2 for the one at 20, 3 for the one at 30.
+        for (lsn, messages) in [(10, 2), (20, 1), (30, 1)] {
+            sink.tracker.track(PgLsn(lsn), messages);
+            for _ in 0..messages {
+                let message = ("t", "k", &b"v"[..]);
+                sink.send(message, &[], PgLsn(lsn), None).await.unwrap();
+            }
+            sink.tracker.complete(PgLsn(lsn));
+        }
+        let histogram = metrics::Histogram::noop();
+        let answer = |sink: &mut Sink, id| sink.delivered((id, Ok((0, 0))), &histogram);
+
+        answer(&mut sink, 2).unwrap();
+        answer(&mut sink, 1).unwrap();
+        assert_eq!(
+            (sink.first, sink.in_flight.len()),
+            (0, 4),
+            "id 0 holds the window"
+        );
+        assert_eq!(sink.tracker.safe(), None);
+
+        answer(&mut sink, 0).unwrap();
+        assert_eq!((sink.first, sink.in_flight.len()), (3, 1));
+        assert_eq!(sink.tracker.safe(), Some(&PgLsn(20)));
+
+        // An answer about an id no longer (or never) in flight changes nothing.
+        answer(&mut sink, 1).unwrap();
+        answer(&mut sink, 7).unwrap();
+        assert_eq!((sink.first, sink.in_flight.len()), (3, 1));
+
+        let refused = sink.delivered((3, Err(SinkError::Delivery("refused".into()))), &histogram);
+        assert!(refused.is_err(), "a refused message stops the stage");
+        assert!(sink.in_flight.is_empty());
+        assert_eq!(sink.tracker.safe(), Some(&PgLsn(20)), "30 is not safe");
     }
 }
