@@ -233,14 +233,7 @@ async fn refused_topics_stop_the_connector_with_the_reason() {
     let prefix = stack::unique("fhirit");
     let (schema, dir, config) =
         quiet_connector(&client, "refused", &prefix, "replication_factor = 3").await;
-    let log = dir.join("run.log");
-    let status = exit_within(
-        start(&config, &log),
-        Duration::from_secs(60),
-        "of Kafka refusing its topics",
-    );
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert_eq!(status.code(), Some(1), "log:\n{text}");
+    let text = fails_at_start(&config, &dir, "of Kafka refusing its topics");
     assert!(
         text.contains(&prefix) && text.contains("eplication factor"),
         "the error names the topic and the reason; log:\n{text}"
@@ -264,14 +257,7 @@ async fn an_unreachable_registry_stops_the_connector_at_start() {
         &format!("http://127.0.0.1:{}", free_port()),
     );
     std::fs::write(&config, text).unwrap();
-    let log = dir.join("run.log");
-    let status = exit_within(
-        start(&config, &log),
-        Duration::from_secs(60),
-        "of the registry not answering",
-    );
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert_eq!(status.code(), Some(1), "log:\n{text}");
+    let text = fails_at_start(&config, &dir, "of the registry not answering");
     assert!(
         text.contains("schema registry"),
         "the error names the registry; log:\n{text}"
@@ -280,6 +266,16 @@ async fn an_unreachable_registry_stops_the_connector_at_start() {
     let slot = format!("fhir_cdc_{schema}");
     stack::drop_capture(&client, &slot, &format!("fhir_cdc_{schema}"), &schema).await;
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Start the connector of `config` and wait up to a minute for it to stop `because`; it must
+/// exit 1. Returns its log (`run.log` in `dir`).
+fn fails_at_start(config: &std::path::Path, dir: &std::path::Path, because: &str) -> String {
+    let log = dir.join("run.log");
+    let status = exit_within(start(config, &log), Duration::from_secs(60), because);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "log:\n{text}");
+    text
 }
 
 /// A connector of its own (named after `name`, its topics under `prefix`): a lab results
