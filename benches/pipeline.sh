@@ -9,8 +9,9 @@
 #    pg_recvlogical drains one to /dev/null (pgoutput, the same publication); fhir-cdc,
 #    deployed before the backlog (its topics exist, its schemas are registered), drains the
 #    other — map, Avro, Kafka, acknowledgement — timed from its start (≈ 0.2 s of the run)
-#    until PostgreSQL has the last commit confirmed. Prints changes/s of both and the ratio, where the machine's CPU
-#    went per change (fhir-cdc, the WAL sender, the Kafka broker), and fhir-cdc's peak RSS.
+#    until PostgreSQL has the last commit confirmed. Prints changes/s of both and the
+#    ratio, where the machine's CPU went per change (fhir-cdc, the WAL sender, the Kafka
+#    broker), and fhir-cdc's peak RSS.
 # 2. Projection: `fhir-cdc project --until-caught-up` applies the whole topic (the backlog's
 #    events) into a fresh read model, once autovacuum is done with the backlog; events/s.
 # 3. Latency: 2,000 changes/s for 15 s (pgbench, 200 transactions/s of 10 rows) with the

@@ -8,8 +8,8 @@
 //! unacknowledged on, are out — so a slow or absent Kafka holds the mapping and the source
 //! back and nothing grows without bound. Each Kafka acknowledgement feeds the
 //! [`AckTracker`]; the tracker's safe position travels back to the source, which reports it
-//! to PostgreSQL as the flush LSN. A crash anywhere therefore re-reads from a position whose events all
-//! reached Kafka, and re-emitted events carry the same ids.
+//! to PostgreSQL as the flush LSN. A crash anywhere therefore re-reads from a position whose
+//! events all reached Kafka, and re-emitted events carry the same ids.
 //!
 //! A change a mapping cannot turn into an event goes to the dead-letter topic
 //! `<prefix>.dlq.<connector>` with the reason and the row as the database sent it; it counts
@@ -477,11 +477,11 @@ impl Sink {
 
 /// The mapping stage and the sink, as one loop: map each change, encode its events and
 /// dead letters and hand them to librdkafka; count Kafka's acknowledgements and pass each
-/// newly safe position on to the source. Takes no more changes while [`MAX_IN_FLIGHT`]
-/// messages are unacknowledged (the events of one batch may pass it); ends when the
-/// source's channel closes and every message is acknowledged. Takes no change before
-/// `ready` gives the codec (the topics exist and the schemas are registered). Returns what
-/// it counted and the last safe position.
+/// newly safe position on to the source. Takes no more changes while the messages from the
+/// oldest unacknowledged on number [`MAX_IN_FLIGHT`] (the events of one batch may pass
+/// it); ends when the source's channel closes and every message is acknowledged. Takes no
+/// change before `ready` gives the codec (the topics exist and the schemas are
+/// registered). Returns what it counted and the last safe position.
 ///
 /// One loop on one thread: no message crosses to another thread before librdkafka's copy,
 /// and the key and payload are written into the same two buffers each time. (Mapping and
