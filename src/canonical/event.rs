@@ -208,6 +208,17 @@ pub fn topic(prefix: &str, domain: &str, resource_type: &str) -> String {
     format!("{prefix}.{domain}.{resource_type}")
 }
 
+/// Whether `name` is an event topic under `prefix` (`<prefix>.<domain>.<ResourceType>`),
+/// not a dead-letter, reconciliation or state topic living under the same prefix.
+pub fn is_event_topic(prefix: &str, name: &str) -> bool {
+    name.strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('.'))
+        .and_then(|rest| rest.split_once('.'))
+        .is_some_and(|(domain, resource_type)| {
+            !matches!(domain, "dlq" | "reconcile") && !resource_type.is_empty()
+        })
+}
+
 fn headers<'a>(
     event_id: &'a str,
     resource_type: &'a str,
@@ -353,4 +364,25 @@ fn set_meta(resource: &mut Element, event: &CanonicalEvent, source: &'static str
     // The mapper leaves `meta` right after `id`, where FHIR JSON puts it; replacing the value
     // keeps the place.
     resource.insert(names.meta, meta);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_topics_are_told_from_the_others_under_the_prefix() {
+        for name in ["fhir.lab.Observation", "fhir.billing.Claim"] {
+            assert!(is_event_topic("fhir", name), "{name}");
+        }
+        for name in [
+            "fhir.state",
+            "fhir.dlq.lab",
+            "fhir.reconcile.lab",
+            "fhirx.lab.Observation",
+            "other.lab.Observation",
+        ] {
+            assert!(!is_event_topic("fhir", name), "{name}");
+        }
+    }
 }

@@ -8,6 +8,8 @@ mod writer;
 
 pub use self::{
     avro::{event_from_avro, event_to_avro, AvroShapeError},
-    event::{instant, topic, CanonicalEvent, EventOp, KeyColumn, Origin, Provenance},
+    event::{
+        instant, is_event_topic, topic, CanonicalEvent, EventOp, KeyColumn, Origin, Provenance,
+    },
     writer::{EventWriter, JsonResource},
 };

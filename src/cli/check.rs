@@ -8,7 +8,7 @@ use clap::Args;
 
 use crate::{
     canonical::registry,
-    config::{ConnectorConfig, SourceKind},
+    config::{ConnectorConfig, SourceConfig},
     mapping,
     preflight::{Finding, Severity},
     sink::kafka,
@@ -100,11 +100,14 @@ async fn check_connector(path: &std::path::Path) -> ExitCode {
     let mut mapping_findings = Vec::new();
     let capture = match &config.mappings {
         Some(m) => match mapping::load_dir(&m.path) {
-            Ok(mappings) => Some(postgres::preflight::Capture {
-                tables: mapping::source_tables(&mappings),
-                slot: config.source.slot_name(&config.name),
-                publication: config.source.publication_name(&config.name),
-            }),
+            Ok(mappings) => match &config.source {
+                SourceConfig::Postgres(pg) => Some(postgres::preflight::Capture {
+                    tables: mapping::source_tables(&mappings),
+                    slot: pg.slot_name(&config.name),
+                    publication: pg.publication_name(&config.name),
+                }),
+                SourceConfig::Mysql(_) => None,
+            },
             Err(errors) => {
                 mapping_findings.push(Finding::problem(
                     "mapping",
@@ -117,11 +120,11 @@ async fn check_connector(path: &std::path::Path) -> ExitCode {
         None => None,
     };
     let source = async {
-        match config.source.kind {
-            SourceKind::Postgres => {
-                postgres::preflight::check(&config.source.url, capture.as_ref()).await
+        match &config.source {
+            SourceConfig::Postgres(pg) => {
+                postgres::preflight::check(&pg.url, capture.as_ref()).await
             }
-            SourceKind::Mysql => mysql::preflight::check(&config.source.url).await,
+            SourceConfig::Mysql(my) => mysql::preflight::check(&my.url).await,
         }
     };
     let (source, kafka, registry) = tokio::join!(

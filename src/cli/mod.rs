@@ -2,6 +2,7 @@
 
 mod check;
 mod dlq;
+mod offsets;
 mod preview;
 mod project;
 mod replay;
@@ -30,8 +31,9 @@ pub enum Command {
     /// Validate a connector configuration and test every system it names: the source
     /// database's replication prerequisites, Kafka and the schema registry.
     Check(check::CheckArgs),
-    /// Capture changes from the source into Kafka until stopped (PostgreSQL sources):
-    /// snapshot, then the replication stream; positions acknowledged only after Kafka.
+    /// Capture changes from the source into Kafka until stopped (PostgreSQL sources): the
+    /// replication stream, with snapshot chunks read alongside it; positions acknowledged
+    /// and the connector's state saved only after Kafka.
     Run(run::RunArgs),
     /// Print the FHIR resources the mappings make of live rows, writing nothing anywhere.
     Preview(preview::PreviewArgs),
@@ -45,6 +47,9 @@ pub enum Command {
     Replay(replay::ReplayArgs),
     /// List, show and replay the dead letters of the connectors and the projector.
     Dlq(dlq::DlqArgs),
+    /// Show the connector's stored state (source position, snapshot progress), or reset
+    /// it to take a snapshot again or to skip to the source's current end.
+    Offsets(offsets::OffsetsArgs),
     /// Generate or check the Avro schemas of canonical events (schemas/*.avsc).
     Schemas(schemas::SchemasArgs),
 }
@@ -79,6 +84,7 @@ impl Cli {
         match self.command {
             Command::Check(args) => check::run(args).await,
             Command::Dlq(args) => dlq::run(args).await,
+            Command::Offsets(args) => offsets::run(args).await,
             Command::Preview(args) => preview::run(args).await,
             Command::Project(args) => project::run(args).await,
             Command::Replay(args) => replay::run(args).await,

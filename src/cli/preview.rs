@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     change::{PgLsn, Position, SourceMessage},
-    config::{ConnectorConfig, SourceKind},
+    config::{ConnectorConfig, SourceConfig},
     mapping,
     pipeline::mapper_for,
     source::postgres::snapshot::{Reading, TableReader},
@@ -58,12 +58,12 @@ enum Failure {
 /// Prints the resources; returns how many mapping failures there were.
 async fn preview(args: &PreviewArgs) -> Result<u64, Failure> {
     let config = ConnectorConfig::load(&args.config).map_err(|e| Failure::Config(e.to_string()))?;
-    if config.source.kind != SourceKind::Postgres {
+    let SourceConfig::Postgres(source) = &config.source else {
         return Err(Failure::Config(format!(
             "`preview` reads postgres sources; {} is not implemented yet",
-            config.source.kind
+            config.source.kind()
         )));
-    }
+    };
     let mappings_config = config.mappings.as_ref().ok_or_else(|| {
         Failure::Config("the config has no [mappings] section: nothing to preview".into())
     })?;
@@ -79,7 +79,7 @@ async fn preview(args: &PreviewArgs) -> Result<u64, Failure> {
         }
     }
     let mapper = mapper_for(&config, mappings).map_err(|e| Failure::Config(e.to_string()))?;
-    let reader = TableReader::open(&config.source.url, &config.name, None)
+    let reader = TableReader::open(&source.url, &config.name)
         .await
         .map_err(|e| Failure::Source(e.to_string()))?;
     let mut failures = 0;

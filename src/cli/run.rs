@@ -1,13 +1,28 @@
 //! `fhir-cdc run`: capture changes until stopped (SIGTERM or Ctrl-C), then drain what is
 //! in flight, acknowledge it to the database and exit 0.
+//!
+//! The error policy's outer loop: a transient failure (the database restarting, Kafka or
+//! the registry unreachable) drains what is in flight, saves the state and starts the
+//! connector again from it after a capped, jittered backoff — logged once per streak with
+//! its cause, counted in `fhir_cdc_restarts_total`. Only a failure no retry can mend (bad
+//! credentials, missing privileges, mappings that do not load) ends `run`, with the fix.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use clap::Args;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::{config::ConnectorConfig, pipeline};
+use crate::{
+    config::{ConnectorConfig, SourceConfig},
+    observe,
+    pipeline::{self, RunError, RunSummary},
+    source::postgres::capture::PostgresSource,
+};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -24,26 +39,108 @@ pub async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(super::EXIT_BAD_CONFIG);
         }
     };
+    if let Some(metrics) = &config.metrics {
+        if let Err(e) = observe::serve(metrics.listen) {
+            eprintln!("fhir-cdc run: {e}");
+            return ExitCode::FAILURE;
+        }
+        info!(listen = %metrics.listen, "serving metrics");
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     info!(connector = config.name, "starting");
-    match pipeline::run(&config, shutdown).await {
-        Ok(summary) => {
-            info!(
-                connector = config.name,
-                snapshot_rows = summary.snapshot_rows,
-                events = summary.events,
-                suppressed = summary.suppressed,
-                dead_letters = summary.dead_letters,
-                acknowledged = summary.acknowledged.map(|lsn| lsn.to_string()),
-                "stopped"
-            );
-            ExitCode::SUCCESS
+    let mut backoff = Backoff::default();
+    loop {
+        let started = Instant::now();
+        match run_once(&config, shutdown.clone()).await {
+            Ok(summary) => {
+                info!(
+                    connector = config.name,
+                    snapshot_rows = summary.snapshot_rows,
+                    events = summary.events,
+                    suppressed = summary.suppressed,
+                    dead_letters = summary.dead_letters,
+                    acknowledged = summary.acknowledged,
+                    "stopped"
+                );
+                return ExitCode::SUCCESS;
+            }
+            Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+                let delay = backoff.next(started.elapsed());
+                observe::pipeline::restarted(&config.name, cause(&e));
+                if backoff.streak == 1 {
+                    warn!(connector = config.name, error = %e, retry_in = ?delay, "a transient failure stopped capture: it restarts by itself from the stored state");
+                } else {
+                    info!(connector = config.name, attempt = backoff.streak, retry_in = ?delay, "still failing: restarting");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => return ExitCode::SUCCESS,
+                }
+            }
+            Err(e) => {
+                eprintln!("fhir-cdc run: {e}");
+                return ExitCode::FAILURE;
+            }
         }
-        Err(e) => {
-            eprintln!("fhir-cdc run: {e}");
-            ExitCode::FAILURE
+    }
+}
+
+async fn run_once(
+    config: &ConnectorConfig,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, RunError> {
+    match &config.source {
+        SourceConfig::Postgres(pg) => {
+            let name = &config.name;
+            pipeline::run(
+                config,
+                |tables| PostgresSource::new(name, pg, tables),
+                shutdown,
+            )
+            .await
         }
+        SourceConfig::Mysql(_) => Err(RunError::Setup(
+            "`run` captures postgres sources; mysql capture is not implemented yet".into(),
+        )),
+    }
+}
+
+/// The `cause` label of a restart.
+fn cause(e: &RunError) -> &'static str {
+    match e {
+        RunError::Source(_) => "source",
+        RunError::Codec(_) => "registry",
+        RunError::State(_) => "state",
+        _ => "kafka",
+    }
+}
+
+/// Restart delays: 1 s, doubling to at most 30 s, each ±20 % so that connectors failing
+/// together do not retry together; a run that lasted a minute starts a new streak.
+#[derive(Debug, Default)]
+struct Backoff {
+    streak: u32,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(30);
+    const HEALTHY: Duration = Duration::from_secs(60);
+
+    fn next(&mut self, lasted: Duration) -> Duration {
+        if lasted >= Self::HEALTHY {
+            self.streak = 0;
+        }
+        self.streak += 1;
+        let base = Self::FIRST
+            .saturating_mul(1 << (self.streak - 1).min(5))
+            .min(Self::MAX);
+        // Jitter from the clock: nothing here needs a random generator's quality.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        base.mul_f64(0.8 + 0.4 * f64::from(nanos % 1000) / 1000.0)
     }
 }
 
@@ -65,4 +162,27 @@ pub(super) async fn stop_on_signal(shutdown: CancellationToken) {
     let _ = tokio::signal::ctrl_c().await;
     info!("stop requested: draining in-flight events");
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_to_a_cap_and_a_healthy_run_starts_over() {
+        let mut backoff = Backoff::default();
+        let quick = Duration::from_millis(10);
+        let delays: Vec<Duration> = (0..8).map(|_| backoff.next(quick)).collect();
+        for (delay, base) in delays.iter().zip([1, 2, 4, 8, 16, 30, 30, 30]) {
+            let base = Duration::from_secs(base);
+            assert!(
+                *delay >= base.mul_f64(0.8) && *delay <= base.mul_f64(1.2),
+                "{delays:?}"
+            );
+        }
+        assert_eq!(backoff.streak, 8);
+        let again = backoff.next(Duration::from_secs(61));
+        assert_eq!(backoff.streak, 1);
+        assert!(again <= Duration::from_millis(1200), "{again:?}");
+    }
 }

@@ -72,13 +72,12 @@ pub async fn run(args: TailArgs) -> ExitCode {
 
 /// Prints events until stopped; returns the number of undecodable messages.
 async fn tail(args: &TailArgs, config: &ConnectorConfig) -> Result<u64, String> {
-    let prefix = format!("{}.", config.topics.prefix);
-    let dead_letters = format!("{prefix}dlq.");
+    let prefix = &config.topics.prefix;
     let mut reader = TopicReader::open(
         &config.kafka,
         |name| {
             if args.topics.is_empty() {
-                name.starts_with(&prefix) && !name.starts_with(&dead_letters)
+                crate::canonical::is_event_topic(prefix, name)
             } else {
                 args.topics.iter().any(|t| t == name)
             }

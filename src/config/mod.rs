@@ -108,51 +108,79 @@ pub struct Named {
     pub name: String,
 }
 
-/// Debezium's `snapshot.mode`.
+/// Debezium's `snapshot.mode` and `incremental.snapshot.chunk.size`, as
+/// `snapshot.mode` and `snapshot.chunk.size`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotConfig {
-    pub mode: SnapshotMode,
+    /// When to snapshot; default `initial`.
+    pub mode: Option<SnapshotMode>,
+    /// Rows per snapshot chunk (`snapshot.chunk.size`); default 4096.
+    pub chunk: Option<ChunkConfig>,
+}
+
+/// `snapshot.chunk.size`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkConfig {
+    pub size: usize,
 }
 
 /// When the connector reads the tables' existing rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotMode {
-    /// When the slot is created: existing rows first, then the stream (default). A slot
-    /// that lost the WAL it needs stops the connector with an explanation.
+    /// Every mapped table not yet snapshotted according to the connector's stored state is
+    /// read (in chunks, alongside the stream), then only changes (default). A slot that
+    /// lost the WAL it needs, or a slot gone while the state says capture had begun, stops
+    /// the connector with an explanation.
     Initial,
     /// Never: only changes from the slot's creation on.
     Never,
-    /// As `initial`, and also when the slot exists but has lost the WAL it needs
-    /// (`wal_status = lost`, after `max_slot_wal_keep_size`): the lost slot is dropped and
-    /// recreated with a new snapshot, so the topics are whole again (with repeats).
+    /// As `initial`, and also when the slot lost the WAL it needs (`wal_status = lost`,
+    /// after `max_slot_wal_keep_size`) or is gone: the slot is (re)created and every table
+    /// snapshotted again, so the topics are whole again (with repeats).
     WhenNeeded,
 }
 
-/// The source database.
+/// The source database: one variant per kind (`kind = "postgres"` or `kind = "mysql"`, the
+/// first key of `[source]`), each refusing the keys of the others.
+#[derive(Debug)]
+pub enum SourceConfig {
+    /// PostgreSQL, through logical replication (`pgoutput`).
+    Postgres(PostgresConfig),
+    /// MySQL or MariaDB, through the binary log (`check` only: `run` refuses it for now).
+    Mysql(MysqlConfig),
+}
+
+/// A PostgreSQL source.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SourceConfig {
-    /// Which database: `postgres` or `mysql` (MySQL and MariaDB). SQL Server is not
-    /// implemented yet and is refused.
-    pub kind: SourceKind,
+pub struct PostgresConfig {
     /// Connection URL, usually a reference to a secret:
-    /// `postgres://user:password@host:port/database` or
+    /// `postgres://user:password@host:port/database` (or libpq's `key=value` form).
+    pub url: Secret,
+    /// The logical replication slot (`slot.name`). Default `fhir_cdc_<name>`, with `-` as
+    /// `_`. Created when absent; never dropped.
+    pub slot: Option<Named>,
+    /// The publication of the mapped tables (`publication.name`). Default as the slot.
+    /// Created when absent, limited to the mapped tables, extended when a mapping names a
+    /// table it lacks; never dropped.
+    pub publication: Option<Named>,
+    /// `snapshot.mode` (`initial` by default) and `snapshot.chunk.size`.
+    pub snapshot: Option<SnapshotConfig>,
+    /// `heartbeat.interval.ms`, how often a heartbeat is written so that the acknowledged
+    /// position advances on an idle database or over unmapped traffic. Default 10000.
+    pub heartbeat: Option<HeartbeatConfig>,
+}
+
+/// A MySQL or MariaDB source.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlConfig {
+    /// Connection URL, usually a reference to a secret:
     /// `mysql://user:password@host:port/database`.
     pub url: Secret,
-    /// PostgreSQL: the logical replication slot (`slot.name`). Default `fhir_cdc_<name>`,
-    /// with `-` as `_`. Created when absent; never dropped.
-    pub slot: Option<Named>,
-    /// PostgreSQL: the publication of the mapped tables (`publication.name`). Default as
-    /// the slot. Created when absent, limited to the mapped tables; never dropped.
-    pub publication: Option<Named>,
-    /// `snapshot.mode`: `initial` (default) or `never`.
-    pub snapshot: Option<SnapshotConfig>,
-    /// PostgreSQL: `heartbeat.interval.ms`, how often a heartbeat is written so that the
-    /// acknowledged position advances on an idle database or over unmapped traffic.
-    /// Default 10000.
-    pub heartbeat: Option<HeartbeatConfig>,
 }
 
 /// Debezium's `heartbeat.interval.ms`.
@@ -169,7 +197,101 @@ pub struct Milliseconds {
     pub ms: u64,
 }
 
+/// `kind`, then the rest of the table straight into its variant: serde's internally tagged
+/// enums buffer the whole table first, and the buffer has no lines, so every error in
+/// `[source]` (an unknown key, a secret that does not resolve) would point at the table's
+/// header instead of the line at fault. Only the keys the parser hands over before `kind`
+/// (it goes in key order: `heartbeat`) are buffered.
+impl<'de> Deserialize<'de> for SourceConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{DeserializeSeed, Error, IntoDeserializer, MapAccess, Visitor};
+
+        /// The buffered entries, then the rest of the table.
+        struct Chained<A> {
+            buffered: std::vec::IntoIter<(String, toml::Value)>,
+            value: Option<toml::Value>,
+            rest: A,
+        }
+
+        impl<'de, A: MapAccess<'de>> MapAccess<'de> for Chained<A> {
+            type Error = A::Error;
+
+            fn next_key_seed<K: DeserializeSeed<'de>>(
+                &mut self,
+                seed: K,
+            ) -> Result<Option<K::Value>, A::Error> {
+                match self.buffered.next() {
+                    Some((key, value)) => {
+                        self.value = Some(value);
+                        seed.deserialize(key.into_deserializer()).map(Some)
+                    }
+                    None => self.rest.next_key_seed(seed),
+                }
+            }
+
+            fn next_value_seed<V: DeserializeSeed<'de>>(
+                &mut self,
+                seed: V,
+            ) -> Result<V::Value, A::Error> {
+                match self.value.take() {
+                    Some(value) => seed.deserialize(value).map_err(A::Error::custom),
+                    None => self.rest.next_value_seed(seed),
+                }
+            }
+        }
+
+        struct Kinded;
+
+        impl<'de> Visitor<'de> for Kinded {
+            type Value = SourceConfig;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a table with `kind` (postgres or mysql)")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SourceConfig, A::Error> {
+                let mut buffered = Vec::new();
+                let kind = loop {
+                    match map.next_key::<String>()? {
+                        Some(key) if key == "kind" => break map.next_value::<SourceKind>()?,
+                        Some(key) => buffered.push((key, map.next_value::<toml::Value>()?)),
+                        None => return Err(A::Error::missing_field("kind")),
+                    }
+                };
+                let rest = serde::de::value::MapAccessDeserializer::new(Chained {
+                    buffered: buffered.into_iter(),
+                    value: None,
+                    rest: map,
+                });
+                Ok(match kind {
+                    SourceKind::Postgres => SourceConfig::Postgres(Deserialize::deserialize(rest)?),
+                    SourceKind::Mysql => SourceConfig::Mysql(Deserialize::deserialize(rest)?),
+                })
+            }
+        }
+
+        deserializer.deserialize_map(Kinded)
+    }
+}
+
 impl SourceConfig {
+    pub fn kind(&self) -> SourceKind {
+        match self {
+            Self::Postgres(_) => SourceKind::Postgres,
+            Self::Mysql(_) => SourceKind::Mysql,
+        }
+    }
+
+    /// The connection URL.
+    pub fn url(&self) -> &Secret {
+        match self {
+            Self::Postgres(pg) => &pg.url,
+            Self::Mysql(mysql) => &mysql.url,
+        }
+    }
+}
+
+impl PostgresConfig {
     /// The slot name for connector `connector`.
     pub fn slot_name(&self, connector: &str) -> String {
         self.slot
@@ -191,9 +313,23 @@ impl SourceConfig {
     pub fn snapshot_mode(&self) -> SnapshotMode {
         self.snapshot
             .as_ref()
-            .map_or(SnapshotMode::Initial, |s| s.mode)
+            .and_then(|s| s.mode)
+            .unwrap_or(SnapshotMode::Initial)
+    }
+
+    /// Rows per snapshot chunk.
+    pub fn snapshot_chunk_size(&self) -> usize {
+        self.snapshot
+            .as_ref()
+            .and_then(|s| s.chunk.as_ref())
+            .map_or(DEFAULT_CHUNK_SIZE, |c| c.size)
     }
 }
+
+/// Debezium's default `incremental.snapshot.chunk.size` is 1024; reading is cheaper per row
+/// in larger chunks (two watermarks and one indexed query each), and 4096 rows of a wide lab
+/// table stay a few MiB.
+const DEFAULT_CHUNK_SIZE: usize = 4096;
 
 fn default_object_name(connector: &str) -> String {
     format!(
@@ -288,6 +424,12 @@ impl ConnectorConfig {
         format!("{}.dlq.{}", self.topics.prefix, self.name)
     }
 
+    /// `<prefix>.state`: the compacted topic the connector keeps its state in (one key per
+    /// connector; see `offsets::StateStore`).
+    pub fn state_topic(&self) -> String {
+        format!("{}.state", self.topics.prefix)
+    }
+
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         // `projector` names the projector's dead-letter topic (`<prefix>.dlq.projector`).
         let name_ok = (1..=64).contains(&self.name.len())
@@ -305,19 +447,19 @@ impl ConnectorConfig {
                 ),
             ));
         }
-        let url = self.source.url.expose();
-        let schemes: &[&str] = match self.source.kind {
+        let url = self.source.url().expose();
+        let kind = self.source.kind();
+        let schemes: &[&str] = match kind {
             SourceKind::Postgres => &["postgres://", "postgresql://"],
             SourceKind::Mysql => &["mysql://", "mariadb://"],
         };
         // PostgreSQL also takes libpq's `key=value` form.
-        let key_value_form = self.source.kind == SourceKind::Postgres && url.contains('=');
+        let key_value_form = kind == SourceKind::Postgres && url.contains('=');
         if !key_value_form && !schemes.iter().any(|s| url.starts_with(s)) {
             return Err((
                 "source.url",
                 format!(
-                    "a {} source needs a URL starting with {}",
-                    self.source.kind,
+                    "a {kind} source needs a URL starting with {}",
                     schemes.join(" or ")
                 ),
             ));
@@ -417,7 +559,7 @@ url = "http://localhost:8081"
     fn a_complete_file_loads() {
         let config = parse(VALID).unwrap();
         assert_eq!(config.name, "lab");
-        assert_eq!(config.source.kind, SourceKind::Postgres);
+        assert_eq!(config.source.kind(), SourceKind::Postgres);
         assert_eq!(
             config.kafka.get("bootstrap.servers"),
             Some("localhost:9092")
@@ -430,6 +572,37 @@ url = "http://localhost:8081"
         let err = parse(&text).unwrap_err().to_string();
         assert!(err.contains("line 4"), "{err}");
         assert!(err.contains("slot_nmae"), "{err}");
+    }
+
+    #[test]
+    fn a_key_of_another_source_kind_is_refused_with_its_line() {
+        let text = VALID
+            .replace("\"postgres\"", "\"mysql\"\nslot.name = \"x\"")
+            .replace("postgres://u", "mysql://u");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("line 5"), "{err}");
+        assert!(err.contains("unknown field `slot`"), "{err}");
+    }
+
+    #[test]
+    fn keys_before_kind_are_read_too() {
+        let text = VALID.replace(
+            "[source]\n",
+            "[source]\nheartbeat.interval.ms = 250\nsnapshot.chunk.size = 10\n",
+        );
+        let config = parse(&text).unwrap();
+        let SourceConfig::Postgres(pg) = &config.source else {
+            panic!("{config:?}")
+        };
+        assert_eq!(
+            pg.heartbeat_interval(),
+            std::time::Duration::from_millis(250)
+        );
+        assert_eq!(pg.snapshot_chunk_size(), 10);
+        let err = parse(&VALID.replace("kind = \"postgres\"\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing field `kind`"), "{err}");
     }
 
     #[test]

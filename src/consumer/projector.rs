@@ -458,13 +458,11 @@ fn topics_to_read(
     if !config.topics.include.is_empty() {
         return Ok(config.topics.include.clone());
     }
-    let prefix = format!("{}.", config.topics.prefix);
-    let dead_letters = format!("{prefix}dlq.");
     let topics: Vec<String> = metadata
         .topics()
         .iter()
         .map(|t| t.name())
-        .filter(|name| name.starts_with(&prefix) && !name.starts_with(&dead_letters))
+        .filter(|name| crate::canonical::is_event_topic(&config.topics.prefix, name))
         .map(str::to_owned)
         .collect();
     if topics.is_empty() {

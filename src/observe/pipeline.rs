@@ -4,7 +4,7 @@
 //! acknowledged by Kafka, dead letters, suppressed no-op updates. Per connector: the source
 //! lag (capture time − commit time of the last change), the commit → Kafka-acknowledgement
 //! latency histogram, the changes read and waiting to be mapped and the messages in flight to
-//! Kafka. Labels name tables, never values.
+//! Kafka; the restarts after transient failures. Labels name tables, never values.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -81,4 +81,11 @@ impl Metrics {
                 }
             });
     }
+}
+
+/// A restart of the connector after a transient failure (`cause`: `source`, `kafka`,
+/// `registry`, `state`).
+pub fn restarted(connector: &str, cause: &'static str) {
+    counter!("fhir_cdc_restarts_total", "connector" => connector.to_owned(), "cause" => cause)
+        .increment(1);
 }

@@ -1,5 +1,9 @@
-//! Source positions and when they may be acknowledged.
+//! Source positions, when they may be acknowledged, and the connector's own state.
 
 mod ack;
+mod state;
+mod store;
 
 pub use ack::AckTracker;
+pub use state::{ConnectorState, TableProgress};
+pub use store::{StateError, StateStore};

@@ -18,10 +18,27 @@ use crate::{
     mapping::{text_of, MapFailure},
 };
 
-/// The dead-letter record of `change` failing `failure`.
-pub fn record(change: &ChangeEvent, failure: &MapFailure) -> Vec<u8> {
+/// The dead-letter record of `change` failing `failure`, at most `limit` bytes: a record
+/// whose rows would make it larger carries none (`before` and `after` null) and says so in
+/// `rows_omitted` — a letter Kafka refused would stop the connector on every restart.
+pub fn record(change: &ChangeEvent, failure: &MapFailure, limit: usize) -> Vec<u8> {
+    let mut record = letter(change, failure);
+    let bytes = serde_json::to_vec(&record).expect("JSON values serialize");
+    if bytes.len() <= limit {
+        return bytes;
+    }
+    record["before"] = Json::Null;
+    record["after"] = Json::Null;
+    record["rows_omitted"] = json!(format!(
+        "with its rows the letter is {} bytes, more than the {limit} its topic takes; read the row at the source by its key",
+        bytes.len()
+    ));
+    serde_json::to_vec(&record).expect("JSON values serialize")
+}
+
+fn letter(change: &ChangeEvent, failure: &MapFailure) -> Json {
     let source = &change.source;
-    let record = json!({
+    json!({
         "connector": source.connector,
         "database_kind": source.kind,
         "database": source.database,
@@ -38,8 +55,7 @@ pub fn record(change: &ChangeEvent, failure: &MapFailure) -> Vec<u8> {
         "error": failure.error.to_string(),
         "before": change.before.as_ref().map(row),
         "after": change.after.as_ref().map(row),
-    });
-    serde_json::to_vec(&record).expect("JSON values serialize")
+    })
 }
 
 /// The change a dead-letter record was made of, and the id of the mapping that failed it.
@@ -258,16 +274,36 @@ mod tests {
         );
         let before = Row::new(vec![("result_id".into(), Value::Int(-42))]);
         let original = change(Some(before), Some(after));
-        let (read, mapping) = change_of(&json(&record(&original, &failure()))).unwrap();
+        let (read, mapping) = change_of(&json(&record(&original, &failure(), usize::MAX))).unwrap();
         assert_eq!(mapping, "lab-result");
         assert_eq!(read, original);
-        let (read, _) = change_of(&json(&record(&change(None, None), &failure()))).unwrap();
+        let (read, _) =
+            change_of(&json(&record(&change(None, None), &failure(), usize::MAX))).unwrap();
         assert_eq!(read, change(None, None));
     }
 
     #[test]
+    fn a_letter_too_large_for_its_topic_leaves_its_rows_out_and_says_so() {
+        let after = Row::new(vec![("comment".into(), Value::Text("x".repeat(5_000)))]);
+        let original = change(None, Some(after));
+        let whole = record(&original, &failure(), usize::MAX);
+        let small = json(&record(&original, &failure(), 2_000));
+        assert!(
+            small["after"].is_null() && small["before"].is_null(),
+            "{small}"
+        );
+        let why = small["rows_omitted"].as_str().unwrap();
+        assert!(
+            why.contains(&format!("{} bytes", whole.len())) && why.contains("2000"),
+            "{why}"
+        );
+        assert!(!why.contains("xxx"), "no value in the reason");
+        assert_eq!(small["mapping_id"], "lab-result");
+    }
+
+    #[test]
     fn a_broken_record_is_refused_with_the_field_named() {
-        let mut good = json(&record(&change(None, None), &failure()));
+        let mut good = json(&record(&change(None, None), &failure(), usize::MAX));
         assert!(change_of(&json!([]))
             .unwrap_err()
             .starts_with("the record has no `"));

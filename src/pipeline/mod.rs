@@ -1,15 +1,18 @@
-//! The connector at work: PostgreSQL → mappings → Avro → Kafka, with source positions
-//! acknowledged only after Kafka has every event at or before them.
+//! The connector at work: a [`Source`] → mappings → Avro → Kafka, with source positions
+//! acknowledged only after Kafka has every event at or before them, and the connector's
+//! state saved with them.
 //!
 //! Two stages joined by a bounded channel of [`CHANNEL_DEPTH`] changes, each on a core of
-//! its own when there is one: the source reads the snapshot and the replication stream; the
-//! mapping stage maps each change, encodes its events and dead letters and hands them to
-//! librdkafka, and takes no more changes while [`MAX_IN_FLIGHT`] messages, from the oldest
-//! unacknowledged on, are out — so a slow or absent Kafka holds the mapping and the source
-//! back and nothing grows without bound. Each Kafka acknowledgement feeds the
+//! its own when there is one: the source reads its database's log (and its snapshot
+//! chunks); the mapping stage maps each change, encodes its events and dead letters and
+//! hands them to librdkafka, and takes no more changes while [`MAX_IN_FLIGHT`] messages,
+//! from the oldest unacknowledged on, are out — so a slow or absent Kafka holds the mapping
+//! and the source back and nothing grows without bound. Each Kafka acknowledgement feeds the
 //! [`AckTracker`]; the tracker's safe position travels back to the source, which reports it
-//! to PostgreSQL as the flush LSN. A crash anywhere therefore re-reads from a position whose
-//! events all reached Kafka, and re-emitted events carry the same ids.
+//! to its database and publishes the connector's state as of it; a task saves that state to
+//! the state topic ([`StateStore`]) at most every [`STATE_INTERVAL`] and once more at the
+//! end. A crash anywhere therefore re-reads from a position whose events all reached Kafka,
+//! and re-emitted events carry the same ids. The pipeline never names a database.
 //!
 //! A change a mapping cannot turn into an event goes to the dead-letter topic
 //! `<prefix>.dlq.<connector>` with the reason and the row as the database sent it; it counts
@@ -19,15 +22,15 @@ pub mod dead_letter;
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
+    fmt,
     future::Future,
-    sync::Arc,
+    time::Duration,
 };
 
 use chrono::{DateTime, Utc};
-use smallvec::{smallvec, SmallVec};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use ::metrics::Counter;
 
@@ -36,17 +39,14 @@ use crate::{
     canonical::{
         self,
         registry::{CodecError, EventCodec},
+        CanonicalEvent,
     },
-    change::{PgLsn, Position, SourceMessage},
-    config::{ConnectorConfig, SnapshotMode, SourceKind},
-    mapping::{self, MapContext, Mapper, Mapping},
-    offsets::AckTracker,
-    sink::kafka::{ensure_topics, Delivery, SinkError, StreamProducer, TopicSpec},
-    source::postgres::{
-        changes::Decoded,
-        replication::{ReplicationStream, StreamError, StreamOptions},
-        snapshot::{read_tables, ExportedSnapshot, SnapshotError},
-    },
+    change::SourceMessage,
+    config::ConnectorConfig,
+    mapping::{self, MapContext, MapError, MapFailure, Mapper, Mapping},
+    offsets::{AckTracker, ConnectorState, StateError, StateStore},
+    sink::kafka::{ensure_topics, message_limits, Delivery, SinkError, StreamProducer, TopicSpec},
+    source::{Source, SourceError, SourceIo},
 };
 
 /// Changes between the source and the mapping stage.
@@ -63,8 +63,9 @@ pub const MAX_IN_FLIGHT: usize = 2048;
 /// benchmark runs (10 and 8 each): 128 gave 51 % and 55 % of the ceiling at 20.5 and 17.1
 /// µs per change, 64 gave 48 % and 52 % at 21.9 and 18.0; 256 (second series) 52 % at 17.6.
 const RECEIVE_BATCH: usize = 128;
-/// Rows per snapshot fetch.
-const SNAPSHOT_CHUNK: usize = 1000;
+/// The connector's state is saved at most this often (and once more at the end): a crash
+/// re-reads at most this much more than the database's own acknowledged position.
+pub const STATE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the connector stopped.
 #[derive(Debug, thiserror::Error)]
@@ -76,13 +77,31 @@ pub enum RunError {
     #[error("{0}")]
     Setup(String),
     #[error(transparent)]
-    Snapshot(#[from] SnapshotError),
-    #[error(transparent)]
-    Stream(#[from] StreamError),
+    Source(#[from] SourceError),
+    #[error("the connector's state: {0}")]
+    State(#[from] StateError),
     #[error(transparent)]
     Sink(#[from] SinkError),
     #[error("encoding an event failed: {0}")]
     Codec(#[from] CodecError),
+}
+
+impl RunError {
+    /// Whether starting the connector again may succeed by itself: the database, Kafka or
+    /// the registry unreachable or restarting. Everything else (configuration, mappings,
+    /// privileges, a topic Kafka refuses to create) stays until someone fixes it.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RunError::Source(e) => e.is_transient(),
+            RunError::State(StateError::Kafka(e)) | RunError::Sink(e) => e.is_transient(),
+            RunError::State(StateError::Read { .. }) => true,
+            RunError::Codec(e) => e.is_transient(),
+            RunError::NoMappings
+            | RunError::Mappings(_)
+            | RunError::Setup(_)
+            | RunError::State(StateError::Corrupt { .. }) => false,
+        }
+    }
 }
 
 /// What a run did, for the log and the tests.
@@ -92,8 +111,8 @@ pub struct RunSummary {
     pub events: u64,
     pub suppressed: u64,
     pub dead_letters: u64,
-    /// The last position acknowledged to PostgreSQL.
-    pub acknowledged: Option<PgLsn>,
+    /// The last position acknowledged to the source database.
+    pub acknowledged: Option<String>,
 }
 
 /// The mapper of a connector's mappings, with its token key and source system.
@@ -144,60 +163,17 @@ pub fn topic_specs(config: &ConnectorConfig, mappings: &[Mapping]) -> Vec<TopicS
         .collect()
 }
 
-/// The replication slot as the connector finds it at start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotState {
-    Absent,
-    Usable,
-    /// It exists, but the server removed WAL it still needed (`wal_status = lost`).
-    Lost,
-}
-
-/// How a run starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Start {
-    /// From the slot's confirmed position.
-    Resume,
-    /// Create the slot with an exported snapshot; read the tables; stream.
-    Snapshot,
-    /// Drop the lost slot, then as `Snapshot`.
-    DropAndSnapshot,
-    /// Create the slot and stream, no snapshot.
-    Stream,
-}
-
-/// Debezium's `snapshot.mode` rules, applied to the slot found.
-fn start_plan(slot: SlotState, mode: SnapshotMode) -> Result<Start, String> {
-    Ok(match (slot, mode) {
-        (SlotState::Usable, _) => Start::Resume,
-        (SlotState::Absent, SnapshotMode::Never) => Start::Stream,
-        (SlotState::Absent, SnapshotMode::Initial | SnapshotMode::WhenNeeded) => Start::Snapshot,
-        (SlotState::Lost, SnapshotMode::WhenNeeded) => Start::DropAndSnapshot,
-        (SlotState::Lost, _) => {
-            return Err("the server removed WAL the slot still needs (wal_status = lost), so changes since its confirmed position are gone; set snapshot.mode = \"when_needed\" to drop it and take a new snapshot, or drop the slot yourself".into())
-        }
-    })
-}
-
 /// Run the connector until `shutdown` is cancelled (or the source ends), then drain what is
-/// in flight, acknowledge it and return.
-pub async fn run(
+/// in flight, acknowledge it and return. `source` makes the source of the mapped tables
+/// (`(schema, table)`).
+pub async fn run<S: Source>(
     config: &ConnectorConfig,
+    source: impl FnOnce(Vec<(String, String)>) -> S,
     shutdown: CancellationToken,
 ) -> Result<RunSummary, RunError> {
-    if config.source.kind != SourceKind::Postgres {
-        return Err(RunError::Setup(format!(
-            "`run` captures postgres sources; {} capture is not implemented yet",
-            config.source.kind
-        )));
-    }
     let mappings_config = config.mappings.as_ref().ok_or(RunError::NoMappings)?;
     let mappings = mapping::load_dir(&mappings_config.path)?;
-    if let Some(metrics) = &config.metrics {
-        observe::serve(metrics.listen).map_err(RunError::Setup)?;
-        info!(listen = %metrics.listen, "serving metrics");
-    }
-    let tables = mapping::source_tables(&mappings);
+    let source = source(mapping::source_tables(&mappings));
     let dead_letter_topic = config.dead_letter_topic();
     let specs = topic_specs(config, &mappings);
     let event_topics = event_topics(config, &mappings);
@@ -205,11 +181,11 @@ pub async fn run(
     let producer = StreamProducer::new(&config.kafka)?;
     let mapper = mapper_for(config, mappings)?;
     // The mapping stage starts first: it creates the topics, builds the registry's client
-    // and registers the events' schemas while the database is set up and the stream starts
+    // and registers the events' schemas while the state is read and the database set up
     // (≈ 250 ms for new topics, ≈ 150 ms for the client and the schemas); it takes no change
     // before they are done.
     let (out, received) = mpsc::channel(CHANNEL_DEPTH);
-    let (acked, acknowledgements) = watch::channel(None::<PgLsn>);
+    let (acked, durable) = watch::channel(None::<S::Position>);
     let (kafka, registry) = (config.kafka.clone(), config.schema_registry.clone());
     let ready = async move {
         let codec = EventCodec::new(&registry);
@@ -226,12 +202,16 @@ pub async fn run(
                 topics = specs.len(),
                 "topics ready"
             );
-            Ok(())
+            let names: Vec<String> = specs.into_iter().map(|s| s.name).collect();
+            Ok(MessageLimits(message_limits(&kafka, &names).await?))
         };
-        tokio::try_join!(registered, topics)?;
-        Ok(codec)
+        let ((), limits) = tokio::try_join!(registered, topics)?;
+        Ok((codec, limits))
     };
-    let stage = map_and_send(
+    // A stage that fails stops the source (which then ends the others); shutdown stops it
+    // too, also while the stage is still getting ready.
+    let stop = shutdown.child_token();
+    let stage = map_and_send::<S>(
         received,
         mapper,
         producer,
@@ -242,105 +222,108 @@ pub async fn run(
             connector: config.name.clone(),
         },
         acked,
+        stop.clone(),
     );
     // On a thread of its own, not as a task: woken by the source, a task runs on the
     // source's worker right after it (tokio's LIFO slot, which other workers do not steal
     // from), so the two took turns on one core. Measured end to end, alternating: as a
     // task 49,500/44,700/54,600 changes/s, on its own thread 58,700/63,500/59,200. (When
-    // setting up the database fails below, the stage ends by itself: its channel closes.)
+    // the source cannot start, the stage ends by itself: its channel closes.)
     let runtime = tokio::runtime::Handle::current();
     let stage = tokio::task::spawn_blocking(move || runtime.block_on(stage));
-
-    let slot = config.source.slot_name(&config.name);
-    let publication = config.source.publication_name(&config.name);
-    let admin = Arc::new(setup::connect(&config.source.url).await?);
-    setup::ensure_publication(&admin, &publication, &tables).await?;
-    let plan = start_plan(
-        setup::slot_state(&admin, &slot).await?,
-        config.source.snapshot_mode(),
-    )
-    .map_err(|why| RunError::Setup(format!("replication slot {slot}: {why}")))?;
-
-    // A stage that fails stops the source (which then ends the others), also while the
-    // database is idle; shutdown stops it too.
-    let stop = shutdown.child_token();
-    let options = StreamOptions {
-        connector: config.name.clone(),
-        slot: slot.clone(),
-        publication,
-        start: PgLsn(0),
-    };
-
-    // The source runs as a task of its own, so that reading and decoding the stream use
-    // another core than mapping and encoding. It owns the sender: when it ends, the channel
-    // closes and the sink drains.
-    let source = {
-        let (url, name, admin, shutdown) = (
-            config.source.url.clone(),
-            config.name.clone(),
-            admin.clone(),
-            stop.clone(),
-        );
-        tokio::spawn(async move {
-            if plan == Start::DropAndSnapshot {
-                warn!(slot = %slot, "the slot lost the WAL it needs: dropping it and taking a new snapshot (snapshot.mode = when_needed)");
-                setup::drop_slot(&admin, &slot).await?;
-            }
-            let stream = if plan == Start::Resume {
-                info!(slot = %slot, "resuming from the slot's confirmed position");
-                ReplicationStream::start(&url, &options).await?
-            } else if plan != Start::Stream {
-                let snapshot = ExportedSnapshot::create(&url, &slot, &options.publication).await?;
-                let rows =
-                    read_tables(&url, &snapshot, &name, &tables, SNAPSHOT_CHUNK, &out).await?;
-                info!(slot = %slot, rows, "snapshot read");
-                let database = setup::database(&admin).await?;
-                ReplicationStream::resume(snapshot.start_streaming().await?, &name, &database)
-            } else {
-                setup::create_slot(&admin, &slot).await?;
-                ReplicationStream::start(&url, &options).await?
-            };
-            read_stream(stream, &out, acknowledgements, &shutdown).await
-        })
-    };
-    // Heartbeats into the WAL until the source stops, for whatever reason.
-    let heartbeat_interval = config.source.heartbeat_interval();
-    let source_done = shutdown.child_token();
-    let source = async {
-        let result = source
-            .await
-            .unwrap_or_else(|e| Err(RunError::Setup(format!("the source task failed: {e}"))));
-        source_done.cancel();
-        result
-    };
-    let heartbeats = async {
-        let mut tick = tokio::time::interval(heartbeat_interval);
-        loop {
-            tokio::select! {
-                () = source_done.cancelled() => break,
-                _ = tick.tick() => {
-                    if let Err(e) = ReplicationStream::emit_heartbeat(&admin).await {
-                        warn!(error = %e, "writing a heartbeat failed");
-                    }
-                }
-            }
-        }
-    };
     let stage = stopping_on_error(&stop, async {
         stage
             .await
             .unwrap_or_else(|e| Err(RunError::Setup(format!("the mapping stage failed: {e}"))))
     });
-    let (source, summary, ()) = tokio::join!(source, stage, heartbeats);
+
+    // The source, as a task of its own: reading and decoding use another core than mapping
+    // and encoding. It owns the sender: when it ends, the channel closes and the stage
+    // drains. It starts from the stored state.
+    let source = async {
+        let store = StateStore::open(
+            &config.kafka,
+            &config.state_topic(),
+            &config.name,
+            config.topics.replication_factor,
+        )
+        .await?;
+        let stored = store.load().await?;
+        match &stored {
+            Some(state) => info!(position = state.position, "resuming from the stored state"),
+            None => info!(topic = store.topic(), "no stored state: starting afresh"),
+        }
+        let (published, states) = watch::channel(ConnectorState::new(S::KIND));
+        let io = SourceIo {
+            out,
+            durable,
+            state: published,
+            shutdown: stop.clone(),
+        };
+        let source = tokio::spawn(source.run(stored, io));
+        let (source, ()) = tokio::join!(source, save_states(&store, states));
+        source.unwrap_or_else(|e| {
+            Err(SourceError::Connector(format!(
+                "the source task failed: {e}"
+            )))
+        })?;
+        Ok::<_, RunError>(())
+    };
+    let source = async {
+        tokio::select! {
+            result = source => result,
+            // Starting (reading the state, connecting) can wait on an absent Kafka or
+            // database: a stop request ends it at once.
+            () = stop.cancelled() => Ok(()),
+        }
+    };
+    let (source, summary) = tokio::join!(stopping_on_error(&stop, source), stage);
     // A stage that failed is why the source stopped, if it did: its error first.
     let summary = summary?;
-    let stream = source?;
-    if let Some(safe) = summary.acknowledged {
-        stream.acknowledge(safe);
-        setup::wait_for_flush(&admin, &config.source.slot_name(&config.name), safe).await;
-    }
-    stream.stop();
+    source?;
     Ok(summary)
+}
+
+/// Save each state the source publishes: snapshot progress at once (a crash would otherwise
+/// read a finished chunk again), a position alone at most every [`STATE_INTERVAL`], and the
+/// last state once the source is done. A failed save is logged once per streak and retried
+/// with the next state: an older stored state only means more to read again after a crash.
+async fn save_states(store: &StateStore, mut states: watch::Receiver<ConnectorState>) {
+    let mut failing = false;
+    let mut save = async |state: &ConnectorState| match store.save(state).await {
+        Ok(()) if failing => {
+            info!("saving the connector's state works again");
+            failing = false;
+        }
+        Ok(()) => {}
+        Err(e) if !failing => {
+            warn!(error = %e, "saving the connector's state failed; retrying with the next");
+            failing = true;
+        }
+        Err(_) => {}
+    };
+    let mut saved = states.borrow_and_update().clone();
+    save(&saved).await;
+    loop {
+        let progressed = {
+            let progressed = states.wait_for(|s| s.tables != saved.tables);
+            tokio::time::timeout(STATE_INTERVAL, progressed)
+                .await
+                .map(|found| found.is_ok())
+        };
+        let open = match progressed {
+            Ok(open) => open,
+            Err(_) => states.changed().await.is_ok(),
+        };
+        let state = states.borrow_and_update().clone();
+        if state != saved {
+            save(&state).await;
+            saved = state;
+        }
+        if !open {
+            break;
+        }
+    }
 }
 
 /// Run a stage; if it fails, cancel `stop`.
@@ -355,52 +338,36 @@ async fn stopping_on_error<T>(
     result
 }
 
-/// Read the stream into `out` until shutdown, reporting acknowledged positions to the
-/// server. Returns the stream, so that the last acknowledgement can follow the drain.
-async fn read_stream(
-    mut stream: ReplicationStream,
-    out: &mpsc::Sender<SourceMessage>,
-    mut acknowledgements: watch::Receiver<Option<PgLsn>>,
-    shutdown: &CancellationToken,
-) -> Result<ReplicationStream, RunError> {
-    loop {
-        let next = tokio::select! {
-            biased;
-            // Shutdown first: stop reading, let the sink drain.
-            () = shutdown.cancelled() => break,
-            // An acknowledgement is passed on at once, also while the database is idle (it
-            // waited for the next message or 200 ms before: the end of a burst reached the
-            // server up to 200 ms after Kafka had it).
-            Ok(()) = acknowledgements.changed() => {
-                if let Some(safe) = *acknowledgements.borrow_and_update() {
-                    debug!(position = %safe, "acknowledging");
-                    stream.acknowledge(safe);
-                }
-                continue;
-            }
-            next = stream.next() => next,
-        };
-        // Held inline: nothing allocated per change on its way to the channel.
-        let messages: SmallVec<[SourceMessage; 1]> = match next? {
-            None => break,
-            Some(Decoded::Changes(changes)) => {
-                changes.into_iter().map(SourceMessage::Change).collect()
-            }
-            Some(
-                Decoded::Committed {
-                    commit_lsn: lsn, ..
-                }
-                | Decoded::Heartbeat(lsn),
-            ) => smallvec![SourceMessage::Progress(Position::Postgres(lsn))],
-            Some(Decoded::Nothing) => SmallVec::new(),
-        };
-        for message in messages {
-            if out.send(message).await.is_err() {
-                return Ok(stream);
-            }
-        }
+/// The largest message each topic takes, in bytes.
+struct MessageLimits(std::collections::HashMap<String, usize>);
+
+impl MessageLimits {
+    /// Room left in a message for the record's framing and headers (event id, resource
+    /// type, connector: well under this).
+    const FRAMING: usize = 512;
+
+    /// The bytes of key and payload a message to `topic` may have.
+    fn room(&self, topic: &str) -> usize {
+        self.0
+            .get(topic)
+            .map_or(usize::MAX, |limit| limit.saturating_sub(Self::FRAMING))
     }
-    Ok(stream)
+
+    /// Why `event`, `size` bytes of key and payload, cannot go to `topic`, if it cannot.
+    fn refuses(&self, topic: &str, event: &CanonicalEvent, size: usize) -> Option<MapFailure> {
+        let limit = *self.0.get(topic)?;
+        (size > self.room(topic)).then(|| MapFailure {
+            mapping_id: event.provenance.mapping_id.to_string(),
+            error: MapError {
+                location: format!("topic {topic}"),
+                message: format!(
+                    "the {} event is {size} bytes, more than the {limit} bytes a message may have there (the smaller of the producer's message.max.bytes and the topic's max.message.bytes, less {} for framing)",
+                    event.resource_type,
+                    Self::FRAMING
+                ),
+            },
+        })
+    }
 }
 
 /// Where the stage writes: the topics' prefix, the dead-letter topic, the connector's name.
@@ -412,36 +379,40 @@ struct Destinations {
 
 /// A message sent, by the id it was sent with: its change's position, and for an event its
 /// table's acknowledgement counter and commit time.
-struct InFlight {
-    lsn: PgLsn,
+struct InFlight<P> {
+    position: P,
     event: Option<(Counter, Option<DateTime<Utc>>)>,
 }
 
 /// Messages handed to librdkafka and not yet acknowledged, and the positions they hold back.
-struct Sink {
+struct Sink<P> {
     producer: StreamProducer,
     /// By id, from `first`, the oldest not answered yet, on. Ids are handed out in order and
     /// Kafka mostly answers in that order; an answer that comes early leaves its place empty
     /// until those before it came. So the length is the window from the oldest message
     /// waiting to the newest: bounding it bounds this and the tracker, also when one topic
     /// stalls while others are answered.
-    in_flight: VecDeque<Option<InFlight>>,
+    in_flight: VecDeque<Option<InFlight<P>>>,
     first: usize,
-    tracker: AckTracker<PgLsn>,
+    tracker: AckTracker<P>,
 }
 
-impl Sink {
-    /// Hand one message to librdkafka (which copies it); its acknowledgement counts for `lsn`.
+impl<P: Ord + Clone + fmt::Debug> Sink<P> {
+    /// Hand one message to librdkafka (which copies it); its acknowledgement counts for
+    /// `position`.
     async fn send(
         &mut self,
         (topic, key, payload): (&str, &str, &[u8]),
         headers: &[(&str, &str)],
-        lsn: PgLsn,
+        position: &P,
         event: Option<(Counter, Option<DateTime<Utc>>)>,
     ) -> Result<(), SinkError> {
         let id = self.first + self.in_flight.len();
         self.producer.send(id, topic, key, payload, headers).await?;
-        self.in_flight.push_back(Some(InFlight { lsn, event }));
+        self.in_flight.push_back(Some(InFlight {
+            position: position.clone(),
+            event,
+        }));
         Ok(())
     }
 
@@ -452,7 +423,7 @@ impl Sink {
         (id, result): Delivery,
         commit_to_ack: &metrics::Histogram,
     ) -> Result<(), SinkError> {
-        let Some(InFlight { lsn, event }) = id
+        let Some(InFlight { position, event }) = id
             .checked_sub(self.first)
             .and_then(|at| self.in_flight.get_mut(at))
             .and_then(Option::take)
@@ -470,7 +441,7 @@ impl Sink {
                 commit_to_ack.record(observe::seconds_since(commit_time));
             }
         }
-        self.tracker.acknowledge(&lsn);
+        self.tracker.acknowledge(&position);
         Ok(())
     }
 }
@@ -487,13 +458,14 @@ impl Sink {
 /// and the key and payload are written into the same two buffers each time. (Mapping and
 /// sending as two stages on two threads, handing each batch's messages over a channel, cost
 /// more CPU per change.)
-async fn map_and_send(
+async fn map_and_send<S: Source>(
     mut received: mpsc::Receiver<SourceMessage>,
     mapper: Mapper,
     (producer, mut deliveries): (StreamProducer, mpsc::UnboundedReceiver<Delivery>),
-    ready: impl Future<Output = Result<EventCodec, RunError>>,
+    ready: impl Future<Output = Result<(EventCodec, MessageLimits), RunError>>,
     to: Destinations,
-    acked: watch::Sender<Option<PgLsn>>,
+    acked: watch::Sender<Option<S::Position>>,
+    stop: CancellationToken,
 ) -> Result<RunSummary, RunError> {
     let mut summary = RunSummary::default();
     let mut measured = Metrics::new(&to.connector);
@@ -507,7 +479,10 @@ async fn map_and_send(
     let mut batch = Vec::with_capacity(RECEIVE_BATCH);
     let mut reports = Vec::with_capacity(MAX_IN_FLIGHT);
     let mut open = true;
-    let codec = ready.await?;
+    let (codec, limits) = tokio::select! {
+        ready = ready => ready?,
+        () = stop.cancelled() => return Ok(summary),
+    };
     while open || !sink.in_flight.is_empty() {
         measured.in_flight.set(sink.in_flight.len() as f64);
         tokio::select! {
@@ -531,14 +506,15 @@ async fn map_and_send(
                 measured.channel_depth.set(received.len() as f64);
                 for message in batch.drain(..) {
                     let change = match message {
-                        SourceMessage::Progress(Position::Postgres(lsn)) => {
-                            sink.tracker.complete(lsn);
+                        SourceMessage::Progress(position) => {
+                            if let Some(position) = S::position(&position) {
+                                sink.tracker.complete(position);
+                            }
                             continue;
                         }
-                        SourceMessage::Progress(_) => continue,
                         SourceMessage::Change(change) => change,
                     };
-                    let Position::Postgres(lsn) = change.position else {
+                    let Some(position) = S::position(&change.position) else {
                         continue;
                     };
                     if change.op == crate::change::Operation::Read {
@@ -557,173 +533,55 @@ async fn map_and_send(
                     table.mapped.increment(outcome.events.len() as u64);
                     // A change without messages (a suppressed no-op, a table without a
                     // mapping) is safe at once.
-                    sink.tracker.track(lsn, outcome.events.len() + outcome.failures.len());
+                    sink.tracker.track(position.clone(), outcome.events.len() + outcome.failures.len());
+                    let mut failures = outcome.failures;
                     for event in &outcome.events {
                         let topic = event.topic(&to.prefix);
                         codec.encode_into(event, &topic, &mut payload).await?;
                         event.write_key(&mut key);
+                        // An event Kafka would refuse goes to the dead-letter topic, as its row:
+                        // refused, it would stop the connector on every restart.
+                        if let Some(failure) = limits.refuses(&topic, event, payload.len() + key.len()) {
+                            failures.push(failure);
+                            continue;
+                        }
                         let acknowledged = (table.acked.clone(), change.commit_time);
-                        sink.send((&topic, &key, &payload), &event.headers(), lsn, Some(acknowledged)).await?;
+                        sink.send((&topic, &key, &payload), &event.headers(), &position, Some(acknowledged)).await?;
                         summary.events += 1;
                         table.produced.increment(1);
                     }
-                    for failure in outcome.failures {
+                    for failure in failures {
                         // The reason names columns and rules, never row values.
                         warn!(mapping = failure.mapping_id, table = %change.source.qualified_name(), position = %change.position,
                             reason = %failure.error, "a change went to the dead-letter topic");
                         summary.dead_letters += 1;
                         table.dead_letters.increment(1);
                         let key = format!("{}:{}", change.source.qualified_name(), change.position);
-                        let record = dead_letter::record(&change, &failure);
-                        sink.send((&to.dead_letter_topic, &key, &record), &[("mapping_id", &failure.mapping_id)], lsn, None).await?;
+                        let record = dead_letter::record(&change, &failure, limits.room(&to.dead_letter_topic));
+                        sink.send((&to.dead_letter_topic, &key, &record), &[("mapping_id", &failure.mapping_id)], &position, None).await?;
                     }
                 }
             }
         }
-        if let Some(safe) = sink.tracker.safe().copied() {
-            summary.acknowledged = Some(safe);
-            acked.send_if_modified(|current| current.replace(safe) != Some(safe));
+        if let Some(safe) = sink.tracker.safe() {
+            if acked.borrow().as_ref() != Some(safe) {
+                summary.acknowledged = Some(safe.to_string());
+                acked.send_replace(Some(safe.clone()));
+            }
         }
     }
     Ok(summary)
-}
-
-mod setup {
-    //! The PostgreSQL objects the connector needs, created when absent, never dropped.
-
-    use std::time::Duration;
-
-    use tokio_postgres::{Client, NoTls};
-
-    use super::{RunError, SlotState};
-    use crate::{change::PgLsn, config::Secret};
-
-    fn fail(what: &str) -> impl Fn(tokio_postgres::Error) -> RunError + '_ {
-        move |e| RunError::Setup(format!("{what}: {e}"))
-    }
-
-    pub async fn connect(url: &Secret) -> Result<Client, RunError> {
-        let (client, connection) = tokio_postgres::connect(url.expose(), NoTls)
-            .await
-            .map_err(fail("connecting to PostgreSQL"))?;
-        tokio::spawn(connection);
-        Ok(client)
-    }
-
-    pub async fn database(client: &Client) -> Result<String, RunError> {
-        Ok(client
-            .query_one("SELECT current_database()", &[])
-            .await
-            .map_err(fail("reading the database name"))?
-            .get(0))
-    }
-
-    pub async fn ensure_publication(
-        client: &Client,
-        name: &str,
-        tables: &[(String, String)],
-    ) -> Result<(), RunError> {
-        let exists = client
-            .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
-            .await
-            .map_err(fail("looking up the publication"))?
-            .is_some();
-        if !exists {
-            let list: Vec<String> = tables
-                .iter()
-                .map(|(s, t)| format!("\"{s}\".\"{t}\""))
-                .collect();
-            client
-                .batch_execute(&format!(
-                    "CREATE PUBLICATION \"{name}\" FOR TABLE {}",
-                    list.join(", ")
-                ))
-                .await
-                .map_err(fail(
-                    "creating the publication (the role must own the mapped tables)",
-                ))?;
-        }
-        Ok(())
-    }
-
-    pub async fn slot_state(client: &Client, slot: &str) -> Result<SlotState, RunError> {
-        let row = client
-            .query_opt(
-                "SELECT coalesce(wal_status = 'lost', false) FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .map_err(fail("looking up the replication slot"))?;
-        Ok(match row.map(|r| r.get::<_, bool>(0)) {
-            None => SlotState::Absent,
-            Some(false) => SlotState::Usable,
-            Some(true) => SlotState::Lost,
-        })
-    }
-
-    pub async fn drop_slot(client: &Client, slot: &str) -> Result<(), RunError> {
-        client
-            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-            .await
-            .map_err(fail("dropping the lost replication slot"))?;
-        Ok(())
-    }
-
-    pub async fn create_slot(client: &Client, slot: &str) -> Result<(), RunError> {
-        client
-            .execute(
-                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[&slot],
-            )
-            .await
-            .map_err(fail("creating the replication slot"))?;
-        Ok(())
-    }
-
-    /// Wait (a few seconds at most) until the server has recorded `lsn` as flushed.
-    pub async fn wait_for_flush(client: &Client, slot: &str, lsn: PgLsn) {
-        for _ in 0..50 {
-            let flushed: Option<String> = client
-                .query_opt("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
-                .await
-                .ok()
-                .flatten()
-                .and_then(|row| row.get(0));
-            if flushed
-                .and_then(|f| f.parse::<PgLsn>().ok())
-                .is_some_and(|f| f >= lsn)
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn snapshot_modes_decide_the_start() {
-        use SlotState::*;
-        use SnapshotMode::*;
-        for mode in [Initial, Never, WhenNeeded] {
-            assert_eq!(start_plan(Usable, mode), Ok(Start::Resume), "{mode:?}");
-        }
-        assert_eq!(start_plan(Absent, Initial), Ok(Start::Snapshot));
-        assert_eq!(start_plan(Absent, WhenNeeded), Ok(Start::Snapshot));
-        assert_eq!(start_plan(Absent, Never), Ok(Start::Stream));
-        assert_eq!(start_plan(Lost, WhenNeeded), Ok(Start::DropAndSnapshot));
-        for mode in [Initial, Never] {
-            let refusal = start_plan(Lost, mode).unwrap_err();
-            assert!(refusal.contains("when_needed"), "{refusal}");
-        }
-    }
-
     /// Kafka's answers out of order: the window keeps its oldest unanswered message, a
     /// position is safe only once every message at or before it is answered, and the
     /// window empties once all are. (The producer is never connected: librdkafka queues.)
+    use crate::change::PgLsn;
+
     #[tokio::test]
     async fn the_window_of_messages_in_flight_starts_at_the_oldest_unanswered() {
         let properties = toml::from_str(r#""bootstrap.servers" = "127.0.0.1:9""#).unwrap();
@@ -739,12 +597,12 @@ mod tests {
             sink.tracker.track(PgLsn(lsn), messages);
             for _ in 0..messages {
                 let message = ("t", "k", &b"v"[..]);
-                sink.send(message, &[], PgLsn(lsn), None).await.unwrap();
+                sink.send(message, &[], &PgLsn(lsn), None).await.unwrap();
             }
             sink.tracker.complete(PgLsn(lsn));
         }
         let histogram = metrics::Histogram::noop();
-        let answer = |sink: &mut Sink, id| sink.delivered((id, Ok((0, 0))), &histogram);
+        let answer = |sink: &mut Sink<PgLsn>, id| sink.delivered((id, Ok((0, 0))), &histogram);
 
         answer(&mut sink, 2).unwrap();
         answer(&mut sink, 1).unwrap();

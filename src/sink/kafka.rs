@@ -3,7 +3,7 @@
 use std::{collections::HashMap, time::Duration};
 
 use rdkafka::{
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication},
     client::{ClientContext, DefaultClientContext},
     consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer},
     error::KafkaError,
@@ -115,7 +115,36 @@ pub enum SinkError {
     Topic { topic: String, reason: String },
     #[error("Kafka did not acknowledge a message: {0}")]
     Delivery(String),
+    #[error("Kafka refused a message as too large ({0}): the broker takes less than the topic's max.message.bytes said; raise it on the topic")]
+    TooLarge(String),
 }
+
+impl SinkError {
+    /// The error of a message librdkafka refused or Kafka did not acknowledge.
+    fn of_message(error: &KafkaError) -> Self {
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::MessageSizeTooLarge) => SinkError::TooLarge(error.to_string()),
+            _ => SinkError::Delivery(error.to_string()),
+        }
+    }
+}
+
+impl SinkError {
+    /// Whether trying again later may succeed: the cluster was unreachable or did not
+    /// acknowledge in time (a topic Kafka refused, or properties librdkafka refused, stay
+    /// refused).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            SinkError::Delivery(_) => true,
+            SinkError::Topic { topic, .. } => topic == ALL_TOPICS,
+            SinkError::Required { .. } | SinkError::Config(_) | SinkError::TooLarge(_) => false,
+        }
+    }
+}
+
+/// The "topic" of a topic-creation request that failed as a whole (no answer from the
+/// cluster), rather than for one topic.
+const ALL_TOPICS: &str = "(all)";
 
 /// Properties fhir-cdc insists on, and why: without them a retry could duplicate or
 /// reorder events, or an acknowledgement could precede durability.
@@ -208,7 +237,7 @@ pub async fn ensure_topics(
         .create_topics(&new_topics, &options)
         .await
         .map_err(|e| SinkError::Topic {
-            topic: "(all)".into(),
+            topic: ALL_TOPICS.into(),
             reason: e.to_string(),
         })?;
     let mut created = Vec::new();
@@ -225,6 +254,53 @@ pub async fn ensure_topics(
         }
     }
     Ok(created)
+}
+
+/// librdkafka's default `message.max.bytes`.
+const PRODUCER_MESSAGE_MAX: usize = 1_000_000;
+
+/// The largest message each of `topics` takes: the smaller of the producer's
+/// `message.max.bytes` (librdkafka refuses larger ones itself) and the topic's
+/// `max.message.bytes` (the broker refuses larger batches).
+pub async fn message_limits(
+    properties: &KafkaProperties,
+    topics: &[String],
+) -> Result<HashMap<String, usize>, SinkError> {
+    let producer_limit = properties
+        .get("message.max.bytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PRODUCER_MESSAGE_MAX);
+    let admin: AdminClient<DefaultClientContext> = client_config(properties)
+        .create()
+        .map_err(|e| SinkError::Config(creation_message(&e)))?;
+    let resources: Vec<ResourceSpecifier<'_>> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let described = admin
+        .describe_configs(&resources, &options)
+        .await
+        .map_err(|e| SinkError::Topic {
+            topic: ALL_TOPICS.into(),
+            reason: format!("reading the topics' settings: {e}"),
+        })?;
+    Ok(topics
+        .iter()
+        .zip(described)
+        .map(|(topic, result)| {
+            let topic_limit = result
+                .ok()
+                .and_then(|config| {
+                    config
+                        .get("max.message.bytes")?
+                        .value
+                        .as_ref()?
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or(usize::MAX);
+            (topic.clone(), producer_limit.min(topic_limit))
+        })
+        .collect())
 }
 
 /// Message headers as librdkafka takes them.
@@ -296,7 +372,7 @@ impl ProducerContext for Reporting {
     fn delivery(&self, result: &DeliveryResult<'_>, id: usize) {
         let outcome = match result {
             Ok(message) => Ok((message.partition(), message.offset())),
-            Err((error, _)) => Err(SinkError::Delivery(error.to_string())),
+            Err((error, _)) => Err(SinkError::of_message(error)),
         };
         // Nobody listening: the connector is stopping, and what was not acknowledged is
         // sent again on restart.
@@ -351,7 +427,7 @@ impl StreamProducer {
                     record = back;
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                Err((error, _)) => return Err(SinkError::Delivery(error.to_string())),
+                Err((error, _)) => return Err(SinkError::of_message(&error)),
             }
         }
     }

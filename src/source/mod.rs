@@ -1,5 +1,73 @@
 //! Source connectors: each reads one kind of database's change log and produces
-//! source-neutral changes.
+//! source-neutral changes, behind one seam ([`Source`]) that the pipeline drives without
+//! knowing the database.
 
 pub mod mysql;
 pub mod postgres;
+
+use std::{fmt, future::Future};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    change::{Position, SourceMessage},
+    offsets::ConnectorState,
+};
+
+/// A database's change log, as the pipeline sees it.
+///
+/// The contract: the source sends changes and progress to `out` in log order, starting from
+/// the stored state it is given. A position that arrives on `durable` has every event at or
+/// before it durable in Kafka; only such a position may be reported to the database or
+/// written into the connector's state (which the source publishes on `state`, and the
+/// pipeline saves). On `shutdown` the source stops reading and closes `out`, then keeps
+/// taking durable positions until the pipeline has drained and closes `durable`.
+pub trait Source: Send + 'static {
+    /// This source's ordered position type.
+    type Position: Ord + Clone + Send + Sync + fmt::Debug + fmt::Display + 'static;
+
+    /// The `kind` recorded in the connector's state.
+    const KIND: &'static str;
+
+    /// This source's position inside a change's or a progress message's [`Position`].
+    fn position(position: &Position) -> Option<Self::Position>;
+
+    /// Capture until shutdown (see the trait's contract).
+    fn run(
+        self,
+        stored: Option<ConnectorState>,
+        io: SourceIo<Self::Position>,
+    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+}
+
+/// What a running source is connected to.
+#[derive(Debug)]
+pub struct SourceIo<P> {
+    /// Changes and progress, to the mapping stage (bounded: a slow Kafka holds the source).
+    pub out: mpsc::Sender<SourceMessage>,
+    /// The latest position whose events are all durable in Kafka.
+    pub durable: watch::Receiver<Option<P>>,
+    /// The connector's state, as of the latest durable position.
+    pub state: watch::Sender<ConnectorState>,
+    pub shutdown: CancellationToken,
+}
+
+/// Why a source stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The network or the server: starting again later may succeed (a restart, a
+    /// connection reset, a server shutting down).
+    #[error("{0}")]
+    Transient(String),
+    /// The configuration, the database's setup or its privileges: it stays so until
+    /// someone changes it. The message names the fix.
+    #[error("{0}")]
+    Connector(String),
+}
+
+impl SourceError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SourceError::Transient(_))
+    }
+}

@@ -221,6 +221,32 @@ pub async fn await_streaming(client: &tokio_postgres::Client, slot: &str, log: &
     }
 }
 
+/// Wait (up to 30 s) until the connector of `config` has stored a state whose snapshot of
+/// every mapped table is complete: from then on, a restart reads no table again.
+pub async fn await_snapshotted(config: &Path, log: &Path) {
+    let config = fhir_cdc::config::ConnectorConfig::load(config).unwrap();
+    let store =
+        fhir_cdc::offsets::StateStore::open(&config.kafka, &config.state_topic(), &config.name, 1)
+            .await
+            .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = store.load().await.unwrap();
+        if state
+            .as_ref()
+            .is_some_and(|s| !s.tables.is_empty() && s.tables.values().all(|t| t.complete))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no complete snapshot stored ({state:?}); log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Wait (up to `within`) until the connector has everything written so far in Kafka and
 /// acknowledged, then stop it with SIGTERM; it must exit 0.
 pub async fn drain(

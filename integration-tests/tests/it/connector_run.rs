@@ -2,12 +2,12 @@
 //! new changes by the stream, a row no mapping can take goes to the dead-letter topic with
 //! its reason, SIGTERM drains and acknowledges, and a restart resumes without re-sending.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::{
     connector::{
-        await_confirmed, await_streaming, current_lsn, exit_within, free_port, read_for, scrape,
-        start, stop,
+        await_confirmed, await_streaming, current_lsn, exit_within, free_port, messages_in,
+        read_for, scrape, start, stop,
     },
     stack,
 };
@@ -98,7 +98,7 @@ async fn run_snapshots_streams_dead_letters_and_resumes() {
         ("fhir_cdc_events_acked_total", 5.0),
         ("fhir_cdc_dead_letters_total", 1.0),
     ];
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let samples = scrape(metrics_port);
         let got: Vec<Option<f64>> = expected
@@ -114,7 +114,7 @@ async fn run_snapshots_streams_dead_letters_and_resumes() {
             break;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "metrics {got:?} (commit→ack count {streamed_latencies:?}), expected {expected:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -244,23 +244,53 @@ async fn refused_topics_stop_the_connector_with_the_reason() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// A schema registry that does not answer stops the connector at start, saying so, before it
-/// reads a change — not at the first event, which on a quiet database may be hours away
-/// (heartbeats an hour apart here).
+/// A schema registry that does not answer is a transient failure: the connector keeps
+/// trying (it must not crash-loop its supervisor, nor give up on a registry that is being
+/// restarted), says so once with the cause, reads no change meanwhile, and a stop request
+/// ends it at once.
 #[tokio::test]
-async fn an_unreachable_registry_stops_the_connector_at_start() {
+async fn an_unreachable_registry_is_retried_and_a_stop_ends_the_wait() {
     let client = stack::pg_client().await;
-    let (schema, dir, config) =
-        quiet_connector(&client, "noregistry", &stack::unique("fhirit"), "").await;
+    let prefix = stack::unique("fhirit");
+    let (schema, dir, config) = quiet_connector(&client, "noregistry", &prefix, "").await;
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "${env:FHIR_CDC_SCHEMA_REGISTRY_URL}",
         &format!("http://127.0.0.1:{}", free_port()),
     );
     std::fs::write(&config, text).unwrap();
-    let text = fails_at_start(&config, &dir, "of the registry not answering");
+    let log = dir.join("run.log");
+    let connector = start(&config, &log);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.matches("a transient failure stopped capture").count(),
+        1,
+        "one warning for the streak; log:\n{text}"
+    );
     assert!(
         text.contains("schema registry"),
-        "the error names the registry; log:\n{text}"
+        "the warning names the registry; log:\n{text}"
+    );
+    assert!(
+        text.matches("still failing").count() >= 1,
+        "it kept trying; log:\n{text}"
+    );
+    let stopping = Instant::now();
+    let status = stop(connector);
+    assert!(
+        status.success(),
+        "log:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "a stop took {:?}",
+        stopping.elapsed()
+    );
+    assert_eq!(
+        messages_in(&format!("{prefix}.lab.Observation")),
+        0,
+        "nothing was written"
     );
 
     let slot = format!("fhir_cdc_{schema}");
@@ -301,4 +331,88 @@ async fn quiet_connector(
     assert!(text.contains("heartbeat.interval.ms = 3600000"), "{text}");
     std::fs::write(&config, text).unwrap();
     (schema, dir, config)
+}
+
+/// An event larger than its topic takes (`max.message.bytes` of 20,000 here) goes to the
+/// dead-letter topic as its row, with its size and the limit: the stream goes on, the rows
+/// around it arrive, and the slot moves past it — it must not stop the connector on every
+/// restart.
+#[tokio::test]
+async fn an_event_too_large_for_its_topic_is_dead_lettered_and_the_stream_goes_on() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+
+    let client = stack::pg_client().await;
+    let prefix = stack::unique("fhirbig");
+    let (schema, dir, config) = quiet_connector(&client, "big", &prefix, "").await;
+    let observations = format!("{prefix}.lab.Observation");
+    let admin: AdminClient<_> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", stack::kafka_bootstrap())
+        .create()
+        .unwrap();
+    let topic = NewTopic::new(&observations, 1, TopicReplication::Fixed(1))
+        .set("max.message.bytes", "20000");
+    for result in admin
+        .create_topics([&topic], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        result.unwrap();
+    }
+    let log = dir.join("run.log");
+    let connector = start(&config, &log);
+    await_streaming(&client, &format!("fhir_cdc_{schema}"), &log).await;
+    let t = format!("{schema}.lab_result");
+    for (id, comment) in [(1, "short"), (2, &*"x".repeat(30_000)), (3, "short")] {
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {t} (result_id, accession_no, mrn, test_code, value_numeric, units, result_status, collected_at, comment)
+                     VALUES ($1, 'A24-1', 'MRN0000042', 'GLU', 98.5, 'mg/dL', 'F', '2024-03-05 14:30:00', $2)"
+                ),
+                &[&id, &comment],
+            )
+            .await
+            .unwrap();
+    }
+    let lsn = current_lsn(&client).await;
+    await_confirmed(
+        &client,
+        &format!("fhir_cdc_{schema}"),
+        &lsn,
+        Duration::from_secs(30),
+        &log,
+    )
+    .await;
+
+    let codec = stack::codec();
+    let mut ids = Vec::new();
+    for bytes in read(&observations, 2).await {
+        ids.push(codec.decode(&bytes).await.unwrap().resource_id);
+    }
+    assert_eq!(ids, ["result-1", "result-3"], "the rows around it arrived");
+    let letters = read_for(
+        &format!("{prefix}.dlq.{schema}"),
+        1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(letters.len(), 1);
+    let letter: serde_json::Value = serde_json::from_slice(&letters[0]).unwrap();
+    let error = letter["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("topic {observations}"))
+            && error.contains("20000 bytes")
+            && error.contains("max.message.bytes"),
+        "{error}"
+    );
+    assert_eq!(letter["after"]["result_id"]["text"], "2", "{letter}");
+    assert!(
+        stop(connector).success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+
+    let slot = format!("fhir_cdc_{schema}");
+    stack::drop_capture(&client, &slot, &slot, &schema).await;
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -1,6 +1,7 @@
-//! A crash (SIGKILL) in the middle of 10,000 changes loses nothing: after restarts, event-id
-//! accounting shows every change arrived at least once, and that every duplicate is an
-//! exact re-emission of an event already sent (same id, same resource, same version).
+//! A crash (SIGKILL) in the middle of 10,000 changes, or at any point of the initial
+//! snapshot while writes run, loses nothing: after restarts, event-id accounting shows every
+//! change (every row's latest state) arrived, and that every duplicate is an exact
+//! re-emission of an event already sent (same id, same resource, same version).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -8,11 +9,59 @@ use std::{
 };
 
 use fhir_cdc::canonical::CanonicalEvent;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
-    connector::{await_streaming, crash, drain, messages_in, read_for, start},
+    connector::{
+        await_snapshotted, await_streaming, crash, drain, messages_in, read_for, start, stop,
+    },
     stack,
 };
+
+/// The events by id, and how many were repeats; panics when two events share an id but
+/// differ: a repeat must be the same event sent again.
+fn distinct_events(events: &[CanonicalEvent]) -> (HashMap<&str, &CanonicalEvent>, usize) {
+    let mut by_id: HashMap<&str, &CanonicalEvent> = HashMap::new();
+    let mut repeats = 0;
+    for event in events {
+        match by_id.get(event.event_id.as_str()) {
+            None => {
+                by_id.insert(&event.event_id, event);
+            }
+            Some(first) => {
+                repeats += 1;
+                let same = |e: &CanonicalEvent| {
+                    (
+                        e.resource_id.clone(),
+                        e.resource_version.clone(),
+                        e.op,
+                        e.resource.clone(),
+                        e.provenance.source_position.clone(),
+                        e.provenance.commit_time,
+                    )
+                };
+                assert_eq!(
+                    same(first),
+                    same(event),
+                    "event {} re-sent differently",
+                    event.event_id
+                );
+            }
+        }
+    }
+    (by_id, repeats)
+}
+
+/// Every event of `topic`, decoded.
+async fn events_of(topic: &str) -> Vec<CanonicalEvent> {
+    let messages = read_for(topic, usize::MAX, Duration::from_secs(5)).await;
+    let codec = stack::codec();
+    let mut events = Vec::with_capacity(messages.len());
+    for bytes in &messages {
+        events.push(codec.decode(bytes).await.unwrap());
+    }
+    events
+}
 
 /// Transactions of the workload: odd ones insert 100 results, even ones update the 100
 /// inserted just before — 10,000 changes, each one event.
@@ -33,8 +82,10 @@ async fn killed_mid_stream_the_connector_loses_nothing_and_repeats_only_exact_ev
     let log = dir.join("run.log");
 
     let mut connector = start(&config, &log);
-    // The workload starts once the connector streams.
+    // The workload starts once the connector streams and has recorded its (empty) table as
+    // snapshotted: the crashes below are crashes mid-stream.
     await_streaming(&client, &slot, &log).await;
+    await_snapshotted(&config, &log).await;
     let writer = {
         let writer = stack::pg_client().await;
         let table = format!("{schema}.lab_result");
@@ -74,42 +125,9 @@ async fn killed_mid_stream_the_connector_loses_nothing_and_repeats_only_exact_ev
     writer.await.unwrap();
     drain(&client, &slot, connector, Duration::from_secs(120), &log).await;
 
-    let messages = read_for(&topic, usize::MAX, Duration::from_secs(10)).await;
-    let codec = stack::codec();
-    let mut events = Vec::with_capacity(messages.len());
-    for bytes in &messages {
-        events.push(codec.decode(bytes).await.unwrap());
-    }
+    let events = events_of(&topic).await;
 
-    // Every event id names one event: a repeat is the same event sent again.
-    let mut by_id: HashMap<&str, &CanonicalEvent> = HashMap::new();
-    let mut repeats = 0;
-    for event in &events {
-        match by_id.get(event.event_id.as_str()) {
-            None => {
-                by_id.insert(&event.event_id, event);
-            }
-            Some(first) => {
-                repeats += 1;
-                let same = |e: &CanonicalEvent| {
-                    (
-                        e.resource_id.clone(),
-                        e.resource_version.clone(),
-                        e.op,
-                        e.resource.clone(),
-                        e.provenance.source_position.clone(),
-                        e.provenance.commit_time,
-                    )
-                };
-                assert_eq!(
-                    same(first),
-                    same(event),
-                    "event {} re-sent differently",
-                    event.event_id
-                );
-            }
-        }
-    }
+    let (by_id, repeats) = distinct_events(&events);
     // Every change arrived: each result has exactly its insert and its update, once each.
     let mut versions: BTreeMap<&str, Vec<&CanonicalEvent>> = BTreeMap::new();
     for event in by_id.values() {
@@ -139,6 +157,148 @@ async fn killed_mid_stream_the_connector_loses_nothing_and_repeats_only_exact_ev
     );
     assert_eq!(by_id.len() as i64, TRANSACTIONS * ROWS);
 
+    stack::drop_capture(&client, &slot, &slot, &schema).await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Rows in the table before the connector first starts.
+const SNAPSHOT_ROWS: i64 = 30_000;
+
+/// Killed three times during its initial snapshot — early, in the middle, and right after
+/// the last chunk reached Kafka (before the state recording it was saved) — while writes
+/// insert and update rows all along, the connector ends with every row's latest state as
+/// the latest version of its Observation, and repeats only exact events.
+#[tokio::test]
+async fn killed_during_its_snapshot_the_connector_ends_with_every_rows_latest_state() {
+    let client = stack::pg_client().await;
+    let schema = stack::unique("crashsnap");
+    stack::create_lab_schema(&client, &schema).await;
+    let table = format!("{schema}.lab_result");
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} (accession_no, mrn, test_code, value_numeric, units, result_status, collected_at)
+             SELECT 'A24-' || i, 'M000001', 'GLU', 90, 'mg/dL', 'F', '2024-03-05 14:30:00'
+               FROM generate_series(1, {SNAPSHOT_ROWS}) AS i"
+        ))
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(&schema);
+    stack::lab_mappings(&dir.join("mappings"), &schema, &["result.yaml"]);
+    let prefix = stack::unique("fhircrashsnap");
+    let config = stack::connector_config(&dir, &schema, &prefix, "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "heartbeat.interval.ms = 500",
+        "heartbeat.interval.ms = 500\nsnapshot.chunk.size = 1000",
+    );
+    std::fs::write(&config, text).unwrap();
+    let topic = format!("{prefix}.lab.Observation");
+    let slot = format!("fhir_cdc_{schema}");
+    let log = dir.join("run.log");
+
+    // Small transactions all along: new results, and raised values of existing ones
+    // anywhere in the table (ahead of the snapshot, behind it, inside its chunk).
+    let writing = CancellationToken::new();
+    let writer = {
+        let (writer, table, writing) = (stack::pg_client().await, table.clone(), writing.clone());
+        tokio::spawn(async move {
+            let mut n: i64 = 0;
+            while !writing.is_cancelled() {
+                writer
+                    .batch_execute(&format!(
+                        "INSERT INTO {table} (accession_no, mrn, test_code, value_numeric, units, result_status, collected_at)
+                         VALUES ('B24-{n}', 'M000002', 'GLU', 100, 'mg/dL', 'F', '2024-03-05 14:30:00');
+                         UPDATE {table} SET value_numeric = value_numeric + 1
+                          WHERE result_id % 997 = {}",
+                        n % 997
+                    ))
+                    .await
+                    .unwrap();
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+
+    let mut connector = start(&config, &log);
+    for threshold in [2_000, SNAPSHOT_ROWS / 2, SNAPSHOT_ROWS] {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while messages_in(&topic) < threshold {
+            assert!(
+                Instant::now() < deadline,
+                "{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        crash(connector);
+        connector = start(&config, &log);
+    }
+    await_streaming(&client, &slot, &log).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    writing.cancel();
+    writer.await.unwrap();
+
+    // Every row's latest state, as the latest version of its Observation.
+    let rows = client
+        .query(
+            &format!("SELECT result_id, value_numeric::text FROM {table}"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let expected: BTreeMap<String, String> = rows
+        .iter()
+        .map(|r| (format!("result-{}", r.get::<_, i32>(0)), r.get(1)))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (latest, events) = loop {
+        let events = events_of(&topic).await;
+        let mut latest: BTreeMap<String, (String, String)> = BTreeMap::new();
+        for event in &events {
+            let value =
+                event.resource.as_ref().unwrap().to_json()["valueQuantity"]["value"].to_string();
+            let entry = latest
+                .entry(event.resource_id.clone())
+                .or_insert_with(|| (event.resource_version.clone(), value.clone()));
+            if event.resource_version > entry.0 {
+                *entry = (event.resource_version.clone(), value);
+            }
+        }
+        let latest: BTreeMap<String, String> = latest
+            .into_iter()
+            .map(|(id, (_, value))| (id, value))
+            .collect();
+        if latest == expected || Instant::now() > deadline {
+            break (latest, events);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let missing = expected
+        .keys()
+        .filter(|id| !latest.contains_key(*id))
+        .count();
+    let stale: Vec<_> = expected
+        .iter()
+        .filter(|(id, value)| latest.get(*id).is_some_and(|l| l != *value))
+        .take(5)
+        .collect();
+    assert!(
+        missing == 0 && stale.is_empty() && latest.len() == expected.len(),
+        "{missing} rows never arrived, {} resources for no row, stale: {stale:?}",
+        latest.len() + missing - expected.len()
+    );
+    let (by_id, repeats) = distinct_events(&events);
+    eprintln!(
+        "snapshot crash test: {} rows, {} events, {} distinct, {repeats} exact re-emissions",
+        expected.len(),
+        events.len(),
+        by_id.len()
+    );
+    assert!(
+        stop(connector).success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
     stack::drop_capture(&client, &slot, &slot, &schema).await;
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -168,7 +168,7 @@ pub async fn drop_capture(
     }
     client
         .batch_execute(&format!(
-            "DROP PUBLICATION {publication}; DROP SCHEMA {schema} CASCADE;"
+            "DROP PUBLICATION IF EXISTS {publication}; DROP SCHEMA {schema} CASCADE;"
         ))
         .await
         .unwrap();

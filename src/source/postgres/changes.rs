@@ -46,10 +46,6 @@ pub enum ChangeError {
 
 /// What one message means for the stream.
 #[derive(Debug, Clone, PartialEq)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "moved once, from the decoder to the channel; boxing would allocate per change"
-)]
 pub enum Decoded {
     /// Changes of captured rows: one, or for a truncate one per table (held inline: one
     /// allocation less per change).
@@ -61,7 +57,10 @@ pub enum Decoded {
     /// which lets the acknowledged position advance on an idle database or over traffic on
     /// unmapped tables (which pgoutput does not send at all).
     Heartbeat(PgLsn),
-    /// Nothing to publish (relation layouts, types, origins, logical messages).
+    /// A snapshot watermark (see [`super::snapshot`]): its marker, and the commit position
+    /// of the transaction that wrote it.
+    Watermark { position: PgLsn, marker: String },
+    /// Nothing to publish (relation layouts, types, origins, other logical messages).
     Nothing,
 }
 
@@ -111,6 +110,11 @@ impl ChangeDecoder {
     /// Whether a transaction has begun and not yet committed.
     pub fn in_transaction(&self) -> bool {
         self.transaction.is_some()
+    }
+
+    /// The commit position of the transaction being read.
+    pub fn commit_lsn(&self) -> Option<PgLsn> {
+        self.transaction.as_ref().map(|t| t.commit_lsn)
     }
 
     /// The layout the stream last described for `schema.table`.

@@ -1,5 +1,6 @@
 //! PostgreSQL: logical replication with the built-in `pgoutput` plugin.
 
+pub mod capture;
 pub mod changes;
 pub mod pgoutput;
 pub mod preflight;

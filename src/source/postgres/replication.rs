@@ -19,6 +19,7 @@ use tokio_postgres::config::Host;
 use super::{
     changes::{ChangeDecoder, ChangeError, Decoded},
     pgoutput::{self, DecodeError, Message},
+    snapshot::WATERMARK_PREFIX,
 };
 use crate::{change::PgLsn, config::Secret};
 
@@ -49,14 +50,15 @@ pub struct StreamOptions {
     pub connector: String,
     pub slot: String,
     pub publication: String,
-    /// Resume from here (the slot's confirmed position when `0/0`).
+    /// Resume from here, or from the slot's confirmed position when that is later (the
+    /// server starts at the greater of the two).
     pub start: PgLsn,
 }
 
 /// The replication session's settings for `slot` and `publication` from `source.url`,
 /// and the database it names. Text values are read under `DateStyle = ISO` and
 /// `TimeZone = UTC` (see [`super::types`]).
-pub(super) fn session_config(
+fn session_config(
     url: &Secret,
     slot: &str,
     publication: &str,
@@ -123,15 +125,6 @@ impl ReplicationStream {
         })
     }
 
-    /// Continue on a session that already started replication (after a snapshot: see
-    /// [`super::snapshot::ExportedSnapshot::start_streaming`]).
-    pub fn resume(client: ReplicationClient, connector: &str, database: &str) -> Self {
-        Self {
-            client,
-            decoder: ChangeDecoder::new(connector, database),
-        }
-    }
-
     /// The next decoded item, or `None` when the stream was stopped.
     pub async fn next(&mut self) -> Result<Option<Decoded>, StreamError> {
         loop {
@@ -154,6 +147,18 @@ impl ReplicationStream {
                 }) if !self.decoder.in_transaction() => {
                     return Ok(Some(Decoded::Heartbeat(PgLsn(lsn.as_u64()))));
                 }
+                Some(ReplicationEvent::Message {
+                    transactional: true,
+                    prefix,
+                    content,
+                    ..
+                }) if prefix == WATERMARK_PREFIX => match self.decoder.commit_lsn() {
+                    Some(position) => {
+                        let marker = String::from_utf8_lossy(&content).into_owned();
+                        return Ok(Some(Decoded::Watermark { position, marker }));
+                    }
+                    None => continue,
+                },
                 Some(ReplicationEvent::KeepAlive { .. } | ReplicationEvent::Message { .. }) => {
                     continue
                 }

@@ -1,163 +1,320 @@
-//! The consistent initial snapshot: the rows that exist when capture starts, read so that
-//! the stream continues exactly where the snapshot ends — no gap, no double.
+//! Snapshots: the rows that exist when capture starts (or when a table is added), read in
+//! key-ordered chunks between watermarks in the replication stream, so that reading never
+//! holds the stream back, a crash loses at most the chunk in flight, and no chunk row ever
+//! overwrites a newer change.
 //!
-//! How (<https://www.postgresql.org/docs/current/protocol-replication.html>,
-//! CREATE_REPLICATION_SLOT … EXPORT_SNAPSHOT): the slot is created on a replication
-//! session that stays open and idle, which keeps the exported snapshot alive. The slot's
-//! consistent point is the LSN from which its stream holds every transaction that the
-//! snapshot does not see. A second, ordinary connection imports the snapshot
-//! (`SET TRANSACTION SNAPSHOT` in a REPEATABLE READ transaction) and reads the tables
-//! through cursors in chunks (bounded memory). Only then does the replication session send
-//! START_REPLICATION: changes committed before the consistent point are in the snapshot,
-//! changes after it are in the stream, each exactly once.
+//! How (the DBLog algorithm, <https://arxiv.org/abs/2010.12597>; Debezium's incremental
+//! snapshots): for each chunk, a low watermark is committed into the WAL
+//! (`pg_logical_emit_message` in a transaction of its own), the next `size` rows after the
+//! last key are selected in key order, and a high watermark is committed. The stream
+//! delivers both watermarks at their commit positions, in commit order with every other
+//! transaction. A row that a transaction between the two watermarks changed may have been
+//! read before or after that change, so the chunk drops it: the stream's own event for it
+//! is the newer one. The remaining rows are emitted at the high watermark's position, so
+//! their versions sort after every change the select saw and before every change it did
+//! not. A table without a key cannot be compared row by row: it is read as one chunk, read
+//! again until no change to it fell between its watermarks.
 //!
-//! Snapshot rows are [`Operation::Read`] changes at the consistent point, numbered in read
-//! order.
+//! Snapshot rows are [`Operation::Read`] changes at the high watermark's commit LSN,
+//! numbered in read order. Values come as text, parsed by the column's type like the
+//! stream's ([`super::types`]).
 
-use std::{str::FromStr, sync::Arc};
+use std::sync::Arc;
 
 use chrono::Utc;
-use pgwire_replication::ReplicationClient;
-use tokio_postgres::{NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage, SimpleQueryRow};
 
-use super::{replication::session_config, types};
+use super::types;
 use tokio::sync::mpsc;
 
 use crate::{
-    change::{ChangeEvent, Names, Operation, PgLsn, Position, Row, SourceMessage, SourceTable},
+    change::{ChangeEvent, Names, Operation, Position, Row, SourceMessage, SourceTable, Value},
     config::Secret,
     observe::progress::Progress,
 };
 
+/// The prefix of the watermark messages in the WAL.
+pub const WATERMARK_PREFIX: &str = "fhir-cdc-watermark";
+
 /// Why the snapshot could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("source.url cannot be used: {0}")]
-    Config(String),
-    #[error("creating replication slot {slot} failed: {reason}")]
-    Slot { slot: String, reason: String },
-    #[error("starting replication from slot {slot} after the snapshot failed: {reason}")]
-    Start { slot: String, reason: String },
-    #[error("reading {table} in the snapshot failed: {reason}")]
-    Read { table: String, reason: String },
+    #[error("connecting to PostgreSQL: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("reading {table}: {source}")]
+    Read {
+        table: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
     #[error("the snapshot's reader stopped")]
     Cancelled,
 }
 
-/// A slot created with an exported snapshot, its replication session held open and idle.
-pub struct ExportedSnapshot {
-    session: ReplicationClient,
-    slot: String,
-    /// Where the slot's stream begins: the first change the snapshot does not contain.
-    pub consistent_point: PgLsn,
-    /// The name other sessions import it by.
-    pub name: String,
-}
-
-impl std::fmt::Debug for ExportedSnapshot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ExportedSnapshot")
-            .field("consistent_point", &self.consistent_point)
-            .finish_non_exhaustive()
+impl SnapshotError {
+    /// The server's or the network's error, if it is one.
+    pub fn postgres(&self) -> Option<&tokio_postgres::Error> {
+        match self {
+            Self::Connect(e) | Self::Read { source: e, .. } => Some(e),
+            Self::Cancelled => None,
+        }
     }
 }
 
-impl ExportedSnapshot {
-    /// Create logical replication slot `slot` (pgoutput) exporting its snapshot.
-    pub async fn create(
-        url: &Secret,
-        slot: &str,
-        publication: &str,
+/// The rows of one table a chunk reads, as [`read_chunk`] needs them.
+#[derive(Debug)]
+pub struct ChunkTable {
+    /// `schema.table`.
+    pub name: String,
+    quoted: String,
+    pub source: Arc<SourceTable>,
+    names: Names,
+    oids: Vec<u32>,
+    /// The key columns (primary key, else the replica identity index), in key order; empty
+    /// when the table has neither.
+    pub key: Names,
+    key_at: Vec<usize>,
+    /// The key columns' SQL types, for the typed comparison with the last key.
+    key_types: Vec<String>,
+}
+
+impl ChunkTable {
+    /// Read `schema.table`'s columns and key.
+    pub async fn describe(
+        client: &Client,
+        connector: &str,
+        database: &str,
+        schema: &str,
+        table: &str,
     ) -> Result<Self, SnapshotError> {
-        let (replication, _) = session_config(url, slot, publication)
-            .map_err(|e| SnapshotError::Config(e.to_string()))?;
-        let fail = |reason: String| SnapshotError::Slot {
-            slot: slot.to_owned(),
-            reason,
+        let name = format!("{schema}.{table}");
+        let fail = |e: tokio_postgres::Error| SnapshotError::Read {
+            table: name.clone(),
+            source: e,
         };
-        let mut session = ReplicationClient::connect_gated(replication)
+        let quoted = format!("{}.{}", quote_ident(schema), quote_ident(table));
+        let statement = client
+            .prepare(&format!("SELECT * FROM {quoted}"))
             .await
-            .map_err(|e| fail(e.to_string()))?;
-        let rows = session
-            .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-                quote_ident(slot)
-            ))
+            .map_err(fail)?;
+        let names: Names = statement
+            .columns()
+            .iter()
+            .map(|c| c.name().into())
+            .collect();
+        let oids = statement
+            .columns()
+            .iter()
+            .map(|c| c.type_().oid())
+            .collect();
+        let key_rows = client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+                   FROM pg_index i
+                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+                  WHERE i.indrelid = $1::text::regclass
+                    AND i.indexrelid = (SELECT indexrelid FROM pg_index
+                                         WHERE indrelid = $1::text::regclass
+                                           AND (indisprimary OR indisreplident)
+                                         ORDER BY indisprimary DESC LIMIT 1)
+                  ORDER BY array_position(i.indkey, a.attnum)",
+                &[&quoted],
+            )
             .await
-            .map_err(|e| fail(e.to_string()))?;
-        // The reply's columns: slot_name, consistent_point, snapshot_name, output_plugin.
-        let row = rows
-            .first()
-            .ok_or_else(|| fail("the server returned no slot".into()))?;
-        let field = |index: usize, name: &str| {
-            row.get(index)
-                .and_then(|v| v.as_ref())
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .ok_or_else(|| fail(format!("no `{name}` in the reply")))
-        };
-        let consistent_point = PgLsn::from_str(&field(1, "consistent_point")?).map_err(fail)?;
+            .map_err(fail)?;
+        let key: Names = key_rows
+            .iter()
+            .map(|r| r.get::<_, &str>(0).into())
+            .collect();
+        let key_types = key_rows.iter().map(|r| r.get::<_, String>(1)).collect();
+        let key_at = key
+            .iter()
+            .map(|k| {
+                names
+                    .iter()
+                    .position(|n| n == k)
+                    .expect("a key column is a column")
+            })
+            .collect();
         Ok(Self {
-            session,
-            slot: slot.to_owned(),
-            consistent_point,
-            name: field(2, "snapshot_name")?,
+            source: Arc::new(SourceTable::new(
+                connector, "postgres", database, schema, table,
+            )),
+            name,
+            quoted,
+            names,
+            oids,
+            key,
+            key_at,
+            key_types,
         })
     }
 
-    /// Start streaming from the consistent point on the same session (the snapshot ends).
-    pub async fn start_streaming(mut self) -> Result<ReplicationClient, SnapshotError> {
-        let slot = self.slot.clone();
-        let fail = |e: pgwire_replication::PgWireError| SnapshotError::Start {
-            slot: slot.clone(),
-            reason: e.to_string(),
-        };
-        self.session.start().await.map_err(fail)?;
-        self.session.wait_started().await.map_err(fail)?;
-        Ok(self.session)
+    /// The key of `row` (the after image of a change, or its before image), comparable with
+    /// the keys of this table's chunk rows; `None` when the row lacks a key column.
+    pub fn key_of(&self, row: &Row) -> Option<String> {
+        let values: Option<Vec<&Value>> = self.key.iter().map(|k| row.get(k)).collect();
+        values.map(|v| format!("{v:?}"))
+    }
+
+    fn row(&self, row: &SimpleQueryRow) -> Row {
+        text_row(&self.names, &self.oids, row)
     }
 }
 
-/// Read the mapped tables inside the exported snapshot, `chunk_rows` rows at a time, sending
-/// each row to `out` as a snapshot read (a full channel holds the reading back), then the
-/// consistent point as progress. Returns the number of rows read.
-pub async fn read_tables(
-    url: &Secret,
-    snapshot: &ExportedSnapshot,
-    connector: &str,
-    tables: &[(String, String)],
-    chunk_rows: usize,
-    out: &mpsc::Sender<SourceMessage>,
-) -> Result<u64, SnapshotError> {
-    let reader = TableReader::open(url, connector, Some(&snapshot.name)).await?;
-    let position = Position::Postgres(snapshot.consistent_point);
-    let mut ordinal: u32 = 0;
-    let progress = Progress::new("snapshot");
-    for (schema, table) in tables {
-        progress.start(
-            &format!("{schema}.{table}"),
-            reader.estimated_rows(schema, table).await,
-        );
-        reader
-            .read(
-                schema,
-                table,
-                &position,
-                &mut ordinal,
-                Reading {
-                    chunk_rows,
-                    limit: None,
-                    progress: Some(&progress),
-                },
-                out,
-            )
-            .await?;
-        progress.finish();
-    }
-    reader.close().await?;
-    out.send(SourceMessage::Progress(position))
+/// One chunk as read between its watermarks.
+#[derive(Debug)]
+pub struct Chunk {
+    /// The rows read, in key order, each with its key ([`ChunkTable::key_of`]).
+    pub rows: Vec<(String, Row)>,
+    /// The last row's key as text, to continue after.
+    pub last_key: Option<Vec<String>>,
+    /// Fewer rows than asked: the table is read to its end.
+    pub complete: bool,
+}
+
+/// Commit the low watermark `<marker>:low`, read up to `size` rows of `table` after `after`
+/// in key order (the whole table when it has no key), then commit `<marker>:high`.
+pub async fn read_chunk(
+    client: &Client,
+    table: &ChunkTable,
+    after: Option<&[String]>,
+    size: usize,
+    marker: &str,
+) -> Result<Chunk, SnapshotError> {
+    let fail = |e: tokio_postgres::Error| SnapshotError::Read {
+        table: table.name.clone(),
+        source: e,
+    };
+    let select = if table.key.is_empty() {
+        format!("SELECT * FROM {}", table.quoted)
+    } else {
+        let columns = table
+            .key
+            .iter()
+            .map(|k| quote_ident(k))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let filter = after.map_or(String::new(), |last| {
+            let values = last
+                .iter()
+                .zip(&table.key_types)
+                .map(|(v, t)| format!("{}::{t}", quote_literal(v)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!(" WHERE ({columns}) > ({values})")
+        });
+        format!(
+            "SELECT * FROM {}{filter} ORDER BY {columns} LIMIT {size}",
+            table.quoted
+        )
+    };
+    let watermark = |edge: &str| {
+        format!(
+            "BEGIN; SELECT pg_logical_emit_message(true, {}, {}); COMMIT",
+            quote_literal(WATERMARK_PREFIX),
+            quote_literal(&format!("{marker}:{edge}"))
+        )
+    };
+    client
+        .batch_execute(&watermark("low"))
         .await
-        .map_err(|_| SnapshotError::Cancelled)?;
-    Ok(u64::from(ordinal))
+        .map_err(fail)?;
+    let messages = client.simple_query(&select).await.map_err(fail)?;
+    client
+        .batch_execute(&watermark("high"))
+        .await
+        .map_err(fail)?;
+    let mut rows = Vec::new();
+    let mut last_key = None;
+    for message in &messages {
+        let SimpleQueryMessage::Row(row) = message else {
+            continue;
+        };
+        let parsed = table.row(row);
+        let key = table.key_of(&parsed).unwrap_or_default();
+        rows.push((key, parsed));
+        last_key = Some(
+            table
+                .key_at
+                .iter()
+                .map(|at| row.get(*at).unwrap_or_default().to_owned())
+                .collect(),
+        );
+    }
+    Ok(Chunk {
+        complete: table.key.is_empty() || rows.len() < size,
+        rows,
+        last_key,
+    })
+}
+
+/// The planner's estimate of the rows in `table` (`None` before the table was
+/// ever analysed): for progress, never for correctness.
+pub async fn estimated_rows(client: &Client, table: &ChunkTable) -> Option<u64> {
+    let row = client
+        .query_one(
+            "SELECT reltuples::bigint FROM pg_class WHERE oid = $1::text::regclass",
+            &[&table.quoted],
+        )
+        .await
+        .ok()?;
+    u64::try_from(row.get::<_, i64>(0)).ok()
+}
+
+/// A connection for reading tables (values as text under `DateStyle = ISO`, `TimeZone =
+/// UTC`, as [`super::types`] parses them), and the database's name.
+pub async fn connect(url: &Secret) -> Result<(Client, String), SnapshotError> {
+    let (client, connection) = tokio_postgres::connect(url.expose(), NoTls)
+        .await
+        .map_err(SnapshotError::Connect)?;
+    tokio::spawn(connection);
+    client
+        .batch_execute("SET DateStyle = ISO; SET TimeZone = 'UTC'")
+        .await
+        .map_err(SnapshotError::Connect)?;
+    let database: String = client
+        .query_one("SELECT current_database()", &[])
+        .await
+        .map_err(SnapshotError::Connect)?
+        .get(0);
+    Ok((client, database))
+}
+
+/// A row of text values, parsed by each column's type.
+fn text_row(names: &Names, oids: &[u32], row: &SimpleQueryRow) -> Row {
+    let values = oids
+        .iter()
+        .enumerate()
+        .map(|(i, oid)| {
+            row.get(i)
+                .map_or(Value::Null, |text| types::from_text(*oid, text))
+        })
+        .collect();
+    Row::of_layout(names.clone(), values)
+}
+
+/// The snapshot rows of a chunk as changes at `position`, numbered from 0.
+pub fn chunk_changes(
+    table: &ChunkTable,
+    rows: impl IntoIterator<Item = Row>,
+    position: &Position,
+) -> impl Iterator<Item = ChangeEvent> {
+    let (source, key, position) = (table.source.clone(), table.key.clone(), position.clone());
+    rows.into_iter()
+        .enumerate()
+        .map(move |(ordinal, row)| ChangeEvent {
+            source: source.clone(),
+            op: Operation::Read,
+            key: key.clone(),
+            before: None,
+            after: Some(row),
+            position: position.clone(),
+            ordinal: ordinal as u32,
+            transaction_id: None,
+            commit_time: None,
+            capture_time: Utc::now(),
+        })
 }
 
 /// How [`TableReader::read`] reads a table.
@@ -171,65 +328,31 @@ pub struct Reading<'a> {
     pub progress: Option<&'a Progress>,
 }
 
-/// Reads whole tables through cursors, inside one read-only REPEATABLE READ transaction:
-/// an exported snapshot's, or its own (`preview`).
+/// Reads whole tables through cursors, inside one read-only REPEATABLE READ transaction
+/// (`preview`).
 #[derive(Debug)]
 pub struct TableReader {
-    client: tokio_postgres::Client,
+    client: Client,
     connector: String,
     database: String,
 }
 
 impl TableReader {
-    /// Connect and begin the transaction, importing `snapshot` when given.
-    pub async fn open(
-        url: &Secret,
-        connector: &str,
-        snapshot: Option<&str>,
-    ) -> Result<Self, SnapshotError> {
-        let (client, connection) = tokio_postgres::connect(url.expose(), NoTls)
-            .await
-            .map_err(|e| SnapshotError::Config(e.to_string()))?;
-        tokio::spawn(connection);
-        let database: String = client
-            .query_one("SELECT current_database()", &[])
-            .await
-            .map_err(|e| SnapshotError::Config(e.to_string()))?
-            .get(0);
-        let import = snapshot.map_or(String::new(), |name| {
-            format!("SET TRANSACTION SNAPSHOT {};", quote_literal(name))
-        });
+    /// Connect and begin the transaction.
+    pub async fn open(url: &Secret, connector: &str) -> Result<Self, SnapshotError> {
+        let (client, database) = connect(url).await?;
         client
-            .batch_execute(&format!(
-                "SET DateStyle = ISO; SET TimeZone = 'UTC';
-                 BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
-                 {import}"
-            ))
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
             .map_err(|e| SnapshotError::Read {
-                table: "(snapshot import)".into(),
-                reason: e.to_string(),
+                table: "(begin)".into(),
+                source: e,
             })?;
         Ok(Self {
             client,
             connector: connector.to_owned(),
             database,
         })
-    }
-
-    /// The planner's estimate of the rows in `schema.table` (`None` before the table was
-    /// ever analysed): for progress, never for correctness.
-    pub async fn estimated_rows(&self, schema: &str, table: &str) -> Option<u64> {
-        let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
-        let row = self
-            .client
-            .query_one(
-                "SELECT reltuples::bigint FROM pg_class WHERE oid = $1::text::regclass",
-                &[&qualified],
-            )
-            .await
-            .ok()?;
-        u64::try_from(row.get::<_, i64>(0)).ok()
     }
 
     /// Read `schema.table` as `how` says, sending each row as a snapshot read at `position`,
@@ -252,7 +375,7 @@ impl TableReader {
         let name = format!("{schema}.{table}");
         let fail = |e: tokio_postgres::Error| SnapshotError::Read {
             table: name.clone(),
-            reason: e.to_string(),
+            source: e,
         };
         let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
         // Column types come from the statement's description; values come as text.
@@ -309,21 +432,12 @@ impl TableReader {
                     continue;
                 };
                 fetched += 1;
-                let values = oids
-                    .iter()
-                    .enumerate()
-                    .map(|(i, oid)| {
-                        row.get(i).map_or(crate::change::Value::Null, |text| {
-                            types::from_text(*oid, text)
-                        })
-                    })
-                    .collect();
                 let change = ChangeEvent {
                     source: source.clone(),
                     op: Operation::Read,
                     key: key.clone(),
                     before: None,
-                    after: Some(Row::of_layout(names.clone(), values)),
+                    after: Some(text_row(&names, &oids, &row)),
                     position: position.clone(),
                     ordinal: *ordinal,
                     transaction_id: None,
@@ -357,7 +471,7 @@ impl TableReader {
             .await
             .map_err(|e| SnapshotError::Read {
                 table: "(commit)".into(),
-                reason: e.to_string(),
+                source: e,
             })
     }
 }

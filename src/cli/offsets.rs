@@ -1,0 +1,171 @@
+//! `fhir-cdc offsets show|reset`: the connector's stored state (`offsets::StateStore`), and
+//! moving it while the connector is stopped.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::{
+    config::{ConnectorConfig, SourceConfig},
+    mapping,
+    offsets::{ConnectorState, StateStore, TableProgress},
+    source::postgres::capture,
+};
+
+#[derive(Debug, Args)]
+pub struct OffsetsArgs {
+    #[command(subcommand)]
+    command: OffsetsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum OffsetsCommand {
+    /// Print the connector's stored state as JSON: the last durable source position and
+    /// each table's snapshot progress.
+    Show {
+        /// The connector configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Replace the stored state (the connector must be stopped): prints the new state, and
+    /// writes it only with `--yes`.
+    Reset {
+        /// The connector configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// `snapshot`: read the tables again (all, or `--table`) on the next start, keeping
+        /// the stream's position; `end`: skip everything up to the source's current end, and
+        /// mark every table snapshotted (what happened meanwhile is never captured).
+        #[arg(long, value_enum)]
+        to: Target,
+        /// With `--to snapshot`: only this table (`schema.table`).
+        #[arg(long)]
+        table: Option<String>,
+        /// Write the new state.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Target {
+    Snapshot,
+    End,
+}
+
+pub async fn run(args: OffsetsArgs) -> ExitCode {
+    match offsets(args).await {
+        Ok(code) => code,
+        Err((code, message)) => {
+            eprintln!("fhir-cdc offsets: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+type Failure = (u8, String);
+
+fn failed(e: impl std::fmt::Display) -> Failure {
+    (1, e.to_string())
+}
+
+async fn offsets(args: OffsetsArgs) -> Result<ExitCode, Failure> {
+    let config_path = match &args.command {
+        OffsetsCommand::Show { config } | OffsetsCommand::Reset { config, .. } => config,
+    };
+    let config =
+        ConnectorConfig::load(config_path).map_err(|e| (super::EXIT_BAD_CONFIG, e.to_string()))?;
+    let store = StateStore::open(
+        &config.kafka,
+        &config.state_topic(),
+        &config.name,
+        config.topics.replication_factor,
+    )
+    .await
+    .map_err(failed)?;
+    let stored = store.load().await.map_err(failed)?;
+    let OffsetsCommand::Reset { to, table, yes, .. } = args.command else {
+        match stored {
+            Some(state) => println!("{}", serde_json::to_string_pretty(&state).expect("serialises")),
+            None => println!(
+                "no stored state for connector {} in {}: its next start takes a snapshot (snapshot.mode permitting)",
+                config.name,
+                store.topic()
+            ),
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let SourceConfig::Postgres(pg) = &config.source else {
+        return Err((
+            super::EXIT_BAD_CONFIG,
+            format!(
+                "`offsets reset` moves postgres connectors; {} capture is not implemented yet",
+                config.source.kind()
+            ),
+        ));
+    };
+    let slot = pg.slot_name(&config.name);
+    if capture::slot_active(&pg.url, &slot).await.map_err(failed)? {
+        return Err(failed(format!(
+            "replication slot {slot} is in use: stop the connector first (a running connector overwrites its state within a second)"
+        )));
+    }
+    let mut state = stored.unwrap_or_else(|| ConnectorState::new("postgres"));
+    match (to, table) {
+        (Target::Snapshot, None) => state.tables.clear(),
+        (Target::Snapshot, Some(table)) => {
+            if state.tables.remove(&table).is_none() {
+                return Err((
+                    super::EXIT_BAD_CONFIG,
+                    format!("the stored state has no table `{table}` (write it as schema.table; `offsets show` lists them)"),
+                ));
+            }
+        }
+        (Target::End, Some(_)) => {
+            return Err((
+                super::EXIT_BAD_CONFIG,
+                "`--table` goes with `--to snapshot`".into(),
+            ))
+        }
+        (Target::End, None) => {
+            let mappings = config.mappings.as_ref().ok_or((
+                super::EXIT_BAD_CONFIG,
+                "the configuration has no [mappings]".to_owned(),
+            ))?;
+            let mappings = mapping::load_dir(&mappings.path)
+                .map_err(|e| (super::EXIT_BAD_CONFIG, e.to_string()))?;
+            for (schema, table) in mapping::source_tables(&mappings) {
+                state.tables.insert(
+                    format!("{schema}.{table}"),
+                    TableProgress {
+                        complete: true,
+                        last_key: None,
+                    },
+                );
+            }
+            state.position = Some(
+                capture::current_end(&pg.url)
+                    .await
+                    .map_err(failed)?
+                    .to_string(),
+            );
+        }
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&state).expect("serialises")
+    );
+    if !yes {
+        eprintln!(
+            "fhir-cdc offsets: nothing written; add --yes to store this state for connector {}",
+            config.name
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    store.save(&state).await.map_err(failed)?;
+    eprintln!(
+        "fhir-cdc offsets: stored in {}; it takes effect at the connector's next start",
+        store.topic()
+    );
+    Ok(ExitCode::SUCCESS)
+}

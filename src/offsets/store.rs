@@ -1,0 +1,111 @@
+//! Where connector state lives: a compacted Kafka topic, one key per connector.
+//!
+//! Kafka Connect keeps its source offsets the same way (`offset.storage.topic`): the state
+//! survives the connector's container, needs no volume and no other service, and is written
+//! to the cluster that holds the events it describes. Compaction keeps the latest record per
+//! connector; loading reads the topic to its end and takes the last record for the key.
+
+use rdkafka::Message;
+
+use super::state::ConnectorState;
+use crate::{
+    config::KafkaProperties,
+    sink::kafka::{ensure_topics, Producer, SinkError, TopicReader, TopicSpec},
+};
+
+/// Why the state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Kafka(#[from] SinkError),
+    #[error("reading the state topic {topic}: {reason}")]
+    Read { topic: String, reason: String },
+    #[error("the state of connector {connector} in {topic} is not readable ({reason}); `fhir-cdc offsets reset` replaces it")]
+    Corrupt {
+        connector: String,
+        topic: String,
+        reason: String,
+    },
+}
+
+/// One connector's state in the state topic.
+#[derive(Debug)]
+pub struct StateStore {
+    properties: KafkaProperties,
+    producer: Producer,
+    topic: String,
+    connector: String,
+}
+
+impl StateStore {
+    /// The store of `connector` in `topic`, created (compacted, one partition) when absent.
+    pub async fn open(
+        properties: &KafkaProperties,
+        topic: &str,
+        connector: &str,
+        replication_factor: i32,
+    ) -> Result<Self, StateError> {
+        let spec = TopicSpec {
+            name: topic.to_owned(),
+            partitions: 1,
+            replication_factor,
+            config: vec![("cleanup.policy".into(), "compact".into())],
+        };
+        ensure_topics(properties, &[spec]).await?;
+        Ok(Self {
+            properties: properties.clone(),
+            producer: Producer::new(properties)?,
+            topic: topic.to_owned(),
+            connector: connector.to_owned(),
+        })
+    }
+
+    /// The last state saved, `None` when there is none (or it was deleted).
+    pub async fn load(&self) -> Result<Option<ConnectorState>, StateError> {
+        let fail = |reason: String| StateError::Read {
+            topic: self.topic.clone(),
+            reason,
+        };
+        let mut reader = TopicReader::open(
+            &self.properties,
+            |t| t == self.topic,
+            |_, _, _, low, _| Ok(low),
+        )
+        .map_err(fail)?;
+        let mut last: Option<Option<Vec<u8>>> = None;
+        while !reader.at_end() {
+            let Some(message) = reader.next().await.map_err(fail)? else {
+                continue;
+            };
+            if message.key() == Some(self.connector.as_bytes()) {
+                last = Some(message.payload().map(<[u8]>::to_vec));
+            }
+        }
+        match last.flatten() {
+            None => Ok(None),
+            Some(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StateError::Corrupt {
+                        connector: self.connector.clone(),
+                        topic: self.topic.clone(),
+                        reason: e.to_string(),
+                    })
+            }
+        }
+    }
+
+    /// Save `state`; returns once Kafka acknowledged it.
+    pub async fn save(&self, state: &ConnectorState) -> Result<(), StateError> {
+        let json = serde_json::to_vec(state).expect("the state serialises");
+        self.producer
+            .send(&self.topic, &self.connector, &json, &[])
+            .await?;
+        Ok(())
+    }
+
+    /// The topic the state is kept in.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+}
