@@ -4,7 +4,6 @@
 mod avro_registry;
 mod check;
 mod compose;
-mod connector;
 mod connector_run;
 mod crash_restart;
 mod dlq;
@@ -22,4 +21,5 @@ mod smoke_kafka;
 mod smoke_mariadb;
 mod smoke_postgres;
 mod smoke_registry;
-mod stack;
+
+use integration_tests::{connector, stack};

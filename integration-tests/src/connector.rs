@@ -15,6 +15,7 @@ use crate::stack;
 
 /// A running connector; killed if the test fails before stopping it, so that no
 /// connector (and no walsender) outlives its test.
+#[derive(Debug)]
 pub struct Connector(Option<Child>);
 
 impl Drop for Connector {
@@ -48,6 +49,15 @@ pub fn spawn(args: &[&str], config: &Path, stderr: Stdio) -> Connector {
             .spawn()
             .unwrap(),
     ))
+}
+
+impl Connector {
+    /// Whether the process is still running (it has not exited, for whatever reason).
+    pub fn running(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|child| child.try_wait().unwrap().is_none())
+    }
 }
 
 /// SIGTERM, then the exit status (within 30 s).
@@ -266,6 +276,7 @@ pub async fn drain(
 
 /// A connector capturing `<schema>.lab_result` (the sample lab tables, created by the
 /// caller) through the sample result mapping, into topics under a fresh prefix.
+#[derive(Debug)]
 pub struct ResultCapture {
     /// The connector's directory: its config, `mappings/`, `run.log`.
     pub dir: PathBuf,
