@@ -98,6 +98,13 @@ struct Generator {
     defined: HashSet<String>,
 }
 
+/// Whether the schemas carry elements named `name` (`top_level`: of the resource itself,
+/// not of a datatype or backbone element in it). The mapping loader refuses what they do
+/// not, so that nothing `check` accepts fails to encode.
+pub fn carried(name: &str, top_level: bool) -> bool {
+    !matches!(name, "extension" | "modifierExtension") && (name != "id" || top_level)
+}
+
 impl Generator {
     /// The record for the elements under `definition`, or a reference to it by name when
     /// it is already defined.
@@ -107,9 +114,7 @@ impl Generator {
         }
         let mut fields = Vec::new();
         for element in definitions().elements_of(definition) {
-            if matches!(element.name, "extension" | "modifierExtension")
-                || (element.name == "id" && !is_resource)
-            {
+            if !carried(element.name, is_resource) {
                 continue;
             }
             if let Some(target) = element.content_reference {

@@ -8,6 +8,7 @@ mod project;
 mod replay;
 mod run;
 mod schemas;
+mod snapshot;
 mod tail;
 
 use std::process::ExitCode;
@@ -47,6 +48,9 @@ pub enum Command {
     Replay(replay::ReplayArgs),
     /// List, show and replay the dead letters of the connectors and the projector.
     Dlq(dlq::DlqArgs),
+    /// Ask a running connector to read a table again, or the rows matching a condition,
+    /// and wait until their events are in Kafka (PostgreSQL sources).
+    Snapshot(snapshot::SnapshotArgs),
     /// Show the connector's stored state (source position, snapshot progress), or reset
     /// it to take a snapshot again or to skip to the source's current end.
     Offsets(offsets::OffsetsArgs),
@@ -90,6 +94,7 @@ impl Cli {
             Command::Replay(args) => replay::run(args).await,
             Command::Run(args) => run::run(args).await,
             Command::Schemas(args) => schemas::run(args),
+            Command::Snapshot(args) => snapshot::run(args).await,
             Command::Tail(args) => tail::run(args).await,
         }
     }

@@ -139,7 +139,7 @@ async fn offsets(args: OffsetsArgs) -> Result<ExitCode, Failure> {
                     format!("{schema}.{table}"),
                     TableProgress {
                         complete: true,
-                        last_key: None,
+                        ..TableProgress::default()
                     },
                 );
             }

@@ -23,6 +23,7 @@ use super::{
     template::Template,
 };
 use crate::{
+    canonical::schema,
     change::{Column, Value},
     fhir::{definitions, Segment},
 };
@@ -732,6 +733,20 @@ impl Reader<'_> {
         };
         let leaf = resolved.leaf;
         let what = format!("{resource_type}.{path_text}");
+        if let Some((_, left_out)) = path
+            .iter()
+            .enumerate()
+            .find(|(i, segment)| !schema::carried(segment.name, *i == 0))
+        {
+            self.error(
+                key_span,
+                format!(
+                    "{what}: `{}` is not carried by the canonical events' Avro schemas (they leave out extension, modifierExtension and the id of datatypes and backbone elements: docs/events.md), so no event could hold it",
+                    left_out.name
+                ),
+            );
+            return None;
+        }
         let location = self.location(key_span);
         let Some(fhir_type) = Primitive::of(&leaf.code) else {
             self.error(

@@ -5,5 +5,5 @@ mod state;
 mod store;
 
 pub use ack::AckTracker;
-pub use state::{ConnectorState, TableProgress};
+pub use state::{ConnectorState, SnapshotRequest, TableProgress};
 pub use store::{StateError, StateStore};

@@ -24,6 +24,23 @@ pub struct ConnectorState {
     /// never been snapshotted.
     #[serde(default)]
     pub tables: BTreeMap<String, TableProgress>,
+    /// Snapshots asked for (`fhir-cdc snapshot`) and not yet complete, in the order asked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<SnapshotRequest>,
+}
+
+/// A snapshot of one table (or of its rows matching a condition) asked of a running
+/// connector.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Names the request, so that its end can be recognised.
+    pub id: String,
+    /// `schema.table`.
+    pub table: String,
+    /// An SQL condition on the table's rows (`result_id IN (1, 2)`); `None`: every row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
 }
 
 /// How far a table's snapshot came.
@@ -35,6 +52,16 @@ pub struct TableProgress {
     /// The key (one text value per key column, in key order) of the last row read whose
     /// events are durable; the snapshot continues after it. `None`: from the start.
     pub last_key: Option<Vec<String>>,
+    /// Rows read so far (for progress reports).
+    #[serde(default)]
+    pub rows: u64,
+    /// The request this progress belongs to ([`SnapshotRequest::id`]), for a snapshot asked
+    /// of a running connector; `None` for the initial one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// The request's condition on the rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
 }
 
 impl ConnectorState {
@@ -46,24 +73,64 @@ impl ConnectorState {
         }
     }
 
-    /// The tables among `tables` whose snapshot is still to be read (or finished), each
-    /// with the key it continues after.
+    /// The snapshots still to read, in order, each with its progress: the mapped tables
+    /// not yet complete (a table missing from the state from its start), then the requests
+    /// not yet begun.
     pub fn unfinished<'a>(
         &self,
         tables: impl IntoIterator<Item = &'a String>,
-    ) -> Vec<(String, Option<Vec<String>>)> {
-        tables
+    ) -> Vec<(String, TableProgress)> {
+        let mut unfinished: Vec<(String, TableProgress)> = tables
             .into_iter()
             .filter_map(|table| match self.tables.get(table) {
                 Some(progress) if progress.complete => None,
-                progress => Some((table.clone(), progress.and_then(|p| p.last_key.clone()))),
+                progress => Some((table.clone(), progress.cloned().unwrap_or_default())),
             })
-            .collect()
+            .collect();
+        for request in &self.requests {
+            let begun = unfinished
+                .iter()
+                .any(|(_, p)| p.request.as_ref() == Some(&request.id));
+            if !begun {
+                unfinished.push((request.table.clone(), request.progress()));
+            }
+        }
+        unfinished
     }
 
-    /// Whether every table in `tables` is snapshotted.
+    /// Whether every table in `tables` is snapshotted and no request is outstanding.
     pub fn snapshot_complete<'a>(&self, tables: impl IntoIterator<Item = &'a String>) -> bool {
         self.unfinished(tables).is_empty()
+    }
+
+    /// `table`'s snapshot made `progress`, now durable; a request it completes is done.
+    pub fn record(&mut self, table: String, progress: TableProgress) {
+        if progress.complete {
+            if let Some(id) = &progress.request {
+                self.requests.retain(|r| r.id != *id);
+            }
+        }
+        self.tables.insert(table, progress);
+    }
+
+    /// Whether request `id` was asked and is now complete.
+    pub fn request_done(&self, id: &str) -> bool {
+        !self.requests.iter().any(|r| r.id == id)
+            && self
+                .tables
+                .values()
+                .any(|p| p.complete && p.request.as_deref() == Some(id))
+    }
+}
+
+impl SnapshotRequest {
+    /// A request's progress before it begins.
+    pub fn progress(&self) -> TableProgress {
+        TableProgress {
+            request: Some(self.id.clone()),
+            filter: self.filter.clone(),
+            ..TableProgress::default()
+        }
     }
 }
 
@@ -74,31 +141,57 @@ mod tests {
     #[test]
     fn unfinished_tables_continue_after_their_last_durable_key() {
         let mut state = ConnectorState::new("postgres");
-        state.tables.insert(
-            "lab.result".into(),
-            TableProgress {
-                complete: false,
-                last_key: Some(vec!["42".into()]),
-            },
-        );
-        state.tables.insert(
-            "lab.patient".into(),
-            TableProgress {
-                complete: true,
-                last_key: Some(vec!["7".into()]),
-            },
-        );
+        let at = |complete, key: &str| TableProgress {
+            complete,
+            last_key: Some(vec![key.into()]),
+            ..TableProgress::default()
+        };
+        state.tables.insert("lab.result".into(), at(false, "42"));
+        state.tables.insert("lab.patient".into(), at(true, "7"));
         let mapped: Vec<String> = ["lab.result", "lab.patient", "lab.order"]
             .map(String::from)
             .to_vec();
         assert_eq!(
             state.unfinished(&mapped),
             vec![
-                ("lab.result".into(), Some(vec!["42".into()])),
-                ("lab.order".into(), None)
+                ("lab.result".into(), at(false, "42")),
+                ("lab.order".into(), TableProgress::default())
             ]
         );
         assert!(!state.snapshot_complete(&mapped));
+        assert!(state.snapshot_complete(&mapped[1..2]));
+
+        // A request for the snapshotted table comes after them, until it begins; it is done
+        // when a complete progress of it is recorded.
+        let request = SnapshotRequest {
+            id: "r1".into(),
+            table: "lab.patient".into(),
+            filter: Some("mrn = 'M1'".into()),
+        };
+        state.requests.push(request.clone());
+        assert_eq!(
+            state.unfinished(&mapped[1..2]),
+            vec![("lab.patient".into(), request.progress())]
+        );
+        let halfway = TableProgress {
+            last_key: Some(vec!["3".into()]),
+            ..request.progress()
+        };
+        state.record("lab.patient".into(), halfway.clone());
+        assert_eq!(
+            state.unfinished(&mapped[1..2]),
+            vec![("lab.patient".into(), halfway.clone())],
+            "begun: continued from its progress, not asked again"
+        );
+        assert!(!state.request_done("r1"));
+        state.record(
+            "lab.patient".into(),
+            TableProgress {
+                complete: true,
+                ..halfway
+            },
+        );
+        assert!(state.request_done("r1") && state.requests.is_empty());
         assert!(state.snapshot_complete(&mapped[1..2]));
         let json = serde_json::to_string(&state).unwrap();
         assert_eq!(

@@ -21,5 +21,6 @@ mod smoke_kafka;
 mod smoke_mariadb;
 mod smoke_postgres;
 mod smoke_registry;
+mod snapshot_requests;
 
 use integration_tests::{connector, stack};

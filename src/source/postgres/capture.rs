@@ -28,7 +28,7 @@ use crate::{
     change::{ChangeEvent, Operation, PgLsn, Position, SourceMessage},
     config::{PostgresConfig, Secret, SnapshotMode},
     observe::progress::Progress,
-    offsets::{ConnectorState, TableProgress},
+    offsets::{ConnectorState, SnapshotRequest, TableProgress},
     source::{Source, SourceError, SourceIo},
 };
 
@@ -86,6 +86,16 @@ impl Source for PostgresSource {
         } = io;
         let admin = Arc::new(connect(&self.url).await?);
         setup::ensure_publication(&admin, &self.publication, &self.tables).await?;
+        if let Some(kind) = stored
+            .as_ref()
+            .map(|s| &s.kind)
+            .filter(|k| *k != Self::KIND)
+        {
+            return Err(SourceError::Connector(format!(
+                "the stored state of connector {} is a {kind} connector's: give this connector a name of its own, or `fhir-cdc offsets reset` it",
+                self.connector
+            )));
+        }
         let captured = stored.as_ref().is_some_and(|s| s.position.is_some());
         let plan = start_plan(
             setup::slot_state(&admin, &self.slot).await?,
@@ -115,7 +125,7 @@ impl Source for PostgresSource {
             for table in &qualified {
                 state.tables.entry(table.clone()).or_insert(TableProgress {
                     complete: true,
-                    last_key: None,
+                    ..TableProgress::default()
                 });
             }
         }
@@ -143,6 +153,7 @@ impl Source for PostgresSource {
             connector: self.connector.clone(),
             database,
             marker: format!("{}:{}", self.slot, std::process::id()),
+            slot: self.slot.clone(),
             size: self.chunk_size,
             pending: state.unfinished(&qualified).into(),
             described: HashMap::new(),
@@ -199,6 +210,11 @@ impl Source for PostgresSource {
                     }
                     Some(Decoded::Watermark { position, marker }) => {
                         snapshot.watermark(position, &marker).await?
+                    }
+                    Some(Decoded::Signal(content)) => {
+                        snapshot.signal(&content, &qualified, &mut state).await?;
+                        published.send_replace(state.clone());
+                        Vec::new()
                     }
                     Some(Decoded::Nothing) => Vec::new(),
                 };
@@ -280,16 +296,18 @@ struct Snapshotter {
     /// `<slot>:<process>`: marks this run's watermarks apart from other connectors' and
     /// from an earlier run's that the stream may deliver again.
     marker: String,
+    /// Snapshot requests name the slot of the connector they are for.
+    slot: String,
     size: usize,
-    /// Tables to read, in order, each with the key it continues after.
-    pending: VecDeque<(String, Option<Vec<String>>)>,
+    /// Snapshots to read, in order, each with its table and progress.
+    pending: VecDeque<(String, TableProgress)>,
     /// The tables still to snapshot, by `schema.table`.
     described: HashMap<String, Described>,
     current: Option<Current>,
     sequence: u64,
-    /// Chunks emitted and not yet durable: their high watermark's position, table, last key
-    /// and whether the table is complete with them.
-    milestones: VecDeque<(PgLsn, String, Option<Vec<String>>, bool)>,
+    /// Chunks emitted and not yet durable: their high watermark's position, their table,
+    /// and its progress with them.
+    milestones: VecDeque<(PgLsn, String, TableProgress)>,
     progress: Progress,
 }
 
@@ -305,6 +323,39 @@ struct Described {
     /// chunk's low watermark, and the chunk drops rows changed after it). Only saves
     /// repeats: `None` once too many to remember.
     streamed: Option<HashSet<String>>,
+}
+
+/// A snapshot request as `fhir-cdc snapshot` writes it into the WAL.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Signal {
+    /// The slot of the connector it is for (every slot sees every logical message).
+    pub slot: String,
+    #[serde(flatten)]
+    pub request: SnapshotRequest,
+}
+
+/// Ask the connector reading `slot` for `request`: a transactional logical message that its
+/// stream delivers in commit order, also to a connector that is stopped now, at its next
+/// start (Debezium signals through a table; the WAL needs none).
+pub async fn request_snapshot(
+    url: &Secret,
+    slot: &str,
+    request: &SnapshotRequest,
+) -> Result<(), SourceError> {
+    let client = connect(url).await?;
+    let signal = serde_json::to_string(&Signal {
+        slot: slot.to_owned(),
+        request: request.clone(),
+    })
+    .expect("a signal serialises");
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(true, $1, $2)",
+            &[&snapshot::SIGNAL_PREFIX, &signal],
+        )
+        .await
+        .map_err(|e| postgres_error("writing the snapshot request into the WAL", &e))?;
+    Ok(())
 }
 
 /// The chunk being read.
@@ -324,26 +375,12 @@ impl Snapshotter {
         self.current.as_ref().is_some_and(|c| c.task.is_some())
     }
 
-    /// Start reading the next chunk when none is in flight.
     /// Read the layout and key of every table still to snapshot, before the stream starts,
     /// so that the stream's changes to them are recognised from the first on.
     async fn describe_pending(&mut self) -> Result<(), SourceError> {
-        for (name, _) in &self.pending {
-            let (schema, table) = name.split_once('.').expect("tables are schema.table");
-            let described =
-                ChunkTable::describe(&self.client, &self.connector, &self.database, schema, table)
-                    .await
-                    .map_err(snapshot_error)?;
-            if described.key.is_empty() {
-                warn!(table = %name, "the table has no primary key or replica identity index: its snapshot is read as one chunk");
-            }
-            self.described.insert(
-                name.clone(),
-                Described {
-                    table: Arc::new(described),
-                    streamed: Some(HashSet::new()),
-                },
-            );
+        let names: Vec<String> = self.pending.iter().map(|(name, _)| name.clone()).collect();
+        for name in names {
+            self.describe(&name).await?;
         }
         if !self.pending.is_empty() {
             info!(
@@ -354,15 +391,77 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// Read `name`'s layout and key, unless known.
+    async fn describe(&mut self, name: &str) -> Result<(), SourceError> {
+        if self.described.contains_key(name) {
+            return Ok(());
+        }
+        let (schema, table) = name.split_once('.').expect("tables are schema.table");
+        let described =
+            ChunkTable::describe(&self.client, &self.connector, &self.database, schema, table)
+                .await
+                .map_err(snapshot_error)?;
+        if described.key.is_empty() {
+            warn!(table = %name, "the table has no primary key or replica identity index: its snapshot is read as one chunk");
+        }
+        self.described.insert(
+            name.to_owned(),
+            Described {
+                table: Arc::new(described),
+                streamed: Some(HashSet::new()),
+            },
+        );
+        Ok(())
+    }
+
+    /// A snapshot asked for through the WAL (`fhir-cdc snapshot`): queued after the ones in
+    /// progress, and recorded in the state so that a restart still reads it. A request for a
+    /// table no mapping reads, or one already queued (the stream may deliver it again after
+    /// a restart), changes nothing.
+    async fn signal(
+        &mut self,
+        content: &str,
+        mapped: &[String],
+        state: &mut ConnectorState,
+    ) -> Result<(), SourceError> {
+        let Ok(signal) = serde_json::from_str::<Signal>(content) else {
+            warn!("a snapshot request that is not readable: ignored");
+            return Ok(());
+        };
+        if signal.slot != self.slot {
+            return Ok(());
+        }
+        let request = signal.request;
+        if !mapped.contains(&request.table) {
+            warn!(table = %request.table, request = %request.id, "a snapshot request for a table no mapping reads: ignored");
+            return Ok(());
+        }
+        let known = state.requests.iter().any(|r| r.id == request.id)
+            || state
+                .tables
+                .values()
+                .any(|p| p.request.as_ref() == Some(&request.id));
+        if known {
+            return Ok(());
+        }
+        info!(table = %request.table, request = %request.id, filtered = request.filter.is_some(), "snapshot requested");
+        self.describe(&request.table).await?;
+        self.pending
+            .push_back((request.table.clone(), request.progress()));
+        state.requests.push(request);
+        Ok(())
+    }
+
     /// Start reading the next chunk when none is in flight.
     async fn start_next(&mut self) -> Result<(), SourceError> {
         if self.current.is_some() {
             return Ok(());
         }
-        let Some((name, after)) = self.pending.front().cloned() else {
+        let Some((name, progress)) = self.pending.front().cloned() else {
             return Ok(());
         };
         let table = self.described[&name].table.clone();
+        let (after, filter) = (progress.last_key, progress.filter);
         if after.is_none() {
             self.progress
                 .start(&name, snapshot::estimated_rows(&self.client, &table).await);
@@ -377,7 +476,12 @@ impl Snapshotter {
                 self.size,
             );
             tokio::spawn(async move {
-                snapshot::read_chunk(&client, &table, after.as_deref(), size, &marker).await
+                let chunk = snapshot::ChunkQuery {
+                    after: after.as_deref(),
+                    filter: filter.as_deref(),
+                    size,
+                };
+                snapshot::read_chunk(&client, &table, chunk, &marker).await
             })
         };
         self.current = Some(Current {
@@ -413,6 +517,10 @@ impl Snapshotter {
     /// it, a complete row (an insert's or update's whole new row, a delete) makes the
     /// table's snapshot row for that key a repeat of what the stream already gave.
     fn observe(&mut self, change: &ChangeEvent) {
+        // Nothing to snapshot (the usual case): nothing to look up, no name to build.
+        if self.described.is_empty() {
+            return;
+        }
         if let Some(described) = self.described.get_mut(&*change.source.qualified_name()) {
             let row = match change.op {
                 Operation::Insert | Operation::Update => change
@@ -477,7 +585,15 @@ impl Snapshotter {
             return Ok(Vec::new());
         }
         let read = chunk.rows.len();
-        let streamed = self.described[&name].streamed.as_ref();
+        let front = self
+            .pending
+            .front_mut()
+            .expect("the chunk's table is pending");
+        // A snapshot asked for sends every row it reads: that is what it was asked for.
+        let streamed = self.described[&name]
+            .streamed
+            .as_ref()
+            .filter(|_| front.1.request.is_none());
         let rows = chunk
             .rows
             .into_iter()
@@ -491,31 +607,31 @@ impl Snapshotter {
             .collect();
         debug!(table = %name, read, emitted = messages.len(), "chunk");
         self.progress.advance(read as u64);
-        let front = self
-            .pending
-            .front_mut()
-            .expect("the chunk's table is pending");
-        let last_key = chunk.last_key.or_else(|| front.1.clone());
+        let progress = TableProgress {
+            complete: chunk.complete,
+            last_key: chunk.last_key.or_else(|| front.1.last_key.clone()),
+            rows: front.1.rows + read as u64,
+            ..front.1.clone()
+        };
         if chunk.complete {
             self.pending.pop_front();
-            self.described.remove(&name);
+            if !self.pending.iter().any(|(table, _)| *table == name) {
+                self.described.remove(&name);
+            }
             self.progress.finish();
-            info!(table = %name, "table snapshotted");
+            info!(table = %name, request = progress.request, "table snapshotted");
         } else {
-            front.1 = last_key.clone();
+            front.1 = progress.clone();
         }
-        self.milestones
-            .push_back((position, name, last_key, chunk.complete));
+        self.milestones.push_back((position, name, progress));
         Ok(messages)
     }
 
     /// Everything up to `lsn` is durable: so are the chunks emitted up to it.
     fn durable(&mut self, lsn: PgLsn, state: &mut ConnectorState) {
         while self.milestones.front().is_some_and(|(at, ..)| *at <= lsn) {
-            let (_, table, last_key, complete) = self.milestones.pop_front().expect("checked");
-            state
-                .tables
-                .insert(table, TableProgress { complete, last_key });
+            let (_, table, progress) = self.milestones.pop_front().expect("checked");
+            state.record(table, progress);
         }
         state.position = Some(lsn.to_string());
     }

@@ -60,6 +60,8 @@ pub enum Decoded {
     /// A snapshot watermark (see [`super::snapshot`]): its marker, and the commit position
     /// of the transaction that wrote it.
     Watermark { position: PgLsn, marker: String },
+    /// A snapshot request (see `super::capture::request_snapshot`), as JSON.
+    Signal(String),
     /// Nothing to publish (relation layouts, types, origins, other logical messages).
     Nothing,
 }

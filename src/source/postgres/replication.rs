@@ -19,7 +19,7 @@ use tokio_postgres::config::Host;
 use super::{
     changes::{ChangeDecoder, ChangeError, Decoded},
     pgoutput::{self, DecodeError, Message},
-    snapshot::WATERMARK_PREFIX,
+    snapshot::{SIGNAL_PREFIX, WATERMARK_PREFIX},
 };
 use crate::{change::PgLsn, config::Secret};
 
@@ -159,6 +159,15 @@ impl ReplicationStream {
                     }
                     None => continue,
                 },
+                Some(ReplicationEvent::Message {
+                    transactional: true,
+                    prefix,
+                    content,
+                    ..
+                }) if prefix == SIGNAL_PREFIX => {
+                    let content = String::from_utf8_lossy(&content).into_owned();
+                    return Ok(Some(Decoded::Signal(content)));
+                }
                 Some(ReplicationEvent::KeepAlive { .. } | ReplicationEvent::Message { .. }) => {
                     continue
                 }

@@ -35,6 +35,8 @@ use crate::{
 
 /// The prefix of the watermark messages in the WAL.
 pub const WATERMARK_PREFIX: &str = "fhir-cdc-watermark";
+/// The prefix of snapshot requests in the WAL (see `capture::request_snapshot`).
+pub const SIGNAL_PREFIX: &str = "fhir-cdc-signal";
 
 /// Why the snapshot could not be taken.
 #[derive(Debug, thiserror::Error)]
@@ -173,37 +175,57 @@ pub struct Chunk {
     pub complete: bool,
 }
 
-/// Commit the low watermark `<marker>:low`, read up to `size` rows of `table` after `after`
-/// in key order (the whole table when it has no key), then commit `<marker>:high`.
+/// Which rows a chunk reads: up to `size` after the key `after`, of those matching
+/// `filter` (an SQL condition).
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkQuery<'a> {
+    pub after: Option<&'a [String]>,
+    pub filter: Option<&'a str>,
+    pub size: usize,
+}
+
+/// Commit the low watermark `<marker>:low`, read the chunk `query` says of `table` in key
+/// order (the whole table when it has no key), then commit `<marker>:high`.
 pub async fn read_chunk(
     client: &Client,
     table: &ChunkTable,
-    after: Option<&[String]>,
-    size: usize,
+    query: ChunkQuery<'_>,
     marker: &str,
 ) -> Result<Chunk, SnapshotError> {
+    let ChunkQuery {
+        after,
+        filter,
+        size,
+    } = query;
     let fail = |e: tokio_postgres::Error| SnapshotError::Read {
         table: table.name.clone(),
         source: e,
     };
-    let select = if table.key.is_empty() {
-        format!("SELECT * FROM {}", table.quoted)
-    } else {
-        let columns = table
-            .key
+    // The request's condition, and for a keyed table the key after the last one read.
+    let mut conditions: Vec<String> = filter.map(|f| format!("({f})")).into_iter().collect();
+    let columns = table
+        .key
+        .iter()
+        .map(|k| quote_ident(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if let (Some(last), false) = (after, table.key.is_empty()) {
+        let values = last
             .iter()
-            .map(|k| quote_ident(k))
+            .zip(&table.key_types)
+            .map(|(v, t)| format!("{}::{t}", quote_literal(v)))
             .collect::<Vec<_>>()
             .join(", ");
-        let filter = after.map_or(String::new(), |last| {
-            let values = last
-                .iter()
-                .zip(&table.key_types)
-                .map(|(v, t)| format!("{}::{t}", quote_literal(v)))
-                .collect::<Vec<_>>()
-                .join(", ");
-            format!(" WHERE ({columns}) > ({values})")
-        });
+        conditions.push(format!("({columns}) > ({values})"));
+    }
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conditions.join(" AND "))
+    };
+    let select = if table.key.is_empty() {
+        format!("SELECT * FROM {}{filter}", table.quoted)
+    } else {
         format!(
             "SELECT * FROM {}{filter} ORDER BY {columns} LIMIT {size}",
             table.quoted
