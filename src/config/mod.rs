@@ -115,7 +115,7 @@ pub struct Named {
 pub struct SnapshotConfig {
     /// When to snapshot; default `initial`.
     pub mode: Option<SnapshotMode>,
-    /// Rows per snapshot chunk (`snapshot.chunk.size`); default 4096.
+    /// Rows per snapshot chunk (`snapshot.chunk.size`); default 1024.
     pub chunk: Option<ChunkConfig>,
 }
 
@@ -326,10 +326,9 @@ impl PostgresConfig {
     }
 }
 
-/// Debezium's default `incremental.snapshot.chunk.size` is 1024; reading is cheaper per row
-/// in larger chunks (two watermarks and one indexed query each), and 4096 rows of a wide lab
-/// table stay a few MiB.
-const DEFAULT_CHUNK_SIZE: usize = 4096;
+/// Debezium's default `incremental.snapshot.chunk.size`. Larger chunks held more rows at
+/// once without reading faster (benches/snapshot.sh, README).
+const DEFAULT_CHUNK_SIZE: usize = 1024;
 
 fn default_object_name(connector: &str) -> String {
     format!(
@@ -473,6 +472,14 @@ impl ConnectorConfig {
                 "kafka.bootstrap.servers",
                 "missing: list the Kafka brokers as host:port[,host:port…]".into(),
             ));
+        }
+        if let SourceConfig::Postgres(pg) = &self.source {
+            if pg.snapshot_chunk_size() == 0 {
+                return Err((
+                    "source.snapshot.chunk.size",
+                    "0 rows per chunk would read nothing: use at least 1 (default 1024)".into(),
+                ));
+            }
         }
         let registry = &self.schema_registry.url;
         if !(registry.starts_with("http://") || registry.starts_with("https://")) {
@@ -625,6 +632,10 @@ url = "http://localhost:8081"
             (
                 VALID.replace("http://localhost:8081", "localhost:8081"),
                 "schema_registry.url",
+            ),
+            (
+                VALID.replace("[kafka]", "snapshot.chunk.size = 0\n[kafka]"),
+                "source.snapshot.chunk.size",
             ),
         ];
         for (text, field) in cases {

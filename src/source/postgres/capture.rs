@@ -157,7 +157,7 @@ impl Source for PostgresSource {
             size: self.chunk_size,
             pending: state.unfinished(&qualified).into(),
             described: HashMap::new(),
-            current: None,
+            chunks: VecDeque::new(),
             sequence: 0,
             milestones: VecDeque::new(),
             progress: Progress::new("snapshot"),
@@ -303,7 +303,10 @@ struct Snapshotter {
     pending: VecDeque<(String, TableProgress)>,
     /// The tables still to snapshot, by `schema.table`.
     described: HashMap<String, Described>,
-    current: Option<Current>,
+    /// The chunks in flight, oldest first: at most two, the second read while the first
+    /// waits for its high watermark in the stream (their windows never overlap: a chunk's
+    /// low watermark is committed after the previous one's high watermark).
+    chunks: VecDeque<Current>,
     sequence: u64,
     /// Chunks emitted and not yet durable: their high watermark's position, their table,
     /// and its progress with them.
@@ -372,7 +375,7 @@ struct Current {
 
 impl Snapshotter {
     fn reading(&self) -> bool {
-        self.current.as_ref().is_some_and(|c| c.task.is_some())
+        self.chunks.iter().any(|c| c.task.is_some())
     }
 
     /// Read the layout and key of every table still to snapshot, before the stream starts,
@@ -452,16 +455,23 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// Start reading the next chunk when none is in flight.
+    /// Start reading the next chunk: the first of the next snapshot when none is in flight,
+    /// or the one after a chunk whose read is done (the reading then overlaps with the
+    /// stream catching up to that chunk's high watermark and with its rows being mapped).
     async fn start_next(&mut self) -> Result<(), SourceError> {
-        if self.current.is_some() {
-            return Ok(());
-        }
+        let after = match (self.chunks.len(), self.chunks.back()) {
+            (0, _) => None,
+            (1, Some(last)) => match &last.chunk {
+                Some(chunk) if !chunk.complete => Some(chunk.last_key.clone()),
+                _ => return Ok(()),
+            },
+            _ => return Ok(()),
+        };
         let Some((name, progress)) = self.pending.front().cloned() else {
             return Ok(());
         };
         let table = self.described[&name].table.clone();
-        let (after, filter) = (progress.last_key, progress.filter);
+        let (after, filter) = (after.unwrap_or(progress.last_key), progress.filter);
         if after.is_none() {
             self.progress
                 .start(&name, snapshot::estimated_rows(&self.client, &table).await);
@@ -484,7 +494,7 @@ impl Snapshotter {
                 snapshot::read_chunk(&client, &table, chunk, &marker).await
             })
         };
-        self.current = Some(Current {
+        self.chunks.push_back(Current {
             table,
             marker,
             task: Some(task),
@@ -496,14 +506,12 @@ impl Snapshotter {
         Ok(())
     }
 
-    /// Wait for the chunk's read to end.
+    /// Wait for the read in flight to end.
     async fn read(&mut self) -> Result<(), SourceError> {
-        let Some(current) = self.current.as_mut() else {
+        let Some(current) = self.chunks.iter_mut().find(|c| c.task.is_some()) else {
             return Ok(());
         };
-        let Some(task) = current.task.as_mut() else {
-            return Ok(());
-        };
+        let task = current.task.as_mut().expect("found by its task");
         let chunk = task
             .await
             .map_err(|e| SourceError::Connector(format!("the snapshot reader failed: {e}")))?
@@ -540,7 +548,7 @@ impl Snapshotter {
                 }
             }
         }
-        let Some(current) = self.current.as_mut().filter(|c| c.open) else {
+        let Some(current) = self.chunks.iter_mut().find(|c| c.open) else {
             return;
         };
         if change.source.schema != current.table.source.schema
@@ -566,7 +574,7 @@ impl Snapshotter {
         let Some((of, edge)) = marker.rsplit_once(':') else {
             return Ok(Vec::new());
         };
-        let Some(current) = self.current.as_mut().filter(|c| c.marker == of) else {
+        let Some(current) = self.chunks.iter_mut().find(|c| c.marker == of) else {
             // Another connector's, or an earlier run's.
             return Ok(Vec::new());
         };
@@ -574,10 +582,11 @@ impl Snapshotter {
             current.open = true;
             return Ok(Vec::new());
         }
+        // Windows close in the order they opened: this is the oldest chunk.
         if current.chunk.is_none() {
             self.read().await?;
         }
-        let current = self.current.take().expect("a chunk is in flight");
+        let current = self.chunks.pop_front().expect("a chunk is in flight");
         let chunk = current.chunk.expect("read before its high watermark");
         let name = current.table.name.clone();
         if current.table.key.is_empty() && current.any_change {
@@ -594,13 +603,15 @@ impl Snapshotter {
             .streamed
             .as_ref()
             .filter(|_| front.1.request.is_none());
-        let rows = chunk
-            .rows
-            .into_iter()
-            .filter(|(key, _)| {
-                !current.changed.contains(key) && !streamed.is_some_and(|s| s.contains(key))
-            })
-            .map(|(_, row)| row);
+        // A row's key is worked out only when some key is to be left out.
+        let streamed = streamed.filter(|s| !s.is_empty());
+        let table = &current.table;
+        let rows = chunk.rows.into_iter().filter(|row| {
+            (current.changed.is_empty() && streamed.is_none())
+                || table.key_of(row).is_none_or(|key| {
+                    !current.changed.contains(&key) && !streamed.is_some_and(|s| s.contains(&key))
+                })
+        });
         let at = Position::Postgres(position);
         let messages: Vec<SourceMessage> = snapshot::chunk_changes(&current.table, rows, &at)
             .map(SourceMessage::Change)
@@ -637,7 +648,7 @@ impl Snapshotter {
     }
 
     fn abort(&mut self) {
-        if let Some(task) = self.current.take().and_then(|c| c.task) {
+        for task in self.chunks.drain(..).filter_map(|c| c.task) {
             task.abort();
         }
     }

@@ -167,8 +167,8 @@ impl ChunkTable {
 /// One chunk as read between its watermarks.
 #[derive(Debug)]
 pub struct Chunk {
-    /// The rows read, in key order, each with its key ([`ChunkTable::key_of`]).
-    pub rows: Vec<(String, Row)>,
+    /// The rows read, in key order.
+    pub rows: Vec<Row>,
     /// The last row's key as text, to continue after.
     pub last_key: Option<Vec<String>>,
     /// Fewer rows than asked: the table is read to its end.
@@ -247,15 +247,13 @@ pub async fn read_chunk(
         .batch_execute(&watermark("high"))
         .await
         .map_err(fail)?;
-    let mut rows = Vec::new();
+    let mut rows = Vec::with_capacity(messages.len());
     let mut last_key = None;
-    for message in &messages {
+    // Each message's text is dropped once parsed: a chunk is held once, not twice.
+    for message in messages {
         let SimpleQueryMessage::Row(row) = message else {
             continue;
         };
-        let parsed = table.row(row);
-        let key = table.key_of(&parsed).unwrap_or_default();
-        rows.push((key, parsed));
         last_key = Some(
             table
                 .key_at
@@ -263,6 +261,7 @@ pub async fn read_chunk(
                 .map(|at| row.get(*at).unwrap_or_default().to_owned())
                 .collect(),
         );
+        rows.push(table.row(&row));
     }
     Ok(Chunk {
         complete: table.key.is_empty() || rows.len() < size,
