@@ -18,7 +18,7 @@ use serde_json::{Map, Value as Json};
 use crate::{
     canonical::{registry::EventCodec, CanonicalEvent, EventOp},
     config::ConnectorConfig,
-    sink::kafka::{offset_at, TopicReader},
+    consumer::topics::{offset_at, TopicReader},
 };
 
 #[derive(Debug, Args)]

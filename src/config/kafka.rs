@@ -27,6 +27,15 @@ impl KafkaProperties {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
+    /// A librdkafka client configuration holding exactly these properties.
+    pub fn client_config(&self) -> rdkafka::ClientConfig {
+        let mut config = rdkafka::ClientConfig::new();
+        for (name, value) in self.iter() {
+            config.set(name, value);
+        }
+        config
+    }
+
     /// Whether a property's value must never be printed (passwords, keys, tokens).
     pub fn is_sensitive(name: &str) -> bool {
         [

@@ -32,13 +32,14 @@ use tokio_postgres::NoTls;
 use super::{
     config::ProjectorConfig,
     projection::{self, Coordinates, Entry, Prepared},
+    topics::TopicReader,
 };
 use crate::{
     canonical::{instant, registry::EventCodec},
     config::{ConnectorConfig, KafkaProperties},
     mapping,
     pipeline::{dead_letter, mapper_for, topic_specs},
-    sink::kafka::{ensure_topics, Producer, TopicReader},
+    sink::kafka::{ensure_topics, Producer},
 };
 
 /// The side of the projector's dead letters (a connector may not take this name).

@@ -48,7 +48,7 @@ use super::{
 use crate::{
     canonical::registry::EventCodec,
     observe::{self, progress::Progress, projector::Metrics},
-    sink::kafka::{client_config, ensure_topics, offset_at, Producer, TopicSpec},
+    sink::kafka::{ensure_topics, Producer, TopicSpec},
 };
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -238,7 +238,7 @@ async fn project(
         projection::forget_offsets(db, schema, &group).await?;
     }
 
-    let mut kafka = client_config(&config.kafka);
+    let mut kafka = config.kafka.client_config();
     kafka
         .set("group.id", &group)
         .set("enable.auto.commit", "false")
@@ -514,9 +514,11 @@ async fn start_where_the_projection_is(
                     .fetch_watermarks(topic, *partition, METADATA_TIMEOUT)
                     .map_err(|e| ProjectError::Kafka(e.to_string()))?;
                 let start = match replay_from {
-                    Some(ReplayFrom::Time(since)) => offset_at(consumer, topic, *partition, *since)
-                        .map_err(ProjectError::Kafka)?
-                        .unwrap_or(high),
+                    Some(ReplayFrom::Time(since)) => {
+                        super::topics::offset_at(consumer, topic, *partition, *since)
+                            .map_err(ProjectError::Kafka)?
+                            .unwrap_or(high)
+                    }
                     Some(ReplayFrom::Offsets(offsets)) => {
                         match offsets.get(&(topic.clone(), *partition)) {
                             Some(&from) if from < low => {

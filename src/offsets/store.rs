@@ -10,7 +10,8 @@ use rdkafka::Message;
 use super::state::ConnectorState;
 use crate::{
     config::KafkaProperties,
-    sink::kafka::{ensure_topics, Producer, SinkError, TopicReader, TopicSpec},
+    consumer::topics::TopicReader,
+    sink::kafka::{ensure_topics, Producer, SinkError, TopicSpec},
 };
 
 /// Why the state could not be read or written.

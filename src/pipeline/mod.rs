@@ -21,20 +21,16 @@
 pub mod dead_letter;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
-    fmt,
+    collections::{BTreeMap, BTreeSet},
     future::Future,
     time::Duration,
 };
 
-use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use ::metrics::Counter;
-
-use crate::observe::{self, pipeline::Metrics};
+use crate::observe::pipeline::Metrics;
 use crate::{
     canonical::{
         self,
@@ -44,8 +40,11 @@ use crate::{
     change::SourceMessage,
     config::ConnectorConfig,
     mapping::{self, MapContext, MapError, MapFailure, Mapper, Mapping},
-    offsets::{AckTracker, ConnectorState, StateError, StateStore},
-    sink::kafka::{ensure_topics, message_limits, Delivery, SinkError, StreamProducer, TopicSpec},
+    offsets::{ConnectorState, StateError, StateStore},
+    sink::{
+        kafka::{ensure_topics, message_limits, Delivery, SinkError, StreamProducer, TopicSpec},
+        window::DeliveryWindow,
+    },
     source::{Source, SourceError, SourceIo},
 };
 
@@ -377,75 +376,6 @@ struct Destinations {
     connector: String,
 }
 
-/// A message sent, by the id it was sent with: its change's position, and for an event its
-/// table's acknowledgement counter and commit time.
-struct InFlight<P> {
-    position: P,
-    event: Option<(Counter, Option<DateTime<Utc>>)>,
-}
-
-/// Messages handed to librdkafka and not yet acknowledged, and the positions they hold back.
-struct Sink<P> {
-    producer: StreamProducer,
-    /// By id, from `first`, the oldest not answered yet, on. Ids are handed out in order and
-    /// Kafka mostly answers in that order; an answer that comes early leaves its place empty
-    /// until those before it came. So the length is the window from the oldest message
-    /// waiting to the newest: bounding it bounds this and the tracker, also when one topic
-    /// stalls while others are answered.
-    in_flight: VecDeque<Option<InFlight<P>>>,
-    first: usize,
-    tracker: AckTracker<P>,
-}
-
-impl<P: Ord + Clone + fmt::Debug> Sink<P> {
-    /// Hand one message to librdkafka (which copies it); its acknowledgement counts for
-    /// `position`.
-    async fn send(
-        &mut self,
-        (topic, key, payload): (&str, &str, &[u8]),
-        headers: &[(&str, &str)],
-        position: &P,
-        event: Option<(Counter, Option<DateTime<Utc>>)>,
-    ) -> Result<(), SinkError> {
-        let id = self.first + self.in_flight.len();
-        self.producer.send(id, topic, key, payload, headers).await?;
-        self.in_flight.push_back(Some(InFlight {
-            position: position.clone(),
-            event,
-        }));
-        Ok(())
-    }
-
-    /// Count Kafka's answer about message `id`. A message Kafka refused after its retries
-    /// stops the connector: nothing after it is acknowledged, so a restart writes it again.
-    fn delivered(
-        &mut self,
-        (id, result): Delivery,
-        commit_to_ack: &metrics::Histogram,
-    ) -> Result<(), SinkError> {
-        let Some(InFlight { position, event }) = id
-            .checked_sub(self.first)
-            .and_then(|at| self.in_flight.get_mut(at))
-            .and_then(Option::take)
-        else {
-            return Ok(());
-        };
-        while let Some(None) = self.in_flight.front() {
-            self.in_flight.pop_front();
-            self.first += 1;
-        }
-        result?;
-        if let Some((acked, commit_time)) = event {
-            acked.increment(1);
-            if let Some(commit_time) = commit_time {
-                commit_to_ack.record(observe::seconds_since(commit_time));
-            }
-        }
-        self.tracker.acknowledge(&position);
-        Ok(())
-    }
-}
-
 /// The mapping stage and the sink, as one loop: map each change, encode its events and
 /// dead letters and hand them to librdkafka; count Kafka's acknowledgements and pass each
 /// newly safe position on to the source. Takes no more changes while the messages from the
@@ -469,12 +399,7 @@ async fn map_and_send<S: Source>(
 ) -> Result<RunSummary, RunError> {
     let mut summary = RunSummary::default();
     let mut measured = Metrics::new(&to.connector);
-    let mut sink = Sink {
-        producer,
-        in_flight: VecDeque::with_capacity(MAX_IN_FLIGHT + RECEIVE_BATCH),
-        first: 0,
-        tracker: AckTracker::default(),
-    };
+    let mut sink = DeliveryWindow::new(producer, MAX_IN_FLIGHT + RECEIVE_BATCH);
     let (mut key, mut payload) = (String::new(), Vec::with_capacity(1024));
     let mut batch = Vec::with_capacity(RECEIVE_BATCH);
     let mut reports = Vec::with_capacity(MAX_IN_FLIGHT);
@@ -483,12 +408,12 @@ async fn map_and_send<S: Source>(
         ready = ready => ready?,
         () = stop.cancelled() => return Ok(summary),
     };
-    while open || !sink.in_flight.is_empty() {
-        measured.in_flight.set(sink.in_flight.len() as f64);
+    while open || !sink.is_empty() {
+        measured.in_flight.set(sink.len() as f64);
         tokio::select! {
             biased;
             // Acknowledgements first: they free room and let positions advance.
-            reported = deliveries.recv_many(&mut reports, MAX_IN_FLIGHT), if !sink.in_flight.is_empty() => {
+            reported = deliveries.recv_many(&mut reports, MAX_IN_FLIGHT), if !sink.is_empty() => {
                 if reported == 0 {
                     return Err(SinkError::Delivery("the producer stopped reporting deliveries".into()).into());
                 }
@@ -498,7 +423,7 @@ async fn map_and_send<S: Source>(
             }
             // Many at once: taking one change at a time from a full channel woke the source
             // for every change, and the two threads took turns instead of working.
-            taken = received.recv_many(&mut batch, RECEIVE_BATCH), if open && sink.in_flight.len() < MAX_IN_FLIGHT => {
+            taken = received.recv_many(&mut batch, RECEIVE_BATCH), if open && sink.len() < MAX_IN_FLIGHT => {
                 if taken == 0 {
                     open = false;
                     continue;
@@ -508,7 +433,7 @@ async fn map_and_send<S: Source>(
                     let change = match message {
                         SourceMessage::Progress(position) => {
                             if let Some(position) = S::position(&position) {
-                                sink.tracker.complete(position);
+                                sink.complete(position);
                             }
                             continue;
                         }
@@ -533,7 +458,7 @@ async fn map_and_send<S: Source>(
                     table.mapped.increment(outcome.events.len() as u64);
                     // A change without messages (a suppressed no-op, a table without a
                     // mapping) is safe at once.
-                    sink.tracker.track(position.clone(), outcome.events.len() + outcome.failures.len());
+                    sink.track(position.clone(), outcome.events.len() + outcome.failures.len());
                     let mut failures = outcome.failures;
                     for event in &outcome.events {
                         let topic = event.topic(&to.prefix);
@@ -563,7 +488,7 @@ async fn map_and_send<S: Source>(
                 }
             }
         }
-        if let Some(safe) = sink.tracker.safe() {
+        if let Some(safe) = sink.safe() {
             if acked.borrow().as_ref() != Some(safe) {
                 summary.acknowledged = Some(safe.to_string());
                 acked.send_replace(Some(safe.clone()));
@@ -571,60 +496,4 @@ async fn map_and_send<S: Source>(
         }
     }
     Ok(summary)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Kafka's answers out of order: the window keeps its oldest unanswered message, a
-    /// position is safe only once every message at or before it is answered, and the
-    /// window empties once all are. (The producer is never connected: librdkafka queues.)
-    use crate::change::PgLsn;
-
-    #[tokio::test]
-    async fn the_window_of_messages_in_flight_starts_at_the_oldest_unanswered() {
-        let properties = toml::from_str(r#""bootstrap.servers" = "127.0.0.1:9""#).unwrap();
-        let (producer, _reports) = StreamProducer::new(&properties).unwrap();
-        let mut sink = Sink {
-            producer,
-            in_flight: VecDeque::new(),
-            first: 0,
-            tracker: AckTracker::default(),
-        };
-        // Ids 0 and 1 for the transaction at 10, 2 for the one at 20, 3 for the one at 30.
-        for (lsn, messages) in [(10, 2), (20, 1), (30, 1)] {
-            sink.tracker.track(PgLsn(lsn), messages);
-            for _ in 0..messages {
-                let message = ("t", "k", &b"v"[..]);
-                sink.send(message, &[], &PgLsn(lsn), None).await.unwrap();
-            }
-            sink.tracker.complete(PgLsn(lsn));
-        }
-        let histogram = metrics::Histogram::noop();
-        let answer = |sink: &mut Sink<PgLsn>, id| sink.delivered((id, Ok((0, 0))), &histogram);
-
-        answer(&mut sink, 2).unwrap();
-        answer(&mut sink, 1).unwrap();
-        assert_eq!(
-            (sink.first, sink.in_flight.len()),
-            (0, 4),
-            "id 0 holds the window"
-        );
-        assert_eq!(sink.tracker.safe(), None);
-
-        answer(&mut sink, 0).unwrap();
-        assert_eq!((sink.first, sink.in_flight.len()), (3, 1));
-        assert_eq!(sink.tracker.safe(), Some(&PgLsn(20)));
-
-        // An answer about an id no longer (or never) in flight changes nothing.
-        answer(&mut sink, 1).unwrap();
-        answer(&mut sink, 7).unwrap();
-        assert_eq!((sink.first, sink.in_flight.len()), (3, 1));
-
-        let refused = sink.delivered((3, Err(SinkError::Delivery("refused".into()))), &histogram);
-        assert!(refused.is_err(), "a refused message stops the stage");
-        assert!(sink.in_flight.is_empty());
-        assert_eq!(sink.tracker.safe(), Some(&PgLsn(20)), "30 is not safe");
-    }
 }

@@ -1,3 +1,6 @@
-//! Where canonical events go.
+//! Where canonical events go: Kafka's producer and admin clients ([`kafka`]), and the
+//! window of messages in flight whose acknowledgements make source positions safe
+//! ([`window`]).
 
 pub mod kafka;
+pub mod window;
