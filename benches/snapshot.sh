@@ -19,22 +19,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . integration-tests/stack/env
 ROWS=${1:-300000}
-BIN=${FHIR_CDC_BIN:-target/release/fhir-cdc}
 NAME=snapbench_$(date +%s)
-DIR=$(mktemp -d)
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-sql() { psql "$FHIR_CDC_PG_URL" -q -X -v ON_ERROR_STOP=1 "$@"; }
-hz=$(getconf CLK_TCK)
-cpu_of() { awk -v hz="$hz" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0; }
-busy() { awk -v hz="$hz" '/^cpu / { printf "%.2f", ($2 + $3 + $4 + $7 + $8 + $9) / hz }' /proc/stat; }
+. benches/lib.sh
 run_pid=
 cleanup() {
   [ -n "$run_pid" ] && kill "$run_pid" 2>/dev/null && wait "$run_pid" 2>/dev/null
-  for _ in $(seq 100); do
-    [ "$(sql -At -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '$NAME'")" = 0 ] && break
-    sql -At -c "SELECT pg_drop_replication_slot('$NAME') WHERE NOT EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = '$NAME' AND active)" >/dev/null 2>&1 || true
-    sleep 0.1
-  done
+  drop_slot "$NAME"
   sql -c "DROP PUBLICATION IF EXISTS $NAME" -c "DROP SCHEMA IF EXISTS $NAME CASCADE" >/dev/null 2>&1 || true
   rm -rf "$DIR"
 }

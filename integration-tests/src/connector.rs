@@ -101,6 +101,55 @@ pub fn exit_within(
     }
 }
 
+/// Every event of partition 0 of `topic`, decoded through the stack's registry — asked
+/// again for a minute while it fails transiently (it keeps its schemas in the stack's
+/// PostgreSQL, which a fault test restarts).
+pub async fn events_of(topic: &str) -> Vec<fhir_cdc::canonical::CanonicalEvent> {
+    let codec = stack::codec();
+    let mut events = Vec::new();
+    for bytes in read_for(topic, usize::MAX, Duration::from_secs(3)).await {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let event = loop {
+            match codec.decode(&bytes).await {
+                Err(e) if e.is_transient() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                decoded => break decoded.unwrap(),
+            }
+        };
+        events.push(event);
+    }
+    events
+}
+
+/// Each lab result's latest state among `events`: resource id → `valueQuantity.value` of
+/// its highest version.
+pub fn latest_values(
+    events: &[fhir_cdc::canonical::CanonicalEvent],
+) -> std::collections::BTreeMap<String, String> {
+    let mut latest: std::collections::BTreeMap<&str, &fhir_cdc::canonical::CanonicalEvent> =
+        std::collections::BTreeMap::new();
+    for event in events {
+        let entry = latest.entry(&event.resource_id).or_insert(event);
+        if event.resource_version > entry.resource_version {
+            *entry = event;
+        }
+    }
+    latest
+        .into_iter()
+        .map(|(id, event)| {
+            let resource = event
+                .resource
+                .as_ref()
+                .expect("a result is never deleted here");
+            (
+                id.to_owned(),
+                resource.to_json()["valueQuantity"]["value"].to_string(),
+            )
+        })
+        .collect()
+}
+
 /// Every message of partition 0 of `topic`, read until `count` arrived or `wait` passed.
 pub async fn read_for(topic: &str, count: usize, wait: Duration) -> Vec<Vec<u8>> {
     let consumer: StreamConsumer = ClientConfig::new()
@@ -235,10 +284,7 @@ pub async fn await_streaming(client: &tokio_postgres::Client, slot: &str, log: &
 /// every mapped table is complete: from then on, a restart reads no table again.
 pub async fn await_snapshotted(config: &Path, log: &Path) {
     let config = fhir_cdc::config::ConnectorConfig::load(config).unwrap();
-    let store =
-        fhir_cdc::offsets::StateStore::open(&config.kafka, &config.state_topic(), &config.name, 1)
-            .await
-            .unwrap();
+    let store = fhir_cdc::offsets::StateStore::of(&config).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let state = store.load().await.unwrap();

@@ -250,6 +250,46 @@ prefix = "{prefix}"
     config
 }
 
+/// `rows` lab results (value 90, status F) in `table`, ids from the sequence.
+pub async fn insert_results(client: &tokio_postgres::Client, table: &str, rows: i64) {
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} (accession_no, mrn, test_code, value_numeric, units, result_status, collected_at)
+             SELECT 'A24-' || i, 'M000001', 'GLU', 90, 'mg/dL', 'F', '2024-03-05 14:30:00'
+               FROM generate_series(1, {rows}) AS i"
+        ))
+        .await
+        .unwrap();
+}
+
+/// Each lab result of `table` as its Observation's id → `value_numeric` as text.
+pub async fn result_values(
+    client: &tokio_postgres::Client,
+    table: &str,
+) -> std::collections::BTreeMap<String, String> {
+    client
+        .query(
+            &format!("SELECT result_id, value_numeric::text FROM {table}"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (format!("result-{}", r.get::<_, i32>(0)), r.get(1)))
+        .collect()
+}
+
+/// Add `setting` (a `[source]` line such as `snapshot.chunk.size = 500`) to the connector
+/// config `connector_config` wrote.
+pub fn add_source_setting(config: &Path, setting: &str) {
+    let text = std::fs::read_to_string(config).unwrap().replace(
+        "heartbeat.interval.ms = 500",
+        &format!("heartbeat.interval.ms = 500\n{setting}"),
+    );
+    assert!(text.contains(setting), "{text}");
+    std::fs::write(config, text).unwrap();
+}
+
 /// A client of the stack's PostgreSQL (its connection driven in the background).
 pub async fn pg_client() -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(&pg_url(), tokio_postgres::NoTls)

@@ -68,6 +68,21 @@ fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
 /// Exit status for a configuration the program cannot use at all.
 pub const EXIT_BAD_CONFIG: u8 = 2;
 
+/// The tables `config`'s mappings read, as `schema.table`; a configuration without
+/// mappings, or whose mappings do not load, is unusable here.
+fn mapped_tables(config: &crate::config::ConnectorConfig) -> Result<Vec<String>, (u8, String)> {
+    let bad = |message: String| (EXIT_BAD_CONFIG, message);
+    let mappings = config
+        .mappings
+        .as_ref()
+        .ok_or_else(|| bad("the configuration has no [mappings]".into()))?;
+    let mappings = crate::mapping::load_dir(&mappings.path).map_err(|e| bad(e.to_string()))?;
+    Ok(crate::mapping::source_tables(&mappings)
+        .into_iter()
+        .map(|(schema, table)| format!("{schema}.{table}"))
+        .collect())
+}
+
 impl Cli {
     /// The async workers the subcommand wants, when not the runtime's default (one per
     /// core, or `TOKIO_WORKER_THREADS`). `run` wants one: its mapping stage has a thread of

@@ -7,7 +7,6 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use crate::{
     config::{ConnectorConfig, SourceConfig},
-    mapping,
     offsets::{ConnectorState, StateStore, TableProgress},
     source::postgres::capture,
 };
@@ -75,14 +74,7 @@ async fn offsets(args: OffsetsArgs) -> Result<ExitCode, Failure> {
     };
     let config =
         ConnectorConfig::load(config_path).map_err(|e| (super::EXIT_BAD_CONFIG, e.to_string()))?;
-    let store = StateStore::open(
-        &config.kafka,
-        &config.state_topic(),
-        &config.name,
-        config.topics.replication_factor,
-    )
-    .await
-    .map_err(failed)?;
+    let store = StateStore::of(&config).await.map_err(failed)?;
     let stored = store.load().await.map_err(failed)?;
     let OffsetsCommand::Reset { to, table, yes, .. } = args.command else {
         match stored {
@@ -128,15 +120,9 @@ async fn offsets(args: OffsetsArgs) -> Result<ExitCode, Failure> {
             ))
         }
         (Target::End, None) => {
-            let mappings = config.mappings.as_ref().ok_or((
-                super::EXIT_BAD_CONFIG,
-                "the configuration has no [mappings]".to_owned(),
-            ))?;
-            let mappings = mapping::load_dir(&mappings.path)
-                .map_err(|e| (super::EXIT_BAD_CONFIG, e.to_string()))?;
-            for (schema, table) in mapping::source_tables(&mappings) {
+            for table in super::mapped_tables(&config)? {
                 state.tables.insert(
-                    format!("{schema}.{table}"),
+                    table,
                     TableProgress {
                         complete: true,
                         ..TableProgress::default()

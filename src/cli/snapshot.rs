@@ -14,7 +14,6 @@ use clap::Args;
 
 use crate::{
     config::{ConnectorConfig, SourceConfig},
-    mapping,
     offsets::{SnapshotRequest, StateStore},
     source::postgres::capture,
 };
@@ -58,29 +57,14 @@ async fn snapshot(args: SnapshotArgs) -> Result<(), (u8, String)> {
             config.source.kind()
         )));
     };
-    let mappings = config
-        .mappings
-        .as_ref()
-        .ok_or_else(|| bad("the configuration has no [mappings]".into()))?;
-    let mappings = mapping::load_dir(&mappings.path).map_err(|e| bad(e.to_string()))?;
-    let mapped = mapping::source_tables(&mappings)
-        .iter()
-        .any(|(schema, table)| format!("{schema}.{table}") == args.table);
-    if !mapped {
+    if !super::mapped_tables(&config)?.contains(&args.table) {
         return Err(bad(format!(
             "no mapping reads table `{}` (write it as schema.table)",
             args.table
         )));
     }
     let failed = |e: &dyn std::fmt::Display| (1, e.to_string());
-    let store = StateStore::open(
-        &config.kafka,
-        &config.state_topic(),
-        &config.name,
-        config.topics.replication_factor,
-    )
-    .await
-    .map_err(|e| failed(&e))?;
+    let store = StateStore::of(&config).await.map_err(|e| failed(&e))?;
     let millis = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());

@@ -9,7 +9,7 @@ use rdkafka::Message;
 
 use super::state::ConnectorState;
 use crate::{
-    config::KafkaProperties,
+    config::{ConnectorConfig, KafkaProperties},
     consumer::topics::TopicReader,
     sink::kafka::{ensure_topics, Producer, SinkError, TopicSpec},
 };
@@ -59,6 +59,17 @@ impl StateStore {
             topic: topic.to_owned(),
             connector: connector.to_owned(),
         })
+    }
+
+    /// The store of `config`'s connector, in its state topic.
+    pub async fn of(config: &ConnectorConfig) -> Result<Self, StateError> {
+        Self::open(
+            &config.kafka,
+            &config.state_topic(),
+            &config.name,
+            config.topics.replication_factor,
+        )
+        .await
     }
 
     /// The last state saved, `None` when there is none (or it was deleted).

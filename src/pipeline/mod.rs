@@ -240,13 +240,7 @@ pub async fn run<S: Source>(
     // and encoding. It owns the sender: when it ends, the channel closes and the stage
     // drains. It starts from the stored state.
     let source = async {
-        let store = StateStore::open(
-            &config.kafka,
-            &config.state_topic(),
-            &config.name,
-            config.topics.replication_factor,
-        )
-        .await?;
+        let store = StateStore::of(config).await?;
         let stored = store.load().await?;
         match &stored {
             Some(state) => info!(position = state.position, "resuming from the stored state"),

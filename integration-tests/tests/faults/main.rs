@@ -16,7 +16,7 @@ use std::{
 
 use fhir_cdc::canonical::CanonicalEvent;
 use integration_tests::{
-    connector::{await_snapshotted, await_streaming, read_for, start, stop},
+    connector::{await_snapshotted, await_streaming, events_of, start, stop},
     stack,
 };
 use tokio_util::sync::CancellationToken;
@@ -101,13 +101,9 @@ async fn survives(name: &str, fault: impl Future<Output = ()>) {
         .iter()
         .map(|r| format!("result-{}", r.get::<_, i32>(0)))
         .collect();
-    let codec = stack::codec();
     let deadline = Instant::now() + Duration::from_secs(180);
     let events = loop {
-        let mut events = Vec::new();
-        for bytes in read_for(&topic, usize::MAX, Duration::from_secs(3)).await {
-            events.push(codec.decode(&bytes).await.unwrap());
-        }
+        let events = events_of(&topic).await;
         let arrived: BTreeSet<String> = events.iter().map(|e| e.resource_id.clone()).collect();
         if arrived.is_superset(&expected) || Instant::now() > deadline {
             let missing: Vec<_> = expected.difference(&arrived).take(5).collect();

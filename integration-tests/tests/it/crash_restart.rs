@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     connector::{
-        await_snapshotted, await_streaming, crash, drain, messages_in, read_for, start, stop,
+        await_snapshotted, await_streaming, crash, drain, events_of, latest_values, messages_in,
+        start, stop,
     },
     stack,
 };
@@ -50,17 +51,6 @@ fn distinct_events(events: &[CanonicalEvent]) -> (HashMap<&str, &CanonicalEvent>
         }
     }
     (by_id, repeats)
-}
-
-/// Every event of `topic`, decoded.
-async fn events_of(topic: &str) -> Vec<CanonicalEvent> {
-    let messages = read_for(topic, usize::MAX, Duration::from_secs(5)).await;
-    let codec = stack::codec();
-    let mut events = Vec::with_capacity(messages.len());
-    for bytes in &messages {
-        events.push(codec.decode(bytes).await.unwrap());
-    }
-    events
 }
 
 /// Transactions of the workload: odd ones insert 100 results, even ones update the 100
@@ -174,23 +164,12 @@ async fn killed_during_its_snapshot_the_connector_ends_with_every_rows_latest_st
     let schema = stack::unique("crashsnap");
     stack::create_lab_schema(&client, &schema).await;
     let table = format!("{schema}.lab_result");
-    client
-        .batch_execute(&format!(
-            "INSERT INTO {table} (accession_no, mrn, test_code, value_numeric, units, result_status, collected_at)
-             SELECT 'A24-' || i, 'M000001', 'GLU', 90, 'mg/dL', 'F', '2024-03-05 14:30:00'
-               FROM generate_series(1, {SNAPSHOT_ROWS}) AS i"
-        ))
-        .await
-        .unwrap();
+    stack::insert_results(&client, &table, SNAPSHOT_ROWS).await;
     let dir = std::env::temp_dir().join(&schema);
     stack::lab_mappings(&dir.join("mappings"), &schema, &["result.yaml"]);
     let prefix = stack::unique("fhircrashsnap");
     let config = stack::connector_config(&dir, &schema, &prefix, "");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "heartbeat.interval.ms = 500",
-        "heartbeat.interval.ms = 500\nsnapshot.chunk.size = 1000",
-    );
-    std::fs::write(&config, text).unwrap();
+    stack::add_source_setting(&config, "snapshot.chunk.size = 1000");
     let topic = format!("{prefix}.lab.Observation");
     let slot = format!("fhir_cdc_{schema}");
     let log = dir.join("run.log");
@@ -239,35 +218,11 @@ async fn killed_during_its_snapshot_the_connector_ends_with_every_rows_latest_st
     writer.await.unwrap();
 
     // Every row's latest state, as the latest version of its Observation.
-    let rows = client
-        .query(
-            &format!("SELECT result_id, value_numeric::text FROM {table}"),
-            &[],
-        )
-        .await
-        .unwrap();
-    let expected: BTreeMap<String, String> = rows
-        .iter()
-        .map(|r| (format!("result-{}", r.get::<_, i32>(0)), r.get(1)))
-        .collect();
+    let expected = stack::result_values(&client, &table).await;
     let deadline = Instant::now() + Duration::from_secs(120);
     let (latest, events) = loop {
         let events = events_of(&topic).await;
-        let mut latest: BTreeMap<String, (String, String)> = BTreeMap::new();
-        for event in &events {
-            let value =
-                event.resource.as_ref().unwrap().to_json()["valueQuantity"]["value"].to_string();
-            let entry = latest
-                .entry(event.resource_id.clone())
-                .or_insert_with(|| (event.resource_version.clone(), value.clone()));
-            if event.resource_version > entry.0 {
-                *entry = (event.resource_version.clone(), value);
-            }
-        }
-        let latest: BTreeMap<String, String> = latest
-            .into_iter()
-            .map(|(id, (_, value))| (id, value))
-            .collect();
+        let latest = latest_values(&events);
         if latest == expected || Instant::now() > deadline {
             break (latest, events);
         }

@@ -3,29 +3,19 @@
 //! snapshotted alone at the next start, its table added to the publication.
 
 use std::{
-    collections::BTreeMap,
     process::Command,
     time::{Duration, Instant},
 };
 
-use fhir_cdc::canonical::CanonicalEvent;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     connector::{
-        await_confirmed, await_snapshotted, await_streaming, current_lsn, read_for, start, stop,
+        await_confirmed, await_snapshotted, await_streaming, current_lsn, events_of, latest_values,
+        start, stop,
     },
     stack,
 };
-
-async fn events_of(topic: &str) -> Vec<CanonicalEvent> {
-    let codec = stack::codec();
-    let mut events = Vec::new();
-    for bytes in read_for(topic, usize::MAX, Duration::from_secs(3)).await {
-        events.push(codec.decode(&bytes).await.unwrap());
-    }
-    events
-}
 
 /// `fhir-cdc snapshot --config config <args>`: its exit code and stderr.
 fn snapshot(config: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
@@ -48,23 +38,12 @@ async fn a_requested_snapshot_while_writes_run_leaves_no_resource_older_than_its
     let schema = stack::unique("adhoc");
     stack::create_lab_schema(&client, &schema).await;
     let table = format!("{schema}.lab_result");
-    client
-        .batch_execute(&format!(
-            "INSERT INTO {table} (accession_no, mrn, test_code, value_numeric, units, result_status, collected_at)
-             SELECT 'A24-' || i, 'M000001', 'GLU', 90, 'mg/dL', 'F', '2024-03-05 14:30:00'
-               FROM generate_series(1, 3000) AS i"
-        ))
-        .await
-        .unwrap();
+    stack::insert_results(&client, &table, 3000).await;
     let dir = std::env::temp_dir().join(&schema);
     stack::lab_mappings(&dir.join("mappings"), &schema, &["result.yaml"]);
     let prefix = stack::unique("fhiradhoc");
     let config = stack::connector_config(&dir, &schema, &prefix, "");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "heartbeat.interval.ms = 500",
-        "heartbeat.interval.ms = 500\nsnapshot.chunk.size = 500",
-    );
-    std::fs::write(&config, text).unwrap();
+    stack::add_source_setting(&config, "snapshot.chunk.size = 500");
     let slot = format!("fhir_cdc_{schema}");
     let log = dir.join("run.log");
     let topic = format!("{prefix}.lab.Observation");
@@ -115,34 +94,12 @@ async fn a_requested_snapshot_while_writes_run_leaves_no_resource_older_than_its
     )
     .await;
 
-    let rows = client
-        .query(
-            &format!("SELECT result_id, value_numeric::text FROM {table}"),
-            &[],
-        )
-        .await
-        .unwrap();
-    let expected: BTreeMap<String, String> = rows
-        .iter()
-        .map(|r| (format!("result-{}", r.get::<_, i32>(0)), r.get(1)))
-        .collect();
+    let expected = stack::result_values(&client, &table).await;
     let events = events_of(&topic).await;
-    let mut latest: BTreeMap<&str, &CanonicalEvent> = BTreeMap::new();
-    for event in &events {
-        let entry = latest.entry(&event.resource_id).or_insert(event);
-        if event.resource_version > entry.resource_version {
-            *entry = event;
-        }
-    }
+    let latest = latest_values(&events);
     let stale: Vec<_> = expected
         .iter()
-        .filter(|(id, value)| {
-            latest.get(id.as_str()).is_none_or(|e| {
-                let shown =
-                    e.resource.as_ref().unwrap().to_json()["valueQuantity"]["value"].to_string();
-                shown != **value
-            })
-        })
+        .filter(|(id, value)| latest.get(*id) != Some(value))
         .take(5)
         .collect();
     assert!(stale.is_empty(), "resources behind their rows: {stale:?}");

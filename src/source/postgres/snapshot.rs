@@ -393,51 +393,17 @@ impl TableReader {
             progress,
         } = how;
         let client = &self.client;
-        let name = format!("{schema}.{table}");
+        let table =
+            ChunkTable::describe(client, &self.connector, &self.database, schema, table).await?;
         let fail = |e: tokio_postgres::Error| SnapshotError::Read {
-            table: name.clone(),
+            table: table.name.clone(),
             source: e,
         };
-        let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
-        // Column types come from the statement's description; values come as text.
-        let statement = client
-            .prepare(&format!("SELECT * FROM {qualified}"))
-            .await
-            .map_err(fail)?;
-        let names: Names = statement
-            .columns()
-            .iter()
-            .map(|c| c.name().into())
-            .collect();
-        let oids: Vec<u32> = statement
-            .columns()
-            .iter()
-            .map(|c| c.type_().oid())
-            .collect();
-        let key: Names = client
-            .query(
-                "SELECT a.attname::text FROM pg_index i
-                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-                  WHERE i.indrelid = $1::text::regclass AND i.indisprimary
-                  ORDER BY array_position(i.indkey, a.attnum)",
-                &[&qualified],
-            )
-            .await
-            .map_err(fail)?
-            .iter()
-            .map(|r| r.get::<_, &str>(0).into())
-            .collect();
-        let source = Arc::new(SourceTable::new(
-            self.connector.as_str(),
-            "postgres",
-            self.database.as_str(),
-            schema,
-            table,
-        ));
         let limit_clause = limit.map_or(String::new(), |n| format!(" LIMIT {n}"));
         client
             .batch_execute(&format!(
-                "DECLARE fhir_cdc_snapshot NO SCROLL CURSOR FOR SELECT * FROM {qualified}{limit_clause}"
+                "DECLARE fhir_cdc_snapshot NO SCROLL CURSOR FOR SELECT * FROM {}{limit_clause}",
+                table.quoted
             ))
             .await
             .map_err(fail)?;
@@ -454,11 +420,11 @@ impl TableReader {
                 };
                 fetched += 1;
                 let change = ChangeEvent {
-                    source: source.clone(),
+                    source: table.source.clone(),
                     op: Operation::Read,
-                    key: key.clone(),
+                    key: table.key.clone(),
                     before: None,
-                    after: Some(text_row(&names, &oids, &row)),
+                    after: Some(table.row(&row)),
                     position: position.clone(),
                     ordinal: *ordinal,
                     transaction_id: None,
