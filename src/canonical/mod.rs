@@ -2,14 +2,14 @@
 
 mod avro;
 mod event;
+mod plan;
 pub mod registry;
 pub mod schema;
-mod writer;
 
 pub use self::{
     avro::{event_from_avro, event_to_avro, AvroShapeError},
     event::{
         instant, is_event_topic, topic, CanonicalEvent, EventOp, KeyColumn, Origin, Provenance,
     },
-    writer::{EventWriter, JsonResource},
+    plan::{EventWriter, JsonResource},
 };
