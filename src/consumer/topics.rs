@@ -60,6 +60,27 @@ impl TopicReader {
         wanted: impl Fn(&str) -> bool,
         start: impl Fn(&StreamConsumer, &str, i32, i64, i64) -> Result<i64, String>,
     ) -> Result<Self, String> {
+        Self::open_among(properties, None, wanted, start)
+    }
+
+    /// Read every partition of `topic` from its beginning. Asks the cluster about this
+    /// topic alone (the connector's state store does this at every start, on clusters with
+    /// many topics).
+    pub fn open_topic(properties: &KafkaProperties, topic: &str) -> Result<Self, String> {
+        Self::open_among(
+            properties,
+            Some(topic),
+            |t| t == topic,
+            |_, _, _, low, _| Ok(low),
+        )
+    }
+
+    fn open_among(
+        properties: &KafkaProperties,
+        only: Option<&str>,
+        wanted: impl Fn(&str) -> bool,
+        start: impl Fn(&StreamConsumer, &str, i32, i64, i64) -> Result<i64, String>,
+    ) -> Result<Self, String> {
         let consumer: StreamConsumer = properties
             .client_config()
             .set(
@@ -73,7 +94,7 @@ impl TopicReader {
             .create()
             .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
         let metadata = consumer
-            .fetch_metadata(None, METADATA_TIMEOUT)
+            .fetch_metadata(only, METADATA_TIMEOUT)
             .map_err(|e| format!("cannot read the cluster's topics: {e}"))?;
         let mut assignment = TopicPartitionList::new();
         let (mut topics, mut ends) = (Vec::new(), HashMap::new());

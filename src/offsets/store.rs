@@ -78,12 +78,7 @@ impl StateStore {
             topic: self.topic.clone(),
             reason,
         };
-        let mut reader = TopicReader::open(
-            &self.properties,
-            |t| t == self.topic,
-            |_, _, _, low, _| Ok(low),
-        )
-        .map_err(fail)?;
+        let mut reader = TopicReader::open_topic(&self.properties, &self.topic).map_err(fail)?;
         let mut last: Option<Option<Vec<u8>>> = None;
         while !reader.at_end() {
             let Some(message) = reader.next().await.map_err(fail)? else {

@@ -298,15 +298,18 @@ async fn save_states(store: &StateStore, mut states: watch::Receiver<ConnectorSt
     let mut saved = states.borrow_and_update().clone();
     save(&saved).await;
     loop {
+        // Progress at once; otherwise whatever position the source wrote meanwhile, at most
+        // every interval (positions alone do not notify).
         let progressed = {
-            let progressed = states.wait_for(|s| s.tables != saved.tables);
+            let progressed =
+                states.wait_for(|s| s.tables != saved.tables || s.requests != saved.requests);
             tokio::time::timeout(STATE_INTERVAL, progressed)
                 .await
                 .map(|found| found.is_ok())
         };
         let open = match progressed {
             Ok(open) => open,
-            Err(_) => states.changed().await.is_ok(),
+            Err(_) => states.has_changed().is_ok(),
         };
         let state = states.borrow_and_update().clone();
         if state != saved {

@@ -48,7 +48,9 @@ pub struct SourceIo<P> {
     pub out: mpsc::Sender<SourceMessage>,
     /// The latest position whose events are all durable in Kafka.
     pub durable: watch::Receiver<Option<P>>,
-    /// The connector's state, as of the latest durable position.
+    /// The connector's state, as of the latest durable position. A change of snapshot
+    /// progress or requests notifies (it is saved at once); a new position alone may be
+    /// written without notifying (it is saved within a second).
     pub state: watch::Sender<ConnectorState>,
     pub shutdown: CancellationToken,
 }

@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::task::JoinHandle;
+use tokio::{sync::watch, task::JoinHandle};
 use tokio_postgres::{error::SqlState, Client};
 use tracing::{debug, info, warn};
 
@@ -163,7 +163,7 @@ impl Source for PostgresSource {
             progress: Progress::new("snapshot"),
         };
         snapshot.describe_pending().await?;
-        published.send_replace(state.clone());
+        publish(&published, &state);
         let heartbeats = tokio::spawn(heartbeats(admin.clone(), self.heartbeat));
 
         let mut acknowledged = None;
@@ -179,7 +179,7 @@ impl Source for PostgresSource {
                         if let Some(lsn) = *durable.borrow_and_update() {
                             stream.acknowledge(lsn);
                             snapshot.durable(lsn, &mut state);
-                            published.send_replace(state.clone());
+                            publish(&published, &state);
                             acknowledged = Some(lsn);
                         }
                         continue;
@@ -213,7 +213,7 @@ impl Source for PostgresSource {
                     }
                     Some(Decoded::Signal(content)) => {
                         snapshot.signal(&content, &qualified, &mut state).await?;
-                        published.send_replace(state.clone());
+                        publish(&published, &state);
                         Vec::new()
                     }
                     Some(Decoded::Nothing) => Vec::new(),
@@ -240,13 +240,24 @@ impl Source for PostgresSource {
                 acknowledged = Some(lsn);
             }
         }
-        published.send_replace(state);
+        publish(&published, &state);
         if let Some(lsn) = acknowledged {
             setup::wait_for_flush(&admin, &self.slot, lsn).await;
         }
         stream.stop();
         result
     }
+}
+
+/// Publish `state` for the pipeline to save. Only snapshot progress and requests wake the
+/// saver: a new position alone, after every Kafka acknowledgement, is picked up at its next
+/// round (see `SourceIo::state`).
+fn publish(published: &watch::Sender<ConnectorState>, state: &ConnectorState) {
+    published.send_if_modified(|published| {
+        let progressed = published.tables != state.tables || published.requests != state.requests;
+        published.clone_from(state);
+        progressed
+    });
 }
 
 /// How a run starts.
