@@ -32,9 +32,11 @@ enum OffsetsCommand {
         /// The connector configuration file (TOML).
         #[arg(long, short)]
         config: PathBuf,
-        /// `snapshot`: read the tables again (all, or `--table`) on the next start, keeping
-        /// the stream's position; `end`: skip everything up to the source's current end, and
-        /// mark every table snapshotted (what happened meanwhile is never captured).
+        /// `snapshot`: read every table again on the next start, streaming from the slot's
+        /// confirmed position (or a new slot's start: use it to start over after dropping
+        /// the slot), or only `--table`, keeping the stored position; `end`: skip everything
+        /// up to the source's current end, and mark every table snapshotted (what happened
+        /// meanwhile is never captured).
         #[arg(long, value_enum)]
         to: Target,
         /// With `--to snapshot`: only this table (`schema.table`).
@@ -104,7 +106,13 @@ async fn offsets(args: OffsetsArgs) -> Result<ExitCode, Failure> {
     }
     let mut state = stored.unwrap_or_else(|| ConnectorState::new("postgres"));
     match (to, table) {
-        (Target::Snapshot, None) => state.tables.clear(),
+        // Everything again: the stream from the slot's confirmed position, or from a new
+        // slot's start when the slot was dropped (nothing Kafka lacks lies before either).
+        (Target::Snapshot, None) => {
+            state.tables.clear();
+            state.requests.clear();
+            state.position = None;
+        }
         (Target::Snapshot, Some(table)) => {
             if state.tables.remove(&table).is_none() {
                 return Err((
