@@ -115,8 +115,8 @@ pub struct ChangeEvent {
     pub before: Option<Row>,
     /// The row after the change (reads, inserts, updates).
     pub after: Option<Row>,
-    /// The commit position of the change's transaction (for snapshot reads: the snapshot's
-    /// consistent point).
+    /// The commit position of the change's transaction (for snapshot reads: the position of
+    /// the chunk's high watermark, after every change the read saw).
     pub position: Position,
     /// The change's index inside its transaction: several changes of one row in one
     /// transaction share a commit position and are told apart by this.

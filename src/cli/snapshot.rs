@@ -73,6 +73,11 @@ async fn snapshot(args: SnapshotArgs) -> Result<(), (u8, String)> {
         table: args.table.clone(),
         filter: args.filter.clone(),
     };
+    if let Some(filter) = &request.filter {
+        capture::check_condition(&pg.url, &request.table, filter)
+            .await
+            .map_err(|e| bad(e.to_string()))?;
+    }
     capture::request_snapshot(&pg.url, &pg.slot_name(&config.name), &request)
         .await
         .map_err(|e| failed(&e))?;
@@ -103,9 +108,15 @@ async fn snapshot(args: SnapshotArgs) -> Result<(), (u8, String)> {
             );
             return Ok(());
         }
-        if !taken && state.requests.iter().any(|r| r.id == request.id) {
+        let queued = state.requests.iter().any(|r| r.id == request.id);
+        if !taken && queued {
             taken = true;
             eprintln!("fhir-cdc snapshot: the connector took the request");
+        }
+        if state.dropped.contains(&request.id) {
+            return Err(failed(
+                &"the connector dropped the request: the server refused its condition (see the connector's log)",
+            ));
         }
         let progress = state
             .tables

@@ -27,6 +27,10 @@ pub struct ConnectorState {
     /// Snapshots asked for (`fhir-cdc snapshot`) and not yet complete, in the order asked.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub requests: Vec<SnapshotRequest>,
+    /// The latest requests dropped because the server refused their condition (their ids,
+    /// the last [`ConnectorState::DROPPED_KEPT`]), so that whoever asked learns of it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<String>,
 }
 
 /// A snapshot of one table (or of its rows matching a condition) asked of a running
@@ -111,6 +115,17 @@ impl ConnectorState {
             }
         }
         self.tables.insert(table, progress);
+    }
+
+    /// Dropped requests remembered.
+    pub const DROPPED_KEPT: usize = 16;
+
+    /// Request `id` is dropped: no longer outstanding, remembered as dropped.
+    pub fn drop_request(&mut self, id: &str) {
+        self.requests.retain(|r| r.id != id);
+        self.dropped.push(id.to_owned());
+        let excess = self.dropped.len().saturating_sub(Self::DROPPED_KEPT);
+        self.dropped.drain(..excess);
     }
 
     /// Whether request `id` was asked and is now complete.
@@ -198,5 +213,24 @@ mod tests {
             serde_json::from_str::<ConnectorState>(&json).unwrap(),
             state
         );
+    }
+
+    #[test]
+    fn dropped_requests_are_no_longer_outstanding_and_the_latest_are_remembered() {
+        let mut state = ConnectorState::new("postgres");
+        for n in 0..20 {
+            state.requests.push(SnapshotRequest {
+                id: format!("r{n}"),
+                table: "lab.result".into(),
+                filter: Some("x".into()),
+            });
+        }
+        for n in 0..20 {
+            state.drop_request(&format!("r{n}"));
+        }
+        assert!(state.requests.is_empty());
+        assert_eq!(state.dropped.len(), ConnectorState::DROPPED_KEPT);
+        assert_eq!(state.dropped.last().map(String::as_str), Some("r19"));
+        assert!(!state.dropped.contains(&"r0".to_owned()));
     }
 }

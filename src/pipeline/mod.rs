@@ -301,8 +301,11 @@ async fn save_states(store: &StateStore, mut states: watch::Receiver<ConnectorSt
         // Progress at once; otherwise whatever position the source wrote meanwhile, at most
         // every interval (positions alone do not notify).
         let progressed = {
-            let progressed =
-                states.wait_for(|s| s.tables != saved.tables || s.requests != saved.requests);
+            let progressed = states.wait_for(|s| {
+                s.tables != saved.tables
+                    || s.requests != saved.requests
+                    || s.dropped != saved.dropped
+            });
             tokio::time::timeout(STATE_INTERVAL, progressed)
                 .await
                 .map(|found| found.is_ok())

@@ -51,10 +51,20 @@ async fn a_requested_snapshot_while_writes_run_leaves_no_resource_older_than_its
     await_streaming(&client, &slot, &log).await;
     await_snapshotted(&config, &log).await;
 
-    // A table no mapping reads is refused before anything is asked.
+    // A table no mapping reads, or a condition the server does not take, is refused before
+    // anything is asked.
     let (code, stderr) = snapshot(&config, &["--table", &format!("{schema}.patient")]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("no mapping reads table"), "{stderr}");
+    let (code, stderr) = snapshot(
+        &config,
+        &["--table", &table, "--where", "no_such_column = 1"],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--where") && stderr.contains("no_such_column"),
+        "{stderr}"
+    );
 
     // Values raised all along, anywhere in the table, while the table is read again.
     let writing = CancellationToken::new();
@@ -83,6 +93,14 @@ async fn a_requested_snapshot_while_writes_run_leaves_no_resource_older_than_its
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("100 rows"), "{stderr}");
     eprintln!("two requested snapshots in {:?}", started.elapsed());
+    // A condition that only fails when run (the server planned it) is dropped by the
+    // connector, which goes on; the command says so.
+    let (code, stderr) = snapshot(
+        &config,
+        &["--table", &table, "--where", "result_id / 0 = 1"],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("dropped the request"), "{stderr}");
     writing.cancel();
     writer.await.unwrap();
     await_confirmed(

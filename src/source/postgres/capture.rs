@@ -160,6 +160,7 @@ impl Source for PostgresSource {
             chunks: VecDeque::new(),
             sequence: 0,
             milestones: VecDeque::new(),
+            dropped: Vec::new(),
             progress: Progress::new("snapshot"),
         };
         snapshot.describe_pending().await?;
@@ -169,6 +170,9 @@ impl Source for PostgresSource {
         let mut acknowledged = None;
         let result: Result<(), SourceError> = async {
             loop {
+                if snapshot.forget_dropped(&mut state) {
+                    publish(&published, &state);
+                }
                 snapshot.start_next().await?;
                 let next = tokio::select! {
                     biased;
@@ -254,7 +258,9 @@ impl Source for PostgresSource {
 /// round (see `SourceIo::state`).
 fn publish(published: &watch::Sender<ConnectorState>, state: &ConnectorState) {
     published.send_if_modified(|published| {
-        let progressed = published.tables != state.tables || published.requests != state.requests;
+        let progressed = published.tables != state.tables
+            || published.requests != state.requests
+            || published.dropped != state.dropped;
         published.clone_from(state);
         progressed
     });
@@ -319,6 +325,8 @@ struct Snapshotter {
     /// low watermark is committed after the previous one's high watermark).
     chunks: VecDeque<Current>,
     sequence: u64,
+    /// Requests whose condition the server refused, to be forgotten in the state.
+    dropped: Vec<String>,
     /// Chunks emitted and not yet durable: their high watermark's position, their table,
     /// and its progress with them.
     milestones: VecDeque<(PgLsn, String, TableProgress)>,
@@ -369,6 +377,23 @@ pub async fn request_snapshot(
         )
         .await
         .map_err(|e| postgres_error("writing the snapshot request into the WAL", &e))?;
+    Ok(())
+}
+
+/// Whether `filter` is a condition the server takes on `table` (`schema.table`): parsed and
+/// planned alone, never run. The server's message goes to whoever wrote the condition.
+pub async fn check_condition(url: &Secret, table: &str, filter: &str) -> Result<(), SourceError> {
+    let client = connect(url).await?;
+    let (schema, name) = table.split_once('.').unwrap_or(("public", table));
+    let quote = |s: &str| format!("\"{}\"", s.replace('"', "\"\""));
+    client
+        .prepare(&format!(
+            "SELECT * FROM {}.{} WHERE ({filter})",
+            quote(schema),
+            quote(name)
+        ))
+        .await
+        .map_err(|e| SourceError::Connector(format!("--where: {}", super::error_text(&e))))?;
     Ok(())
 }
 
@@ -519,17 +544,44 @@ impl Snapshotter {
 
     /// Wait for the read in flight to end.
     async fn read(&mut self) -> Result<(), SourceError> {
-        let Some(current) = self.chunks.iter_mut().find(|c| c.task.is_some()) else {
+        let Some(at) = self.chunks.iter().position(|c| c.task.is_some()) else {
             return Ok(());
         };
-        let task = current.task.as_mut().expect("found by its task");
-        let chunk = task
+        let task = self.chunks[at].task.as_mut().expect("found by its task");
+        let read = task
             .await
-            .map_err(|e| SourceError::Connector(format!("the snapshot reader failed: {e}")))?
-            .map_err(snapshot_error)?;
-        current.task = None;
-        current.chunk = Some(chunk);
+            .map_err(|e| SourceError::Connector(format!("the snapshot reader failed: {e}")))?;
+        self.chunks[at].task = None;
+        let refused = self
+            .pending
+            .front()
+            .and_then(|(_, p)| p.filter.as_ref().and(p.request.clone()));
+        match (read, refused) {
+            (Ok(chunk), _) => self.chunks[at].chunk = Some(chunk),
+            // A request's condition the server refuses (a typo, a column that is not
+            // there) is dropped, not retried for ever: only the request fails.
+            (Err(e), Some(request)) if !e.postgres().is_some_and(is_transient) => {
+                let code = e
+                    .postgres()
+                    .and_then(|e| e.code())
+                    .map(|c| c.code().to_owned());
+                warn!(request = %request, sqlstate = code, "the server refused a requested snapshot's condition: the request is dropped");
+                self.abort();
+                self.pending.pop_front();
+                self.dropped.push(request);
+            }
+            (Err(e), _) => return Err(snapshot_error(e)),
+        }
         Ok(())
+    }
+
+    /// Forget in `state` the requests dropped since the last call; whether there were any.
+    fn forget_dropped(&mut self, state: &mut ConnectorState) -> bool {
+        let dropped = std::mem::take(&mut self.dropped);
+        for id in &dropped {
+            state.drop_request(id);
+        }
+        !dropped.is_empty()
     }
 
     /// A change from the stream: inside a chunk's window, its row leaves the chunk; before
@@ -596,6 +648,10 @@ impl Snapshotter {
         // Windows close in the order they opened: this is the oldest chunk.
         if current.chunk.is_none() {
             self.read().await?;
+        }
+        // Gone if its read failed and its request was dropped.
+        if self.chunks.front().is_none_or(|c| c.marker != of) {
+            return Ok(Vec::new());
         }
         let current = self.chunks.pop_front().expect("a chunk is in flight");
         let chunk = current.chunk.expect("read before its high watermark");
@@ -734,7 +790,7 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
 
 /// `what` failed because of `e`: transient or not, with the server's message.
 fn postgres_error(what: &str, e: &tokio_postgres::Error) -> SourceError {
-    let message = format!("{what}: {e}");
+    let message = format!("{what}: {}", super::error_text(e));
     if is_transient(e) {
         SourceError::Transient(message)
     } else {

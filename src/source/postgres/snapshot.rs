@@ -41,9 +41,9 @@ pub const SIGNAL_PREFIX: &str = "fhir-cdc-signal";
 /// Why the snapshot could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("connecting to PostgreSQL: {0}")]
+    #[error("connecting to PostgreSQL: {}", super::error_text(.0))]
     Connect(#[source] tokio_postgres::Error),
-    #[error("reading {table}: {source}")]
+    #[error("reading {table}: {}", super::error_text(source))]
     Read {
         table: String,
         #[source]
@@ -242,7 +242,22 @@ pub async fn read_chunk(
         .batch_execute(&watermark("low"))
         .await
         .map_err(fail)?;
-    let messages = client.simple_query(&select).await.map_err(fail)?;
+    let messages = match query.filter {
+        None => client.simple_query(&select).await.map_err(fail)?,
+        // A condition comes from a request in the WAL, which any role that may write logical
+        // messages can write: it runs as one statement (the server parses it alone first,
+        // and refuses more than one) in a read-only transaction, so it can only read.
+        Some(_) => {
+            client.prepare(&select).await.map_err(fail)?;
+            client
+                .batch_execute("BEGIN READ ONLY")
+                .await
+                .map_err(fail)?;
+            let read = client.simple_query(&select).await;
+            client.batch_execute("COMMIT").await.map_err(fail)?;
+            read.map_err(fail)?
+        }
+    };
     client
         .batch_execute(&watermark("high"))
         .await
