@@ -10,8 +10,8 @@
 //! and the source back and nothing grows without bound. Each Kafka acknowledgement feeds the
 //! [`AckTracker`]; the tracker's safe position travels back to the source, which reports it
 //! to its database and publishes the connector's state as of it; a task saves that state to
-//! the state topic ([`StateStore`]) at most every [`STATE_INTERVAL`] and once more at the
-//! end. A crash anywhere therefore re-reads from a position whose events all reached Kafka,
+//! the state topic ([`StateStore`]): snapshot progress at once, a position alone at most
+//! every [`STATE_INTERVAL`], and once more at the end. A crash anywhere therefore re-reads from a position whose events all reached Kafka,
 //! and re-emitted events carry the same ids. The pipeline never names a database.
 //!
 //! A change a mapping cannot turn into an event goes to the dead-letter topic
@@ -240,8 +240,17 @@ pub async fn run<S: Source>(
     // and encoding. It owns the sender: when it ends, the channel closes and the stage
     // drains. It starts from the stored state.
     let source = async {
-        let store = StateStore::of(config).await?;
-        let stored = store.load().await?;
+        // Reading the state can wait on an absent Kafka: a stop request ends it at once.
+        // Once the source runs, a stop lets it drain, and the last state is saved.
+        let starting = async {
+            let store = StateStore::of(config).await?;
+            let stored = store.load().await?;
+            Ok::<_, RunError>((store, stored))
+        };
+        let (store, stored) = tokio::select! {
+            started = starting => started?,
+            () = stop.cancelled() => return Ok(()),
+        };
         match &stored {
             Some(state) => info!(position = state.position, "resuming from the stored state"),
             None => info!(topic = store.topic(), "no stored state: starting afresh"),
@@ -261,14 +270,6 @@ pub async fn run<S: Source>(
             )))
         })?;
         Ok::<_, RunError>(())
-    };
-    let source = async {
-        tokio::select! {
-            result = source => result,
-            // Starting (reading the state, connecting) can wait on an absent Kafka or
-            // database: a stop request ends it at once.
-            () = stop.cancelled() => Ok(()),
-        }
     };
     let (source, summary) = tokio::join!(stopping_on_error(&stop, source), stage);
     // A stage that failed is why the source stopped, if it did: its error first.

@@ -169,6 +169,19 @@ async fn run_snapshots_streams_dead_letters_and_resumes() {
         lsn(&flushed) > lsn(&before_last),
         "the last transaction was acknowledged ({flushed} ≤ {before_last})"
     );
+    // The state saved at the stop is as far as the slot: the last save is not lost to it.
+    let loaded = fhir_cdc::config::ConnectorConfig::load(&config).unwrap();
+    let stored = fhir_cdc::offsets::StateStore::of(&loaded)
+        .await
+        .unwrap()
+        .load()
+        .await
+        .unwrap()
+        .and_then(|state| state.position);
+    assert!(
+        stored.as_deref().is_some_and(|p| lsn(p) >= lsn(&flushed)),
+        "the stored position {stored:?} is behind the slot's {flushed}"
+    );
 
     // A restart resumes after the acknowledged position: nothing is sent again.
     let connector = start(&config, &log);
