@@ -33,14 +33,21 @@ impl FromStr for PgLsn {
 }
 
 /// A MySQL/MariaDB binary log coordinate: the log file's sequence number (the numeric
-/// extension of `mysql-bin.000042`) and the byte offset of an event in it. Ordered by file,
-/// then offset — the order in which the server wrote them. The file's base name is not
-/// part of the order (a server writes one series); it is kept for display.
+/// extension of `mysql-bin.000042`) and the byte offset of an event in it (the end of the
+/// event, as the server's event headers give it). Ordered by file, then offset — the order
+/// in which the server wrote them — then step. The file's base name is not part of the
+/// order (a server writes one series); it is kept for display.
+///
+/// `step` numbers the snapshot chunks emitted after the event at `offset` and before the
+/// next one (`mariadb-bin.000003:4567+2`): the binary log gets no events of its own for a
+/// chunk, and a chunk's rows must sort after the transaction before them and before the
+/// one after them. It is 0 for the log's own events.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BinlogPosition {
     pub base_name: String,
     pub file_sequence: u32,
     pub offset: u64,
+    pub step: u32,
 }
 
 impl BinlogPosition {
@@ -56,6 +63,7 @@ impl BinlogPosition {
             base_name: base.to_owned(),
             file_sequence,
             offset,
+            step: 0,
         })
     }
 
@@ -72,13 +80,21 @@ impl PartialOrd for BinlogPosition {
 
 impl Ord for BinlogPosition {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.file_sequence, self.offset).cmp(&(other.file_sequence, other.offset))
+        (self.file_sequence, self.offset, self.step).cmp(&(
+            other.file_sequence,
+            other.offset,
+            other.step,
+        ))
     }
 }
 
 impl fmt::Display for BinlogPosition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.file_name(), self.offset)
+        write!(f, "{}:{}", self.file_name(), self.offset)?;
+        if self.step > 0 {
+            write!(f, "+{}", self.step)?;
+        }
+        Ok(())
     }
 }
 
@@ -89,10 +105,14 @@ impl FromStr for BinlogPosition {
         let (file, offset) = s
             .rsplit_once(':')
             .ok_or_else(|| format!("`{s}` is not a binlog position (file.NNNNNN:offset)"))?;
-        let offset = offset
-            .parse()
-            .map_err(|_| format!("`{s}`: the offset is not a number"))?;
-        Self::new(file, offset)
+        let (offset, step) = offset.split_once('+').unwrap_or((offset, "0"));
+        let (Ok(offset), Ok(step)) = (offset.parse(), step.parse()) else {
+            return Err(format!("`{s}`: the offset is not a number"));
+        };
+        Ok(Self {
+            step,
+            ..Self::new(file, offset)?
+        })
     }
 }
 
@@ -105,7 +125,8 @@ pub enum Position {
 
 impl Position {
     /// A fixed-width text that sorts like the position, for versions and ids: `0000000016B37480`
-    /// for an LSN, `000042:00000000000012F7` for a binlog coordinate.
+    /// for an LSN, `000042-00000000000012F700000000` for a binlog coordinate (file, offset,
+    /// step).
     pub fn sort_key(&self) -> String {
         let mut key = String::with_capacity(23);
         self.push_sort_key(&mut key);
@@ -120,6 +141,7 @@ impl Position {
                 use std::fmt::Write;
                 let _ = write!(out, "{:06}-", pos.file_sequence);
                 push_hex(out, pos.offset, 16);
+                push_hex(out, u64::from(pos.step), 8);
             }
         }
     }
@@ -216,15 +238,17 @@ mod tests {
         }
 
         #[test]
-        fn binlog_positions_round_trip_and_order_by_file_then_offset(
-            f1 in 0u32..1_000_000, o1: u64, f2 in 0u32..1_000_000, o2: u64,
+        fn binlog_positions_round_trip_and_order_by_file_offset_then_step(
+            f1 in 0u32..1_000_000, o1: u64, s1 in prop_oneof![Just(0u32), any::<u32>()],
+            f2 in 0u32..1_000_000, o2: u64, s2 in prop_oneof![Just(0u32), any::<u32>()],
         ) {
-            let x = BinlogPosition { base_name: "mysql-bin".into(), file_sequence: f1, offset: o1 };
-            let y = BinlogPosition { base_name: "mysql-bin".into(), file_sequence: f2, offset: o2 };
+            let x = BinlogPosition { base_name: "mysql-bin".into(), file_sequence: f1, offset: o1, step: s1 };
+            let y = BinlogPosition { base_name: "mysql-bin".into(), file_sequence: f2, offset: o2, step: s2 };
             prop_assert_eq!(x.to_string().parse::<BinlogPosition>().unwrap(), x.clone());
-            prop_assert_eq!(x.cmp(&y), (f1, o1).cmp(&(f2, o2)));
+            prop_assert_eq!(x.cmp(&y), (f1, o1, s1).cmp(&(f2, o2, s2)));
             let (px, py) = (Position::Mysql(x), Position::Mysql(y));
-            prop_assert_eq!(px.sort_key().cmp(&py.sort_key()), (f1, o1).cmp(&(f2, o2)));
+            prop_assert_eq!(px.to_string().parse::<Position>().unwrap(), px.clone());
+            prop_assert_eq!(px.sort_key().cmp(&py.sort_key()), (f1, o1, s1).cmp(&(f2, o2, s2)));
         }
     }
 }

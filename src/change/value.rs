@@ -32,6 +32,10 @@ pub enum Value {
     TimestampTz(DateTime<FixedOffset>),
     Uuid(String),
     Json(serde_json::Value),
+    /// A MySQL date that is no date (`0000-00-00`, or a zero month or day, which a lax
+    /// `sql_mode` allows), as the server writes it. Never read as a real date: a mapping
+    /// leaves it out (`zero_date: null`) or the row goes to the dead-letter topic.
+    ZeroDate(String),
 }
 
 impl Value {
@@ -51,6 +55,7 @@ impl Value {
             Value::TimestampTz(_) => "timestamptz",
             Value::Uuid(_) => "uuid",
             Value::Json(_) => "json",
+            Value::ZeroDate(_) => "zero date",
         }
     }
 

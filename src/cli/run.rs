@@ -21,7 +21,7 @@ use crate::{
     config::{ConnectorConfig, SourceConfig},
     observe,
     pipeline::{self, RunError, RunSummary},
-    source::postgres::capture::PostgresSource,
+    source::{mysql::capture::MysqlSource, postgres::capture::PostgresSource},
 };
 
 #[derive(Debug, Args)]
@@ -100,9 +100,15 @@ async fn run_once(
             )
             .await
         }
-        SourceConfig::Mysql(_) => Err(RunError::Setup(
-            "`run` captures postgres sources; mysql capture is not implemented yet".into(),
-        )),
+        SourceConfig::Mysql(my) => {
+            let name = &config.name;
+            pipeline::run(
+                config,
+                |tables| MysqlSource::new(name, my, tables),
+                shutdown,
+            )
+            .await
+        }
     }
 }
 

@@ -149,7 +149,7 @@ pub enum SnapshotMode {
 pub enum SourceConfig {
     /// PostgreSQL, through logical replication (`pgoutput`).
     Postgres(PostgresConfig),
-    /// MySQL or MariaDB, through the binary log (`check` only: `run` refuses it for now).
+    /// MySQL or MariaDB, through the binary log.
     Mysql(MysqlConfig),
 }
 
@@ -181,6 +181,51 @@ pub struct MysqlConfig {
     /// Connection URL, usually a reference to a secret:
     /// `mysql://user:password@host:port/database`.
     pub url: Secret,
+    /// `server.id`: the replica id the connector registers with, unique among the server's
+    /// replicas (Debezium's `database.server.id`). Default: derived from the connector's
+    /// name, in 1000000–2147483647.
+    pub server: Option<ServerId>,
+    /// `snapshot.mode` (`initial` by default) and `snapshot.chunk.size`.
+    pub snapshot: Option<SnapshotConfig>,
+    /// `heartbeat.interval.ms`: the server sends a heartbeat after this long without
+    /// events, so that the stored position advances while it is idle or its traffic is
+    /// all on unmapped tables. Default 10000.
+    pub heartbeat: Option<HeartbeatConfig>,
+}
+
+/// `server.id`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerId {
+    pub id: u32,
+}
+
+impl MysqlConfig {
+    /// The replica id for connector `connector`.
+    pub fn server_id(&self, connector: &str) -> u32 {
+        self.server.as_ref().map_or_else(
+            || {
+                // FNV-1a of the name: stable across runs and builds.
+                let hash = connector.bytes().fold(0x811c_9dc5_u32, |h, b| {
+                    (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+                });
+                1_000_000 + hash % (i32::MAX as u32 - 1_000_000)
+            },
+            |s| s.id,
+        )
+    }
+
+    pub fn heartbeat_interval(&self) -> std::time::Duration {
+        heartbeat_interval(self.heartbeat.as_ref())
+    }
+
+    pub fn snapshot_mode(&self) -> SnapshotMode {
+        snapshot_mode(self.snapshot.as_ref())
+    }
+
+    pub fn snapshot_chunk_size(&self) -> usize {
+        snapshot_chunk_size(self.snapshot.as_ref())
+    }
 }
 
 /// Debezium's `heartbeat.interval.ms`.
@@ -307,23 +352,33 @@ impl PostgresConfig {
     }
 
     pub fn heartbeat_interval(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(self.heartbeat.as_ref().map_or(10_000, |h| h.interval.ms))
+        heartbeat_interval(self.heartbeat.as_ref())
     }
 
     pub fn snapshot_mode(&self) -> SnapshotMode {
-        self.snapshot
-            .as_ref()
-            .and_then(|s| s.mode)
-            .unwrap_or(SnapshotMode::Initial)
+        snapshot_mode(self.snapshot.as_ref())
     }
 
     /// Rows per snapshot chunk.
     pub fn snapshot_chunk_size(&self) -> usize {
-        self.snapshot
-            .as_ref()
-            .and_then(|s| s.chunk.as_ref())
-            .map_or(DEFAULT_CHUNK_SIZE, |c| c.size)
+        snapshot_chunk_size(self.snapshot.as_ref())
     }
+}
+
+fn heartbeat_interval(heartbeat: Option<&HeartbeatConfig>) -> std::time::Duration {
+    std::time::Duration::from_millis(heartbeat.map_or(10_000, |h| h.interval.ms))
+}
+
+fn snapshot_mode(snapshot: Option<&SnapshotConfig>) -> SnapshotMode {
+    snapshot
+        .and_then(|s| s.mode)
+        .unwrap_or(SnapshotMode::Initial)
+}
+
+fn snapshot_chunk_size(snapshot: Option<&SnapshotConfig>) -> usize {
+    snapshot
+        .and_then(|s| s.chunk.as_ref())
+        .map_or(DEFAULT_CHUNK_SIZE, |c| c.size)
 }
 
 /// Debezium's default `incremental.snapshot.chunk.size`. Larger chunks held more rows at

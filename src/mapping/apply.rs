@@ -248,6 +248,7 @@ fn element_value(
         ValueSource::Column(column) => match row.find(column) {
             None => return Err(missing(column)),
             Some(Value::Null) => None,
+            Some(Value::ZeroDate(_)) if element.conversion.zero_date_as_null => None,
             Some(value) => Some(value),
         },
         ValueSource::Template(template) => match template.render(row) {

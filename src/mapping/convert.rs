@@ -28,6 +28,9 @@ pub struct Conversion {
     /// Legacy encodings of `true` and `false` (compared case-insensitively), e.g. `Y`/`N`.
     pub true_values: Vec<String>,
     pub false_values: Vec<String>,
+    /// MySQL's zero dates (`0000-00-00`) are left out like NULL (`zero_date: null`) instead
+    /// of failing the row.
+    pub zero_date_as_null: bool,
 }
 
 const DEFAULT_TRUE: [&str; 6] = ["true", "t", "y", "yes", "1", "on"];
@@ -123,7 +126,7 @@ impl std::fmt::Display for Primitive {
 pub fn text_of(value: &Value) -> Cow<'_, str> {
     match value {
         Value::Null => Cow::Borrowed(""),
-        Value::Text(s) | Value::Uuid(s) => Cow::Borrowed(s),
+        Value::Text(s) | Value::Uuid(s) | Value::ZeroDate(s) => Cow::Borrowed(s),
         Value::Decimal(d) => Cow::Borrowed(d.as_str()),
         Value::Bool(b) => Cow::Borrowed(if *b { "true" } else { "false" }),
         Value::Int(i) => {
@@ -151,7 +154,12 @@ pub fn to_fhir(
     conversion: &Conversion,
 ) -> Result<Element, String> {
     use Primitive as P;
-    let refuse = || format!("a {} value cannot become a FHIR {fhir_type}", value.kind());
+    let refuse = || {
+        match value {
+        Value::ZeroDate(text) => format!("the zero date `{text}` is no date and cannot become a FHIR {fhir_type} (`zero_date: null` in the mapping leaves it out)"),
+        _ => format!("a {} value cannot become a FHIR {fhir_type}", value.kind()),
+    }
+    };
     match fhir_type {
         P::Boolean => match value {
             Value::Bool(b) => Ok(Element::Boolean(*b)),
@@ -215,12 +223,12 @@ pub fn to_fhir(
             decimal(text).ok_or_else(refuse)
         }
         P::String | P::Markdown => match value {
-            Value::Bytes(_) => Err(refuse()),
+            Value::Bytes(_) | Value::ZeroDate(_) => Err(refuse()),
             Value::Text(s) if conversion.trim => Ok(Element::String(s.trim().to_owned())),
             other => Ok(Element::String(text_of(other).into_owned())),
         },
         P::Code | P::Id | P::Uri | P::Url | P::Canonical | P::Oid | P::Uuid => match value {
-            Value::Bytes(_) | Value::Json(_) => Err(refuse()),
+            Value::Bytes(_) | Value::Json(_) | Value::ZeroDate(_) => Err(refuse()),
             other => {
                 let text = text_of(other);
                 let text = text.trim();

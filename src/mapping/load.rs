@@ -794,6 +794,7 @@ impl Reader<'_> {
                     "false_values",
                     "protect",
                     "default",
+                    "zero_date",
                 ],
             );
             let sources: Vec<&str> = ["column", "template", "value", "reference"]
@@ -903,6 +904,16 @@ impl Reader<'_> {
                         leaf.code
                     ),
                 );
+            }
+            if let Some(n) = fields.get("zero_date") {
+                element.conversion.zero_date_as_null = match self.text(n, "`zero_date`")? {
+                    "null" => true,
+                    "reject" => false,
+                    other => {
+                        self.error(n.span(), format!("zero_date `{other}`: use null (leave MySQL's zero dates out) or reject (send the row to the dead-letter topic, the default)"));
+                        return None;
+                    }
+                };
             }
             if let Some(n) = fields.get("protect") {
                 element.protect = match self.text(n, "`protect`")? {

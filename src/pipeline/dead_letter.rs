@@ -177,6 +177,7 @@ fn value_of(kind: &str, text: &str) -> Result<Value, String> {
         ),
         "timestamptz" => Value::TimestampTz(DateTime::parse_from_rfc3339(text).map_err(chrono)?),
         "json" => Value::Json(serde_json::from_str(text).map_err(|e| e.to_string())?),
+        "zero date" => Value::ZeroDate(text.to_owned()),
         other => return Err(format!("unknown value kind `{other}`")),
     })
 }

@@ -5,13 +5,14 @@
 pub mod mysql;
 pub mod postgres;
 
-use std::{fmt, future::Future};
+use std::{fmt, future::Future, sync::Arc};
 
+use chrono::Utc;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    change::{Position, SourceMessage},
+    change::{ChangeEvent, Names, Operation, Position, Row, SourceMessage, SourceTable},
     offsets::ConnectorState,
 };
 
@@ -72,4 +73,41 @@ impl SourceError {
     pub fn is_transient(&self) -> bool {
         matches!(self, SourceError::Transient(_))
     }
+}
+
+/// Publish `state` for the pipeline to save. Only snapshot progress and requests wake the
+/// saver: a new position alone, after every Kafka acknowledgement, is picked up at its next
+/// round (see `SourceIo::state`).
+pub fn publish(published: &watch::Sender<ConnectorState>, state: &ConnectorState) {
+    published.send_if_modified(|published| {
+        let progressed = published.tables != state.tables
+            || published.requests != state.requests
+            || published.dropped != state.dropped;
+        published.clone_from(state);
+        progressed
+    });
+}
+
+/// A snapshot chunk's rows of `source` as reads at `position`, numbered from 0.
+pub fn chunk_changes(
+    source: &Arc<SourceTable>,
+    key: &Names,
+    rows: impl IntoIterator<Item = Row>,
+    position: &Position,
+) -> impl Iterator<Item = ChangeEvent> {
+    let (source, key, position) = (source.clone(), key.clone(), position.clone());
+    rows.into_iter()
+        .enumerate()
+        .map(move |(ordinal, row)| ChangeEvent {
+            source: source.clone(),
+            op: Operation::Read,
+            key: key.clone(),
+            before: None,
+            after: Some(row),
+            position: position.clone(),
+            ordinal: ordinal as u32,
+            transaction_id: None,
+            commit_time: None,
+            capture_time: Utc::now(),
+        })
 }

@@ -1,3 +1,138 @@
-//! MySQL and MariaDB: the row-based binary log.
+//! MySQL and MariaDB: the row-based binary log, read as a replica.
 
+pub mod binlog;
+pub mod capture;
+pub mod gtid;
 pub mod preflight;
+pub mod snapshot;
+pub mod types;
+
+use mysql_async::{prelude::Queryable, Conn};
+
+use crate::{change::BinlogPosition, source::SourceError};
+
+use self::gtid::GtidPosition;
+
+/// What went wrong talking to the server.
+#[derive(Debug, thiserror::Error)]
+pub enum MysqlError {
+    /// The network or the server's state: trying again later may succeed.
+    #[error("{0}")]
+    Transient(String),
+    /// The setup, the privileges or the data: it stays so until someone changes it.
+    #[error("{0}")]
+    Definite(String),
+    /// The server no longer has the binary log the connector must read from (purged).
+    #[error("{0}")]
+    LogGone(String),
+}
+
+impl MysqlError {
+    pub fn connect(e: mysql_async::Error) -> Self {
+        Self::classify("connecting to MySQL", &e)
+    }
+
+    /// `what` failed because of an error, classified.
+    pub fn query(what: &str) -> impl Fn(mysql_async::Error) -> Self + '_ {
+        move |e| Self::classify(what, &e)
+    }
+
+    fn classify(what: &str, e: &mysql_async::Error) -> Self {
+        let message = format!("{what}: {}", error_text(e));
+        match e {
+            // 1236: the log position or GTID the replica asked for is not in the server's
+            // binary logs any more.
+            mysql_async::Error::Server(server) if server.code == 1236 => Self::LogGone(message),
+            // Too many connections, lock wait and deadlock, shutting down, killed, lost.
+            mysql_async::Error::Server(server)
+                if [1040, 1053, 1205, 1213, 1927, 2006, 2013].contains(&server.code) =>
+            {
+                Self::Transient(message)
+            }
+            mysql_async::Error::Server(_) | mysql_async::Error::Url(_) => Self::Definite(message),
+            mysql_async::Error::Driver(driver)
+                if !matches!(driver, mysql_async::DriverError::ConnectionClosed) =>
+            {
+                Self::Definite(message)
+            }
+            _ => Self::Transient(message),
+        }
+    }
+}
+
+impl From<MysqlError> for SourceError {
+    fn from(e: MysqlError) -> Self {
+        match e {
+            MysqlError::Transient(m) => SourceError::Transient(m),
+            MysqlError::Definite(m) | MysqlError::LogGone(m) => SourceError::Connector(m),
+        }
+    }
+}
+
+/// The server's message and error code, or the client's error: never a statement's values.
+pub fn error_text(e: &mysql_async::Error) -> String {
+    match e {
+        mysql_async::Error::Server(server) => {
+            format!("{} (error {})", server.message, server.code)
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The server's current end of the binary log and, when it has GTIDs, the position that
+/// goes with it.
+pub async fn current_position(
+    conn: &mut Conn,
+) -> Result<(BinlogPosition, Option<GtidPosition>), MysqlError> {
+    let fail = MysqlError::query("reading the binary log position (SHOW MASTER STATUS; the user needs REPLICATION CLIENT, MariaDB: BINLOG MONITOR)");
+    let row: Option<mysql_async::Row> = match conn.query_first("SHOW MASTER STATUS").await {
+        Ok(row) => row,
+        // MySQL 8.4 renamed it.
+        Err(_) => conn
+            .query_first("SHOW BINARY LOG STATUS")
+            .await
+            .map_err(&fail)?,
+    };
+    let row = row.ok_or_else(|| {
+        MysqlError::Definite(
+            "the server has no binary log (log_bin = OFF): set log_bin and server_id, then restart it".into(),
+        )
+    })?;
+    let (file, offset): (String, u64) = (
+        row.get(0).unwrap_or_default(),
+        row.get(1).unwrap_or_default(),
+    );
+    let position = BinlogPosition::new(&file, offset)
+        .map_err(|e| MysqlError::Definite(format!("the server's binary log: {e}")))?;
+    let gtid = if is_mariadb(conn).await? {
+        let text: Option<String> = conn
+            .exec_first("SELECT BINLOG_GTID_POS(?, ?)", (file.as_str(), offset))
+            .await
+            .map_err(&fail)?;
+        text.map(|t| t.parse())
+            .transpose()
+            .map_err(MysqlError::Definite)?
+    } else {
+        // MySQL: the set executed, in the same row (empty when gtid_mode is off).
+        row.get::<Option<String>, _>(4)
+            .flatten()
+            .filter(|s| !s.trim().is_empty())
+            .map(|t| t.parse())
+            .transpose()
+            .map_err(MysqlError::Definite)?
+    };
+    Ok((position, gtid))
+}
+
+pub async fn is_mariadb(conn: &mut Conn) -> Result<bool, MysqlError> {
+    let version: Option<String> = conn
+        .query_first("SELECT @@version")
+        .await
+        .map_err(MysqlError::query("reading the server version"))?;
+    Ok(version.is_some_and(|v| v.contains("MariaDB")))
+}
+
+/// `` `name` `` with backquotes doubled.
+pub fn quote_ident(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}

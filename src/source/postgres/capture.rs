@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tokio_postgres::{error::SqlState, Client};
 use tracing::{debug, info, warn};
 
@@ -29,7 +29,7 @@ use crate::{
     config::{PostgresConfig, Secret, SnapshotMode},
     observe::progress::Progress,
     offsets::{ConnectorState, SnapshotRequest, TableProgress},
-    source::{Source, SourceError, SourceIo},
+    source::{chunk_changes, publish, Source, SourceError, SourceIo},
 };
 
 /// A PostgreSQL database captured through one slot and one publication.
@@ -251,19 +251,6 @@ impl Source for PostgresSource {
         stream.stop();
         result
     }
-}
-
-/// Publish `state` for the pipeline to save. Only snapshot progress and requests wake the
-/// saver: a new position alone, after every Kafka acknowledgement, is picked up at its next
-/// round (see `SourceIo::state`).
-fn publish(published: &watch::Sender<ConnectorState>, state: &ConnectorState) {
-    published.send_if_modified(|published| {
-        let progressed = published.tables != state.tables
-            || published.requests != state.requests
-            || published.dropped != state.dropped;
-        published.clone_from(state);
-        progressed
-    });
 }
 
 /// How a run starts.
@@ -680,9 +667,10 @@ impl Snapshotter {
                 })
         });
         let at = Position::Postgres(position);
-        let messages: Vec<SourceMessage> = snapshot::chunk_changes(&current.table, rows, &at)
-            .map(SourceMessage::Change)
-            .collect();
+        let messages: Vec<SourceMessage> =
+            chunk_changes(&current.table.source, &current.table.key, rows, &at)
+                .map(SourceMessage::Change)
+                .collect();
         debug!(table = %name, read, emitted = messages.len(), "chunk");
         self.progress.advance(read as u64);
         let progress = TableProgress {

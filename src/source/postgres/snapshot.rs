@@ -330,29 +330,6 @@ fn text_row(names: &Names, oids: &[u32], row: &SimpleQueryRow) -> Row {
     Row::of_layout(names.clone(), values)
 }
 
-/// The snapshot rows of a chunk as changes at `position`, numbered from 0.
-pub fn chunk_changes(
-    table: &ChunkTable,
-    rows: impl IntoIterator<Item = Row>,
-    position: &Position,
-) -> impl Iterator<Item = ChangeEvent> {
-    let (source, key, position) = (table.source.clone(), table.key.clone(), position.clone());
-    rows.into_iter()
-        .enumerate()
-        .map(move |(ordinal, row)| ChangeEvent {
-            source: source.clone(),
-            op: Operation::Read,
-            key: key.clone(),
-            before: None,
-            after: Some(row),
-            position: position.clone(),
-            ordinal: ordinal as u32,
-            transaction_id: None,
-            commit_time: None,
-            capture_time: Utc::now(),
-        })
-}
-
 /// How [`TableReader::read`] reads a table.
 #[derive(Debug, Clone, Copy)]
 pub struct Reading<'a> {

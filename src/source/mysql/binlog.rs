@@ -1,0 +1,653 @@
+//! The binary log as changes: a replica's binlog stream (`mysql_async`), its table-map
+//! events turned into table layouts once per layout, and rows events decoded against them.
+//!
+//! Column names, types, signedness, character sets and ENUM/SET labels come from the
+//! table-map events' metadata (`binlog_row_metadata = FULL`): no DDL is parsed and no schema
+//! history is kept, and an event written before a schema change decodes with the layout it
+//! was written with. The catalog adds one fact the log lacks: which of MariaDB's text columns
+//! hold JSON.
+//!
+//! A change's position is the end of its rows event, so versions order like the log. The
+//! transaction's end comes as [`Decoded::Committed`]: only those positions (and heartbeats
+//! between transactions) are places to resume from.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use mysql_async::{
+    binlog::{
+        events::{
+            EventData, OptionalMetaExtractor, OptionalMetadataField, RowsEventData, TableMapEvent,
+        },
+        value::BinlogValue,
+    },
+    consts::ColumnType,
+    prelude::Queryable,
+    BinlogStream, BinlogStreamRequest, Conn, Opts,
+};
+use mysql_common::{io::ParseBuf, proto::MyDeserialize};
+
+use super::{
+    gtid::{Gtid, GtidPosition},
+    types::{self, Kind},
+    MysqlError,
+};
+use crate::change::{BinlogPosition, ChangeEvent, Names, Operation, Row, SourceTable, Value};
+
+/// MariaDB's event types (not MySQL's, so `mysql_common` does not know them).
+mod mariadb {
+    pub const GTID: u8 = 162;
+    /// 165–171: compressed query and rows events (`log_bin_compress = ON`).
+    pub const COMPRESSED: std::ops::RangeInclusive<u8> = 165..=171;
+}
+
+/// Where the stream starts.
+#[derive(Debug, Clone)]
+pub enum StartAt {
+    /// A file and offset on this server.
+    File(BinlogPosition),
+    /// The transactions applied (any server with them: a promoted replica too).
+    Gtid(GtidPosition),
+}
+
+/// What the stream gave.
+#[derive(Debug)]
+pub enum Decoded {
+    Changes(Vec<ChangeEvent>),
+    /// A transaction ended at `position`; `gtid` is its id, when the server has them.
+    Committed {
+        position: BinlogPosition,
+        gtid: Option<Gtid>,
+    },
+    /// Between transactions at `position` (the server's heartbeat, or a new log file).
+    Idle(BinlogPosition),
+    Nothing,
+}
+
+/// A mapped table's layout, as one table-map event gives it.
+#[derive(Debug)]
+struct Layout {
+    source: Arc<SourceTable>,
+    names: Names,
+    key: Names,
+    columns: Vec<ColumnDecoder>,
+}
+
+#[derive(Debug)]
+struct ColumnDecoder {
+    column_type: ColumnType,
+    metadata: Vec<u8>,
+    unsigned: bool,
+    kind: Kind,
+}
+
+/// A table id's table map: its bytes (a new map with the same bytes is the same layout) and
+/// the layout when the table is mapped.
+#[derive(Debug)]
+struct TableMap {
+    bytes: Vec<u8>,
+    layout: Option<Arc<Layout>>,
+}
+
+/// The binary log of one server, read as a replica.
+pub struct BinlogReader {
+    stream: BinlogStream,
+    /// For the facts the log lacks (collation names, JSON columns).
+    catalog: Conn,
+    connector: Arc<str>,
+    /// The mapped tables, `(database, table)`.
+    tables: HashSet<(String, String)>,
+    /// Collation id → character set name.
+    collations: HashMap<u16, String>,
+    maps: HashMap<u64, TableMap>,
+    /// JSON columns by `(database, table)`, as the catalog last said.
+    json_columns: HashMap<(String, String), HashSet<String>>,
+    position: BinlogPosition,
+    /// Whether `position` names a real file (a start by GTID learns it from the stream).
+    located: bool,
+    in_transaction: bool,
+    gtid: Option<Gtid>,
+    /// The transaction's id as text, for its changes.
+    transaction: Option<String>,
+    ordinal: u32,
+}
+
+impl std::fmt::Debug for BinlogReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BinlogReader")
+            .field("position", &self.position)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to read.
+#[derive(Debug, Clone)]
+pub struct ReaderOptions {
+    pub connector: String,
+    /// The replica id this reader registers with (unique among the server's replicas).
+    pub server_id: u32,
+    /// The server sends a heartbeat when it has had nothing to send for this long.
+    pub heartbeat: Duration,
+    pub tables: HashSet<(String, String)>,
+}
+
+impl BinlogReader {
+    /// Register as a replica of the server at `opts` and request its log from `start`.
+    pub async fn open(
+        opts: &Opts,
+        options: &ReaderOptions,
+        start: &StartAt,
+    ) -> Result<Self, MysqlError> {
+        let mut catalog = Conn::new(opts.clone()).await.map_err(MysqlError::connect)?;
+        let collations = catalog
+            .query::<(u16, String), _>(
+                "SELECT ID, CHARACTER_SET_NAME FROM information_schema.COLLATIONS WHERE ID IS NOT NULL",
+            )
+            .await
+            .map_err(MysqlError::query("reading the server's collations"))?
+            .into_iter()
+            .collect();
+        let mut conn = Conn::new(opts.clone()).await.map_err(MysqlError::connect)?;
+        let fail = MysqlError::query("preparing the binlog request");
+        // MariaDB sends its GTID events only to a replica that says it understands them
+        // (otherwise a `BEGIN` in their place); MySQL ignores the variable.
+        conn.query_drop("SET @mariadb_slave_capability = 4")
+            .await
+            .map_err(&fail)?;
+        let nanos = options
+            .heartbeat
+            .as_nanos()
+            .clamp(1_000_000, 4_294_967_000_000_000);
+        conn.query_drop(format!("SET @master_heartbeat_period = {nanos}"))
+            .await
+            .map_err(&fail)?;
+        let request = BinlogStreamRequest::new(options.server_id);
+        let (name, sids);
+        let (request, position) = match start {
+            StartAt::File(position) => {
+                name = position.file_name();
+                (
+                    request
+                        .with_filename(name.as_bytes())
+                        .with_pos(position.offset),
+                    position.clone(),
+                )
+            }
+            StartAt::Gtid(GtidPosition::Mariadb(_)) => {
+                let state = start_gtid_text(start);
+                conn.query_drop(format!("SET @slave_connect_state = '{state}'"))
+                    .await
+                    .map_err(&fail)?;
+                conn.query_drop("SET @slave_gtid_strict_mode = 1")
+                    .await
+                    .map_err(&fail)?;
+                (
+                    request.with_pos(4),
+                    BinlogPosition::new("unknown.000000", 4).expect("valid"),
+                )
+            }
+            StartAt::Gtid(set @ GtidPosition::Mysql(_)) => {
+                sids = set
+                    .to_string()
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.parse::<mysql_common::packets::Sid<'static>>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| MysqlError::Definite(format!("the stored GTID set: {e}")))?;
+                (
+                    request.with_gtid().with_gtid_set(sids.clone()),
+                    BinlogPosition::new("unknown.000000", 4).expect("valid"),
+                )
+            }
+        };
+        let stream = conn
+            .get_binlog_stream(request)
+            .await
+            .map_err(MysqlError::query("requesting the binary log"))?;
+        Ok(Self {
+            stream,
+            catalog,
+            connector: options.connector.as_str().into(),
+            tables: options.tables.clone(),
+            collations,
+            maps: HashMap::new(),
+            json_columns: HashMap::new(),
+            located: matches!(start, StartAt::File(_)),
+            position,
+            in_transaction: false,
+            gtid: None,
+            transaction: None,
+            ordinal: 0,
+        })
+    }
+
+    /// The position after the last event read.
+    pub fn position(&self) -> &BinlogPosition {
+        &self.position
+    }
+
+    /// Whether [`Self::position`] is a real one yet.
+    pub fn located(&self) -> bool {
+        self.located
+    }
+
+    /// Whether the last event read left a transaction open.
+    pub fn in_transaction(&self) -> bool {
+        self.in_transaction
+    }
+
+    /// The next thing the log says; `None` when the server ends the stream.
+    pub async fn next(&mut self) -> Result<Option<Decoded>, MysqlError> {
+        let Some(event) = self.stream.next().await else {
+            return Ok(None);
+        };
+        let event = event.map_err(MysqlError::query("reading the binary log"))?;
+        let header = event.header();
+        // Artificial events (the rotate announcing where the stream starts) have no place.
+        let artificial = header.flags_raw() & 0x20 != 0;
+        if header.log_pos() > 0 && !artificial {
+            self.position.offset = u64::from(header.log_pos());
+            self.position.step = 0;
+        }
+        let raw_type = header.event_type_raw();
+        if raw_type == mariadb::GTID {
+            self.gtid = Gtid::mariadb_event(event.data(), header.server_id());
+            self.begin();
+            self.in_transaction = !Gtid::mariadb_standalone(event.data());
+            return Ok(Some(Decoded::Nothing));
+        }
+        if mariadb::COMPRESSED.contains(&raw_type) {
+            return Err(MysqlError::Definite(
+                "the server compresses its binary log (log_bin_compress = ON), which fhir-cdc does not read: set log_bin_compress = OFF".into(),
+            ));
+        }
+        let data = match event.read_data() {
+            Ok(Some(data)) => data,
+            Ok(None) => return Ok(Some(Decoded::Nothing)),
+            Err(e) => {
+                return Err(MysqlError::Definite(format!(
+                    "an event at {} could not be read: {e}",
+                    self.position
+                )))
+            }
+        };
+        let timestamp = DateTime::from_timestamp(i64::from(header.timestamp()), 0);
+        Ok(Some(match data {
+            EventData::RotateEvent(rotate) => {
+                // The rotate that opens the stream comes before the format description, so
+                // its body may end in a checksum the reader did not know to strip.
+                let raw = rotate.name_raw();
+                let name = |bytes: &[u8]| {
+                    BinlogPosition::new(&String::from_utf8_lossy(bytes), rotate.position())
+                };
+                self.position = name(raw)
+                    .or_else(|e| name(&raw[..raw.len().saturating_sub(4)]).map_err(|_| e))
+                    .map_err(|e| {
+                        MysqlError::Definite(format!("the server's binary log file name: {e}"))
+                    })?;
+                self.located = true;
+                if self.in_transaction {
+                    Decoded::Nothing
+                } else {
+                    Decoded::Idle(self.position.clone())
+                }
+            }
+            EventData::GtidEvent(gtid) => {
+                self.gtid = Some(Gtid::Mysql {
+                    uuid: gtid.sid(),
+                    number: gtid.gno(),
+                });
+                self.begin();
+                Decoded::Nothing
+            }
+            EventData::AnonymousGtidEvent(_) => {
+                self.gtid = None;
+                self.begin();
+                Decoded::Nothing
+            }
+            EventData::QueryEvent(query) => {
+                let text = query.query();
+                let statement = text.trim();
+                if statement.eq_ignore_ascii_case("BEGIN") {
+                    if self.gtid.is_none() || !self.in_transaction {
+                        self.begin();
+                    }
+                    self.in_transaction = true;
+                    Decoded::Nothing
+                } else if statement.eq_ignore_ascii_case("COMMIT") || !self.in_transaction {
+                    // A COMMIT (non-transactional tables), or a statement that is its own
+                    // transaction (DDL): its table's JSON columns may have changed.
+                    if !statement.eq_ignore_ascii_case("COMMIT") {
+                        let schema = query.schema().into_owned();
+                        self.json_columns.retain(|(db, _), _| *db != schema);
+                        self.maps.clear();
+                    }
+                    self.commit()
+                } else {
+                    Decoded::Nothing
+                }
+            }
+            EventData::XidEvent(_) => self.commit(),
+            EventData::TableMapEvent(tme) => {
+                self.table_map(&tme, event.data()).await?;
+                Decoded::Nothing
+            }
+            EventData::RowsEvent(rows) => {
+                let Some(layout) = self
+                    .maps
+                    .get(&rows.table_id())
+                    .and_then(|m| m.layout.clone())
+                else {
+                    return Ok(Some(Decoded::Nothing));
+                };
+                Decoded::Changes(self.rows(&layout, &rows, timestamp)?)
+            }
+            EventData::HeartbeatEvent if !self.in_transaction && header.log_pos() > 0 => {
+                Decoded::Idle(self.position.clone())
+            }
+            _ => Decoded::Nothing,
+        }))
+    }
+
+    fn begin(&mut self) {
+        self.in_transaction = true;
+        self.ordinal = 0;
+        self.transaction = self.gtid.map(|g| g.to_string());
+    }
+
+    fn commit(&mut self) -> Decoded {
+        self.in_transaction = false;
+        self.transaction = None;
+        Decoded::Committed {
+            position: self.position.clone(),
+            gtid: self.gtid.take(),
+        }
+    }
+
+    /// A table map: the layout of the rows events after it, built when the table is mapped
+    /// and its map (`bytes`) is new.
+    async fn table_map(&mut self, tme: &TableMapEvent<'_>, bytes: &[u8]) -> Result<(), MysqlError> {
+        let id = tme.table_id();
+        if self.maps.get(&id).is_some_and(|m| m.bytes == bytes) {
+            return Ok(());
+        }
+        let bytes = bytes.to_vec();
+        let table = (
+            tme.database_name().into_owned(),
+            tme.table_name().into_owned(),
+        );
+        let layout = if self.tables.contains(&table) {
+            let json = self.json_columns(&table).await?;
+            Some(Arc::new(self.layout(tme, &table, &json)?))
+        } else {
+            None
+        };
+        self.maps.insert(id, TableMap { bytes, layout });
+        Ok(())
+    }
+
+    /// The table's JSON columns (MariaDB's JSON is LONGTEXT with a `json_valid` check; MySQL
+    /// has a type of its own and no such checks).
+    async fn json_columns(
+        &mut self,
+        table: &(String, String),
+    ) -> Result<HashSet<String>, MysqlError> {
+        if let Some(known) = self.json_columns.get(table) {
+            return Ok(known.clone());
+        }
+        let found = json_columns(&mut self.catalog, &table.0, &table.1).await;
+        self.json_columns.insert(table.clone(), found.clone());
+        Ok(found)
+    }
+
+    fn layout(
+        &self,
+        tme: &TableMapEvent<'_>,
+        (database, table): &(String, String),
+        json: &HashSet<String>,
+    ) -> Result<Layout, MysqlError> {
+        let bad = |e: std::io::Error| {
+            MysqlError::Definite(format!("the table map of {database}.{table}: {e}"))
+        };
+        let meta = OptionalMetaExtractor::new(tme.iter_optional_meta()).map_err(bad)?;
+        let names: Vec<Arc<str>> = meta
+            .iter_column_name()
+            .map(|n| n.map(|n| Arc::from(n.name().as_ref())))
+            .collect::<Result<_, _>>()
+            .map_err(bad)?;
+        let count = usize::try_from(tme.columns_count()).unwrap_or(usize::MAX);
+        if names.len() != count {
+            return Err(MysqlError::Definite(format!(
+                "the binary log has no column names for {database}.{table}: set binlog_row_metadata = FULL on the server (SET GLOBAL binlog_row_metadata = 'FULL'), then restart the connector"
+            )));
+        }
+        // The labels of the ENUM columns, and of the SET columns, each in column order.
+        let (mut enum_labels, mut set_labels) = (Vec::new(), Vec::new());
+        for field in tme.iter_optional_meta() {
+            match field.map_err(bad)? {
+                OptionalMetadataField::EnumStrValue(values) => {
+                    for column in values.iter_values() {
+                        enum_labels.push(Some(
+                            column
+                                .map_err(bad)?
+                                .values()
+                                .iter()
+                                .map(|v| v.value().into_owned())
+                                .collect::<Vec<_>>(),
+                        ));
+                    }
+                }
+                OptionalMetadataField::SetStrValue(values) => {
+                    for column in values.iter_values() {
+                        set_labels.push(Some(
+                            column
+                                .map_err(bad)?
+                                .values()
+                                .iter()
+                                .map(|v| v.value().into_owned())
+                                .collect::<Vec<_>>(),
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let (mut enum_labels, mut set_labels) = (enum_labels.into_iter(), set_labels.into_iter());
+        let mut signedness = meta.iter_signedness();
+        let mut charsets = meta.iter_charset();
+        let mut enum_charsets = meta.iter_enum_and_set_charset();
+        let mut columns = Vec::with_capacity(count);
+        for (i, name) in names.iter().enumerate() {
+            let column_type = tme
+                .get_column_type(i)
+                .map_err(|e| MysqlError::Definite(format!("{database}.{table}.{name}: {e}")))?
+                .ok_or_else(|| {
+                    MysqlError::Definite(format!("{database}.{table}: no type for column {i}"))
+                })?;
+            let metadata = tme.get_column_metadata(i).unwrap_or(&[]).to_vec();
+            let unsigned = column_type.is_numeric_type() && signedness.next().unwrap_or(false);
+            let charset = if column_type.is_character_type() {
+                charsets.next().transpose().map_err(bad)?
+            } else if column_type.is_enum_or_set_type() {
+                enum_charsets.next().transpose().map_err(bad)?;
+                None
+            } else {
+                None
+            };
+            let charset = charset.map(|id| {
+                self.collations.get(&id).map_or(
+                    if id == types::BINARY {
+                        "binary"
+                    } else {
+                        "unknown"
+                    },
+                    String::as_str,
+                )
+            });
+            let label = match column_type {
+                ColumnType::MYSQL_TYPE_ENUM => enum_labels.next().flatten(),
+                ColumnType::MYSQL_TYPE_SET => set_labels.next().flatten(),
+                _ => None,
+            };
+            let kind = types::binlog_kind(
+                column_type,
+                &metadata,
+                unsigned,
+                charset,
+                label.map(Into::into),
+                json.contains(&**name),
+            );
+            columns.push(ColumnDecoder {
+                column_type,
+                metadata,
+                unsigned,
+                kind,
+            });
+        }
+        let key: Vec<Arc<str>> = meta
+            .iter_primary_key()
+            .filter_map(|i| i.ok())
+            .filter_map(|i| names.get(usize::try_from(i).ok()?).cloned())
+            .collect();
+        Ok(Layout {
+            source: Arc::new(SourceTable::new(
+                self.connector.clone(),
+                "mysql",
+                database.as_str(),
+                database.as_str(),
+                table.as_str(),
+            )),
+            names: names.into(),
+            key: key.into(),
+            columns,
+        })
+    }
+
+    fn rows(
+        &mut self,
+        layout: &Layout,
+        rows: &RowsEventData<'_>,
+        commit_time: Option<DateTime<Utc>>,
+    ) -> Result<Vec<ChangeEvent>, MysqlError> {
+        let op = match rows {
+            RowsEventData::WriteRowsEvent(_) | RowsEventData::WriteRowsEventV1(_) => {
+                Operation::Insert
+            }
+            RowsEventData::UpdateRowsEvent(_)
+            | RowsEventData::UpdateRowsEventV1(_)
+            | RowsEventData::PartialUpdateRowsEvent(_) => Operation::Update,
+            RowsEventData::DeleteRowsEvent(_) | RowsEventData::DeleteRowsEventV1(_) => {
+                Operation::Delete
+            }
+        };
+        let bad = |e: std::io::Error| {
+            MysqlError::Definite(format!(
+                "a rows event of {} at {} does not decode with its table map: {e}",
+                layout.source.qualified_name(),
+                self.position
+            ))
+        };
+        let mut buf = ParseBuf(rows.rows_data());
+        let mut changes = Vec::new();
+        let capture_time = Utc::now();
+        while !buf.is_empty() {
+            let before = match (op, rows.columns_before_image()) {
+                (Operation::Update | Operation::Delete, Some(bits)) => {
+                    let present = |i: usize| bits.get(i).is_some_and(|b| *b);
+                    Some(image(layout, &mut buf, present).map_err(bad)?)
+                }
+                _ => None,
+            };
+            let after = match (op, rows.columns_after_image()) {
+                (Operation::Insert | Operation::Update, Some(bits)) => {
+                    let present = |i: usize| bits.get(i).is_some_and(|b| *b);
+                    Some(image(layout, &mut buf, present).map_err(bad)?)
+                }
+                _ => None,
+            };
+            changes.push(ChangeEvent {
+                source: layout.source.clone(),
+                op,
+                key: layout.key.clone(),
+                before,
+                after,
+                position: crate::change::Position::Mysql(self.position.clone()),
+                ordinal: self.ordinal,
+                transaction_id: self.transaction.clone(),
+                commit_time,
+                capture_time,
+            });
+            self.ordinal += 1;
+        }
+        Ok(changes)
+    }
+}
+
+/// One row image: a null bitmap over the columns present, then their values.
+fn image<'a>(
+    layout: &'a Layout,
+    buf: &mut ParseBuf<'a>,
+    present: impl Fn(usize) -> bool,
+) -> std::io::Result<Row> {
+    let count = layout.columns.len();
+    let present_count = (0..count).filter(|i| present(*i)).count();
+    let nulls: &[u8] = buf.parse(present_count.div_ceil(8))?;
+    let mut values = Vec::with_capacity(count);
+    let mut unavailable = Vec::new();
+    let mut at = 0;
+    for (i, column) in layout.columns.iter().enumerate() {
+        if !present(i) {
+            unavailable.push(layout.names[i].to_string());
+            values.push(Value::Null);
+            continue;
+        }
+        let null = nulls[at / 8] & (1 << (at % 8)) != 0;
+        at += 1;
+        if null {
+            values.push(Value::Null);
+            continue;
+        }
+        let value = BinlogValue::deserialize(
+            (column.column_type, &column.metadata, column.unsigned, false),
+            buf,
+        )?;
+        values.push(types::binlog_value(&column.kind, value));
+    }
+    if unavailable.is_empty() {
+        Ok(Row::of_layout(layout.names.clone(), values))
+    } else {
+        let columns = layout
+            .names
+            .iter()
+            .cloned()
+            .zip(values)
+            .filter(|(name, _)| !unavailable.iter().any(|u| **u == **name))
+            .collect();
+        Ok(Row::with_unavailable(columns, unavailable))
+    }
+}
+
+/// The JSON columns of `database.table` by the catalog (none when it cannot tell).
+pub async fn json_columns(conn: &mut Conn, database: &str, table: &str) -> HashSet<String> {
+    conn.exec::<String, _, _>(
+        "SELECT CONSTRAINT_NAME FROM information_schema.CHECK_CONSTRAINTS
+          WHERE CONSTRAINT_SCHEMA = ? AND TABLE_NAME = ?
+            AND CHECK_CLAUSE = CONCAT('json_valid(`', CONSTRAINT_NAME, '`)')",
+        (database, table),
+    )
+    .await
+    .map(|names| names.into_iter().collect())
+    .unwrap_or_default()
+}
+
+fn start_gtid_text(start: &StartAt) -> String {
+    match start {
+        StartAt::Gtid(position) => position.to_string(),
+        StartAt::File(_) => String::new(),
+    }
+}

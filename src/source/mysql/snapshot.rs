@@ -1,0 +1,269 @@
+//! Snapshot chunks: the rows of a table in key order, a chunk at a time, each read in a
+//! transaction of its own with the binary log position that belongs to it.
+//!
+//! MariaDB gives that position exactly: `START TRANSACTION WITH CONSISTENT SNAPSHOT` sets
+//! `binlog_snapshot_file` and `binlog_snapshot_position` to the end of the last transaction
+//! the snapshot sees, without a lock. A chunk read there is the table's state at that
+//! position P; the stream (see `capture`) emits it once it has passed P, leaving out the rows
+//! that a change after P touched (the stream gave them newer). MySQL has no such variables:
+//! there the window is the log's end before and after the read (low and high), and rows
+//! changed after low are left out — DBLog's watermark rule, with the log's own positions as
+//! watermarks, so the connector writes nothing into the database.
+
+use std::sync::Arc;
+
+use mysql_async::{prelude::Queryable, Conn, Pool, Row as MyRow, Value as MyValue};
+
+use super::{
+    binlog::json_columns,
+    current_position, quote_ident,
+    types::{self, Kind},
+    MysqlError,
+};
+use crate::change::{BinlogPosition, Names, Row, SourceTable, Value};
+
+/// A table as chunks read it.
+#[derive(Debug)]
+pub struct ChunkTable {
+    /// `database.table`.
+    pub name: String,
+    quoted: String,
+    pub source: Arc<SourceTable>,
+    names: Names,
+    /// The primary key, in key order; empty without one.
+    pub key: Names,
+    key_at: Vec<usize>,
+    /// The catalog's JSON columns (MariaDB).
+    json: std::collections::HashSet<String>,
+}
+
+impl ChunkTable {
+    /// Read `database.table`'s columns and primary key from the catalog.
+    pub async fn describe(
+        conn: &mut Conn,
+        connector: &str,
+        database: &str,
+        table: &str,
+    ) -> Result<Self, MysqlError> {
+        let name = format!("{database}.{table}");
+        let fail = MysqlError::query("reading a mapped table's columns");
+        let columns: Vec<(String, String)> = conn
+            .exec(
+                "SELECT COLUMN_NAME, COLUMN_KEY FROM information_schema.COLUMNS
+                  WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+                (database, table),
+            )
+            .await
+            .map_err(&fail)?;
+        if columns.is_empty() {
+            return Err(MysqlError::Definite(format!(
+                "the mapped table {name} does not exist, or the user may not read it (GRANT SELECT)"
+            )));
+        }
+        let key: Vec<String> = conn
+            .exec(
+                "SELECT COLUMN_NAME FROM information_schema.KEY_COLUMN_USAGE
+                  WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND CONSTRAINT_NAME = 'PRIMARY'
+                  ORDER BY ORDINAL_POSITION",
+                (database, table),
+            )
+            .await
+            .map_err(&fail)?;
+        let names: Names = columns.iter().map(|(n, _)| Arc::from(n.as_str())).collect();
+        let key_at = key
+            .iter()
+            .filter_map(|k| names.iter().position(|n| **n == **k))
+            .collect();
+        Ok(Self {
+            quoted: format!("{}.{}", quote_ident(database), quote_ident(table)),
+            source: Arc::new(SourceTable::new(
+                connector, "mysql", database, database, table,
+            )),
+            names,
+            key: key.iter().map(|k| Arc::from(k.as_str())).collect(),
+            key_at,
+            json: json_columns(conn, database, table).await,
+            name,
+        })
+    }
+
+    /// The key of `row` as text comparable with the stream's rows' keys; `None` when the
+    /// row lacks a key column.
+    pub fn key_of(&self, row: &Row) -> Option<String> {
+        let values: Option<Vec<&Value>> = self.key.iter().map(|k| row.get(k)).collect();
+        values.map(|v| format!("{v:?}"))
+    }
+}
+
+/// One chunk as read.
+#[derive(Debug)]
+pub struct Chunk {
+    pub rows: Vec<Row>,
+    /// The last row's key, as text, to continue after.
+    pub last_key: Option<Vec<String>>,
+    /// Fewer rows than asked: the table is read to its end.
+    pub complete: bool,
+    /// The log's end before the read: rows changed after it are left out.
+    pub low: BinlogPosition,
+    /// The log's end after the read: the stream must pass it before the chunk is emitted.
+    pub high: BinlogPosition,
+}
+
+/// A connection pool for chunk reads: values in UTC and UTF-8.
+pub fn pool(opts: &mysql_async::Opts) -> Pool {
+    let opts = mysql_async::OptsBuilder::from_opts(opts.clone())
+        .init(vec!["SET time_zone = '+00:00', NAMES utf8mb4"])
+        .pool_opts(
+            mysql_async::PoolOpts::default()
+                .with_constraints(mysql_async::PoolConstraints::new(0, 2).expect("0 ≤ 2")),
+        );
+    Pool::new(opts)
+}
+
+/// Read up to `size` rows of `table` after `after` (all of them without a key), of those
+/// matching `filter`.
+pub async fn read_chunk(
+    pool: &Pool,
+    table: &ChunkTable,
+    after: Option<&[String]>,
+    filter: Option<&str>,
+    size: usize,
+) -> Result<Chunk, MysqlError> {
+    let mut conn = pool.get_conn().await.map_err(MysqlError::connect)?;
+    let fail = MysqlError::query("reading a snapshot chunk");
+    let (select, params) = chunk_select(table, after, filter, size);
+    let (before, _) = current_position(&mut conn).await?;
+    conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+        .await
+        .map_err(&fail)?;
+    let snapshot: Vec<(String, String)> = conn
+        .query("SHOW STATUS LIKE 'binlog_snapshot_%'")
+        .await
+        .map_err(&fail)?;
+    let exact = snapshot_position(&snapshot);
+    let read: Result<Vec<MyRow>, _> = conn.exec(select, params).await;
+    conn.query_drop("COMMIT").await.map_err(&fail)?;
+    let read = read.map_err(&fail)?;
+    let (low, high) = match exact {
+        Some(at) => (at.clone(), at),
+        None => (before, current_position(&mut conn).await?.0),
+    };
+    let kinds: Vec<Kind> = read
+        .first()
+        .map(|row| {
+            row.columns_ref()
+                .iter()
+                .map(|c| types::result_kind(c, table.json.contains(&*c.name_str())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let complete = table.key.is_empty() || read.len() < size;
+    let mut rows = Vec::with_capacity(read.len());
+    let mut last_key = None;
+    for row in read {
+        let values: Vec<Value> = row
+            .unwrap()
+            .into_iter()
+            .zip(&kinds)
+            .map(|(value, kind)| types::result_value(kind, value))
+            .collect();
+        last_key = Some(
+            table
+                .key_at
+                .iter()
+                .map(|at| crate::mapping::text_of(&values[*at]).into_owned())
+                .collect(),
+        );
+        rows.push(Row::of_layout(table.names.clone(), values));
+    }
+    Ok(Chunk {
+        rows,
+        last_key,
+        complete,
+        low,
+        high,
+    })
+}
+
+/// MariaDB's position of a consistent snapshot, from `SHOW STATUS LIKE 'binlog_snapshot_%'`.
+fn snapshot_position(status: &[(String, String)]) -> Option<BinlogPosition> {
+    let get = |name: &str| {
+        status
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    let file = get("binlog_snapshot_file").filter(|f| !f.is_empty())?;
+    let offset = get("binlog_snapshot_position")?.parse().ok()?;
+    BinlogPosition::new(file, offset).ok()
+}
+
+/// The chunk's SELECT and its parameters (the last key's values).
+fn chunk_select(
+    table: &ChunkTable,
+    after: Option<&[String]>,
+    filter: Option<&str>,
+    size: usize,
+) -> (String, Vec<MyValue>) {
+    let mut conditions: Vec<String> = filter.map(|f| format!("({f})")).into_iter().collect();
+    let columns = table
+        .key
+        .iter()
+        .map(|k| quote_ident(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut params = Vec::new();
+    if let (Some(last), false) = (after, table.key.is_empty()) {
+        let marks = vec!["?"; last.len()].join(", ");
+        conditions.push(format!("({columns}) > ({marks})"));
+        params = last.iter().map(|v| MyValue::from(v.as_str())).collect();
+    }
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conditions.join(" AND "))
+    };
+    let select = if table.key.is_empty() {
+        format!("SELECT * FROM {}{filter}", table.quoted)
+    } else {
+        format!(
+            "SELECT * FROM {}{filter} ORDER BY {columns} LIMIT {size}",
+            table.quoted
+        )
+    };
+    (select, params)
+}
+
+/// The catalog's estimate of the rows in `table`: for progress, never for correctness.
+pub async fn estimated_rows(pool: &Pool, table: &ChunkTable) -> Option<u64> {
+    let mut conn = pool.get_conn().await.ok()?;
+    let (database, name) = table.name.split_once('.')?;
+    conn.exec_first(
+        "SELECT TABLE_ROWS FROM information_schema.TABLES WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+        (database, name),
+    )
+    .await
+    .ok()
+    .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mariadb_snapshot_status_gives_the_position_and_mysql_none() {
+        let status = vec![
+            (
+                "Binlog_snapshot_file".to_string(),
+                "mariadb-bin.000004".to_string(),
+            ),
+            ("Binlog_snapshot_position".to_string(), "568".to_string()),
+        ];
+        assert_eq!(
+            snapshot_position(&status).unwrap().to_string(),
+            "mariadb-bin.000004:568"
+        );
+        assert_eq!(snapshot_position(&[]), None);
+    }
+}
