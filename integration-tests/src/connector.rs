@@ -360,3 +360,32 @@ pub async fn capture_results(
     .await;
     (capture, connector)
 }
+
+/// Wait (up to `within`) until the MySQL connector of `config` has stored a position at or
+/// after the end of the stack MariaDB's binary log now: everything written so far is in
+/// Kafka.
+pub async fn await_binlog_stored(config: &Path, within: Duration, log: &Path) {
+    let mut conn = stack::mysql_conn().await;
+    let (end, _) = fhir_cdc::source::mysql::current_position(&mut conn)
+        .await
+        .unwrap();
+    let config = fhir_cdc::config::ConnectorConfig::load(config).unwrap();
+    let store = fhir_cdc::offsets::StateStore::of(&config).await.unwrap();
+    let deadline = Instant::now() + within;
+    loop {
+        let stored = store.load().await.unwrap().and_then(|s| s.position);
+        if stored
+            .as_deref()
+            .and_then(|p| fhir_cdc::source::mysql::capture::parse_position(p).ok())
+            .is_some_and(|(position, _)| position >= end)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the connector stored {stored:?}, not yet {end}; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

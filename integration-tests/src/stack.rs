@@ -222,16 +222,32 @@ pub fn lab_mappings(dir: &Path, schema: &str, files: &[&str]) {
 }
 
 /// A connector config in `dir` (connector `name`, topics under `prefix`, mappings in
-/// `dir/mappings`) against the stack, with `extra` (more tables) appended.
+/// `dir/mappings`) against the stack's PostgreSQL, with `extra` (more tables) appended.
 pub fn connector_config(dir: &Path, name: &str, prefix: &str, extra: &str) -> PathBuf {
+    config_with_source(dir, name, prefix, "postgres", "FHIR_CDC_PG_URL", extra)
+}
+
+/// As [`connector_config`], against the stack's MariaDB.
+pub fn mysql_connector_config(dir: &Path, name: &str, prefix: &str) -> PathBuf {
+    config_with_source(dir, name, prefix, "mysql", "FHIR_CDC_MYSQL_URL", "")
+}
+
+fn config_with_source(
+    dir: &Path,
+    name: &str,
+    prefix: &str,
+    kind: &str,
+    url: &str,
+    extra: &str,
+) -> PathBuf {
     let config = dir.join("connector.toml");
     std::fs::write(
         &config,
         format!(
             r#"name = "{name}"
 [source]
-kind = "postgres"
-url = "${{env:FHIR_CDC_PG_URL}}"
+kind = "{kind}"
+url = "${{env:{url}}}"
 heartbeat.interval.ms = 500
 [kafka]
 bootstrap.servers = "${{env:FHIR_CDC_KAFKA_BOOTSTRAP}}"
@@ -248,6 +264,58 @@ prefix = "{prefix}"
     )
     .unwrap();
     config
+}
+
+/// The sample billing tables (`mappings/billing/schema.sql`) as `<prefix>_charge` and
+/// `<prefix>_claim` in the stack's MariaDB database, and their mappings in `dir`, pointed
+/// at them. Returns the database's name.
+pub async fn billing_tables(conn: &mut mysql_async::Conn, prefix: &str, dir: &Path) -> String {
+    use mysql_async::prelude::Queryable;
+    let database: String = conn
+        .query_first("SELECT DATABASE()")
+        .await
+        .unwrap()
+        .unwrap();
+    let ddl = std::fs::read_to_string(repo_root().join("mappings/billing/schema.sql"))
+        .unwrap()
+        .replace("CREATE DATABASE IF NOT EXISTS billing;", "")
+        .replace("billing.charge", &format!("{database}.{prefix}_charge"))
+        .replace("billing.claim", &format!("{database}.{prefix}_claim"));
+    for statement in ddl.split(';').filter(|s| s.contains("CREATE")) {
+        conn.query_drop(statement).await.unwrap();
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    for table in ["charge", "claim"] {
+        let text =
+            std::fs::read_to_string(repo_root().join(format!("mappings/billing/{table}.yaml")))
+                .unwrap()
+                .replace(
+                    &format!("table: billing.{table}"),
+                    &format!("table: {database}.{prefix}_{table}"),
+                );
+        std::fs::write(dir.join(format!("{table}.yaml")), text).unwrap();
+    }
+    database
+}
+
+/// A client of the stack's MariaDB.
+pub async fn mysql_conn() -> mysql_async::Conn {
+    mysql_async::Conn::new(mysql_async::Opts::from_url(&mysql_url()).unwrap())
+        .await
+        .unwrap()
+}
+
+/// `sql` run by MariaDB's root over the stack's socket (what the connector's user may not:
+/// FLUSH and PURGE BINARY LOGS).
+pub fn mariadb_root(sql: &str) {
+    let socket = repo_root().join("integration-tests/stack/state/mariadb/run/mysqld.sock");
+    let status = std::process::Command::new("mariadb")
+        .args(["--no-defaults", "-uroot"])
+        .arg(format!("--socket={}", socket.display()))
+        .args(["-e", sql])
+        .status()
+        .unwrap();
+    assert!(status.success(), "mariadb -e {sql:?} failed");
 }
 
 /// `rows` lab results (value 90, status F) in `table`, ids from the sequence.

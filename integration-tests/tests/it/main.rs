@@ -10,6 +10,7 @@ mod dlq;
 mod fhir_definitions;
 mod fhir_oracle;
 mod kafka_sink;
+mod mysql_capture;
 mod mysql_types;
 mod postgres_snapshot;
 mod postgres_stream;

@@ -291,7 +291,8 @@ impl BinlogReader {
                         MysqlError::Definite(format!("the server's binary log file name: {e}"))
                     })?;
                 self.located = true;
-                if self.in_transaction {
+                // The artificial rotate of a start by GTID names the file, not yet the place.
+                if self.in_transaction || artificial {
                     Decoded::Nothing
                 } else {
                     Decoded::Idle(self.position.clone())

@@ -224,13 +224,21 @@ impl Source for MysqlSource {
                 };
                 let mut messages: Vec<SourceMessage> = match decoded {
                     None => break,
-                    Some(Decoded::Changes(changes)) => changes
-                        .into_iter()
-                        .map(|change| {
-                            snapshot.observe(&change);
-                            SourceMessage::Change(change)
-                        })
-                        .collect(),
+                    // A rows event's changes, then its end: nothing more comes at or before
+                    // it (only the transaction's end is stored as a place to resume from).
+                    Some(Decoded::Changes(changes)) => {
+                        let end = changes
+                            .last()
+                            .map(|c| SourceMessage::Progress(c.position.clone()));
+                        changes
+                            .into_iter()
+                            .map(|change| {
+                                snapshot.observe(&change);
+                                SourceMessage::Change(change)
+                            })
+                            .chain(end)
+                            .collect()
+                    }
                     Some(Decoded::Committed { position, gtid }) => {
                         commits.push_back((position.clone(), gtid));
                         vec![SourceMessage::Progress(Position::Mysql(position))]
