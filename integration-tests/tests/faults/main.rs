@@ -16,7 +16,10 @@ use std::{
 
 use fhir_cdc::canonical::CanonicalEvent;
 use integration_tests::{
-    connector::{await_snapshotted, await_streaming, events_of, start, stop},
+    connector::{
+        await_binlog_stored, await_snapshotted, await_streaming, events_of, exit_within, start,
+        stop,
+    },
     stack,
 };
 use tokio_util::sync::CancellationToken;
@@ -184,4 +187,112 @@ async fn a_registry_frozen_for_30_s_while_the_connector_restarts_loses_nothing()
         fault(&["resume", "registry"]);
     })
     .await;
+}
+
+/// The binary log rotated twice while the connector was stopped: it resumes by GTID and
+/// misses nothing. Then the logs from its stored position purged: with the default
+/// `snapshot.mode` it stops and names the fix; with `when_needed` it snapshots again and the
+/// topic is whole. (A test of its own binary: purging logs would break other tests' readers.)
+#[tokio::test]
+async fn rotated_logs_resume_by_gtid_and_purged_ones_need_when_needed() {
+    use mysql_async::prelude::Queryable;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let name = stack::unique("my_purge");
+    let dir = std::env::temp_dir().join(&name);
+    let mut conn = stack::mysql_conn().await;
+    let database = stack::billing_tables(&mut conn, &name, &dir.join("mappings")).await;
+    let prefix = stack::unique("fhirpurge");
+    let config = stack::mysql_connector_config(&dir, &name, &prefix);
+    let (log, topic) = (dir.join("run.log"), format!("{prefix}.billing.ChargeItem"));
+    let charge = format!("{database}.{name}_charge");
+    let insert = |from: u32| {
+        format!(
+            "INSERT INTO {charge} (charge_id, account_no, mrn, cpt_code, amount, status, service_date, posted_at)
+             SELECT seq, 'ACC-1', 'M000000001', '99213', seq, 'B', '2024-03-05', '2024-03-05 09:15:00'
+               FROM seq_{from}_to_{}",
+            from + 99
+        )
+    };
+    conn.query_drop(insert(1)).await.unwrap();
+    let connector = start(&config, &log);
+    await_snapshotted(&config, &log).await;
+    await_binlog_stored(&config, Duration::from_secs(30), &log).await;
+    assert!(stop(connector).success());
+
+    for from in [101, 201] {
+        stack::mariadb_root("FLUSH BINARY LOGS");
+        conn.query_drop(insert(from)).await.unwrap();
+    }
+    let connector = start(&config, &log);
+    await_binlog_stored(&config, Duration::from_secs(30), &log).await;
+    assert!(stop(connector).success());
+    assert_eq!(amounts(&events_of(&topic).await).len(), 300);
+
+    conn.query_drop(insert(301)).await.unwrap();
+    stack::mariadb_root("FLUSH BINARY LOGS");
+    let (now, _) = fhir_cdc::source::mysql::current_position(&mut conn)
+        .await
+        .unwrap();
+    // The server keeps a log a replica's dump thread still has open (the stopped
+    // connector's, until the server notices): purge until the oldest log is the current one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        stack::mariadb_root(&format!("PURGE BINARY LOGS TO '{}'", now.file_name()));
+        let oldest: Option<(String, u64)> = conn.query_first("SHOW BINARY LOGS").await.unwrap();
+        let oldest = oldest.map(|(file, _)| file);
+        if oldest == Some(now.file_name()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the server kept {oldest:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let refused = exit_within(
+        start(&config, &log),
+        Duration::from_secs(30),
+        "after the purge",
+    );
+    assert!(!refused.success());
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("no longer has the binary log") && said.contains("when_needed"),
+        "{said}"
+    );
+
+    stack::add_source_setting(&config, "snapshot.mode = \"when_needed\"");
+    let connector = start(&config, &log);
+    await_snapshotted(&config, &log).await;
+    await_binlog_stored(&config, Duration::from_secs(30), &log).await;
+    assert!(stop(connector).success());
+    let expected: std::collections::BTreeMap<String, String> = conn
+        .query::<(u32, String), _>(format!(
+            "SELECT charge_id, CAST(amount AS CHAR) FROM {charge}"
+        ))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, amount)| (format!("charge-{id}"), amount))
+        .collect();
+    assert_eq!(expected.len(), 400);
+    assert_eq!(amounts(&events_of(&topic).await), expected);
+}
+
+/// Each ChargeItem's amount in its highest version.
+fn amounts(events: &[CanonicalEvent]) -> std::collections::BTreeMap<String, String> {
+    let mut latest: HashMap<&str, &CanonicalEvent> = HashMap::new();
+    for event in events {
+        let entry = latest.entry(&event.resource_id).or_insert(event);
+        if event.resource_version > entry.resource_version {
+            *entry = event;
+        }
+    }
+    latest
+        .into_iter()
+        .map(|(id, event)| {
+            let resource = event.resource.as_ref().expect("no charge is deleted here");
+            (
+                id.to_owned(),
+                resource.to_json()["priceOverride"]["value"].to_string(),
+            )
+        })
+        .collect()
 }

@@ -20,6 +20,7 @@ use super::{
     binlog::{BinlogReader, Decoded, ReaderOptions, StartAt},
     current_position,
     gtid::GtidPosition,
+    purged_since,
     snapshot::{self, Chunk, ChunkTable},
     MysqlError,
 };
@@ -143,8 +144,14 @@ impl Source for MysqlSource {
                 Some(gtid) if !gtid.is_empty() => StartAt::Gtid(gtid.clone()),
                 _ => StartAt::File(position.clone()),
             };
-            let mut reader = BinlogReader::open(&opts, &options, &at).await?;
-            match reader.next().await {
+            let opened = match purged_since(&mut admin, &position, gtid.as_ref()).await? {
+                Some(why) => Err(MysqlError::LogGone(why)),
+                None => match BinlogReader::open(&opts, &options, &at).await {
+                    Ok(mut reader) => reader.next().await.map(|first| (reader, first)),
+                    Err(e) => Err(e),
+                },
+            };
+            match opened {
                 Err(MysqlError::LogGone(why)) if state.position.is_some() => {
                     if self.mode != SnapshotMode::WhenNeeded {
                         return Err(SourceError::Connector(format!(
@@ -155,7 +162,7 @@ impl Source for MysqlSource {
                     state = ConnectorState::new(Self::KIND);
                 }
                 Err(e) => return Err(e.into()),
-                Ok(first) => {
+                Ok((reader, first)) => {
                     info!(from = %position_text(&position, gtid.as_ref()), "streaming");
                     break (reader, gtid, first);
                 }

@@ -136,3 +136,54 @@ pub async fn is_mariadb(conn: &mut Conn) -> Result<bool, MysqlError> {
 pub fn quote_ident(name: &str) -> String {
     format!("`{}`", name.replace('`', "``"))
 }
+
+/// Why the server can no longer give the changes after `position` (with `gtid`), if it
+/// cannot: its oldest binary log starts after them. MariaDB streams from a purged GTID
+/// position without a word (it starts at its oldest log), so this is checked before
+/// reading: by GTID, against the position its oldest log starts at; by file, against the
+/// files it has.
+pub async fn purged_since(
+    conn: &mut Conn,
+    position: &BinlogPosition,
+    gtid: Option<&GtidPosition>,
+) -> Result<Option<String>, MysqlError> {
+    let fail = MysqlError::query("listing the binary logs (SHOW BINARY LOGS)");
+    let logs: Vec<mysql_async::Row> = conn.query("SHOW BINARY LOGS").await.map_err(&fail)?;
+    let files: Vec<String> = logs.iter().filter_map(|r| r.get(0)).collect();
+    let Some(oldest) = files.first() else {
+        return Ok(Some("the server has no binary logs".into()));
+    };
+    match gtid {
+        Some(GtidPosition::Mariadb(stored)) => {
+            let start: Option<String> = conn
+                .exec_first("SELECT BINLOG_GTID_POS(?, 4)", (oldest.as_str(),))
+                .await
+                .map_err(&fail)?;
+            let start: GtidPosition = start
+                .unwrap_or_default()
+                .parse()
+                .map_err(MysqlError::Definite)?;
+            let GtidPosition::Mariadb(start) = start else {
+                return Ok(None);
+            };
+            for (domain, (_, sequence)) in start {
+                let have = stored.get(&domain).map_or(0, |(_, s)| *s);
+                if have < sequence {
+                    return Ok(Some(format!(
+                        "its oldest binary log {oldest} starts after GTID {domain}-…-{sequence}, and the connector has read domain {domain} only to sequence {have}"
+                    )));
+                }
+            }
+            Ok(None)
+        }
+        // MySQL refuses a purged GTID set itself (error 1236).
+        Some(GtidPosition::Mysql(_)) => Ok(None),
+        None if files.contains(&position.file_name()) => Ok(None),
+        None => Ok(Some(format!(
+            "its binary logs are {}…{}, without {}",
+            oldest,
+            files.last().unwrap_or(oldest),
+            position.file_name()
+        ))),
+    }
+}

@@ -7,8 +7,9 @@
 //! log) and `REPLICATION CLIENT` (MariaDB: `BINLOG MONITOR`, to list it) plus `SELECT` for
 //! snapshots (<https://mariadb.com/kb/en/setting-up-replication/>,
 //! <https://dev.mysql.com/doc/refman/8.0/en/replication-options-binary-log.html>).
-//! `binlog_row_metadata = FULL` puts column names in the log; without it they come from the
-//! catalog, which is wrong for events written before a schema change.
+//! `binlog_row_metadata = FULL` puts column names, signedness, character sets and ENUM/SET
+//! labels in the log: the connector reads rows with them and parses no DDL, so without it
+//! it does not start.
 
 use std::time::Duration;
 
@@ -160,13 +161,13 @@ pub fn evaluate(facts: &ServerFacts) -> Vec<Finding> {
     });
     findings.push(match facts.binlog_row_metadata.as_deref() {
         Some(m) if m.eq_ignore_ascii_case("FULL") => Finding::ok(COMPONENT, "binlog_row_metadata = FULL"),
-        other => Finding::warning(
+        other => Finding::problem(
             COMPONENT,
             format!(
-                "binlog_row_metadata = {}: column names are not in the log and are read from the catalog instead",
+                "binlog_row_metadata = {}: the binary log lacks the column names, so the connector cannot read rows (it parses no DDL) and refuses to start",
                 other.unwrap_or("unsupported")
             ),
-            "set binlog_row_metadata = FULL (MySQL 8.0.1+, MariaDB 10.5+) so events written before a schema change decode correctly",
+            "set binlog_row_metadata = FULL (MySQL 8.0.1+, MariaDB 10.5+): SET GLOBAL binlog_row_metadata = 'FULL' and in the server's configuration",
         ),
     });
     findings.push(if facts.server_id != 0 {
@@ -301,7 +302,7 @@ mod tests {
             ),
             (
                 |f| f.binlog_row_metadata = None,
-                Severity::Warning,
+                Severity::Problem,
                 "binlog_row_metadata = unsupported",
             ),
             (|f| f.server_id = 0, Severity::Problem, "server_id = 0"),
