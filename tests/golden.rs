@@ -39,6 +39,7 @@ fn value(json: &Json) -> Value {
                 "decimal" => Value::Decimal(ExactDecimal::parse(s()).unwrap()),
                 "float" => Value::Float(v.as_f64().unwrap()),
                 "date" => Value::Date(NaiveDate::parse_from_str(s(), "%Y-%m-%d").unwrap()),
+                "zero_date" => Value::ZeroDate(s().to_owned()),
                 "timestamp" => Value::Timestamp(
                     NaiveDateTime::parse_from_str(s(), "%Y-%m-%dT%H:%M:%S%.f").unwrap(),
                 ),

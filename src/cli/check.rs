@@ -98,33 +98,47 @@ async fn check_connector(path: &std::path::Path) -> ExitCode {
 
     // With mappings configured, also what `run` will capture.
     let mut mapping_findings = Vec::new();
-    let capture = match &config.mappings {
+    let mappings = match &config.mappings {
         Some(m) => match mapping::load_dir(&m.path) {
-            Ok(mappings) => match &config.source {
-                SourceConfig::Postgres(pg) => Some(postgres::preflight::Capture {
-                    tables: mapping::source_tables(&mappings),
-                    slot: pg.slot_name(&config.name),
-                    publication: pg.publication_name(&config.name),
-                }),
-                SourceConfig::Mysql(_) => None,
-            },
+            Ok(mappings) => mappings,
             Err(errors) => {
                 mapping_findings.push(Finding::problem(
                     "mapping",
                     format!("{} problem(s) in {}", errors.0.len(), m.path.display()),
                     format!("run fhir-cdc check --mappings {}", m.path.display()),
                 ));
-                None
+                Vec::new()
             }
         },
-        None => None,
+        None => Vec::new(),
     };
     let source = async {
         match &config.source {
             SourceConfig::Postgres(pg) => {
+                let capture = (!mappings.is_empty()).then(|| postgres::preflight::Capture {
+                    tables: mapping::source_tables(&mappings),
+                    slot: pg.slot_name(&config.name),
+                    publication: pg.publication_name(&config.name),
+                });
                 postgres::preflight::check(&pg.url, capture.as_ref()).await
             }
-            SourceConfig::Mysql(my) => mysql::preflight::check(&my.url).await,
+            SourceConfig::Mysql(my) => {
+                let mut mapped: Vec<mysql::preflight::MappedTable> = Vec::new();
+                for m in &mappings {
+                    let (database, table) = m.schema_table();
+                    if !mapped
+                        .iter()
+                        .any(|t| t.database == database && t.table == table)
+                    {
+                        mapped.push(mysql::preflight::MappedTable {
+                            database: database.to_owned(),
+                            table: table.to_owned(),
+                            key: m.key.clone(),
+                        });
+                    }
+                }
+                mysql::preflight::check(&my.url, &mapped).await
+            }
         }
     };
     let (source, kafka, registry) = tokio::join!(

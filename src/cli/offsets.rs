@@ -6,9 +6,9 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, Subcommand, ValueEnum};
 
 use crate::{
-    config::{ConnectorConfig, SourceConfig},
+    config::{ConnectorConfig, Secret, SourceConfig},
     offsets::{ConnectorState, StateStore, TableProgress},
-    source::postgres::capture,
+    source::{mysql, postgres::capture, SourceError},
 };
 
 #[derive(Debug, Args)]
@@ -89,22 +89,16 @@ async fn offsets(args: OffsetsArgs) -> Result<ExitCode, Failure> {
         }
         return Ok(ExitCode::SUCCESS);
     };
-    let SourceConfig::Postgres(pg) = &config.source else {
-        return Err((
-            super::EXIT_BAD_CONFIG,
-            format!(
-                "`offsets reset` moves postgres connectors; {} capture is not implemented yet",
-                config.source.kind()
-            ),
-        ));
-    };
-    let slot = pg.slot_name(&config.name);
-    if capture::slot_active(&pg.url, &slot).await.map_err(failed)? {
+    let source = SourceAt::of(&config);
+    if source.running().await.map_err(failed)? {
         return Err(failed(format!(
-            "replication slot {slot} is in use: stop the connector first (a running connector overwrites its state within a second)"
+            "connector {} is reading its source now ({}): stop it first (a running connector overwrites its state within a second)",
+            config.name,
+            source.reader()
         )));
     }
-    let mut state = stored.unwrap_or_else(|| ConnectorState::new("postgres"));
+    let mut state =
+        stored.unwrap_or_else(|| ConnectorState::new(&config.source.kind().to_string()));
     match (to, table) {
         // Everything again: the stream from the slot's confirmed position, or from a new
         // slot's start when the slot was dropped (nothing Kafka lacks lies before either).
@@ -137,12 +131,7 @@ async fn offsets(args: OffsetsArgs) -> Result<ExitCode, Failure> {
                     },
                 );
             }
-            state.position = Some(
-                capture::current_end(&pg.url)
-                    .await
-                    .map_err(failed)?
-                    .to_string(),
-            );
+            state.position = Some(source.current_end().await.map_err(failed)?);
         }
     }
     println!(
@@ -162,4 +151,54 @@ async fn offsets(args: OffsetsArgs) -> Result<ExitCode, Failure> {
         store.topic()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The source a connector reads, as `offsets reset` needs it.
+enum SourceAt<'a> {
+    Postgres { url: &'a Secret, slot: String },
+    Mysql { url: &'a Secret, server_id: u32 },
+}
+
+impl<'a> SourceAt<'a> {
+    fn of(config: &'a ConnectorConfig) -> Self {
+        match &config.source {
+            SourceConfig::Postgres(pg) => SourceAt::Postgres {
+                url: &pg.url,
+                slot: pg.slot_name(&config.name),
+            },
+            SourceConfig::Mysql(my) => SourceAt::Mysql {
+                url: &my.url,
+                server_id: my.server_id(&config.name),
+            },
+        }
+    }
+
+    /// What reads the source for the connector, for messages.
+    fn reader(&self) -> String {
+        match self {
+            SourceAt::Postgres { slot, .. } => format!("replication slot {slot} is in use"),
+            SourceAt::Mysql { server_id, .. } => {
+                format!("a replica with server id {server_id} is registered")
+            }
+        }
+    }
+
+    async fn running(&self) -> Result<bool, SourceError> {
+        match self {
+            SourceAt::Postgres { url, slot } => capture::slot_active(url, slot).await,
+            SourceAt::Mysql { url, server_id } => mysql::replica_registered(url, *server_id).await,
+        }
+    }
+
+    /// The end of the source's log now, as the stored state writes positions.
+    async fn current_end(&self) -> Result<String, SourceError> {
+        match self {
+            SourceAt::Postgres { url, .. } => Ok(capture::current_end(url).await?.to_string()),
+            SourceAt::Mysql { url, .. } => {
+                let mut conn = mysql::connect(url).await?;
+                let (position, gtid) = mysql::current_position(&mut conn).await?;
+                Ok(mysql::capture::position_text(&position, gtid.as_ref()))
+            }
+        }
+    }
 }

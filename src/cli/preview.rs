@@ -1,7 +1,7 @@
 //! `fhir-cdc preview`: the FHIR resources the mappings make of live rows, printed and
 //! written nowhere — no slot, no publication, no topic, no registry.
 //!
-//! Rows are read in one read-only transaction, at most `--limit` per table, mapped as
+//! Rows are read in read-only transactions, at most `--limit` per table, mapped as
 //! snapshot reads, and each resource printed as pretty FHIR JSON (stdout). A row a mapping
 //! cannot map is reported on stderr with the mapping and the reason, as the dead-letter
 //! topic would get it; its values are not printed.
@@ -12,11 +12,14 @@ use clap::Args;
 use tokio::sync::mpsc;
 
 use crate::{
-    change::{PgLsn, Position, SourceMessage},
-    config::{ConnectorConfig, SourceConfig},
-    mapping,
+    change::{ChangeEvent, PgLsn, Position, SourceMessage},
+    config::{ConnectorConfig, MysqlConfig, PostgresConfig, SourceConfig},
+    mapping::{self, Mapper},
     pipeline::mapper_for,
-    source::postgres::snapshot::{Reading, TableReader},
+    source::{
+        chunk_changes, mysql,
+        postgres::snapshot::{Reading, TableReader},
+    },
 };
 
 #[derive(Debug, Args)]
@@ -58,12 +61,6 @@ enum Failure {
 /// Prints the resources; returns how many mapping failures there were.
 async fn preview(args: &PreviewArgs) -> Result<u64, Failure> {
     let config = ConnectorConfig::load(&args.config).map_err(|e| Failure::Config(e.to_string()))?;
-    let SourceConfig::Postgres(source) = &config.source else {
-        return Err(Failure::Config(format!(
-            "`preview` reads postgres sources; {} is not implemented yet",
-            config.source.kind()
-        )));
-    };
     let mappings_config = config.mappings.as_ref().ok_or_else(|| {
         Failure::Config("the config has no [mappings] section: nothing to preview".into())
     })?;
@@ -79,12 +76,29 @@ async fn preview(args: &PreviewArgs) -> Result<u64, Failure> {
         }
     }
     let mapper = mapper_for(&config, mappings).map_err(|e| Failure::Config(e.to_string()))?;
-    let reader = TableReader::open(&source.url, &config.name)
+    match &config.source {
+        SourceConfig::Postgres(pg) => {
+            preview_postgres(pg, &config.name, &tables, &mapper, args.limit).await
+        }
+        SourceConfig::Mysql(my) => {
+            preview_mysql(my, &config.name, &tables, &mapper, args.limit).await
+        }
+    }
+}
+
+async fn preview_postgres(
+    source: &PostgresConfig,
+    connector: &str,
+    tables: &[(String, String)],
+    mapper: &Mapper,
+    limit: u64,
+) -> Result<u64, Failure> {
+    let reader = TableReader::open(&source.url, connector)
         .await
         .map_err(|e| Failure::Source(e.to_string()))?;
     let mut failures = 0;
     let mut ordinal = 0;
-    for (schema, table) in &tables {
+    for (schema, table) in tables {
         let (out, mut rows) = mpsc::channel(256);
         let reading = async {
             let read = reader
@@ -95,7 +109,7 @@ async fn preview(args: &PreviewArgs) -> Result<u64, Failure> {
                     &mut ordinal,
                     Reading {
                         chunk_rows: 256,
-                        limit: Some(args.limit),
+                        limit: Some(limit),
                         progress: None,
                     },
                     &out,
@@ -105,28 +119,11 @@ async fn preview(args: &PreviewArgs) -> Result<u64, Failure> {
             read
         };
         let printing = async {
-            let mut failures = 0;
-            let mut row_number = 0;
+            let mut printer = Printer::new(schema, table);
             while let Some(SourceMessage::Change(change)) = rows.recv().await {
-                row_number += 1;
-                let outcome = mapper.map(&change);
-                for event in outcome.events {
-                    if let Some(resource) = &event.resource {
-                        match serde_json::to_string_pretty(resource) {
-                            Ok(json) => println!("{json}"),
-                            Err(e) => eprintln!("row {row_number}: cannot print the resource: {e}"),
-                        }
-                    }
-                }
-                for failure in outcome.failures {
-                    failures += 1;
-                    eprintln!(
-                        "row {row_number} of {schema}.{table}: mapping `{}`: {}",
-                        failure.mapping_id, failure.error
-                    );
-                }
+                printer.print(mapper, &change);
             }
-            failures
+            printer.failures
         };
         let (read, table_failures) = tokio::join!(reading, printing);
         let read = read.map_err(|e| Failure::Source(e.to_string()))?;
@@ -138,4 +135,88 @@ async fn preview(args: &PreviewArgs) -> Result<u64, Failure> {
         .await
         .map_err(|e| Failure::Source(e.to_string()))?;
     Ok(failures)
+}
+
+async fn preview_mysql(
+    source: &MysqlConfig,
+    connector: &str,
+    tables: &[(String, String)],
+    mapper: &Mapper,
+    limit: u64,
+) -> Result<u64, Failure> {
+    let source_error = |e: mysql::MysqlError| Failure::Source(e.to_string());
+    let opts = mysql_async::Opts::from_url(source.url.expose())
+        .map_err(|e| Failure::Config(format!("source.url: {e}")))?;
+    let pool = mysql::snapshot::pool(&opts);
+    let mut failures = 0;
+    for (database, table) in tables {
+        let mut conn = pool
+            .get_conn()
+            .await
+            .map_err(|e| source_error(mysql::MysqlError::connect(e)))?;
+        let described =
+            mysql::snapshot::ChunkTable::describe(&mut conn, connector, database, table)
+                .await
+                .map_err(source_error)?;
+        drop(conn);
+        let size = usize::try_from(limit).unwrap_or(usize::MAX);
+        let chunk = mysql::snapshot::read_chunk(&pool, &described, None, None, size)
+            .await
+            .map_err(source_error)?;
+        // A keyless table is read whole: preview only its first rows.
+        let rows = chunk.rows.into_iter().take(size);
+        let position = Position::Mysql(chunk.low.clone());
+        let mut printer = Printer::new(database, table);
+        for change in chunk_changes(&described.source, &described.key, rows, &position) {
+            printer.print(mapper, &change);
+        }
+        eprintln!(
+            "── {database}.{table}: {} row(s) read, {} not mappable",
+            printer.rows, printer.failures
+        );
+        failures += printer.failures;
+    }
+    pool.disconnect()
+        .await
+        .map_err(|e| source_error(mysql::MysqlError::connect(e)))?;
+    Ok(failures)
+}
+
+/// Prints what the mappings make of one table's rows, counting the rows and the failures.
+struct Printer<'a> {
+    schema: &'a str,
+    table: &'a str,
+    rows: u64,
+    failures: u64,
+}
+
+impl<'a> Printer<'a> {
+    fn new(schema: &'a str, table: &'a str) -> Self {
+        Self {
+            schema,
+            table,
+            rows: 0,
+            failures: 0,
+        }
+    }
+
+    fn print(&mut self, mapper: &Mapper, change: &ChangeEvent) {
+        self.rows += 1;
+        let outcome = mapper.map(change);
+        for event in outcome.events {
+            if let Some(resource) = &event.resource {
+                match serde_json::to_string_pretty(resource) {
+                    Ok(json) => println!("{json}"),
+                    Err(e) => eprintln!("row {}: cannot print the resource: {e}", self.rows),
+                }
+            }
+        }
+        for failure in outcome.failures {
+            self.failures += 1;
+            eprintln!(
+                "row {} of {}.{}: mapping `{}`: {}",
+                self.rows, self.schema, self.table, failure.mapping_id, failure.error
+            );
+        }
+    }
 }

@@ -53,7 +53,7 @@ async fn snapshot(args: SnapshotArgs) -> Result<(), (u8, String)> {
     let config = ConnectorConfig::load(&args.config).map_err(|e| bad(e.to_string()))?;
     let SourceConfig::Postgres(pg) = &config.source else {
         return Err(bad(format!(
-            "`snapshot` asks postgres connectors; {} capture is not implemented yet",
+            "`snapshot` asks postgres connectors only; ad-hoc snapshots of {} sources are not implemented yet (`fhir-cdc offsets reset --table` reads a table again when the connector starts)",
             config.source.kind()
         )));
     };

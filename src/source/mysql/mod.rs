@@ -9,7 +9,7 @@ pub mod types;
 
 use mysql_async::{prelude::Queryable, Conn};
 
-use crate::{change::BinlogPosition, source::SourceError};
+use crate::{change::BinlogPosition, config::Secret, source::SourceError};
 
 use self::gtid::GtidPosition;
 
@@ -186,4 +186,20 @@ pub async fn purged_since(
             position.file_name()
         ))),
     }
+}
+
+pub async fn connect(url: &Secret) -> Result<Conn, MysqlError> {
+    let opts = mysql_async::Opts::from_url(url.expose())
+        .map_err(|e| MysqlError::Definite(format!("source.url: {e}")))?;
+    Conn::new(opts).await.map_err(MysqlError::connect)
+}
+
+/// Whether a replica with `server_id` is registered with the server now (a connector
+/// runs). A user who may not list replicas is told nothing (`false`).
+pub async fn replica_registered(url: &Secret, server_id: u32) -> Result<bool, SourceError> {
+    let mut conn = connect(url).await?;
+    let replicas: Vec<mysql_async::Row> = conn.query("SHOW SLAVE HOSTS").await.unwrap_or_default();
+    Ok(replicas
+        .iter()
+        .any(|r| r.get::<u32, _>(0) == Some(server_id)))
 }

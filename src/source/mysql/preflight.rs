@@ -37,8 +37,27 @@ pub struct ServerFacts {
     pub grants: Vec<String>,
 }
 
-/// Connect with `url` and check every prerequisite of binlog capture.
-pub async fn check(url: &Secret) -> Vec<Finding> {
+/// A table a mapping reads, with the key the mapping names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappedTable {
+    pub database: String,
+    pub table: String,
+    pub key: Vec<String>,
+}
+
+/// What the catalog says of a mapped table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableFacts {
+    /// Every column; empty when the table does not exist (or is hidden from the user).
+    pub columns: Vec<String>,
+    pub primary_key: Vec<String>,
+    /// The server's refusal of `SELECT` on the table, if it refused.
+    pub select_refused: Option<String>,
+}
+
+/// Connect with `url` and check every prerequisite of binlog capture, and with `mapped`
+/// also the tables the mappings read.
+pub async fn check(url: &Secret, mapped: &[MappedTable]) -> Vec<Finding> {
     let opts = match Opts::from_url(url.expose()) {
         Ok(opts) => opts,
         Err(e) => {
@@ -86,14 +105,116 @@ pub async fn check(url: &Secret) -> Vec<Finding> {
             )]
         }
     };
-    // Closing is a courtesy; the checks are done either way.
-    let _ = conn.disconnect().await;
     let mut findings = vec![Finding::ok(
         COMPONENT,
         format!("connected to {target} ({})", facts.version),
     )];
     findings.extend(evaluate(&facts));
+    for mapped in mapped {
+        findings.push(match read_table_facts(&mut conn, mapped).await {
+            Ok(table) => mapped_table(mapped, &table),
+            Err(e) => Finding::problem(
+                COMPONENT,
+                format!(
+                    "reading the catalog of {}.{} failed: {e}",
+                    mapped.database, mapped.table
+                ),
+                "the user needs SELECT on the table (information_schema shows only what it may read)",
+            ),
+        });
+    }
+    // Closing is a courtesy; the checks are done either way.
+    let _ = conn.disconnect().await;
     findings
+}
+
+async fn read_table_facts(
+    conn: &mut Conn,
+    mapped: &MappedTable,
+) -> Result<TableFacts, mysql_async::Error> {
+    let columns: Vec<(String, String)> = conn
+        .exec(
+            "SELECT COLUMN_NAME, COLUMN_KEY FROM information_schema.COLUMNS
+              WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+            (&mapped.database, &mapped.table),
+        )
+        .await?;
+    let primary_key: Vec<String> = conn
+        .exec(
+            "SELECT COLUMN_NAME FROM information_schema.KEY_COLUMN_USAGE
+              WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND CONSTRAINT_NAME = 'PRIMARY'
+              ORDER BY ORDINAL_POSITION",
+            (&mapped.database, &mapped.table),
+        )
+        .await?;
+    let select_refused = if columns.is_empty() {
+        None
+    } else {
+        let probe = format!(
+            "SELECT * FROM {}.{} LIMIT 0",
+            super::quote_ident(&mapped.database),
+            super::quote_ident(&mapped.table)
+        );
+        conn.query_drop(probe).await.err().map(|e| e.to_string())
+    };
+    Ok(TableFacts {
+        columns: columns.into_iter().map(|(name, _)| name).collect(),
+        primary_key,
+        select_refused,
+    })
+}
+
+/// Judge a mapped table: it exists, the user may read it, the mapping's key columns are
+/// among its columns, and it has a primary key for chunked snapshots.
+pub fn mapped_table(mapped: &MappedTable, facts: &TableFacts) -> Finding {
+    let name = format!("{}.{}", mapped.database, mapped.table);
+    if facts.columns.is_empty() {
+        return Finding::problem(
+            COMPONENT,
+            format!("{name}, which a mapping reads, does not exist or the user may not see it"),
+            format!("create the table, correct `source.table` in its mapping, or GRANT SELECT ON {name} TO the connector's user"),
+        );
+    }
+    if let Some(refusal) = &facts.select_refused {
+        return Finding::problem(
+            COMPONENT,
+            format!("the user may not read {name}: {refusal}"),
+            format!("run GRANT SELECT ON {name} TO the connector's user"),
+        );
+    }
+    let missing: Vec<&str> = mapped
+        .key
+        .iter()
+        .filter(|k| !facts.columns.iter().any(|c| c.eq_ignore_ascii_case(k)))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Finding::problem(
+            COMPONENT,
+            format!(
+                "{name} has no column {} of the mapping's key",
+                missing.join(", ")
+            ),
+            "correct `source.key` in the mapping to the table's identifying columns",
+        );
+    }
+    if facts.primary_key.is_empty() {
+        return Finding::warning(
+            COMPONENT,
+            format!(
+                "{name} has no primary key: changes are identified by the mapping's key ({}), but a snapshot reads the table in one pass instead of in chunks",
+                mapped.key.join(", ")
+            ),
+            format!("add a primary key to {name} if it is large"),
+        );
+    }
+    Finding::ok(
+        COMPONENT,
+        format!(
+            "{name} is readable, primary key ({})",
+            facts.primary_key.join(", ")
+        ),
+    )
 }
 
 async fn read_facts(conn: &mut Conn) -> Result<ServerFacts, mysql_async::Error> {
@@ -274,6 +395,55 @@ mod tests {
             .into_iter()
             .filter(|f| f.severity != Severity::Ok)
             .collect()
+    }
+
+    fn charge() -> (MappedTable, TableFacts) {
+        (
+            MappedTable {
+                database: "billing".into(),
+                table: "charge".into(),
+                key: vec!["charge_id".into()],
+            },
+            TableFacts {
+                columns: vec!["charge_id".into(), "amount".into()],
+                primary_key: vec!["charge_id".into()],
+                select_refused: None,
+            },
+        )
+    }
+
+    #[test]
+    fn a_mapped_table_is_judged_by_existence_grant_key_and_primary_key() {
+        let (mapped, facts) = charge();
+        assert_eq!(mapped_table(&mapped, &facts).severity, Severity::Ok);
+        let gone = TableFacts {
+            columns: vec![],
+            ..facts.clone()
+        };
+        let finding = mapped_table(&mapped, &gone);
+        assert_eq!(finding.severity, Severity::Problem);
+        assert!(finding.summary.contains("billing.charge"));
+        let refused = TableFacts {
+            select_refused: Some("SELECT command denied".into()),
+            ..facts.clone()
+        };
+        assert!(mapped_table(&mapped, &refused)
+            .fix
+            .as_deref()
+            .unwrap_or("")
+            .contains("GRANT SELECT ON billing.charge"));
+        let wrong_key = MappedTable {
+            key: vec!["charge_no".into()],
+            ..mapped.clone()
+        };
+        let finding = mapped_table(&wrong_key, &facts);
+        assert_eq!(finding.severity, Severity::Problem);
+        assert!(finding.summary.contains("charge_no"));
+        let keyless = TableFacts {
+            primary_key: vec![],
+            ..facts
+        };
+        assert_eq!(mapped_table(&mapped, &keyless).severity, Severity::Warning);
     }
 
     #[test]
