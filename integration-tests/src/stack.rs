@@ -124,6 +124,69 @@ pub fn run_oracle(script: &str, args: &[&str], lines: &[String]) -> Vec<serde_js
     results
 }
 
+/// The independent oracles judge `events` (as `fhir-cdc tail` prints them, with their
+/// Kafka coordinates): Confluent's own Python client reads the same messages from Kafka,
+/// through the registry, with its Avro deserializer, and finds what fhir-cdc found; both
+/// FHIR validators accept every resource.
+pub fn assert_oracles_accept(events: &[serde_json::Value]) {
+    let by_id: std::collections::HashMap<&str, &serde_json::Value> = events
+        .iter()
+        .map(|e| (e["event_id"].as_str().unwrap(), e))
+        .collect();
+    let coordinates: Vec<String> = events
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {} {}",
+                e["topic"].as_str().unwrap(),
+                e["partition"],
+                e["offset"]
+            )
+        })
+        .collect();
+    for python in run_oracle(
+        "confluent_consume.py",
+        &[&kafka_bootstrap(), &registry_url()],
+        &coordinates,
+    ) {
+        let event = &python["event"];
+        let ours = by_id[event["event_id"].as_str().unwrap()];
+        for field in [
+            "resource_type",
+            "resource_id",
+            "resource_version",
+            "op",
+            "resource",
+        ] {
+            assert_eq!(
+                event[field], ours[field],
+                "confluent-kafka read {field} of {} differently",
+                event["event_id"]
+            );
+        }
+        assert_eq!(
+            event["provenance"]["primary_key"],
+            ours["provenance"]["primary_key"]
+        );
+    }
+    let resources: Vec<String> = events
+        .iter()
+        .filter(|e| !e["resource"].is_null())
+        .map(|e| serde_json::to_string(&e["resource"]).unwrap())
+        .collect();
+    let invalid: Vec<String> = run_oracle("fhir_validate.py", &[], &resources)
+        .into_iter()
+        .zip(events.iter().filter(|e| !e["resource"].is_null()))
+        .filter(|(r, _)| !r["fhirkit"].as_array().unwrap().is_empty() || !r["google"].is_null())
+        .map(|(r, e)| format!("{}/{}: {r}", e["resource_type"], e["resource_id"]))
+        .collect();
+    assert!(
+        invalid.is_empty(),
+        "invalid resources:\n{}",
+        invalid.join("\n")
+    );
+}
+
 /// The events of every golden file (`tests/golden/*.expected.json`), with the file's name.
 pub fn golden_events() -> Vec<(String, serde_json::Value)> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(repo_root().join("tests/golden"))
@@ -306,16 +369,27 @@ pub async fn mysql_conn() -> mysql_async::Conn {
 }
 
 /// `sql` run by MariaDB's root over the stack's socket (what the connector's user may not:
-/// FLUSH and PURGE BINARY LOGS).
+/// FLUSH and PURGE BINARY LOGS, other databases).
 pub fn mariadb_root(sql: &str) {
+    use std::io::Write;
     let socket = repo_root().join("integration-tests/stack/state/mariadb/run/mysqld.sock");
-    let status = std::process::Command::new("mariadb")
+    let mut client = std::process::Command::new("mariadb")
         .args(["--no-defaults", "-uroot"])
         .arg(format!("--socket={}", socket.display()))
-        .args(["-e", sql])
-        .status()
+        .stdin(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(status.success(), "mariadb -e {sql:?} failed");
+    client
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(sql.as_bytes())
+        .unwrap();
+    assert!(
+        client.wait().unwrap().success(),
+        "mariadb failed on {}",
+        sql.chars().take(200).collect::<String>()
+    );
 }
 
 /// `rows` lab results (value 90, status F) in `table`, ids from the sequence.

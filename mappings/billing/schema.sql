@@ -2,7 +2,7 @@
 -- Charges are never updated in place once billed: a reversal is a new row pointing at the
 -- charge it cancels, and the original row's status changes to R. Claims are resubmitted as
 -- new rows that replace an earlier claim (frequency code 7) or void it (8). Text is latin1,
--- as the system was set up in 2003; a claim's last service date is the zero date until the
+-- as the system was set up in 2003, and a claim's last service date is the zero date until the
 -- claim is closed (the server runs with a lax sql_mode).
 
 CREATE DATABASE IF NOT EXISTS billing;
@@ -21,7 +21,7 @@ CREATE TABLE billing.charge (
     reversal_of    BIGINT NULL,                       -- the charge this row reverses
     service_date   DATE NOT NULL,
     posted_at      DATETIME(3) NOT NULL,              -- local time
-    updated_by     VARCHAR(8) NULL                    -- clerk's initials; not mapped
+    updated_by     VARCHAR(8) NULL                    -- clerk's initials, not mapped
 );
 
 CREATE TABLE billing.claim (

@@ -16,6 +16,7 @@ mod postgres_snapshot;
 mod postgres_stream;
 mod postgres_types;
 mod projector;
+mod sample_billing;
 mod sample_database;
 mod schema_change;
 mod schemas_cli;

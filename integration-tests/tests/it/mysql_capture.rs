@@ -11,7 +11,7 @@ use std::{
 
 use fhir_cdc::canonical::CanonicalEvent;
 use integration_tests::connector::{
-    await_binlog_stored, await_snapshotted, crash, events_of, messages_in, start, stop,
+    await_binlog_stored, await_snapshotted, crash, events_of, messages_in, read_for, start, stop,
 };
 use mysql_async::{prelude::Queryable, Conn};
 
@@ -24,6 +24,7 @@ struct Billing {
     config: PathBuf,
     log: PathBuf,
     topic: String,
+    dlq: String,
 }
 
 async fn billing(name: &str) -> Billing {
@@ -38,6 +39,7 @@ async fn billing(name: &str) -> Billing {
         charge: format!("{database}.{name}_charge"),
         log: dir.join("run.log"),
         topic: format!("{prefix}.billing.ChargeItem"),
+        dlq: format!("{prefix}.dlq.{name}"),
         config,
     }
 }
@@ -222,4 +224,104 @@ async fn a_connector_killed_mid_transaction_and_mid_stream_delivers_every_change
         .map(|e| (e.resource_id.as_str(), e.resource_version.as_str()))
         .collect();
     assert_eq!(versions.len(), 14_000, "every change is one version");
+}
+
+#[tokio::test]
+async fn schema_changes_mid_stream_are_read_from_the_next_table_map() {
+    let mut billing = billing("my_ddl").await;
+    let connector = start(&billing.config, &billing.log);
+    await_snapshotted(&billing.config, &billing.log).await;
+    let charge = billing.charge.clone();
+    let insert = |id: u64, description: &str| {
+        format!(
+            "INSERT INTO {charge} (charge_id, account_no, mrn, cpt_code, {description}, amount, status, service_date, posted_at)
+             VALUES ({id}, 'ACC-1', 'M000000001', '99213', 'Office visit', 100.25, 'B', '2024-03-05', '2024-03-05 09:15:00')"
+        )
+    };
+    for step in [
+        insert(1, "description"),
+        // An added column changes nothing the mapping reads.
+        format!("ALTER TABLE {charge} ADD COLUMN batch_no INT NULL AFTER charge_id"),
+        insert(2, "description"),
+        // A type change: the new values arrive with the new type's digits.
+        format!("ALTER TABLE {charge} MODIFY amount DECIMAL(18,6) NOT NULL"),
+        insert(3, "description"),
+        // A renamed column the mapping reads: a dead letter, and the stream goes on.
+        format!("ALTER TABLE {charge} RENAME COLUMN description TO descr"),
+        insert(4, "descr"),
+        format!("ALTER TABLE {charge} RENAME COLUMN descr TO description"),
+        // A dropped column the mapping reads: a dead letter too.
+        format!("ALTER TABLE {charge} DROP COLUMN encounter_no"),
+        insert(5, "description"),
+        format!("ALTER TABLE {charge} ADD COLUMN encounter_no VARCHAR(20)"),
+        insert(6, "description"),
+    ] {
+        billing.conn.query_drop(step).await.unwrap();
+    }
+    await_binlog_stored(&billing.config, Duration::from_secs(60), &billing.log).await;
+    assert!(stop(connector).success());
+
+    let events = events_of(&billing.topic).await;
+    let arrived: Vec<(&str, String)> = events
+        .iter()
+        .map(|e| {
+            let resource = e.resource.as_ref().unwrap().to_json();
+            (
+                e.resource_id.as_str(),
+                resource["priceOverride"]["value"].to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        arrived,
+        [
+            ("charge-1", "100.25".to_owned()),
+            ("charge-2", "100.25".to_owned()),
+            ("charge-3", "100.250000".to_owned()),
+            ("charge-6", "100.250000".to_owned()),
+        ],
+        "{}",
+        std::fs::read_to_string(&billing.log).unwrap()
+    );
+    let letters: Vec<serde_json::Value> = read_for(&billing.dlq, 3, Duration::from_secs(5))
+        .await
+        .iter()
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    let error = |i: usize| letters[i]["error"].as_str().unwrap().to_owned();
+    assert!(
+        error(0).contains("column `description`") && error(0).contains("not in the row"),
+        "{}",
+        error(0)
+    );
+    assert_eq!(letters[0]["after"]["descr"]["text"], "Office visit");
+    assert!(
+        error(1).contains("column `encounter_no`") && error(1).contains("not in the row"),
+        "{}",
+        error(1)
+    );
+}
+
+#[tokio::test]
+async fn an_idle_server_and_unmapped_traffic_still_advance_the_stored_position() {
+    let mut billing = billing("my_idle").await;
+    let connector = start(&billing.config, &billing.log);
+    await_snapshotted(&billing.config, &billing.log).await;
+    // Traffic on a table no mapping reads only: no event, but the stored position follows
+    // the server's (its commits, then the heartbeats of the idle server after them).
+    let other = format!("{}_other", billing.charge);
+    billing
+        .conn
+        .query_drop(format!("CREATE TABLE {other} (id INT PRIMARY KEY)"))
+        .await
+        .unwrap();
+    billing
+        .conn
+        .query_drop(format!("INSERT INTO {other} SELECT seq FROM seq_1_to_100"))
+        .await
+        .unwrap();
+    await_binlog_stored(&billing.config, Duration::from_secs(30), &billing.log).await;
+    assert!(stop(connector).success());
+    assert_eq!(messages_in(&billing.topic), 0);
 }
