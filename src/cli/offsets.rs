@@ -90,11 +90,10 @@ async fn offsets(args: OffsetsArgs) -> Result<ExitCode, Failure> {
         return Ok(ExitCode::SUCCESS);
     };
     let source = SourceAt::of(&config);
-    if source.running().await.map_err(failed)? {
+    if let Some(reader) = source.reader().await.map_err(failed)? {
         return Err(failed(format!(
-            "connector {} is reading its source now ({}): stop it first (a running connector overwrites its state within a second)",
-            config.name,
-            source.reader()
+            "connector {} is reading its source now ({reader}): stop it first (a running connector overwrites its state within a second)",
+            config.name
         )));
     }
     let mut state =
@@ -173,20 +172,13 @@ impl<'a> SourceAt<'a> {
         }
     }
 
-    /// What reads the source for the connector, for messages.
-    fn reader(&self) -> String {
+    /// What reads the source for the connector now, if anything, for messages.
+    async fn reader(&self) -> Result<Option<String>, SourceError> {
         match self {
-            SourceAt::Postgres { slot, .. } => format!("replication slot {slot} is in use"),
-            SourceAt::Mysql { server_id, .. } => {
-                format!("a replica with server id {server_id} is registered")
-            }
-        }
-    }
-
-    async fn running(&self) -> Result<bool, SourceError> {
-        match self {
-            SourceAt::Postgres { url, slot } => capture::slot_active(url, slot).await,
-            SourceAt::Mysql { url, server_id } => mysql::replica_registered(url, *server_id).await,
+            SourceAt::Postgres { url, slot } => Ok(capture::slot_active(url, slot)
+                .await?
+                .then(|| format!("replication slot {slot} is in use"))),
+            SourceAt::Mysql { url, server_id } => mysql::binlog_reader(url, *server_id).await,
         }
     }
 

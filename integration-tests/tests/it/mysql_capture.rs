@@ -325,3 +325,41 @@ async fn an_idle_server_and_unmapped_traffic_still_advance_the_stored_position()
     assert!(stop(connector).success());
     assert_eq!(messages_in(&billing.topic), 0);
 }
+
+#[tokio::test]
+async fn offsets_reset_waits_for_a_stopped_connector_then_reads_a_table_again() {
+    let mut billing = billing("my_reset").await;
+    billing.insert(1, 50).await;
+    let connector = start(&billing.config, &billing.log);
+    await_snapshotted(&billing.config, &billing.log).await;
+    await_binlog_stored(&billing.config, Duration::from_secs(30), &billing.log).await;
+    let reset = || {
+        std::process::Command::new(stack::fhir_cdc_bin())
+            .args(["offsets", "reset", "--config"])
+            .arg(&billing.config)
+            .args(["--to", "snapshot", "--table", &billing.charge, "--yes"])
+            .output()
+            .unwrap()
+    };
+    // The stack's user may not list replicas (MariaDB asks for REPLICATION MASTER ADMIN):
+    // the running connector is found among its own connections.
+    let refused = reset();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(said.contains("is reading its source now"), "{said}");
+    assert!(stop(connector).success());
+
+    let reset = reset();
+    assert!(
+        reset.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reset.stderr)
+    );
+    let connector = start(&billing.config, &billing.log);
+    let events = read_for(&billing.topic, 100, Duration::from_secs(60)).await;
+    assert_eq!(events.len(), 100, "every charge read again");
+    await_snapshotted(&billing.config, &billing.log).await;
+    assert!(stop(connector).success());
+    let events = events_of(&billing.topic).await;
+    assert_eq!(latest_amounts(&events), billing.amounts().await);
+}

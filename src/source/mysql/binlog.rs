@@ -31,8 +31,10 @@ use mysql_async::{
     BinlogStream, BinlogStreamRequest, Conn, Opts,
 };
 use mysql_common::{io::ParseBuf, proto::MyDeserialize};
+use tracing::warn;
 
 use super::{
+    error_text,
     gtid::{Gtid, GtidPosition},
     types::{self, Kind},
     MysqlError,
@@ -97,6 +99,8 @@ struct TableMap {
 /// The binary log of one server, read as a replica.
 pub struct BinlogReader {
     stream: BinlogStream,
+    /// The server's id of the connection `stream` reads (its dump thread).
+    dump_thread: u32,
     /// For the facts the log lacks (collation names, JSON columns).
     catalog: Conn,
     connector: Arc<str>,
@@ -205,12 +209,14 @@ impl BinlogReader {
                 )
             }
         };
+        let dump_thread = conn.id();
         let stream = conn
             .get_binlog_stream(request)
             .await
             .map_err(MysqlError::query("requesting the binary log"))?;
         Ok(Self {
             stream,
+            dump_thread,
             catalog,
             connector: options.connector.as_str().into(),
             tables: options.tables.clone(),
@@ -224,6 +230,22 @@ impl BinlogReader {
             transaction: None,
             ordinal: 0,
         })
+    }
+
+    /// Stop reading. The server's dump thread notices a closed connection only when it
+    /// next writes to it (the next event or heartbeat), and until then it looks like a
+    /// running connector (to `offsets reset`, say): it is killed, which a user may do to
+    /// its own connections.
+    pub async fn close(mut self) {
+        let kill = format!("KILL CONNECTION {}", self.dump_thread);
+        if let Err(e) = self.catalog.query_drop(kill).await {
+            warn!(
+                connector = %self.connector,
+                error = %error_text(&e),
+                "could not end the server's binary log thread; it ends when the server next writes to it"
+            );
+        }
+        let _ = self.catalog.disconnect().await;
     }
 
     /// The position after the last event read.

@@ -286,6 +286,7 @@ impl Source for MysqlSource {
         }
         .await;
         snapshot.abort();
+        reader.close().await;
         drop(out);
         while durable.changed().await.is_ok() {
             if let Some(at) = durable.borrow_and_update().clone() {

@@ -194,12 +194,31 @@ pub async fn connect(url: &Secret) -> Result<Conn, MysqlError> {
     Conn::new(opts).await.map_err(MysqlError::connect)
 }
 
-/// Whether a replica with `server_id` is registered with the server now (a connector
-/// runs). A user who may not list replicas is told nothing (`false`).
-pub async fn replica_registered(url: &Secret, server_id: u32) -> Result<bool, SourceError> {
+/// What reads the binary log as the replica `server_id`, if anything: a registered replica
+/// of that id (`SHOW SLAVE HOSTS`), or, where the user may not list replicas (MariaDB asks
+/// for REPLICATION MASTER ADMIN), any binary log reader connected as the same user — the
+/// threads a user sees without PROCESS — since then the id cannot be told.
+pub async fn binlog_reader(url: &Secret, server_id: u32) -> Result<Option<String>, SourceError> {
     let mut conn = connect(url).await?;
-    let replicas: Vec<mysql_async::Row> = conn.query("SHOW SLAVE HOSTS").await.unwrap_or_default();
-    Ok(replicas
-        .iter()
-        .any(|r| r.get::<u32, _>(0) == Some(server_id)))
+    match conn.query::<mysql_async::Row, _>("SHOW SLAVE HOSTS").await {
+        Ok(replicas) => Ok(replicas
+            .iter()
+            .any(|r| r.get::<u32, _>(0) == Some(server_id))
+            .then(|| format!("a replica with server id {server_id} is registered"))),
+        Err(_) => {
+            let readers: Option<u64> = conn
+                .query_first(
+                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+                     WHERE COMMAND LIKE 'Binlog Dump%' AND USER = SUBSTRING_INDEX(CURRENT_USER(), '@', 1)",
+                )
+                .await
+                .map_err(MysqlError::query("listing this user's connections"))?;
+            Ok((readers.unwrap_or(0) > 0).then(|| {
+                "a binary log reader is connected as this user; without REPLICATION MASTER ADMIN \
+                 its server id cannot be told (a reader killed with -9 is seen until the server \
+                 next writes to it: the next change or heartbeat)"
+                    .to_owned()
+            }))
+        }
+    }
 }
