@@ -5,6 +5,10 @@ DIR=$(mktemp -d)
 # A free port for the connector's metrics.
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 sql() { psql "$FHIR_CDC_PG_URL" -q -X -v ON_ERROR_STOP=1 "$@"; }
+# A part of a database URL: url_part URL username|password|hostname|port|path.
+url_part() {
+  python3 -c "import sys, urllib.parse as u; print(u.unquote(str(getattr(u.urlparse(sys.argv[1]), sys.argv[2]) or '')).lstrip('/'))" "$1" "$2"
+}
 # CPU seconds used so far: by a process (user + system), by the whole machine (not idle).
 hz=$(getconf CLK_TCK)
 cpu_of() { awk -v hz="$hz" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat" 2>/dev/null || echo 0; }

@@ -18,6 +18,9 @@
 #    connector and a projector running and caught up; p50/p99 commit → Kafka acknowledgement
 #    from the connector's metrics histogram (bucket upper bounds, so "at most"), and p50/p99
 #    Kafka → projection commit from the projection's history (kafka_timestamp, applied_at).
+# 4. Debezium 3.6.1's PostgreSQL connector (benches/debezium.sh), deployed before the
+#    backlog on a slot of its own, drains the same backlog from a fresh JVM (after the
+#    ceiling, before fhir-cdc): changes/s, CPU per change, peak RSS.
 set -euo pipefail
 [ -n "${BENCH_TRACE:-}" ] && set -x
 
@@ -32,11 +35,15 @@ cleanup() {
   [ -n "$run_pid" ] && kill "$run_pid" 2>/dev/null && wait "$run_pid" 2>/dev/null
   drop_slot "$NAME"
   drop_slot "${NAME}_ceiling"
+  [ -n "${dbz_pid:-}" ] && kill "$dbz_pid" 2>/dev/null && wait "$dbz_pid" 2>/dev/null
+  drop_slot "${NAME}_dbz"
   [ -n "${project_pid:-}" ] && kill "$project_pid" 2>/dev/null && wait "$project_pid" 2>/dev/null
   sql -c "DROP PUBLICATION IF EXISTS $NAME" -c "DROP SCHEMA IF EXISTS $NAME CASCADE" -c "DROP SCHEMA IF EXISTS ${NAME}_projection CASCADE" || true
   rm -rf "$DIR"
 }
 trap cleanup EXIT
+DEBEZIUM=postgres
+. benches/debezium.sh
 
 # The results table, its mapping, a connector.
 sed -e "s/CREATE SCHEMA IF NOT EXISTS lis;/CREATE SCHEMA $NAME;/" -e "s/lis\./$NAME./g" mappings/lab/schema.sql | sql
@@ -80,6 +87,30 @@ done
 kill -TERM "$run_pid"
 wait "$run_pid" || { cat "$DIR/deploy.log"; exit 1; }
 run_pid=
+# Debezium, likewise (3.6.1 has no `snapshot.mode=never`: with `no_data` and no stored
+# offset it starts at the WAL's end, so one change goes through and its offset is stored).
+cat >"$DIR/debezium.properties" <<EOF
+name=$NAME
+connector.class=io.debezium.connector.postgresql.PostgresConnector
+tasks.max=1
+database.hostname=$(url_part "$FHIR_CDC_PG_URL" hostname)
+database.port=$(url_part "$FHIR_CDC_PG_URL" port)
+database.user=$(url_part "$FHIR_CDC_PG_URL" username)
+database.password=$(url_part "$FHIR_CDC_PG_URL" password)
+database.dbname=$(url_part "$FHIR_CDC_PG_URL" path)
+plugin.name=pgoutput
+slot.name=${NAME}_dbz
+publication.name=$NAME
+publication.autocreate.mode=disabled
+topic.prefix=${NAME}_dbz
+table.include.list=$NAME.lab_result
+snapshot.mode=no_data
+topic.creation.default.replication.factor=1
+topic.creation.default.partitions=1
+EOF
+dbz_topic="${NAME}_dbz[.]$NAME[.]lab_result"
+debezium_deploy "$DIR/debezium.properties" "$dbz_topic" \
+  "sql -c \"INSERT INTO $NAME.lab_result (result_id, accession_no, mrn, test_code, result_status, collected_at) VALUES (0, 'A24-0', 'M000000', 'GLU', 'P', now())\""
 
 # The backlog.
 batches=$(( (CHANGES + 999) / 1000 ))
@@ -102,6 +133,9 @@ pg_recvlogical -d "$FHIR_CDC_PG_URL" -S "${NAME}_ceiling" --start -E "$end" -f /
 t1=$(date +%s.%N)
 ceiling=$(python3 -c "print(round($total / ($t1 - $t0)))")
 ceiling_cpu=$(python3 -c "print(round(($(busy) - $busy0) * 1e6 / $total, 1))")
+
+# Debezium drains the backlog (before fhir-cdc: nothing else has written since).
+debezium_drain "$DIR/debezium.properties" "$dbz_topic" "$total"
 
 t0=$(date +%s.%N)
 busy0=$(busy) kafka0=$(cpu_of "$kafka_pid")
@@ -203,3 +237,7 @@ echo
 echo "fhir-cdc project, the same topic into a fresh read model (batches of up to 2,000 on 2 connections):"
 echo "  $projected events applied at $projected_rate events/s (start-up included)"
 echo "  at 2,000 events/s, Kafka → projection commit: $apply_latency"
+echo
+echo "Debezium 3.6.1 (PostgreSQL connector, pgoutput, Connect standalone, fresh JVM, JSON converter), the same backlog:"
+echo "  $dbz_rate changes/s ($(python3 -c "print(f'{$dbz_rate / $ceiling:.0%}')") of the ceiling; fhir-cdc $(python3 -c "print(f'{$ours / $dbz_rate:.1f}')")x), $dbz_cpu µs of its CPU per change, peak RSS $dbz_rss_mib MiB"
+echo "  ($dbz_startup s until its first event; $dbz_warm_rate changes/s after it)"
