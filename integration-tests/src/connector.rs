@@ -122,10 +122,11 @@ pub async fn events_of(topic: &str) -> Vec<fhir_cdc::canonical::CanonicalEvent> 
     events
 }
 
-/// Each lab result's latest state among `events`: resource id → `valueQuantity.value` of
-/// its highest version.
+/// Each resource's latest state among `events`: resource id → the value at `pointer` (a
+/// JSON pointer, `/valueQuantity/value`) in its highest version, as JSON text.
 pub fn latest_values(
     events: &[fhir_cdc::canonical::CanonicalEvent],
+    pointer: &str,
 ) -> std::collections::BTreeMap<String, String> {
     let mut latest: std::collections::BTreeMap<&str, &fhir_cdc::canonical::CanonicalEvent> =
         std::collections::BTreeMap::new();
@@ -141,12 +142,35 @@ pub fn latest_values(
             let resource = event
                 .resource
                 .as_ref()
-                .expect("a result is never deleted here");
-            (
-                id.to_owned(),
-                resource.to_json()["valueQuantity"]["value"].to_string(),
-            )
+                .expect("a resource is never deleted here")
+                .to_json();
+            let value = resource
+                .pointer(pointer)
+                .unwrap_or(&serde_json::Value::Null);
+            (id.to_owned(), value.to_string())
         })
+        .collect()
+}
+
+/// Every event the connector of `config` wrote, read by `fhir-cdc tail --from-beginning
+/// --to-end` (decoded through the registry), one JSON object each.
+pub fn tail_everything(config: &Path) -> Vec<serde_json::Value> {
+    let tail = stack::fhir_cdc(&[
+        "tail",
+        "--config",
+        config.to_str().unwrap(),
+        "--from-beginning",
+        "--to-end",
+    ]);
+    assert!(
+        tail.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tail.stderr)
+    );
+    String::from_utf8(tail.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
 

@@ -55,6 +55,14 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// `fhir-cdc ARGS`, run to its end.
+pub fn fhir_cdc(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(fhir_cdc_bin())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// The `fhir-cdc` binary of this build (`make test` builds it first), or `FHIR_CDC_BIN`.
 pub fn fhir_cdc_bin() -> PathBuf {
     if let Ok(bin) = std::env::var("FHIR_CDC_BIN") {

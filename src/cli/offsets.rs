@@ -155,7 +155,7 @@ async fn offsets(args: OffsetsArgs) -> Result<ExitCode, Failure> {
 /// The source a connector reads, as `offsets reset` needs it.
 enum SourceAt<'a> {
     Postgres { url: &'a Secret, slot: String },
-    Mysql { url: &'a Secret, server_id: u32 },
+    Mysql { url: &'a Secret, connector: &'a str },
 }
 
 impl<'a> SourceAt<'a> {
@@ -167,7 +167,7 @@ impl<'a> SourceAt<'a> {
             },
             SourceConfig::Mysql(my) => SourceAt::Mysql {
                 url: &my.url,
-                server_id: my.server_id(&config.name),
+                connector: &config.name,
             },
         }
     }
@@ -178,7 +178,7 @@ impl<'a> SourceAt<'a> {
             SourceAt::Postgres { url, slot } => Ok(capture::slot_active(url, slot)
                 .await?
                 .then(|| format!("replication slot {slot} is in use"))),
-            SourceAt::Mysql { url, server_id } => mysql::binlog_reader(url, *server_id).await,
+            SourceAt::Mysql { url, connector } => mysql::lock_holder(url, connector).await,
         }
     }
 

@@ -255,7 +255,13 @@ pub async fn run<S: Source>(
             Some(state) => info!(position = state.position, "resuming from the stored state"),
             None => info!(topic = store.topic(), "no stored state: starting afresh"),
         }
-        let (published, states) = watch::channel(ConnectorState::new(S::KIND));
+        // Until the source publishes, the stored state stands: a source that fails before
+        // (a second copy of a running connector, a database down) must not overwrite it.
+        let (published, states) = watch::channel(
+            stored
+                .clone()
+                .unwrap_or_else(|| ConnectorState::new(S::KIND)),
+        );
         let io = SourceIo {
             out,
             durable,
@@ -278,9 +284,9 @@ pub async fn run<S: Source>(
     Ok(summary)
 }
 
-/// Save each state the source publishes: snapshot progress at once (a crash would otherwise
-/// read a finished chunk again), a position alone at most every [`STATE_INTERVAL`], and the
-/// last state once the source is done. A failed save is logged once per streak and retried
+/// Save each state the source publishes that differs from the one it started from: snapshot
+/// progress at once (a crash would otherwise read a finished chunk again), a position alone
+/// at most every [`STATE_INTERVAL`], and the last state once the source is done. A failed save is logged once per streak and retried
 /// with the next state: an older stored state only means more to read again after a crash.
 async fn save_states(store: &StateStore, mut states: watch::Receiver<ConnectorState>) {
     let mut failing = false;
@@ -297,7 +303,6 @@ async fn save_states(store: &StateStore, mut states: watch::Receiver<ConnectorSt
         Err(_) => {}
     };
     let mut saved = states.borrow_and_update().clone();
-    save(&saved).await;
     loop {
         // Progress at once; otherwise whatever position the source wrote meanwhile, at most
         // every interval (positions alone do not notify).

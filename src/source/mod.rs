@@ -75,6 +75,35 @@ impl SourceError {
     }
 }
 
+/// Refuse a stored state another kind of source wrote (two connectors sharing a name).
+pub fn refuse_foreign_state(
+    stored: Option<&ConnectorState>,
+    kind: &str,
+    connector: &str,
+) -> Result<(), SourceError> {
+    match stored.map(|s| &s.kind).filter(|k| *k != kind) {
+        Some(other) => Err(SourceError::Connector(format!(
+            "the stored state of connector {connector} is a {other} connector's: give this connector a name of its own, or `fhir-cdc offsets reset` it"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The `SELECT` of a snapshot chunk of the table `quoted`: the rows matching every
+/// condition, the next `size` in the order of `key` (quoted, comma-separated), or all of
+/// them when the table has no key to order by.
+pub fn chunk_select(quoted: &str, conditions: &[String], key: Option<&str>, size: usize) -> String {
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conditions.join(" AND "))
+    };
+    match key {
+        None => format!("SELECT * FROM {quoted}{filter}"),
+        Some(key) => format!("SELECT * FROM {quoted}{filter} ORDER BY {key} LIMIT {size}"),
+    }
+}
+
 /// Publish `state` for the pipeline to save. Only snapshot progress and requests wake the
 /// saver: a new position alone, after every Kafka acknowledgement, is picked up at its next
 /// round (see `SourceIo::state`).

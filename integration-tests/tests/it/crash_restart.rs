@@ -222,7 +222,7 @@ async fn killed_during_its_snapshot_the_connector_ends_with_every_rows_latest_st
     let deadline = Instant::now() + Duration::from_secs(120);
     let (latest, events) = loop {
         let events = events_of(&topic).await;
-        let latest = latest_values(&events);
+        let latest = latest_values(&events, "/valueQuantity/value");
         if latest == expected || Instant::now() > deadline {
             break (latest, events);
         }

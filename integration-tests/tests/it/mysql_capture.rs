@@ -11,7 +11,8 @@ use std::{
 
 use fhir_cdc::canonical::CanonicalEvent;
 use integration_tests::connector::{
-    await_binlog_stored, await_snapshotted, crash, events_of, messages_in, read_for, start, stop,
+    await_binlog_stored, await_snapshotted, crash, events_of, latest_values, messages_in, read_for,
+    start, stop,
 };
 use mysql_async::{prelude::Queryable, Conn};
 
@@ -74,26 +75,8 @@ impl Billing {
     }
 }
 
-/// Each ChargeItem's amount in its highest version among `events`.
-fn latest_amounts(events: &[CanonicalEvent]) -> BTreeMap<String, String> {
-    let mut latest: HashMap<&str, &CanonicalEvent> = HashMap::new();
-    for event in events {
-        let entry = latest.entry(&event.resource_id).or_insert(event);
-        if event.resource_version > entry.resource_version {
-            *entry = event;
-        }
-    }
-    latest
-        .into_iter()
-        .map(|(id, event)| {
-            let resource = event.resource.as_ref().expect("no charge is deleted here");
-            (
-                id.to_owned(),
-                resource.to_json()["priceOverride"]["value"].to_string(),
-            )
-        })
-        .collect()
-}
+/// Where a ChargeItem keeps its amount.
+const PRICE: &str = "/priceOverride/value";
 
 /// Repeats are exact: one event id is one resource version, with one content.
 fn assert_repeats_are_exact(events: &[CanonicalEvent]) {
@@ -146,7 +129,7 @@ async fn a_snapshot_taken_while_writes_run_loses_nothing_and_ends_current() {
     let events = events_of(&billing.topic).await;
     let expected = billing.amounts().await;
     assert_eq!(expected.len(), 4000);
-    assert_eq!(latest_amounts(&events), expected);
+    assert_eq!(latest_values(&events, PRICE), expected);
     assert_repeats_are_exact(&events);
 }
 
@@ -215,7 +198,7 @@ async fn a_connector_killed_mid_transaction_and_mid_stream_delivers_every_change
     let events = events_of(&billing.topic).await;
     let expected = billing.amounts().await;
     assert_eq!(expected.len(), 7000);
-    assert_eq!(latest_amounts(&events), expected);
+    assert_eq!(latest_values(&events, PRICE), expected);
     assert_repeats_are_exact(&events);
     // Every change arrived: 2,000 + 5,000 inserts and 2,000 + 5,000 updates, each its own
     // version (the table was empty when its snapshot was taken: no reads).
@@ -341,12 +324,28 @@ async fn offsets_reset_waits_for_a_stopped_connector_then_reads_a_table_again() 
             .output()
             .unwrap()
     };
-    // The stack's user may not list replicas (MariaDB asks for REPLICATION MASTER ADMIN):
-    // the running connector is found among its own connections.
+    // The running connector holds its lock: a reset is refused, a second copy waits.
     let refused = reset();
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
-    assert!(said.contains("is reading its source now"), "{said}");
+    assert!(
+        said.contains("is reading its source now") && said.contains("holds its lock"),
+        "{said}"
+    );
+    let second_log = billing.log.with_extension("second");
+    let second = start(&billing.config, &second_log);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&second_log)
+        .unwrap_or_default()
+        .contains("is already running against this server")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second copy did not wait"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    crash(second);
     assert!(stop(connector).success());
 
     let reset = reset();
@@ -361,5 +360,5 @@ async fn offsets_reset_waits_for_a_stopped_connector_then_reads_a_table_again() 
     await_snapshotted(&billing.config, &billing.log).await;
     assert!(stop(connector).success());
     let events = events_of(&billing.topic).await;
-    assert_eq!(latest_amounts(&events), billing.amounts().await);
+    assert_eq!(latest_values(&events, PRICE), billing.amounts().await);
 }

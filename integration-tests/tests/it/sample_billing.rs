@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::connector::{await_binlog_stored, await_snapshotted, start, stop};
+use integration_tests::connector::{
+    await_binlog_stored, await_snapshotted, start, stop, tail_everything,
+};
 use mysql_async::prelude::Queryable;
 use serde_json::Value;
 
@@ -18,13 +20,6 @@ use crate::stack;
 
 /// Charges posted while the snapshot is being taken.
 const CONCURRENT_CHARGES: u64 = 300;
-
-fn fhir_cdc(args: &[&str]) -> std::process::Output {
-    Command::new(stack::fhir_cdc_bin())
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 /// A fresh database `name` with the billing schema and the sample rows, loaded as its DBA
 /// would (as root), and the billing mappings pointed at it.
@@ -71,7 +66,7 @@ async fn the_sample_billing_database_arrives_whole_and_valid() {
     let config_arg = config.to_str().unwrap();
 
     // check: the mapped tables exist, are readable and keyed.
-    let check = fhir_cdc(&["check", "--config", config_arg]);
+    let check = stack::fhir_cdc(&["check", "--config", config_arg]);
     let said = String::from_utf8_lossy(&check.stdout);
     assert!(check.status.success(), "{said}");
     assert!(
@@ -83,7 +78,7 @@ async fn the_sample_billing_database_arrives_whole_and_valid() {
 
     // preview: resources of live rows, nothing written; a draft's zero date is no date.
     let claims = format!("{name}.claim");
-    let preview = fhir_cdc(&[
+    let preview = stack::fhir_cdc(&[
         "preview", "--config", config_arg, "--table", &claims, "--limit", "40",
     ]);
     assert!(
@@ -141,23 +136,7 @@ async fn the_sample_billing_database_arrives_whole_and_valid() {
     assert!(stop(connector).success());
 
     // tail: everything, decoded through the registry.
-    let tail = fhir_cdc(&[
-        "tail",
-        "--config",
-        config_arg,
-        "--from-beginning",
-        "--to-end",
-    ]);
-    assert!(
-        tail.status.success(),
-        "{}",
-        String::from_utf8_lossy(&tail.stderr)
-    );
-    let events: Vec<Value> = String::from_utf8(tail.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = tail_everything(&config);
     let ids: BTreeSet<&str> = events
         .iter()
         .map(|e| e["event_id"].as_str().unwrap())

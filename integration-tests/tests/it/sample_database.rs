@@ -12,7 +12,7 @@ use std::{
 use serde_json::Value;
 
 use crate::{
-    connector::{drain, read_for, start},
+    connector::{drain, read_for, start, tail_everything},
     stack,
 };
 
@@ -25,13 +25,6 @@ fn in_gap(column: &str) -> String {
     format!(
         "(({column} AT TIME ZONE 'America/Chicago') AT TIME ZONE 'America/Chicago') <> {column}"
     )
-}
-
-fn fhir_cdc(args: &[&str]) -> std::process::Output {
-    Command::new(stack::fhir_cdc_bin())
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 #[tokio::test]
@@ -61,7 +54,7 @@ async fn the_sample_lab_database_arrives_whole_and_valid() {
 
     // preview: resources of live rows, nothing written.
     let results_table = format!("{schema}.lab_result");
-    let preview = fhir_cdc(&[
+    let preview = stack::fhir_cdc(&[
         "preview",
         "--config",
         config_arg,
@@ -82,7 +75,7 @@ async fn the_sample_lab_database_arrives_whole_and_valid() {
     assert_eq!(previewed.len(), 3);
     assert!(previewed.iter().all(|r| r["resourceType"] == "Observation"
         && r["code"]["coding"][0]["system"] == "http://loinc.org"));
-    let unknown = fhir_cdc(&["preview", "--config", config_arg, "--table", "nope.nothing"]);
+    let unknown = stack::fhir_cdc(&["preview", "--config", config_arg, "--table", "nope.nothing"]);
     assert_eq!(unknown.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&unknown.stderr).contains("no mapping reads table `nope.nothing`")
@@ -185,23 +178,7 @@ async fn the_sample_lab_database_arrives_whole_and_valid() {
     assert!(dead_letters > 0, "the sample holds rows in the DST gap");
 
     // tail: everything, decoded through the registry.
-    let tail = fhir_cdc(&[
-        "tail",
-        "--config",
-        config_arg,
-        "--from-beginning",
-        "--to-end",
-    ]);
-    assert!(
-        tail.status.success(),
-        "{}",
-        String::from_utf8_lossy(&tail.stderr)
-    );
-    let events: Vec<Value> = String::from_utf8(tail.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = tail_everything(&config);
     let mut arrived: BTreeMap<&str, i64> = BTreeMap::new();
     for event in &events {
         *arrived

@@ -114,7 +114,7 @@ async fn a_requested_snapshot_while_writes_run_leaves_no_resource_older_than_its
 
     let expected = stack::result_values(&client, &table).await;
     let events = events_of(&topic).await;
-    let latest = latest_values(&events);
+    let latest = latest_values(&events, "/valueQuantity/value");
     let stale: Vec<_> = expected
         .iter()
         .filter(|(id, value)| latest.get(*id) != Some(value))

@@ -71,6 +71,44 @@ pub enum Decoded {
     Nothing,
 }
 
+/// What the reader's task read, and where the reader stood after it.
+#[derive(Debug)]
+pub struct Read {
+    /// `None` when the server ended the stream.
+    pub decoded: Option<Decoded>,
+    /// Whether the event left a transaction open.
+    pub in_transaction: bool,
+    /// Whether `position` is a real one yet (a start by GTID learns it from the stream).
+    pub located: bool,
+    pub position: BinlogPosition,
+}
+
+/// A [`BinlogReader`] reading on its own task ([`BinlogReader::spawn`]).
+#[derive(Debug)]
+pub struct Reading {
+    receiver: tokio::sync::mpsc::Receiver<Result<Read, MysqlError>>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Reading {
+    /// The next read, in the log's order; safe to drop at any point.
+    pub async fn recv(&mut self) -> Result<Read, MysqlError> {
+        self.receiver.recv().await.unwrap_or_else(|| {
+            Err(MysqlError::Transient(
+                "the binary log reader stopped".into(),
+            ))
+        })
+    }
+
+    /// Stop reading and end the server's side of it.
+    pub async fn close(self) {
+        self.stop.cancel();
+        drop(self.receiver);
+        let _ = self.task.await;
+    }
+}
+
 /// A mapped table's layout, as one table-map event gives it.
 #[derive(Debug)]
 struct Layout {
@@ -148,6 +186,8 @@ impl BinlogReader {
         start: &StartAt,
     ) -> Result<Self, MysqlError> {
         let mut catalog = Conn::new(opts.clone()).await.map_err(MysqlError::connect)?;
+        // Held as long as the reader reads.
+        super::take_running_lock(&mut catalog, &options.connector).await?;
         let collations = catalog
             .query::<(u16, String), _>(
                 "SELECT ID, CHARACTER_SET_NAME FROM information_schema.COLLATIONS WHERE ID IS NOT NULL",
@@ -233,10 +273,10 @@ impl BinlogReader {
     }
 
     /// Stop reading. The server's dump thread notices a closed connection only when it
-    /// next writes to it (the next event or heartbeat), and until then it looks like a
-    /// running connector (to `offsets reset`, say): it is killed, which a user may do to
-    /// its own connections.
-    pub async fn close(mut self) {
+    /// next writes to it (the next event or heartbeat), and until then it is listed as a
+    /// replica: it is killed, which a user may do to its own connections. Closing the
+    /// catalog's connection releases the connector's lock.
+    async fn close(mut self) {
         let kill = format!("KILL CONNECTION {}", self.dump_thread);
         if let Err(e) = self.catalog.query_drop(kill).await {
             warn!(
@@ -246,6 +286,41 @@ impl BinlogReader {
             );
         }
         let _ = self.catalog.disconnect().await;
+    }
+
+    /// Read on a task of its own from now on. [`Self::next`] may await the catalog after
+    /// taking an event from the stream, so a `select!` that dropped it midway would lose
+    /// that event, and leave the catalog's connection in the middle of a reply; a channel's
+    /// `recv` can be dropped at any point.
+    pub fn spawn(mut self) -> Reading {
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    () = stopped.cancelled() => break,
+                    next = self.next() => next,
+                };
+                let last = !matches!(next, Ok(Some(_)));
+                let read = next.map(|decoded| Read {
+                    decoded,
+                    in_transaction: self.in_transaction,
+                    located: self.located,
+                    position: self.position.clone(),
+                });
+                if sender.send(read).await.is_err() || last {
+                    break;
+                }
+            }
+            self.close().await;
+        });
+        Reading {
+            receiver,
+            stop,
+            task,
+        }
     }
 
     /// The position after the last event read.

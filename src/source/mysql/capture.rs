@@ -29,7 +29,7 @@ use crate::{
     config::{MysqlConfig, Secret, SnapshotMode},
     observe::progress::Progress,
     offsets::{ConnectorState, TableProgress},
-    source::{chunk_changes, publish, Source, SourceError, SourceIo},
+    source::{chunk_changes, publish, refuse_foreign_state, Source, SourceError, SourceIo},
 };
 
 /// A MySQL or MariaDB server's binary log, read as a replica.
@@ -101,16 +101,7 @@ impl Source for MysqlSource {
         } = io;
         let opts = Opts::from_url(self.url.expose())
             .map_err(|e| SourceError::Connector(format!("source.url: {e}")))?;
-        if let Some(kind) = stored
-            .as_ref()
-            .map(|s| &s.kind)
-            .filter(|k| *k != Self::KIND)
-        {
-            return Err(SourceError::Connector(format!(
-                "the stored state of connector {} is a {kind} connector's: give this connector a name of its own, or `fhir-cdc offsets reset` it",
-                self.connector
-            )));
-        }
+        refuse_foreign_state(stored.as_ref(), Self::KIND, &self.connector)?;
         let mut admin = Conn::new(opts.clone()).await.map_err(MysqlError::connect)?;
         let mut state = stored
             .filter(|s| s.position.is_some())
@@ -135,7 +126,7 @@ impl Source for MysqlSource {
             tables: self.tables.iter().cloned().collect(),
         };
         // Open the log where the state says; a log the server purged is when_needed's case.
-        let (mut reader, mut durable_gtid, first) = loop {
+        let (reader, mut durable_gtid, first) = loop {
             let (position, gtid) = match start.take() {
                 Some(stored) => stored,
                 None => current_position(&mut admin).await?,
@@ -198,6 +189,13 @@ impl Source for MysqlSource {
         }
         drop(admin);
         publish(&published, &state);
+        // Where the stream stands after the last read.
+        let (mut in_transaction, mut located, mut at) = (
+            reader.in_transaction(),
+            reader.located(),
+            reader.position().clone(),
+        );
+        let mut reading = reader.spawn();
 
         // Resume points not yet durable, oldest first, with the GTID of the transaction that
         // ends there.
@@ -225,7 +223,11 @@ impl Source for MysqlSource {
                                 read?;
                                 Some(Decoded::Nothing)
                             }
-                            decoded = reader.next() => decoded?,
+                            read = reading.recv() => {
+                                let read = read?;
+                                (in_transaction, located, at) = (read.in_transaction, read.located, read.position);
+                                read.decoded
+                            }
                         }
                     }
                 };
@@ -257,9 +259,8 @@ impl Source for MysqlSource {
                     Some(Decoded::Nothing) => Vec::new(),
                 };
                 // Between transactions, a chunk the stream has caught up with goes out.
-                if !reader.in_transaction() && reader.located() {
-                    let at = reader.position();
-                    if let Some(chunk) = snapshot.ready(at) {
+                if !in_transaction && located {
+                    if let Some(chunk) = snapshot.ready(&at) {
                         let step = match &last_emitted {
                             Some(last)
                                 if last.file_sequence == at.file_sequence
@@ -286,7 +287,7 @@ impl Source for MysqlSource {
         }
         .await;
         snapshot.abort();
-        reader.close().await;
+        reading.close().await;
         drop(out);
         while durable.changed().await.is_ok() {
             if let Some(at) = durable.borrow_and_update().clone() {

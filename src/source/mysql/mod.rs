@@ -194,31 +194,53 @@ pub async fn connect(url: &Secret) -> Result<Conn, MysqlError> {
     Conn::new(opts).await.map_err(MysqlError::connect)
 }
 
-/// What reads the binary log as the replica `server_id`, if anything: a registered replica
-/// of that id (`SHOW SLAVE HOSTS`), or, where the user may not list replicas (MariaDB asks
-/// for REPLICATION MASTER ADMIN), any binary log reader connected as the same user — the
-/// threads a user sees without PROCESS — since then the id cannot be told.
-pub async fn binlog_reader(url: &Secret, server_id: u32) -> Result<Option<String>, SourceError> {
-    let mut conn = connect(url).await?;
-    match conn.query::<mysql_async::Row, _>("SHOW SLAVE HOSTS").await {
-        Ok(replicas) => Ok(replicas
-            .iter()
-            .any(|r| r.get::<u32, _>(0) == Some(server_id))
-            .then(|| format!("a replica with server id {server_id} is registered"))),
-        Err(_) => {
-            let readers: Option<u64> = conn
-                .query_first(
-                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
-                     WHERE COMMAND LIKE 'Binlog Dump%' AND USER = SUBSTRING_INDEX(CURRENT_USER(), '@', 1)",
-                )
-                .await
-                .map_err(MysqlError::query("listing this user's connections"))?;
-            Ok((readers.unwrap_or(0) > 0).then(|| {
-                "a binary log reader is connected as this user; without REPLICATION MASTER ADMIN \
-                 its server id cannot be told (a reader killed with -9 is seen until the server \
-                 next writes to it: the next change or heartbeat)"
-                    .to_owned()
-            }))
-        }
+/// The user lock a running connector holds on the server (`GET_LOCK`): one copy of a
+/// connector runs at a time, and `offsets reset` can tell whether it runs, with no privilege
+/// needed. The server releases it with the connection, also when the process is killed.
+/// Named after the connector (a long name by its digest: lock names end at 64 characters).
+pub fn running_lock(connector: &str) -> String {
+    let name = format!("fhir-cdc {connector}");
+    if name.len() <= 64 {
+        return name;
     }
+    use sha2::Digest;
+    format!(
+        "fhir-cdc {}",
+        hex::encode(&sha2::Sha256::digest(connector)[..27])
+    )
+}
+
+/// Take `connector`'s lock on `conn` for as long as it stays open.
+pub async fn take_running_lock(conn: &mut Conn, connector: &str) -> Result<(), MysqlError> {
+    let lock = running_lock(connector);
+    let taken: Option<Option<u8>> = conn
+        .exec_first("SELECT GET_LOCK(?, 0)", (&lock,))
+        .await
+        .map_err(MysqlError::query("taking the connector's lock (GET_LOCK)"))?;
+    if taken.flatten() == Some(1) {
+        return Ok(());
+    }
+    // Another session holds it: a second copy of the connector, or the session of one
+    // whose connection the server has not yet seen close. Retried with backoff.
+    let holder: Option<Option<u64>> = conn
+        .exec_first("SELECT IS_USED_LOCK(?)", (&lock,))
+        .await
+        .map_err(MysqlError::query("asking who holds the connector's lock"))?;
+    Err(MysqlError::Transient(format!(
+        "connector {connector} is already running against this server (its lock `{lock}` is held by connection {}): two copies would overwrite each other's state",
+        holder.flatten().map_or_else(|| "unknown".to_owned(), |id| id.to_string())
+    )))
+}
+
+/// Who runs `connector` against the server now, if anyone: the connection holding its lock.
+pub async fn lock_holder(url: &Secret, connector: &str) -> Result<Option<String>, SourceError> {
+    let mut conn = connect(url).await?;
+    let lock = running_lock(connector);
+    let holder: Option<Option<u64>> = conn
+        .exec_first("SELECT IS_USED_LOCK(?)", (&lock,))
+        .await
+        .map_err(MysqlError::query("asking who holds the connector's lock"))?;
+    Ok(holder
+        .flatten()
+        .map(|id| format!("connection {id} holds its lock `{lock}`")))
 }

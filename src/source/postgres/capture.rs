@@ -29,7 +29,7 @@ use crate::{
     config::{PostgresConfig, Secret, SnapshotMode},
     observe::progress::Progress,
     offsets::{ConnectorState, SnapshotRequest, TableProgress},
-    source::{chunk_changes, publish, Source, SourceError, SourceIo},
+    source::{chunk_changes, publish, refuse_foreign_state, Source, SourceError, SourceIo},
 };
 
 /// A PostgreSQL database captured through one slot and one publication.
@@ -86,16 +86,7 @@ impl Source for PostgresSource {
         } = io;
         let admin = Arc::new(connect(&self.url).await?);
         setup::ensure_publication(&admin, &self.publication, &self.tables).await?;
-        if let Some(kind) = stored
-            .as_ref()
-            .map(|s| &s.kind)
-            .filter(|k| *k != Self::KIND)
-        {
-            return Err(SourceError::Connector(format!(
-                "the stored state of connector {} is a {kind} connector's: give this connector a name of its own, or `fhir-cdc offsets reset` it",
-                self.connector
-            )));
-        }
+        refuse_foreign_state(stored.as_ref(), Self::KIND, &self.connector)?;
         let captured = stored.as_ref().is_some_and(|s| s.position.is_some());
         let plan = start_plan(
             setup::slot_state(&admin, &self.slot).await?,

@@ -218,19 +218,12 @@ pub async fn read_chunk(
             .join(", ");
         conditions.push(format!("({columns}) > ({values})"));
     }
-    let filter = if conditions.is_empty() {
-        String::new()
-    } else {
-        format!(" WHERE {}", conditions.join(" AND "))
-    };
-    let select = if table.key.is_empty() {
-        format!("SELECT * FROM {}{filter}", table.quoted)
-    } else {
-        format!(
-            "SELECT * FROM {}{filter} ORDER BY {columns} LIMIT {size}",
-            table.quoted
-        )
-    };
+    let select = crate::source::chunk_select(
+        &table.quoted,
+        &conditions,
+        (!table.key.is_empty()).then_some(columns.as_str()),
+        size,
+    );
     let watermark = |edge: &str| {
         format!(
             "BEGIN; SELECT pg_logical_emit_message(true, {}, {}); COMMIT",
