@@ -143,3 +143,50 @@ fn the_compiled_writer_refuses_a_resource_its_schema_cannot_hold() {
         "{twice}"
     );
 }
+
+/// A schema anyone with write access to the registry could register, where a record holds
+/// itself: what comes first is `first`, then an envelope field.
+fn hostile_writer(first: &str) -> EventWriter {
+    let schema = Schema::parse_str(&format!(
+        r#"{{"type": "record", "name": "Event", "fields": [
+            {{"name": "{first}", "type": ["null", {{"type": "record", "name": "Nest", "fields": [
+                {{"name": "inner", "type": ["null", "Nest"]}},
+                {{"name": "nothing", "type": {{"type": "array", "items": "null"}}}}]}}]}},
+            {{"name": "event_id", "type": "string"}}]}}"#
+    ))
+    .unwrap();
+    EventWriter::new(&schema).unwrap()
+}
+
+#[test]
+fn hostile_messages_are_refused_with_a_reason_not_a_crash() {
+    // 30,000 levels of a record in itself: the reader would follow them off the stack.
+    let mut deep = vec![2u8; 30_000];
+    deep.extend([0, 0, 0]);
+    for first in ["resource", "unknown_field"] {
+        let writer = hostile_writer(first);
+        let refused = writer.read(&deep).unwrap_err().to_string();
+        assert!(
+            refused.contains("nested deeper than 128"),
+            "{first}: {refused}"
+        );
+        if first == "resource" {
+            let refused = writer.read_json(&deep).unwrap_err().to_string();
+            assert!(refused.contains("nested deeper than 128"), "{refused}");
+        }
+        // An array of 2^62 items that take no bytes: the reader would loop for ever.
+        let endless = [
+            2, 0, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x7f, 0,
+        ];
+        let refused = writer.read(&endless).unwrap_err().to_string();
+        assert!(
+            refused.contains("longer than the message"),
+            "{first}: {refused}"
+        );
+    }
+    // A schema that is not a record is no event schema.
+    let refused = EventWriter::new(&Schema::parse_str(r#""string""#).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("not a record"), "{refused}");
+}

@@ -21,6 +21,10 @@ impl EventWriter {
             named: HashMap::new(),
         };
         let root = compiler.compile(schema)?;
+        // Whatever the registry serves: an event is a record.
+        if !matches!(compiler.nodes[root], Node::Record(_)) {
+            return Err(shape("", "the schema is not a record: not an event schema"));
+        }
         let mut nodes = compiler.nodes;
         // Most of a resource's fields are absent: their one byte is known in advance.
         let absent_byte = |node: &Node| match node {

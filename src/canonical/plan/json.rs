@@ -119,6 +119,7 @@ impl EventWriter {
                 None => false,
             },
             Node::Array(items) => {
+                input.enter()?;
                 let start = out.len();
                 out.push(b'[');
                 let mut any = false;
@@ -133,6 +134,7 @@ impl EventWriter {
                         })?;
                     }
                 }
+                input.leave();
                 json_close(out, start, any, b']')
             }
             Node::Nullable { null, node, .. } => {
@@ -143,10 +145,12 @@ impl EventWriter {
                 }
             }
             Node::Record(record) => {
+                input.enter()?;
                 let start = out.len();
                 out.push(b'{');
                 let mut any = false;
                 self.write_json_members(record, input, out, &mut any, None)?;
+                input.leave();
                 json_close(out, start, any, b'}')
             }
         })

@@ -13,13 +13,45 @@ use crate::{
     fhir::Element,
 };
 
+/// How deep records and arrays may nest in a message. A resource nests a few levels (an
+/// extension's extension, an item's item); a recursive schema lets a hostile message nest
+/// as deep as its bytes go, which reading by recursion would follow off the stack.
+const MAX_DEPTH: u32 = 128;
+
 /// Avro binary being read.
 pub(super) struct Input<'a> {
     bytes: &'a [u8],
     at: usize,
+    /// Records and arrays entered and not yet left.
+    depth: u32,
 }
 
 impl<'a> Input<'a> {
+    pub(super) fn new(bytes: &'a [u8]) -> Self {
+        Input {
+            bytes,
+            at: 0,
+            depth: 0,
+        }
+    }
+
+    /// Into a record or an array, at most [`MAX_DEPTH`] deep.
+    pub(super) fn enter(&mut self) -> Result<(), AvroShapeError> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(shape(
+                "",
+                &format!("records and arrays nested deeper than {MAX_DEPTH} levels"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Out of the record or array last entered.
+    pub(super) fn leave(&mut self) {
+        self.depth -= 1;
+    }
+
     pub(super) fn byte(&mut self) -> Result<u8, AvroShapeError> {
         let b = *self
             .bytes
@@ -54,13 +86,18 @@ impl<'a> Input<'a> {
         Ok(text)
     }
 
-    /// The item count of the next array block (a negative count is followed by a size).
+    /// The item count of the next array block (a negative count is followed by a size). No
+    /// item of an event schema is written in zero bytes, so a count beyond the bytes left is
+    /// a lie (a hostile one would have the reader loop for ever over nothing).
     pub(super) fn block(&mut self) -> Result<usize, AvroShapeError> {
         let count = self.long()?;
         if count < 0 {
             self.long()?;
         }
-        usize::try_from(count.unsigned_abs()).map_err(|_| shape("", "an absurd block count"))
+        usize::try_from(count.unsigned_abs())
+            .ok()
+            .filter(|count| *count <= self.bytes.len() - self.at)
+            .ok_or_else(|| shape("", "an array block longer than the message"))
     }
 }
 
@@ -121,7 +158,7 @@ impl EventWriter {
         bytes: &[u8],
         mut read_resource: impl FnMut(&mut Input<'_>, usize) -> Result<Option<R>, AvroShapeError>,
     ) -> Result<(CanonicalEvent, Option<R>), AvroShapeError> {
-        let mut input = Input { bytes, at: 0 };
+        let mut input = Input::new(bytes);
         let Node::Record(record) = &self.nodes[self.root] else {
             unreachable!("event schemas are records")
         };
@@ -326,6 +363,7 @@ impl EventWriter {
                 self.read_text(node, input, "")?.map(Element::String)
             }
             Node::Array(items) => {
+                input.enter()?;
                 let mut out = Vec::new();
                 loop {
                     let count = input.block()?;
@@ -338,6 +376,7 @@ impl EventWriter {
                         }
                     }
                 }
+                input.leave();
                 (!out.is_empty()).then_some(Element::Array(out))
             }
             Node::Nullable { null, node, .. } => {
@@ -348,12 +387,14 @@ impl EventWriter {
                 }
             }
             Node::Record(record) => {
+                input.enter()?;
                 let mut out = Vec::new();
                 for (i, (_, field)) in record.fields.iter().enumerate() {
                     if let Some(value) = self.read_element(*field, record.decimal[i], input)? {
                         out.push((record.names[i], value));
                     }
                 }
+                input.leave();
                 (!out.is_empty()).then_some(Element::Object(out))
             }
         })
@@ -372,24 +413,30 @@ impl EventWriter {
             Node::String => {
                 input.text()?;
             }
-            Node::Array(items) => loop {
-                let count = input.block()?;
-                if count == 0 {
-                    break;
+            Node::Array(items) => {
+                input.enter()?;
+                loop {
+                    let count = input.block()?;
+                    if count == 0 {
+                        break;
+                    }
+                    for _ in 0..count {
+                        self.skip(*items, input)?;
+                    }
                 }
-                for _ in 0..count {
-                    self.skip(*items, input)?;
-                }
-            },
+                input.leave();
+            }
             Node::Nullable { null, node, .. } => {
                 if input.long()? != i64::from(*null) {
                     self.skip(*node, input)?;
                 }
             }
             Node::Record(record) => {
+                input.enter()?;
                 for (_, field) in &record.fields {
                     self.skip(*field, input)?;
                 }
+                input.leave();
             }
         }
         Ok(())
