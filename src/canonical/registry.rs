@@ -17,7 +17,7 @@ use schema_registry_converter::{
 
 use super::{schema::event_schema, AvroShapeError, CanonicalEvent, EventWriter, JsonResource};
 use crate::{
-    config::RegistryConfig,
+    config::{redact_urls, RegistryConfig},
     preflight::{self, Finding},
 };
 
@@ -27,6 +27,8 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// Ask the registry for its subjects and global compatibility level.
 pub async fn check(config: &RegistryConfig) -> Vec<Finding> {
     let base = config.url.trim_end_matches('/');
+    // What messages name: the URL without its password, an error without its URL.
+    let shown = redact_urls(base);
     let client = match reqwest::Client::builder().timeout(TIMEOUT).build() {
         Ok(client) => client,
         Err(e) => {
@@ -42,15 +44,17 @@ pub async fn check(config: &RegistryConfig) -> Vec<Finding> {
         Ok(response) => response,
         Err(e) => {
             return vec![
-                preflight::unreachable(COMPONENT, "the schema registry", base, &e).unwrap_or_else(
-                    || {
+                preflight::unreachable(COMPONENT, "the schema registry", &shown, &e)
+                    .unwrap_or_else(|| {
                         Finding::problem(
                             COMPONENT,
-                            format!("no answer from the schema registry at {base}: {e}"),
+                            format!(
+                                "no answer from the schema registry at {shown}: {}",
+                                e.without_url()
+                            ),
                             "start the registry, or correct schema_registry.url",
                         )
-                    },
-                ),
+                    }),
             ]
         }
     };
@@ -58,7 +62,7 @@ pub async fn check(config: &RegistryConfig) -> Vec<Finding> {
     if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
         return vec![Finding::problem(
             COMPONENT,
-            format!("the schema registry at {base} refused access (HTTP {status})"),
+            format!("the schema registry at {shown} refused access (HTTP {status})"),
             "give the connector credentials the registry accepts",
         )];
     }
@@ -69,7 +73,7 @@ pub async fn check(config: &RegistryConfig) -> Vec<Finding> {
     let Some(subjects) = subjects else {
         return vec![Finding::problem(
             COMPONENT,
-            format!("{subjects_url} answered HTTP {status}, not a Confluent-compatible subject list"),
+            format!("{shown}/subjects answered HTTP {status}, not a Confluent-compatible subject list"),
             "point schema_registry.url at the Confluent-compatible API root (Apicurio: …/apis/ccompat/v7)",
         )];
     };
@@ -85,7 +89,7 @@ pub async fn check(config: &RegistryConfig) -> Vec<Finding> {
     vec![Finding::ok(
         COMPONENT,
         format!(
-            "Confluent-compatible API answers at {base}: {} subject(s), compatibility {}",
+            "Confluent-compatible API answers at {shown}: {} subject(s), compatibility {}",
             subjects.len(),
             compatibility.as_deref().unwrap_or("unknown")
         ),
@@ -189,7 +193,7 @@ impl EventCodec {
         let subject = format!("{topic}-value");
         let registered = post_schema(&self.settings, subject, schema.clone())
             .await
-            .map_err(|e| CodecError::Registry(e.to_string()))?;
+            .map_err(|e| CodecError::Registry(redact_urls(&e.to_string())))?;
         locked(&self.ids).insert(topic.to_owned(), registered.id);
         Ok(registered.id)
     }
@@ -244,9 +248,9 @@ impl EventCodec {
         // says nothing about them. The client flags only connection failures as retriable.
         let registered = get_schema_by_id(id, &self.settings).await.map_err(|e| {
             if e.error.contains("status 404") {
-                CodecError::Undecodable(format!("schema id {id}: {e}"))
+                CodecError::Undecodable(redact_urls(&format!("schema id {id}: {e}")))
             } else {
-                CodecError::Registry(e.to_string())
+                CodecError::Registry(redact_urls(&e.to_string()))
             }
         })?;
         let schema = Schema::parse_str(&registered.schema)

@@ -17,7 +17,11 @@ use std::{
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
-pub use self::{interpolate::InterpolateError, kafka::KafkaProperties, secret::Secret};
+pub use self::{
+    interpolate::InterpolateError,
+    kafka::KafkaProperties,
+    secret::{redact_urls, Secret},
+};
 
 /// One connector: a source database, the Kafka cluster it writes to, the schema registry.
 #[derive(Debug, Deserialize)]
@@ -445,9 +449,36 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Confi
         source,
     })?;
     toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: shown,
-        message: e.to_string(),
+        path: parse_place(&shown, &text, e.span()),
+        message: without_values(e.message()),
     })
+}
+
+/// `path:line:column` of the start of `span` in `text`: the place of a parse error without
+/// the line itself, which may hold a secret.
+fn parse_place(path: &str, text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(at) = span.map(|s| s.start.min(text.len())) else {
+        return path.to_owned();
+    };
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!("{path}:{line}:{column}")
+}
+
+/// A parse error's message without the values it quotes (serde names a mistyped string by
+/// its value: `invalid type: string "…", expected …`), which may be secrets.
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message.trim_end();
+    while let Some(at) = rest.find("string \"") {
+        out.push_str(&rest[..at]);
+        out.push_str("a string");
+        let after = &rest[at + "string \"".len()..];
+        rest = after.find('"').map_or("", |end| &after[end + 1..]);
+    }
+    out.push_str(rest);
+    out
 }
 
 impl ConnectorConfig {
@@ -540,7 +571,10 @@ impl ConnectorConfig {
         if !(registry.starts_with("http://") || registry.starts_with("https://")) {
             return Err((
                 "schema_registry.url",
-                format!("`{registry}` is not an http:// or https:// URL"),
+                format!(
+                    "`{}` is not an http:// or https:// URL",
+                    redact_urls(registry)
+                ),
             ));
         }
         Ok(())

@@ -46,6 +46,40 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
+/// `text` with the password of every URL in it (`scheme://user:password@host`) shown as
+/// `***`: for messages that name a URL, or quote an error that does.
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        // The authority ends at the first `/`, `?`, `#` or blank; credentials end at its
+        // last `@`.
+        let end = after
+            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace())
+            .unwrap_or(after.len());
+        let authority = &after[..end];
+        match authority.rfind('@') {
+            Some(at_sign) => {
+                let user = &authority[..at_sign];
+                match user.find(':') {
+                    Some(colon) => {
+                        out.push_str(&user[..colon]);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str(user),
+                }
+                out.push_str(&authority[at_sign..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +90,21 @@ mod tests {
         assert_eq!(format!("{secret}"), "***");
         assert_eq!(format!("{secret:?}"), "Secret(***)");
         assert_eq!(secret.expose(), "hunter2");
+    }
+
+    #[test]
+    fn passwords_in_urls_are_hidden_and_the_rest_kept() {
+        assert_eq!(
+            redact_urls(
+                "nothing at http://user:s3cret@reg:8081/apis (refused); postgres://a:b@h/db"
+            ),
+            "nothing at http://user:***@reg:8081/apis (refused); postgres://a:***@h/db"
+        );
+        assert_eq!(
+            redact_urls("http://user@h/x http://h:1"),
+            "http://user@h/x http://h:1"
+        );
+        assert_eq!(redact_urls("https://u:p@ss@h"), "https://u:***@h");
+        assert_eq!(redact_urls("no url here"), "no url here");
     }
 }

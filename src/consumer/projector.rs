@@ -252,9 +252,13 @@ async fn project(
         projector: config.name.clone(),
         ..Assignments::default()
     };
-    let consumer: StreamConsumer<Assignments> = kafka
-        .create_with_context(context)
-        .map_err(|e| ProjectError::Kafka(format!("cannot create a consumer: {e}")))?;
+    let consumer: StreamConsumer<Assignments> =
+        kafka.create_with_context(context).map_err(|e| {
+            ProjectError::Kafka(format!(
+                "cannot create a consumer: {}",
+                crate::sink::kafka::creation_message(&e)
+            ))
+        })?;
     let topics = topics_to_read(&consumer, config, replay.map_or(&[], |r| &r.topics))?;
     let (partitions, remaining) =
         start_where_the_projection_is(&consumer, db, schema, &group, &topics, replay_from).await?;

@@ -92,7 +92,12 @@ impl TopicReader {
             // A start offset retention removed meanwhile: from the first one left.
             .set("auto.offset.reset", "earliest")
             .create()
-            .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
+            .map_err(|e| {
+                format!(
+                    "cannot create a Kafka consumer: {}",
+                    crate::sink::kafka::creation_message(&e)
+                )
+            })?;
         let metadata = consumer
             .fetch_metadata(only, METADATA_TIMEOUT)
             .map_err(|e| format!("cannot read the cluster's topics: {e}"))?;

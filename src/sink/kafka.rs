@@ -28,34 +28,19 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Create a client from the configured properties and ask the cluster for its metadata.
 pub async fn check(properties: &KafkaProperties) -> Vec<Finding> {
-    let bootstrap = properties
-        .get("bootstrap.servers")
-        .unwrap_or("?")
-        .to_owned();
-    let consumer: BaseConsumer = match properties.client_config().create() {
-        Ok(consumer) => consumer,
-        Err(e) => {
-            return vec![Finding::problem(
-                COMPONENT,
-                format!("librdkafka refused the [kafka] properties: {}", creation_message(&e)),
-                "correct the property in [kafka]; names and values are librdkafka's (see its CONFIGURATION.md)",
-            )]
-        }
-    };
-    // fetch_metadata blocks; keep it off the async workers.
-    let metadata = tokio::task::spawn_blocking(move || {
-        consumer
-            .fetch_metadata(None, METADATA_TIMEOUT)
-            .map(|m| (m.brokers().len(), m.topics().len()))
-    })
-    .await;
-    match metadata {
-        Ok(Ok((brokers, topics))) => vec![Finding::ok(
+    let bootstrap = bootstrap(properties);
+    match cluster_metadata(properties).await {
+        Ok((brokers, topics)) => vec![Finding::ok(
             COMPONENT,
             format!("{brokers} broker(s) answer at {bootstrap}; {topics} topic(s) visible"),
         )],
-        Ok(Err(e)) => vec![explain_metadata_error(&e, &bootstrap)],
-        Err(e) => vec![Finding::problem(
+        Err(MetadataFailure::Properties(e)) => vec![Finding::problem(
+            COMPONENT,
+            format!("librdkafka refused the [kafka] properties: {e}"),
+            "correct the property in [kafka]; names and values are librdkafka's (see its CONFIGURATION.md)",
+        )],
+        Err(MetadataFailure::Cluster(e)) => vec![explain_metadata_error(&e, bootstrap)],
+        Err(MetadataFailure::Task(e)) => vec![Finding::problem(
             COMPONENT,
             format!("metadata request failed: {e}"),
             "retry; report a bug if it persists",
@@ -63,9 +48,50 @@ pub async fn check(properties: &KafkaProperties) -> Vec<Finding> {
     }
 }
 
-fn creation_message(err: &KafkaError) -> String {
+fn bootstrap(properties: &KafkaProperties) -> &str {
+    properties.get("bootstrap.servers").unwrap_or("?")
+}
+
+/// Why the cluster's metadata could not be had.
+enum MetadataFailure {
+    /// librdkafka would not create a client (see [`creation_message`]).
+    Properties(String),
+    /// The cluster did not answer, or refused.
+    Cluster(KafkaError),
+    /// The blocking task asking it failed.
+    Task(String),
+}
+
+/// The number of brokers and topics the cluster reports, waiting up to `METADATA_TIMEOUT`.
+async fn cluster_metadata(properties: &KafkaProperties) -> Result<(usize, usize), MetadataFailure> {
+    let consumer: BaseConsumer = properties
+        .client_config()
+        .create()
+        .map_err(|e| MetadataFailure::Properties(creation_message(&e)))?;
+    // fetch_metadata blocks; keep it off the async workers.
+    tokio::task::spawn_blocking(move || {
+        consumer
+            .fetch_metadata(None, METADATA_TIMEOUT)
+            .map(|m| (m.brokers().len(), m.topics().len()))
+    })
+    .await
+    .map_err(|e| MetadataFailure::Task(e.to_string()))?
+    .map_err(MetadataFailure::Cluster)
+}
+
+/// Why librdkafka would not create a client, without the value of the property it names:
+/// a misspelt `sasl.password` is still a password.
+pub fn creation_message(err: &KafkaError) -> String {
     match err {
         KafkaError::ClientCreation(message) => message.clone(),
+        KafkaError::ClientConfig(_, description, key, value) => {
+            let description = if value.is_empty() {
+                description.clone()
+            } else {
+                description.replace(value.as_str(), "***")
+            };
+            format!("{description} (property `{key}`; its value is not shown)")
+        }
         other => other.to_string(),
     }
 }
@@ -212,6 +238,25 @@ pub async fn ensure_topics(
     properties: &KafkaProperties,
     topics: &[TopicSpec],
 ) -> Result<Vec<String>, SinkError> {
+    // Admin requests wait for an absent cluster a minute and then say only "timed out";
+    // asking for its metadata first names the cluster within ten seconds.
+    cluster_metadata(properties)
+        .await
+        .map_err(|failure| match failure {
+            MetadataFailure::Properties(e) => SinkError::Config(e),
+            MetadataFailure::Cluster(e) => SinkError::Topic {
+                topic: ALL_TOPICS.into(),
+                reason: format!(
+                    "no Kafka broker answered at {} (waited up to {}s: {e})",
+                    bootstrap(properties),
+                    METADATA_TIMEOUT.as_secs()
+                ),
+            },
+            MetadataFailure::Task(reason) => SinkError::Topic {
+                topic: ALL_TOPICS.into(),
+                reason,
+            },
+        })?;
     let admin: AdminClient<DefaultClientContext> = properties
         .client_config()
         .create()
