@@ -4,6 +4,22 @@ BIN=${FHIR_CDC_BIN:-target/release/fhir-cdc}
 DIR=$(mktemp -d)
 # A free port for the connector's metrics.
 PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# The tables every benchmark connector's configuration ends with (after its [source]), for a
+# connector named $NAME reading the mappings in the working directory.
+connector_tables() {
+  cat <<EOF
+[kafka]
+bootstrap.servers = "\${env:FHIR_CDC_KAFKA_BOOTSTRAP}"
+[schema_registry]
+url = "\${env:FHIR_CDC_SCHEMA_REGISTRY_URL}"
+[mappings]
+path = "mappings"
+[topics]
+prefix = "$NAME"
+[metrics]
+listen = "127.0.0.1:$PORT"
+EOF
+}
 sql() { psql "$FHIR_CDC_PG_URL" -q -X -v ON_ERROR_STOP=1 "$@"; }
 # A part of a database URL: url_part URL username|password|hostname|port|path.
 url_part() {

@@ -62,16 +62,7 @@ name = "$NAME"
 kind = "mysql"
 url = "\${env:FHIR_CDC_MYSQL_URL}"
 snapshot.mode = "never"
-[kafka]
-bootstrap.servers = "\${env:FHIR_CDC_KAFKA_BOOTSTRAP}"
-[schema_registry]
-url = "\${env:FHIR_CDC_SCHEMA_REGISTRY_URL}"
-[mappings]
-path = "mappings"
-[topics]
-prefix = "$NAME"
-[metrics]
-listen = "127.0.0.1:$PORT"
+$(connector_tables)
 EOF
 acked() {
   curl -sf "http://127.0.0.1:$PORT/metrics" | awk '/^fhir_cdc_events_acked_total/ { n += $2 } END { print n + 0 }'

@@ -59,16 +59,7 @@ url = "\${env:FHIR_CDC_PG_URL}"
 slot.name = "$NAME"
 publication.name = "$NAME"
 snapshot.mode = "never"
-[kafka]
-bootstrap.servers = "\${env:FHIR_CDC_KAFKA_BOOTSTRAP}"
-[schema_registry]
-url = "\${env:FHIR_CDC_SCHEMA_REGISTRY_URL}"
-[mappings]
-path = "mappings"
-[topics]
-prefix = "$NAME"
-[metrics]
-listen = "127.0.0.1:$PORT"
+$(connector_tables)
 EOF
 sql -c "CREATE PUBLICATION $NAME FOR TABLE $NAME.lab_result"
 sql -At -c "SELECT pg_create_logical_replication_slot('$NAME', 'pgoutput')" >/dev/null

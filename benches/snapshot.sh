@@ -12,8 +12,8 @@
 # (`offsets reset --to snapshot`), and timed from its start until Kafka has acknowledged an
 # event for every row (its metrics endpoint, polled every 50 ms); the start-up (state,
 # slot, stream, first chunk) is inside the clock and also shown apart. The stream runs
-# alongside the chunks, as it does in use. CHUNK=N sets `snapshot.chunk.size`. Prints rows/s of each, the ratio, where the machine's CPU
-# went per row, and fhir-cdc's peak RSS.
+# alongside the chunks, as it does in use. CHUNK=N sets `snapshot.chunk.size`. Prints
+# rows/s of each, the ratio, where the machine's CPU went per row, and fhir-cdc's peak RSS.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -49,16 +49,7 @@ slot.name = "$NAME"
 publication.name = "$NAME"
 snapshot.mode = "$1"
 snapshot.chunk.size = ${CHUNK:-1024}
-[kafka]
-bootstrap.servers = "\${env:FHIR_CDC_KAFKA_BOOTSTRAP}"
-[schema_registry]
-url = "\${env:FHIR_CDC_SCHEMA_REGISTRY_URL}"
-[mappings]
-path = "mappings"
-[topics]
-prefix = "$NAME"
-[metrics]
-listen = "127.0.0.1:$PORT"
+$(connector_tables)
 EOF
 }
 
