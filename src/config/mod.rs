@@ -739,7 +739,10 @@ url = "http://localhost:8081"
             without_values("invalid type: string \"hunter2\", expected u32\n"),
             "invalid type: a string, expected u32"
         );
-        assert_eq!(parse_place("f.toml", "a = 1\nbb = ", Some(9..10)), "f.toml:2:4");
+        assert_eq!(
+            parse_place("f.toml", "a = 1\nbb = ", Some(9..10)),
+            "f.toml:2:4"
+        );
         assert_eq!(parse_place("f.toml", "", None), "f.toml");
     }
 

@@ -328,3 +328,77 @@ fn capture_prerequisites_of_the_mapped_tables_are_named() {
     execute(&format!("DROP SCHEMA {schema} CASCADE;"));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A table without a replica identity is a problem for `check`, and `run` refuses to
+/// publish it: once published, the application's own UPDATEs and DELETEs on it would fail.
+#[test]
+fn a_table_without_a_replica_identity_is_named_and_never_published() {
+    let schema = stack::unique("noidentity");
+    let dir = std::env::temp_dir().join(&schema);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = runtime.block_on(stack::pg_client());
+    runtime.block_on(stack::create_lab_schema(&client, &schema));
+    execute(&format!(
+        "ALTER TABLE {schema}.lab_result DROP CONSTRAINT lab_result_pkey, REPLICA IDENTITY DEFAULT;
+         ALTER TABLE {schema}.specimen REPLICA IDENTITY NOTHING;
+         INSERT INTO {schema}.lab_result (accession_no, mrn, test_code, result_status, collected_at)
+              VALUES ('A1', 'MRN1', 'GLU', 'F', now());"
+    ));
+    stack::lab_mappings(
+        &dir.join("mappings"),
+        &schema,
+        &["result.yaml", "specimen.yaml"],
+    );
+    let config = stack::connector_config(&dir, &schema, &schema, "");
+
+    let outcome = check(&config, &[]);
+    assert_eq!(outcome.code, 1, "{}", outcome.stdout);
+    for expected in [
+        format!("FAIL  postgres  {schema}.lab_result: REPLICA IDENTITY DEFAULT without a primary key: once the table is published, the application's UPDATEs and DELETEs on it fail"),
+        format!("fix: run ALTER TABLE {schema}.lab_result REPLICA IDENTITY FULL; (or give it a primary key)"),
+        format!("FAIL  postgres  {schema}.specimen: REPLICA IDENTITY NOTHING"),
+    ] {
+        assert!(outcome.stdout.contains(&expected), "`{expected}` missing from:\n{}", outcome.stdout);
+    }
+
+    let log = dir.join("run.log");
+    let status = crate::connector::exit_within(
+        crate::connector::start(&config, &log),
+        std::time::Duration::from_secs(60),
+        "refusing the tables",
+    );
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "{said}");
+    assert!(
+        said.contains(&format!(
+            "not publishing {schema}.lab_result, {schema}.specimen"
+        )),
+        "{said}"
+    );
+    // The application goes on as before, and nothing was published.
+    execute(&format!(
+        "UPDATE {schema}.lab_result SET result_status = 'C'; DELETE FROM {schema}.lab_result;"
+    ));
+    let published: i64 = runtime
+        .block_on(client.query_one(
+            "SELECT count(*) FROM pg_publication_tables WHERE schemaname = $1",
+            &[&schema],
+        ))
+        .unwrap()
+        .get(0);
+    assert_eq!(published, 0);
+
+    execute(&format!(
+        "ALTER TABLE {schema}.lab_result REPLICA IDENTITY FULL; ALTER TABLE {schema}.specimen REPLICA IDENTITY DEFAULT;"
+    ));
+    let outcome = check(&config, &[]);
+    for expected in [
+        format!("ok    postgres  {schema}.lab_result: REPLICA IDENTITY FULL"),
+        format!("WARN  postgres  {schema}.specimen: REPLICA IDENTITY DEFAULT: updates carry only the key"),
+    ] {
+        assert!(outcome.stdout.contains(&expected), "`{expected}` missing from:\n{}", outcome.stdout);
+    }
+    let slot = format!("fhir_cdc_{schema}");
+    runtime.block_on(stack::drop_capture(&client, &slot, &slot, &schema));
+    std::fs::remove_dir_all(dir).unwrap();
+}

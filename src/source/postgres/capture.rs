@@ -801,13 +801,18 @@ mod setup {
     use tokio_postgres::Client;
 
     use super::{postgres_error, SlotState};
-    use crate::{change::PgLsn, source::SourceError};
+    use crate::{
+        change::PgLsn,
+        source::{postgres::preflight::identity, SourceError},
+    };
 
     fn fail(what: &str) -> impl Fn(tokio_postgres::Error) -> SourceError + '_ {
         move |e| postgres_error(what, &e)
     }
 
-    /// Create the publication of `tables`, or add the tables it lacks.
+    /// Create the publication of `tables`, or add the tables it lacks; refused for a table
+    /// whose replica identity is none, as publishing it makes the application's UPDATEs
+    /// and DELETEs on it fail.
     pub async fn ensure_publication(
         client: &Client,
         name: &str,
@@ -822,26 +827,40 @@ mod setup {
             .await
             .map_err(fail("looking up the publication"))?
             .map(|row| row.get(0));
-        let quoted = |(s, t): &(String, String)| format!("\"{s}\".\"{t}\"");
-        let statement = match published {
-            None => format!(
-                "CREATE PUBLICATION \"{name}\" FOR TABLE {}",
-                tables.iter().map(quoted).collect::<Vec<_>>().join(", ")
-            ),
-            Some(published) => {
-                let missing: Vec<String> = tables
-                    .iter()
-                    .filter(|(s, t)| !published.contains(&format!("{s}.{t}")))
-                    .map(quoted)
-                    .collect();
-                if missing.is_empty() {
-                    return Ok(());
-                }
-                format!(
-                    "ALTER PUBLICATION \"{name}\" ADD TABLE {}",
-                    missing.join(", ")
-                )
+        let added: Vec<&(String, String)> = tables
+            .iter()
+            .filter(|(s, t)| {
+                published
+                    .as_ref()
+                    .is_none_or(|p| !p.contains(&format!("{s}.{t}")))
+            })
+            .collect();
+        if added.is_empty() {
+            return Ok(());
+        }
+        let mut unsafe_tables = Vec::new();
+        for (schema, table) in &added {
+            let identity = identity(client, schema, table)
+                .await
+                .map_err(fail("reading the mapped tables' replica identity"))?;
+            if identity.is_some_and(|i| i.breaks_updates()) {
+                unsafe_tables.push(format!("{schema}.{table}"));
             }
+        }
+        if !unsafe_tables.is_empty() {
+            return Err(SourceError::Connector(format!(
+                "not publishing {}: without a replica identity (a primary key, or REPLICA IDENTITY FULL or USING INDEX) the application's UPDATEs and DELETEs on a published table fail; run ALTER TABLE … REPLICA IDENTITY FULL on it, or give it a primary key (`check` lists them)",
+                unsafe_tables.join(", ")
+            )));
+        }
+        let quoted = added
+            .iter()
+            .map(|(s, t)| format!("\"{s}\".\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let statement = match published {
+            None => format!("CREATE PUBLICATION \"{name}\" FOR TABLE {quoted}"),
+            Some(_) => format!("ALTER PUBLICATION \"{name}\" ADD TABLE {quoted}"),
         };
         client.batch_execute(&statement).await.map_err(fail(
             "creating or extending the publication (the role must own the mapped tables)",

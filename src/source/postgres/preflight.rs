@@ -107,19 +107,8 @@ async fn check_capture(client: &tokio_postgres::Client, capture: &Capture) -> Ve
         )
     };
     for (schema, table) in &capture.tables {
-        let identity = client
-            .query_opt(
-                "SELECT c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE n.nspname = $1 AND c.relname = $2",
-                &[schema, table],
-            )
-            .await;
-        match identity {
-            Ok(row) => findings.push(replica_identity(
-                schema,
-                table,
-                row.map(|r| r.get::<_, String>(0)).as_deref(),
-            )),
+        match identity(client, schema, table).await {
+            Ok(identity) => findings.push(replica_identity(schema, table, identity)),
             Err(e) => return vec![failed("the mapped tables", e)],
         }
     }
@@ -175,23 +164,85 @@ async fn check_capture(client: &tokio_postgres::Client, capture: &Capture) -> Ve
     findings
 }
 
+/// How a table's updates and deletes name their row in the WAL (its replica identity),
+/// which decides what capture sees and whether publishing the table is safe at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identity {
+    /// `REPLICA IDENTITY FULL`: the whole old row.
+    Full,
+    /// `REPLICA IDENTITY USING INDEX` of an index that exists.
+    Index,
+    /// `REPLICA IDENTITY DEFAULT` with a primary key: the old key.
+    Key,
+    /// `REPLICA IDENTITY DEFAULT` without a primary key: none.
+    DefaultWithoutKey,
+    /// `REPLICA IDENTITY NOTHING`, or `USING INDEX` of an index since dropped: none.
+    Nothing,
+}
+
+impl Identity {
+    fn of(relreplident: &str, primary_key: bool, identity_index: bool) -> Self {
+        match relreplident {
+            "f" => Identity::Full,
+            "i" if identity_index => Identity::Index,
+            "d" if primary_key => Identity::Key,
+            "d" => Identity::DefaultWithoutKey,
+            _ => Identity::Nothing,
+        }
+    }
+
+    /// Whether publishing the table makes the application's own UPDATEs and DELETEs on it
+    /// fail (`cannot update table … because it does not have a replica identity and
+    /// publishes updates`).
+    pub fn breaks_updates(self) -> bool {
+        matches!(self, Identity::DefaultWithoutKey | Identity::Nothing)
+    }
+}
+
+/// The replica identity of `schema.table`, `None` when there is no such table.
+pub async fn identity(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    table: &str,
+) -> Result<Option<Identity>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT c.relreplident::text,
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2",
+            &[&schema, &table],
+        )
+        .await?;
+    Ok(row.map(|r| Identity::of(r.get(0), r.get(1), r.get(2))))
+}
+
 /// What a table's replica identity means for capture.
-pub fn replica_identity(schema: &str, table: &str, identity: Option<&str>) -> Finding {
+pub fn replica_identity(schema: &str, table: &str, identity: Option<Identity>) -> Finding {
     let name = format!("{schema}.{table}");
+    let unsafe_fix = format!(
+        "run ALTER TABLE {name} REPLICA IDENTITY FULL; (or give it a primary key) before `run` publishes it"
+    );
     match identity {
         None => Finding::problem(
             COMPONENT,
             format!("table {name} does not exist, but a mapping reads it"),
             "create the table, or correct `source.table` in the mapping",
         ),
-        Some("f") => Finding::ok(COMPONENT, format!("{name}: REPLICA IDENTITY FULL (old rows complete)")),
-        Some("i") => Finding::ok(COMPONENT, format!("{name}: REPLICA IDENTITY USING INDEX")),
-        Some("n") => Finding::problem(
+        Some(Identity::Full) => Finding::ok(COMPONENT, format!("{name}: REPLICA IDENTITY FULL (old rows complete)")),
+        Some(Identity::Index) => Finding::ok(COMPONENT, format!("{name}: REPLICA IDENTITY USING INDEX")),
+        Some(Identity::DefaultWithoutKey) => Finding::problem(
             COMPONENT,
-            format!("{name}: REPLICA IDENTITY NOTHING: deletes carry no key, so deleted rows cannot be told"),
-            format!("run ALTER TABLE {name} REPLICA IDENTITY FULL; (or DEFAULT with a primary key)"),
+            format!("{name}: REPLICA IDENTITY DEFAULT without a primary key: once the table is published, the application's UPDATEs and DELETEs on it fail"),
+            unsafe_fix,
         ),
-        Some(_) => Finding::warning(
+        Some(Identity::Nothing) => Finding::problem(
+            COMPONENT,
+            format!("{name}: REPLICA IDENTITY NOTHING (or USING INDEX of a dropped index): once the table is published, the application's UPDATEs and DELETEs on it fail"),
+            unsafe_fix,
+        ),
+        Some(Identity::Key) => Finding::warning(
             COMPONENT,
             format!("{name}: REPLICA IDENTITY DEFAULT: updates carry only the key, so updates that change no mapped content cannot be suppressed and unchanged TOASTed values cannot be filled"),
             format!("run ALTER TABLE {name} REPLICA IDENTITY FULL; (more WAL per update)"),
@@ -393,18 +444,28 @@ mod tests {
 
     #[test]
     fn replica_identities_are_judged() {
-        assert_eq!(
-            replica_identity("lis", "r", Some("f")).severity,
-            Severity::Ok
-        );
-        assert_eq!(
-            replica_identity("lis", "r", Some("d")).severity,
-            Severity::Warning
-        );
-        assert_eq!(
-            replica_identity("lis", "r", Some("n")).severity,
-            Severity::Problem
-        );
+        for (relreplident, primary_key, index, identity, severity) in [
+            ("f", false, false, Identity::Full, Severity::Ok),
+            ("i", true, true, Identity::Index, Severity::Ok),
+            ("i", true, false, Identity::Nothing, Severity::Problem),
+            ("d", true, false, Identity::Key, Severity::Warning),
+            (
+                "d",
+                false,
+                false,
+                Identity::DefaultWithoutKey,
+                Severity::Problem,
+            ),
+            ("n", true, false, Identity::Nothing, Severity::Problem),
+        ] {
+            let judged = Identity::of(relreplident, primary_key, index);
+            assert_eq!(judged, identity, "{relreplident} {primary_key} {index}");
+            assert_eq!(judged.breaks_updates(), severity == Severity::Problem);
+            assert_eq!(
+                replica_identity("lis", "r", Some(judged)).severity,
+                severity
+            );
+        }
         let missing = replica_identity("lis", "r", None);
         assert_eq!(missing.severity, Severity::Problem);
         assert!(missing.summary.contains("lis.r does not exist"));
