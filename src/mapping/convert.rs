@@ -31,6 +31,54 @@ pub struct Conversion {
     /// MySQL's zero dates (`0000-00-00`) are left out like NULL (`zero_date: null`) instead
     /// of failing the row.
     pub zero_date_as_null: bool,
+    /// What becomes of characters FHIR strings forbid (`control_characters`).
+    pub control: ControlCharacters,
+}
+
+/// Characters below U+0020 other than tab, line feed and carriage return, which no FHIR
+/// string may hold: by default the row is refused; a mapping may clean them explicitly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ControlCharacters {
+    /// The row goes to the dead-letter topic (`reject`).
+    #[default]
+    Reject,
+    /// They are removed (`strip`).
+    Strip,
+    /// Each becomes a space (`space`).
+    Space,
+}
+
+fn is_forbidden(c: char) -> bool {
+    c < ' ' && !matches!(c, '\t' | '\n' | '\r')
+}
+
+/// `element` with the characters FHIR strings forbid dealt with as `control` says.
+fn without_control_characters(
+    element: Element,
+    control: ControlCharacters,
+) -> Result<Element, String> {
+    let Element::String(text) = &element else {
+        return Ok(element);
+    };
+    // They are ASCII: a byte scan finds them (this runs for every string of every event).
+    let Some(at) = text.bytes().position(|b| is_forbidden(char::from(b))) else {
+        return Ok(element);
+    };
+    match control {
+        ControlCharacters::Reject => Err(format!(
+            "the text holds a control character (U+{:04X}, character {} of the text) that FHIR strings forbid (`control_characters: strip` or `space` in the mapping cleans it)",
+            text.as_bytes()[at],
+            text[..at].chars().count() + 1
+        )),
+        ControlCharacters::Strip => Ok(Element::String(
+            text.chars().filter(|&c| !is_forbidden(c)).collect(),
+        )),
+        ControlCharacters::Space => Ok(Element::String(
+            text.chars()
+                .map(|c| if is_forbidden(c) { ' ' } else { c })
+                .collect(),
+        )),
+    }
 }
 
 const DEFAULT_TRUE: [&str; 6] = ["true", "t", "y", "yes", "1", "on"];
@@ -149,6 +197,14 @@ pub fn text_of(value: &Value) -> Cow<'_, str> {
 
 /// Convert `value` (not NULL) to the FHIR primitive type `fhir_type`, as a FHIR value.
 pub fn to_fhir(
+    value: &Value,
+    fhir_type: Primitive,
+    conversion: &Conversion,
+) -> Result<Element, String> {
+    without_control_characters(primitive(value, fhir_type, conversion)?, conversion.control)
+}
+
+fn primitive(
     value: &Value,
     fhir_type: Primitive,
     conversion: &Conversion,
@@ -566,12 +622,49 @@ mod tests {
     }
 
     #[test]
+    fn control_characters_are_refused_unless_the_mapping_cleans_them() {
+        let text = Value::Text("Na\u{1}ti\tve\u{1f}".into());
+        let err = convert(text.clone(), "string").unwrap_err();
+        assert!(err.contains("U+0001, character 3 of the text"), "{err}");
+        assert!(!err.contains("Na"), "{err}");
+        let with = |control| {
+            let conversion = Conversion {
+                control,
+                ..Conversion::default()
+            };
+            to_fhir(&text, Primitive::String, &conversion)
+                .unwrap()
+                .to_json()
+                .to_string()
+        };
+        assert_eq!(with(ControlCharacters::Strip), "\"Nati\\tve\"");
+        assert_eq!(with(ControlCharacters::Space), "\"Na ti\\tve \"");
+        assert!(convert(Value::Text("A\u{0}".into()), "code").is_err());
+    }
+
+    #[test]
     fn refusals_never_contain_the_value() {
         let err = convert(Value::Text("SECRET-PATIENT-NAME".into()), "integer").unwrap_err();
         assert!(!err.contains("SECRET"), "{err}");
     }
 
     proptest! {
+        #[test]
+        fn no_string_made_holds_a_forbidden_character(text in "\\PC*|[\\x00-\\x7f]{0,12}", strip in any::<bool>()) {
+            let conversion = Conversion {
+                control: if strip { ControlCharacters::Strip } else { ControlCharacters::Space },
+                ..Conversion::default()
+            };
+            for fhir_type in [Primitive::String, Primitive::Markdown, Primitive::Uri] {
+                let reject = to_fhir(&Value::Text(text.clone()), fhir_type, &Conversion::default());
+                let clean = to_fhir(&Value::Text(text.clone()), fhir_type, &conversion);
+                for made in [reject, clean].into_iter().flatten() {
+                    let Element::String(made) = made else { panic!() };
+                    prop_assert!(!made.chars().any(is_forbidden), "{:?}", made);
+                }
+            }
+        }
+
         #[test]
         fn timestamptz_round_trips_through_fhir_instant(secs in 0i64..4_000_000_000, micros in 0u32..1_000_000, offset_min in -720i32..=840) {
             let offset = FixedOffset::east_opt(offset_min * 60).unwrap();

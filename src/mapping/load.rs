@@ -13,7 +13,7 @@ use marked_yaml::{types::MarkedMappingNode, LoaderOptions, Node, Span};
 use sha2::{Digest, Sha256};
 
 use super::{
-    convert::{to_fhir, Conversion, Primitive},
+    convert::{to_fhir, ControlCharacters, Conversion, Primitive},
     location::{LoadError, LoadErrors, Location},
     model::{
         ChoiceGroup, Condition, ElementMapping, Mapping, Protect, RequiredNode, ResourceMapping,
@@ -795,6 +795,7 @@ impl Reader<'_> {
                     "protect",
                     "default",
                     "zero_date",
+                    "control_characters",
                 ],
             );
             let sources: Vec<&str> = ["column", "template", "value", "reference"]
@@ -911,6 +912,17 @@ impl Reader<'_> {
                     "reject" => false,
                     other => {
                         self.error(n.span(), format!("zero_date `{other}`: use null (leave MySQL's zero dates out) or reject (send the row to the dead-letter topic, the default)"));
+                        return None;
+                    }
+                };
+            }
+            if let Some(n) = fields.get("control_characters") {
+                element.conversion.control = match self.text(n, "`control_characters`")? {
+                    "reject" => ControlCharacters::Reject,
+                    "strip" => ControlCharacters::Strip,
+                    "space" => ControlCharacters::Space,
+                    other => {
+                        self.error(n.span(), format!("control_characters `{other}`: use reject (send the row to the dead-letter topic, the default), strip or space"));
                         return None;
                     }
                 };

@@ -303,3 +303,77 @@ async fn a_refused_event_is_applied_once_the_cause_is_fixed_and_only_once() {
 
     drop_projections(&client, &[schema, fresh], &dir).await;
 }
+
+/// A character FHIR strings forbid (here U+0001 in a result's comment) never reaches an
+/// event: the row is dead-lettered, naming the character and its place, and once the
+/// mapping says `control_characters: space` the replay publishes the cleaned text.
+#[tokio::test]
+async fn a_control_character_is_dead_lettered_until_the_mapping_cleans_it() {
+    let client = stack::pg_client().await;
+    let schema = stack::unique("ctrl");
+    stack::create_lab_schema(&client, &schema).await;
+    let (
+        ResultCapture {
+            dir,
+            prefix,
+            config,
+            slot,
+            log,
+        },
+        connector,
+    ) = capture_results(&client, &schema, "fhirctrl").await;
+    for (id, comment) in [(1, "E'hemolysed'"), (2, "E'hemo\\x01lysed\\tslightly'")] {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO {schema}.lab_result (result_id, accession_no, mrn, test_code, value_numeric, units, result_status, collected_at, comment)
+                 VALUES ({id}, 'A24-{id}', 'M000001', 'GLU', 4.5, 'mmol/L', 'F', '2024-03-05 14:30:00', {comment})"
+            ))
+            .await
+            .unwrap();
+    }
+    drain(&client, &slot, connector, Duration::from_secs(60), &log).await;
+
+    let (ok, out, err) = dlq(&config, &["list"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.contains("result.yaml:39:7: Annotation.text: the text holds a control character (U+0001, character 5 of the text) that FHIR strings forbid"),
+        "{out}"
+    );
+    assert!(!out.contains("hemo"), "the reason names no value: {out}");
+
+    let mapping = dir.join("mappings/result.yaml");
+    let text = std::fs::read_to_string(&mapping).unwrap().replace(
+        "note[0].text: { column: comment }",
+        "note[0].text: { column: comment, control_characters: space }",
+    );
+    std::fs::write(&mapping, text).unwrap();
+    let (ok, out, err) = dlq(&config, &["replay", "--all"]);
+    assert!(ok, "{out}{err}");
+
+    let codec = stack::codec();
+    let mut notes = Vec::new();
+    for bytes in read_for(
+        &format!("{prefix}.lab.Observation"),
+        2,
+        Duration::from_secs(10),
+    )
+    .await
+    {
+        let event = codec.decode(&bytes).await.unwrap();
+        let resource = event.resource.as_ref().unwrap().to_json();
+        notes.push((event.resource_id, resource["note"][0]["text"].clone()));
+    }
+    assert_eq!(
+        notes,
+        [
+            ("result-1".to_owned(), serde_json::json!("hemolysed")),
+            (
+                "result-2".to_owned(),
+                serde_json::json!("hemo lysed\tslightly")
+            ),
+        ]
+    );
+    stack::drop_capture(&client, &slot, &slot, &schema).await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
