@@ -7,13 +7,14 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-const SENTINELS: [&str; 6] = [
+const SENTINELS: [&str; 7] = [
     "SentinelPg7781",
     "SentinelRegistry7782",
     "SentinelKafka7783",
     "SentinelToml7784",
     "SentinelProjection7785",
     "SentinelTokenKey7786SentinelTokenKey7786",
+    "SentinelRegistryPassword7787",
 ];
 
 fn fhir_cdc(args: &[&str], config: &Path) -> String {
@@ -58,7 +59,7 @@ fn assert_no_sentinel(what: &str, said: &str) {
 fn no_command_prints_a_secret_on_its_failing_paths() {
     let dir = std::env::temp_dir().join(format!("fhir-cdc-secrets-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let [pg, registry, kafka, toml, projection, token_key] = SENTINELS;
+    let [pg, registry, kafka, toml, projection, token_key, registry_password] = SENTINELS;
     let mappings = Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings/lab");
     let connector_text = format!(
         r#"name = "sentinel"
@@ -70,6 +71,8 @@ bootstrap.servers = "127.0.0.1:1"
 sasl.password = "{kafka}"
 [schema_registry]
 url = "http://user:{registry}@127.0.0.1:1"
+username = "user"
+password = "{registry_password}"
 [mappings]
 path = "{}"
 source_system = "urn:oid:2.16.840.1.113883.19.5"

@@ -454,4 +454,5 @@ pub fn codec() -> fhir_cdc::canonical::registry::EventCodec {
     fhir_cdc::canonical::registry::EventCodec::new(
         &toml::from_str(&format!("url = \"{}\"", registry_url())).unwrap(),
     )
+    .unwrap()
 }

@@ -21,6 +21,9 @@ KAFKA_PORT=${FHIR_CDC_KAFKA_PORT:-19092}
 KAFKA_CONTROLLER_PORT=${FHIR_CDC_KAFKA_CONTROLLER_PORT:-19093}
 REGISTRY_PORT=${FHIR_CDC_REGISTRY_PORT:-18081}
 REGISTRY_MANAGEMENT_PORT=${FHIR_CDC_REGISTRY_MANAGEMENT_PORT:-18082}
+REGISTRY_TLS_PORT=${FHIR_CDC_REGISTRY_TLS_PORT:-18443}
+REGISTRY_TLS_HTTP_PORT=${FHIR_CDC_REGISTRY_TLS_HTTP_PORT:-18083}
+REGISTRY_TLS_MANAGEMENT_PORT=${FHIR_CDC_REGISTRY_TLS_MANAGEMENT_PORT:-18084}
 
 # Versions started. Kafka's is pinned in kafka/pom.xml; the registry's here.
 KAFKA_VERSION=4.1.0
@@ -31,8 +34,10 @@ APICURIO_VERSION=3.3.3
 DB_USER=fhir_cdc
 DB_PASSWORD=fhir_cdc
 DB_NAME=fhir_cdc
+REGISTRY_USER=fhir_cdc
+REGISTRY_PASSWORD=fhir_cdc_registry
 
-COMPONENTS=(postgres mariadb kafka registry)
+COMPONENTS=(postgres mariadb kafka registry registry-tls)
 
 # Progress goes to stderr, so that functions whose stdout is captured can still log.
 log() { printf '[stack] %s\n' "$*" >&2; }
@@ -54,7 +59,8 @@ cmdline_marker() {
     postgres) echo "$STATE/postgres" ;;
     mariadb) echo "$STATE/mariadb" ;;
     kafka) echo "kafka.Kafka" ;;
-    registry) echo "quarkus-run.jar" ;;
+    registry) echo "quarkus.http.port=$REGISTRY_PORT " ;;
+    registry-tls) echo "quarkus.http.ssl-port=$REGISTRY_TLS_PORT " ;;
   esac
 }
 
@@ -72,6 +78,7 @@ component_port() {
     mariadb) echo "$MYSQL_PORT" ;;
     kafka) echo "$KAFKA_PORT" ;;
     registry) echo "$REGISTRY_PORT" ;;
+    registry-tls) echo "$REGISTRY_TLS_PORT" ;;
   esac
 }
 
@@ -81,5 +88,6 @@ component_log() {
     mariadb) echo "$STATE/mariadb/server.log" ;;
     kafka) echo "$STATE/kafka/server.log" ;;
     registry) echo "$STATE/registry/server.log" ;;
+    registry-tls) echo "$STATE/registry-tls/server.log" ;;
   esac
 }

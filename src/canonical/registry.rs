@@ -29,20 +29,38 @@ pub async fn check(config: &RegistryConfig) -> Vec<Finding> {
     let base = config.url.trim_end_matches('/');
     // What messages name: the URL without its password, an error without its URL.
     let shown = redact_urls(base);
-    let client = match reqwest::Client::builder().timeout(TIMEOUT).build() {
-        Ok(client) => client,
-        Err(e) => {
+    let client = match client_builder(config).map(|b| b.timeout(TIMEOUT).build()) {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => {
             return vec![Finding::problem(
                 COMPONENT,
                 format!("cannot build an HTTP client: {e}"),
                 "check the TLS setup of this machine",
             )]
         }
+        Err(e) => {
+            return vec![Finding::problem(
+                COMPONENT,
+                e,
+                "point schema_registry.ca_file at a readable PEM file of the registry's CA",
+            )]
+        }
     };
     let subjects_url = format!("{base}/subjects");
-    let response = match client.get(&subjects_url).send().await {
+    let mut request = client.get(&subjects_url);
+    if let (Some(username), Some(password)) = (&config.username, &config.password) {
+        request = request.basic_auth(username, Some(password.expose()));
+    }
+    let response = match request.send().await {
         Ok(response) => response,
         Err(e) => {
+            if is_certificate_error(&e) {
+                return vec![Finding::problem(
+                    COMPONENT,
+                    format!("the schema registry at {shown} presented a certificate this machine does not trust, or one for another name"),
+                    "set schema_registry.ca_file to the PEM file of the CA that signed it, and use the host name the certificate names",
+                )];
+            }
             return vec![
                 preflight::unreachable(COMPONENT, "the schema registry", &shown, &e)
                     .unwrap_or_else(|| {
@@ -55,7 +73,7 @@ pub async fn check(config: &RegistryConfig) -> Vec<Finding> {
                             "start the registry, or correct schema_registry.url",
                         )
                     }),
-            ]
+            ];
         }
     };
     let status = response.status();
@@ -127,6 +145,8 @@ pub enum CodecError {
     Shape(#[from] AvroShapeError),
     #[error("not a canonical event: {0}")]
     Undecodable(String),
+    #[error("the schema registry's client cannot be set up: {0}")]
+    Setup(String),
 }
 
 impl CodecError {
@@ -143,15 +163,57 @@ fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// An HTTP client for the registry that trusts the CAs of `ca_file` besides the system's.
+fn client_builder(config: &RegistryConfig) -> Result<reqwest::ClientBuilder, String> {
+    let builder = reqwest::Client::builder();
+    let Some(path) = &config.ca_file else {
+        return Ok(builder);
+    };
+    let shown = path.display();
+    let pem = std::fs::read(path)
+        .map_err(|e| format!("schema_registry.ca_file {shown} cannot be read: {e}"))?;
+    let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("schema_registry.ca_file {shown} is not PEM certificates: {e}"))?;
+    if certificates.is_empty() {
+        return Err(format!(
+            "schema_registry.ca_file {shown} holds no PEM certificate"
+        ));
+    }
+    Ok(certificates
+        .into_iter()
+        .fold(builder, reqwest::ClientBuilder::add_root_certificate))
+}
+
+/// Whether a request failed on the server's certificate (untrusted, or for another name).
+fn is_certificate_error(err: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if text.contains("certificate") || text.contains("handshake") {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 impl EventCodec {
-    pub fn new(config: &RegistryConfig) -> Self {
-        let settings = SrSettings::new(config.url.trim_end_matches('/').to_owned());
-        Self {
+    /// A codec against the registry of `config`; an error names a `ca_file` that cannot be
+    /// used.
+    pub fn new(config: &RegistryConfig) -> Result<Self, CodecError> {
+        let mut settings = SrSettings::new_builder(config.url.trim_end_matches('/').to_owned());
+        if let (Some(username), Some(password)) = (&config.username, &config.password) {
+            settings.set_basic_authorization(username, Some(password.expose()));
+        }
+        let settings = settings
+            .build_with(client_builder(config).map_err(CodecError::Setup)?)
+            .map_err(|e| CodecError::Setup(e.to_string()))?;
+        Ok(Self {
             settings,
             schemas: Mutex::new(HashMap::new()),
             ids: Mutex::new(HashMap::new()),
             readers: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     fn schema_for(

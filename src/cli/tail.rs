@@ -99,7 +99,7 @@ async fn tail(args: &TailArgs, config: &ConnectorConfig) -> Result<u64, String> 
             config.topics.prefix
         ));
     }
-    let codec = EventCodec::new(&config.schema_registry);
+    let codec = EventCodec::new(&config.schema_registry).map_err(|e| e.to_string())?;
     let (mut printed, mut undecodable) = (0u64, 0u64);
     while !(args.to_end && reader.at_end()) && args.limit.is_none_or(|limit| printed < limit) {
         let Some(message) = reader.next().await? else {

@@ -421,6 +421,47 @@ pub struct RegistryConfig {
     /// or Karapace, `http://registry:8080/apis/ccompat/v7` for Apicurio.
     #[serde(deserialize_with = "interpolated")]
     pub url: String,
+    /// `username` and `password`: HTTP basic authentication (Confluent Cloud: the API key
+    /// and secret). The password is usually a `${env:…}` or `${file:…}` reference.
+    #[serde(default, deserialize_with = "optional_interpolated")]
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// `ca_file`: a PEM file of the certificate authorities an `https://` registry's
+    /// certificate is checked against, in addition to the system's. Relative to this
+    /// config file.
+    #[serde(default, deserialize_with = "optional_interpolated_path")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl RegistryConfig {
+    /// Make `ca_file` relative to `dir`, the config file's directory.
+    pub fn resolve_paths(&mut self, dir: &Path) {
+        if let Some(ca) = self.ca_file.as_mut().filter(|ca| ca.is_relative()) {
+            *ca = lexically_normal(&dir.join(&*ca));
+        }
+    }
+
+    /// The constraints the types cannot express: the field and the broken constraint.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let url = &self.url;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err((
+                "schema_registry.url",
+                format!("`{}` is not an http:// or https:// URL", redact_urls(url)),
+            ));
+        }
+        match (&self.username, &self.password) {
+            (Some(_), None) => Err((
+                "schema_registry.username",
+                "is set without schema_registry.password: basic authentication needs both".into(),
+            )),
+            (None, Some(_)) => Err((
+                "schema_registry.password",
+                "is set without schema_registry.username: basic authentication needs both".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Why a configuration cannot be used.
@@ -487,10 +528,11 @@ impl ConnectorConfig {
         let shown = path.display().to_string();
         let mut config: Self = read_toml(path)?;
         // Mapping paths are relative to the config file, wherever the connector runs from.
-        if let (Some(mappings), Some(dir)) = (config.mappings.as_mut(), path.parent()) {
-            if mappings.path.is_relative() {
+        if let Some(dir) = path.parent() {
+            if let Some(mappings) = config.mappings.as_mut().filter(|m| m.path.is_relative()) {
                 mappings.path = lexically_normal(&dir.join(&mappings.path));
             }
+            config.schema_registry.resolve_paths(dir);
         }
         config
             .validate()
@@ -567,17 +609,7 @@ impl ConnectorConfig {
                 ));
             }
         }
-        let registry = &self.schema_registry.url;
-        if !(registry.starts_with("http://") || registry.starts_with("https://")) {
-            return Err((
-                "schema_registry.url",
-                format!(
-                    "`{}` is not an http:// or https:// URL",
-                    redact_urls(registry)
-                ),
-            ));
-        }
-        Ok(())
+        self.schema_registry.validate()
     }
 }
 
@@ -585,6 +617,12 @@ fn optional_interpolated<'de, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<String>, D::Error> {
     interpolated(deserializer).map(Some)
+}
+
+fn optional_interpolated_path<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<PathBuf>, D::Error> {
+    interpolated(deserializer).map(|path| Some(path.into()))
 }
 
 /// Deserialize a non-secret string, resolving `${env:…}` / `${file:…}` references.

@@ -100,7 +100,10 @@ fn default_max_batch_ms() -> u64 {
 impl ProjectorConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
-        let config: Self = read_toml(path)?;
+        let mut config: Self = read_toml(path)?;
+        if let Some(dir) = path.parent() {
+            config.schema_registry.resolve_paths(dir);
+        }
         let invalid = |field, problem: &str| ConfigError::Invalid {
             path: shown.clone(),
             field,
@@ -130,6 +133,9 @@ impl ProjectorConfig {
         }
         if config.kafka.get("bootstrap.servers").is_none() {
             return Err(invalid("kafka", "needs \"bootstrap.servers\""));
+        }
+        if let Err((field, problem)) = config.schema_registry.validate() {
+            return Err(invalid(field, &problem));
         }
         Ok(config)
     }

@@ -211,7 +211,7 @@ pub async fn replay_changes(
         .await
         .map_err(|e| e.to_string())?;
     let producer = Producer::new(&config.kafka).map_err(|e| e.to_string())?;
-    let codec = EventCodec::new(&config.schema_registry);
+    let codec = EventCodec::new(&config.schema_registry).map_err(|e| e.to_string())?;
     let mut outcomes = Vec::with_capacity(letters.len());
     for letter in letters {
         let outcome = async {
@@ -270,7 +270,7 @@ pub async fn replay_messages(
     let statements = projection::prepare(&db, schema)
         .await
         .map_err(|e| format!("the projection database: {e}"))?;
-    let codec = EventCodec::new(&config.schema_registry);
+    let codec = EventCodec::new(&config.schema_registry).map_err(|e| e.to_string())?;
     let producer = Producer::new(&config.kafka).map_err(|e| e.to_string())?;
     let mut outcomes = Vec::with_capacity(letters.len());
     for letter in letters {

@@ -291,7 +291,8 @@ async fn project(
     .await
     .map_err(|e| ProjectError::Kafka(e.to_string()))?;
     let producer = Producer::new(&config.kafka).map_err(|e| ProjectError::Kafka(e.to_string()))?;
-    let codec = EventCodec::new(&config.schema_registry);
+    let codec =
+        EventCodec::new(&config.schema_registry).map_err(|e| ProjectError::Setup(e.to_string()))?;
 
     let mut summary = ProjectSummary::default();
     let mut measured = Metrics::new(&config.name);

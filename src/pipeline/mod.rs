@@ -187,7 +187,7 @@ pub async fn run<S: Source>(
     let (acked, durable) = watch::channel(None::<S::Position>);
     let (kafka, registry) = (config.kafka.clone(), config.schema_registry.clone());
     let ready = async move {
-        let codec = EventCodec::new(&registry);
+        let codec = EventCodec::new(&registry)?;
         let registered = async {
             for (topic, resource_type) in &event_topics {
                 codec.register(topic, resource_type).await?;

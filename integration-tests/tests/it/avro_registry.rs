@@ -21,7 +21,7 @@ fn golden_events() -> Vec<CanonicalEvent> {
 fn codec() -> EventCodec {
     let config: RegistryConfig =
         toml::from_str(&format!("url = \"{}\"", stack::registry_url())).unwrap();
-    EventCodec::new(&config)
+    EventCodec::new(&config).unwrap()
 }
 
 /// Encode every golden event to a per-run topic of its resource type.

@@ -20,6 +20,7 @@ mod sample_billing;
 mod sample_database;
 mod schema_change;
 mod schemas_cli;
+mod secured_registry;
 mod smoke_kafka;
 mod smoke_mariadb;
 mod smoke_postgres;
