@@ -1,5 +1,5 @@
 # The two commands a newcomer needs (see README.md), and the stack's own.
-.PHONY: demo test lint stack-up stack-down stack-status
+.PHONY: demo test lint fuzz stack-up stack-down stack-status
 
 # Bring the stack up, load the sample lab database, capture it into Kafka and play a short
 # story on it (integration-tests/fixtures/demo); then check the MySQL reference connector.
@@ -22,6 +22,16 @@ test: stack-up
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+
+# Each fuzz target (fuzz/fuzz_targets) for FUZZ_SECONDS, with the nightly toolchain and
+# cargo-fuzz (installed from crates.io when missing). Not part of `test`: a minute per
+# target is more than CI's budget allows; a crash stops it with the input in fuzz/artifacts.
+FUZZ_SECONDS ?= 60
+fuzz:
+	command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+	for target in $$(cargo +nightly fuzz list); do \
+	  cargo +nightly fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
 
 stack-up:
 	integration-tests/stack/up

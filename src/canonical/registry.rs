@@ -324,7 +324,7 @@ impl EventCodec {
 }
 
 /// The schema id and the Avro body of a message in the Confluent wire format.
-fn wire_format(bytes: &[u8]) -> Result<(u32, &[u8]), CodecError> {
+pub fn wire_format(bytes: &[u8]) -> Result<(u32, &[u8]), CodecError> {
     let (Some(0), Some(id)) = (bytes.first(), bytes.get(1..5)) else {
         return Err(CodecError::Undecodable(
             "no Confluent wire-format header (magic byte 0 and a schema id)".into(),

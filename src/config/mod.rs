@@ -489,8 +489,16 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Confi
         path: shown.clone(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: parse_place(&shown, &text, e.span()),
+    parse_toml(&text, &shown)
+}
+
+/// Parse the TOML `text` of the file shown as `shown` into `T`.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    shown: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: parse_place(shown, text, e.span()),
         message: without_values(e.message()),
     })
 }
@@ -525,8 +533,16 @@ fn without_values(message: &str) -> String {
 impl ConnectorConfig {
     /// Read, parse and validate a connector configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::validated(read_toml(path)?, path)
+    }
+
+    /// Parse and validate `text` as the connector configuration file at `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Self::validated(parse_toml(text, &path.display().to_string())?, path)
+    }
+
+    fn validated(mut config: Self, path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
-        let mut config: Self = read_toml(path)?;
         // Mapping paths are relative to the config file, wherever the connector runs from.
         if let Some(dir) = path.parent() {
             if let Some(mappings) = config.mappings.as_mut().filter(|m| m.path.is_relative()) {
@@ -673,9 +689,7 @@ mod tests {
     }
 
     fn parse(text: &str) -> Result<ConnectorConfig, ConfigError> {
-        let file = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(file.path(), text).unwrap();
-        ConnectorConfig::load(file.path())
+        ConnectorConfig::parse(text, Path::new("/etc/fhir-cdc/lab.toml"))
     }
 
     const VALID: &str = r#"
