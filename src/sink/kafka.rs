@@ -189,7 +189,18 @@ const REQUIRED: [(&str, &str, &str); 2] = [
 /// timeout until one returns — 8,000 to 45,000 polls a second under the benchmark's
 /// backlog, a fifth of fhir-cdc's CPU. At 10 ms it polls a few hundred times a second (at
 /// 20 ms hardly fewer, and every change waits 10 ms more).
-const DEFAULTS: [(&str, &str); 2] = [("compression.type", "lz4"), ("linger.ms", "10")];
+///
+/// `message.timeout.ms`: librdkafka's 300 s is how long a message may wait unacknowledged
+/// (once, after the test broker was frozen for 30 s and thawed — the partition's leader
+/// briefly unknown — messages stayed unacknowledged for over three minutes with nothing
+/// logged); at 120 s, the Java producer's `delivery.timeout.ms`, such a wait ends sooner as
+/// a delivery failure, which restarts capture from the stored state with a fresh producer:
+/// a logged delay, nothing lost.
+const DEFAULTS: [(&str, &str); 3] = [
+    ("compression.type", "lz4"),
+    ("linger.ms", "10"),
+    ("message.timeout.ms", "120000"),
+];
 
 /// A producer configuration: the configured properties, fhir-cdc's required ones (a
 /// conflicting value is an error, not silently overridden), and defaults.
