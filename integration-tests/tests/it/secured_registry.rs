@@ -86,15 +86,7 @@ async fn the_registry_is_used_over_https_with_basic_authentication() {
         &log,
     )
     .await;
-    for id in [1, 2] {
-        client
-            .batch_execute(&format!(
-                "INSERT INTO {schema}.lab_result (result_id, accession_no, mrn, test_code, value_numeric, units, result_status, collected_at)
-                 VALUES ({id}, 'A24-{id}', 'M000001', 'GLU', 4.5, 'mmol/L', 'F', '2024-03-05 14:30:00')"
-            ))
-            .await
-            .unwrap();
-    }
+    stack::insert_results(&client, &format!("{schema}.lab_result"), 2).await;
     drain(&client, &slot, connector, Duration::from_secs(60), &log).await;
     let ids: Vec<String> = tail_everything(&secured)
         .iter()
