@@ -54,11 +54,10 @@ pub fn redact_urls(text: &str) -> String {
     while let Some(at) = rest.find("://") {
         let (before, after) = rest.split_at(at + 3);
         out.push_str(before);
-        // The authority ends at the first `/`, `?`, `#` or blank; credentials end at its
-        // last `@`.
-        let end = after
-            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace())
-            .unwrap_or(after.len());
+        // Credentials end at the last `@` before a blank: a password written with a raw
+        // `/`, `?` or `#` in it would otherwise end the authority early and be shown (an
+        // `@` in a path redacts too much, which is the safe way to be wrong).
+        let end = after.find(char::is_whitespace).unwrap_or(after.len());
         let authority = &after[..end];
         match authority.rfind('@') {
             Some(at_sign) => {
@@ -105,6 +104,10 @@ mod tests {
             "http://user@h/x http://h:1"
         );
         assert_eq!(redact_urls("https://u:p@ss@h"), "https://u:***@h");
+        assert_eq!(
+            redact_urls("postgres://u:pa/s?s#w@h:5432/db as u"),
+            "postgres://u:***@h:5432/db as u"
+        );
         assert_eq!(redact_urls("no url here"), "no url here");
     }
 }
