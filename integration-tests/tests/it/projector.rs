@@ -546,7 +546,22 @@ async fn killed_at_random_points_the_projector_ends_with_the_uninterrupted_table
     let config = projector_config(&dir, "replayed", &topic, &replayed);
     let process =
         crate::connector::spawn(&["replay", "--from", "earliest"], &config, Stdio::null());
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Killed as soon as it has applied something (a fixed delay let a fast build finish).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let applied = format!("SELECT count(*) FROM {replayed}.history");
+    // The projector creates the table: until it has, nothing is applied.
+    while client
+        .query_one(&applied, &[])
+        .await
+        .map_or(0, |row| row.get::<_, i64>(0))
+        == 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replay applies nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     crate::connector::crash(process);
     let partly = count(&client, &format!("SELECT count(*) FROM {replayed}.history")).await;
     assert!(
