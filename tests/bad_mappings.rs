@@ -66,3 +66,106 @@ fn each_broken_file_reports_exactly_its_expected_errors() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A reference made like a resource's id must be tokenized exactly when that id is: the
+/// mapping set does not load otherwise, naming the reference. Once both are, the id and
+/// the reference agree, and neither holds the MRN.
+#[test]
+fn a_reference_is_tokenized_exactly_when_the_id_it_points_at_is() {
+    use fhir_cdc::{
+        change::{ExactDecimal, Row, Value},
+        config::Secret,
+        mapping::{load_dir, MapContext},
+    };
+    let dir = std::env::temp_dir().join(format!("fhir-cdc-id-tokens-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lab = Path::new("mappings/lab");
+    for file in ["result.yaml", "tests.codes.yaml"] {
+        std::fs::copy(lab.join(file), dir.join(file)).unwrap();
+    }
+    let patient = std::fs::read_to_string(lab.join("patient.yaml"))
+        .unwrap()
+        .replace(
+            r#"id: "lab-patient-{mrn}""#,
+            r#"id: { template: "lab-patient-{mrn}", protect: token }"#,
+        );
+    std::fs::write(dir.join("patient.yaml"), patient).unwrap();
+    let errors = load_dir(&dir).unwrap_err().to_string();
+    assert_eq!(errors.lines().count(), 1, "{errors}");
+    assert!(
+        errors.contains("result.yaml:25:")
+            && errors.contains("Observation.subject.reference: mapping `lab.patient` tokenizes the ids of the Patients this references; add `protect: token`"),
+        "{errors}"
+    );
+
+    let result = std::fs::read_to_string(dir.join("result.yaml"))
+        .unwrap()
+        .replace(
+            r#"{ reference: Patient, id: "lab-patient-{mrn}" }"#,
+            r#"{ reference: Patient, id: "lab-patient-{mrn}", protect: token }"#,
+        );
+    std::fs::write(dir.join("result.yaml"), result).unwrap();
+    let mappings = load_dir(&dir).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let of = |id: &str| mappings.iter().find(|m| &*m.id == id).unwrap();
+    let context = MapContext {
+        token_key: Some(Secret::new("a key")),
+    };
+    let text = |s: &str| Value::Text(s.to_owned());
+    let patient_row = Row::new(vec![
+        ("patient_id".into(), Value::Int(1)),
+        ("mrn".into(), text("M000000042")),
+        ("last_name".into(), text("Doe")),
+        ("first_name".into(), Value::Null),
+        ("middle_name".into(), Value::Null),
+        ("birth_date".into(), Value::Null),
+        ("sex".into(), text("F")),
+        ("ssn".into(), Value::Null),
+        ("deceased".into(), text("N")),
+        ("phone".into(), Value::Null),
+    ]);
+    let patient = of("lab.patient").resources[0]
+        .apply(&patient_row, &context)
+        .unwrap()
+        .unwrap()
+        .to_json();
+    let id = patient["id"].as_str().unwrap();
+    assert_eq!(
+        id,
+        format!("lab-patient-{}", context.token("M000000042").unwrap())
+    );
+    let result_row = Row::new(vec![
+        ("result_id".into(), Value::Int(7)),
+        ("accession_no".into(), text("A24-7")),
+        ("mrn".into(), text("M000000042")),
+        ("test_code".into(), text("GLU")),
+        (
+            "value_numeric".into(),
+            Value::Decimal(ExactDecimal::parse("4.5").unwrap()),
+        ),
+        ("value_text".into(), Value::Null),
+        ("units".into(), text("mmol/L")),
+        ("ref_low".into(), Value::Null),
+        ("ref_high".into(), Value::Null),
+        ("abnormal_flag".into(), Value::Null),
+        ("result_status".into(), text("F")),
+        (
+            "collected_at".into(),
+            Value::Timestamp(
+                chrono::NaiveDate::from_ymd_opt(2024, 3, 5)
+                    .unwrap()
+                    .and_hms_opt(14, 30, 0)
+                    .unwrap(),
+            ),
+        ),
+        ("verified_at".into(), Value::Null),
+        ("comment".into(), Value::Null),
+    ]);
+    let result = of("lab.result").resources[0]
+        .apply(&result_row, &context)
+        .unwrap()
+        .unwrap()
+        .to_json();
+    assert_eq!(result["subject"]["reference"], format!("Patient/{id}"));
+    assert!(!result.to_string().contains("M000000042"), "{result}");
+}

@@ -9,6 +9,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use fhir_cdc::{
     canonical::{CanonicalEvent, Origin},
     change::{ChangeEvent, ExactDecimal, Operation, PgLsn, Position, Row, SourceTable, Value},
+    config::Secret,
     mapping::{load_file, load_str, resource_id, MapContext, Mapping, Template},
 };
 use proptest::prelude::*;
@@ -132,7 +133,10 @@ fn mapped_both(mapping: &Mapping, old: &Row, new: &Row) -> Result<(), TestCaseEr
         if !resource.same_gates(old, new) {
             continue;
         }
-        prop_assert_eq!(resource.id_for(old), resource.id_for(new));
+        prop_assert_eq!(
+            resource.id_for(old, &context),
+            resource.id_for(new, &context)
+        );
         prop_assert_eq!(resource.applies_to(old), resource.applies_to(new));
         let expected = resource.apply(new, &context).map(|new_resource| {
             new_resource.map(|new_resource| {
@@ -161,14 +165,23 @@ proptest! {
     }
 
     #[test]
-    fn resource_ids_are_valid_stable_and_distinct(a in key_text(), b in key_text()) {
+    fn resource_ids_are_valid_stable_and_distinct(a in key_text(), b in key_text(), tokenized: bool) {
         let template = Template::parse("r-{k}").unwrap();
-        let (id_a, id_b) = (resource_id(&template, &row(&a)).unwrap(), resource_id(&template, &row(&b)).unwrap());
+        let (template, context) = if tokenized {
+            (template.tokenized(), MapContext { token_key: Some(Secret::new("k")) })
+        } else {
+            (template, MapContext::default())
+        };
+        let id = |key: &str| resource_id(&template, &row(key), &context).unwrap();
+        let (id_a, id_b) = (id(&a), id(&b));
         let valid = |id: &str| (1..=64).contains(&id.len()) && id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.');
         prop_assert!(valid(&id_a), "{id_a}");
-        prop_assert_eq!(&id_a, &resource_id(&template, &row(&a)).unwrap());
+        prop_assert_eq!(&id_a, &id(&a));
         if a != b {
-            prop_assert_ne!(id_a, id_b);
+            prop_assert_ne!(&id_a, &id_b);
+        }
+        if tokenized {
+            prop_assert!(!id_a.contains(a.as_str()) || a.len() < 8, "{id_a} holds {a}");
         }
     }
 

@@ -176,6 +176,25 @@ pub fn tail_everything(config: &Path) -> Vec<serde_json::Value> {
 
 /// Every message of partition 0 of `topic`, read until `count` arrived or `wait` passed.
 pub async fn read_for(topic: &str, count: usize, wait: Duration) -> Vec<Vec<u8>> {
+    read_whole(topic, count, wait)
+        .await
+        .into_iter()
+        .map(|m| m.payload)
+        .collect()
+}
+
+/// A message as Kafka holds it.
+#[derive(Debug)]
+pub struct RawMessage {
+    pub key: Vec<u8>,
+    /// Each header's name and value.
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub payload: Vec<u8>,
+}
+
+/// [`read_for`], keys and headers included.
+pub async fn read_whole(topic: &str, count: usize, wait: Duration) -> Vec<RawMessage> {
+    use rdkafka::message::Headers;
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", stack::kafka_bootstrap())
         .set("group.id", stack::unique("run-reader"))
@@ -191,7 +210,17 @@ pub async fn read_for(topic: &str, count: usize, wait: Duration) -> Vec<Vec<u8>>
     while messages.len() < count && Instant::now() < deadline {
         if let Ok(Ok(message)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await
         {
-            messages.push(message.payload().unwrap().to_vec());
+            let headers = message.headers().map_or_else(Vec::new, |headers| {
+                headers
+                    .iter()
+                    .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            });
+            messages.push(RawMessage {
+                key: message.key().unwrap_or_default().to_vec(),
+                headers,
+                payload: message.payload().unwrap_or_default().to_vec(),
+            });
         }
     }
     messages

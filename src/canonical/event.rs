@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     change::{ChangeEvent, Operation},
+    config::TopicsConfig,
     fhir::{names, Element},
     mapping::{push_decimal, Mapping, Sensitivity},
 };
@@ -182,9 +183,10 @@ impl CanonicalEvent {
         )
     }
 
-    /// The Kafka topic: `<prefix>.<domain>.<ResourceType>`.
-    pub fn topic(&self, prefix: &str) -> String {
-        topic(prefix, &self.domain, &self.resource_type)
+    /// The Kafka topic, as the connector's topic classes name it (by default
+    /// `<prefix>.<domain>.<ResourceType>`, restricted ones under `<prefix>.restricted.`).
+    pub fn topic(&self, topics: &TopicsConfig) -> String {
+        topics.event_topic(self.sensitivity, &self.domain, &self.resource_type)
     }
 
     /// The Kafka key, `<ResourceType>/<id>`, so one resource's versions share a partition.
@@ -203,13 +205,9 @@ impl CanonicalEvent {
     }
 }
 
-/// The topic of a domain's events about one resource type: `<prefix>.<domain>.<ResourceType>`.
-pub fn topic(prefix: &str, domain: &str, resource_type: &str) -> String {
-    format!("{prefix}.{domain}.{resource_type}")
-}
-
-/// Whether `name` is an event topic under `prefix` (`<prefix>.<domain>.<ResourceType>`),
-/// not a dead-letter, reconciliation or state topic living under the same prefix.
+/// Whether `name` is an event topic under `prefix` (`<prefix>.<domain>.<ResourceType>`,
+/// `<prefix>.restricted.<domain>.<ResourceType>` or another name a topic class gives), not
+/// a dead-letter, reconciliation or state topic living under the same prefix.
 pub fn is_event_topic(prefix: &str, name: &str) -> bool {
     name.strip_prefix(prefix)
         .and_then(|rest| rest.strip_prefix('.'))
@@ -372,7 +370,7 @@ mod tests {
 
     #[test]
     fn event_topics_are_told_from_the_others_under_the_prefix() {
-        for name in ["fhir.lab.Observation", "fhir.billing.Claim"] {
+        for name in ["fhir.lab.Observation", "fhir.restricted.billing.Claim"] {
             assert!(is_event_topic("fhir", name), "{name}");
         }
         for name in [

@@ -7,7 +7,7 @@
 use std::{
     path::PathBuf,
     process::ExitCode,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use clap::Args;
@@ -65,14 +65,7 @@ async fn snapshot(args: SnapshotArgs) -> Result<(), (u8, String)> {
     }
     let failed = |e: &dyn std::fmt::Display| (1, e.to_string());
     let store = StateStore::of(&config).await.map_err(|e| failed(&e))?;
-    let millis = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let request = SnapshotRequest {
-        id: format!("{millis}-{}", std::process::id()),
-        table: args.table.clone(),
-        filter: args.filter.clone(),
-    };
+    let request = SnapshotRequest::new(args.table.clone(), args.filter.clone());
     if let Some(filter) = &request.filter {
         capture::check_condition(&pg.url, &request.table, filter)
             .await

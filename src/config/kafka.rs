@@ -48,30 +48,66 @@ impl KafkaProperties {
         .iter()
         .any(|marker| name.contains(marker))
     }
+}
 
-    /// Flatten one TOML value found under `prefix` into dotted properties.
-    fn insert_flat(&mut self, prefix: String, value: toml::Value) -> Result<(), String> {
-        let text = match value {
-            toml::Value::Table(table) => {
-                for (key, inner) in table {
-                    self.insert_flat(format!("{prefix}.{key}"), inner)?;
-                }
-                return Ok(());
+/// Flatten one TOML value found under `name` into dotted `name → text` entries of `out`
+/// (strings interpolated); errors name the property as `section.name`.
+fn flatten(
+    section: &str,
+    name: String,
+    value: toml::Value,
+    out: &mut BTreeMap<String, String>,
+) -> Result<(), String> {
+    let text = match value {
+        toml::Value::Table(table) => {
+            for (key, inner) in table {
+                flatten(section, format!("{name}.{key}"), inner, out)?;
             }
-            toml::Value::String(s) => {
-                interpolate::resolve(&s).map_err(|e| format!("kafka.{prefix}: {e}"))?
-            }
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            toml::Value::Datetime(_) | toml::Value::Array(_) => {
-                return Err(format!(
-                    "kafka.{prefix}: librdkafka properties take a string, number or boolean"
-                ))
-            }
-        };
-        self.0.insert(prefix, text);
-        Ok(())
+            return Ok(());
+        }
+        toml::Value::String(s) => {
+            interpolate::resolve(&s).map_err(|e| format!("{section}.{name}: {e}"))?
+        }
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Datetime(_) | toml::Value::Array(_) => {
+            return Err(format!(
+                "{section}.{name}: a property takes a string, number or boolean"
+            ))
+        }
+    };
+    out.insert(name, text);
+    Ok(())
+}
+
+/// A TOML table of dotted properties, flattened (see the module's documentation).
+fn flat_table<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    section: &str,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let table = toml::Table::deserialize(deserializer)?;
+    let mut flat = BTreeMap::new();
+    for (key, value) in table {
+        flatten(section, key, value, &mut flat).map_err(de::Error::custom)?;
+    }
+    Ok(flat)
+}
+
+/// Topic-level settings for the topics a connector creates (`retention.ms`,
+/// `cleanup.policy`, …; Kafka's topic configuration names), written like `[kafka]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicSettings(BTreeMap<String, String>);
+
+impl TopicSettings {
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+impl<'de> Deserialize<'de> for TopicSettings {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        flat_table(deserializer, "topic setting").map(Self)
     }
 }
 
@@ -94,14 +130,7 @@ impl fmt::Debug for KafkaProperties {
 
 impl<'de> Deserialize<'de> for KafkaProperties {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let table = toml::Table::deserialize(deserializer)?;
-        let mut properties = Self::default();
-        for (key, value) in table {
-            properties
-                .insert_flat(key, value)
-                .map_err(de::Error::custom)?;
-        }
-        Ok(properties)
+        flat_table(deserializer, "kafka").map(Self)
     }
 }
 

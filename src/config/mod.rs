@@ -17,9 +17,11 @@ use std::{
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
+use crate::mapping::Sensitivity;
+
 pub use self::{
     interpolate::InterpolateError,
-    kafka::KafkaProperties,
+    kafka::{KafkaProperties, TopicSettings},
     secret::{redact_urls, Secret},
 };
 
@@ -46,6 +48,40 @@ pub struct ConnectorConfig {
     pub topics: TopicsConfig,
     /// The Prometheus endpoint of `run`. Absent: none.
     pub metrics: Option<MetricsConfig>,
+    /// What the connector's dead letters hold.
+    #[serde(default)]
+    pub dead_letters: DeadLettersConfig,
+}
+
+/// What a dead letter holds of the row that failed (see `pipeline::dead_letter`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLettersConfig {
+    #[serde(default)]
+    pub rows: DeadLetterRows,
+}
+
+/// How much of the failed row a dead letter holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeadLetterRows {
+    /// The row, with the columns the table's mappings protect as the events carry them.
+    #[default]
+    Protected,
+    /// The row as the database sent it, every value in clear.
+    Full,
+    /// No row: the key's values (protected as above), table, position and reason.
+    None,
+}
+
+impl DeadLetterRows {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterRows::Protected => "protected",
+            DeadLetterRows::Full => "full",
+            DeadLetterRows::None => "none",
+        }
+    }
 }
 
 /// Where `run` serves its metrics (Prometheus text format).
@@ -71,9 +107,12 @@ pub struct MappingsConfig {
     pub source_system: Option<String>,
 }
 
-/// Topic naming and creation: `<prefix>.<domain>.<ResourceType>`, dead letters in
-/// `<prefix>.dlq.<connector>`. Topics are created when missing, never changed or deleted.
-#[derive(Debug, Deserialize)]
+/// Topic naming and creation, by class: events of `sensitivity: normal` mappings in
+/// `<prefix>.<domain>.<ResourceType>`, of `restricted` ones in
+/// `<prefix>.restricted.<domain>.<ResourceType>` (so that ACLs can be granted per class),
+/// dead letters in `<prefix>.dlq.<connector>`. Topics are created when missing, with their
+/// class's settings; never changed or deleted.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TopicsConfig {
     /// Debezium's `topic.prefix`. Default `fhir`.
@@ -85,6 +124,15 @@ pub struct TopicsConfig {
     /// Replication factor of each created topic. Default 1 (raise it on a real cluster).
     #[serde(default = "default_one")]
     pub replication_factor: i32,
+    /// The topics of `sensitivity: normal` mappings.
+    #[serde(default)]
+    pub normal: TopicClass,
+    /// The topics of `sensitivity: restricted` mappings.
+    #[serde(default)]
+    pub restricted: TopicClass,
+    /// The connector's dead-letter topic (its name is fixed).
+    #[serde(default)]
+    pub dead_letters: TopicClass,
 }
 
 impl Default for TopicsConfig {
@@ -93,7 +141,111 @@ impl Default for TopicsConfig {
             prefix: default_topic_prefix(),
             partitions: default_one(),
             replication_factor: default_one(),
+            normal: TopicClass::default(),
+            restricted: TopicClass::default(),
+            dead_letters: TopicClass::default(),
         }
+    }
+}
+
+/// The topics of one class: how they are named, and the settings they are created with.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicClass {
+    /// The name of each topic: `{prefix}`, `{domain}` and `{resource}` (the resource type)
+    /// are replaced. Must start with `{prefix}.` and hold `{resource}`.
+    pub name: Option<String>,
+    /// Kafka topic settings the topics are created with (`retention.ms`,
+    /// `cleanup.policy`, `min.insync.replicas`, …).
+    #[serde(default)]
+    pub config: TopicSettings,
+}
+
+impl TopicsConfig {
+    const NORMAL: &'static str = "{prefix}.{domain}.{resource}";
+    const RESTRICTED: &'static str = "{prefix}.restricted.{domain}.{resource}";
+
+    /// The class of a mapping's topics.
+    pub fn class(&self, sensitivity: Sensitivity) -> &TopicClass {
+        match sensitivity {
+            Sensitivity::Normal => &self.normal,
+            Sensitivity::Restricted => &self.restricted,
+        }
+    }
+
+    fn pattern(&self, sensitivity: Sensitivity) -> &str {
+        let default = match sensitivity {
+            Sensitivity::Normal => Self::NORMAL,
+            Sensitivity::Restricted => Self::RESTRICTED,
+        };
+        self.class(sensitivity).name.as_deref().unwrap_or(default)
+    }
+
+    /// The topic of `domain`'s `resource_type` events from mappings of `sensitivity`.
+    pub fn event_topic(
+        &self,
+        sensitivity: Sensitivity,
+        domain: &str,
+        resource_type: &str,
+    ) -> String {
+        let pattern = self.pattern(sensitivity);
+        let mut name = String::with_capacity(pattern.len() + 32);
+        let mut rest = pattern;
+        while let Some(open) = rest.find('{') {
+            name.push_str(&rest[..open]);
+            let close = rest[open..].find('}').map_or(rest.len(), |c| open + c + 1);
+            name.push_str(match &rest[open..close] {
+                "{prefix}" => &self.prefix,
+                "{domain}" => domain,
+                "{resource}" => resource_type,
+                other => other,
+            });
+            rest = &rest[close..];
+        }
+        name.push_str(rest);
+        name
+    }
+
+    /// Check the name patterns; on failure, the field and the problem.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.dead_letters.name.is_some() {
+            return Err((
+                "topics.dead_letters.name",
+                "the dead-letter topic is always <prefix>.dlq.<connector> (`fhir-cdc dlq` finds it by that name); set only its `config`".into(),
+            ));
+        }
+        for (field, sensitivity) in [
+            ("topics.normal.name", Sensitivity::Normal),
+            ("topics.restricted.name", Sensitivity::Restricted),
+        ] {
+            let pattern = self.pattern(sensitivity);
+            let literal = pattern
+                .replace("{prefix}", "")
+                .replace("{domain}", "")
+                .replace("{resource}", "");
+            let reserved = ["dlq.", "reconcile.", "state"]
+                .iter()
+                .any(|r| pattern.starts_with(&format!("{{prefix}}.{r}")));
+            if !pattern.starts_with("{prefix}.")
+                || !pattern.contains("{resource}")
+                || reserved
+                || !literal
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            {
+                return Err((
+                    field,
+                    format!("`{pattern}` is not a topic name pattern: start it with `{{prefix}}.`, include `{{resource}}` (and usually `{{domain}}`), use only letters, digits, `.`, `_`, `-` besides them, and do not start with `{{prefix}}.dlq.`, `{{prefix}}.reconcile.` or `{{prefix}}.state`"),
+                ));
+            }
+        }
+        if self.pattern(Sensitivity::Normal) == self.pattern(Sensitivity::Restricted) {
+            return Err((
+                "topics.restricted.name",
+                "restricted and normal events would share topics: give them different names, so that ACLs can keep restricted data apart".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -625,6 +777,7 @@ impl ConnectorConfig {
                 ));
             }
         }
+        self.topics.validate()?;
         self.schema_registry.validate()
     }
 }
@@ -715,6 +868,38 @@ url = "http://localhost:8081"
     }
 
     #[test]
+    fn topic_classes_name_topics_and_carry_their_settings() {
+        let config = parse(VALID).unwrap();
+        let topics = &config.topics;
+        assert_eq!(
+            topics.event_topic(Sensitivity::Normal, "lab", "Observation"),
+            "fhir.lab.Observation"
+        );
+        assert_eq!(
+            topics.event_topic(Sensitivity::Restricted, "billing", "Claim"),
+            "fhir.restricted.billing.Claim"
+        );
+        let text = format!(
+            "{VALID}[topics]\nprefix = \"h\"\n[topics.restricted]\nname = \"{{prefix}}.phi-{{domain}}.{{resource}}.v1\"\nconfig = {{ retention.ms = 86400000, \"cleanup.policy\" = \"delete\" }}\n"
+        );
+        let config = parse(&text).unwrap();
+        let topics = &config.topics;
+        assert_eq!(
+            topics.event_topic(Sensitivity::Restricted, "billing", "Claim"),
+            "h.phi-billing.Claim.v1"
+        );
+        assert_eq!(
+            topics
+                .class(Sensitivity::Restricted)
+                .config
+                .iter()
+                .collect::<Vec<_>>(),
+            [("cleanup.policy", "delete"), ("retention.ms", "86400000")]
+        );
+        assert_eq!(topics.class(Sensitivity::Normal).config.iter().count(), 0);
+    }
+
+    #[test]
     fn unknown_keys_are_refused_with_their_line() {
         let text = VALID.replace("[source]", "[source]\nslot_nmae = \"x\"");
         let err = parse(&text).unwrap_err().to_string();
@@ -775,6 +960,32 @@ url = "http://localhost:8081"
             (
                 VALID.replace("[kafka]", "snapshot.chunk.size = 0\n[kafka]"),
                 "source.snapshot.chunk.size",
+            ),
+            (
+                format!(
+                    "{VALID}[topics.restricted]\nname = \"{{prefix}}.{{domain}}.{{resource}}\""
+                ),
+                "topics.restricted.name",
+            ),
+            (
+                format!("{VALID}[topics.normal]\nname = \"lab.{{domain}}.{{resource}}\""),
+                "topics.normal.name",
+            ),
+            (
+                format!("{VALID}[topics.normal]\nname = \"{{prefix}}.{{domain}}\""),
+                "topics.normal.name",
+            ),
+            (
+                format!("{VALID}[topics.normal]\nname = \"{{prefix}}.dlq.{{resource}}\""),
+                "topics.normal.name",
+            ),
+            (
+                format!("{VALID}[topics.restricted]\nname = \"{{prefix}}.r/{{resource}}\""),
+                "topics.restricted.name",
+            ),
+            (
+                format!("{VALID}[topics.dead_letters]\nname = \"{{prefix}}.letters\""),
+                "topics.dead_letters.name",
             ),
         ];
         for (text, field) in cases {

@@ -11,7 +11,10 @@
 //! - a connector's letter: the change it holds is mapped again, by the mapping that failed
 //!   only, with the connector's mapping files; the events are written to their topics. They
 //!   carry the ids they would have had the first time, so a consumer that has them already
-//!   drops them as duplicates;
+//!   drops them as duplicates. A letter without the whole row (written with its protected
+//!   columns hidden, or with no row) is replayed by asking the connector to read the row
+//!   again at the source by its key (a snapshot request, PostgreSQL sources), through
+//!   every mapping of its table;
 //! - a projector's letter: its original bytes are decoded through the registry and applied
 //!   to the read model in one transaction with the ledger, so an event already applied is a
 //!   counted duplicate: replays apply at most once.
@@ -36,10 +39,16 @@ use super::{
 };
 use crate::{
     canonical::{instant, registry::EventCodec},
-    config::{ConnectorConfig, KafkaProperties},
+    change::{SourceTable, Value},
+    config::{ConnectorConfig, KafkaProperties, SourceConfig},
     mapping,
-    pipeline::{dead_letter, mapper_for, topic_specs},
+    offsets::SnapshotRequest,
+    pipeline::{
+        dead_letter::{self, Replay},
+        mapper_for, topic_specs,
+    },
     sink::kafka::{ensure_topics, Producer},
+    source::postgres::{capture, snapshot},
 };
 
 /// The side of the projector's dead letters (a connector may not take this name).
@@ -215,7 +224,10 @@ pub async fn replay_changes(
     let mut outcomes = Vec::with_capacity(letters.len());
     for letter in letters {
         let outcome = async {
-            let (change, mapping_id) = dead_letter::change_of(&letter.record)?;
+            let (change, mapping_id) = match dead_letter::replay_of(&letter.record)? {
+                Replay::Change(change, mapping_id) => (change, mapping_id),
+                Replay::ReRead { table, key } => return read_again(config, &table, &key).await,
+            };
             let outcome = mapper.map_with(&change, &mapping_id).ok_or_else(|| {
                 format!(
                     "no mapping `{mapping_id}` reads {} any more",
@@ -231,7 +243,7 @@ pub async fn replay_changes(
                 return Err(format!("fails again: {}", reasons.join("; ")));
             }
             for event in &outcome.events {
-                let topic = event.topic(&config.topics.prefix);
+                let topic = event.topic(&config.topics);
                 let bytes = codec
                     .encode(event, &topic)
                     .await
@@ -251,6 +263,35 @@ pub async fn replay_changes(
         outcomes.push(marked(&producer, letter, outcome).await);
     }
     Ok(outcomes)
+}
+
+/// Ask the connector to read the row with `key` again (a snapshot of that row, through the
+/// source's log): the letter holds no whole row to map. Its events, or a new letter, follow
+/// when the connector takes the request.
+async fn read_again(
+    config: &ConnectorConfig,
+    table: &SourceTable,
+    key: &[(String, Value)],
+) -> Outcome {
+    let SourceConfig::Postgres(pg) = &config.source else {
+        return Err(format!(
+            "the letter holds no whole row, and reading one row again from a {} source is not implemented yet; read the table again (`fhir-cdc offsets reset --table {}`), or write [dead_letters] rows = \"full\"",
+            config.source.kind(),
+            table.qualified_name()
+        ));
+    };
+    let request = SnapshotRequest::new(table.qualified_name(), Some(snapshot::key_condition(key)));
+    let filter = request.filter.as_deref().unwrap_or_default();
+    capture::check_condition(&pg.url, &request.table, filter)
+        .await
+        .map_err(|e| e.to_string())?;
+    capture::request_snapshot(&pg.url, &pg.slot_name(&config.name), &request)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(format!(
+        "the letter holds no whole row: the connector reads it again at the source (snapshot request {}; `fhir-cdc offsets show` follows it)",
+        request.id
+    ))
 }
 
 /// Replay projector letters: decode each message's original bytes and apply the event to

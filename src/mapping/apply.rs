@@ -38,11 +38,31 @@ pub struct MapContext {
     pub token_key: Option<Secret>,
 }
 
+impl MapContext {
+    /// The token of `text` for `protect: token`: HMAC-SHA-256 with the connector's key, its
+    /// first 16 bytes in hex. `None` without a key.
+    pub fn token(&self, text: &str) -> Option<String> {
+        let key = self.token_key.as_ref()?;
+        let mut mac = Hmac::<Sha256>::new_from_slice(key.expose().as_bytes())
+            .expect("HMAC takes keys of any length");
+        mac.update(text.as_bytes());
+        Some(hex::encode(&mac.finalize().into_bytes()[..16]))
+    }
+}
+
+/// Why a tokenized id or reference cannot be made (`Mapper::new` refuses such mappings
+/// without a key, so only a mapper built otherwise says it).
+const NO_TOKEN_KEY: &str = "the id is tokenized but the connector has no token key";
+
 /// A resource id from its template: the rendered text when it is a valid FHIR id
 /// (`[A-Za-z0-9-.]{1,64}`), otherwise `h-` and the first 40 hex digits of its SHA-256 —
 /// stable, and free of whatever made the text unsafe.
-pub fn resource_id(template: &Template, row: &Row) -> Result<String, RenderError> {
-    let text = template.render(row)?;
+pub fn resource_id(
+    template: &Template,
+    row: &Row,
+    context: &MapContext,
+) -> Result<String, RenderError> {
+    let text = template.render(row, context)?;
     Ok(if is_fhir_id(&text) {
         text
     } else {
@@ -77,12 +97,13 @@ impl ResourceMapping {
     }
 
     /// The resource id for this row.
-    pub fn id_for(&self, row: &Row) -> Result<String, MapError> {
-        resource_id(&self.id, row).map_err(|e| MapError {
+    pub fn id_for(&self, row: &Row, context: &MapContext) -> Result<String, MapError> {
+        resource_id(&self.id, row, context).map_err(|e| MapError {
             location: self.location.to_string(),
             message: match e {
                 RenderError::Null(c) => format!("id column `{c}` is NULL"),
                 RenderError::Missing(c) => format!("id column `{c}` {}", row.absence(&c)),
+                RenderError::NoTokenKey => NO_TOKEN_KEY.into(),
             },
         })
     }
@@ -93,7 +114,7 @@ impl ResourceMapping {
         if !self.applies_to(row)? {
             return Ok(None);
         }
-        let id = self.id_for(row)?;
+        let id = self.id_for(row, context)?;
         let values = self.values(row, context)?;
         self.assemble(id, values).map(Some)
     }
@@ -113,7 +134,7 @@ impl ResourceMapping {
         if !self.applies_to(new)? {
             return Ok(None);
         }
-        let id = self.id_for(new)?;
+        let id = self.id_for(new, context)?;
         let values = self.values(new, context)?;
         let unchanged = self.elements.iter().zip(&values).all(|(element, value)| {
             element.columns().all(|c| old.find(c) == new.find(c)) || {
@@ -251,15 +272,16 @@ fn element_value(
             Some(Value::ZeroDate(_)) if element.conversion.zero_date_as_null => None,
             Some(value) => Some(value),
         },
-        ValueSource::Template(template) => match template.render(row) {
+        ValueSource::Template(template) => match template.render(row, context) {
             Ok(text) => {
                 rendered = Value::Text(text);
                 Some(&rendered)
             }
             Err(RenderError::Null(_)) => None,
             Err(RenderError::Missing(column)) => return Err(missing(&column)),
+            Err(RenderError::NoTokenKey) => return Err(fail(NO_TOKEN_KEY.into())),
         },
-        ValueSource::Reference { resource_type, id } => match resource_id(id, row) {
+        ValueSource::Reference { resource_type, id } => match resource_id(id, row, context) {
             Ok(id) => {
                 let mut reference = String::with_capacity(resource_type.len() + 1 + id.len());
                 reference.push_str(resource_type);
@@ -270,6 +292,7 @@ fn element_value(
             }
             Err(RenderError::Null(_)) => None,
             Err(RenderError::Missing(column)) => return Err(missing(&column)),
+            Err(RenderError::NoTokenKey) => return Err(fail(NO_TOKEN_KEY.into())),
         },
     };
     let defaulted: Value;
@@ -320,16 +343,13 @@ fn element_value(
             &protected
         }
         Some(Protect::Token) => {
-            let key = context.token_key.as_ref().ok_or_else(|| {
+            let token = context.token(text_of(value).trim()).ok_or_else(|| {
                 fail(format!(
                     "{} is tokenized but the connector has no token key",
                     element.definition
                 ))
             })?;
-            let mut mac = Hmac::<Sha256>::new_from_slice(key.expose().as_bytes())
-                .expect("HMAC takes keys of any length");
-            mac.update(text_of(value).trim().as_bytes());
-            protected = Value::Text(hex::encode(&mac.finalize().into_bytes()[..16]));
+            protected = Value::Text(token);
             &protected
         }
     };

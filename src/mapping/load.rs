@@ -70,11 +70,54 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Mapping>, LoadErrors> {
             Err(LoadErrors(mut e)) => errors.append(&mut e),
         }
     }
+    errors.extend(unprotected_references(&mappings));
     if errors.is_empty() {
         Ok(mappings)
     } else {
         Err(LoadErrors(errors))
     }
+}
+
+/// References made like a resource's id (same type, same literal text around the
+/// placeholders) that the id tokenizes and they do not, or the other way round: they would
+/// point at no resource, silently.
+fn unprotected_references(mappings: &[Mapping]) -> Vec<LoadError> {
+    let mut ids: HashMap<(&str, String), (bool, &str)> = HashMap::new();
+    for mapping in mappings {
+        for resource in &mapping.resources {
+            let made = (resource.resource_type.as_str(), resource.id.skeleton());
+            ids.insert(made, (resource.id.is_tokenized(), &mapping.id));
+        }
+    }
+    let mut errors = Vec::new();
+    for (resource, element) in mappings
+        .iter()
+        .flat_map(|m| &m.resources)
+        .flat_map(|r| r.elements.iter().map(move |e| (r, e)))
+    {
+        let ValueSource::Reference { resource_type, id } = &element.source else {
+            continue;
+        };
+        let Some(&(tokenized, mapping)) = ids.get(&(resource_type.as_str(), id.skeleton())) else {
+            continue;
+        };
+        if tokenized != id.is_tokenized() {
+            let (fix, how) = if tokenized {
+                ("add `protect: token`", "tokenizes")
+            } else {
+                ("remove `protect`", "does not tokenize")
+            };
+            errors.push(LoadError {
+                location: element.location.clone(),
+                message: format!(
+                    "{}.{}: mapping `{mapping}` {how} the ids of the {resource_type}s this references; {fix} so that the reference points at them",
+                    resource.resource_type,
+                    display_path(&element.path)
+                ),
+            });
+        }
+    }
+    errors
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
@@ -585,7 +628,7 @@ impl Reader<'_> {
             });
         let id = self
             .require(&fields, "id", &span, "a resource")
-            .and_then(|n| self.template(n, "`id`", table));
+            .and_then(|n| self.id_template(n, table));
         if let Some(id) = &id {
             if id.is_literal() {
                 self.error(fields["id"].span(), "`id` must read at least one column (e.g. \"result-{result_id}\"), or every row makes the same resource");
@@ -614,6 +657,41 @@ impl Reader<'_> {
             choices,
             location: self.location(&span),
         })
+    }
+
+    /// A resource's `id`: a template, or `{ template: …, protect: token }` for an id whose
+    /// placeholders hold the tokens of their values.
+    fn id_template(&mut self, node: &Node, table: &Table) -> Option<Template> {
+        if node.as_scalar().is_some() {
+            return self.template(node, "`id`", table);
+        }
+        let map = self.as_map(node, "`id`")?;
+        let span = start_of(map);
+        let fields = self.fields(map, "`id`", &["template", "protect"]);
+        let template = self.require(&fields, "template", &span, "`id`");
+        let template = self.template(template?, "`id`", table)?;
+        match fields.get("protect") {
+            None => Some(template),
+            Some(n) => self.id_protection(n, template),
+        }
+    }
+
+    /// `template` as `protect` (on an id or a reference) asks: only tokens keep ids apart.
+    fn id_protection(&mut self, node: &Node, template: Template) -> Option<Template> {
+        match self.text(node, "`protect`")? {
+            "token" => Some(template.tokenized()),
+            other => {
+                let why = match other {
+                    "mask" => "a masked id would make every row the same resource",
+                    _ => "the only protection an id takes",
+                };
+                self.error(
+                    node.span(),
+                    format!("protect `{other}` on an id: use token ({why})"),
+                );
+                None
+            }
+        }
     }
 
     fn template(&mut self, node: &Node, what: &str, table: &Table) -> Option<Template> {
@@ -828,9 +906,16 @@ impl Reader<'_> {
                         self.error(&span, format!("{what}: `reference` needs `id`, the referenced resource's id template"));
                         return None;
                     };
+                    let id = self.template(id_node, "`id`", table)?;
+                    // `protect` tokenizes the referenced id, as `protect` on that resource's
+                    // own `id` does, not the reference's text.
+                    let id = match fields.get("protect") {
+                        Some(n) => self.id_protection(n, id)?,
+                        None => id,
+                    };
                     ValueSource::Reference {
                         resource_type: target.to_owned(),
-                        id: self.template(id_node, "`id`", table)?,
+                        id,
                     }
                 }
                 _ => {
@@ -927,7 +1012,10 @@ impl Reader<'_> {
                     }
                 };
             }
-            if let Some(n) = fields.get("protect") {
+            if let (Some(n), false) = (
+                fields.get("protect"),
+                matches!(element.source, ValueSource::Reference { .. }),
+            ) {
                 element.protect = match self.text(n, "`protect`")? {
                     "mask" => Some(Protect::Mask),
                     "token" => Some(Protect::Token),
@@ -986,7 +1074,9 @@ impl Reader<'_> {
         };
         if let ValueSource::Template(t) = &element.source {
             if t.is_literal() && element.translate.is_none() && element.protect.is_none() {
-                let text = t.render(&crate::change::Row::default()).ok()?;
+                let text = t
+                    .render(&crate::change::Row::default(), &Default::default())
+                    .ok()?;
                 element.fixed = constant(&text);
             }
         }
@@ -1012,7 +1102,7 @@ impl Reader<'_> {
         let mut fixed: Vec<(String, &str)> = Vec::new();
         if let ValueSource::Template(t) = &element.source {
             if t.is_literal() {
-                if let Ok(text) = t.render(&crate::change::Row::default()) {
+                if let Ok(text) = t.render(&crate::change::Row::default(), &Default::default()) {
                     fixed.push((text, "value"));
                 }
             }

@@ -19,11 +19,11 @@ use std::{collections::HashMap, sync::Arc};
 
 use super::{
     apply::{MapContext, MapError},
-    model::{Mapping, ResourceMapping},
+    model::{Mapping, Protect, ResourceMapping},
 };
 use crate::{
     canonical::{CanonicalEvent, Origin},
-    change::{ChangeEvent, Operation, Row},
+    change::{ChangeEvent, Operation, Row, SourceTable},
     fhir::Element,
 };
 
@@ -31,9 +31,18 @@ use crate::{
 #[derive(Debug)]
 pub struct Mapper {
     /// Schema → table → mappings (looked up per change without building a name).
-    by_table: HashMap<String, HashMap<String, Vec<Arc<Mapping>>>>,
+    by_table: HashMap<String, HashMap<String, TableMappings>>,
     context: MapContext,
     source_system: Arc<str>,
+}
+
+/// The mappings of one table, and the columns they protect.
+#[derive(Debug, Default)]
+struct TableMappings {
+    mappings: Vec<Arc<Mapping>>,
+    /// Column → how an element of a mapping protects it: a token when any tokenizes it
+    /// (the form a reader can join with the events), otherwise the mask.
+    protected: HashMap<String, Protect>,
 }
 
 /// What one change yields.
@@ -62,10 +71,8 @@ impl Mapper {
     ) -> Result<Self, String> {
         if context.token_key.is_none() {
             let tokenizing = mappings.iter().find(|m| {
-                m.resources
-                    .iter()
-                    .flat_map(|r| &r.elements)
-                    .any(|e| e.protect == Some(super::Protect::Token))
+                m.protected_columns()
+                    .any(|(_, protect)| protect == Protect::Token)
             });
             if let Some(mapping) = tokenizing {
                 return Err(format!(
@@ -75,15 +82,24 @@ impl Mapper {
                 ));
             }
         }
-        let mut by_table: HashMap<String, HashMap<String, Vec<Arc<Mapping>>>> = HashMap::new();
+        let mut by_table: HashMap<String, HashMap<String, TableMappings>> = HashMap::new();
         for mapping in mappings {
             let (schema, table) = mapping.schema_table();
-            by_table
+            let table = by_table
                 .entry(schema.to_owned())
                 .or_default()
                 .entry(table.to_owned())
-                .or_default()
-                .push(Arc::new(mapping));
+                .or_default();
+            for (column, protect) in mapping.protected_columns() {
+                let strongest = table
+                    .protected
+                    .entry(column.as_str().to_owned())
+                    .or_insert(protect);
+                if protect == Protect::Token {
+                    *strongest = Protect::Token;
+                }
+            }
+            table.mappings.push(Arc::new(mapping));
         }
         Ok(Self {
             by_table,
@@ -101,7 +117,22 @@ impl Mapper {
     }
 
     fn mappings_of(&self, schema: &str, table: &str) -> Option<&Vec<Arc<Mapping>>> {
-        self.by_table.get(schema)?.get(table)
+        Some(&self.by_table.get(schema)?.get(table)?.mappings)
+    }
+
+    /// How the mappings of `schema.table` protect `column`, if any does.
+    pub fn protection(&self, schema: &str, table: &str, column: &str) -> Option<Protect> {
+        self.by_table
+            .get(schema)?
+            .get(table)?
+            .protected
+            .get(column)
+            .copied()
+    }
+
+    /// The token `protect: token` makes of `text`; `None` without a token key.
+    pub fn token(&self, text: &str) -> Option<String> {
+        self.context.token(text)
     }
 
     pub fn map(&self, change: &ChangeEvent) -> MapOutcome {
@@ -117,6 +148,15 @@ impl Mapper {
             .iter()
             .any(|m| &*m.id == mapping_id);
         known.then(|| self.map_through(change, |m| &*m.id == mapping_id))
+    }
+
+    /// The key columns the mapping `mapping_id` declares for the change's table
+    /// (`source.key`): what identifies a row whatever the table's replica identity flags.
+    pub fn source_key(&self, source: &SourceTable, mapping_id: &str) -> Option<&[String]> {
+        self.mappings_of(&source.schema, &source.table)?
+            .iter()
+            .find(|m| &*m.id == mapping_id)
+            .map(|m| m.key.as_slice())
     }
 
     fn map_through(&self, change: &ChangeEvent, chosen: impl Fn(&Mapping) -> bool) -> MapOutcome {
@@ -184,7 +224,7 @@ impl Mapper {
                     (_, Some(new)) => {
                         // Only the old key is known (PostgreSQL sends it when the key
                         // changed): the resource under the old id must go.
-                        let old_id = change.before.as_ref().and_then(|row| resource.id_for(row).ok());
+                        let old_id = change.before.as_ref().and_then(|row| resource.id_for(row, &self.context).ok());
                         if let Some(old_id) = old_id.filter(|id| id_of(&new) != id) {
                             outcome.events.push(delete(old_id));
                         }
@@ -194,7 +234,7 @@ impl Mapper {
                     (Some(None), None) => {}
                     // No old row to tell whether the resource existed: delete what the row's id
                     // would be, so a resource that should no longer exist does not linger.
-                    (None, None) => outcome.events.push(delete(resource.id_for(after(change, resource)?)?)),
+                    (None, None) => outcome.events.push(delete(resource.id_for(after(change, resource)?, &self.context)?)),
                 }
             }
             Operation::Delete => {
@@ -206,7 +246,7 @@ impl Mapper {
                 if let Ok(false) = resource.applies_to(row) {
                     return Ok(());
                 }
-                outcome.events.push(delete(resource.id_for(row)?));
+                outcome.events.push(delete(resource.id_for(row, &self.context)?));
             }
             Operation::Truncate => {
                 return Err(MapError {

@@ -35,6 +35,35 @@ pub struct Mapping {
 }
 
 impl Mapping {
+    /// The columns whose values the resources publish only protected, and how: those of
+    /// elements with `protect`, of tokenized ids and of references to them.
+    pub fn protected_columns(&self) -> impl Iterator<Item = (&Column, Protect)> {
+        self.resources.iter().flat_map(|resource| {
+            let id = resource.id.is_tokenized().then_some(&resource.id);
+            let id = id
+                .into_iter()
+                .flat_map(|t| t.columns().map(|c| (c, Protect::Token)));
+            let elements = resource.elements.iter().flat_map(|element| {
+                let (template, protect) = match (&element.source, element.protect) {
+                    (ValueSource::Reference { id, .. }, _) if id.is_tokenized() => {
+                        (Some(id), Some(Protect::Token))
+                    }
+                    (ValueSource::Template(template), protect) => (Some(template), protect),
+                    (_, protect) => (None, protect),
+                };
+                let column = match &element.source {
+                    ValueSource::Column(column) => Some(column),
+                    _ => None,
+                };
+                let columns = column
+                    .into_iter()
+                    .chain(template.into_iter().flat_map(Template::columns));
+                columns.filter_map(move |c| Some((c, protect?)))
+            });
+            id.chain(elements)
+        })
+    }
+
     /// The source table as (schema, table).
     pub fn schema_table(&self) -> (&str, &str) {
         // The loader accepts only `schema.table`.

@@ -2,7 +2,7 @@
 
 use crate::change::{Column, Row, Value};
 
-use super::convert::text_of;
+use super::{apply::MapContext, convert::text_of};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
@@ -14,6 +14,8 @@ enum Part {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     parts: Vec<Part>,
+    /// Each placeholder is replaced by the token of its value (`protect: token` on an id).
+    tokenized: bool,
 }
 
 /// Why a template cannot be rendered for a row.
@@ -23,6 +25,8 @@ pub enum RenderError {
     Null(String),
     /// The row has no such column (it vanished from the table).
     Missing(String),
+    /// The template is tokenized and the connector has no token key.
+    NoTokenKey,
 }
 
 impl Template {
@@ -66,7 +70,22 @@ impl Template {
         if !literal.is_empty() {
             parts.push(Part::Literal(literal));
         }
-        Ok(Self { parts })
+        Ok(Self {
+            parts,
+            tokenized: false,
+        })
+    }
+
+    /// This template with each placeholder replaced by the token of its value.
+    pub fn tokenized(self) -> Self {
+        Self {
+            tokenized: true,
+            ..self
+        }
+    }
+
+    pub fn is_tokenized(&self) -> bool {
+        self.tokenized
     }
 
     /// The columns the template reads, in order.
@@ -77,13 +96,28 @@ impl Template {
         })
     }
 
+    /// The template with `{}` for every placeholder: what two templates that make the same
+    /// ids from different columns share.
+    pub fn skeleton(&self) -> String {
+        self.parts
+            .iter()
+            .map(|part| match part {
+                Part::Literal(text) => text.as_str(),
+                Part::Column(_) => "{}",
+            })
+            .collect()
+    }
+
     /// Whether the template reads no column (a literal).
     pub fn is_literal(&self) -> bool {
         self.columns().next().is_none()
     }
 
-    /// The text with each placeholder replaced by its column's value as text.
-    pub fn render(&self, row: &Row) -> Result<String, RenderError> {
+    /// The text with each placeholder replaced by its column's value as text (CHAR padding
+    /// dropped), or by the token of that text when the template is tokenized (the token an
+    /// element with `protect: token` makes of the same value, unless it has leading
+    /// whitespace, which elements trim and ids keep).
+    pub fn render(&self, row: &Row, context: &MapContext) -> Result<String, RenderError> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
@@ -91,7 +125,15 @@ impl Template {
                 Part::Column(column) => match row.find(column) {
                     None => return Err(RenderError::Missing(column.to_string())),
                     Some(Value::Null) => return Err(RenderError::Null(column.to_string())),
-                    Some(value) => out.push_str(text_of(value).trim_end_matches(' ')),
+                    Some(value) => {
+                        let text = text_of(value);
+                        let text = text.trim_end_matches(' ');
+                        if self.tokenized {
+                            out.push_str(&context.token(text).ok_or(RenderError::NoTokenKey)?);
+                        } else {
+                            out.push_str(text);
+                        }
+                    }
                 },
             }
         }
@@ -119,7 +161,7 @@ mod tests {
             ["mrn", "seq"]
         );
         assert_eq!(
-            template.render(&row()).unwrap(),
+            template.render(&row(), &MapContext::default()).unwrap(),
             "Patient/p-MRN-1.7 {literal}"
         );
         assert!(Template::parse("http://loinc.org").unwrap().is_literal());
@@ -128,12 +170,33 @@ mod tests {
     #[test]
     fn null_and_missing_columns_are_told_apart() {
         assert_eq!(
-            Template::parse("{gone}").unwrap().render(&row()),
+            Template::parse("{gone}")
+                .unwrap()
+                .render(&row(), &MapContext::default()),
             Err(RenderError::Null("gone".into()))
         );
         assert_eq!(
-            Template::parse("{nope}").unwrap().render(&row()),
+            Template::parse("{nope}")
+                .unwrap()
+                .render(&row(), &MapContext::default()),
             Err(RenderError::Missing("nope".into()))
+        );
+    }
+
+    #[test]
+    fn a_tokenized_template_holds_the_tokens_of_its_values() {
+        let template = Template::parse("p-{mrn}.{seq}").unwrap().tokenized();
+        let keyed = MapContext {
+            token_key: Some(crate::config::Secret::new("k")),
+        };
+        let (mrn, seq) = (keyed.token("MRN-1").unwrap(), keyed.token("7").unwrap());
+        assert_eq!(
+            template.render(&row(), &keyed).unwrap(),
+            format!("p-{mrn}.{seq}")
+        );
+        assert_eq!(
+            template.render(&row(), &MapContext::default()),
+            Err(RenderError::NoTokenKey)
         );
     }
 

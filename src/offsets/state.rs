@@ -47,6 +47,22 @@ pub struct SnapshotRequest {
     pub filter: Option<String>,
 }
 
+impl SnapshotRequest {
+    /// A request with an id of its own: the time in milliseconds, this process and a count.
+    pub fn new(table: String, filter: Option<String>) -> Self {
+        static ASKED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let count = ASKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self {
+            id: format!("{millis}-{}-{count}", std::process::id()),
+            table,
+            filter,
+        }
+    }
+}
+
 /// How far a table's snapshot came.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

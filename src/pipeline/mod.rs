@@ -20,11 +20,7 @@
 
 pub mod dead_letter;
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    future::Future,
-    time::Duration,
-};
+use std::{collections::BTreeMap, future::Future, time::Duration};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -33,12 +29,11 @@ use tracing::{info, warn};
 use crate::observe::pipeline::Metrics;
 use crate::{
     canonical::{
-        self,
         registry::{CodecError, EventCodec},
         CanonicalEvent,
     },
     change::SourceMessage,
-    config::ConnectorConfig,
+    config::{ConnectorConfig, DeadLetterRows, TopicClass, TopicsConfig},
     mapping::{self, MapContext, MapError, MapFailure, Mapper, Mapping},
     offsets::{ConnectorState, StateError, StateStore},
     sink::{
@@ -138,26 +133,40 @@ fn event_topics(config: &ConnectorConfig, mappings: &[Mapping]) -> BTreeMap<Stri
         .iter()
         .flat_map(|m| {
             m.resources.iter().map(move |r| {
-                (
-                    canonical::topic(&config.topics.prefix, &m.domain, &r.resource_type),
-                    r.resource_type.clone(),
-                )
+                let topic = config
+                    .topics
+                    .event_topic(m.sensitivity, &m.domain, &r.resource_type);
+                (topic, r.resource_type.clone())
             })
         })
         .collect()
 }
 
-/// The topics a connector writes: those of its events, and its dead-letter topic.
+/// The topics a connector writes — those of its events, and its dead-letter topic — each
+/// with its class's settings.
 pub fn topic_specs(config: &ConnectorConfig, mappings: &[Mapping]) -> Vec<TopicSpec> {
-    let mut topics: BTreeSet<String> = event_topics(config, mappings).into_keys().collect();
-    topics.insert(config.dead_letter_topic());
-    topics
+    let topics = &config.topics;
+    let mut classes: BTreeMap<String, &TopicClass> = mappings
+        .iter()
+        .flat_map(|m| {
+            m.resources.iter().map(move |r| {
+                let topic = topics.event_topic(m.sensitivity, &m.domain, &r.resource_type);
+                (topic, topics.class(m.sensitivity))
+            })
+        })
+        .collect();
+    classes.insert(config.dead_letter_topic(), &topics.dead_letters);
+    classes
         .into_iter()
-        .map(|name| TopicSpec {
+        .map(|(name, class)| TopicSpec {
             name,
-            partitions: config.topics.partitions,
-            replication_factor: config.topics.replication_factor,
-            config: Vec::new(),
+            partitions: topics.partitions,
+            replication_factor: topics.replication_factor,
+            config: class
+                .config
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
         })
         .collect()
 }
@@ -216,8 +225,9 @@ pub async fn run<S: Source>(
         producer,
         ready,
         Destinations {
-            prefix: config.topics.prefix.clone(),
+            topics: config.topics.clone(),
             dead_letter_topic,
+            dead_letter_rows: config.dead_letters.rows,
             connector: config.name.clone(),
         },
         acked,
@@ -375,10 +385,12 @@ impl MessageLimits {
     }
 }
 
-/// Where the stage writes: the topics' prefix, the dead-letter topic, the connector's name.
+/// Where the stage writes: the topics, the dead-letter topic and what its letters hold,
+/// the connector's name.
 struct Destinations {
-    prefix: String,
+    topics: TopicsConfig,
     dead_letter_topic: String,
+    dead_letter_rows: DeadLetterRows,
     connector: String,
 }
 
@@ -467,7 +479,7 @@ async fn map_and_send<S: Source>(
                     sink.track(position.clone(), outcome.events.len() + outcome.failures.len());
                     let mut failures = outcome.failures;
                     for event in &outcome.events {
-                        let topic = event.topic(&to.prefix);
+                        let topic = event.topic(&to.topics);
                         codec.encode_into(event, &topic, &mut payload).await?;
                         event.write_key(&mut key);
                         // An event Kafka would refuse goes to the dead-letter topic, as its row:
@@ -488,7 +500,8 @@ async fn map_and_send<S: Source>(
                         summary.dead_letters += 1;
                         table.dead_letters.increment(1);
                         let key = format!("{}:{}", change.source.qualified_name(), change.position);
-                        let record = dead_letter::record(&change, &failure, limits.room(&to.dead_letter_topic));
+                        let letters = dead_letter::Letters { rows: to.dead_letter_rows, mapper: &mapper };
+                        let record = dead_letter::record(&change, &failure, letters, limits.room(&to.dead_letter_topic));
                         sink.send((&to.dead_letter_topic, &key, &record), &[("mapping_id", &failure.mapping_id)], &position, None).await?;
                     }
                 }

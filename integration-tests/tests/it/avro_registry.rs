@@ -26,10 +26,13 @@ fn codec() -> EventCodec {
 
 /// Encode every golden event to a per-run topic of its resource type.
 async fn encode_all(codec: &EventCodec, events: &[CanonicalEvent]) -> Vec<Vec<u8>> {
-    let prefix = stack::unique("avro");
+    let topics = fhir_cdc::config::TopicsConfig {
+        prefix: stack::unique("avro"),
+        ..Default::default()
+    };
     let mut encoded = Vec::new();
     for event in events {
-        encoded.push(codec.encode(event, &event.topic(&prefix)).await.unwrap());
+        encoded.push(codec.encode(event, &event.topic(&topics)).await.unwrap());
     }
     encoded
 }

@@ -8,7 +8,10 @@ use std::{path::Path, process::Command, time::Duration};
 use fhir_cdc::canonical::CanonicalEvent;
 
 use crate::{
-    connector::{capture_results, drain, read_for, ResultCapture},
+    connector::{
+        await_confirmed, capture_results, current_lsn, drain, events_of, read_for, start,
+        ResultCapture,
+    },
     projector::{
         count, counters_of, drop_projections, encode, events, project_until_caught_up,
         projector_config, resources, same_tables, write,
@@ -374,6 +377,124 @@ async fn a_control_character_is_dead_lettered_until_the_mapping_cleans_it() {
             ),
         ]
     );
+    stack::drop_capture(&client, &slot, &slot, &schema).await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A patient row its mapping refuses leaves the SSN the mapping tokenizes out of the dead
+/// letter (its token stands there, as in the events) and out of the log. The letter holds
+/// no whole row, so its replay asks the connector to read the row again at the source by
+/// its key. With `[dead_letters] rows = "none"` a letter holds the key and no row at all.
+#[tokio::test]
+async fn a_patient_letter_holds_the_protected_forms_and_is_replayed_from_the_source() {
+    const SSN: &str = "987-65-4321";
+    let client = stack::pg_client().await;
+    let schema = stack::unique("phi");
+    stack::create_lab_schema(&client, &schema).await;
+    let dir = std::env::temp_dir().join(&schema);
+    let mapping = dir.join("mappings/patient.yaml");
+    stack::lab_mappings(&dir.join("mappings"), &schema, &["patient.yaml"]);
+    // A sex code the table does not list fails the row.
+    let text = std::fs::read_to_string(&mapping).unwrap().replace(
+        "    unmapped: default\n    default: unknown\n",
+        "    unmapped: fail\n",
+    );
+    std::fs::write(&mapping, &text).unwrap();
+    let prefix = stack::unique("fhirphi");
+    let config = stack::connector_config(&dir, &schema, &prefix, "");
+    let (slot, log) = (format!("fhir_cdc_{schema}"), dir.join("run.log"));
+    let insert = |id: i32, sex: &str| {
+        format!(
+            "INSERT INTO {schema}.patient (patient_id, mrn, last_name, sex, ssn) VALUES ({id}, 'M00000000{id}', 'Doe', '{sex}', '{SSN}')"
+        )
+    };
+    let connector = start(&config, &log);
+    await_confirmed(
+        &client,
+        &slot,
+        &current_lsn(&client).await,
+        Duration::from_secs(30),
+        &log,
+    )
+    .await;
+    client.batch_execute(&insert(1, "F")).await.unwrap();
+    client.batch_execute(&insert(2, "X")).await.unwrap();
+    drain(&client, &slot, connector, Duration::from_secs(60), &log).await;
+
+    let topic = format!("{prefix}.lab.Patient");
+    let events = events_of(&topic).await;
+    assert_eq!(events.len(), 1);
+    let token = events[0].resource.as_ref().unwrap().to_json()["identifier"][1]["value"].clone();
+    let letter = format!("{schema}:0:0");
+    let (ok, shown, err) = dlq(&config, &["show", &letter]);
+    assert!(ok, "{err}");
+    assert!(!shown.contains(SSN), "{shown}");
+    let record = &serde_json::from_str::<serde_json::Value>(&shown).unwrap()["record"];
+    assert_eq!(record["rows"], "protected");
+    assert_eq!(
+        record["after"]["ssn"],
+        serde_json::json!({"kind": "text", "protected": "token", "token": token})
+    );
+    assert_eq!(
+        record["after"]["last_name"]["text"], "Doe",
+        "unprotected columns stay"
+    );
+    assert_eq!(
+        record["key_values"],
+        serde_json::json!({"patient_id": {"kind": "integer", "text": "2"}})
+    );
+    assert!(!std::fs::read_to_string(&log).unwrap().contains(SSN));
+
+    // The fix, and the replay: the connector reads patient 2 again when it runs.
+    std::fs::write(
+        &mapping,
+        text.replace("U: unknown }", "U: unknown, X: unknown }"),
+    )
+    .unwrap();
+    let (ok, out, err) = dlq(&config, &["replay", "--all"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!("{letter}  replayed: the letter holds no whole row: the connector reads it again at the source (snapshot request ")),
+        "{out}"
+    );
+    stack::connector_config(&dir, &schema, &prefix, "[dead_letters]\nrows = \"none\"");
+    let connector = start(&config, &log);
+    client.batch_execute(&insert(3, "Q")).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let replayed = loop {
+        let events = events_of(&topic).await;
+        if let Some(event) = events
+            .iter()
+            .find(|e| e.resource_id == "lab-patient-M000000002")
+        {
+            break event.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+    };
+    assert_eq!(
+        replayed.resource.as_ref().unwrap().to_json()["gender"],
+        "unknown"
+    );
+    drain(&client, &slot, connector, Duration::from_secs(60), &log).await;
+
+    // After the first letter and its replay's marker.
+    let letter = format!("{schema}:0:2");
+    let (ok, shown, err) = dlq(&config, &["show", &letter]);
+    assert!(ok, "{err}");
+    let record = &serde_json::from_str::<serde_json::Value>(&shown).unwrap()["record"];
+    assert_eq!(record["rows"], "none");
+    assert!(
+        record["after"].is_null() && record["before"].is_null(),
+        "{record}"
+    );
+    assert_eq!(record["key_values"]["patient_id"]["text"], "3");
+    assert!(!shown.contains(SSN) && !shown.contains("Doe"), "{shown}");
+    assert!(!std::fs::read_to_string(&log).unwrap().contains(SSN));
+
     stack::drop_capture(&client, &slot, &slot, &schema).await;
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -12,6 +12,7 @@ mod fhir_oracle;
 mod kafka_sink;
 mod mysql_capture;
 mod mysql_types;
+mod phi;
 mod postgres_snapshot;
 mod postgres_stream;
 mod postgres_types;

@@ -14,6 +14,11 @@ use integration_tests::connector::{
     await_binlog_stored, await_snapshotted, start, stop, tail_everything,
 };
 use mysql_async::prelude::Queryable;
+use rdkafka::{
+    admin::{AdminClient, AdminOptions, ResourceSpecifier},
+    client::DefaultClientContext,
+    ClientConfig,
+};
 use serde_json::Value;
 
 use crate::stack;
@@ -63,6 +68,11 @@ async fn the_sample_billing_database_arrives_whole_and_valid() {
     load_billing(&name, &dir.join("mappings"));
     let prefix = stack::unique("fhirbill");
     let config = stack::mysql_connector_config(&dir, &name, &prefix);
+    // Claims are restricted: their class keeps them on topics of their own, created with
+    // its settings.
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "[topics.restricted]\nconfig = { \"retention.ms\" = 86400000 }\n";
+    std::fs::write(&config, text).unwrap();
     let config_arg = config.to_str().unwrap();
 
     // check: the mapped tables exist, are readable and keyed.
@@ -178,6 +188,33 @@ async fn the_sample_billing_database_arrives_whole_and_valid() {
     };
     assert_eq!(arrived("ChargeItem"), charges, "no gap, no stale charge");
     assert_eq!(arrived("Claim"), claims);
+    for event in &events {
+        let topic = match event["resource_type"].as_str().unwrap() {
+            "Claim" => format!("{prefix}.restricted.billing.Claim"),
+            other => format!("{prefix}.billing.{other}"),
+        };
+        assert_eq!(event["topic"], topic.as_str());
+    }
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", stack::kafka_bootstrap())
+        .create()
+        .unwrap();
+    for (topic, expected) in [
+        ("restricted.billing.Claim", Some("86400000")),
+        ("billing.ChargeItem", None),
+    ] {
+        let topic = format!("{prefix}.{topic}");
+        let described = admin
+            .describe_configs(&[ResourceSpecifier::Topic(&topic)], &AdminOptions::new())
+            .await
+            .unwrap();
+        let config = described.into_iter().next().unwrap().unwrap();
+        let retention = config.get("retention.ms").unwrap();
+        assert_eq!(retention.is_default, expected.is_none(), "{topic}");
+        if let Some(expected) = expected {
+            assert_eq!(retention.value.as_deref(), Some(expected), "{topic}");
+        }
+    }
     assert!(charges.len() as u64 > 500 + CONCURRENT_CHARGES);
 
     // Corrections are what they are: a new version of the same ChargeItem, a reversal its

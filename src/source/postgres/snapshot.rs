@@ -448,6 +448,29 @@ impl TableReader {
     }
 }
 
+/// The condition that selects the row with this key: `"col" = 'text' AND …`, each value
+/// written as text the server casts to the column's type (bytes as `decode(…, 'base64')`).
+pub fn key_condition(key: &[(String, Value)]) -> String {
+    let terms: Vec<String> = key
+        .iter()
+        .map(|(column, value)| {
+            let column = quote_ident(column);
+            match value {
+                Value::Null => format!("{column} IS NULL"),
+                Value::Bytes(_) => format!(
+                    "{column} = decode({}, 'base64')",
+                    quote_literal(&crate::mapping::text_of(value))
+                ),
+                other => format!(
+                    "{column} = {}",
+                    quote_literal(&crate::mapping::text_of(other))
+                ),
+            }
+        })
+        .collect();
+    terms.join(" AND ")
+}
+
 /// `"name"`, with embedded quotes doubled.
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
