@@ -356,6 +356,16 @@ pub async fn await_snapshotted(config: &Path, log: &Path) {
     }
 }
 
+/// Wait (up to `within`) until the connector has confirmed everything written so far.
+pub async fn await_caught_up(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    within: Duration,
+    log: &Path,
+) {
+    await_confirmed(client, slot, &current_lsn(client).await, within, log).await;
+}
+
 /// Wait (up to `within`) until the connector has everything written so far in Kafka and
 /// acknowledged, then stop it with SIGTERM; it must exit 0.
 pub async fn drain(
@@ -365,7 +375,7 @@ pub async fn drain(
     within: Duration,
     log: &Path,
 ) {
-    await_confirmed(client, slot, &current_lsn(client).await, within, log).await;
+    await_caught_up(client, slot, within, log).await;
     assert!(
         stop(connector).success(),
         "{}",
@@ -403,14 +413,7 @@ pub async fn capture_results(
         prefix,
     };
     let connector = start(&capture.config, &capture.log);
-    await_confirmed(
-        client,
-        &capture.slot,
-        &current_lsn(client).await,
-        Duration::from_secs(30),
-        &capture.log,
-    )
-    .await;
+    await_caught_up(client, &capture.slot, Duration::from_secs(30), &capture.log).await;
     (capture, connector)
 }
 

@@ -9,8 +9,7 @@ use fhir_cdc::canonical::CanonicalEvent;
 
 use crate::{
     connector::{
-        await_confirmed, capture_results, current_lsn, drain, events_of, read_for, start,
-        ResultCapture,
+        await_caught_up, capture_results, drain, events_of, read_for, start, ResultCapture,
     },
     projector::{
         count, counters_of, drop_projections, encode, events, project_until_caught_up,
@@ -409,14 +408,7 @@ async fn a_patient_letter_holds_the_protected_forms_and_is_replayed_from_the_sou
         )
     };
     let connector = start(&config, &log);
-    await_confirmed(
-        &client,
-        &slot,
-        &current_lsn(&client).await,
-        Duration::from_secs(30),
-        &log,
-    )
-    .await;
+    await_caught_up(&client, &slot, Duration::from_secs(30), &log).await;
     client.batch_execute(&insert(1, "F")).await.unwrap();
     client.batch_execute(&insert(2, "X")).await.unwrap();
     drain(&client, &slot, connector, Duration::from_secs(60), &log).await;

@@ -12,7 +12,7 @@ use rdkafka::{
 };
 
 use crate::{
-    connector::{await_confirmed, await_snapshotted, current_lsn, drain, read_whole, start},
+    connector::{await_caught_up, await_snapshotted, drain, read_whole, start},
     stack,
 };
 
@@ -97,14 +97,7 @@ async fn protected_identifiers_appear_only_protected_and_patients_only_in_restri
     client.batch_execute(&result(1)).await.unwrap();
     let connector = start(&config, &log);
     await_snapshotted(&config, &log).await;
-    await_confirmed(
-        &client,
-        &slot,
-        &current_lsn(&client).await,
-        Duration::from_secs(30),
-        &log,
-    )
-    .await;
+    await_caught_up(&client, &slot, Duration::from_secs(30), &log).await;
     for (id, sex, mrn) in [(2, "M", OTHER_MRNS[0]), (3, "X", OTHER_MRNS[1])] {
         client
             .batch_execute(&patient(id, sex).replace(MRN, mrn))

@@ -6,7 +6,7 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use crate::{
-    connector::{await_confirmed, current_lsn, drain, start, tail_everything},
+    connector::{await_caught_up, drain, start, tail_everything},
     stack,
 };
 
@@ -78,14 +78,7 @@ async fn the_registry_is_used_over_https_with_basic_authentication() {
     let slot = format!("fhir_cdc_{schema}");
     let log = dir.join("run.log");
     let connector = start(&secured, &log);
-    await_confirmed(
-        &client,
-        &slot,
-        &current_lsn(&client).await,
-        Duration::from_secs(30),
-        &log,
-    )
-    .await;
+    await_caught_up(&client, &slot, Duration::from_secs(30), &log).await;
     stack::insert_results(&client, &format!("{schema}.lab_result"), 2).await;
     drain(&client, &slot, connector, Duration::from_secs(60), &log).await;
     let ids: Vec<String> = tail_everything(&secured)

@@ -11,8 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     connector::{
-        await_confirmed, await_snapshotted, await_streaming, current_lsn, events_of, latest_values,
-        start, stop,
+        await_caught_up, await_snapshotted, await_streaming, events_of, latest_values, start, stop,
     },
     stack,
 };
@@ -103,14 +102,7 @@ async fn a_requested_snapshot_while_writes_run_leaves_no_resource_older_than_its
     assert!(stderr.contains("dropped the request"), "{stderr}");
     writing.cancel();
     writer.await.unwrap();
-    await_confirmed(
-        &client,
-        &slot,
-        &current_lsn(&client).await,
-        Duration::from_secs(60),
-        &log,
-    )
-    .await;
+    await_caught_up(&client, &slot, Duration::from_secs(60), &log).await;
 
     let expected = stack::result_values(&client, &table).await;
     let events = events_of(&topic).await;
@@ -201,14 +193,7 @@ async fn a_table_newly_mapped_is_published_and_snapshotted_alone() {
         ))
         .await
         .unwrap();
-    await_confirmed(
-        &client,
-        &slot,
-        &current_lsn(&client).await,
-        Duration::from_secs(30),
-        &log,
-    )
-    .await;
+    await_caught_up(&client, &slot, Duration::from_secs(30), &log).await;
     assert_eq!(
         events_of(&patients).await.len(),
         6,
