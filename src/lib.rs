@@ -40,6 +40,7 @@ pub mod mapping;
 pub mod observe;
 pub mod offsets;
 pub mod pipeline;
+pub mod postgres;
 pub mod preflight;
 pub mod sink;
 pub mod source;

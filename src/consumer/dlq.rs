@@ -30,7 +30,6 @@ use base64::Engine;
 use chrono::{DateTime, Utc};
 use rdkafka::{message::Headers, Message};
 use serde_json::{json, Value as Json};
-use tokio_postgres::NoTls;
 
 use super::{
     config::ProjectorConfig,
@@ -47,6 +46,7 @@ use crate::{
         dead_letter::{self, Replay},
         mapper_for, topic_specs,
     },
+    postgres,
     sink::kafka::{ensure_topics, Producer},
     source::postgres::{capture, snapshot},
 };
@@ -301,10 +301,9 @@ pub async fn replay_messages(
     letters: &[&Letter],
 ) -> Result<Vec<Outcome>, String> {
     let schema = &config.projection.schema;
-    let (mut db, connection) = tokio_postgres::connect(config.projection.url.expose(), NoTls)
+    let mut db = postgres::connect(&config.projection.url)
         .await
         .map_err(|e| format!("the projection database: {e}"))?;
-    tokio::spawn(connection);
     projection::migrate(&mut db, schema)
         .await
         .map_err(|e| format!("the projection database: {e}"))?;

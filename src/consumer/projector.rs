@@ -37,7 +37,7 @@ use rdkafka::{
 };
 use serde_json::json;
 use tokio::sync::mpsc;
-use tokio_postgres::{NoTls, Transaction};
+use tokio_postgres::Transaction;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -48,6 +48,7 @@ use super::{
 use crate::{
     canonical::registry::EventCodec,
     observe::{self, progress::Progress, projector::Metrics},
+    postgres,
     sink::kafka::{ensure_topics, Producer, TopicSpec},
 };
 
@@ -67,6 +68,8 @@ pub struct ProjectSummary {
 pub enum ProjectError {
     #[error("the projection database: {0}")]
     Database(#[from] tokio_postgres::Error),
+    #[error("the projection database: {0}")]
+    Connect(#[from] postgres::ConnectError),
     #[error("Kafka: {0}")]
     Kafka(String),
     #[error("{0}")]
@@ -221,15 +224,11 @@ async fn project(
         observe::serve(metrics.listen).map_err(ProjectError::Setup)?;
         info!(listen = %metrics.listen, "serving metrics");
     }
-    let (mut db, connection) =
-        tokio_postgres::connect(config.projection.url.expose(), NoTls).await?;
-    tokio::spawn(connection);
+    let mut db = postgres::connect(&config.projection.url).await?;
     projection::migrate(&mut db, schema).await?;
     let mut writers = vec![Writer::new(db, schema).await?];
     for _ in 1..config.projection.connections {
-        let (client, connection) =
-            tokio_postgres::connect(config.projection.url.expose(), NoTls).await?;
-        tokio::spawn(connection);
+        let client = postgres::connect(&config.projection.url).await?;
         writers.push(Writer::new(client, schema).await?);
     }
     let db = &writers[0].client;

@@ -29,6 +29,7 @@ use crate::{
     config::{PostgresConfig, Secret, SnapshotMode},
     observe::progress::Progress,
     offsets::{ConnectorState, SnapshotRequest, TableProgress},
+    postgres::ConnectError,
     source::{chunk_changes, publish, refuse_foreign_state, Source, SourceError, SourceIo},
 };
 
@@ -738,11 +739,10 @@ pub async fn current_end(url: &Secret) -> Result<PgLsn, SourceError> {
 }
 
 async fn connect(url: &Secret) -> Result<Client, SourceError> {
-    let (client, connection) = tokio_postgres::connect(url.expose(), tokio_postgres::NoTls)
-        .await
-        .map_err(|e| postgres_error("connecting to PostgreSQL", &e))?;
-    tokio::spawn(connection);
-    Ok(client)
+    crate::postgres::connect(url).await.map_err(|e| match e {
+        ConnectError::Setup(e) => SourceError::Connector(format!("source.url: {e}")),
+        ConnectError::Postgres(e) => postgres_error("connecting to PostgreSQL", &e),
+    })
 }
 
 /// Whether an error from the server or the network may pass by itself: the connection

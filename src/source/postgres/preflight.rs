@@ -8,12 +8,13 @@
 //! (<https://www.postgresql.org/docs/current/logical-replication-config.html>), and
 //! PostgreSQL 10 or newer for `pgoutput`.
 
-use std::{str::FromStr, time::Duration};
+use std::time::Duration;
 
-use tokio_postgres::{error::SqlState, Config, NoTls};
+use tokio_postgres::{config::Host, error::SqlState, Config};
 
 use crate::{
     config::Secret,
+    postgres::{ConnectError, SslMode, Target},
     preflight::{self, Finding},
 };
 
@@ -44,24 +45,28 @@ pub struct Capture {
 /// Connect with `url` and check every prerequisite of logical replication, and, given
 /// `capture`, the state of the mapped tables, the slot and the publication.
 pub async fn check(url: &Secret, capture: Option<&Capture>) -> Vec<Finding> {
-    let mut config = match Config::from_str(url.expose()) {
-        Ok(config) => config,
+    let mut parsed = match Target::parse(url) {
+        Ok(parsed) => parsed,
         Err(e) => {
             return vec![Finding::problem(
                 COMPONENT,
                 format!("source.url is not a valid PostgreSQL connection string: {e}"),
-                "use postgres://user:password@host:port/database",
+                "use postgres://user:password@host:port/database?sslmode=verify-full&sslrootcert=/path/ca.pem",
             )]
         }
     };
-    config.connect_timeout(CONNECT_TIMEOUT);
-    let target = describe_target(&config);
-    let client = match config.connect(NoTls).await {
-        Ok((client, connection)) => {
-            tokio::spawn(connection);
-            client
+    parsed.config.connect_timeout(CONNECT_TIMEOUT);
+    let target = describe_target(&parsed.config);
+    let client = match parsed.connect().await {
+        Ok(client) => client,
+        Err(ConnectError::Setup(e)) => {
+            return vec![Finding::problem(
+                COMPONENT,
+                format!("source.url: {e}"),
+                "point sslrootcert, sslcert and sslkey at readable PEM files",
+            )]
         }
-        Err(e) => return vec![explain_connect_error(&e, &target, &config)],
+        Err(ConnectError::Postgres(e)) => return vec![explain_connect_error(&e, &target, &parsed)],
     };
     let row = match client.query_one(FACTS_QUERY, &[]).await {
         Ok(row) => row,
@@ -83,13 +88,20 @@ pub async fn check(url: &Secret, capture: Option<&Capture>) -> Vec<Finding> {
         role: row.get(6),
         role_can_replicate: row.get(7),
     };
-    let mut findings = vec![Finding::ok(
-        COMPONENT,
-        format!(
-            "connected to {target} (PostgreSQL {})",
-            facts.server_version
+    let mut findings = vec![match encryption(&client, &parsed).await {
+        Ok(tls) => Finding::ok(
+            COMPONENT,
+            format!(
+                "connected to {target} (PostgreSQL {}, {tls})",
+                facts.server_version
+            ),
         ),
-    )];
+        Err(why) => Finding::warning(
+            COMPONENT,
+            format!("connected to {target} (PostgreSQL {}), {why}", facts.server_version),
+            "turn ssl on at the server and set sslmode=verify-full with sslrootcert in source.url: rows of patient data cross this connection",
+        ),
+    }];
     findings.extend(evaluate(&facts));
     if let Some(capture) = capture {
         findings.extend(check_capture(&client, capture).await);
@@ -333,9 +345,9 @@ pub fn evaluate(facts: &ServerFacts) -> Vec<Finding> {
 /// `host:port/database as user`, never the password.
 fn describe_target(config: &Config) -> String {
     let host = match config.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(Host::Tcp(h)) => h.clone(),
         #[cfg(unix)]
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        Some(Host::Unix(p)) => p.display().to_string(),
         None => "localhost".to_owned(),
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
@@ -346,13 +358,62 @@ fn describe_target(config: &Config) -> String {
     )
 }
 
-fn explain_connect_error(err: &tokio_postgres::Error, target: &str, config: &Config) -> Finding {
-    let user = config.get_user().unwrap_or("?");
+/// How the connection is encrypted (`TLSv1.3, certificate verified with its host name`),
+/// or why it is not.
+async fn encryption(client: &tokio_postgres::Client, target: &Target) -> Result<String, String> {
+    let row = client
+        .query_opt(
+            "SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl",
+            &[],
+        )
+        .await
+        .map_err(|e| format!("but whether it is encrypted could not be read: {e}"))?;
+    let unix = matches!(target.config.get_hosts().first(), Some(Host::Unix(_)));
+    let Some(row) = row else {
+        return match (unix, target.tls.mode) {
+            (true, _) => Ok("over a Unix socket, unencrypted".into()),
+            (false, SslMode::Disable) => Err("unencrypted: sslmode=disable".into()),
+            (false, _) => {
+                Err("unencrypted: the server offers no TLS and sslmode=prefer let that pass".into())
+            }
+        };
+    };
+    let version: String = row.get(0);
+    Ok(match target.tls.effective_mode() {
+        SslMode::VerifyFull => format!("{version}, certificate and host name verified"),
+        SslMode::VerifyCa => format!("{version}, certificate verified, host name not"),
+        _ => format!(
+            "{version}, the server's certificate not verified (sslmode=verify-full verifies it)"
+        ),
+    })
+}
+
+fn explain_connect_error(err: &tokio_postgres::Error, target: &str, parsed: &Target) -> Finding {
+    let user = parsed.config.get_user().unwrap_or("?");
     if let Some(db) = err.as_db_error() {
         let code = db.code();
+        if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            && db.message().contains("no encryption")
+        {
+            return Finding::problem(
+                COMPONENT,
+                format!(
+                    "{target} admits role {user} only over TLS: {}",
+                    db.message()
+                ),
+                "set sslmode=verify-full (or require) in source.url",
+            );
+        }
         if *code == SqlState::INVALID_PASSWORD
             || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
         {
+            if db.message().contains("client certificate") {
+                return Finding::problem(
+                    COMPONENT,
+                    format!("authentication failed at {target}: {}", db.message()),
+                    format!("set sslcert and sslkey in source.url to a certificate of the server's CA made out to {user}"),
+                );
+            }
             return Finding::problem(
                 COMPONENT,
                 format!("authentication failed at {target}: {}", db.message()),
@@ -374,6 +435,21 @@ fn explain_connect_error(err: &tokio_postgres::Error, target: &str, config: &Con
                 code.code()
             ),
             "see the PostgreSQL server log for details",
+        );
+    }
+    if err
+        .to_string()
+        .starts_with("error performing TLS handshake")
+    {
+        let why = std::error::Error::source(err).map_or(String::new(), |s| s.to_string());
+        return Finding::problem(
+            COMPONENT,
+            format!("TLS with {target} failed: {why}"),
+            match parsed.tls.effective_mode() {
+                SslMode::VerifyFull => "the server's certificate must be signed by a CA in sslrootcert and name the host source.url connects to; sslmode=verify-ca skips the name",
+                SslMode::VerifyCa => "the server's certificate must be signed by a CA in sslrootcert",
+                _ => "turn ssl on at the server, or lower sslmode",
+            },
         );
     }
     preflight::unreachable(COMPONENT, "PostgreSQL", target, err).unwrap_or_else(|| {

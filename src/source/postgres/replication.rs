@@ -10,10 +10,12 @@
 //! which may then recycle WAL up to it. Call it only with a position whose events are all
 //! durable downstream — the server will never send anything before it again.
 
-use std::{str::FromStr, time::Duration};
+use std::time::Duration;
 
 use chrono::Utc;
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use pgwire_replication::{
+    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
+};
 use tokio_postgres::config::Host;
 
 use super::{
@@ -21,7 +23,7 @@ use super::{
     pgoutput::{self, DecodeError, Message},
     snapshot::{SIGNAL_PREFIX, WATERMARK_PREFIX},
 };
-use crate::{change::PgLsn, config::Secret};
+use crate::{change::PgLsn, config::Secret, postgres::Target};
 
 /// What can end a replication stream.
 #[derive(Debug, thiserror::Error)]
@@ -63,8 +65,7 @@ fn session_config(
     slot: &str,
     publication: &str,
 ) -> Result<(ReplicationConfig, String), StreamError> {
-    let config = tokio_postgres::Config::from_str(url.expose())
-        .map_err(|e| StreamError::Config(e.to_string()))?;
+    let Target { config, tls } = Target::parse(url).map_err(StreamError::Config)?;
     let host = match config.get_hosts().first() {
         Some(Host::Tcp(host)) => host.clone(),
         #[cfg(unix)]
@@ -80,9 +81,11 @@ fn session_config(
         .map(|p| String::from_utf8_lossy(p).into_owned())
         .unwrap_or_default();
     let database = config.get_dbname().unwrap_or(&user).to_owned();
+    let tls = tls.replication(&host);
     let replication =
         ReplicationConfig::new(host, user, password, database.clone(), slot, publication)
             .with_port(config.get_ports().first().copied().unwrap_or(5432))
+            .with_tls(tls)
             .with_options("-c DateStyle=ISO -c TimeZone=UTC")
             // Acknowledged positions reach the server within 20 ms of Kafka's acknowledgement
             // (at most fifty small status messages a second; with one a second, a slot lagged
@@ -94,6 +97,15 @@ fn session_config(
             // backlog of wide rows stays small in memory (the crate's default is 8,192).
             .with_buffer_size(512);
     Ok((replication, database))
+}
+
+/// A certificate refused is the configuration's fault: retrying will not help. (The
+/// session connects in a task of its own, so the refusal may come with the first read.)
+fn session_error(e: PgWireError) -> StreamError {
+    match e {
+        PgWireError::Tls(e) => StreamError::Config(e),
+        e => StreamError::Connection(e.to_string()),
+    }
 }
 
 /// One slot's stream of decoded changes.
@@ -118,7 +130,7 @@ impl ReplicationStream {
             .with_application_name(format!("fhir-cdc {}", options.connector));
         let client = ReplicationClient::connect(replication)
             .await
-            .map_err(|e| StreamError::Connection(e.to_string()))?;
+            .map_err(session_error)?;
         Ok(Self {
             client,
             decoder: ChangeDecoder::new(options.connector.clone(), database),
@@ -128,11 +140,7 @@ impl ReplicationStream {
     /// The next decoded item, or `None` when the stream was stopped.
     pub async fn next(&mut self) -> Result<Option<Decoded>, StreamError> {
         loop {
-            let event = self
-                .client
-                .recv()
-                .await
-                .map_err(|e| StreamError::Connection(e.to_string()))?;
+            let event = self.client.recv().await.map_err(session_error)?;
             // The message's column values borrow from its bytes.
             let bytes;
             let message = match event {

@@ -22,7 +22,7 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage, SimpleQueryRow};
+use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use super::types;
 use tokio::sync::mpsc;
@@ -31,6 +31,7 @@ use crate::{
     change::{ChangeEvent, Names, Operation, Position, Row, SourceMessage, SourceTable, Value},
     config::Secret,
     observe::progress::Progress,
+    postgres::ConnectError,
 };
 
 /// The prefix of the watermark messages in the WAL.
@@ -49,6 +50,8 @@ pub enum SnapshotError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error("source.url: {0}")]
+    Setup(String),
     #[error("the snapshot's reader stopped")]
     Cancelled,
 }
@@ -58,7 +61,7 @@ impl SnapshotError {
     pub fn postgres(&self) -> Option<&tokio_postgres::Error> {
         match self {
             Self::Connect(e) | Self::Read { source: e, .. } => Some(e),
-            Self::Cancelled => None,
+            Self::Setup(_) | Self::Cancelled => None,
         }
     }
 }
@@ -294,10 +297,10 @@ pub async fn estimated_rows(client: &Client, table: &ChunkTable) -> Option<u64> 
 /// A connection for reading tables (values as text under `DateStyle = ISO`, `TimeZone =
 /// UTC`, as [`super::types`] parses them), and the database's name.
 pub async fn connect(url: &Secret) -> Result<(Client, String), SnapshotError> {
-    let (client, connection) = tokio_postgres::connect(url.expose(), NoTls)
-        .await
-        .map_err(SnapshotError::Connect)?;
-    tokio::spawn(connection);
+    let client = crate::postgres::connect(url).await.map_err(|e| match e {
+        ConnectError::Setup(e) => SnapshotError::Setup(e),
+        ConnectError::Postgres(e) => SnapshotError::Connect(e),
+    })?;
     client
         .batch_execute("SET DateStyle = ISO; SET TimeZone = 'UTC'")
         .await
