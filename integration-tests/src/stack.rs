@@ -63,6 +63,12 @@ pub fn fhir_cdc(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// What `fhir-cdc check --config config` prints on its standard output.
+pub fn check_said(config: &Path) -> String {
+    let output = fhir_cdc(&["check", "--config", config.to_str().unwrap()]);
+    String::from_utf8(output.stdout).unwrap()
+}
+
 /// The `fhir-cdc` binary of this build (`make test` builds it first), or `FHIR_CDC_BIN`.
 pub fn fhir_cdc_bin() -> PathBuf {
     if let Ok(bin) = std::env::var("FHIR_CDC_BIN") {

@@ -33,6 +33,8 @@ APICURIO_VERSION=3.3.3
 # stack and are written to the env file; they are never printed.
 DB_USER=fhir_cdc
 DB_PASSWORD=fhir_cdc
+# A role PostgreSQL admits over TLS only, with a client certificate in its name as well.
+TLS_USER=fhir_cdc_tls
 DB_NAME=fhir_cdc
 REGISTRY_USER=fhir_cdc
 REGISTRY_PASSWORD=fhir_cdc_registry

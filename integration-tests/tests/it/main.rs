@@ -15,6 +15,7 @@ mod mysql_types;
 mod phi;
 mod postgres_snapshot;
 mod postgres_stream;
+mod postgres_tls;
 mod postgres_types;
 mod projector;
 mod sample_billing;

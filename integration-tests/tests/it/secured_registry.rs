@@ -3,21 +3,12 @@
 //! certificate and refused credentials with their fix, and a connector registers, and
 //! `tail` reads, its events through it.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::time::Duration;
 
 use crate::{
     connector::{await_caught_up, drain, start, tail_everything},
     stack,
 };
-
-fn check(config: &Path) -> String {
-    let output = Command::new(stack::fhir_cdc_bin())
-        .args(["check", "--config"])
-        .arg(config)
-        .output()
-        .unwrap();
-    String::from_utf8(output.stdout).unwrap()
-}
 
 #[tokio::test]
 async fn the_registry_is_used_over_https_with_basic_authentication() {
@@ -53,20 +44,20 @@ async fn the_registry_is_used_over_https_with_basic_authentication() {
     );
     let url = stack::env("FHIR_CDC_SCHEMA_REGISTRY_TLS_URL");
 
-    let said = check(&secured);
+    let said = stack::check_said(&secured);
     assert!(
         said.contains(&format!(
             "ok    registry  Confluent-compatible API answers at {url}"
         )),
         "{said}"
     );
-    let said = check(&untrusted);
+    let said = stack::check_said(&untrusted);
     assert!(
         said.contains(&format!("FAIL  registry  the schema registry at {url} presented a certificate this machine does not trust"))
             && said.contains("fix: set schema_registry.ca_file"),
         "{said}"
     );
-    let said = check(&refused);
+    let said = stack::check_said(&refused);
     assert!(
         said.contains(&format!(
             "FAIL  registry  the schema registry at {url} refused access (HTTP 401"
