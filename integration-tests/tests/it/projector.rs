@@ -508,6 +508,39 @@ async fn a_failing_registry_stops_the_projector_and_dead_letters_nothing() {
     drop_projections(&client, &[schema], &dir).await;
 }
 
+/// Start `fhir-cdc <args>` and kill -9 it `after` it has applied more than `past` events to
+/// `schema` (a fixed delay found nothing applied in a slow build, everything in a fast
+/// one); how many the history then holds.
+async fn kill_once_it_applies(
+    client: &tokio_postgres::Client,
+    config: &Path,
+    args: &[&str],
+    schema: &str,
+    past: i64,
+    after: Duration,
+) -> i64 {
+    let process = crate::connector::spawn(args, config, Stdio::null());
+    let applied = format!("SELECT count(*) FROM {schema}.history");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // The projector creates the table: until it has, nothing is applied.
+    while client
+        .query_one(&applied, &[])
+        .await
+        .map_or(0, |row| row.get::<_, i64>(0))
+        <= past
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "`{}` applies nothing",
+            args.join(" ")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(after).await;
+    crate::connector::crash(process);
+    count(client, &applied).await
+}
+
 #[tokio::test]
 async fn killed_at_random_points_the_projector_ends_with_the_uninterrupted_tables() {
     let client = stack::pg_client().await;
@@ -524,13 +557,19 @@ async fn killed_at_random_points_the_projector_ends_with_the_uninterrupted_table
 
     let crashed = format!("{}_crashed", prefix.replace('-', "_"));
     let config = projector_config(&dir, "crashed", &topic, &crashed);
-    // Kill -9 three times, each after a different delay, then let it finish.
-    for delay in [700, 1_300, 900] {
-        let process = crate::connector::spawn(&["project"], &config, Stdio::null());
-        tokio::time::sleep(Duration::from_millis(delay)).await;
-        crate::connector::crash(process);
+    // Kill -9 three times, each a different while after it applies more, then let it finish.
+    let mut before_the_end = 0;
+    for delay in [0, 150, 60] {
+        before_the_end = kill_once_it_applies(
+            &client,
+            &config,
+            &["project"],
+            &crashed,
+            before_the_end,
+            Duration::from_millis(delay),
+        )
+        .await;
     }
-    let before_the_end = count(&client, &format!("SELECT count(*) FROM {crashed}.history")).await;
     assert!(
         (1..all.len() as i64).contains(&before_the_end),
         "the kills land mid-stream ({before_the_end} applied)"
@@ -544,26 +583,15 @@ async fn killed_at_random_points_the_projector_ends_with_the_uninterrupted_table
     // the new one still reads from where it was told, and rebuilds everything.
     let replayed = format!("{}_replayed", prefix.replace('-', "_"));
     let config = projector_config(&dir, "replayed", &topic, &replayed);
-    let process =
-        crate::connector::spawn(&["replay", "--from", "earliest"], &config, Stdio::null());
-    // Killed as soon as it has applied something (a fixed delay let a fast build finish).
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let applied = format!("SELECT count(*) FROM {replayed}.history");
-    // The projector creates the table: until it has, nothing is applied.
-    while client
-        .query_one(&applied, &[])
-        .await
-        .map_or(0, |row| row.get::<_, i64>(0))
-        == 0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the replay applies nothing"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    crate::connector::crash(process);
-    let partly = count(&client, &format!("SELECT count(*) FROM {replayed}.history")).await;
+    let partly = kill_once_it_applies(
+        &client,
+        &config,
+        &["replay", "--from", "earliest"],
+        &replayed,
+        0,
+        Duration::ZERO,
+    )
+    .await;
     assert!(
         (1..all.len() as i64).contains(&partly),
         "killed midway ({partly})"
