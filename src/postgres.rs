@@ -24,7 +24,7 @@ use pgwire_replication::config::{SslMode as ReplicationSslMode, TlsConfig};
 use postgres_native_tls::MakeTlsConnector;
 use tokio_postgres::{config::SslMode as PgSslMode, Client, Config};
 
-use crate::config::Secret;
+use crate::config::{take_query_parameters, Parameter, Secret};
 
 /// libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -227,39 +227,12 @@ pub async fn connect(url: &Secret) -> Result<Client, ConnectError> {
 
 const TLS_PARAMETERS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
 
-/// A TLS parameter's name and its (decoded) value.
-type Parameter = (&'static str, String);
-
 /// The connection string without its TLS parameters, and those parameters.
 fn take_tls_parameters(url: &str) -> Result<(String, Vec<Parameter>), String> {
-    let mut taken = Vec::new();
-    let mut take = |name: &str, value: String| {
-        let known = TLS_PARAMETERS.iter().find(|p| **p == name);
-        if let Some(known) = known {
-            taken.push((*known, value));
-        }
-        known.is_some()
-    };
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let Some((base, query)) = url.split_once('?') else {
-            return Ok((url.to_owned(), taken));
-        };
-        let mut kept = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_encoding::percent_decode_str(value)
-                .decode_utf8()
-                .map_err(|_| format!("the value of `{name}` is not UTF-8 once decoded"))?;
-            if !take(name, value.into_owned()) {
-                kept.push(pair);
-            }
-        }
-        let rest = match kept.is_empty() {
-            true => base.to_owned(),
-            false => format!("{base}?{}", kept.join("&")),
-        };
-        return Ok((rest, taken));
+        return take_query_parameters(url, &TLS_PARAMETERS);
     }
+    let mut taken = Vec::new();
     // key = value pairs, a value optionally in single quotes with \' and \\ escapes.
     let mut rest = String::new();
     let mut chars = url.char_indices().peekable();
@@ -311,9 +284,12 @@ fn take_tls_parameters(url: &str) -> Result<(String, Vec<Parameter>), String> {
             }
         }
         let end = chars.peek().map_or(url.len(), |(i, _)| *i);
-        if !take(&name, value) {
-            rest.push_str(&url[start..end]);
-            rest.push(' ');
+        match TLS_PARAMETERS.iter().find(|known| **known == name) {
+            Some(known) => taken.push((*known, value)),
+            None => {
+                rest.push_str(&url[start..end]);
+                rest.push(' ');
+            }
         }
     }
     Ok((rest.trim_end().to_owned(), taken))

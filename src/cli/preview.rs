@@ -145,8 +145,8 @@ async fn preview_mysql(
     limit: u64,
 ) -> Result<u64, Failure> {
     let source_error = |e: mysql::MysqlError| Failure::Source(e.to_string());
-    let opts = mysql_async::Opts::from_url(source.url.expose())
-        .map_err(|e| Failure::Config(format!("source.url: {e}")))?;
+    let (opts, _) =
+        mysql::tls::opts(&source.url).map_err(|e| Failure::Config(format!("source.url: {e}")))?;
     let pool = mysql::snapshot::pool(&opts);
     let mut failures = 0;
     for (database, table) in tables {

@@ -8,6 +8,7 @@
 mod interpolate;
 mod kafka;
 mod secret;
+mod url;
 
 use std::{
     fmt,
@@ -23,6 +24,7 @@ pub use self::{
     interpolate::InterpolateError,
     kafka::{KafkaProperties, TopicSettings},
     secret::{redact_urls, Secret},
+    url::{take_query_parameters, Parameter},
 };
 
 /// One connector: a source database, the Kafka cluster it writes to, the schema registry.

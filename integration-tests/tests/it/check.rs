@@ -70,18 +70,32 @@ fn ensure_billing_tables() {
 fn the_reference_configs_pass_against_the_stack() {
     ensure_lab_tables();
     ensure_billing_tables();
-    for (file, source_line) in [
-        ("lab-postgres.toml", "ok    postgres  wal_level = logical"),
-        ("billing-mysql.toml", "ok    mysql     binlog_format = ROW"),
+    // PostgreSQL's default sslmode (prefer) gets the stack's TLS; a MySQL URL without
+    // ssl-mode is plaintext, and said to be.
+    for (file, source_lines) in [
+        (
+            "lab-postgres.toml",
+            [
+                "ok    postgres  wal_level = logical",
+                ", TLSv1.3, the server's certificate not verified (sslmode=verify-full verifies it))",
+                "0 problem(s), 0 warning(s)",
+            ],
+        ),
+        (
+            "billing-mysql.toml",
+            [
+                "ok    mysql     binlog_format = ROW",
+                "), unencrypted\n                fix: give the server ssl_cert and ssl_key, and set ssl-mode=VERIFY_IDENTITY",
+                "0 problem(s), 1 warning(s)",
+            ],
+        ),
     ] {
         let outcome = check(&reference(file), &[]);
         assert_eq!(outcome.code, 0, "{file}:\n{}", outcome.stdout);
-        for expected in [
-            source_line,
+        for expected in source_lines.into_iter().chain([
             "ok    kafka     1 broker(s) answer at",
             "ok    registry  Confluent-compatible API answers at",
-            "0 problem(s), 0 warning(s)",
-        ] {
+        ]) {
             assert!(
                 outcome.stdout.contains(expected),
                 "{file}: `{expected}` missing from:\n{}",

@@ -362,3 +362,57 @@ async fn offsets_reset_waits_for_a_stopped_connector_then_reads_a_table_again() 
     let events = events_of(&billing.topic).await;
     assert_eq!(latest_values(&events, PRICE), billing.amounts().await);
 }
+
+/// The connector as a user the server admits over TLS only, with a client certificate of
+/// the stack's CA (`REQUIRE X509`): `check` says how the connection is protected and names
+/// a plaintext attempt's refusal; the snapshot and the binary-log stream arrive whole
+/// (every connection of the connector is encrypted: the server admits no other).
+#[tokio::test]
+async fn the_connector_reads_over_tls_with_a_client_certificate() {
+    let mut billing = billing("my_tls").await;
+    let plain = std::fs::read_to_string(&billing.config).unwrap();
+    let tls = plain.replace("${env:FHIR_CDC_MYSQL_URL}", "${env:FHIR_CDC_MYSQL_TLS_URL}");
+    assert_ne!(tls, plain);
+    let tls_url = stack::env("FHIR_CDC_MYSQL_TLS_URL");
+    let (base, _) = tls_url.split_once('?').unwrap();
+    for (url, expected) in [
+        (base.to_owned(), "FAIL  mysql     authentication failed"),
+        (
+            // A certificate that signed nothing, for a CA.
+            format!(
+                "{base}?ssl-mode=VERIFY_IDENTITY&ssl-ca={}",
+                stack::env("FHIR_CDC_STACK_CA").replace("ca.pem", "client.pem")
+            ),
+            "FAIL  mysql     TLS with 127.0.0.1",
+        ),
+        (
+            format!("{base}?ssl-mode=PREFERRED"),
+            "fall back to plaintext",
+        ),
+    ] {
+        std::fs::write(
+            &billing.config,
+            plain.replace("${env:FHIR_CDC_MYSQL_URL}", &url),
+        )
+        .unwrap();
+        let said = stack::check_said(&billing.config);
+        assert!(said.contains(expected), "{url}: {said}");
+    }
+    std::fs::write(&billing.config, tls).unwrap();
+    let said = stack::check_said(&billing.config);
+    assert!(
+        said.contains("as fhir_cdc_tls (")
+            && said.contains(", certificate and host name verified)"),
+        "{said}"
+    );
+
+    billing.insert(1, 20).await;
+    let connector = start(&billing.config, &billing.log);
+    await_snapshotted(&billing.config, &billing.log).await;
+    billing.insert(21, 10).await;
+    await_binlog_stored(&billing.config, Duration::from_secs(60), &billing.log).await;
+    assert!(stop(connector).success());
+    let events = events_of(&billing.topic).await;
+    assert_eq!(latest_values(&events, PRICE), billing.amounts().await);
+    assert_eq!(latest_values(&events, PRICE).len(), 30);
+}

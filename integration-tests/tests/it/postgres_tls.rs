@@ -53,8 +53,11 @@ async fn the_connector_and_the_projector_work_over_tls_with_a_client_certificate
             "requires a valid client certificate",
         ),
         (
-            format!("{base}?sslmode=verify-full&sslrootcert=/etc/ssl/certs/ca-certificates.crt")
-                .replace("127.0.0.1", "localhost"),
+            // A certificate that signed nothing, for a CA.
+            format!(
+                "{base}?sslmode=verify-full&sslrootcert={}",
+                ca.replace("ca.pem", "client.pem")
+            ),
             "certificate verify failed",
         ),
         (

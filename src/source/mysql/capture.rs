@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use mysql_async::{Conn, Opts, Pool};
+use mysql_async::{Conn, Pool};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
@@ -99,7 +99,7 @@ impl Source for MysqlSource {
             state: published,
             shutdown,
         } = io;
-        let opts = Opts::from_url(self.url.expose())
+        let (opts, _) = super::tls::opts(&self.url)
             .map_err(|e| SourceError::Connector(format!("source.url: {e}")))?;
         refuse_foreign_state(stored.as_ref(), Self::KIND, &self.connector)?;
         let mut admin = Conn::new(opts.clone()).await.map_err(MysqlError::connect)?;

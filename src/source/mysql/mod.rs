@@ -5,6 +5,7 @@ pub mod capture;
 pub mod gtid;
 pub mod preflight;
 pub mod snapshot;
+pub mod tls;
 pub mod types;
 
 use mysql_async::{prelude::Queryable, Conn};
@@ -189,8 +190,7 @@ pub async fn purged_since(
 }
 
 pub async fn connect(url: &Secret) -> Result<Conn, MysqlError> {
-    let opts = mysql_async::Opts::from_url(url.expose())
-        .map_err(|e| MysqlError::Definite(format!("source.url: {e}")))?;
+    let (opts, _) = tls::opts(url).map_err(|e| MysqlError::Definite(format!("source.url: {e}")))?;
     Conn::new(opts).await.map_err(MysqlError::connect)
 }
 

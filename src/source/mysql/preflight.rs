@@ -13,8 +13,9 @@
 
 use std::time::Duration;
 
-use mysql_async::{prelude::Queryable, Conn, Opts};
+use mysql_async::{prelude::Queryable, Conn};
 
+use super::tls::{self, SslMode};
 use crate::{
     config::Secret,
     preflight::{self, Finding},
@@ -58,13 +59,13 @@ pub struct TableFacts {
 /// Connect with `url` and check every prerequisite of binlog capture, and with `mapped`
 /// also the tables the mappings read.
 pub async fn check(url: &Secret, mapped: &[MappedTable]) -> Vec<Finding> {
-    let opts = match Opts::from_url(url.expose()) {
-        Ok(opts) => opts,
+    let (opts, mode) = match tls::opts(url) {
+        Ok(parsed) => parsed,
         Err(e) => {
             return vec![Finding::problem(
                 COMPONENT,
                 format!("source.url is not a valid MySQL URL: {e}"),
-                "use mysql://user:password@host:port/database",
+                "use mysql://user:password@host:port/database?ssl-mode=VERIFY_IDENTITY&ssl-ca=/path/ca.pem",
             )]
         }
     };
@@ -105,10 +106,7 @@ pub async fn check(url: &Secret, mapped: &[MappedTable]) -> Vec<Finding> {
             )]
         }
     };
-    let mut findings = vec![Finding::ok(
-        COMPONENT,
-        format!("connected to {target} ({})", facts.version),
-    )];
+    let mut findings = vec![encryption(&mut conn, &target, &facts.version, mode).await];
     findings.extend(evaluate(&facts));
     for mapped in mapped {
         findings.push(match read_table_facts(&mut conn, mapped).await {
@@ -333,7 +331,55 @@ pub fn evaluate(facts: &ServerFacts) -> Vec<Finding> {
     findings
 }
 
+/// The first finding: connected, and how the connection is protected.
+async fn encryption(conn: &mut Conn, target: &str, version: &str, mode: SslMode) -> Finding {
+    let tls: Option<(String, String)> = conn
+        .query_first("SHOW SESSION STATUS LIKE 'Ssl_version'")
+        .await
+        .ok()
+        .flatten();
+    let Some(tls) = tls.map(|(_, v)| v).filter(|v| !v.is_empty()) else {
+        return Finding::warning(
+            COMPONENT,
+            format!("connected to {target} ({version}), unencrypted"),
+            "give the server ssl_cert and ssl_key, and set ssl-mode=VERIFY_IDENTITY with ssl-ca in source.url: rows of patient data cross this connection",
+        );
+    };
+    let verified = match mode {
+        SslMode::VerifyIdentity => "certificate and host name verified",
+        SslMode::VerifyCa => "certificate verified, host name not",
+        _ => "the server's certificate not verified (ssl-mode=VERIFY_IDENTITY verifies it)",
+    };
+    Finding::ok(
+        COMPONENT,
+        format!("connected to {target} ({version}, {tls}, {verified})"),
+    )
+}
+
 fn explain_connect_error(err: &mysql_async::Error, target: &str, user: &str) -> Finding {
+    // rustls's refusals come as I/O errors that carry a rustls error.
+    let tls = match err {
+        mysql_async::Error::Io(mysql_async::IoError::Tls(tls)) => Some(tls.to_string()),
+        mysql_async::Error::Io(mysql_async::IoError::Io(io)) => io
+            .get_ref()
+            .filter(|inner| inner.is::<rustls::Error>())
+            .map(|inner| inner.to_string()),
+        _ => None,
+    };
+    if let Some(tls) = tls {
+        return Finding::problem(
+            COMPONENT,
+            format!("TLS with {target} failed: {tls}"),
+            "the server's certificate must be signed by the CA in ssl-ca (and, with VERIFY_IDENTITY, name the host source.url connects to)",
+        );
+    }
+    if let mysql_async::Error::Driver(mysql_async::DriverError::NoClientSslFlagFromServer) = err {
+        return Finding::problem(
+            COMPONENT,
+            format!("{target} offers no TLS"),
+            "give the server ssl_cert and ssl_key (and restart it), or drop ssl-mode from source.url",
+        );
+    }
     if let mysql_async::Error::Server(server) = err {
         return match server.code {
             // ER_ACCESS_DENIED_ERROR
