@@ -1,5 +1,5 @@
 //! No secret is ever printed: sentinel values in every secret a configuration holds (the
-//! source's and the read model's passwords, the registry's credentials, a Kafka password
+//! source's and the read model's passwords, the registry's credentials and bearer token, a Kafka password
 //! under a misspelt key, a password in a line TOML cannot parse, a password in a field of
 //! the wrong type), fed through the failing paths of every command, must not appear in
 //! anything the commands write. Nothing here needs a running service: every address is
@@ -7,7 +7,7 @@
 
 use std::{path::Path, process::Command, time::Duration};
 
-const SENTINELS: [&str; 7] = [
+const SENTINELS: [&str; 8] = [
     "SentinelPg7781",
     "SentinelRegistry7782",
     "SentinelKafka7783",
@@ -15,6 +15,7 @@ const SENTINELS: [&str; 7] = [
     "SentinelProjection7785",
     "SentinelTokenKey7786SentinelTokenKey7786",
     "SentinelRegistryPassword7787",
+    "SentinelBearer7788",
 ];
 
 fn fhir_cdc(args: &[&str], config: &Path) -> String {
@@ -59,7 +60,7 @@ fn assert_no_sentinel(what: &str, said: &str) {
 fn no_command_prints_a_secret_on_its_failing_paths() {
     let dir = std::env::temp_dir().join(format!("fhir-cdc-secrets-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let [pg, registry, kafka, toml, projection, token_key, registry_password] = SENTINELS;
+    let [pg, registry, kafka, toml, projection, token_key, registry_password, bearer] = SENTINELS;
     let mappings = Path::new(env!("CARGO_MANIFEST_DIR")).join("mappings/lab");
     let connector_text = format!(
         r#"name = "sentinel"
@@ -98,7 +99,8 @@ token_key = "{token_key}"
 bootstrap.servers = "127.0.0.1:1"
 sasl.password = "{kafka}"
 [schema_registry]
-url = "http://user:{registry}@127.0.0.1:1"
+url = "http://127.0.0.1:1"
+bearer_token = "{bearer}"
 [topics]
 prefix = "fhir"
 [projection]

@@ -17,7 +17,7 @@ use schema_registry_converter::{
 
 use super::{schema::event_schema, AvroShapeError, CanonicalEvent, EventWriter, JsonResource};
 use crate::{
-    config::{redact_urls, RegistryConfig},
+    config::{redact_urls, RegistryAuth, RegistryConfig},
     preflight::{self, Finding},
 };
 
@@ -48,9 +48,11 @@ pub async fn check(config: &RegistryConfig) -> Vec<Finding> {
     };
     let subjects_url = format!("{base}/subjects");
     let mut request = client.get(&subjects_url);
-    if let (Some(username), Some(password)) = (&config.username, &config.password) {
-        request = request.basic_auth(username, Some(password.expose()));
-    }
+    request = match config.auth() {
+        RegistryAuth::Basic(user, password) => request.basic_auth(user, Some(password.expose())),
+        RegistryAuth::Bearer(token) => request.bearer_auth(token.expose()),
+        RegistryAuth::None => request,
+    };
     let response = match request.send().await {
         Ok(response) => response,
         Err(e) => {
@@ -202,8 +204,14 @@ impl EventCodec {
     /// used.
     pub fn new(config: &RegistryConfig) -> Result<Self, CodecError> {
         let mut settings = SrSettings::new_builder(config.url.trim_end_matches('/').to_owned());
-        if let (Some(username), Some(password)) = (&config.username, &config.password) {
-            settings.set_basic_authorization(username, Some(password.expose()));
+        match config.auth() {
+            RegistryAuth::Basic(user, password) => {
+                settings.set_basic_authorization(user, Some(password.expose()));
+            }
+            RegistryAuth::Bearer(token) => {
+                settings.set_token_authorization(token.expose());
+            }
+            RegistryAuth::None => {}
         }
         let settings = settings
             .build_with(client_builder(config).map_err(CodecError::Setup)?)

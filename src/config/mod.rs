@@ -580,6 +580,11 @@ pub struct RegistryConfig {
     #[serde(default, deserialize_with = "optional_interpolated")]
     pub username: Option<String>,
     pub password: Option<Secret>,
+    /// `bearer_token`: sent as `Authorization: Bearer …` (an OAuth access token, or the
+    /// static token of a gateway in front of the registry); instead of basic
+    /// authentication. Usually a `${file:…}` reference, which a token refresher rewrites:
+    /// it is read when the process starts.
+    pub bearer_token: Option<Secret>,
     /// `ca_file`: a PEM file of the certificate authorities an `https://` registry's
     /// certificate is checked against, in addition to the system's. Relative to this
     /// config file.
@@ -587,7 +592,24 @@ pub struct RegistryConfig {
     pub ca_file: Option<PathBuf>,
 }
 
+/// How requests to the registry authenticate.
+#[derive(Debug, Clone, Copy)]
+pub enum RegistryAuth<'a> {
+    None,
+    Basic(&'a str, &'a Secret),
+    Bearer(&'a Secret),
+}
+
 impl RegistryConfig {
+    /// The authentication configured (valid once [`Self::validate`] passed).
+    pub fn auth(&self) -> RegistryAuth<'_> {
+        match (&self.username, &self.password, &self.bearer_token) {
+            (Some(user), Some(password), _) => RegistryAuth::Basic(user, password),
+            (_, _, Some(token)) => RegistryAuth::Bearer(token),
+            _ => RegistryAuth::None,
+        }
+    }
+
     /// Make `ca_file` relative to `dir`, the config file's directory.
     pub fn resolve_paths(&mut self, dir: &Path) {
         if let Some(ca) = self.ca_file.as_mut().filter(|ca| ca.is_relative()) {
@@ -602,6 +624,13 @@ impl RegistryConfig {
             return Err((
                 "schema_registry.url",
                 format!("`{}` is not an http:// or https:// URL", redact_urls(url)),
+            ));
+        }
+        if self.bearer_token.is_some() && (self.username.is_some() || self.password.is_some()) {
+            return Err((
+                "schema_registry.bearer_token",
+                "is set with schema_registry.username/password: give one way to authenticate"
+                    .into(),
             ));
         }
         match (&self.username, &self.password) {
@@ -988,6 +1017,13 @@ url = "http://localhost:8081"
             (
                 format!("{VALID}[topics.dead_letters]\nname = \"{{prefix}}.letters\""),
                 "topics.dead_letters.name",
+            ),
+            (
+                VALID.replace(
+                    "http://localhost:8081\"",
+                    "http://localhost:8081\"\nusername = \"u\"\npassword = \"p\"\nbearer_token = \"t\"",
+                ),
+                "schema_registry.bearer_token",
             ),
         ];
         for (text, field) in cases {

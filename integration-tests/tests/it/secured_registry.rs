@@ -3,10 +3,10 @@
 //! certificate and refused credentials with their fix, and a connector registers, and
 //! `tail` reads, its events through it.
 
-use std::time::Duration;
+use std::{process::Command, time::Duration};
 
 use crate::{
-    connector::{await_caught_up, drain, start, tail_everything},
+    connector::{await_caught_up, drain, free_port, start, tail_everything},
     stack,
 };
 
@@ -77,6 +77,93 @@ async fn the_registry_is_used_over_https_with_basic_authentication() {
         .map(|event| event["resource_id"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(ids, ["result-1", "result-2"]);
+
+    stack::drop_capture(&client, &slot, &slot, &schema).await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `bearer_token` (here from a file, as a token refresher writes it): the registry behind a
+/// gateway that admits one token (`fixtures/token_gateway.py`) registers the connector's
+/// schemas; a wrong token is a refusal that does not print the token.
+#[tokio::test]
+async fn a_bearer_token_reaches_the_registry_behind_a_token_gateway() {
+    let client = stack::pg_client().await;
+    let schema = stack::unique("bearer");
+    stack::create_lab_schema(&client, &schema).await;
+    let dir = std::env::temp_dir().join(&schema);
+    stack::lab_mappings(&dir.join("mappings"), &schema, &["result.yaml"]);
+    let prefix = stack::unique("bearer");
+    let plain =
+        std::fs::read_to_string(stack::connector_config(&dir, &schema, &prefix, "")).unwrap();
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "sentinel-bearer-token-8c1f\n").unwrap();
+    let registry = stack::env("FHIR_CDC_SCHEMA_REGISTRY_URL");
+    let (upstream, path) = registry[7..].split_once('/').unwrap();
+    let port = free_port();
+    let mut gateway = Command::new("python3")
+        .arg(stack::repo_root().join("integration-tests/fixtures/token_gateway.py"))
+        .arg(port.to_string())
+        .arg(format!("http://{upstream}"))
+        .arg(&token_file)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!("http://127.0.0.1:{port}/{path}");
+    let variant = |file: &str, token: &str| {
+        let config = dir.join(file);
+        let text = plain.replace(
+            "url = \"${env:FHIR_CDC_SCHEMA_REGISTRY_URL}\"",
+            &format!("url = \"{url}\"\nbearer_token = \"{token}\""),
+        );
+        assert_ne!(text, plain);
+        std::fs::write(&config, text).unwrap();
+        config
+    };
+    let secured = variant(
+        "bearer.toml",
+        &format!("${{file:{}}}", token_file.display()),
+    );
+    let wrong = variant("wrong.toml", "not-the-token");
+
+    let said = stack::check_said(&secured);
+    assert!(
+        said.contains(&format!(
+            "ok    registry  Confluent-compatible API answers at {url}"
+        )),
+        "{said}"
+    );
+    let said = stack::check_said(&wrong);
+    assert!(
+        said.contains(&format!(
+            "FAIL  registry  the schema registry at {url} refused access (HTTP 401"
+        )),
+        "{said}"
+    );
+    assert!(!said.contains("not-the-token"), "{said}");
+
+    let slot = format!("fhir_cdc_{schema}");
+    let log = dir.join("run.log");
+    let connector = start(&secured, &log);
+    await_caught_up(&client, &slot, Duration::from_secs(30), &log).await;
+    stack::insert_results(&client, &format!("{schema}.lab_result"), 2).await;
+    drain(&client, &slot, connector, Duration::from_secs(60), &log).await;
+    let ids: Vec<String> = tail_everything(&secured)
+        .iter()
+        .map(|event| event["resource_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["result-1", "result-2"]);
+    assert!(!std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("sentinel-bearer-token"));
+    gateway.kill().unwrap();
+    gateway.wait().unwrap();
 
     stack::drop_capture(&client, &slot, &slot, &schema).await;
     std::fs::remove_dir_all(dir).unwrap();
