@@ -127,16 +127,20 @@ pub fn mapper_for(config: &ConnectorConfig, mappings: Vec<Mapping>) -> Result<Ma
 }
 
 /// The topics of a connector's events, one per domain and resource type of its mappings,
-/// each with the resource type its events carry.
-fn event_topics(config: &ConnectorConfig, mappings: &[Mapping]) -> BTreeMap<String, String> {
+/// each with the resource type its events carry and the class of topics it is in.
+fn event_topics<'a>(
+    topics: &'a TopicsConfig,
+    mappings: &[Mapping],
+) -> BTreeMap<String, (String, &'a TopicClass)> {
     mappings
         .iter()
         .flat_map(|m| {
             m.resources.iter().map(move |r| {
-                let topic = config
-                    .topics
-                    .event_topic(m.sensitivity, &m.domain, &r.resource_type);
-                (topic, r.resource_type.clone())
+                let topic = topics.event_topic(m.sensitivity, &m.domain, &r.resource_type);
+                (
+                    topic,
+                    (r.resource_type.clone(), topics.class(m.sensitivity)),
+                )
             })
         })
         .collect()
@@ -146,14 +150,9 @@ fn event_topics(config: &ConnectorConfig, mappings: &[Mapping]) -> BTreeMap<Stri
 /// with its class's settings.
 pub fn topic_specs(config: &ConnectorConfig, mappings: &[Mapping]) -> Vec<TopicSpec> {
     let topics = &config.topics;
-    let mut classes: BTreeMap<String, &TopicClass> = mappings
-        .iter()
-        .flat_map(|m| {
-            m.resources.iter().map(move |r| {
-                let topic = topics.event_topic(m.sensitivity, &m.domain, &r.resource_type);
-                (topic, topics.class(m.sensitivity))
-            })
-        })
+    let mut classes: BTreeMap<String, &TopicClass> = event_topics(topics, mappings)
+        .into_iter()
+        .map(|(topic, (_, class))| (topic, class))
         .collect();
     classes.insert(config.dead_letter_topic(), &topics.dead_letters);
     classes
@@ -184,7 +183,10 @@ pub async fn run<S: Source>(
     let source = source(mapping::source_tables(&mappings));
     let dead_letter_topic = config.dead_letter_topic();
     let specs = topic_specs(config, &mappings);
-    let event_topics = event_topics(config, &mappings);
+    let event_topics: BTreeMap<String, String> = event_topics(&config.topics, &mappings)
+        .into_iter()
+        .map(|(topic, (resource_type, _))| (topic, resource_type))
+        .collect();
     // Connecting to Kafka (and, with idempotence, getting a producer id) starts now.
     let producer = StreamProducer::new(&config.kafka)?;
     let mapper = mapper_for(config, mappings)?;
