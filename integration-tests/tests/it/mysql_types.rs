@@ -34,7 +34,8 @@ async fn every_type_reads_the_same_from_the_binlog_and_a_snapshot() {
             ts TIMESTAMP(3) NULL, t TIME(2), neg TIME, y YEAR,
             name VARCHAR(40) CHARACTER SET latin1, note TEXT CHARACTER SET utf8mb4,
             raw VARBINARY(8), payload BLOB, status ENUM('F','P','C'), tags SET('a','b','c'),
-            doc JSON, nothing VARCHAR(5) NULL)"
+            doc JSON, nothing VARCHAR(5) NULL, tiny TINYINT, small SMALLINT,
+            medium MEDIUMINT, umedium MEDIUMINT UNSIGNED)"
     ))
     .await
     .unwrap();
@@ -45,7 +46,8 @@ async fn every_type_reads_the_same_from_the_binlog_and_a_snapshot() {
             4294967295, -9223372036854775808, 18446744073709551615, 0.1, 2.5e-300,
             '2024-02-29', '0000-00-00', '2024-03-05 14:30:00.000001', '0000-00-00 00:00:00',
             '2024-03-05 19:30:00.250', '07:05:03.25', '-838:59:59', 2024,
-            'Müller € ç', 'Zoë 🩺', x'00ff10', x'cafe', 'C', 'a,c', '{{\"k\": [1, 2.50]}}', NULL)"
+            'Müller € ç', 'Zoë 🩺', x'00ff10', x'cafe', 'C', 'a,c', '{{\"k\": [1, 2.50]}}', NULL,
+            -128, -32768, -8388608, 16777215)"
     ))
     .await
     .unwrap();
@@ -101,6 +103,10 @@ async fn every_type_reads_the_same_from_the_binlog_and_a_snapshot() {
         Some(&Value::Bytes(vec![0x0A, 0x01]))
     );
     assert_eq!(streamed.get("i"), Some(&Value::Int(-2147483648)));
+    assert_eq!(streamed.get("tiny"), Some(&Value::Int(-128)));
+    assert_eq!(streamed.get("small"), Some(&Value::Int(-32768)));
+    assert_eq!(streamed.get("medium"), Some(&Value::Int(-8388608)));
+    assert_eq!(streamed.get("umedium"), Some(&Value::Int(16777215)));
     assert_eq!(streamed.get("ui"), Some(&Value::Int(4294967295)));
     assert_eq!(streamed.get("big"), Some(&Value::Int(i64::MIN)));
     assert_eq!(streamed.get("ubig"), Some(&decimal("18446744073709551615")));
