@@ -10,7 +10,8 @@ use std::{collections::HashMap, time::Duration};
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication},
     client::{ClientContext, DefaultClientContext},
-    consumer::{BaseConsumer, Consumer},
+    config::RDKafkaLogLevel,
+    consumer::{BaseConsumer, Consumer, ConsumerContext},
     error::KafkaError,
     message::{Header, OwnedHeaders},
     producer::{
@@ -39,7 +40,9 @@ pub async fn check(properties: &KafkaProperties) -> Vec<Finding> {
             format!("librdkafka refused the [kafka] properties: {e}"),
             "correct the property in [kafka]; names and values are librdkafka's (see its CONFIGURATION.md)",
         )],
-        Err(MetadataFailure::Cluster(e)) => vec![explain_metadata_error(&e, bootstrap)],
+        Err(MetadataFailure::Cluster(e, seen)) => {
+            vec![explain_metadata_error(&e, seen.as_ref(), bootstrap)]
+        }
         Err(MetadataFailure::Task(e)) => vec![Finding::problem(
             COMPONENT,
             format!("metadata request failed: {e}"),
@@ -56,28 +59,113 @@ fn bootstrap(properties: &KafkaProperties) -> &str {
 enum MetadataFailure {
     /// librdkafka would not create a client (see [`creation_message`]).
     Properties(String),
-    /// The cluster did not answer, or refused.
-    Cluster(KafkaError),
+    /// The cluster did not answer, or refused; with the last error librdkafka reported
+    /// meanwhile, which says why (authentication, TLS) where the request's own error
+    /// says only that it timed out.
+    Cluster(KafkaError, Option<ClientError>),
     /// The blocking task asking it failed.
     Task(String),
 }
 
 /// The number of brokers and topics the cluster reports, waiting up to `METADATA_TIMEOUT`.
 async fn cluster_metadata(properties: &KafkaProperties) -> Result<(usize, usize), MetadataFailure> {
-    let consumer: BaseConsumer = properties
+    let consumer: BaseConsumer<LastError> = properties
         .client_config()
-        .create()
+        .create_with_context(LastError::default())
         .map_err(|e| MetadataFailure::Properties(creation_message(&e)))?;
-    // fetch_metadata blocks; keep it off the async workers.
+    // fetch_metadata blocks; keep it off the async workers. librdkafka hands over its errors
+    // (a refused password, a failed handshake) only when the client is polled: ask in short
+    // requests, polling between them, and stop at once at an error no retry mends.
     tokio::task::spawn_blocking(move || {
-        consumer
-            .fetch_metadata(None, METADATA_TIMEOUT)
-            .map(|m| (m.brokers().len(), m.topics().len()))
+        let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
+        loop {
+            match consumer.fetch_metadata(None, Duration::from_secs(1)) {
+                Ok(m) => return Ok((m.brokers().len(), m.topics().len())),
+                Err(e) => {
+                    let _ = consumer.poll(Duration::ZERO);
+                    let seen = consumer.context().last();
+                    if std::time::Instant::now() >= deadline
+                        || seen.as_ref().is_some_and(ClientError::is_definite)
+                    {
+                        return Err(MetadataFailure::Cluster(e, seen));
+                    }
+                }
+            }
+        }
     })
     .await
     .map_err(|e| MetadataFailure::Task(e.to_string()))?
-    .map_err(MetadataFailure::Cluster)
 }
+
+/// A client context that keeps the last error librdkafka reported. librdkafka says why a
+/// broker could not be reached (a refused password, a failed handshake) in its log and in
+/// error events, but answers a request only that it failed; `check` and topic creation ask
+/// this context why. Its log goes on to the program's log as librdkafka's always does.
+#[derive(Debug, Default)]
+struct LastError(std::sync::Mutex<Option<ClientError>>);
+
+/// An error librdkafka reported: its code and its reason (which holds no property value).
+#[derive(Debug, Clone)]
+struct ClientError {
+    code: Option<RDKafkaErrorCode>,
+    reason: String,
+}
+
+impl ClientError {
+    /// Whether asking again cannot help: the brokers refused authentication, or TLS failed.
+    fn is_definite(&self) -> bool {
+        matches!(
+            self.code,
+            Some(
+                RDKafkaErrorCode::Authentication
+                    | RDKafkaErrorCode::SaslAuthenticationFailed
+                    | RDKafkaErrorCode::SSL
+            )
+        )
+    }
+}
+
+impl LastError {
+    fn last(&self) -> Option<ClientError> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl LastError {
+    fn keep(&self, seen: ClientError) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
+    }
+}
+
+impl ClientContext for LastError {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        // A connection that failed: a TLS handshake (to a plaintext listener, or with a
+        // certificate the CA did not sign) is only logged, never an error event.
+        if facility == "FAIL" {
+            let code = if message.contains("SSL handshake failed") {
+                Some(RDKafkaErrorCode::SSL)
+            } else if message.contains("SASL authentication error") {
+                Some(RDKafkaErrorCode::Authentication)
+            } else {
+                None
+            };
+            self.keep(ClientError {
+                code,
+                reason: message.to_owned(),
+            });
+        }
+        DefaultClientContext.log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.keep(ClientError {
+            code: error.rdkafka_error_code(),
+            reason: reason.to_owned(),
+        });
+    }
+}
+
+impl ConsumerContext for LastError {}
 
 /// Why librdkafka would not create a client, without the value of the property it names:
 /// a misspelt `sasl.password` is still a password.
@@ -96,19 +184,27 @@ pub fn creation_message(err: &KafkaError) -> String {
     }
 }
 
-fn explain_metadata_error(err: &KafkaError, bootstrap: &str) -> Finding {
-    match err.rdkafka_error_code() {
+fn explain_metadata_error(
+    err: &KafkaError,
+    seen: Option<&ClientError>,
+    bootstrap: &str,
+) -> Finding {
+    let (code, reason) = match seen {
+        Some(seen) => (seen.code, seen.reason.as_str()),
+        None => (err.rdkafka_error_code(), ""),
+    };
+    match code {
         Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed) => {
             Finding::problem(
                 COMPONENT,
-                format!("the brokers at {bootstrap} refused authentication"),
+                format!("the brokers at {bootstrap} refused authentication ({reason})"),
                 "check sasl.mechanism, sasl.username and sasl.password in [kafka]",
             )
         }
         Some(RDKafkaErrorCode::SSL) => Finding::problem(
             COMPONENT,
-            format!("TLS handshake with {bootstrap} failed"),
-            "check security.protocol and ssl.ca.location in [kafka]",
+            format!("TLS with {bootstrap} failed ({reason})"),
+            "check security.protocol (SSL or SASL_SSL only where the listener speaks TLS) and ssl.ca.location in [kafka]",
         ),
         _ => Finding::problem(
             COMPONENT,
@@ -255,12 +351,13 @@ pub async fn ensure_topics(
         .await
         .map_err(|failure| match failure {
             MetadataFailure::Properties(e) => SinkError::Config(e),
-            MetadataFailure::Cluster(e) => SinkError::Topic {
+            MetadataFailure::Cluster(e, seen) => SinkError::Topic {
                 topic: ALL_TOPICS.into(),
                 reason: format!(
-                    "no Kafka broker answered at {} (waited up to {}s: {e})",
+                    "no Kafka broker answered at {} (waited up to {}s: {e}{})",
                     bootstrap(properties),
-                    METADATA_TIMEOUT.as_secs()
+                    METADATA_TIMEOUT.as_secs(),
+                    seen.map(|s| format!("; {}", s.reason)).unwrap_or_default()
                 ),
             },
             MetadataFailure::Task(reason) => SinkError::Topic {
