@@ -19,6 +19,7 @@ PG_PORT=${FHIR_CDC_PG_PORT:-54329}
 MYSQL_PORT=${FHIR_CDC_MYSQL_PORT:-33069}
 KAFKA_PORT=${FHIR_CDC_KAFKA_PORT:-19092}
 KAFKA_CONTROLLER_PORT=${FHIR_CDC_KAFKA_CONTROLLER_PORT:-19093}
+KAFKA_SASL_PORT=${FHIR_CDC_KAFKA_SASL_PORT:-19094}
 REGISTRY_PORT=${FHIR_CDC_REGISTRY_PORT:-18081}
 REGISTRY_MANAGEMENT_PORT=${FHIR_CDC_REGISTRY_MANAGEMENT_PORT:-18082}
 REGISTRY_TLS_PORT=${FHIR_CDC_REGISTRY_TLS_PORT:-18443}
@@ -38,6 +39,10 @@ TLS_USER=fhir_cdc_tls
 DB_NAME=fhir_cdc
 REGISTRY_USER=fhir_cdc
 REGISTRY_PASSWORD=fhir_cdc_registry
+# Kafka's SASL_SSL listener admits these SCRAM users, one per role of the least-privilege
+# setup in docs/operations.md; what each may do is granted by ACLs (kafka-acls).
+KAFKA_SASL_USERS=(fhir_cdc_connector fhir_cdc_projector fhir_cdc_reader)
+KAFKA_SASL_PASSWORD=fhir_cdc_kafka
 
 COMPONENTS=(postgres mariadb kafka registry registry-tls)
 

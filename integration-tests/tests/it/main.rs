@@ -9,6 +9,7 @@ mod crash_restart;
 mod dlq;
 mod fhir_definitions;
 mod fhir_oracle;
+mod kafka_acls;
 mod kafka_sink;
 mod mysql_capture;
 mod mysql_types;
