@@ -26,11 +26,14 @@ lint:
 # Each fuzz target (fuzz/fuzz_targets) for FUZZ_SECONDS, with the nightly toolchain and
 # cargo-fuzz (installed from crates.io when missing). Not part of `test`: a minute per
 # target is more than CI's budget allows; a crash stops it with the input in fuzz/artifacts.
+# Seeds kept in the repository (fuzz/seeds/<target>: real inputs) join each target's corpus.
 FUZZ_SECONDS ?= 60
 fuzz:
 	command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 	for target in $$(cargo +nightly fuzz list); do \
-	  cargo +nightly fuzz run $$target -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	  mkdir -p fuzz/corpus/$$target; \
+	  cargo +nightly fuzz run $$target fuzz/corpus/$$target $$(ls -d fuzz/seeds/$$target 2>/dev/null) \
+	    -- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
 	done
 
 stack-up:

@@ -18,7 +18,7 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use mysql_async::{
     binlog::{
         events::{
@@ -341,7 +341,10 @@ impl BinlogReader {
 
     /// The next thing the log says; `None` when the server ends the stream.
     pub async fn next(&mut self) -> Result<Option<Decoded>, MysqlError> {
-        let Some(event) = self.stream.next().await else {
+        // mysql_common's parsers panic on some malformed events (a count past the bytes, a
+        // length that underflows): such an event is an error, never the end of the process.
+        let next = std::panic::AssertUnwindSafe(self.stream.next()).catch_unwind();
+        let Some(event) = next.await.map_err(|_| self.unreadable())? else {
             return Ok(None);
         };
         let event = event.map_err(MysqlError::query("reading the binary log"))?;
@@ -364,7 +367,8 @@ impl BinlogReader {
                 "the server compresses its binary log (log_bin_compress = ON), which fhir-cdc does not read: set log_bin_compress = OFF".into(),
             ));
         }
-        let data = match event.read_data() {
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| event.read_data()));
+        let data = match read.map_err(|_| self.unreadable())? {
             Ok(Some(data)) => data,
             Ok(None) => return Ok(Some(Decoded::Nothing)),
             Err(e) => {
@@ -456,6 +460,14 @@ impl BinlogReader {
             }
             _ => Decoded::Nothing,
         }))
+    }
+
+    /// The error of an event that does not parse (mysql_common panicked on it).
+    fn unreadable(&self) -> MysqlError {
+        MysqlError::Definite(format!(
+            "the event after {} does not parse: the server sent bytes that are not a binary-log event",
+            self.position
+        ))
     }
 
     fn begin(&mut self) {
@@ -677,6 +689,7 @@ fn rows(
     let mut changes = Vec::new();
     let capture_time = Utc::now();
     while !buf.is_empty() {
+        let left = buf.len();
         let before = match (op, rows.columns_before_image()) {
             (Operation::Update | Operation::Delete, Some(bits)) => {
                 let present = |i: usize| bits.get(i).is_some_and(|b| *b);
@@ -691,6 +704,13 @@ fn rows(
             }
             _ => None,
         };
+        if buf.len() == left {
+            // Images of no columns take no bytes: the event would never end.
+            return Err(bad(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "its rows hold no column",
+            )));
+        }
         changes.push(ChangeEvent {
             source: layout.source.clone(),
             op,
@@ -710,10 +730,22 @@ fn rows(
 
 /// The changes in a run of binary-log events as a server writes them (`bytes`: a format
 /// description event, then the others, without the file's magic number): the decoding a
-/// [`BinlogReader`] does, with every table taken as mapped, no column as JSON and no
-/// character set known. What the `binlog_events` fuzz target feeds hostile bytes.
+/// [`BinlogReader`] does of table maps and rows events (others are skipped), with every
+/// table taken as mapped, no column as JSON and no character set known. What the
+/// `binlog_events` fuzz target feeds hostile bytes.
 pub fn decode_events(connector: &str, mut bytes: &[u8]) -> Result<Vec<ChangeEvent>, MysqlError> {
+    use mysql_async::binlog::EventType as E;
     const EVENT_HEADER_LEN: usize = 19;
+    const ROW_DECODING: [u8; 8] = [
+        E::TABLE_MAP_EVENT as u8,
+        E::WRITE_ROWS_EVENT as u8,
+        E::UPDATE_ROWS_EVENT as u8,
+        E::DELETE_ROWS_EVENT as u8,
+        E::WRITE_ROWS_EVENT_V1 as u8,
+        E::UPDATE_ROWS_EVENT_V1 as u8,
+        E::DELETE_ROWS_EVENT_V1 as u8,
+        E::PARTIAL_UPDATE_ROWS_EVENT as u8,
+    ];
     let bad = |e: std::io::Error| MysqlError::Definite(format!("an event does not read: {e}"));
     let connector: Arc<str> = connector.into();
     let mut reader = EventStreamReader::new(BinlogVersion::Version4);
@@ -736,10 +768,17 @@ pub fn decode_events(connector: &str, mut bytes: &[u8]) -> Result<Vec<ChangeEven
             })?;
         let (whole, rest) = bytes.split_at(size);
         bytes = rest;
-        let Some(event) = reader.read(whole).map_err(bad)? else {
+        // As in the reader, mysql_common's panics are errors of the event.
+        let unparsable = |_| MysqlError::Definite("an event does not parse".into());
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.read(whole)));
+        let Some(event) = read.map_err(unparsable)?.map_err(bad)? else {
             break;
         };
-        match event.read_data().map_err(bad)? {
+        if !ROW_DECODING.contains(&event.header().event_type_raw()) {
+            continue;
+        }
+        let data = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| event.read_data()));
+        match data.map_err(unparsable)?.map_err(bad)? {
             Some(EventData::TableMapEvent(tme)) => {
                 let table = (
                     tme.database_name().into_owned(),
@@ -788,10 +827,24 @@ fn image<'a>(
             values.push(Value::Null);
             continue;
         }
-        let value = BinlogValue::deserialize(
-            (column.column_type, &column.metadata, column.unsigned, false),
-            buf,
-        )?;
+        // mysql_common panics on some malformed values (a DECIMAL's digit groups that
+        // overflow, under overflow checks): a value that does not decode is an error of
+        // this event, never the end of the process.
+        let value = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            BinlogValue::deserialize(
+                (column.column_type, &column.metadata, column.unsigned, false),
+                &mut *buf,
+            )
+        }))
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "column {} holds a value that does not decode",
+                    layout.names[i]
+                ),
+            )
+        })??;
         values.push(types::binlog_value(
             &column.kind,
             signed_medium(column, value),

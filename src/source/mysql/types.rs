@@ -298,7 +298,8 @@ fn time(negative: bool, days: u32, h: u8, m: u8, s: u8, us: u32) -> Value {
             return Value::Time(t);
         }
     }
-    let hours = days * 24 + u32::from(h);
+    // A real TIME is within ±838 hours; the arithmetic stays in u64 whatever the bytes say.
+    let hours = u64::from(days) * 24 + u64::from(h);
     let sign = if negative { "-" } else { "" };
     let fraction = if us == 0 {
         String::new()
@@ -313,7 +314,8 @@ fn time(negative: bool, days: u32, h: u8, m: u8, s: u8, us: u32) -> Value {
 fn epoch_timestamp(text: &[u8]) -> Value {
     let parsed = std::str::from_utf8(text).ok().and_then(|t| {
         let (secs, micros) = t.split_once('.').unwrap_or((t, "0"));
-        Some((secs.parse::<i64>().ok()?, micros.parse::<u32>().ok()?))
+        let micros = micros.parse::<u32>().ok().filter(|m| *m < 1_000_000)?;
+        Some((secs.parse::<i64>().ok()?, micros))
     });
     match parsed {
         Some((0, 0)) => Value::ZeroDate("0000-00-00 00:00:00".into()),
