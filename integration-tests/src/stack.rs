@@ -284,6 +284,36 @@ pub async fn create_lab_schema(client: &tokio_postgres::Client, schema: &str) {
     }
 }
 
+/// The sample lab tables in a schema of their own (named from `name`), with the patient and
+/// result mappings in `<temp>/<schema>/mappings` and patients `sensitivity: restricted`.
+/// Returns the schema and its directory.
+pub async fn lab_with_restricted_patients(
+    client: &tokio_postgres::Client,
+    name: &str,
+) -> (String, PathBuf) {
+    let schema = unique(name);
+    create_lab_schema(client, &schema).await;
+    let dir = std::env::temp_dir().join(&schema);
+    let mappings = dir.join("mappings");
+    lab_mappings(&mappings, &schema, &["patient.yaml", "result.yaml"]);
+    let patient = std::fs::read_to_string(mappings.join("patient.yaml"))
+        .unwrap()
+        .replace("domain: lab\n", "domain: lab\nsensitivity: restricted\n");
+    std::fs::write(mappings.join("patient.yaml"), patient).unwrap();
+    (schema, dir)
+}
+
+/// The first column of what `sql` returns, as text.
+pub async fn texts(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// The sample lab mappings named in `files` (with the code tables they read), copied to
 /// `dir` and pointed at the tables in `schema`.
 pub fn lab_mappings(dir: &Path, schema: &str, files: &[&str]) {

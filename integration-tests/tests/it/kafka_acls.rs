@@ -122,15 +122,7 @@ sasl.password = "{password}"
 #[tokio::test]
 async fn each_role_works_with_the_documented_grants_and_no_more() {
     let client = stack::pg_client().await;
-    let schema = stack::unique("acl");
-    stack::create_lab_schema(&client, &schema).await;
-    let dir = std::env::temp_dir().join(&schema);
-    let mappings = dir.join("mappings");
-    stack::lab_mappings(&mappings, &schema, &["patient.yaml", "result.yaml"]);
-    let patient = std::fs::read_to_string(mappings.join("patient.yaml"))
-        .unwrap()
-        .replace("domain: lab\n", "domain: lab\nsensitivity: restricted\n");
-    std::fs::write(mappings.join("patient.yaml"), patient).unwrap();
+    let (schema, dir) = stack::lab_with_restricted_patients(&client, "acl").await;
     client
         .batch_execute(&format!(
             "INSERT INTO {schema}.patient (patient_id, mrn, last_name, first_name, birth_date, sex)
@@ -256,16 +248,11 @@ async fn each_role_works_with_the_documented_grants_and_no_more() {
     );
     let counters = project_until_caught_up(&projector);
     assert_eq!(counters["applied"], 6, "{counters:?}");
-    let types: Vec<String> = client
-        .query(
-            &format!("SELECT DISTINCT resource_type FROM {projection}.resources"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let types = stack::texts(
+        &client,
+        &format!("SELECT DISTINCT resource_type FROM {projection}.resources"),
+    )
+    .await;
     assert_eq!(types, ["Observation"]);
 
     // A reader of normal data sees the observations, and neither patients nor dead letters.

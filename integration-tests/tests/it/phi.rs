@@ -51,16 +51,12 @@ fn holds(bytes: &[u8], text: &str) -> bool {
 #[tokio::test]
 async fn protected_identifiers_appear_only_protected_and_patients_only_in_restricted_topics() {
     let client = stack::pg_client().await;
-    let schema = stack::unique("sentinel");
-    stack::create_lab_schema(&client, &schema).await;
-    let dir = std::env::temp_dir().join(&schema);
+    let (schema, dir) = stack::lab_with_restricted_patients(&client, "sentinel").await;
     let mappings = dir.join("mappings");
-    stack::lab_mappings(&mappings, &schema, &["patient.yaml", "result.yaml"]);
     // Patients are restricted, their ids tokens, and a sex code outside the table fails
     // the row; results reference the patients by the same tokens.
     let patient = std::fs::read_to_string(mappings.join("patient.yaml"))
         .unwrap()
-        .replace("domain: lab\n", "domain: lab\nsensitivity: restricted\n")
         .replace(
             r#"id: "lab-patient-{mrn}""#,
             r#"id: { template: "lab-patient-{mrn}", protect: token }"#,

@@ -193,19 +193,16 @@ async fn the_sample_lab_database_arrives_whole_and_valid() {
     assert_eq!(ids.len(), events.len(), "no event twice");
 
     // No gap, no double at the snapshot boundary: every result exactly once.
-    let result_ids: BTreeSet<String> = client
-        .query(
-            &format!(
-                "SELECT 'result-' || result_id FROM {s}.lab_result WHERE NOT {}",
-                in_gap("collected_at")
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let result_ids: BTreeSet<String> = stack::texts(
+        &client,
+        &format!(
+            "SELECT 'result-' || result_id FROM {s}.lab_result WHERE NOT {}",
+            in_gap("collected_at")
+        ),
+    )
+    .await
+    .into_iter()
+    .collect();
     let observed: Vec<&str> = events
         .iter()
         .filter(|e| e["resource_type"] == "Observation")

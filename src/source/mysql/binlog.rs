@@ -558,25 +558,15 @@ fn layout(
         match field.map_err(bad)? {
             OptionalMetadataField::EnumStrValue(values) => {
                 for column in values.iter_values() {
-                    enum_labels.push(Some(
-                        column
-                            .map_err(bad)?
-                            .values()
-                            .iter()
-                            .map(|v| v.value().into_owned())
-                            .collect::<Vec<_>>(),
+                    enum_labels.push(labels(
+                        column.map_err(bad)?.values().iter().map(|v| v.value()),
                     ));
                 }
             }
             OptionalMetadataField::SetStrValue(values) => {
                 for column in values.iter_values() {
-                    set_labels.push(Some(
-                        column
-                            .map_err(bad)?
-                            .values()
-                            .iter()
-                            .map(|v| v.value().into_owned())
-                            .collect::<Vec<_>>(),
+                    set_labels.push(labels(
+                        column.map_err(bad)?.values().iter().map(|v| v.value()),
                     ));
                 }
             }
@@ -652,6 +642,11 @@ fn layout(
         key: key.into(),
         columns,
     })
+}
+
+/// An ENUM's or SET's labels, owned.
+fn labels<'a>(values: impl Iterator<Item = std::borrow::Cow<'a, str>>) -> Option<Vec<String>> {
+    Some(values.map(std::borrow::Cow::into_owned).collect())
 }
 
 /// Where the changes of a rows event are in the log: its position, its transaction, and the
