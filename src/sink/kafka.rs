@@ -100,7 +100,7 @@ async fn cluster_metadata(properties: &KafkaProperties) -> Result<(usize, usize)
 /// A client context that keeps the last error librdkafka reported. librdkafka says why a
 /// broker could not be reached (a refused password, a failed handshake) in its log and in
 /// error events, but answers a request only that it failed; `check` and topic creation ask
-/// this context why. Its log goes on to the program's log as librdkafka's always does.
+/// this context why, and say it in their own words (the log itself is not printed).
 #[derive(Debug, Default)]
 struct LastError(std::sync::Mutex<Option<ClientError>>);
 
@@ -129,16 +129,19 @@ impl LastError {
     fn last(&self) -> Option<ClientError> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
-}
 
-impl LastError {
+    /// Keep `seen`, unless what is kept says why and `seen` does not ("all brokers down"
+    /// follows every refused handshake).
     fn keep(&self, seen: ClientError) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen);
+        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.is_definite() || !kept.as_ref().is_some_and(ClientError::is_definite) {
+            *kept = Some(seen);
+        }
     }
 }
 
 impl ClientContext for LastError {
-    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+    fn log(&self, _: RDKafkaLogLevel, facility: &str, message: &str) {
         // A connection that failed: a TLS handshake (to a plaintext listener, or with a
         // certificate the CA did not sign) is only logged, never an error event.
         if facility == "FAIL" {
@@ -154,7 +157,6 @@ impl ClientContext for LastError {
                 reason: message.to_owned(),
             });
         }
-        DefaultClientContext.log(level, facility, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
