@@ -387,7 +387,11 @@ pub async fn billing_tables(conn: &mut mysql_async::Conn, prefix: &str, dir: &Pa
         .unwrap()
         .replace("CREATE DATABASE IF NOT EXISTS billing;", "")
         .replace("billing.charge", &format!("{database}.{prefix}_charge"))
-        .replace("billing.claim", &format!("{database}.{prefix}_claim"));
+        .replace("billing.claim", &format!("{database}.{prefix}_claim"))
+        .replace(
+            "billing.fhir_cdc_signal",
+            &format!("{database}.{prefix}_signal"),
+        );
     for statement in ddl.split(';').filter(|s| s.contains("CREATE")) {
         conn.query_drop(statement).await.unwrap();
     }

@@ -38,3 +38,13 @@ CREATE TABLE billing.claim (
     service_to      DATE NOT NULL DEFAULT '0000-00-00', -- zero while the claim is open
     created_at      DATETIME NOT NULL                 -- local time
 );
+
+-- Not the billing system's: the connector's signal table (signal.data.collection in
+-- connectors/billing-mysql.toml). `fhir-cdc snapshot` asks the connector to read rows again
+-- by inserting a row here (Debezium's layout). The connector only reads it in the binary
+-- log, and it may be emptied at any time.
+CREATE TABLE billing.fhir_cdc_signal (
+    id    VARCHAR(64) PRIMARY KEY,
+    type  VARCHAR(32) NOT NULL,
+    data  TEXT NULL
+);

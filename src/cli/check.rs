@@ -137,7 +137,7 @@ async fn check_connector(path: &std::path::Path) -> ExitCode {
                         });
                     }
                 }
-                mysql::preflight::check(&my.url, &mapped).await
+                mysql::preflight::check(&my.url, &mapped, my.signal_table()).await
             }
         }
     };

@@ -1,8 +1,8 @@
 //! `fhir-cdc snapshot`: ask a running connector to read a table again (all of it, or the
 //! rows matching a condition), and wait until the events of every row it read are in
 //! Kafka. The request travels through the source's own log (see
-//! `source::postgres::capture::request_snapshot`), so a connector that is stopped takes it
-//! when it starts; its progress is read from the connector's stored state.
+//! [`source::request_snapshot`]), so a connector that is stopped takes it when it starts;
+//! its progress is read from the connector's stored state.
 
 use std::{
     path::PathBuf,
@@ -13,9 +13,9 @@ use std::{
 use clap::Args;
 
 use crate::{
-    config::{ConnectorConfig, SourceConfig},
+    config::ConnectorConfig,
     offsets::{SnapshotRequest, StateStore},
-    source::postgres::capture,
+    source::{self, SourceError},
 };
 
 #[derive(Debug, Args)]
@@ -51,12 +51,6 @@ const UNTAKEN: Duration = Duration::from_secs(15);
 async fn snapshot(args: SnapshotArgs) -> Result<(), (u8, String)> {
     let bad = |message: String| (super::EXIT_BAD_CONFIG, message);
     let config = ConnectorConfig::load(&args.config).map_err(|e| bad(e.to_string()))?;
-    let SourceConfig::Postgres(pg) = &config.source else {
-        return Err(bad(format!(
-            "`snapshot` asks postgres connectors only; ad-hoc snapshots of {} sources are not implemented yet (`fhir-cdc offsets reset --table` reads a table again when the connector starts)",
-            config.source.kind()
-        )));
-    };
     if !super::mapped_tables(&config)?.contains(&args.table) {
         return Err(bad(format!(
             "no mapping reads table `{}` (write it as schema.table)",
@@ -67,13 +61,16 @@ async fn snapshot(args: SnapshotArgs) -> Result<(), (u8, String)> {
     let store = StateStore::of(&config).await.map_err(|e| failed(&e))?;
     let request = SnapshotRequest::new(args.table.clone(), args.filter.clone());
     if let Some(filter) = &request.filter {
-        capture::check_condition(&pg.url, &request.table, filter)
+        source::check_condition(&config.source, &request.table, filter)
             .await
             .map_err(|e| bad(e.to_string()))?;
     }
-    capture::request_snapshot(&pg.url, &pg.slot_name(&config.name), &request)
+    source::request_snapshot(&config, &request)
         .await
-        .map_err(|e| failed(&e))?;
+        .map_err(|e| match e {
+            SourceError::Connector(_) => bad(e.to_string()),
+            SourceError::Transient(_) => failed(&e),
+        })?;
     println!("{}", request.id);
     if args.no_wait {
         eprintln!(

@@ -349,6 +349,23 @@ pub struct MysqlConfig {
     /// events, so that the stored position advances while it is idle or its traffic is
     /// all on unmapped tables. Default 10000.
     pub heartbeat: Option<HeartbeatConfig>,
+    /// `signal.data.collection`: the `database.table` through which `fhir-cdc snapshot`
+    /// (and a DBA's INSERT) asks the connector for ad-hoc snapshots (Debezium's signal
+    /// table: `id`, `type`, `data`). None: ad-hoc snapshots are refused.
+    pub signal: Option<SignalConfig>,
+}
+
+/// Debezium's `signal.data.collection`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalConfig {
+    pub data: SignalData,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalData {
+    pub collection: String,
 }
 
 /// `server.id`.
@@ -383,6 +400,11 @@ impl MysqlConfig {
 
     pub fn snapshot_chunk_size(&self) -> usize {
         snapshot_chunk_size(self.snapshot.as_ref())
+    }
+
+    /// The signal table, `database.table` (so once the configuration is validated).
+    pub fn signal_table(&self) -> Option<&str> {
+        self.signal.as_ref().map(|s| s.data.collection.as_str())
     }
 }
 
@@ -789,6 +811,26 @@ impl ConnectorConfig {
                     schemes.join(" or ")
                 ),
             ));
+        }
+        if let SourceConfig::Mysql(mysql) = &self.source {
+            let named = |part: &str| {
+                !part.is_empty()
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '$'))
+            };
+            if let Some(signal) = &mysql.signal {
+                let collection = &signal.data.collection;
+                if !collection
+                    .split_once('.')
+                    .is_some_and(|(d, t)| named(d) && named(t))
+                {
+                    return Err((
+                        "source.signal.data.collection",
+                        format!("`{collection}` is not a table: write it as database.table (letters, digits, `_`, `$`)"),
+                    ));
+                }
+            }
         }
         if self
             .kafka

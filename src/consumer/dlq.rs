@@ -39,7 +39,7 @@ use super::{
 use crate::{
     canonical::{instant, registry::EventCodec},
     change::{SourceTable, Value},
-    config::{ConnectorConfig, KafkaProperties, SourceConfig},
+    config::{ConnectorConfig, KafkaProperties},
     mapping,
     offsets::SnapshotRequest,
     pipeline::{
@@ -48,7 +48,7 @@ use crate::{
     },
     postgres,
     sink::kafka::{ensure_topics, Producer},
-    source::postgres::{capture, snapshot},
+    source,
 };
 
 /// The side of the projector's dead letters (a connector may not take this name).
@@ -273,19 +273,15 @@ async fn read_again(
     table: &SourceTable,
     key: &[(String, Value)],
 ) -> Outcome {
-    let SourceConfig::Postgres(pg) = &config.source else {
-        return Err(format!(
-            "the letter holds no whole row, and reading one row again from a {} source is not implemented yet; read the table again (`fhir-cdc offsets reset --table {}`), or write [dead_letters] rows = \"full\"",
-            config.source.kind(),
-            table.qualified_name()
-        ));
-    };
-    let request = SnapshotRequest::new(table.qualified_name(), Some(snapshot::key_condition(key)));
+    let request = SnapshotRequest::new(
+        table.qualified_name(),
+        Some(source::key_condition(&config.source, key)),
+    );
     let filter = request.filter.as_deref().unwrap_or_default();
-    capture::check_condition(&pg.url, &request.table, filter)
+    source::check_condition(&config.source, &request.table, filter)
         .await
         .map_err(|e| e.to_string())?;
-    capture::request_snapshot(&pg.url, &pg.slot_name(&config.name), &request)
+    source::request_snapshot(config, &request)
         .await
         .map_err(|e| e.to_string())?;
     Ok(format!(

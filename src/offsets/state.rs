@@ -144,6 +144,16 @@ impl ConnectorState {
         self.dropped.drain(..excess);
     }
 
+    /// Whether request `id` is queued or has begun (a log read again after a restart
+    /// delivers a request again).
+    pub fn knows_request(&self, id: &str) -> bool {
+        self.requests.iter().any(|r| r.id == id)
+            || self
+                .tables
+                .values()
+                .any(|p| p.request.as_deref() == Some(id))
+    }
+
     /// Whether request `id` was asked and is now complete.
     pub fn request_done(&self, id: &str) -> bool {
         !self.requests.iter().any(|r| r.id == id)

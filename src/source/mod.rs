@@ -10,10 +10,12 @@ use std::{fmt, future::Future, sync::Arc};
 use chrono::Utc;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::{
     change::{ChangeEvent, Names, Operation, Position, Row, SourceMessage, SourceTable},
-    offsets::ConnectorState,
+    config::{ConnectorConfig, SourceConfig},
+    offsets::{ConnectorState, SnapshotRequest},
 };
 
 /// A database's change log, as the pipeline sees it.
@@ -87,6 +89,72 @@ pub fn refuse_foreign_state(
         ))),
         None => Ok(()),
     }
+}
+
+/// Ask `config`'s connector for the snapshot `request`, through its source's log: a
+/// logical message in PostgreSQL's WAL, a row of the signal table in MySQL's binary log.
+/// A connector that is stopped takes it when it starts.
+pub async fn request_snapshot(
+    config: &ConnectorConfig,
+    request: &SnapshotRequest,
+) -> Result<(), SourceError> {
+    match &config.source {
+        SourceConfig::Postgres(pg) => {
+            postgres::capture::request_snapshot(&pg.url, &pg.slot_name(&config.name), request).await
+        }
+        SourceConfig::Mysql(my) => {
+            let Some(signal) = my.signal_table() else {
+                return Err(SourceError::Connector(format!(
+                    "snapshots of a mysql source are asked through a signal table, and [source] names none: create one (e.g. `{}`), set signal.data.collection = \"<database>.fhir_cdc_signal\" in [source], restart the connector, and GRANT INSERT on the table to the user of source.url",
+                    mysql::signal::ddl("<database>.fhir_cdc_signal")
+                )));
+            };
+            Ok(mysql::signal::request_snapshot(&my.url, signal, request).await?)
+        }
+    }
+}
+
+/// Whether `filter` is a condition `source`'s server takes on `table`: parsed and planned
+/// alone, never run. The server's message goes to whoever wrote the condition.
+pub async fn check_condition(
+    source: &SourceConfig,
+    table: &str,
+    filter: &str,
+) -> Result<(), SourceError> {
+    match source {
+        SourceConfig::Postgres(pg) => {
+            postgres::capture::check_condition(&pg.url, table, filter).await
+        }
+        SourceConfig::Mysql(my) => {
+            Ok(mysql::signal::check_condition(&my.url, table, filter).await?)
+        }
+    }
+}
+
+/// The condition, in `source`'s SQL, that selects the row with this key.
+pub fn key_condition(source: &SourceConfig, key: &[(String, crate::change::Value)]) -> String {
+    match source {
+        SourceConfig::Postgres(_) => postgres::snapshot::key_condition(key),
+        SourceConfig::Mysql(_) => mysql::signal::key_condition(key),
+    }
+}
+
+/// Whether a snapshot request that arrived through the source's log is one to take now:
+/// for a table a mapping reads (warned of when not), and not one the state knows.
+pub fn is_new_request(
+    request: &SnapshotRequest,
+    mapped: &[String],
+    state: &ConnectorState,
+) -> bool {
+    if !mapped.contains(&request.table) {
+        warn!(table = %request.table, request = %request.id, "a snapshot request for a table no mapping reads: ignored");
+        return false;
+    }
+    if state.knows_request(&request.id) {
+        return false;
+    }
+    info!(table = %request.table, request = %request.id, filtered = request.filter.is_some(), "snapshot requested");
+    true
 }
 
 /// The `SELECT` of a snapshot chunk of the table `quoted`: the rows matching every

@@ -1,7 +1,9 @@
 //! `fhir-cdc run` on the stack's MariaDB, with the sample billing mappings: a snapshot
 //! taken while writes run loses no row and leaves no stale one, and a connector killed in
 //! the middle of a 2,000-row transaction and in the middle of a stream of changes delivers
-//! every change after its restart — repeats only as the same events.
+//! every change after its restart — repeats only as the same events. `fhir-cdc snapshot`
+//! reads a table again (or some rows) through the signal table while writes run, and a
+//! dead letter that holds no row is replayed by reading its row again at the source.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -22,6 +24,8 @@ use crate::stack;
 struct Billing {
     conn: Conn,
     charge: String,
+    /// The signal table `billing_tables` made (not yet named in the configuration).
+    signal: String,
     config: PathBuf,
     log: PathBuf,
     topic: String,
@@ -38,6 +42,7 @@ async fn billing(name: &str) -> Billing {
     Billing {
         conn,
         charge: format!("{database}.{name}_charge"),
+        signal: format!("{database}.{name}_signal"),
         log: dir.join("run.log"),
         topic: format!("{prefix}.billing.ChargeItem"),
         dlq: format!("{prefix}.dlq.{name}"),
@@ -415,4 +420,273 @@ async fn the_connector_reads_over_tls_with_a_client_certificate() {
     let events = events_of(&billing.topic).await;
     assert_eq!(latest_values(&events, PRICE), billing.amounts().await);
     assert_eq!(latest_values(&events, PRICE).len(), 30);
+}
+
+/// `fhir-cdc snapshot --config config <args>`: its exit code and stderr.
+fn snapshot(config: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
+    let output = std::process::Command::new(stack::fhir_cdc_bin())
+        .arg("snapshot")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_requested_snapshot_through_the_signal_table_while_writes_run_ends_current() {
+    let mut billing = billing("my_adhoc").await;
+    stack::add_source_setting(&billing.config, "snapshot.chunk.size = 500");
+    billing.insert(1, 3000).await;
+    // Without a signal table a request has no way to the connector: refused, saying how.
+    let (code, stderr) = snapshot(&billing.config, &["--table", &billing.charge]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("signal.data.collection") && stderr.contains("CREATE TABLE"),
+        "{stderr}"
+    );
+    stack::add_source_setting(
+        &billing.config,
+        &format!("signal.data.collection = \"{}\"", billing.signal),
+    );
+    let said = stack::check_said(&billing.config);
+    assert!(
+        said.contains(&format!(
+            "signal table {}: ad-hoc snapshots",
+            billing.signal
+        )),
+        "{said}"
+    );
+    let connector = start(&billing.config, &billing.log);
+    await_snapshotted(&billing.config, &billing.log).await;
+
+    // A table no mapping reads, or a condition the server does not take, is refused before
+    // anything is asked.
+    let (code, stderr) = snapshot(&billing.config, &["--table", &billing.signal]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("no mapping reads table"), "{stderr}");
+    let (code, stderr) = snapshot(
+        &billing.config,
+        &["--table", &billing.charge, "--where", "no_such_column = 1"],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--where") && stderr.contains("no_such_column"),
+        "{stderr}"
+    );
+
+    // Amounts raised all along, anywhere in the table, while it is read again.
+    let writing = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let (mut writer, charge, writing) = (
+            stack::mysql_conn().await,
+            billing.charge.clone(),
+            writing.clone(),
+        );
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !writing.is_cancelled() {
+                writer
+                    .query_drop(format!(
+                        "UPDATE {charge} SET amount = amount + 1 WHERE charge_id % 211 = {}",
+                        n % 211
+                    ))
+                    .await
+                    .unwrap();
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let (code, stderr) = snapshot(&billing.config, &["--table", &billing.charge]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("3000 rows"), "{stderr}");
+    let (code, stderr) = snapshot(
+        &billing.config,
+        &["--table", &billing.charge, "--where", "charge_id <= 100"],
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("100 rows"), "{stderr}");
+    // A condition that only fails when run (the server prepared it) is dropped by the
+    // connector, which goes on; the command says so.
+    let (code, stderr) = snapshot(
+        &billing.config,
+        &[
+            "--table",
+            &billing.charge,
+            "--where",
+            &format!("charge_id = (SELECT charge_id FROM {})", billing.charge),
+        ],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("dropped the request"), "{stderr}");
+    // A signal the connector cannot follow, written by hand: skipped, the stream goes on.
+    billing
+        .conn
+        .query_drop(format!(
+            "INSERT INTO {} VALUES ('by-hand', 'execute-snapshot', '{{\"data-collections\": 7}}')",
+            billing.signal
+        ))
+        .await
+        .unwrap();
+    writing.cancel();
+    writer.await.unwrap();
+    billing.insert(3001, 10).await;
+    await_binlog_stored(&billing.config, Duration::from_secs(60), &billing.log).await;
+    assert!(stop(connector).success());
+    let log = std::fs::read_to_string(&billing.log).unwrap();
+    assert!(
+        log.contains("a signal that cannot be followed: ignored"),
+        "{log}"
+    );
+
+    let events = events_of(&billing.topic).await;
+    assert_eq!(latest_values(&events, PRICE), billing.amounts().await);
+    assert_repeats_are_exact(&events);
+    let snapshot_reads = events.iter().filter(|e| e.provenance.snapshot).count();
+    assert!(
+        snapshot_reads >= 3000 + 3000 + 100 - 50,
+        "the initial snapshot and both requests were read ({snapshot_reads} snapshot events; the rows changed inside a chunk's window come by the stream instead)"
+    );
+}
+
+/// A dead letter that holds only its row's key (`[dead_letters] rows = "none"`) is
+/// replayed by asking the connector, through the signal table, to read that row again.
+#[tokio::test]
+async fn a_row_less_dead_letter_is_replayed_by_reading_its_row_again() {
+    let mut billing = billing("my_dlq").await;
+    stack::add_source_setting(
+        &billing.config,
+        &format!("signal.data.collection = \"{}\"", billing.signal),
+    );
+    let text = std::fs::read_to_string(&billing.config).unwrap();
+    std::fs::write(
+        &billing.config,
+        format!("{text}\n[dead_letters]\nrows = \"none\"\n"),
+    )
+    .unwrap();
+    let connector = start(&billing.config, &billing.log);
+    await_snapshotted(&billing.config, &billing.log).await;
+    let charge = billing.charge.clone();
+    // A column the mapping reads is renamed for one insert: that row is a dead letter.
+    for step in [
+        format!("ALTER TABLE {charge} RENAME COLUMN description TO descr"),
+        format!(
+            "INSERT INTO {charge} (charge_id, account_no, mrn, cpt_code, descr, amount, status, service_date, posted_at)
+             VALUES (7, 'ACC-1', 'M000000001', '99213', 'Office visit', 80.00, 'B', '2024-03-05', '2024-03-05 09:15:00')"
+        ),
+        format!("ALTER TABLE {charge} RENAME COLUMN descr TO description"),
+    ] {
+        billing.conn.query_drop(step).await.unwrap();
+    }
+    let letters = read_for(&billing.dlq, 1, Duration::from_secs(30)).await;
+    let letter: serde_json::Value = serde_json::from_slice(&letters[0]).unwrap();
+    assert!(letter["after"].is_null(), "{letter}");
+    assert_eq!(letter["key_values"]["charge_id"]["text"], "7");
+    assert_eq!(messages_in(&billing.topic), 0);
+
+    let replay = std::process::Command::new(stack::fhir_cdc_bin())
+        .args(["dlq", "replay", "--all", "--config"])
+        .arg(&billing.config)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&replay.stdout);
+    assert!(
+        replay.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert!(
+        out.contains("replayed: the letter holds no whole row: the connector reads it again at the source (snapshot request "),
+        "{out}"
+    );
+    let events = read_for(&billing.topic, 1, Duration::from_secs(60)).await;
+    assert_eq!(
+        events.len(),
+        1,
+        "{}",
+        std::fs::read_to_string(&billing.log).unwrap()
+    );
+    await_binlog_stored(&billing.config, Duration::from_secs(60), &billing.log).await;
+    assert!(stop(connector).success());
+    let events = events_of(&billing.topic).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].resource_id, "charge-7");
+    assert!(events[0].provenance.snapshot, "read again at the source");
+    assert_eq!(latest_values(&events, PRICE), billing.amounts().await);
+}
+
+/// A connector killed (-9) in the middle of a requested snapshot finishes it after its
+/// restart: the request is in its stored state (or again in the log after its position).
+#[tokio::test]
+async fn a_connector_killed_during_a_requested_snapshot_finishes_it_after_restart() {
+    let mut billing = billing("my_adhoc_kill").await;
+    stack::add_source_setting(&billing.config, "snapshot.chunk.size = 100");
+    stack::add_source_setting(
+        &billing.config,
+        &format!("signal.data.collection = \"{}\"", billing.signal),
+    );
+    billing.insert(1, 20_000).await;
+    let connector = start(&billing.config, &billing.log);
+    await_snapshotted(&billing.config, &billing.log).await;
+    let (code, stderr) = snapshot(&billing.config, &["--table", &billing.charge, "--no-wait"]);
+    assert_eq!(code, Some(0), "{stderr}");
+
+    let config = fhir_cdc::config::ConnectorConfig::load(&billing.config).unwrap();
+    let store = fhir_cdc::offsets::StateStore::of(&config).await.unwrap();
+    let requested = |state: &fhir_cdc::offsets::ConnectorState| {
+        state
+            .tables
+            .get(&billing.charge)
+            .filter(|p| p.request.is_some())
+            .cloned()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let state = store.load().await.unwrap().unwrap_or_default();
+        match requested(&state) {
+            Some(progress) if progress.complete => {
+                panic!("the request ended before the kill: give the table more rows")
+            }
+            Some(progress) if progress.rows > 0 => break,
+            _ => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request did not begin"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    crash(connector);
+
+    let connector = start(&billing.config, &billing.log);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let state = store.load().await.unwrap().unwrap_or_default();
+        if state.requests.is_empty() && requested(&state).is_some_and(|p| p.complete) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request did not finish after the restart: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    await_binlog_stored(&billing.config, Duration::from_secs(60), &billing.log).await;
+    assert!(stop(connector).success());
+
+    // Every charge read twice at least: by the first snapshot and by the request.
+    let events = events_of(&billing.topic).await;
+    assert_repeats_are_exact(&events);
+    let mut reads: HashMap<&str, usize> = HashMap::new();
+    for event in events.iter().filter(|e| e.provenance.snapshot) {
+        *reads.entry(&event.resource_id).or_default() += 1;
+    }
+    assert_eq!(reads.len(), 20_000);
+    let once: Vec<_> = reads.iter().filter(|(_, n)| **n < 2).take(5).collect();
+    assert!(once.is_empty(), "read once only: {once:?}");
 }

@@ -20,16 +20,18 @@ use super::{
     binlog::{BinlogReader, Decoded, ReaderOptions, StartAt},
     current_position,
     gtid::GtidPosition,
-    purged_since,
+    purged_since, signal,
     snapshot::{self, Chunk, ChunkTable},
     MysqlError,
 };
 use crate::{
-    change::{BinlogPosition, ChangeEvent, Position, SourceMessage},
+    change::{BinlogPosition, ChangeEvent, Operation, Position, SourceMessage},
     config::{MysqlConfig, Secret, SnapshotMode},
     observe::progress::Progress,
     offsets::{ConnectorState, TableProgress},
-    source::{chunk_changes, publish, refuse_foreign_state, Source, SourceError, SourceIo},
+    source::{
+        chunk_changes, is_new_request, publish, refuse_foreign_state, Source, SourceError, SourceIo,
+    },
 };
 
 /// A MySQL or MariaDB server's binary log, read as a replica.
@@ -43,6 +45,8 @@ pub struct MysqlSource {
     heartbeat: Duration,
     /// The mapped tables, `(database, table)`.
     tables: Vec<(String, String)>,
+    /// The signal table (`signal.data.collection`), `(database, table)`.
+    signal: Option<(String, String)>,
 }
 
 impl MysqlSource {
@@ -55,6 +59,10 @@ impl MysqlSource {
             chunk_size: config.snapshot_chunk_size(),
             heartbeat: config.heartbeat_interval(),
             tables,
+            signal: config
+                .signal_table()
+                .and_then(|s| s.split_once('.'))
+                .map(|(database, table)| (database.to_owned(), table.to_owned())),
         }
     }
 }
@@ -123,7 +131,13 @@ impl Source for MysqlSource {
             connector: self.connector.clone(),
             server_id: self.server_id,
             heartbeat: self.heartbeat,
-            tables: self.tables.iter().cloned().collect(),
+            // The signal table's rows are decoded with the mapped tables'.
+            tables: self
+                .tables
+                .iter()
+                .cloned()
+                .chain(self.signal.clone())
+                .collect(),
         };
         // Open the log where the state says; a log the server purged is when_needed's case.
         let (reader, mut durable_gtid, first) = loop {
@@ -176,6 +190,7 @@ impl Source for MysqlSource {
             described: HashMap::new(),
             chunks: VecDeque::new(),
             milestones: VecDeque::new(),
+            dropped: Vec::new(),
             progress: Progress::new("snapshot"),
         };
         for (name, _) in snapshot.pending.clone() {
@@ -207,6 +222,9 @@ impl Source for MysqlSource {
                 let decoded = match next.take() {
                     Some(decoded) => decoded,
                     None => {
+                        if snapshot.forget_dropped(&mut state) {
+                            publish(&published, &state);
+                        }
                         snapshot.start_next().await;
                         tokio::select! {
                             biased;
@@ -239,14 +257,21 @@ impl Source for MysqlSource {
                         let end = changes
                             .last()
                             .map(|c| SourceMessage::Progress(c.position.clone()));
-                        changes
-                            .into_iter()
-                            .map(|change| {
+                        let mut messages = Vec::with_capacity(changes.len() + 1);
+                        for change in changes {
+                            let signal = self.signal.as_ref().is_some_and(|(d, t)| {
+                                *change.source.schema == **d && *change.source.table == **t
+                            });
+                            if !signal {
                                 snapshot.observe(&change);
-                                SourceMessage::Change(change)
-                            })
-                            .chain(end)
-                            .collect()
+                                messages.push(SourceMessage::Change(change));
+                            } else if change.op == Operation::Insert {
+                                snapshot.signal(&change, &qualified, &mut state).await?;
+                                publish(&published, &state);
+                            }
+                        }
+                        messages.extend(end);
+                        messages
                     }
                     Some(Decoded::Committed { position, gtid }) => {
                         commits.push_back((position.clone(), gtid));
@@ -340,6 +365,8 @@ struct Snapshotter {
     chunks: VecDeque<Current>,
     /// Chunks emitted and not yet durable: their position, table and progress.
     milestones: VecDeque<(BinlogPosition, String, TableProgress)>,
+    /// Requests whose condition the server refused, to be forgotten in the state.
+    dropped: Vec<String>,
     progress: Progress,
 }
 
@@ -365,6 +392,48 @@ impl Snapshotter {
         }
         self.described.insert(name.to_owned(), Arc::new(described));
         Ok(())
+    }
+
+    /// A row inserted into the signal table: the snapshots it asks for are queued after
+    /// the ones in progress and recorded in the state, so that a restart still reads them.
+    /// A signal that cannot be followed is logged (why, never its values) and skipped.
+    async fn signal(
+        &mut self,
+        change: &ChangeEvent,
+        mapped: &[String],
+        state: &mut ConnectorState,
+    ) -> Result<(), SourceError> {
+        let Some(row) = &change.after else {
+            return Ok(());
+        };
+        let requests = match signal::requests(row) {
+            Ok(Some(requests)) => requests,
+            Ok(None) => return Ok(()),
+            Err(why) => {
+                warn!(table = %change.source.qualified_name(), position = %change.position, why, "a signal that cannot be followed: ignored");
+                return Ok(());
+            }
+        };
+        for request in requests {
+            if !is_new_request(&request, mapped, state) {
+                continue;
+            }
+            let mut conn = self.pool.get_conn().await.map_err(MysqlError::connect)?;
+            self.describe(&mut conn, &request.table).await?;
+            self.pending
+                .push_back((request.table.clone(), request.progress()));
+            state.requests.push(request);
+        }
+        Ok(())
+    }
+
+    /// Forget in `state` the requests dropped since the last call; whether there were any.
+    fn forget_dropped(&mut self, state: &mut ConnectorState) -> bool {
+        let dropped = std::mem::take(&mut self.dropped);
+        for id in &dropped {
+            state.drop_request(id);
+        }
+        !dropped.is_empty()
     }
 
     fn reading(&self) -> bool {
@@ -410,11 +479,27 @@ impl Snapshotter {
             return Ok(());
         };
         let task = self.chunks[at].task.as_mut().expect("found by its task");
-        let chunk = task
+        let read = task
             .await
-            .map_err(|e| SourceError::Connector(format!("the snapshot reader failed: {e}")))??;
+            .map_err(|e| SourceError::Connector(format!("the snapshot reader failed: {e}")))?;
         self.chunks[at].task = None;
-        self.chunks[at].chunk = Some(chunk);
+        let refused = self
+            .pending
+            .front()
+            .and_then(|(_, p)| p.filter.as_ref().and(p.request.clone()));
+        match (read, refused) {
+            (Ok(chunk), _) => self.chunks[at].chunk = Some(chunk),
+            // A request's condition the server refuses (a typo, a column that is not
+            // there) is dropped, not retried for ever: only the request fails. The server's
+            // message may quote the condition: it is not logged.
+            (Err(MysqlError::Definite(_)), Some(request)) => {
+                warn!(request = %request, "the server refused a requested snapshot's condition: the request is dropped");
+                self.abort();
+                self.pending.pop_front();
+                self.dropped.push(request);
+            }
+            (Err(e), _) => return Err(e.into()),
+        }
         Ok(())
     }
 
@@ -494,7 +579,7 @@ impl Snapshotter {
         if chunk.complete {
             self.pending.pop_front();
             self.progress.finish();
-            info!(table = %name, "table snapshotted");
+            info!(table = %name, request = progress.request, "table snapshotted");
         } else {
             front.1 = progress.clone();
         }

@@ -57,8 +57,8 @@ pub struct TableFacts {
 }
 
 /// Connect with `url` and check every prerequisite of binlog capture, and with `mapped`
-/// also the tables the mappings read.
-pub async fn check(url: &Secret, mapped: &[MappedTable]) -> Vec<Finding> {
+/// also the tables the mappings read, and the signal table (`database.table`) if named.
+pub async fn check(url: &Secret, mapped: &[MappedTable], signal: Option<&str>) -> Vec<Finding> {
     let (opts, mode) = match tls::opts(url) {
         Ok(parsed) => parsed,
         Err(e) => {
@@ -118,6 +118,19 @@ pub async fn check(url: &Secret, mapped: &[MappedTable]) -> Vec<Finding> {
                     mapped.database, mapped.table
                 ),
                 "the user needs SELECT on the table (information_schema shows only what it may read)",
+            ),
+        });
+    }
+    if let Some(signal) = signal {
+        findings.push(match super::signal::check_table(&mut conn, signal).await {
+            Ok(()) => Finding::ok(
+                COMPONENT,
+                format!("signal table {signal}: ad-hoc snapshots can be asked (`fhir-cdc snapshot`; the asking user needs INSERT on it)"),
+            ),
+            Err(problem) => Finding::problem(
+                COMPONENT,
+                format!("the signal table {signal} (signal.data.collection) {problem}"),
+                format!("create it: {}", super::signal::ddl(signal)),
             ),
         });
     }

@@ -30,7 +30,9 @@ use crate::{
     observe::progress::Progress,
     offsets::{ConnectorState, SnapshotRequest, TableProgress},
     postgres::ConnectError,
-    source::{chunk_changes, publish, refuse_foreign_state, Source, SourceError, SourceIo},
+    source::{
+        chunk_changes, is_new_request, publish, refuse_foreign_state, Source, SourceError, SourceIo,
+    },
 };
 
 /// A PostgreSQL database captured through one slot and one publication.
@@ -450,19 +452,9 @@ impl Snapshotter {
             return Ok(());
         }
         let request = signal.request;
-        if !mapped.contains(&request.table) {
-            warn!(table = %request.table, request = %request.id, "a snapshot request for a table no mapping reads: ignored");
+        if !is_new_request(&request, mapped, state) {
             return Ok(());
         }
-        let known = state.requests.iter().any(|r| r.id == request.id)
-            || state
-                .tables
-                .values()
-                .any(|p| p.request.as_ref() == Some(&request.id));
-        if known {
-            return Ok(());
-        }
-        info!(table = %request.table, request = %request.id, filtered = request.filter.is_some(), "snapshot requested");
         self.describe(&request.table).await?;
         self.pending
             .push_back((request.table.clone(), request.progress()));
