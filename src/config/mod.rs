@@ -989,6 +989,30 @@ url = "http://localhost:8081"
     }
 
     #[test]
+    fn a_mysql_signal_table_is_named_database_dot_table() {
+        let mysql = |signal: &str| {
+            VALID
+                .replace(
+                    "\"postgres\"",
+                    &format!("\"mysql\"\nsignal.data.collection = \"{signal}\""),
+                )
+                .replace("postgres://u", "mysql://u")
+        };
+        let config = parse(&mysql("billing.fhir_cdc_signal")).unwrap();
+        let SourceConfig::Mysql(my) = &config.source else {
+            panic!("{config:?}")
+        };
+        assert_eq!(my.signal_table(), Some("billing.fhir_cdc_signal"));
+        for bad in ["fhir_cdc_signal", "billing.", "a.b.c", "billing.sig`nal"] {
+            let err = parse(&mysql(bad)).unwrap_err().to_string();
+            assert!(
+                err.contains("source.signal.data.collection") && err.contains("database.table"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn keys_before_kind_are_read_too() {
         let text = VALID.replace(
             "[source]\n",
