@@ -42,5 +42,6 @@ pub mod offsets;
 pub mod pipeline;
 pub mod postgres;
 pub mod preflight;
+pub mod reconcile;
 pub mod sink;
 pub mod source;

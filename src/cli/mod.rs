@@ -5,6 +5,7 @@ mod dlq;
 mod offsets;
 mod preview;
 mod project;
+mod reconcile;
 mod replay;
 mod run;
 mod schemas;
@@ -32,9 +33,9 @@ pub enum Command {
     /// Validate a connector configuration and test every system it names: the source
     /// database's replication prerequisites, Kafka and the schema registry.
     Check(check::CheckArgs),
-    /// Capture changes from the source into Kafka until stopped (PostgreSQL sources): the
-    /// replication stream, with snapshot chunks read alongside it; positions acknowledged
-    /// and the connector's state saved only after Kafka.
+    /// Capture changes from the source into Kafka until stopped: the replication stream or
+    /// binary log, with snapshot chunks read alongside it; positions acknowledged and the
+    /// connector's state saved only after Kafka.
     Run(run::RunArgs),
     /// Print the FHIR resources the mappings make of live rows, writing nothing anywhere.
     Preview(preview::PreviewArgs),
@@ -49,8 +50,11 @@ pub enum Command {
     /// List, show and replay the dead letters of the connectors and the projector.
     Dlq(dlq::DlqArgs),
     /// Ask a running connector to read a table again, or the rows matching a condition,
-    /// and wait until their events are in Kafka (PostgreSQL sources).
+    /// and wait until their events are in Kafka (MySQL/MariaDB: through the signal table).
     Snapshot(snapshot::SnapshotArgs),
+    /// Compare the source, the log and a projection resource by resource, once: every
+    /// drifted resource named with its class; exit 1 when any drifted.
+    Reconcile(reconcile::ReconcileArgs),
     /// Show the connector's stored state (source position, snapshot progress), or reset
     /// it to take a snapshot again or to skip to the source's current end.
     Offsets(offsets::OffsetsArgs),
@@ -110,6 +114,7 @@ impl Cli {
             Command::Run(args) => run::run(args).await,
             Command::Schemas(args) => schemas::run(args),
             Command::Snapshot(args) => snapshot::run(args).await,
+            Command::Reconcile(args) => reconcile::run(args).await,
             Command::Tail(args) => tail::run(args).await,
         }
     }

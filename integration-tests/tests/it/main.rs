@@ -19,6 +19,7 @@ mod postgres_stream;
 mod postgres_tls;
 mod postgres_types;
 mod projector;
+mod reconcile;
 mod sample_billing;
 mod sample_database;
 mod schema_change;

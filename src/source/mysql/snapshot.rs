@@ -148,6 +148,19 @@ pub async fn read_chunk(
         Some(at) => (at.clone(), at),
         None => (before, current_position(&mut conn).await?.0),
     };
+    let complete = table.key.is_empty() || read.len() < size;
+    let (rows, last_key) = rows_of(table, read);
+    Ok(Chunk {
+        rows,
+        last_key,
+        complete,
+        low,
+        high,
+    })
+}
+
+/// The server's rows of `table` as rows, with the last one's key as text.
+fn rows_of(table: &ChunkTable, read: Vec<MyRow>) -> (Vec<Row>, Option<Vec<String>>) {
     let kinds: Vec<Kind> = read
         .first()
         .map(|row| {
@@ -157,7 +170,6 @@ pub async fn read_chunk(
                 .collect()
         })
         .unwrap_or_default();
-    let complete = table.key.is_empty() || read.len() < size;
     let mut rows = Vec::with_capacity(read.len());
     let mut last_key = None;
     for row in read {
@@ -176,13 +188,73 @@ pub async fn read_chunk(
         );
         rows.push(Row::of_layout(table.names.clone(), values));
     }
-    Ok(Chunk {
-        rows,
-        last_key,
-        complete,
-        low,
-        high,
-    })
+    (rows, last_key)
+}
+
+/// Where [`read_consistent`] read.
+#[derive(Debug, Clone)]
+pub struct Consistent {
+    /// Every change before it is in the snapshot (MariaDB: exactly the changes before it).
+    pub low: BinlogPosition,
+    /// No change after it is in the snapshot.
+    pub high: BinlogPosition,
+}
+
+/// Read every row of `tables` (`(database, table)`) in one consistent snapshot, `size`
+/// rows at a time in key order, handing each batch to `take` with its table and the
+/// snapshot's position (`reconcile`).
+pub async fn read_consistent(
+    url: &crate::config::Secret,
+    connector: &str,
+    tables: &[(String, String)],
+    size: usize,
+    mut take: impl FnMut(&ChunkTable, Vec<Row>, &BinlogPosition),
+) -> Result<Consistent, MysqlError> {
+    let (opts, _) =
+        super::tls::opts(url).map_err(|e| MysqlError::Definite(format!("source.url: {e}")))?;
+    let pool = pool(&opts);
+    let mut conn = pool.get_conn().await.map_err(MysqlError::connect)?;
+    let mut described = Vec::with_capacity(tables.len());
+    for (database, table) in tables {
+        described.push(ChunkTable::describe(&mut conn, connector, database, table).await?);
+    }
+    let fail = MysqlError::query("reading the tables in one snapshot");
+    let (before, _) = current_position(&mut conn).await?;
+    conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+        .await
+        .map_err(&fail)?;
+    let snapshot: Vec<(String, String)> = conn
+        .query("SHOW STATUS LIKE 'binlog_snapshot_%'")
+        .await
+        .map_err(&fail)?;
+    let window = match snapshot_position(&snapshot) {
+        Some(at) => Consistent {
+            low: at.clone(),
+            high: at,
+        },
+        None => Consistent {
+            low: before,
+            high: current_position(&mut conn).await?.0,
+        },
+    };
+    for table in &described {
+        let mut after: Option<Vec<String>> = None;
+        loop {
+            let (select, params) = chunk_select(table, after.as_deref(), None, size);
+            let read: Vec<MyRow> = conn.exec(select, params).await.map_err(&fail)?;
+            let complete = table.key.is_empty() || read.len() < size;
+            let (rows, last) = rows_of(table, read);
+            take(table, rows, &window.low);
+            if complete {
+                break;
+            }
+            after = last;
+        }
+    }
+    conn.query_drop("COMMIT").await.map_err(&fail)?;
+    drop(conn);
+    let _ = pool.disconnect().await;
+    Ok(window)
 }
 
 /// MariaDB's position of a consistent snapshot, from `SHOW STATUS LIKE 'binlog_snapshot_%'`.

@@ -28,7 +28,9 @@ use super::types;
 use tokio::sync::mpsc;
 
 use crate::{
-    change::{ChangeEvent, Names, Operation, Position, Row, SourceMessage, SourceTable, Value},
+    change::{
+        ChangeEvent, Names, Operation, PgLsn, Position, Row, SourceMessage, SourceTable, Value,
+    },
     config::Secret,
     observe::progress::Progress,
     postgres::ConnectError,
@@ -338,29 +340,44 @@ pub struct Reading<'a> {
 }
 
 /// Reads whole tables through cursors, inside one read-only REPEATABLE READ transaction
-/// (`preview`).
+/// (`preview`, `reconcile`).
 #[derive(Debug)]
 pub struct TableReader {
     client: Client,
     connector: String,
     database: String,
+    /// The end of the WAL when the transaction's snapshot was taken: every change it sees
+    /// was committed before (its first statement reads both at once; on a standby, the
+    /// position replayed).
+    pub position: PgLsn,
 }
 
 impl TableReader {
     /// Connect and begin the transaction.
     pub async fn open(url: &Secret, connector: &str) -> Result<Self, SnapshotError> {
         let (client, database) = connect(url).await?;
+        let fail = |e| SnapshotError::Read {
+            table: "(begin)".into(),
+            source: e,
+        };
         client
             .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .await
-            .map_err(|e| SnapshotError::Read {
-                table: "(begin)".into(),
-                source: e,
-            })?;
+            .map_err(fail)?;
+        let position: String = client
+            .query_one(
+                "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                             ELSE pg_current_wal_insert_lsn() END::text",
+                &[],
+            )
+            .await
+            .map_err(fail)?
+            .get(0);
         Ok(Self {
             client,
             connector: connector.to_owned(),
             database,
+            position: position.parse().unwrap_or(PgLsn(0)),
         })
     }
 
