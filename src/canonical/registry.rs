@@ -268,6 +268,31 @@ impl EventCodec {
         Ok(registered.id)
     }
 
+    /// `value`, a record of the fixed schema `json` (full name `name`, parsed as `schema`),
+    /// in the wire format for `topic`: the schema registered under the topic's subject on
+    /// first use, as an event's is (reconciliation events).
+    pub async fn encode_record(
+        &self,
+        topic: &str,
+        json: &str,
+        name: &str,
+        schema: &Schema,
+        value: apache_avro::types::Value,
+    ) -> Result<Vec<u8>, CodecError> {
+        let supplied =
+            SuppliedSchema::new(Some(name.to_owned()), SchemaType::Avro, json.to_owned());
+        let id = self.id_for(topic, &supplied).await?;
+        let datum = apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+            .build()
+            .and_then(|writer| writer.write_value_to_vec(value))
+            .map_err(|e| CodecError::Undecodable(e.to_string()))?;
+        let mut bytes = Vec::with_capacity(5 + datum.len());
+        bytes.push(0);
+        bytes.extend_from_slice(&id.to_be_bytes());
+        bytes.extend_from_slice(&datum);
+        Ok(bytes)
+    }
+
     /// The event's bytes for `topic`.
     pub async fn encode(&self, event: &CanonicalEvent, topic: &str) -> Result<Vec<u8>, CodecError> {
         let mut bytes = Vec::with_capacity(1024);

@@ -1,79 +1,231 @@
-//! `fhir-cdc reconcile`: one pass comparing a connector's source, its log and a projection
-//! (see [`crate::reconcile`]). Exit status: 0 when nothing drifted, 1 when something did
-//! (or the connector or projector stayed behind beyond the bound, or a system could not be
+//! `fhir-cdc reconcile`: a pass comparing a connector's source, its log and a projection
+//! (see [`crate::reconcile`]), each drifted resource reported on stdout and as an event on
+//! `<prefix>.reconcile.<connector>`; with `--repair`, the drift mended through the log and a
+//! second pass that verifies it. Exit status: 0 when no drift remains, 1 when some does (or
+//! the connector or projector stayed behind beyond the bound, or a system could not be
 //! read), 2 on a usage or configuration error — so that a script can be gated on it.
+//! `fhir-cdc reconcile worklist` lists, shows and resolves what a person must decide on.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{collections::HashSet, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::Args;
+use clap::{Args, Subcommand};
 
 use crate::{
+    canonical::registry::EventCodec,
     config::ConnectorConfig,
-    consumer::config::ProjectorConfig,
-    reconcile::{Pass, PassError},
+    consumer::{config::ProjectorConfig, projection},
+    reconcile::{events, repair, Pass, PassError, Report},
 };
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct ReconcileArgs {
+    #[command(subcommand)]
+    command: Option<ReconcileCommand>,
     /// The connector configuration file (TOML): its source and mappings.
-    #[arg(long, short)]
-    config: PathBuf,
+    #[arg(long, short, required = true)]
+    config: Option<PathBuf>,
     /// The projector configuration file (TOML) whose read model is compared.
-    #[arg(long)]
-    projection: PathBuf,
+    #[arg(long, required = true)]
+    projection: Option<PathBuf>,
     /// Only the resources of this mapped table (`schema.table`).
     #[arg(long)]
     table: Option<String>,
     /// How long the connector and then the projector may take to catch up with the source
-    /// read, in seconds; lag beyond it counts as drift.
+    /// read (and, with --repair, the connector to read the rows again), in seconds; lag
+    /// beyond it counts as drift.
     #[arg(long, default_value_t = 60)]
     lag_bound: u64,
+    /// Mend the drift through the log (rows read again at the source, projection rows
+    /// restored from the ledger), put the rest on the worklist, and verify with a second
+    /// pass. The connector and the projector must be running.
+    #[arg(long)]
+    repair: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum ReconcileCommand {
+    /// The drift a person must decide on (`--repair` fills it).
+    Worklist(WorklistArgs),
+}
+
+#[derive(Debug, Args)]
+struct WorklistArgs {
+    /// The projector configuration file (TOML) whose database holds the worklist.
+    #[arg(long)]
+    projection: PathBuf,
+    /// Only this connector's items.
+    #[arg(long)]
+    connector: Option<String>,
+    #[command(subcommand)]
+    action: WorklistAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum WorklistAction {
+    /// The open items (with --all, the cleared and resolved too), one per line.
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+    /// One item with its three sides.
+    Show { item: String },
+    /// Mark an item decided: it stays resolved while it still drifts.
+    Resolve {
+        item: String,
+        /// What was decided, kept with the item.
+        #[arg(long)]
+        note: Option<String>,
+    },
 }
 
 pub async fn run(args: ReconcileArgs) -> ExitCode {
-    let bad = |message: String| {
-        eprintln!("fhir-cdc reconcile: {message}");
-        ExitCode::from(super::EXIT_BAD_CONFIG)
+    let outcome = match args.command {
+        Some(ReconcileCommand::Worklist(worklist)) => worklist_command(worklist).await,
+        None => reconcile(args).await,
     };
-    let connector = match ConnectorConfig::load(&args.config) {
-        Ok(config) => config,
-        Err(e) => return bad(e.to_string()),
+    match outcome {
+        Ok(code) => code,
+        Err((code, message)) => {
+            eprintln!("fhir-cdc reconcile: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+type Failure = (u8, String);
+
+fn bad(message: impl ToString) -> Failure {
+    (super::EXIT_BAD_CONFIG, message.to_string())
+}
+
+fn failed(message: impl ToString) -> Failure {
+    (1, message.to_string())
+}
+
+async fn reconcile(args: ReconcileArgs) -> Result<ExitCode, Failure> {
+    let (Some(config), Some(projection)) = (&args.config, &args.projection) else {
+        return Err(bad("--config and --projection are required"));
     };
-    let projector = match ProjectorConfig::load(&args.projection) {
-        Ok(config) => config,
-        Err(e) => return bad(e.to_string()),
-    };
+    let connector = ConnectorConfig::load(config).map_err(bad)?;
+    let projector = ProjectorConfig::load(projection).map_err(bad)?;
+    let codec = EventCodec::new(&connector.schema_registry).map_err(bad)?;
     let pass = Pass {
         connector: &connector,
         projector: &projector,
         table: args.table.as_deref(),
         lag_bound: Duration::from_secs(args.lag_bound),
     };
+    let run_id = run_id();
+    let context = events::Context {
+        run_id: &run_id,
+        connector: &connector,
+        projector: &projector.name,
+        projection_schema: &projector.projection.schema,
+    };
+    let report = one_pass(&pass, &context, &codec).await?;
+    if !args.repair || report.drifted.is_empty() {
+        return Ok(exit(&report));
+    }
+
+    let mut client = crate::postgres::connect(&projector.projection.url)
+        .await
+        .map_err(|e| failed(format!("the projection database: {e}")))?;
+    let schema = &projector.projection.schema;
+    projection::migrate(&mut client, schema)
+        .await
+        .map_err(|e| failed(format!("migrating the projection: {e}")))?;
+    let requests = repair::request_snapshots(&connector, &report)
+        .await
+        .map_err(failed)?;
+    for (id, table, rows) in &requests {
+        println!("repair: asked connector {} to read {rows} row(s) of {table} again (snapshot request {id})", connector.name);
+    }
+    let (restored, moved) = repair::restore(&client, schema, &report)
+        .await
+        .map_err(failed)?;
+    if restored + moved > 0 {
+        println!("repair: {restored} projection row(s) restored from the ledger, {moved} left (changed since the pass)");
+    }
+    let worklisted = repair::worklist(&client, schema, &connector.name, &run_id, &report)
+        .await
+        .map_err(failed)?;
+    if worklisted > 0 {
+        println!("repair: {worklisted} item(s) on the worklist (`fhir-cdc reconcile worklist`)");
+    }
+    let ids: Vec<String> = requests.into_iter().map(|(id, ..)| id).collect();
+    repair::await_requests(&connector, &ids, pass.lag_bound)
+        .await
+        .map_err(failed)?;
+
+    println!("verifying:");
+    let run_id = run_id_after(&run_id);
+    let context = events::Context {
+        run_id: &run_id,
+        ..context
+    };
+    let verified = one_pass(&pass, &context, &codec).await?;
+    repair::worklist(&client, schema, &connector.name, &run_id, &verified)
+        .await
+        .map_err(failed)?;
+    let still: HashSet<(&str, &str)> = verified
+        .drifted
+        .iter()
+        .map(|d| (d.resource_type.as_str(), d.resource_id.as_str()))
+        .collect();
+    let repaired = report
+        .drifted
+        .iter()
+        .filter(|d| !still.contains(&(d.resource_type.as_str(), d.resource_id.as_str())))
+        .count();
+    println!(
+        "repaired {repaired} of {}; {} still drifting",
+        report.drifted.len(),
+        verified.drifted.len()
+    );
+    Ok(exit(&verified))
+}
+
+/// A pass, its report printed and its events written.
+async fn one_pass(
+    pass: &Pass<'_>,
+    context: &events::Context<'_>,
+    codec: &EventCodec,
+) -> Result<Report, Failure> {
     let report = match pass.run().await {
         Ok(report) => report,
-        Err(PassError::Usage(message)) => return bad(message),
-        Err(e @ (PassError::Lag(_) | PassError::Failed(_))) => {
-            eprintln!("fhir-cdc reconcile: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(PassError::Usage(message)) => return Err(bad(message)),
+        Err(e @ (PassError::Lag(_) | PassError::Failed(_))) => return Err(failed(e)),
     };
+    print(&report, &pass.projector.name);
+    let written = events::publish(context, codec, &report)
+        .await
+        .map_err(|e| failed(format!("writing the reconcile events: {e}")))?;
+    if written > 0 {
+        println!(
+            "{written} reconcile event(s) on {} (run {})",
+            context.connector.reconcile_topic(),
+            context.run_id
+        );
+    }
+    Ok(report)
+}
+
+fn print(report: &Report, projector: &str) {
     println!(
-        "source read at {}: {} row(s); connector caught up in {:.1} s, projector {} in {:.1} s",
+        "source read at {}: {} row(s); connector caught up in {:.1} s, projector {projector} in {:.1} s",
         report.read_at.text(),
         report.rows,
         report.waited.0.as_secs_f64(),
-        projector.name,
         report.waited.1.as_secs_f64(),
     );
     for drifted in &report.drifted {
+        let [source, log, projection] = drifted.sides();
         println!(
-            "{:<24} {}/{}  source {}  log {}  projection {}",
+            "{:<24} {}/{}  source {source}  log {log}  projection {projection}",
             drifted.class.name(),
             drifted.resource_type,
             drifted.resource_id,
-            drifted.source,
-            drifted.log,
-            drifted.projection
         );
     }
     for ((table, mapping_id), rows) in &report.unmappable_rows {
@@ -88,9 +240,9 @@ pub async fn run(args: ReconcileArgs) -> ExitCode {
         .filter(|(_, n)| **n > 0)
         .map(|(class, n)| format!("{} {n}", class.name()))
         .collect();
-    let drift = report.drifted.len() + report.unmappable_rows.values().sum::<usize>();
     println!(
-        "{drift} drifted of {} resource(s) compared{}; {} changed while the pass ran (judged next pass)",
+        "{} drifted of {} resource(s) compared{}; {} changed while the pass ran (judged next pass)",
+        drift(report),
         report.compared,
         if counts.is_empty() {
             String::new()
@@ -99,9 +251,119 @@ pub async fn run(args: ReconcileArgs) -> ExitCode {
         },
         report.changed_since
     );
-    if drift == 0 {
+}
+
+fn drift(report: &Report) -> usize {
+    report.drifted.len() + report.unmappable_rows.values().sum::<usize>()
+}
+
+fn exit(report: &Report) -> ExitCode {
+    if drift(report) == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// A pass's id: the time in milliseconds and this process.
+fn run_id() -> String {
+    let millis = chrono::Utc::now().timestamp_millis();
+    format!("{millis}-{}", std::process::id())
+}
+
+/// The verifying pass's id: the first's, marked.
+fn run_id_after(first: &str) -> String {
+    format!("{first}-verify")
+}
+
+async fn worklist_command(args: WorklistArgs) -> Result<ExitCode, Failure> {
+    let projector = ProjectorConfig::load(&args.projection).map_err(bad)?;
+    let mut client = crate::postgres::connect(&projector.projection.url)
+        .await
+        .map_err(|e| failed(format!("the projection database: {e}")))?;
+    let schema = &projector.projection.schema;
+    projection::migrate(&mut client, schema)
+        .await
+        .map_err(|e| failed(format!("migrating the projection: {e}")))?;
+    let connector = args.connector.as_deref();
+    let fail = |e: tokio_postgres::Error| failed(format!("reading the worklist: {e}"));
+    match args.action {
+        WorklistAction::List { all } => {
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT connector, item, class, state, first_seen::text, last_seen::text
+                           FROM {schema}.reconcile_worklist
+                          WHERE ($1::text IS NULL OR connector = $1) AND ($2 OR state = 'open')
+                          ORDER BY connector, first_seen, item"
+                    ),
+                    &[&connector, &all],
+                )
+                .await
+                .map_err(fail)?;
+            for row in &rows {
+                let column = |i| row.get::<_, String>(i);
+                println!(
+                    "{}  {}  {}  {}  first seen {}  last seen {}",
+                    column(0),
+                    column(1),
+                    column(2),
+                    column(3),
+                    column(4),
+                    column(5)
+                );
+            }
+            eprintln!("{} item(s)", rows.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        WorklistAction::Show { item } => {
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT to_jsonb(w)::text FROM {schema}.reconcile_worklist w
+                          WHERE item = $1 AND ($2::text IS NULL OR connector = $2)"
+                    ),
+                    &[&item, &connector],
+                )
+                .await
+                .map_err(fail)?;
+            if rows.is_empty() {
+                return Err(failed(format!("no worklist item {item}")));
+            }
+            for row in rows {
+                let text: String = row.get(0);
+                let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json).unwrap_or_default()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        WorklistAction::Resolve { item, note } => {
+            let resolved = client
+                .query(
+                    &format!(
+                        "UPDATE {schema}.reconcile_worklist
+                            SET state = 'resolved', resolved_at = clock_timestamp(), note = $3
+                          WHERE item = $1 AND ($2::text IS NULL OR connector = $2)
+                          RETURNING connector"
+                    ),
+                    &[&item, &connector, &note],
+                )
+                .await
+                .map_err(fail)?;
+            match resolved.len() {
+                0 => Err(failed(format!("no worklist item {item}"))),
+                1 => {
+                    println!("{item} resolved");
+                    Ok(ExitCode::SUCCESS)
+                }
+                n => {
+                    println!("{item} resolved for {n} connectors");
+                    Ok(ExitCode::SUCCESS)
+                }
+            }
+        }
     }
 }

@@ -772,6 +772,12 @@ impl ConnectorConfig {
         format!("{}.dlq.{}", self.topics.prefix, self.name)
     }
 
+    /// `<prefix>.reconcile.<name>`: where `fhir-cdc reconcile` reports each drifted
+    /// resource of this connector.
+    pub fn reconcile_topic(&self) -> String {
+        format!("{}.reconcile.{}", self.topics.prefix, self.name)
+    }
+
     /// `<prefix>.state`: the compacted topic the connector keeps its state in (one key per
     /// connector; see `offsets::StateStore`).
     pub fn state_topic(&self) -> String {

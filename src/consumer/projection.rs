@@ -11,6 +11,8 @@
 //! - `offsets`: per consumer group, topic and partition, the next offset to read. Written in
 //!   the same transaction as the rows and the history, so that rows, ledger and position
 //!   move together; on start and on every assignment the projector seeks to them.
+//! - `reconcile_worklist`: the drift `fhir-cdc reconcile --repair` cannot mend, per
+//!   connector and resource, for a person to decide on (`fhir-cdc reconcile worklist`).
 //!
 //! An event is applied only when its `resource_version` is newer than the stored one; an
 //! older or equal one is `stale`. Both outcomes are counted, neither changes a row.
@@ -85,6 +87,19 @@ fn migrations(schema: &str) -> Vec<String> {
                 )
             })
             .concat(),
+        // `fhir-cdc reconcile --repair`'s worklist: the drift a person must decide on.
+        format!(
+            "CREATE TABLE {schema}.reconcile_worklist (
+               connector text NOT NULL, item text NOT NULL, class text NOT NULL,
+               resource_type text NOT NULL, resource_id text NOT NULL,
+               source_side text NOT NULL, log_side text NOT NULL, projection_side text NOT NULL,
+               state text NOT NULL DEFAULT 'open' CHECK (state IN ('open', 'cleared', 'resolved')),
+               first_seen timestamptz NOT NULL DEFAULT clock_timestamp(),
+               last_seen timestamptz NOT NULL DEFAULT clock_timestamp(),
+               first_run text NOT NULL, last_run text NOT NULL,
+               resolved_at timestamptz, note text,
+               PRIMARY KEY (connector, item));"
+        ),
     ]
 }
 
@@ -95,6 +110,9 @@ pub async fn migrate(
     schema: &str,
 ) -> Result<usize, tokio_postgres::Error> {
     let tx = client.transaction().await?;
+    // `IF NOT EXISTS` notices are not news.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await?;
     tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&schema])
         .await?;
     tx.batch_execute(&format!(

@@ -9,7 +9,9 @@
 //! (canonical JSON without `meta`); a resource the log or the projection holds a version of
 //! from after the snapshot changed while the pass ran and is judged by the next pass.
 
+pub mod events;
 pub mod read;
+pub mod repair;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -21,7 +23,10 @@ use serde_json::Value as Json;
 use sha2::{Digest as _, Sha256};
 
 use crate::{
-    change::Position, config::ConnectorConfig, consumer::config::ProjectorConfig, mapping, pipeline,
+    change::{Position, Value},
+    config::ConnectorConfig,
+    consumer::config::ProjectorConfig,
+    mapping, pipeline,
 };
 
 /// A digest of a resource's content: SHA-256 of its canonical JSON without `meta`, cut to
@@ -38,6 +43,11 @@ impl Digest {
         let mut digest = [0; 16];
         digest.copy_from_slice(&hasher.finalize()[..16]);
         Self(digest)
+    }
+
+    /// All 32 hex digits.
+    pub fn hex(self) -> String {
+        hex::encode(self.0)
     }
 }
 
@@ -106,6 +116,17 @@ pub struct Logged {
     /// `None` for a delete.
     pub digest: Option<Digest>,
     pub mapping_version: String,
+    /// Where the event is: its id and Kafka coordinates.
+    pub origin: Option<LogOrigin>,
+}
+
+/// An event's id and place in Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogOrigin {
+    pub event_id: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// The projection's row of a resource.
@@ -236,7 +257,7 @@ pub fn judge(
 /// What a pass found.
 #[derive(Debug)]
 pub struct Report {
-    /// The source read's position (a version at or after it is judged next pass).
+    /// The source read's position: no change after it is in what was read.
     pub read_at: Position,
     pub rows: u64,
     /// Resources compared (on any side).
@@ -251,15 +272,43 @@ pub struct Report {
     pub waited: (Duration, Duration),
 }
 
-/// A drifted resource, its sides written for a report.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A drifted resource and its sides.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Drifted {
     pub class: Drift,
     pub resource_type: String,
     pub resource_id: String,
-    pub source: String,
-    pub log: String,
-    pub projection: String,
+    pub source: Option<SourceSide>,
+    pub log: Option<Logged>,
+    pub projection: Option<Projected>,
+    /// The source row it is made of: its table (`schema.table`) and key values.
+    pub row: Option<(String, Vec<(String, Value)>)>,
+}
+
+impl Drifted {
+    /// The three sides as a report shows them: `<digest>`, `<version> <digest>`,
+    /// `<version> deleted`, `fails mapping <id>` or `none`.
+    pub fn sides(&self) -> [String; 3] {
+        let side = |version: &str, deleted: bool, digest: Option<Digest>| match (deleted, digest) {
+            (false, Some(digest)) => format!("{version} {digest}"),
+            _ => format!("{version} deleted"),
+        };
+        [
+            match &self.source {
+                None => "none".into(),
+                Some(SourceSide::Resource { digest, .. }) => digest.to_string(),
+                Some(SourceSide::Unmappable { mapping_id }) => {
+                    format!("fails mapping {mapping_id}")
+                }
+            },
+            self.log
+                .as_ref()
+                .map_or("none".into(), |l| side(&l.version, l.deleted, l.digest)),
+            self.projection
+                .as_ref()
+                .map_or("none".into(), |p| side(&p.version, p.deleted, p.digest)),
+        ]
+    }
 }
 
 impl Report {
@@ -332,7 +381,7 @@ impl Pass<'_> {
         let source = read::source(config, &mapper, &tables)
             .await
             .map_err(failed)?;
-        let (low, high) = source.low.clone().zip(source.high.clone()).expect("read");
+        let high = source.high.clone().expect("a read has its position");
         let connector_wait = read::connector_caught_up(config, &high, self.lag_bound)
             .await
             .map_err(PassError::Lag)?;
@@ -352,7 +401,6 @@ impl Pass<'_> {
         Ok(compare(
             source,
             projection,
-            low,
             (connector_wait, projector_wait),
         ))
     }
@@ -362,10 +410,14 @@ impl Pass<'_> {
 fn compare(
     source: read::SourceRead,
     projection: read::ProjectionRead,
-    read_at: Position,
     waited: (Duration, Duration),
 ) -> Report {
-    let at = read_at.sort_key();
+    let at = source
+        .low
+        .as_ref()
+        .expect("a read has its position")
+        .sort_key();
+    let read_at = source.high.clone().expect("a read has its position");
     let keys: BTreeSet<&read::ResourceKey> = source
         .resources
         .keys()
@@ -394,15 +446,10 @@ fn compare(
                 class,
                 resource_type: key.0.clone(),
                 resource_id: key.1.clone(),
-                source: match source_side {
-                    None => "none".into(),
-                    Some(SourceSide::Resource { digest, .. }) => digest.to_string(),
-                    Some(SourceSide::Unmappable { mapping_id }) => {
-                        format!("fails mapping {mapping_id}")
-                    }
-                },
-                log: logged.map_or("none".into(), |l| side(&l.version, l.deleted, l.digest)),
-                projection: row.map_or("none".into(), |p| side(&p.version, p.deleted, p.digest)),
+                source: source_side.cloned(),
+                log: logged.cloned(),
+                projection: row.cloned(),
+                row: source.rows.get(*key).cloned(),
             }),
         }
     }
@@ -419,20 +466,12 @@ fn compare(
     }
     Report {
         read_at,
-        rows: source.rows,
+        rows: source.read,
         compared: keys.len(),
         changed_since,
         drifted,
         unmappable_rows,
         waited,
-    }
-}
-
-/// A version as a report shows it: `<version> <digest>`, or `<version> deleted`.
-fn side(version: &str, deleted: bool, digest: Option<Digest>) -> String {
-    match (deleted, digest) {
-        (true, _) | (false, None) => format!("{version} deleted"),
-        (false, Some(digest)) => format!("{version} {digest}"),
     }
 }
 
@@ -470,6 +509,7 @@ mod tests {
             deleted: n.is_none(),
             digest: n.map(|n| Digest([n; 16])),
             mapping_version: mapping.into(),
+            origin: None,
         }
     }
 

@@ -10,9 +10,9 @@ use futures_util::{pin_mut, TryStreamExt};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::sync::mpsc;
 
-use super::{Digest, Logged, Projected, SourceSide};
+use super::{Digest, LogOrigin, Logged, Projected, SourceSide};
 use crate::{
-    change::{ChangeEvent, PgLsn, Position, SourceMessage},
+    change::{ChangeEvent, PgLsn, Position, SourceMessage, Value},
     config::{ConnectorConfig, SourceConfig},
     consumer::config::ProjectorConfig,
     mapping::Mapper,
@@ -34,22 +34,38 @@ pub struct SourceRead {
     pub low: Option<Position>,
     /// No change after it is in the snapshot: the connector must have captured up to it.
     pub high: Option<Position>,
-    pub rows: u64,
+    pub read: u64,
     pub resources: HashMap<ResourceKey, SourceSide>,
+    /// The row each resource is made of: its table and key values.
+    pub rows: HashMap<ResourceKey, (String, Vec<(String, Value)>)>,
     /// Rows a mapping cannot map: their table and key, and the mapping.
     pub unmappable: HashMap<RowKey, String>,
 }
 
 impl SourceRead {
     fn take(&mut self, mapper: &Mapper, change: &ChangeEvent) {
-        self.rows += 1;
+        self.read += 1;
         let outcome = mapper.map(change);
+        let row = change.after.as_ref();
+        let key: Vec<(String, Value)> = change
+            .key
+            .iter()
+            .map(|column| {
+                let value = row.and_then(|r| r.get(column)).cloned();
+                (column.to_string(), value.unwrap_or(Value::Null))
+            })
+            .collect();
         for event in outcome.events {
             let Some(resource) = &event.resource else {
                 continue;
             };
+            let resource_key = (event.resource_type, event.resource_id);
+            self.rows.insert(
+                resource_key.clone(),
+                (change.source.qualified_name(), key.clone()),
+            );
             self.resources.insert(
-                (event.resource_type, event.resource_id),
+                resource_key,
                 SourceSide::Resource {
                     digest: Digest::of(&resource.to_json()),
                     mapping_version: event.provenance.mapping_version.to_string(),
@@ -57,15 +73,9 @@ impl SourceRead {
             );
         }
         if let Some(failure) = outcome.failures.first() {
-            let row = change.after.as_ref();
-            let key = change
-                .key
+            let key = key
                 .iter()
-                .map(|column| {
-                    let value = row.and_then(|r| r.get(column));
-                    let text = value.map_or("".into(), |v| crate::mapping::text_of(v));
-                    format!("{column}={text}")
-                })
+                .map(|(column, value)| format!("{column}={}", crate::mapping::text_of(value)))
                 .collect::<Vec<_>>()
                 .join(",");
             self.unmappable.insert(
@@ -129,7 +139,12 @@ pub async fn source(
                 mysql::snapshot::read_consistent(&my.url, &config.name, tables, 1024, &mut take)
                     .await
                     .map_err(|e| e.to_string())?;
-            read.low = Some(Position::Mysql(window.low));
+            // Snapshot chunks go out at a transaction's end with a step after it: what they
+            // hold is as of that end, so every step of the read's position is before it.
+            read.low = Some(Position::Mysql(crate::change::BinlogPosition {
+                step: u32::MAX,
+                ..window.low
+            }));
             read.high = Some(Position::Mysql(window.high));
         }
     }
@@ -319,7 +334,8 @@ pub async fn projection(
         .query_raw(
             &format!(
                 "SELECT DISTINCT ON (resource_type, resource_id) resource_type, resource_id, version, op, body::text,
-                        mapping_version, source_schema || '.' || source_table, primary_key::text
+                        mapping_version, source_schema || '.' || source_table, primary_key::text,
+                        event_id::text, topic, kafka_partition, kafka_offset
                    FROM {schema}.history WHERE {filter}
                   ORDER BY resource_type, resource_id, version DESC"
             ),
@@ -340,6 +356,12 @@ pub async fn projection(
                     deleted: op == "delete",
                     digest: digest_of_text(body.as_deref()),
                     mapping_version: row.get(5),
+                    origin: Some(LogOrigin {
+                        event_id: row.get(8),
+                        topic: row.get(9),
+                        partition: row.get(10),
+                        offset: row.get(11),
+                    }),
                 },
                 (row.get(6), key_text(&key)),
             ),

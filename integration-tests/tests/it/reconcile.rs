@@ -2,12 +2,18 @@
 //! source give no drift; then each kind of drift made on purpose — a projection row edited
 //! and one deleted outside the projector, rows changed, inserted and deleted while the
 //! table was not published, a row whose mapping fails, a changed mapping, a projector that
-//! fell behind — is found by one pass, with its class and resource.
+//! fell behind — is found by one pass, with its class and resource, and reported as an
+//! event. `--repair` mends what the log can mend, verifies with a second pass, and leaves the
+//! rest on the worklist.
 
-use std::{path::Path, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
 
 use crate::{
-    connector::{await_caught_up, await_snapshotted, start, stop},
+    connector::{await_caught_up, await_snapshotted, read_for, spawn, start, stop, Connector},
     projector::{drop_projections, project_until_caught_up, projector_config},
     stack,
 };
@@ -48,10 +54,25 @@ fn drifted(report: &str) -> Vec<String> {
     lines
 }
 
-#[tokio::test]
-async fn each_drift_made_on_purpose_is_found_with_its_class() {
+/// Fifty lab results captured by a running connector, and a projector's configuration.
+struct Lab {
+    client: tokio_postgres::Client,
+    schema: String,
+    table: String,
+    dir: PathBuf,
+    config: PathBuf,
+    slot: String,
+    log: PathBuf,
+    prefix: String,
+    topic: String,
+    projection_schema: String,
+    projector: PathBuf,
+    connector: Connector,
+}
+
+async fn lab(name: &str) -> Lab {
     let client = stack::pg_client().await;
-    let schema = stack::unique("recon");
+    let schema = stack::unique(name);
     stack::create_lab_schema(&client, &schema).await;
     let table = format!("{schema}.lab_result");
     stack::insert_results(&client, &table, 50).await;
@@ -66,50 +87,83 @@ async fn each_drift_made_on_purpose_is_found_with_its_class() {
     let projector = projector_config(&dir, &format!("{schema}_p"), &topic, &projection_schema);
     let connector = start(&config, &log);
     await_snapshotted(&config, &log).await;
-    await_caught_up(&client, &slot, std::time::Duration::from_secs(30), &log).await;
-    project_until_caught_up(&projector);
+    await_caught_up(&client, &slot, Duration::from_secs(30), &log).await;
+    Lab {
+        client,
+        schema,
+        table,
+        dir,
+        config,
+        slot,
+        log,
+        prefix,
+        topic,
+        projection_schema,
+        projector,
+        connector,
+    }
+}
 
-    let (code, report) = reconcile(&config, &projector, &[]);
+impl Lab {
+    /// Drift made on purpose: a projection row edited (result 1) and one deleted (2)
+    /// outside the projector; rows changed (3), deleted (4) and inserted (1001) while the
+    /// table is not published; a row its mapping refuses (1002: no LOINC code).
+    async fn drift(&self) {
+        let (table, slot, projection) = (&self.table, &self.slot, &self.projection_schema);
+        self.client
+            .batch_execute(&format!(
+                "UPDATE {projection}.resources SET body = jsonb_set(body, '{{status}}', '\"amended\"')
+                  WHERE resource_id = 'result-1';
+                 DELETE FROM {projection}.resources WHERE resource_id = 'result-2';"
+            ))
+            .await
+            .unwrap();
+        let insert = |id: i32, code: &str| {
+            format!(
+                "INSERT INTO {table} (result_id, accession_no, mrn, test_code, value_numeric, units, result_status, collected_at)
+                 VALUES ({id}, 'A24-{id}', 'M000001', '{code}', 90, 'mg/dL', 'F', '2024-03-05 14:30:00')"
+            )
+        };
+        // (Each its own transaction: the publication's membership counts as of each change.)
+        for statement in [
+            format!("ALTER PUBLICATION {slot} DROP TABLE {table}"),
+            format!("UPDATE {table} SET value_numeric = 91 WHERE result_id = 3"),
+            format!("DELETE FROM {table} WHERE result_id = 4"),
+            insert(1001, "GLU"),
+            format!("ALTER PUBLICATION {slot} ADD TABLE {table}"),
+            insert(1002, "ZZZ"),
+        ] {
+            self.client.batch_execute(&statement).await.unwrap();
+        }
+        await_caught_up(&self.client, slot, Duration::from_secs(30), &self.log).await;
+    }
+
+    fn reconcile_topic(&self) -> String {
+        format!("{}.reconcile.{}", self.prefix, self.schema)
+    }
+
+    async fn end(self) {
+        assert!(stop(self.connector).success());
+        stack::drop_capture(&self.client, &self.slot, &self.slot, &self.schema).await;
+        drop_projections(&self.client, &[self.projection_schema], &self.dir).await;
+    }
+}
+
+#[tokio::test]
+async fn each_drift_made_on_purpose_is_found_with_its_class() {
+    let lab = lab("recon").await;
+    let (config, projector, table) = (&lab.config, &lab.projector, &lab.table);
+    project_until_caught_up(projector);
+    let (code, report) = reconcile(config, projector, &[]);
     assert_eq!(code, Some(0), "{report}");
     assert!(
         report.contains("0 drifted of 50 resource(s) compared"),
         "{report}"
     );
 
-    // The projection edited, and a row of it deleted, outside the projector.
-    client
-        .batch_execute(&format!(
-            "UPDATE {projection_schema}.resources SET body = jsonb_set(body, '{{status}}', '\"amended\"')
-              WHERE resource_id = 'result-1';
-             DELETE FROM {projection_schema}.resources WHERE resource_id = 'result-2';"
-        ))
-        .await
-        .unwrap();
-    // Rows changed, inserted and deleted while the table is not published: never captured.
-    // (Each its own transaction: the publication's membership counts as of each change.)
-    for statement in [
-        format!("ALTER PUBLICATION {slot} DROP TABLE {table}"),
-        format!("UPDATE {table} SET value_numeric = 91 WHERE result_id = 3"),
-        format!("DELETE FROM {table} WHERE result_id = 4"),
-        format!(
-            "INSERT INTO {table} (result_id, accession_no, mrn, test_code, value_numeric, units, result_status, collected_at)
-             VALUES (1001, 'A24-1001', 'M000001', 'GLU', 90, 'mg/dL', 'F', '2024-03-05 14:30:00')"
-        ),
-        format!("ALTER PUBLICATION {slot} ADD TABLE {table}"),
-    ] {
-        client.batch_execute(&statement).await.unwrap();
-    }
-    // A row its mapping refuses (no LOINC code): a dead letter, no resource.
-    client
-        .batch_execute(&format!(
-            "INSERT INTO {table} (result_id, accession_no, mrn, test_code, value_numeric, units, result_status, collected_at)
-             VALUES (1002, 'A24-1002', 'M000001', 'ZZZ', 90, 'mg/dL', 'F', '2024-03-05 14:30:00')"
-        ))
-        .await
-        .unwrap();
-    await_caught_up(&client, &slot, std::time::Duration::from_secs(30), &log).await;
-    project_until_caught_up(&projector);
-    let (code, report) = reconcile(&config, &projector, &[]);
+    lab.drift().await;
+    project_until_caught_up(projector);
+    let (code, report) = reconcile(config, projector, &[]);
     assert_eq!(code, Some(1), "{report}");
     assert_eq!(
         drifted(&report),
@@ -132,9 +186,27 @@ async fn each_drift_made_on_purpose_is_found_with_its_class() {
         !report.contains("mg/dL") && !report.contains("M000001"),
         "{report}"
     );
+    // Every drifted resource is an event, with the evidence of each side.
+    let events: Vec<serde_json::Value> =
+        read_for(&lab.reconcile_topic(), 5, Duration::from_secs(10))
+            .await
+            .iter()
+            .map(|bytes| fhir_cdc::reconcile::events::decode(bytes).unwrap())
+            .collect();
+    assert_eq!(events.len(), 5);
+    let edited = events
+        .iter()
+        .find(|e| e["drift"] == "projection_edited")
+        .unwrap();
+    assert_eq!(edited["resource_id"], "result-1");
+    assert_eq!(edited["log_topic"], lab.topic.as_str());
+    assert_eq!(edited["log_version"], edited["projection_version"]);
+    assert_ne!(edited["log_digest"], edited["projection_digest"]);
+    assert_eq!(edited["source_digest"], edited["log_digest"]);
+    assert_eq!(edited["source_table"], table.as_str());
 
     // A changed mapping: every resource it makes differs from its logged version.
-    let mapping = dir.join("mappings/result.yaml");
+    let mapping = lab.dir.join("mappings/result.yaml");
     let text = std::fs::read_to_string(&mapping).unwrap();
     std::fs::write(
         &mapping,
@@ -144,7 +216,7 @@ async fn each_drift_made_on_purpose_is_found_with_its_class() {
         ),
     )
     .unwrap();
-    let (code, report) = reconcile(&config, &projector, &["--table", &table]);
+    let (code, report) = reconcile(config, projector, &["--table", table]);
     assert_eq!(code, Some(1), "{report}");
     assert!(
         report.contains("mapping_changed 49"),
@@ -153,19 +225,190 @@ async fn each_drift_made_on_purpose_is_found_with_its_class() {
     std::fs::write(&mapping, text).unwrap();
 
     // A projector that stopped: lag beyond the bound is reported as such.
-    stack::insert_results(&client, &table, 1).await;
-    let (code, report) = reconcile(&config, &projector, &["--lag-bound", "3"]);
+    stack::insert_results(&lab.client, table, 1).await;
+    let (code, report) = reconcile(config, projector, &["--lag-bound", "3"]);
     assert_eq!(code, Some(1), "{report}");
     assert!(
         report.contains("has not applied what Kafka holds within 3 s")
-            && report.contains(&format!("{topic}[0] at ")),
+            && report.contains(&format!("{}[0] at ", lab.topic)),
         "{report}"
     );
-    let (code, report) = reconcile(&config, &projector, &["--table", "lis.nothing"]);
+    let (code, report) = reconcile(config, projector, &["--table", "lis.nothing"]);
     assert_eq!(code, Some(2), "{report}");
     assert!(report.contains("no mapping reads table"), "{report}");
+    lab.end().await;
+}
 
+/// `fhir-cdc reconcile worklist --projection P <args>`: its exit code and output.
+fn worklist(projection: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let output = Command::new(stack::fhir_cdc_bin())
+        .args(["reconcile", "worklist", "--projection"])
+        .arg(projection)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr),
+    )
+}
+
+#[tokio::test]
+async fn repair_mends_through_the_log_and_leaves_the_rest_on_the_worklist() {
+    let lab = lab("recrep").await;
+    let (config, projector) = (&lab.config, &lab.projector);
+    let projecting = spawn(&["project"], projector, Stdio::null());
+    let (code, report) = reconcile(config, projector, &["--repair"]);
+    assert_eq!(code, Some(0), "{report}");
+    assert!(!report.contains("repair:"), "nothing to repair: {report}");
+
+    lab.drift().await;
+    let (code, report) = reconcile(config, projector, &["--repair"]);
+    assert_eq!(
+        code,
+        Some(1),
+        "the deleted row and the unmappable one remain: {report}"
+    );
+    assert!(
+        report.contains(&format!(
+            "repair: asked connector {} to read 2 row(s) of {} again",
+            lab.schema, lab.table
+        )) && report.contains("repair: 2 projection row(s) restored from the ledger")
+            && report.contains("repair: 1 item(s) on the worklist"),
+        "{report}"
+    );
+    let verified = report.split("verifying:").nth(1).unwrap();
+    assert_eq!(
+        drifted(verified),
+        ["deleted_at_source Observation/result-4"],
+        "{report}"
+    );
+    assert!(
+        report.contains("repaired 4 of 5; 1 still drifting"),
+        "{report}"
+    );
+    // What the rows hold now is in the projection; the edited row is the log's again.
+    let (client, schema, table) = (&lab.client, &lab.projection_schema, &lab.table);
+    let one = |sql: String| async move {
+        client
+            .query_one(&sql, &[])
+            .await
+            .unwrap()
+            .get::<_, Option<String>>(0)
+    };
+    let projected = |id: i32, path: &str| {
+        one(format!(
+            "SELECT body #>> '{{{path}}}' FROM {schema}.resources WHERE resource_id = 'result-{id}'"
+        ))
+    };
+    let value = |id: i32| {
+        one(format!(
+            "SELECT value_numeric::text FROM {table} WHERE result_id = {id}"
+        ))
+    };
+    assert_eq!(projected(3, "valueQuantity,value").await, value(3).await);
+    assert_eq!(
+        projected(1001, "valueQuantity,value").await,
+        value(1001).await
+    );
+    assert_eq!(projected(1, "status").await.as_deref(), Some("final"));
+    assert_eq!(projected(2, "status").await.as_deref(), Some("final"));
+    // Five events of the first pass (the unmappable row has no resource), one of the second.
+    let events = read_for(&lab.reconcile_topic(), 7, Duration::from_secs(10)).await;
+    assert_eq!(events.len(), 6);
+
+    let (code, listed) = worklist(projector, &["list"]);
+    assert_eq!(code, Some(0), "{listed}");
+    assert!(
+        listed.contains(&format!(
+            "{}  Observation/result-4  deleted_at_source  open",
+            lab.schema
+        )),
+        "{listed}"
+    );
+    let (code, shown) = worklist(projector, &["show", "Observation/result-4"]);
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(shown.contains("\"source_side\": \"none\""), "{shown}");
+    let (code, said) = worklist(
+        projector,
+        &[
+            "resolve",
+            "Observation/result-4",
+            "--note",
+            "deleted in the source on purpose",
+        ],
+    );
+    assert_eq!(code, Some(0), "{said}");
+    let (_, listed) = worklist(projector, &["list"]);
+    assert!(listed.contains("0 item(s)"), "{listed}");
+    let (_, listed) = worklist(projector, &["list", "--all"]);
+    assert!(listed.contains("resolved"), "{listed}");
+    let (code, said) = worklist(projector, &["resolve", "Observation/result-99"]);
+    assert_eq!(code, Some(1), "{said}");
+
+    assert!(stop(projecting).success());
+    lab.end().await;
+}
+
+/// The same on MariaDB: the rows read in one consistent snapshot at its binary log
+/// position; a change the binary log never saw (`sql_log_bin = 0`) is found, and mended
+/// by reading the row again through the signal table.
+#[tokio::test]
+async fn a_change_the_binary_log_never_saw_is_found_and_read_again() {
+    use mysql_async::prelude::Queryable;
+    let name = stack::unique("recmy");
+    let dir = std::env::temp_dir().join(&name);
+    let mut conn = stack::mysql_conn().await;
+    let database = stack::billing_tables(&mut conn, &name, &dir.join("mappings")).await;
+    let charge = format!("{database}.{name}_charge");
+    conn.query_drop(format!(
+        "INSERT INTO {charge} (charge_id, account_no, mrn, cpt_code, description, amount, status, service_date, posted_at)
+         SELECT seq, 'ACC-1', 'M000000001', '99213', 'Office visit', 100.00, 'B', '2024-03-05', '2024-03-05 09:15:00'
+           FROM seq_1_to_20"
+    ))
+    .await
+    .unwrap();
+    let prefix = stack::unique("fhirrecmy");
+    let config = stack::mysql_connector_config(&dir, &name, &prefix);
+    stack::add_source_setting(
+        &config,
+        &format!("signal.data.collection = \"{database}.{name}_signal\""),
+    );
+    let topic = format!("{prefix}.billing.ChargeItem");
+    let projection_schema = format!("{name}_proj");
+    let projector = projector_config(&dir, &format!("{name}_p"), &topic, &projection_schema);
+    let log = dir.join("run.log");
+    let connector = start(&config, &log);
+    await_snapshotted(&config, &log).await;
+    let projecting = spawn(&["project"], &projector, Stdio::null());
+    let (code, report) = reconcile(&config, &projector, &[]);
+    assert_eq!(code, Some(0), "{report}");
+    assert!(
+        report.contains("0 drifted of 20 resource(s) compared")
+            && report.contains("source read at binlog:"),
+        "{report}"
+    );
+
+    stack::mariadb_root(&format!(
+        "SET sql_log_bin = 0; UPDATE {charge} SET amount = 5 WHERE charge_id = 3;"
+    ));
+    let (code, report) = reconcile(&config, &projector, &[]);
+    assert_eq!(code, Some(1), "{report}");
+    assert_eq!(
+        drifted(&report),
+        ["log_behind_source ChargeItem/charge-3"],
+        "{report}"
+    );
+    let (code, report) = reconcile(&config, &projector, &["--repair"]);
+    assert_eq!(code, Some(0), "{report}");
+    assert!(
+        report.contains("repaired 1 of 1; 0 still drifting"),
+        "{report}"
+    );
+
+    assert!(stop(projecting).success());
     assert!(stop(connector).success());
-    stack::drop_capture(&client, &slot, &slot, &schema).await;
+    let client = stack::pg_client().await;
     drop_projections(&client, &[projection_schema], &dir).await;
 }

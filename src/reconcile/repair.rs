@@ -1,0 +1,238 @@
+//! `--repair`: drift mended through the normal paths, never by editing a read model by
+//! hand. Source-side drift asks the running connector for an ad-hoc snapshot of exactly the
+//! affected rows (their new versions flow through Kafka to every consumer); projection-side
+//! drift restores the projection's row from its ledger's record of the log's latest event
+//! (by event id, only while the row is still what the pass saw, so a version the projector
+//! applies meanwhile is never overwritten). What no path can mend goes to the worklist.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use super::{Drift, Drifted, Report};
+use crate::{
+    change::Value,
+    config::ConnectorConfig,
+    offsets::{SnapshotRequest, StateStore},
+    source,
+};
+
+/// Rows named in one snapshot request at most (its condition is one `OR` per row).
+const KEYS_PER_REQUEST: usize = 200;
+
+/// How the drift was met.
+#[derive(Debug, Default)]
+pub struct Repairs {
+    /// Snapshot requests made: their ids, table and rows named.
+    pub requests: Vec<(String, String, usize)>,
+    /// Projection rows restored from the ledger.
+    pub restored: usize,
+    /// Projection rows left alone: changed since the pass read them.
+    pub moved: usize,
+    /// Drifted resources put on the worklist.
+    pub worklisted: usize,
+}
+
+impl Drift {
+    /// Whether reading the row again at the source mends it.
+    fn read_again(self) -> bool {
+        matches!(
+            self,
+            Drift::MissingFromLog | Drift::LogBehindSource | Drift::MappingChanged
+        )
+    }
+
+    /// Whether restoring the projection's row from the log mends it.
+    fn restore(self) -> bool {
+        matches!(
+            self,
+            Drift::MissingFromProjection | Drift::ProjectionEdited | Drift::ProjectionBehindLog
+        )
+    }
+
+    /// Whether a person must decide (the worklist).
+    pub fn manual(self) -> bool {
+        !self.read_again() && !self.restore()
+    }
+}
+
+/// Ask the connector to read the rows of the source-side drift again; the requests made.
+pub async fn request_snapshots(
+    config: &ConnectorConfig,
+    report: &Report,
+) -> Result<Vec<(String, String, usize)>, String> {
+    let mut keys: BTreeMap<&str, Vec<&[(String, Value)]>> = BTreeMap::new();
+    for drifted in report.drifted.iter().filter(|d| d.class.read_again()) {
+        if let Some((table, key)) = &drifted.row {
+            keys.entry(table).or_default().push(key);
+        }
+    }
+    let mut made = Vec::new();
+    for (table, keys) in keys {
+        for some in keys.chunks(KEYS_PER_REQUEST) {
+            let condition = some
+                .iter()
+                .map(|key| format!("({})", source::key_condition(&config.source, key)))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            let request = SnapshotRequest::new(table.to_owned(), Some(condition));
+            source::request_snapshot(config, &request)
+                .await
+                .map_err(|e| e.to_string())?;
+            made.push((request.id, table.to_owned(), some.len()));
+        }
+    }
+    Ok(made)
+}
+
+/// Wait (up to `bound`) until the connector has every request in `ids` done: their rows'
+/// events are in Kafka.
+pub async fn await_requests(
+    config: &ConnectorConfig,
+    ids: &[String],
+    bound: Duration,
+) -> Result<(), String> {
+    let store = StateStore::of(config).await.map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    loop {
+        let state = store
+            .load()
+            .await
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        if let Some(id) = ids.iter().find(|id| state.dropped.contains(id)) {
+            return Err(format!(
+                "the connector dropped repair request {id}: the server refused its condition (see the connector's log)"
+            ));
+        }
+        if ids.iter().all(|id| state.request_done(id)) {
+            return Ok(());
+        }
+        if started.elapsed() >= bound {
+            return Err(format!(
+                "connector {} has not finished the repair snapshots within {} s; is it running?",
+                config.name,
+                bound.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Restore the projection rows of the projection-side drift from the ledger's record of
+/// the log's latest event; `(restored, moved)`.
+pub async fn restore(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    report: &Report,
+) -> Result<(usize, usize), String> {
+    let columns = "resource_type, resource_id, version, event_id, deleted, body, source_system,
+        connector, database_kind, source_database, source_schema, source_table, primary_key,
+        source_position, transaction_id, commit_time, capture_time, mapping_id,
+        mapping_version, snapshot";
+    let updates = columns
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !matches!(*c, "resource_type" | "resource_id"))
+        .map(|c| format!("{c} = EXCLUDED.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // The row is restored only while it is what the pass saw ($2: its version, or none).
+    let statement = client
+        .prepare(&format!(
+            "INSERT INTO {schema}.resources ({columns})
+             SELECT resource_type, resource_id, version, event_id, op = 'delete', body, source_system,
+                    connector, database_kind, source_database, source_schema, source_table, primary_key,
+                    source_position, transaction_id, commit_time, capture_time, mapping_id,
+                    mapping_version, snapshot
+               FROM {schema}.history WHERE event_id = $1::text::uuid
+             ON CONFLICT (resource_type, resource_id) DO UPDATE SET {updates}, applied_at = clock_timestamp()
+              WHERE {schema}.resources.version = $2"
+        ))
+        .await
+        .map_err(|e| format!("preparing the restore: {e}"))?;
+    let (mut restored, mut moved) = (0, 0);
+    for drifted in report.drifted.iter().filter(|d| d.class.restore()) {
+        let Some(origin) = drifted.log.as_ref().and_then(|l| l.origin.as_ref()) else {
+            continue;
+        };
+        let seen = drifted.projection.as_ref().map(|p| p.version.as_str());
+        let written = client
+            .execute(&statement, &[&origin.event_id, &seen])
+            .await
+            .map_err(|e| {
+                format!(
+                    "restoring {}/{}: {e}",
+                    drifted.resource_type, drifted.resource_id
+                )
+            })?;
+        if written == 1 {
+            restored += 1;
+        } else {
+            moved += 1;
+        }
+    }
+    Ok((restored, moved))
+}
+
+/// Put the drift no path mends on the worklist: new items open, items seen again keep their
+/// first sighting (and a resolution); items of this connector no longer drifting close.
+pub async fn worklist(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    connector: &str,
+    run_id: &str,
+    report: &Report,
+) -> Result<usize, String> {
+    let fail = |e: tokio_postgres::Error| format!("writing the worklist: {e}");
+    let manual: Vec<&Drifted> = report.drifted.iter().filter(|d| d.class.manual()).collect();
+    let items: Vec<String> = manual.iter().map(|d| item(d)).collect();
+    for (drifted, item) in manual.iter().zip(&items) {
+        let [source, log, projection] = drifted.sides();
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {schema}.reconcile_worklist
+                       (connector, item, class, resource_type, resource_id, source_side, log_side,
+                        projection_side, first_run, last_run)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
+                     ON CONFLICT (connector, item) DO UPDATE SET
+                       class = EXCLUDED.class, source_side = EXCLUDED.source_side,
+                       log_side = EXCLUDED.log_side, projection_side = EXCLUDED.projection_side,
+                       last_run = EXCLUDED.last_run, last_seen = clock_timestamp(),
+                       state = CASE WHEN {schema}.reconcile_worklist.state = 'resolved'
+                                    THEN 'resolved' ELSE 'open' END"
+                ),
+                &[
+                    &connector,
+                    item,
+                    &drifted.class.name(),
+                    &drifted.resource_type,
+                    &drifted.resource_id,
+                    &source,
+                    &log,
+                    &projection,
+                    &run_id,
+                ],
+            )
+            .await
+            .map_err(fail)?;
+    }
+    client
+        .execute(
+            &format!(
+                "UPDATE {schema}.reconcile_worklist SET state = 'cleared', last_run = $2
+                  WHERE connector = $1 AND state = 'open' AND NOT item = ANY($3)"
+            ),
+            &[&connector, &run_id, &items],
+        )
+        .await
+        .map_err(fail)?;
+    Ok(items.len())
+}
+
+/// A worklist item's name: the resource it is about.
+fn item(drifted: &Drifted) -> String {
+    format!("{}/{}", drifted.resource_type, drifted.resource_id)
+}
