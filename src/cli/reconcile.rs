@@ -6,14 +6,21 @@
 //! read), 2 on a usage or configuration error — so that a script can be gated on it.
 //! `fhir-cdc reconcile worklist` lists, shows and resolves what a person must decide on.
 
-use std::{collections::HashSet, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    collections::HashSet,
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use clap::{Args, Subcommand};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     canonical::registry::EventCodec,
     config::ConnectorConfig,
     consumer::{config::ProjectorConfig, projection},
+    observe,
     reconcile::{events, repair, Pass, PassError, Report},
 };
 
@@ -41,6 +48,34 @@ pub struct ReconcileArgs {
     /// pass. The connector and the projector must be running.
     #[arg(long)]
     repair: bool,
+    /// Run a pass (with --repair, a repair and its verifying pass) every DURATION (`30s`,
+    /// `15m`, `1h`, or seconds) until SIGTERM or Ctrl-C, instead of once.
+    #[arg(long, value_parser = parse_every)]
+    every: Option<Duration>,
+    /// Serve the metrics here (Prometheus text format), e.g. `127.0.0.1:9466`.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// `30s`, `15m`, `1h`, or a number of seconds; at least a second.
+fn parse_every(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration: write e.g. 30s, 15m or 1h"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("`{text}`: the unit is s, m or h")),
+    };
+    if seconds == 0 {
+        return Err("the interval is at least 1s".into());
+    }
+    Ok(Duration::from_secs(seconds))
 }
 
 #[derive(Debug, Subcommand)]
@@ -110,24 +145,49 @@ async fn reconcile(args: ReconcileArgs) -> Result<ExitCode, Failure> {
     let connector = ConnectorConfig::load(config).map_err(bad)?;
     let projector = ProjectorConfig::load(projection).map_err(bad)?;
     let codec = EventCodec::new(&connector.schema_registry).map_err(bad)?;
+    if let Some(listen) = args.metrics_listen {
+        observe::serve(listen).map_err(bad)?;
+    }
     let pass = Pass {
         connector: &connector,
         projector: &projector,
         table: args.table.as_deref(),
         lag_bound: Duration::from_secs(args.lag_bound),
     };
+    let Some(every) = args.every else {
+        return round(&pass, &codec, args.repair).await;
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(super::run::stop_on_signal(shutdown.clone()));
+    loop {
+        let started = Instant::now();
+        match round(&pass, &codec, args.repair).await {
+            Err((code, message)) if code == super::EXIT_BAD_CONFIG => return Err((code, message)),
+            // The next pass may go better (a connector restarted, a database back).
+            Err((_, message)) => eprintln!("fhir-cdc reconcile: {message}"),
+            Ok(_) => {}
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(ExitCode::SUCCESS),
+            () = tokio::time::sleep(every.saturating_sub(started.elapsed())) => {}
+        }
+    }
+}
+
+/// One pass, or with `repair` a repair and its verifying pass: the exit status of the last.
+async fn round(pass: &Pass<'_>, codec: &EventCodec, repair: bool) -> Result<ExitCode, Failure> {
+    let (connector, projector) = (pass.connector, pass.projector);
     let run_id = run_id();
     let context = events::Context {
         run_id: &run_id,
-        connector: &connector,
+        connector,
         projector: &projector.name,
         projection_schema: &projector.projection.schema,
     };
-    let report = one_pass(&pass, &context, &codec).await?;
-    if !args.repair || report.drifted.is_empty() {
+    let report = one_pass(pass, &context, codec).await?;
+    if !repair {
         return Ok(exit(&report));
     }
-
     let mut client = crate::postgres::connect(&projector.projection.url)
         .await
         .map_err(|e| failed(format!("the projection database: {e}")))?;
@@ -135,7 +195,18 @@ async fn reconcile(args: ReconcileArgs) -> Result<ExitCode, Failure> {
     projection::migrate(&mut client, schema)
         .await
         .map_err(|e| failed(format!("migrating the projection: {e}")))?;
-    let requests = repair::request_snapshots(&connector, &report)
+    if report.drifted.is_empty() {
+        observe::reconcile::repairs(&connector.name, 0, 0);
+        observe::reconcile::worklist_open(
+            &connector.name,
+            repair::open_items(&client, schema, &connector.name)
+                .await
+                .map_err(failed)?,
+        );
+        return Ok(exit(&report));
+    }
+
+    let requests = repair::request_snapshots(connector, &report)
         .await
         .map_err(failed)?;
     for (id, table, rows) in &requests {
@@ -154,7 +225,7 @@ async fn reconcile(args: ReconcileArgs) -> Result<ExitCode, Failure> {
         println!("repair: {worklisted} item(s) on the worklist (`fhir-cdc reconcile worklist`)");
     }
     let ids: Vec<String> = requests.into_iter().map(|(id, ..)| id).collect();
-    repair::await_requests(&connector, &ids, pass.lag_bound)
+    repair::await_requests(connector, &ids, pass.lag_bound)
         .await
         .map_err(failed)?;
 
@@ -164,10 +235,16 @@ async fn reconcile(args: ReconcileArgs) -> Result<ExitCode, Failure> {
         run_id: &run_id,
         ..context
     };
-    let verified = one_pass(&pass, &context, &codec).await?;
+    let verified = one_pass(pass, &context, codec).await?;
     repair::worklist(&client, schema, &connector.name, &run_id, &verified)
         .await
         .map_err(failed)?;
+    observe::reconcile::worklist_open(
+        &connector.name,
+        repair::open_items(&client, schema, &connector.name)
+            .await
+            .map_err(failed)?,
+    );
     let still: HashSet<(&str, &str)> = verified
         .drifted
         .iter()
@@ -183,6 +260,14 @@ async fn reconcile(args: ReconcileArgs) -> Result<ExitCode, Failure> {
         report.drifted.len(),
         verified.drifted.len()
     );
+    let attempted = report.drifted.iter().filter(|d| !d.class.manual()).count();
+    let mended = report
+        .drifted
+        .iter()
+        .filter(|d| !d.class.manual())
+        .filter(|d| !still.contains(&(d.resource_type.as_str(), d.resource_id.as_str())))
+        .count();
+    observe::reconcile::repairs(&connector.name, attempted, mended);
     Ok(exit(&verified))
 }
 
@@ -192,11 +277,17 @@ async fn one_pass(
     context: &events::Context<'_>,
     codec: &EventCodec,
 ) -> Result<Report, Failure> {
+    let started = Instant::now();
+    let name = &pass.connector.name;
     let report = match pass.run().await {
         Ok(report) => report,
         Err(PassError::Usage(message)) => return Err(bad(message)),
-        Err(e @ (PassError::Lag(_) | PassError::Failed(_))) => return Err(failed(e)),
+        Err(e @ (PassError::Lag(_) | PassError::Failed(_))) => {
+            observe::reconcile::failed(name);
+            return Err(failed(e));
+        }
     };
+    observe::reconcile::pass(name, &report, started.elapsed());
     print(&report, &pass.projector.name);
     let written = events::publish(context, codec, &report)
         .await
@@ -242,7 +333,7 @@ fn print(report: &Report, projector: &str) {
         .collect();
     println!(
         "{} drifted of {} resource(s) compared{}; {} changed while the pass ran (judged next pass)",
-        drift(report),
+        report.drift(),
         report.compared,
         if counts.is_empty() {
             String::new()
@@ -253,12 +344,8 @@ fn print(report: &Report, projector: &str) {
     );
 }
 
-fn drift(report: &Report) -> usize {
-    report.drifted.len() + report.unmappable_rows.values().sum::<usize>()
-}
-
 fn exit(report: &Report) -> ExitCode {
-    if drift(report) == 0 {
+    if report.drift() == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

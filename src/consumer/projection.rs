@@ -244,6 +244,11 @@ impl Prepared {
         }
     }
 
+    /// When the source committed the change (`None` for a snapshot read).
+    pub fn commit_time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.event.provenance.commit_time
+    }
+
     /// Which of `parts` the event's resource falls in: the same for every event of it.
     pub fn part(&self, parts: usize) -> usize {
         let mut hash = std::hash::DefaultHasher::new();

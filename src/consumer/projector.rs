@@ -849,6 +849,11 @@ async fn apply_batch(
                 .apply_latency
                 .record(observe::seconds_since(written));
         }
+        if let Some(committed) = read.event.as_ref().ok().and_then(Prepared::commit_time) {
+            measured
+                .end_to_end
+                .record(observe::seconds_since(committed));
+        }
     }
     measured.batch_events.record(batch.len() as f64);
     for (topic, counts) in &counts {

@@ -1,10 +1,12 @@
 //! What fhir-cdc measures, served in the Prometheus text format when a configuration's
 //! `[metrics] listen` is set (through the `metrics` facade and its Prometheus exporter):
-//! [`pipeline`] for `run`, [`projector`] for `project` and `replay`.
+//! [`pipeline`] for `run`, [`projector`] for `project` and `replay`, [`reconcile`] for
+//! `reconcile --every`.
 
 pub mod pipeline;
 pub mod progress;
 pub mod projector;
+pub mod reconcile;
 
 use std::net::SocketAddr;
 

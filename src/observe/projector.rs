@@ -3,7 +3,9 @@
 //! Per topic (`projector`, `topic` labels): events consumed, applied, stale, duplicate and
 //! dead-lettered. Per partition: the consumer lag, from librdkafka's statistics (high
 //! watermark − the group's committed offset). Per projector: the apply latency (Kafka's
-//! timestamp of a message → the commit of its batch) and the events per batch.
+//! timestamp of a message → the commit of its batch), the end-to-end latency (the source's
+//! commit of a change → the commit of its batch in the projection; streamed changes only,
+//! as snapshot reads have no source commit) and the events per batch.
 
 use std::collections::HashMap;
 
@@ -25,6 +27,7 @@ pub struct Metrics {
     projector: String,
     topics: HashMap<String, TopicMetrics>,
     pub apply_latency: Histogram,
+    pub end_to_end: Histogram,
     pub batch_events: Histogram,
 }
 
@@ -35,6 +38,7 @@ impl Metrics {
             projector: projector.to_owned(),
             topics: HashMap::new(),
             apply_latency: histogram!("fhir_cdc_projector_apply_latency_seconds", &labels),
+            end_to_end: histogram!("fhir_cdc_projector_end_to_end_seconds", &labels),
             batch_events: histogram!("fhir_cdc_projector_batch_events", &labels),
         }
     }

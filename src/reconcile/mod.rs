@@ -14,7 +14,7 @@ pub mod read;
 pub mod repair;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     fmt,
     time::Duration,
 };
@@ -270,6 +270,8 @@ pub struct Report {
     pub unmappable_rows: BTreeMap<(String, String), usize>,
     /// How long the connector, then the projector, took to catch up with the source read.
     pub waited: (Duration, Duration),
+    /// The tables compared (`schema.table`).
+    pub tables: Vec<String>,
 }
 
 /// A drifted resource and its sides.
@@ -283,6 +285,8 @@ pub struct Drifted {
     pub projection: Option<Projected>,
     /// The source row it is made of: its table (`schema.table`) and key values.
     pub row: Option<(String, Vec<(String, Value)>)>,
+    /// The table it comes from (the source row's, or the logged event's).
+    pub table: Option<String>,
 }
 
 impl Drifted {
@@ -320,6 +324,26 @@ impl Report {
         }
         counts
     }
+
+    /// Drifted resources per class and table (rows failing their mapping included).
+    pub fn counts_by_table(&self) -> BTreeMap<(Drift, &str), usize> {
+        let mut counts = BTreeMap::new();
+        for drifted in &self.drifted {
+            let table = drifted.table.as_deref().unwrap_or_default();
+            *counts.entry((drifted.class, table)).or_default() += 1;
+        }
+        for ((table, _), rows) in &self.unmappable_rows {
+            *counts
+                .entry((Drift::SourceUnmappable, table.as_str()))
+                .or_default() += rows;
+        }
+        counts
+    }
+
+    /// Drifted resources, and rows failing their mapping without a resource.
+    pub fn drift(&self) -> usize {
+        self.drifted.len() + self.unmappable_rows.values().sum::<usize>()
+    }
 }
 
 /// Why a pass could not judge.
@@ -349,8 +373,34 @@ pub struct Pass<'a> {
 }
 
 impl Pass<'_> {
-    /// Read the three sides and judge every resource.
+    /// Read the three sides and judge every resource; when something drifted, read them
+    /// again and report only what drifted both times, in the same class. A commit that
+    /// races the snapshot's start (its WAL written before the read's position, its
+    /// visibility after) can make a resource look drifted once; real drift stays.
     pub async fn run(&self) -> Result<Report, PassError> {
+        let first = self.judge().await?;
+        if first.drift() == 0 {
+            return Ok(first);
+        }
+        let mut second = self.judge().await?;
+        let seen: HashSet<(Drift, &str, &str)> = first
+            .drifted
+            .iter()
+            .map(|d| (d.class, d.resource_type.as_str(), d.resource_id.as_str()))
+            .collect();
+        let before = second.drifted.len();
+        second.drifted.retain(|d| {
+            seen.contains(&(d.class, d.resource_type.as_str(), d.resource_id.as_str()))
+        });
+        second.changed_since += before - second.drifted.len();
+        second
+            .unmappable_rows
+            .retain(|key, _| first.unmappable_rows.contains_key(key));
+        Ok(second)
+    }
+
+    /// One reading of the three sides, judged.
+    async fn judge(&self) -> Result<Report, PassError> {
         let usage = |e: &dyn fmt::Display| PassError::Usage(e.to_string());
         let failed = |e: String| PassError::Failed(e);
         let config = self.connector;
@@ -398,10 +448,12 @@ impl Pass<'_> {
         )
         .await
         .map_err(failed)?;
+        let tables = tables.iter().map(|(s, t)| format!("{s}.{t}")).collect();
         Ok(compare(
             source,
             projection,
             (connector_wait, projector_wait),
+            tables,
         ))
     }
 }
@@ -411,6 +463,7 @@ fn compare(
     source: read::SourceRead,
     projection: read::ProjectionRead,
     waited: (Duration, Duration),
+    tables: Vec<String>,
 ) -> Report {
     let at = source
         .low
@@ -450,6 +503,16 @@ fn compare(
                 log: logged.cloned(),
                 projection: row.cloned(),
                 row: source.rows.get(*key).cloned(),
+                table: source
+                    .rows
+                    .get(*key)
+                    .map(|(table, _)| table.clone())
+                    .or_else(|| {
+                        projection
+                            .logged
+                            .get(*key)
+                            .map(|(_, (table, _))| table.clone())
+                    }),
             }),
         }
     }
@@ -472,6 +535,7 @@ fn compare(
         drifted,
         unmappable_rows,
         waited,
+        tables,
     }
 }
 

@@ -232,6 +232,22 @@ pub async fn worklist(
     Ok(items.len())
 }
 
+/// The open items of `connector` on the worklist.
+pub async fn open_items(
+    client: &tokio_postgres::Client,
+    schema: &str,
+    connector: &str,
+) -> Result<i64, String> {
+    Ok(client
+        .query_one(
+            &format!("SELECT count(*) FROM {schema}.reconcile_worklist WHERE connector = $1 AND state = 'open'"),
+            &[&connector],
+        )
+        .await
+        .map_err(|e| format!("reading the worklist: {e}"))?
+        .get(0))
+}
+
 /// A worklist item's name: the resource it is about.
 fn item(drifted: &Drifted) -> String {
     format!("{}/{}", drifted.resource_type, drifted.resource_id)

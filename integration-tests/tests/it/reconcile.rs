@@ -13,7 +13,10 @@ use std::{
 };
 
 use crate::{
-    connector::{await_caught_up, await_snapshotted, read_for, spawn, start, stop, Connector},
+    connector::{
+        await_caught_up, await_snapshotted, free_port, read_for, scrape, spawn, start, stop,
+        Connector,
+    },
     projector::{drop_projections, project_until_caught_up, projector_config},
     stack,
 };
@@ -71,6 +74,11 @@ struct Lab {
 }
 
 async fn lab(name: &str) -> Lab {
+    lab_with(name, "").await
+}
+
+/// [`lab`], with `extra` appended to the connector's configuration.
+async fn lab_with(name: &str, extra: &str) -> Lab {
     let client = stack::pg_client().await;
     let schema = stack::unique(name);
     stack::create_lab_schema(&client, &schema).await;
@@ -79,7 +87,7 @@ async fn lab(name: &str) -> Lab {
     let dir = std::env::temp_dir().join(&schema);
     stack::lab_mappings(&dir.join("mappings"), &schema, &["result.yaml"]);
     let prefix = stack::unique("fhirrecon");
-    let config = stack::connector_config(&dir, &schema, &prefix, "");
+    let config = stack::connector_config(&dir, &schema, &prefix, extra);
     let slot = format!("fhir_cdc_{schema}");
     let log = dir.join("run.log");
     let topic = format!("{prefix}.lab.Observation");
@@ -411,4 +419,143 @@ async fn a_change_the_binary_log_never_saw_is_found_and_read_again() {
     assert!(stop(connector).success());
     let client = stack::pg_client().await;
     drop_projections(&client, &[projection_schema], &dir).await;
+}
+
+/// The Grafana dashboard (docs/grafana/fhir-cdc.json) asks only for metrics that the
+/// connector, the projector and `reconcile --every` export, scraped from their endpoints
+/// while they run.
+#[tokio::test]
+async fn the_dashboard_asks_only_for_metrics_the_binaries_export() {
+    let ports = [free_port(), free_port(), free_port()];
+    let lab = lab_with(
+        "recdash",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{}\"", ports[0]),
+    )
+    .await;
+    let text = std::fs::read_to_string(&lab.projector).unwrap();
+    std::fs::write(
+        &lab.projector,
+        format!("{text}[metrics]\nlisten = \"127.0.0.1:{}\"\n", ports[1]),
+    )
+    .unwrap();
+    let projecting = spawn(&["project"], &lab.projector, Stdio::null());
+    // Streamed changes: the latencies from the source's commit are measured.
+    stack::insert_results(&lab.client, &lab.table, 5).await;
+    let listen = format!("127.0.0.1:{}", ports[2]);
+    let projection = lab.projector.to_str().unwrap();
+    let reconciling = spawn(
+        &[
+            "reconcile",
+            "--projection",
+            projection,
+            "--every",
+            "2s",
+            "--repair",
+            "--metrics-listen",
+            &listen,
+        ],
+        &lab.config,
+        Stdio::null(),
+    );
+    let names = |port| -> std::collections::BTreeSet<String> {
+        scrape(port)
+            .into_keys()
+            .map(|series| {
+                let name = series.split('{').next().unwrap();
+                ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .fold(name, |n, suffix| n.strip_suffix(suffix).unwrap_or(n))
+                    .to_owned()
+            })
+            .collect()
+    };
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(stack::repo_root().join("docs/grafana/fhir-cdc.json")).unwrap(),
+    )
+    .unwrap();
+    let mut asked = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (at, _) in expr.match_indices("fhir_cdc_") {
+                let name: String = expr[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                asked.insert(
+                    ["_bucket", "_sum", "_count"]
+                        .iter()
+                        .fold(name.as_str(), |n, suffix| {
+                            n.strip_suffix(suffix).unwrap_or(n)
+                        })
+                        .to_owned(),
+                );
+            }
+        }
+    }
+    assert!(asked.len() >= 15, "{asked:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let missing = loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let exported: std::collections::BTreeSet<String> =
+            ports.iter().flat_map(|port| names(*port)).collect();
+        let missing: Vec<&String> = asked.difference(&exported).collect();
+        if missing.is_empty() || std::time::Instant::now() > deadline {
+            break missing.into_iter().cloned().collect::<Vec<_>>();
+        }
+    };
+    assert!(
+        missing.is_empty(),
+        "the dashboard asks for metrics no binary exports: {missing:?}"
+    );
+    let reconciled = scrape(ports[2]);
+    let clean = reconciled
+        .iter()
+        .find(|(series, _)| {
+            series.starts_with("fhir_cdc_reconcile_passes_total") && series.contains("clean")
+        })
+        .map(|(_, n)| *n);
+    assert!(clean >= Some(1.0), "{reconciled:?}");
+    assert!(stop(reconciling).success());
+    assert!(stop(projecting).success());
+    lab.end().await;
+}
+
+/// With writes running all along — updates everywhere in the table, new rows — a pass
+/// finds no drift: what changed after the source read is judged by the next pass, and the
+/// lag of the connector and the projector stays within the bound.
+#[tokio::test]
+async fn passes_while_writes_run_find_no_drift() {
+    let lab = lab("recbusy").await;
+    let projecting = spawn(&["project"], &lab.projector, Stdio::null());
+    let writing = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let (writer, table, writing) =
+            (stack::pg_client().await, lab.table.clone(), writing.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !writing.is_cancelled() {
+                writer
+                    .batch_execute(&format!(
+                        "UPDATE {table} SET value_numeric = value_numeric + 1 WHERE result_id % 7 = {}",
+                        n % 7
+                    ))
+                    .await
+                    .unwrap();
+                if n % 10 == 0 {
+                    stack::insert_results(&writer, &table, 1).await;
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    for _ in 0..3 {
+        let (code, report) = reconcile(&lab.config, &lab.projector, &[]);
+        assert_eq!(code, Some(0), "{report}");
+    }
+    writing.cancel();
+    writer.await.unwrap();
+    assert!(stop(projecting).success());
+    lab.end().await;
 }
