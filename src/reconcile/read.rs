@@ -16,6 +16,7 @@ use crate::{
     config::{ConnectorConfig, SourceConfig},
     consumer::config::ProjectorConfig,
     mapping::Mapper,
+    observe::progress::Progress,
     offsets::StateStore,
     source::{chunk_changes, mysql, postgres::snapshot::TableReader},
 };
@@ -93,6 +94,8 @@ pub async fn source(
     tables: &[(String, String)],
 ) -> Result<SourceRead, String> {
     let mut read = SourceRead::default();
+    // A bar per table on a terminal (rows read; no total: the read is one snapshot).
+    let progress = Progress::new("reconcile");
     match &config.source {
         SourceConfig::Postgres(pg) => {
             let reader = TableReader::open(&pg.url, &config.name)
@@ -101,12 +104,13 @@ pub async fn source(
             let position = Position::Postgres(reader.position);
             for (schema, table) in tables {
                 let (out, mut rows) = mpsc::channel(256);
+                progress.start(&format!("{schema}.{table}"), None);
                 let reading = async {
                     let mut ordinal = 0;
                     let how = crate::source::postgres::snapshot::Reading {
                         chunk_rows: 1024,
                         limit: None,
-                        progress: None,
+                        progress: Some(&progress),
                     };
                     let read = reader
                         .read(schema, table, &position, &mut ordinal, how, &out)
@@ -121,16 +125,26 @@ pub async fn source(
                 };
                 let (result, ()) = tokio::join!(reading, mapping);
                 result.map_err(|e| e.to_string())?;
+                progress.finish();
             }
             reader.close().await.map_err(|e| e.to_string())?;
             read.low = Some(position.clone());
             read.high = Some(position);
         }
         SourceConfig::Mysql(my) => {
+            let mut current = String::new();
             let mut take = |table: &mysql::snapshot::ChunkTable,
                             rows: Vec<crate::change::Row>,
                             at: &crate::change::BinlogPosition| {
                 let at = Position::Mysql(at.clone());
+                if current != table.name {
+                    if !current.is_empty() {
+                        progress.finish();
+                    }
+                    progress.start(&table.name, None);
+                    current.clone_from(&table.name);
+                }
+                progress.advance(rows.len() as u64);
                 for change in chunk_changes(&table.source, &table.key, rows, &at) {
                     read.take(mapper, &change);
                 }
@@ -139,6 +153,9 @@ pub async fn source(
                 mysql::snapshot::read_consistent(&my.url, &config.name, tables, 1024, &mut take)
                     .await
                     .map_err(|e| e.to_string())?;
+            if !current.is_empty() {
+                progress.finish();
+            }
             // Snapshot chunks go out at a transaction's end with a step after it: what they
             // hold is as of that end, so every step of the read's position is before it.
             read.low = Some(Position::Mysql(crate::change::BinlogPosition {

@@ -241,6 +241,20 @@ async fn each_drift_made_on_purpose_is_found_with_its_class() {
             && report.contains(&format!("{}[0] at ", lab.topic)),
         "{report}"
     );
+    // A TRUNCATE: the stream says so (a dead letter, no per-row events), and every resource
+    // the log still holds of the table is deleted at the source.
+    project_until_caught_up(projector);
+    lab.client
+        .batch_execute(&format!("TRUNCATE {table}"))
+        .await
+        .unwrap();
+    await_caught_up(&lab.client, &lab.slot, Duration::from_secs(30), &lab.log).await;
+    let (code, report) = reconcile(config, projector, &[]);
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        report.contains("51 drifted of") && report.contains("(deleted_at_source 51)"),
+        "results 1-50 but the one deleted, 1001 and the one inserted last: {report}"
+    );
     let (code, report) = reconcile(config, projector, &["--table", "lis.nothing"]);
     assert_eq!(code, Some(2), "{report}");
     assert!(report.contains("no mapping reads table"), "{report}");
