@@ -63,6 +63,21 @@ pub fn fhir_cdc(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `fhir-cdc snapshot --config config <args>`: its exit code and stderr.
+pub fn snapshot(config: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let output = std::process::Command::new(fhir_cdc_bin())
+        .arg("snapshot")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// What `fhir-cdc check --config config` prints on its standard output.
 pub fn check_said(config: &Path) -> String {
     let output = fhir_cdc(&["check", "--config", config.to_str().unwrap()]);

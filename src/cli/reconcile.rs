@@ -188,13 +188,8 @@ async fn round(pass: &Pass<'_>, codec: &EventCodec, repair: bool) -> Result<Exit
     if !repair {
         return Ok(exit(&report));
     }
-    let mut client = crate::postgres::connect(&projector.projection.url)
-        .await
-        .map_err(|e| failed(format!("the projection database: {e}")))?;
+    let client = projection_client(projector).await?;
     let schema = &projector.projection.schema;
-    projection::migrate(&mut client, schema)
-        .await
-        .map_err(|e| failed(format!("migrating the projection: {e}")))?;
     if report.drifted.is_empty() {
         observe::reconcile::repairs(&connector.name, 0, 0);
         observe::reconcile::worklist_open(
@@ -363,15 +358,21 @@ fn run_id_after(first: &str) -> String {
     format!("{first}-verify")
 }
 
-async fn worklist_command(args: WorklistArgs) -> Result<ExitCode, Failure> {
-    let projector = ProjectorConfig::load(&args.projection).map_err(bad)?;
+/// A connection to `projector`'s database, its schema migrated (the worklist with it).
+async fn projection_client(projector: &ProjectorConfig) -> Result<tokio_postgres::Client, Failure> {
     let mut client = crate::postgres::connect(&projector.projection.url)
         .await
         .map_err(|e| failed(format!("the projection database: {e}")))?;
-    let schema = &projector.projection.schema;
-    projection::migrate(&mut client, schema)
+    projection::migrate(&mut client, &projector.projection.schema)
         .await
         .map_err(|e| failed(format!("migrating the projection: {e}")))?;
+    Ok(client)
+}
+
+async fn worklist_command(args: WorklistArgs) -> Result<ExitCode, Failure> {
+    let projector = ProjectorConfig::load(&args.projection).map_err(bad)?;
+    let client = projection_client(&projector).await?;
+    let schema = &projector.projection.schema;
     let connector = args.connector.as_deref();
     let fail = |e: tokio_postgres::Error| failed(format!("reading the worklist: {e}"));
     match args.action {

@@ -144,6 +144,14 @@ impl ConnectorState {
         self.dropped.drain(..excess);
     }
 
+    /// Requests `ids` are dropped (see [`Self::drop_request`]); whether there were any.
+    pub fn drop_requests(&mut self, ids: Vec<String>) -> bool {
+        for id in &ids {
+            self.drop_request(id);
+        }
+        !ids.is_empty()
+    }
+
     /// Whether request `id` is queued or has begun (a log read again after a restart
     /// delivers a request again).
     pub fn knows_request(&self, id: &str) -> bool {

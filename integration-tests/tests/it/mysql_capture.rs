@@ -18,7 +18,7 @@ use integration_tests::connector::{
 };
 use mysql_async::{prelude::Queryable, Conn};
 
-use crate::stack;
+use crate::stack::{self, snapshot};
 
 /// A billing database and a connector reading it.
 struct Billing {
@@ -420,21 +420,6 @@ async fn the_connector_reads_over_tls_with_a_client_certificate() {
     let events = events_of(&billing.topic).await;
     assert_eq!(latest_values(&events, PRICE), billing.amounts().await);
     assert_eq!(latest_values(&events, PRICE).len(), 30);
-}
-
-/// `fhir-cdc snapshot --config config <args>`: its exit code and stderr.
-fn snapshot(config: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
-    let output = std::process::Command::new(stack::fhir_cdc_bin())
-        .arg("snapshot")
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 #[tokio::test]

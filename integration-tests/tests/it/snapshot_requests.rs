@@ -2,10 +2,7 @@
 //! again (or some of its rows) while writes run, and a mapping added for a new table is
 //! snapshotted alone at the next start, its table added to the publication.
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -13,23 +10,8 @@ use crate::{
     connector::{
         await_caught_up, await_snapshotted, await_streaming, events_of, latest_values, start, stop,
     },
-    stack,
+    stack::{self, snapshot},
 };
-
-/// `fhir-cdc snapshot --config config <args>`: its exit code and stderr.
-fn snapshot(config: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
-    let output = Command::new(stack::fhir_cdc_bin())
-        .arg("snapshot")
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
 
 #[tokio::test]
 async fn a_requested_snapshot_while_writes_run_leaves_no_resource_older_than_its_row() {

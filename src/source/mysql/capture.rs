@@ -222,7 +222,7 @@ impl Source for MysqlSource {
                 let decoded = match next.take() {
                     Some(decoded) => decoded,
                     None => {
-                        if snapshot.forget_dropped(&mut state) {
+                        if state.drop_requests(std::mem::take(&mut snapshot.dropped)) {
                             publish(&published, &state);
                         }
                         snapshot.start_next().await;
@@ -425,15 +425,6 @@ impl Snapshotter {
             state.requests.push(request);
         }
         Ok(())
-    }
-
-    /// Forget in `state` the requests dropped since the last call; whether there were any.
-    fn forget_dropped(&mut self, state: &mut ConnectorState) -> bool {
-        let dropped = std::mem::take(&mut self.dropped);
-        for id in &dropped {
-            state.drop_request(id);
-        }
-        !dropped.is_empty()
     }
 
     fn reading(&self) -> bool {

@@ -132,15 +132,7 @@ pub async fn read_chunk(
     let mut conn = pool.get_conn().await.map_err(MysqlError::connect)?;
     let fail = MysqlError::query("reading a snapshot chunk");
     let (select, params) = chunk_select(table, after, filter, size);
-    let (before, _) = current_position(&mut conn).await?;
-    conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
-        .await
-        .map_err(&fail)?;
-    let snapshot: Vec<(String, String)> = conn
-        .query("SHOW STATUS LIKE 'binlog_snapshot_%'")
-        .await
-        .map_err(&fail)?;
-    let exact = snapshot_position(&snapshot);
+    let (before, exact) = begin_snapshot(&mut conn, &fail).await?;
     let read: Result<Vec<MyRow>, _> = conn.exec(select, params).await;
     conn.query_drop("COMMIT").await.map_err(&fail)?;
     let read = read.map_err(&fail)?;
@@ -219,15 +211,8 @@ pub async fn read_consistent(
         described.push(ChunkTable::describe(&mut conn, connector, database, table).await?);
     }
     let fail = MysqlError::query("reading the tables in one snapshot");
-    let (before, _) = current_position(&mut conn).await?;
-    conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
-        .await
-        .map_err(&fail)?;
-    let snapshot: Vec<(String, String)> = conn
-        .query("SHOW STATUS LIKE 'binlog_snapshot_%'")
-        .await
-        .map_err(&fail)?;
-    let window = match snapshot_position(&snapshot) {
+    let (before, exact) = begin_snapshot(&mut conn, &fail).await?;
+    let window = match exact {
         Some(at) => Consistent {
             low: at.clone(),
             high: at,
@@ -255,6 +240,23 @@ pub async fn read_consistent(
     drop(conn);
     let _ = pool.disconnect().await;
     Ok(window)
+}
+
+/// Begin a read-only transaction with a consistent snapshot: the log's end just before,
+/// and MariaDB's exact position of the snapshot (MySQL has none).
+async fn begin_snapshot(
+    conn: &mut Conn,
+    fail: &impl Fn(mysql_async::Error) -> MysqlError,
+) -> Result<(BinlogPosition, Option<BinlogPosition>), MysqlError> {
+    let (before, _) = current_position(conn).await?;
+    conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+        .await
+        .map_err(fail)?;
+    let snapshot: Vec<(String, String)> = conn
+        .query("SHOW STATUS LIKE 'binlog_snapshot_%'")
+        .await
+        .map_err(fail)?;
+    Ok((before, snapshot_position(&snapshot)))
 }
 
 /// MariaDB's position of a consistent snapshot, from `SHOW STATUS LIKE 'binlog_snapshot_%'`.

@@ -164,7 +164,7 @@ impl Source for PostgresSource {
         let mut acknowledged = None;
         let result: Result<(), SourceError> = async {
             loop {
-                if snapshot.forget_dropped(&mut state) {
+                if state.drop_requests(std::mem::take(&mut snapshot.dropped)) {
                     publish(&published, &state);
                 }
                 snapshot.start_next().await?;
@@ -544,15 +544,6 @@ impl Snapshotter {
             (Err(e), _) => return Err(snapshot_error(e)),
         }
         Ok(())
-    }
-
-    /// Forget in `state` the requests dropped since the last call; whether there were any.
-    fn forget_dropped(&mut self, state: &mut ConnectorState) -> bool {
-        let dropped = std::mem::take(&mut self.dropped);
-        for id in &dropped {
-            state.drop_request(id);
-        }
-        !dropped.is_empty()
     }
 
     /// A change from the stream: inside a chunk's window, its row leaves the chunk; before
