@@ -283,7 +283,7 @@ async fn one_pass(
         }
     };
     observe::reconcile::pass(name, &report, started.elapsed());
-    print(&report, &pass.projector.name);
+    print(&report, pass.projector);
     let written = events::publish(context, codec, &report)
         .await
         .map_err(|e| failed(format!("writing the reconcile events: {e}")))?;
@@ -297,13 +297,18 @@ async fn one_pass(
     Ok(report)
 }
 
-fn print(report: &Report, projector: &str) {
+fn print(report: &Report, projector: &ProjectorConfig) {
     println!(
-        "source read at {}: {} row(s); connector caught up in {:.1} s, projector {projector} in {:.1} s",
+        "source read at {}: {} row(s); connector caught up in {:.1} s, projector {} in {:.1} s",
         report.read_at.text(),
         report.rows,
         report.waited.0.as_secs_f64(),
+        projector.name,
         report.waited.1.as_secs_f64(),
+    );
+    println!(
+        "log: the projection's ledger ({}.history), complete up to the source read: the projector applied every event topic to its end",
+        projector.projection.schema
     );
     for drifted in &report.drifted {
         let [source, log, projection] = drifted.sides();

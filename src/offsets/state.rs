@@ -172,6 +172,14 @@ impl ConnectorState {
     }
 }
 
+impl TableProgress {
+    /// The request this progress belongs to, when it reads the rows matching a condition
+    /// (whose refusal by the server drops the request).
+    pub fn filtered_request(&self) -> Option<String> {
+        self.filter.as_ref().and(self.request.clone())
+    }
+}
+
 impl SnapshotRequest {
     /// A request's progress before it begins.
     pub fn progress(&self) -> TableProgress {

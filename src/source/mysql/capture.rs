@@ -474,10 +474,7 @@ impl Snapshotter {
             .await
             .map_err(|e| SourceError::Connector(format!("the snapshot reader failed: {e}")))?;
         self.chunks[at].task = None;
-        let refused = self
-            .pending
-            .front()
-            .and_then(|(_, p)| p.filter.as_ref().and(p.request.clone()));
+        let refused = self.pending.front().and_then(|(_, p)| p.filtered_request());
         match (read, refused) {
             (Ok(chunk), _) => self.chunks[at].chunk = Some(chunk),
             // A request's condition the server refuses (a typo, a column that is not
