@@ -23,10 +23,7 @@ use serde_json::Value as Json;
 use sha2::{Digest as _, Sha256};
 
 use crate::{
-    change::{Position, Value},
-    config::ConnectorConfig,
-    consumer::config::ProjectorConfig,
-    mapping, pipeline,
+    change::Position, config::ConnectorConfig, consumer::config::ProjectorConfig, mapping, pipeline,
 };
 
 /// A digest of a resource's content: SHA-256 of its canonical JSON without `meta`, cut to
@@ -284,7 +281,7 @@ pub struct Drifted {
     pub log: Option<Logged>,
     pub projection: Option<Projected>,
     /// The source row it is made of: its table (`schema.table`) and key values.
-    pub row: Option<(String, Vec<(String, Value)>)>,
+    pub row: Option<read::SourceRow>,
     /// The table it comes from (the source row's, or the logged event's).
     pub table: Option<String>,
 }
@@ -490,7 +487,8 @@ fn compare(
         if let Some((_, row)) = logged.filter(|_| failing.is_some()) {
             unmatched.remove(row);
         }
-        let source_side = source.resources.get(*key).or(failing.as_ref());
+        let sourced = source.resources.get(*key);
+        let source_side = sourced.map(|(side, _)| side).or(failing.as_ref());
         let (logged, row) = (logged.map(|(l, _)| l), projection.rows.get(*key));
         match judge(source_side, logged, row, &at) {
             Verdict::Agree => {}
@@ -502,17 +500,13 @@ fn compare(
                 source: source_side.cloned(),
                 log: logged.cloned(),
                 projection: row.cloned(),
-                row: source.rows.get(*key).cloned(),
-                table: source
-                    .rows
-                    .get(*key)
-                    .map(|(table, _)| table.clone())
-                    .or_else(|| {
-                        projection
-                            .logged
-                            .get(*key)
-                            .map(|(_, (table, _))| table.clone())
-                    }),
+                row: sourced.map(|(_, row)| row.clone()),
+                table: sourced.map(|(_, (table, _))| table.clone()).or_else(|| {
+                    projection
+                        .logged
+                        .get(*key)
+                        .map(|(_, (table, _))| table.clone())
+                }),
             }),
         }
     }

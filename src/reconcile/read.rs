@@ -27,6 +27,9 @@ pub type ResourceKey = (String, String);
 /// A row, as its table and key: `schema.table` and `col=value` pairs in column order.
 pub type RowKey = (String, String);
 
+/// A source row: its table (`schema.table`) and key values.
+pub type SourceRow = (String, Vec<(String, Value)>);
+
 /// What the source makes of its rows now.
 #[derive(Debug, Default)]
 pub struct SourceRead {
@@ -36,9 +39,8 @@ pub struct SourceRead {
     /// No change after it is in the snapshot: the connector must have captured up to it.
     pub high: Option<Position>,
     pub read: u64,
-    pub resources: HashMap<ResourceKey, SourceSide>,
-    /// The row each resource is made of: its table and key values.
-    pub rows: HashMap<ResourceKey, (String, Vec<(String, Value)>)>,
+    /// What each resource is now, and the row it is made of.
+    pub resources: HashMap<ResourceKey, (SourceSide, SourceRow)>,
     /// Rows a mapping cannot map: their table and key, and the mapping.
     pub unmappable: HashMap<RowKey, String>,
 }
@@ -60,17 +62,15 @@ impl SourceRead {
             let Some(resource) = &event.resource else {
                 continue;
             };
-            let resource_key = (event.resource_type, event.resource_id);
-            self.rows.insert(
-                resource_key.clone(),
-                (change.source.qualified_name(), key.clone()),
-            );
             self.resources.insert(
-                resource_key,
-                SourceSide::Resource {
-                    digest: Digest::of(&resource.to_json()),
-                    mapping_version: event.provenance.mapping_version.to_string(),
-                },
+                (event.resource_type, event.resource_id),
+                (
+                    SourceSide::Resource {
+                        digest: Digest::of(&resource.to_json()),
+                        mapping_version: event.provenance.mapping_version.to_string(),
+                    },
+                    (change.source.qualified_name(), key.clone()),
+                ),
             );
         }
         if let Some(failure) = outcome.failures.first() {
