@@ -14,10 +14,12 @@ pub mod read;
 pub mod repair;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, HashSet},
     fmt,
     time::Duration,
 };
+
+use futures_util::{pin_mut, Stream, TryStreamExt};
 
 use serde_json::Value as Json;
 use sha2::{Digest as _, Sha256};
@@ -425,7 +427,7 @@ impl Pass<'_> {
             .await
             .map_err(|e| failed(format!("the projection database: {e}")))?;
 
-        let source = read::source(config, &mapper, &tables)
+        let source = read::source(config, &mapper, &tables, &client)
             .await
             .map_err(failed)?;
         let high = source.high.clone().expect("a read has its position");
@@ -437,7 +439,7 @@ impl Pass<'_> {
                 .await
                 .map_err(PassError::Lag)?;
         let only: Option<Vec<String>> = self.table.map(|t| vec![t.to_owned()]);
-        let projection = read::projection(
+        let sides = read::sides(
             &client,
             &self.projector.projection.schema,
             &config.name,
@@ -446,38 +448,31 @@ impl Pass<'_> {
         .await
         .map_err(failed)?;
         let tables = tables.iter().map(|(s, t)| format!("{s}.{t}")).collect();
-        Ok(compare(
-            source,
-            projection,
-            (connector_wait, projector_wait),
-            tables,
-        ))
+        compare(source, sides, (connector_wait, projector_wait), tables)
+            .await
+            .map_err(failed)
     }
 }
 
-/// Judge every resource any side has.
-fn compare(
+/// Judge every resource any side has, one at a time as the sides come.
+async fn compare(
     source: read::SourceRead,
-    projection: read::ProjectionRead,
+    sides: impl Stream<Item = Result<read::Sides, String>>,
     waited: (Duration, Duration),
     tables: Vec<String>,
-) -> Report {
+) -> Result<Report, String> {
     let at = source
         .low
         .as_ref()
         .expect("a read has its position")
         .sort_key();
     let read_at = source.high.clone().expect("a read has its position");
-    let keys: BTreeSet<&read::ResourceKey> = source
-        .resources
-        .keys()
-        .chain(projection.rows.keys())
-        .chain(projection.logged.keys())
-        .collect();
     let mut unmatched = source.unmappable.clone();
-    let (mut drifted, mut changed_since) = (Vec::new(), 0);
-    for key in &keys {
-        let logged = projection.logged.get(*key);
+    let (mut drifted, mut changed_since, mut compared) = (Vec::new(), 0, 0);
+    pin_mut!(sides);
+    while let Some(sides) = sides.try_next().await? {
+        compared += 1;
+        let logged = sides.logged.as_ref();
         // A resource the log has, whose row fails its mapping now: that, not a deletion.
         let failing = logged
             .and_then(|(_, row)| source.unmappable.get(row))
@@ -487,26 +482,23 @@ fn compare(
         if let Some((_, row)) = logged.filter(|_| failing.is_some()) {
             unmatched.remove(row);
         }
-        let sourced = source.resources.get(*key);
+        let sourced = sides.source.as_ref();
         let source_side = sourced.map(|(side, _)| side).or(failing.as_ref());
-        let (logged, row) = (logged.map(|(l, _)| l), projection.rows.get(*key));
-        match judge(source_side, logged, row, &at) {
+        let (log, row) = (logged.map(|(l, _)| l), sides.projected.as_ref());
+        match judge(source_side, log, row, &at) {
             Verdict::Agree => {}
             Verdict::ChangedSince => changed_since += 1,
             Verdict::Drift(class) => drifted.push(Drifted {
                 class,
-                resource_type: key.0.clone(),
-                resource_id: key.1.clone(),
                 source: source_side.cloned(),
-                log: logged.cloned(),
+                log: log.cloned(),
                 projection: row.cloned(),
                 row: sourced.map(|(_, row)| row.clone()),
-                table: sourced.map(|(_, (table, _))| table.clone()).or_else(|| {
-                    projection
-                        .logged
-                        .get(*key)
-                        .map(|(_, (table, _))| table.clone())
-                }),
+                table: sourced
+                    .map(|(_, (table, _))| table.clone())
+                    .or_else(|| logged.map(|(_, (table, _))| table.clone())),
+                resource_type: sides.key.0,
+                resource_id: sides.key.1,
             }),
         }
     }
@@ -521,16 +513,16 @@ fn compare(
     for ((table, _), mapping_id) in unmatched {
         *unmappable_rows.entry((table, mapping_id)).or_default() += 1;
     }
-    Report {
+    Ok(Report {
         read_at,
         rows: source.read,
-        compared: keys.len(),
+        compared,
         changed_since,
         drifted,
         unmappable_rows,
         waited,
         tables,
-    }
+    })
 }
 
 #[cfg(test)]

@@ -3,12 +3,14 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    pin::Pin,
     time::{Duration, Instant},
 };
 
-use futures_util::{pin_mut, TryStreamExt};
+use futures_util::TryStreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::sync::mpsc;
+use tokio_postgres::{binary_copy::BinaryCopyInWriter, types::Type};
 
 use super::{Digest, LogOrigin, Logged, Projected, SourceSide};
 use crate::{
@@ -18,7 +20,7 @@ use crate::{
     mapping::Mapper,
     observe::progress::Progress,
     offsets::StateStore,
-    source::{chunk_changes, mysql, postgres::snapshot::TableReader},
+    source::{self, mysql, postgres::snapshot::TableReader},
 };
 
 /// A resource: its type and id.
@@ -27,10 +29,12 @@ pub type ResourceKey = (String, String);
 /// A row, as its table and key: `schema.table` and `col=value` pairs in column order.
 pub type RowKey = (String, String);
 
-/// A source row: its table (`schema.table`) and key values.
-pub type SourceRow = (String, Vec<(String, Value)>);
+/// A source row: its table (`schema.table`) and the condition that selects it by its key
+/// (in the source's SQL, as a snapshot request takes it).
+pub type SourceRow = (String, String);
 
-/// What the source makes of its rows now.
+/// What the source makes of its rows now. The resources themselves are staged in the
+/// projection database's session (see [`source`]); what stays in memory is drift only.
 #[derive(Debug, Default)]
 pub struct SourceRead {
     /// Every change before it is in the snapshot: a version at or after it is judged by
@@ -39,15 +43,30 @@ pub struct SourceRead {
     /// No change after it is in the snapshot: the connector must have captured up to it.
     pub high: Option<Position>,
     pub read: u64,
-    /// What each resource is now, and the row it is made of.
-    pub resources: HashMap<ResourceKey, (SourceSide, SourceRow)>,
     /// Rows a mapping cannot map: their table and key, and the mapping.
     pub unmappable: HashMap<RowKey, String>,
 }
 
-impl SourceRead {
-    fn take(&mut self, mapper: &Mapper, change: &ChangeEvent) {
-        self.read += 1;
+/// The staging table: a temporary table of the pass's session in the projection database,
+/// one line per resource a source row makes (the last of a resource two rows make wins,
+/// as it would in the log), with the row it is made of.
+const STAGE: &str = "CREATE TEMP TABLE IF NOT EXISTS reconcile_source (
+      ord bigint NOT NULL, resource_type text COLLATE \"C\" NOT NULL,
+      resource_id text COLLATE \"C\" NOT NULL, digest bytea NOT NULL,
+      mapping_version text NOT NULL, source_table text NOT NULL, key_condition text NOT NULL);
+    TRUNCATE reconcile_source;";
+
+/// The source's resources on their way into the staging table.
+struct Staging<'a> {
+    source: &'a SourceConfig,
+    writer: Pin<Box<BinaryCopyInWriter>>,
+    read: SourceRead,
+}
+
+impl Staging<'_> {
+    async fn take(&mut self, mapper: &Mapper, change: &ChangeEvent) -> Result<(), String> {
+        let fail = |e: tokio_postgres::Error| format!("staging the source's resources: {e}");
+        self.read.read += 1;
         let outcome = mapper.map(change);
         let row = change.after.as_ref();
         let key: Vec<(String, Value)> = change
@@ -58,20 +77,26 @@ impl SourceRead {
                 (column.to_string(), value.unwrap_or(Value::Null))
             })
             .collect();
+        let table = change.source.qualified_name();
+        let condition = source::key_condition(self.source, &key);
         for event in outcome.events {
             let Some(resource) = &event.resource else {
                 continue;
             };
-            self.resources.insert(
-                (event.resource_type, event.resource_id),
-                (
-                    SourceSide::Resource {
-                        digest: Digest::of(&resource.to_json()),
-                        mapping_version: event.provenance.mapping_version.to_string(),
-                    },
-                    (change.source.qualified_name(), key.clone()),
-                ),
-            );
+            let digest = Digest::of(&resource.to_json());
+            self.writer
+                .as_mut()
+                .write(&[
+                    &i64::try_from(self.read.read).unwrap_or(i64::MAX),
+                    &event.resource_type,
+                    &event.resource_id,
+                    &&digest.0[..],
+                    &event.provenance.mapping_version.to_string(),
+                    &table,
+                    &condition,
+                ])
+                .await
+                .map_err(fail)?;
         }
         if let Some(failure) = outcome.failures.first() {
             let key = key
@@ -79,23 +104,96 @@ impl SourceRead {
                 .map(|(column, value)| format!("{column}={}", crate::mapping::text_of(value)))
                 .collect::<Vec<_>>()
                 .join(",");
-            self.unmappable.insert(
-                (change.source.qualified_name(), key),
-                failure.mapping_id.clone(),
-            );
+            self.read
+                .unmappable
+                .insert((table, key), failure.mapping_id.clone());
         }
+        Ok(())
     }
 }
 
-/// Read every row of `tables` in one consistent snapshot and map it.
+/// Read every row of `tables` in one consistent snapshot and map it, staging each
+/// resource's digest in `client`'s session (the projection database's; it lives as long as
+/// that connection), so that memory stays bounded whatever the tables' size: the three
+/// sides are then joined by the database ([`sides`]), which sorts on disk what does not
+/// fit its `work_mem`.
 pub async fn source(
     config: &ConnectorConfig,
     mapper: &Mapper,
     tables: &[(String, String)],
+    client: &tokio_postgres::Client,
 ) -> Result<SourceRead, String> {
-    let mut read = SourceRead::default();
+    let fail = |e: tokio_postgres::Error| format!("staging the source's resources: {e}");
+    client.batch_execute(STAGE).await.map_err(fail)?;
+    let sink = client
+        .copy_in("COPY reconcile_source (ord, resource_type, resource_id, digest, mapping_version, source_table, key_condition) FROM STDIN BINARY")
+        .await
+        .map_err(fail)?;
+    let types = [
+        Type::INT8,
+        Type::TEXT,
+        Type::TEXT,
+        Type::BYTEA,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+    ];
+    let mut staging = Staging {
+        source: &config.source,
+        writer: Box::pin(BinaryCopyInWriter::new(sink, &types)),
+        read: SourceRead::default(),
+    };
     // A bar per table on a terminal (rows read; no total: the read is one snapshot).
     let progress = Progress::new("reconcile");
+    let (out, mut rows) = mpsc::channel(256);
+    let reading = async {
+        let read = read_consistent(config, tables, &out).await;
+        drop(out);
+        read
+    };
+    let mapping = async {
+        let mut current = String::new();
+        while let Some(message) = rows.recv().await {
+            let SourceMessage::Change(change) = message else {
+                continue;
+            };
+            let table = change.source.qualified_name();
+            if table != current {
+                if !current.is_empty() {
+                    progress.finish();
+                }
+                progress.start(&table, None);
+                current = table;
+            }
+            progress.advance(1);
+            staging.take(mapper, &change).await?;
+        }
+        if !current.is_empty() {
+            progress.finish();
+        }
+        Ok::<_, String>(())
+    };
+    let (window, mapped) = tokio::join!(reading, mapping);
+    mapped?;
+    let (low, high) = window?;
+    staging.writer.as_mut().finish().await.map_err(fail)?;
+    client
+        .batch_execute("ANALYZE reconcile_source")
+        .await
+        .map_err(fail)?;
+    let mut read = staging.read;
+    read.low = Some(low);
+    read.high = Some(high);
+    Ok(read)
+}
+
+/// Read every row of `tables` in one consistent snapshot into `out`; the snapshot's
+/// window: every change before its low end is in it, none after its high end.
+async fn read_consistent(
+    config: &ConnectorConfig,
+    tables: &[(String, String)],
+    out: &mpsc::Sender<SourceMessage>,
+) -> Result<(Position, Position), String> {
     match &config.source {
         SourceConfig::Postgres(pg) => {
             let reader = TableReader::open(&pg.url, &config.name)
@@ -103,69 +201,33 @@ pub async fn source(
                 .map_err(|e| e.to_string())?;
             let position = Position::Postgres(reader.position);
             for (schema, table) in tables {
-                let (out, mut rows) = mpsc::channel(256);
-                progress.start(&format!("{schema}.{table}"), None);
-                let reading = async {
-                    let mut ordinal = 0;
-                    let how = crate::source::postgres::snapshot::Reading {
-                        chunk_rows: 1024,
-                        limit: None,
-                        progress: Some(&progress),
-                    };
-                    let read = reader
-                        .read(schema, table, &position, &mut ordinal, how, &out)
-                        .await;
-                    drop(out);
-                    read
+                let mut ordinal = 0;
+                let how = source::postgres::snapshot::Reading {
+                    chunk_rows: 1024,
+                    limit: None,
+                    progress: None,
                 };
-                let mapping = async {
-                    while let Some(SourceMessage::Change(change)) = rows.recv().await {
-                        read.take(mapper, &change);
-                    }
-                };
-                let (result, ()) = tokio::join!(reading, mapping);
-                result.map_err(|e| e.to_string())?;
-                progress.finish();
-            }
-            reader.close().await.map_err(|e| e.to_string())?;
-            read.low = Some(position.clone());
-            read.high = Some(position);
-        }
-        SourceConfig::Mysql(my) => {
-            let mut current = String::new();
-            let mut take = |table: &mysql::snapshot::ChunkTable,
-                            rows: Vec<crate::change::Row>,
-                            at: &crate::change::BinlogPosition| {
-                let at = Position::Mysql(at.clone());
-                if current != table.name {
-                    if !current.is_empty() {
-                        progress.finish();
-                    }
-                    progress.start(&table.name, None);
-                    current.clone_from(&table.name);
-                }
-                progress.advance(rows.len() as u64);
-                for change in chunk_changes(&table.source, &table.key, rows, &at) {
-                    read.take(mapper, &change);
-                }
-            };
-            let window =
-                mysql::snapshot::read_consistent(&my.url, &config.name, tables, 1024, &mut take)
+                reader
+                    .read(schema, table, &position, &mut ordinal, how, out)
                     .await
                     .map_err(|e| e.to_string())?;
-            if !current.is_empty() {
-                progress.finish();
             }
+            reader.close().await.map_err(|e| e.to_string())?;
+            Ok((position.clone(), position))
+        }
+        SourceConfig::Mysql(my) => {
+            let window = mysql::snapshot::read_consistent(&my.url, &config.name, tables, 1024, out)
+                .await
+                .map_err(|e| e.to_string())?;
             // Snapshot chunks go out at a transaction's end with a step after it: what they
             // hold is as of that end, so every step of the read's position is before it.
-            read.low = Some(Position::Mysql(crate::change::BinlogPosition {
+            let low = Position::Mysql(crate::change::BinlogPosition {
                 step: u32::MAX,
                 ..window.low
-            }));
-            read.high = Some(Position::Mysql(window.high));
+            });
+            Ok((low, Position::Mysql(window.high)))
         }
     }
-    Ok(read)
 }
 
 /// The connector's stored position as a [`Position`] of its kind.
@@ -307,84 +369,112 @@ fn high_watermarks(
     Ok(ends)
 }
 
-/// The projection's rows and its ledger's latest event per resource, of `connector`'s
-/// resources (of `tables` only, when given).
-#[derive(Debug, Default)]
-pub struct ProjectionRead {
-    pub rows: HashMap<ResourceKey, Projected>,
-    pub logged: HashMap<ResourceKey, (Logged, RowKey)>,
+/// One resource's three sides as the projection database joined them.
+#[derive(Debug)]
+pub struct Sides {
+    pub key: ResourceKey,
+    /// What the source makes of it now, and the row it is made of.
+    pub source: Option<(SourceSide, SourceRow)>,
+    /// The log's latest event of it, and the row (table and key) it was made of.
+    pub logged: Option<(Logged, RowKey)>,
+    pub projected: Option<Projected>,
 }
 
-pub async fn projection(
+/// Every resource any side has, streamed: the staged source ([`source`]) joined with the
+/// latest event per resource of the projection's ledger and its `resources` rows, of
+/// `connector`'s resources (of `tables` only, when given). The database does the join (on
+/// disk what does not fit its memory), so the pass holds one resource at a time.
+pub async fn sides(
     client: &tokio_postgres::Client,
     schema: &str,
     connector: &str,
     tables: Option<&[String]>,
-) -> Result<ProjectionRead, String> {
-    let fail = |what: &str| {
-        let what = what.to_owned();
-        move |e: tokio_postgres::Error| format!("reading the projection's {what}: {e}")
-    };
+) -> Result<impl futures_util::Stream<Item = Result<Sides, String>>, String> {
+    let fail = |e: tokio_postgres::Error| format!("reading the projection and its ledger: {e}");
     let only: Vec<String> = tables.map(<[String]>::to_vec).unwrap_or_default();
     let filter = "connector = $1 AND (cardinality($2::text[]) = 0 OR source_schema || '.' || source_table = ANY($2))";
-    let mut read = ProjectionRead::default();
     let rows = client
         .query_raw(
-            &format!("SELECT resource_type, resource_id, version, deleted, body::text FROM {schema}.resources WHERE {filter}"),
-            [&connector as &(dyn tokio_postgres::types::ToSql + Sync), &only],
-        )
-        .await
-        .map_err(fail("resources"))?;
-    pin_mut!(rows);
-    while let Some(row) = rows.try_next().await.map_err(fail("resources"))? {
-        let body: Option<String> = row.get(4);
-        read.rows.insert(
-            (row.get(0), row.get(1)),
-            Projected {
-                version: row.get(2),
-                deleted: row.get(3),
-                digest: digest_of_text(body.as_deref()),
-            },
-        );
-    }
-    let logged = client
-        .query_raw(
             &format!(
-                "SELECT DISTINCT ON (resource_type, resource_id) resource_type, resource_id, version, op, body::text,
-                        mapping_version, source_schema || '.' || source_table, primary_key::text,
-                        event_id::text, topic, kafka_partition, kafka_offset
-                   FROM {schema}.history WHERE {filter}
-                  ORDER BY resource_type, resource_id, version DESC"
+                "WITH src AS (
+                   SELECT DISTINCT ON (resource_type, resource_id) resource_type, resource_id,
+                          digest, mapping_version, source_table, key_condition
+                     FROM reconcile_source ORDER BY resource_type, resource_id, ord DESC),
+                 logged AS (
+                   SELECT DISTINCT ON (resource_type, resource_id) resource_type, resource_id,
+                          version, op, body::text AS body, mapping_version,
+                          source_schema || '.' || source_table AS source_table,
+                          primary_key::text AS primary_key, event_id::text AS event_id, topic,
+                          kafka_partition, kafka_offset
+                     FROM {schema}.history WHERE {filter}
+                    ORDER BY resource_type, resource_id, version DESC),
+                 projected AS (
+                   SELECT resource_type, resource_id, version, deleted, body::text AS body
+                     FROM {schema}.resources WHERE {filter})
+                 SELECT coalesce(s.resource_type, l.resource_type, p.resource_type),
+                        coalesce(s.resource_id, l.resource_id, p.resource_id),
+                        s.digest, s.mapping_version, s.source_table, s.key_condition,
+                        l.version, l.op, l.body, l.mapping_version, l.source_table,
+                        l.primary_key, l.event_id, l.topic, l.kafka_partition, l.kafka_offset,
+                        p.version, p.deleted, p.body
+                   FROM src s
+                   FULL JOIN logged l
+                     ON l.resource_type = s.resource_type AND l.resource_id = s.resource_id
+                   FULL JOIN projected p
+                     ON p.resource_type = coalesce(s.resource_type, l.resource_type)
+                    AND p.resource_id = coalesce(s.resource_id, l.resource_id)"
             ),
-            [&connector as &(dyn tokio_postgres::types::ToSql + Sync), &only],
+            [
+                &connector as &(dyn tokio_postgres::types::ToSql + Sync),
+                &only,
+            ],
         )
         .await
-        .map_err(fail("ledger"))?;
-    pin_mut!(logged);
-    while let Some(row) = logged.try_next().await.map_err(fail("ledger"))? {
-        let body: Option<String> = row.get(4);
-        let op: String = row.get(3);
-        let key: String = row.get(7);
-        read.logged.insert(
-            (row.get(0), row.get(1)),
+        .map_err(fail)?;
+    Ok(rows.map_err(fail).map_ok(|row| {
+        let text = |at: usize| -> Option<String> { row.get(at) };
+        let source = row.get::<_, Option<Vec<u8>>>(2).map(|digest| {
+            let mut bytes = [0; 16];
+            bytes.copy_from_slice(&digest[..16.min(digest.len())]);
+            (
+                SourceSide::Resource {
+                    digest: Digest(bytes),
+                    mapping_version: row.get(3),
+                },
+                (row.get(4), row.get(5)),
+            )
+        });
+        let logged = text(6).map(|version| {
+            let op: String = row.get(7);
+            let key: String = row.get(11);
             (
                 Logged {
-                    version: row.get(2),
+                    version,
                     deleted: op == "delete",
-                    digest: digest_of_text(body.as_deref()),
-                    mapping_version: row.get(5),
+                    digest: digest_of_text(text(8).as_deref()),
+                    mapping_version: row.get(9),
                     origin: Some(LogOrigin {
-                        event_id: row.get(8),
-                        topic: row.get(9),
-                        partition: row.get(10),
-                        offset: row.get(11),
+                        event_id: row.get(12),
+                        topic: row.get(13),
+                        partition: row.get(14),
+                        offset: row.get(15),
                     }),
                 },
-                (row.get(6), key_text(&key)),
-            ),
-        );
-    }
-    Ok(read)
+                (row.get(10), key_text(&key)),
+            )
+        });
+        let projected = text(16).map(|version| Projected {
+            version,
+            deleted: row.get(17),
+            digest: digest_of_text(text(18).as_deref()),
+        });
+        Sides {
+            key: (row.get(0), row.get(1)),
+            source,
+            logged,
+            projected,
+        }
+    }))
 }
 
 fn digest_of_text(body: Option<&str>) -> Option<Digest> {

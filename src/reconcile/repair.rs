@@ -12,7 +12,6 @@ use std::{
 
 use super::{Drift, Drifted, Report};
 use crate::{
-    change::Value,
     config::ConnectorConfig,
     offsets::{SnapshotRequest, StateStore},
     source,
@@ -62,18 +61,18 @@ pub async fn request_snapshots(
     config: &ConnectorConfig,
     report: &Report,
 ) -> Result<Vec<(String, String, usize)>, String> {
-    let mut keys: BTreeMap<&str, Vec<&[(String, Value)]>> = BTreeMap::new();
+    let mut keys: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for drifted in report.drifted.iter().filter(|d| d.class.read_again()) {
-        if let Some((table, key)) = &drifted.row {
-            keys.entry(table).or_default().push(key);
+        if let Some((table, condition)) = &drifted.row {
+            keys.entry(table).or_default().push(condition);
         }
     }
     let mut made = Vec::new();
-    for (table, keys) in keys {
-        for some in keys.chunks(KEYS_PER_REQUEST) {
+    for (table, conditions) in keys {
+        for some in conditions.chunks(KEYS_PER_REQUEST) {
             let condition = some
                 .iter()
-                .map(|key| format!("({})", source::key_condition(&config.source, key)))
+                .map(|condition| format!("({condition})"))
                 .collect::<Vec<_>>()
                 .join(" OR ");
             let request = SnapshotRequest::new(table.to_owned(), Some(condition));

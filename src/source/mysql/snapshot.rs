@@ -20,7 +20,12 @@ use super::{
     types::{self, Kind},
     MysqlError,
 };
-use crate::change::{BinlogPosition, Names, Row, SourceTable, Value};
+use tokio::sync::mpsc;
+
+use crate::{
+    change::{BinlogPosition, Names, Position, Row, SourceMessage, SourceTable, Value},
+    source::chunk_changes,
+};
 
 /// A table as chunks read it.
 #[derive(Debug)]
@@ -193,14 +198,14 @@ pub struct Consistent {
 }
 
 /// Read every row of `tables` (`(database, table)`) in one consistent snapshot, `size`
-/// rows at a time in key order, handing each batch to `take` with its table and the
-/// snapshot's position (`reconcile`).
+/// rows at a time in key order, each row a read at the snapshot's position into `out`
+/// (`reconcile`).
 pub async fn read_consistent(
     url: &crate::config::Secret,
     connector: &str,
     tables: &[(String, String)],
     size: usize,
-    mut take: impl FnMut(&ChunkTable, Vec<Row>, &BinlogPosition),
+    out: &mpsc::Sender<SourceMessage>,
 ) -> Result<Consistent, MysqlError> {
     let (opts, _) =
         super::tls::opts(url).map_err(|e| MysqlError::Definite(format!("source.url: {e}")))?;
@@ -229,7 +234,12 @@ pub async fn read_consistent(
             let read: Vec<MyRow> = conn.exec(select, params).await.map_err(&fail)?;
             let complete = table.key.is_empty() || read.len() < size;
             let (rows, last) = rows_of(table, read);
-            take(table, rows, &window.low);
+            let at = Position::Mysql(window.low.clone());
+            for change in chunk_changes(&table.source, &table.key, rows, &at) {
+                out.send(SourceMessage::Change(change)).await.map_err(|_| {
+                    MysqlError::Definite("the reader of the snapshot stopped".into())
+                })?;
+            }
             if complete {
                 break;
             }
