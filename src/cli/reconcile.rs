@@ -21,7 +21,7 @@ use crate::{
     config::ConnectorConfig,
     consumer::{config::ProjectorConfig, projection},
     observe,
-    reconcile::{events, repair, Pass, PassError, Report},
+    reconcile::{events, repair, Drifted, Pass, PassError, Report},
 };
 
 #[derive(Debug, Args)]
@@ -213,6 +213,12 @@ async fn round(pass: &Pass<'_>, codec: &EventCodec, repair: bool) -> Result<Exit
     if restored + moved > 0 {
         println!("repair: {restored} projection row(s) restored from the ledger, {moved} left (changed since the pass)");
     }
+    let settled = repair::settle_letters(connector, &report)
+        .await
+        .map_err(failed)?;
+    if settled > 0 {
+        println!("repair: {settled} dead letter(s) settled, superseded by their rows' current state (`fhir-cdc dlq list --all`)");
+    }
     let worklisted = repair::worklist(&client, schema, &connector.name, &run_id, &report)
         .await
         .map_err(failed)?;
@@ -240,15 +246,12 @@ async fn round(pass: &Pass<'_>, codec: &EventCodec, repair: bool) -> Result<Exit
             .await
             .map_err(failed)?,
     );
-    let still: HashSet<(&str, &str)> = verified
-        .drifted
-        .iter()
-        .map(|d| (d.resource_type.as_str(), d.resource_id.as_str()))
-        .collect();
+    let still: HashSet<(&str, &str, &str)> =
+        verified.drifted.iter().map(Drifted::subject).collect();
     let repaired = report
         .drifted
         .iter()
-        .filter(|d| !still.contains(&(d.resource_type.as_str(), d.resource_id.as_str())))
+        .filter(|d| !still.contains(&d.subject()))
         .count();
     println!(
         "repaired {repaired} of {}; {} still drifting",
@@ -260,7 +263,7 @@ async fn round(pass: &Pass<'_>, codec: &EventCodec, repair: bool) -> Result<Exit
         .drifted
         .iter()
         .filter(|d| !d.class.manual())
-        .filter(|d| !still.contains(&(d.resource_type.as_str(), d.resource_id.as_str())))
+        .filter(|d| !still.contains(&d.subject()))
         .count();
     observe::reconcile::repairs(&connector.name, attempted, mended);
     Ok(exit(&verified))
@@ -311,6 +314,21 @@ fn print(report: &Report, projector: &ProjectorConfig) {
         projector.projection.schema
     );
     for drifted in &report.drifted {
+        if let Some(letter) = &drifted.letter {
+            let table = drifted.table.as_deref().unwrap_or_default();
+            let now = match drifted.source {
+                Some(_) => format!(
+                    "its row maps now, as {}/{}",
+                    drifted.resource_type, drifted.resource_id
+                ),
+                None => "its row is gone at the source, or its mapping leaves it out now".into(),
+            };
+            println!(
+                "{:<24} {letter}  of {table}: {now}; the letter is outstanding (`fhir-cdc dlq show {letter}`)",
+                drifted.class.name()
+            );
+            continue;
+        }
         let [source, log, projection] = drifted.sides();
         println!(
             "{:<24} {}/{}  source {source}  log {log}  projection {projection}",
@@ -324,6 +342,9 @@ fn print(report: &Report, projector: &ProjectorConfig) {
             "{:<24} {rows} row(s) of {table} fail mapping {mapping_id} and have no resource yet (`fhir-cdc dlq list`)",
             "source_unmappable"
         );
+    }
+    for (letter, why) in &report.letters_untold {
+        println!("dead letter {letter} cannot be matched to a source row: {why}");
     }
     let counts: Vec<String> = report
         .counts()

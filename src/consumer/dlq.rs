@@ -359,25 +359,32 @@ pub async fn replay_messages(
 /// that what is done stays known whatever happens to the letters after it).
 async fn marked(producer: &Producer, letter: &Letter, outcome: Outcome) -> Outcome {
     let done = outcome?;
-    let marker = json!({
-        REPLAY_OF: letter.id,
-        "replayed_at": instant(Utc::now()),
-        "outcome": done,
-    });
-    match producer
-        .send(
-            &letter.topic,
-            &letter.id,
-            marker.to_string().as_bytes(),
-            &[(REPLAY_OF, &letter.id)],
-        )
-        .await
-    {
-        Ok(_) => Ok(done),
+    match record_settled(producer, &letter.topic, &letter.id, &done).await {
+        Ok(()) => Ok(done),
         Err(e) => Ok(format!(
             "{done}; recording the replay failed ({e}), so the letter is still listed"
         )),
     }
+}
+
+/// Record in dead-letter topic `topic` that letter `id` needs no replay any more, and why:
+/// the marker a replay writes, so that `list` no longer shows it as outstanding.
+pub async fn record_settled(
+    producer: &Producer,
+    topic: &str,
+    id: &str,
+    outcome: &str,
+) -> Result<(), String> {
+    let marker = json!({
+        REPLAY_OF: id,
+        "replayed_at": instant(Utc::now()),
+        "outcome": outcome,
+    });
+    producer
+        .send(topic, id, marker.to_string().as_bytes(), &[(REPLAY_OF, id)])
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use serde_json::{json, Map, Value as Json};
 
 use crate::{
     canonical::instant,
-    change::{ChangeEvent, ExactDecimal, Operation, Row, SourceTable, Value},
+    change::{ChangeEvent, ExactDecimal, Operation, Position, Row, SourceTable, Value},
     config::DeadLetterRows,
     mapping::{text_of, MapFailure, Mapper, Protect},
 };
@@ -186,6 +186,60 @@ pub fn replay_of(record: &Json) -> Result<Replay, String> {
             .columns()
             .map(|(name, value)| (name.to_owned(), value.clone()))
             .collect(),
+    })
+}
+
+/// The source row a record is about, as reconciliation matches it against the rows it
+/// reads: its table, its key's values as text by column (sorted by column name), where the
+/// change was in the source's log, and the mapping that failed it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LetterRow {
+    /// `schema.table`.
+    pub table: String,
+    pub key: Vec<(String, String)>,
+    pub position: Position,
+    pub mapping_id: String,
+}
+
+/// The row `record` is about. The error says why it cannot be told (a protected key
+/// column, a field missing), never a value.
+pub fn row_of(record: &Json) -> Result<LetterRow, String> {
+    let text = |field: &str| {
+        record[field]
+            .as_str()
+            .ok_or_else(|| format!("the record has no `{field}` text"))
+    };
+    if record["op"] == "truncate" {
+        return Err("a TRUNCATE, of no row: reconciliation judges the table's resources one by one (`deleted_at_source`)".into());
+    }
+    let Json::Object(columns) = &record["key_values"] else {
+        return Err("the letter holds no key values".into());
+    };
+    let mut key = Vec::with_capacity(columns.len());
+    for (name, value) in columns {
+        let text = match value {
+            Json::Null => String::new(),
+            _ if value.get("protected").is_some() => {
+                return Err(format!(
+                    "key column `{name}` is protected by a mapping, so the letter does not hold its value"
+                ))
+            }
+            _ => value["text"]
+                .as_str()
+                .ok_or_else(|| format!("key column `{name}` has no text"))?
+                .to_owned(),
+        };
+        key.push((name.clone(), text));
+    }
+    if key.is_empty() {
+        return Err("the letter's key values are empty".into());
+    }
+    key.sort();
+    Ok(LetterRow {
+        table: format!("{}.{}", text("schema")?, text("table")?),
+        key,
+        position: text("source_position")?.parse()?,
+        mapping_id: text("mapping_id")?.to_owned(),
     })
 }
 
@@ -522,6 +576,14 @@ resources:
             .unwrap()
             .contains("rows = \"none\""));
         assert!(matches!(replay_of(&written), Ok(Replay::ReRead { .. })));
+        // Reconciliation finds its row by the key's values, as text.
+        let row = row_of(&written).unwrap();
+        assert_eq!(
+            (row.table.as_str(), row.mapping_id.as_str()),
+            ("lab.results", "lab-result")
+        );
+        assert_eq!(row.key, [("result_id".to_owned(), "7".to_owned())]);
+        assert_eq!(row.position, original.position);
 
         // A protected key column leaves nothing to read the row by; a delete, no row to read.
         let mut keyed = change(
@@ -531,6 +593,8 @@ resources:
         keyed.key = vec!["comment".into()].into();
         let written = json(&record(&keyed, &failure(), letters, usize::MAX));
         let why = replay_of(&written).unwrap_err();
+        assert!(why.contains("key column `comment` is protected"), "{why}");
+        let why = row_of(&written).unwrap_err();
         assert!(why.contains("key column `comment` is protected"), "{why}");
         let mut deleted = change(
             Some(Row::new(vec![("result_id".into(), Value::Int(7))])),

@@ -1,5 +1,5 @@
 //! Reconciliation events: every drifted resource of a pass, on
-//! `<prefix>.reconcile.<connector>` (keyed by `ResourceType/id`), Avro in the Confluent wire
+//! `<prefix>.reconcile.<connector>` (keyed by `ResourceType/id`, or a dead letter's id), Avro in the Confluent wire
 //! format with its schema registered under the topic's subject, as the canonical events
 //! are — so any consumer, and any audit, sees what a pass found and on which evidence.
 
@@ -21,9 +21,9 @@ pub const SCHEMA: &str = r#"{
     {"name": "detected_at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
     {"name": "connector", "type": "string"},
     {"name": "projector", "type": "string"},
-    {"name": "resource_type", "type": "string"},
+    {"name": "resource_type", "type": "string", "doc": "Empty for a dead letter whose row makes no resource now."},
     {"name": "resource_id", "type": "string"},
-    {"name": "drift", "type": "string", "doc": "missing_from_log, log_behind_source, mapping_changed, deleted_at_source, source_unmappable, missing_from_projection, projection_edited or projection_behind_log."},
+    {"name": "drift", "type": "string", "doc": "missing_from_log, log_behind_source, mapping_changed, deleted_at_source, source_unmappable, missing_from_projection, projection_edited, projection_behind_log or dead_letter_outdated."},
     {"name": "source_read_at", "type": "string", "doc": "The source position the rows were read at."},
     {"name": "source_table", "type": ["null", "string"], "default": null},
     {"name": "source_digest", "type": ["null", "string"], "default": null, "doc": "SHA-256 (128 bits, hex) of the resource the row makes now, canonical JSON without meta."},
@@ -40,7 +40,8 @@ pub const SCHEMA: &str = r#"{
     {"name": "projection_schema", "type": "string"},
     {"name": "projection_version", "type": ["null", "string"], "default": null},
     {"name": "projection_deleted", "type": "boolean"},
-    {"name": "projection_digest", "type": ["null", "string"], "default": null}
+    {"name": "projection_digest", "type": ["null", "string"], "default": null},
+    {"name": "dead_letter", "type": ["null", "string"], "default": null, "doc": "The outstanding dead letter (its id, as fhir-cdc dlq shows it) a dead_letter_outdated event is about."}
   ]
 }"#;
 
@@ -90,7 +91,10 @@ pub async fn publish(
             .encode_record(&spec.name, SCHEMA, NAME, &schema, value)
             .await
             .map_err(|e| e.to_string())?;
-        let key = format!("{}/{}", drifted.resource_type, drifted.resource_id);
+        let key = match &drifted.letter {
+            Some(letter) => letter.clone(),
+            None => format!("{}/{}", drifted.resource_type, drifted.resource_id),
+        };
         producer
             .send(
                 &spec.name,
@@ -131,10 +135,7 @@ fn record(context: &Context<'_>, report: &Report, drifted: &Drifted, detected_at
         ("resource_id".into(), text(&drifted.resource_id)),
         ("drift".into(), text(drifted.class.name())),
         ("source_read_at".into(), text(&report.read_at.text())),
-        (
-            "source_table".into(),
-            optional_text(drifted.row.as_ref().map(|(table, _)| table.clone())),
-        ),
+        ("source_table".into(), optional_text(drifted.table.clone())),
         ("source_digest".into(), optional_text(source_digest)),
         (
             "source_mapping_version".into(),
@@ -186,6 +187,7 @@ fn record(context: &Context<'_>, report: &Report, drifted: &Drifted, detected_at
             "projection_digest".into(),
             optional_text(projection.and_then(|p| p.digest).map(|d| d.hex())),
         ),
+        ("dead_letter".into(), optional_text(drifted.letter.clone())),
     ])
 }
 

@@ -163,10 +163,15 @@ pub enum Drift {
     /// The projection holds an older version than the log's latest, after the projector
     /// caught up.
     ProjectionBehindLog,
+    /// A dead letter of the connector is outstanding, and its row has changed at the source
+    /// since: the mapping maps it now, or it is gone. What the letter holds is superseded
+    /// (the row's current state is what the other classes judge); it needs settling, not
+    /// replaying.
+    DeadLetterOutdated,
 }
 
 impl Drift {
-    pub const ALL: [Drift; 8] = [
+    pub const ALL: [Drift; 9] = [
         Drift::MissingFromLog,
         Drift::LogBehindSource,
         Drift::MappingChanged,
@@ -175,6 +180,7 @@ impl Drift {
         Drift::MissingFromProjection,
         Drift::ProjectionEdited,
         Drift::ProjectionBehindLog,
+        Drift::DeadLetterOutdated,
     ];
 
     /// The class's name in reports, events and metrics.
@@ -188,6 +194,7 @@ impl Drift {
             Drift::MissingFromProjection => "missing_from_projection",
             Drift::ProjectionEdited => "projection_edited",
             Drift::ProjectionBehindLog => "projection_behind_log",
+            Drift::DeadLetterOutdated => "dead_letter_outdated",
         }
     }
 }
@@ -267,6 +274,8 @@ pub struct Report {
     pub drifted: Vec<Drifted>,
     /// Rows a mapping cannot map whose resource no side has: their table, mapping, count.
     pub unmappable_rows: BTreeMap<(String, String), usize>,
+    /// Outstanding dead letters whose row cannot be told: their id, and why.
+    pub letters_untold: Vec<(String, String)>,
     /// How long the connector, then the projector, took to catch up with the source read.
     pub waited: (Duration, Duration),
     /// The tables compared (`schema.table`).
@@ -286,9 +295,21 @@ pub struct Drifted {
     pub row: Option<read::SourceRow>,
     /// The table it comes from (the source row's, or the logged event's).
     pub table: Option<String>,
+    /// The dead letter it is about (`dead_letter_outdated`): its id. Its resource is the
+    /// one the row makes now, or empty when the row makes none.
+    pub letter: Option<String>,
 }
 
 impl Drifted {
+    /// What it is about: a resource, or a dead letter (and the resource its row makes).
+    pub fn subject(&self) -> (&str, &str, &str) {
+        (
+            &self.resource_type,
+            &self.resource_id,
+            self.letter.as_deref().unwrap_or_default(),
+        )
+    }
+
     /// The three sides as a report shows them: `<digest>`, `<version> <digest>`,
     /// `<version> deleted`, `fails mapping <id>` or `none`.
     pub fn sides(&self) -> [String; 3] {
@@ -382,15 +403,15 @@ impl Pass<'_> {
             return Ok(first);
         }
         let mut second = self.judge().await?;
-        let seen: HashSet<(Drift, &str, &str)> = first
+        let seen: HashSet<(Drift, (&str, &str, &str))> = first
             .drifted
             .iter()
-            .map(|d| (d.class, d.resource_type.as_str(), d.resource_id.as_str()))
+            .map(|d| (d.class, d.subject()))
             .collect();
         let before = second.drifted.len();
-        second.drifted.retain(|d| {
-            seen.contains(&(d.class, d.resource_type.as_str(), d.resource_id.as_str()))
-        });
+        second
+            .drifted
+            .retain(|d| seen.contains(&(d.class, d.subject())));
         second.changed_since += before - second.drifted.len();
         second
             .unmappable_rows
@@ -427,7 +448,10 @@ impl Pass<'_> {
             .await
             .map_err(|e| failed(format!("the projection database: {e}")))?;
 
-        let source = read::source(config, &mapper, &tables, &client)
+        let letters = read::Letters::outstanding(config, &tables)
+            .await
+            .map_err(failed)?;
+        let source = read::source(config, &mapper, &tables, letters, &client)
             .await
             .map_err(failed)?;
         let high = source.high.clone().expect("a read has its position");
@@ -499,16 +523,26 @@ async fn compare(
                     .or_else(|| logged.map(|(_, (table, _))| table.clone())),
                 resource_type: sides.key.0,
                 resource_id: sides.key.1,
+                letter: None,
             }),
         }
     }
-    drifted.sort_by(|a, b| {
-        (a.class, &a.resource_type, &a.resource_id).cmp(&(
-            b.class,
-            &b.resource_type,
-            &b.resource_id,
-        ))
-    });
+    for letter in source.letters.outdated(&at) {
+        let (resource, side) = letter.now.clone().flatten().unzip();
+        let (resource_type, resource_id) = resource.unwrap_or_default();
+        drifted.push(Drifted {
+            class: Drift::DeadLetterOutdated,
+            resource_type,
+            resource_id,
+            source: side,
+            log: None,
+            projection: None,
+            row: None,
+            table: Some(letter.table),
+            letter: Some(letter.id),
+        });
+    }
+    drifted.sort_by(|a, b| (a.class, a.subject()).cmp(&(b.class, b.subject())));
     let mut unmappable_rows = BTreeMap::new();
     for ((table, _), mapping_id) in unmatched {
         *unmappable_rows.entry((table, mapping_id)).or_default() += 1;
@@ -520,6 +554,7 @@ async fn compare(
         changed_since,
         drifted,
         unmappable_rows,
+        letters_untold: source.letters.untold,
         waited,
         tables,
     })

@@ -16,10 +16,11 @@ use super::{Digest, LogOrigin, Logged, Projected, SourceSide};
 use crate::{
     change::{ChangeEvent, PgLsn, Position, SourceMessage, Value},
     config::{ConnectorConfig, SourceConfig},
-    consumer::config::ProjectorConfig,
-    mapping::Mapper,
+    consumer::{config::ProjectorConfig, dlq},
+    mapping::{text_of, MapOutcome, Mapper},
     observe::progress::Progress,
     offsets::StateStore,
+    pipeline::dead_letter::{self, LetterRow},
     source::{self, mysql, postgres::snapshot::TableReader},
 };
 
@@ -45,6 +46,151 @@ pub struct SourceRead {
     pub read: u64,
     /// Rows a mapping cannot map: their table and key, and the mapping.
     pub unmappable: HashMap<RowKey, String>,
+    /// The connector's outstanding dead letters, and what the read found of their rows.
+    pub letters: Letters,
+}
+
+/// The connector's outstanding dead letters, on their way to meet their rows in the read.
+#[derive(Debug, Default)]
+pub struct Letters {
+    /// Each letter's id and row, and what the read found of the row.
+    letters: Vec<(String, LetterRow, Option<Seen>)>,
+    /// Per table, per set of key columns: the key's values (as text) → the letters.
+    by_row: HashMap<String, Vec<KeyedLetters>>,
+    /// Letters whose row cannot be told (a protected key, a malformed record): id and why.
+    pub untold: Vec<(String, String)>,
+}
+
+/// Letters of one table by the values of one set of key columns: the columns, and the
+/// values (as text, in the columns' order) → the letters' places.
+type KeyedLetters = (Vec<String>, HashMap<Vec<String>, Vec<usize>>);
+
+/// What the read found of a letter's row.
+#[derive(Debug)]
+enum Seen {
+    /// The letter's mapping fails it still.
+    Fails,
+    /// The letter's mapping maps it now: the resource it makes (none when the mapping's
+    /// conditions leave the row out now).
+    Maps(Option<(ResourceKey, SourceSide)>),
+}
+
+/// An outstanding dead letter whose row has changed at the source since: it maps now, or
+/// is gone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutdatedLetter {
+    pub id: String,
+    /// `schema.table`.
+    pub table: String,
+    /// `None`: the row is gone at the source; else the resource it makes now, if any.
+    pub now: Option<Option<(ResourceKey, SourceSide)>>,
+}
+
+impl Letters {
+    /// The outstanding (never replayed or settled) dead letters of `config`'s connector,
+    /// of `tables` only.
+    pub async fn outstanding(
+        config: &ConnectorConfig,
+        tables: &[(String, String)],
+    ) -> Result<Self, String> {
+        let letters = dlq::read_all(&config.kafka, &config.topics.prefix)
+            .await
+            .map_err(|e| format!("reading the dead letters: {e}"))?;
+        let tables: HashSet<String> = tables.iter().map(|(s, t)| format!("{s}.{t}")).collect();
+        let mut pending = Self::default();
+        for letter in letters {
+            if letter.side() != config.name || letter.replayed.is_some() {
+                continue;
+            }
+            match dead_letter::row_of(&letter.record) {
+                Ok(row) if tables.contains(&row.table) => pending.add(letter.id, row),
+                Ok(_) => {}
+                Err(why) => pending.untold.push((letter.id, why)),
+            }
+        }
+        Ok(pending)
+    }
+
+    fn add(&mut self, id: String, row: LetterRow) {
+        let (columns, values): (Vec<String>, Vec<String>) = row.key.iter().cloned().unzip();
+        let at = self.letters.len();
+        let sets = self.by_row.entry(row.table.clone()).or_default();
+        match sets.iter_mut().find(|(c, _)| *c == columns) {
+            Some((_, rows)) => rows.entry(values).or_default().push(at),
+            None => sets.push((columns, HashMap::from([(values, vec![at])]))),
+        }
+        self.letters.push((id, row, None));
+    }
+
+    /// The row `change` read (of `table`), mapped into `outcome`: what it means for the
+    /// letters of that row.
+    fn meet(&mut self, table: &str, change: &ChangeEvent, outcome: &MapOutcome) {
+        let Some(sets) = self.by_row.get(table) else {
+            return;
+        };
+        for (columns, rows) in sets {
+            let values: Vec<String> = columns
+                .iter()
+                .map(|column| {
+                    change
+                        .after
+                        .as_ref()
+                        .and_then(|row| row.get(column))
+                        .map_or_else(String::new, |v| text_of(v).into_owned())
+                })
+                .collect();
+            for &at in rows.get(&values).into_iter().flatten() {
+                let (_, row, seen) = &mut self.letters[at];
+                let mapping = row.mapping_id.as_str();
+                *seen = Some(
+                    if outcome.failures.iter().any(|f| f.mapping_id == mapping) {
+                        Seen::Fails
+                    } else {
+                        Seen::Maps(
+                            outcome
+                                .events
+                                .iter()
+                                .filter(|e| &*e.provenance.mapping_id == mapping)
+                                .find_map(|e| {
+                                    let resource = e.resource.as_ref()?;
+                                    Some((
+                                        (e.resource_type.clone(), e.resource_id.clone()),
+                                        SourceSide::Resource {
+                                            digest: Digest::of(&resource.to_json()),
+                                            mapping_version: e
+                                                .provenance
+                                                .mapping_version
+                                                .to_string(),
+                                        },
+                                    ))
+                                }),
+                        )
+                    },
+                );
+            }
+        }
+    }
+
+    /// The letters whose row maps now or is gone, of those written of a change before
+    /// `read_at` (a [`Position::sort_key`]); a later one is judged by the next pass.
+    pub fn outdated(&self, read_at: &str) -> Vec<OutdatedLetter> {
+        self.letters
+            .iter()
+            .filter(|(_, row, _)| row.position.sort_key().as_str() < read_at)
+            .filter_map(|(id, row, seen)| {
+                let now = match seen {
+                    Some(Seen::Fails) => return None,
+                    Some(Seen::Maps(resource)) => Some(resource.clone()),
+                    None => None,
+                };
+                Some(OutdatedLetter {
+                    id: id.clone(),
+                    table: row.table.clone(),
+                    now,
+                })
+            })
+            .collect()
+    }
 }
 
 /// The staging table: a temporary table of the pass's session in the projection database,
@@ -68,6 +214,8 @@ impl Staging<'_> {
         let fail = |e: tokio_postgres::Error| format!("staging the source's resources: {e}");
         self.read.read += 1;
         let outcome = mapper.map(change);
+        let table = change.source.qualified_name();
+        self.read.letters.meet(&table, change, &outcome);
         let row = change.after.as_ref();
         let key: Vec<(String, Value)> = change
             .key
@@ -77,7 +225,6 @@ impl Staging<'_> {
                 (column.to_string(), value.unwrap_or(Value::Null))
             })
             .collect();
-        let table = change.source.qualified_name();
         let condition = source::key_condition(self.source, &key);
         for event in outcome.events {
             let Some(resource) = &event.resource else {
@@ -101,7 +248,7 @@ impl Staging<'_> {
         if let Some(failure) = outcome.failures.first() {
             let key = key
                 .iter()
-                .map(|(column, value)| format!("{column}={}", crate::mapping::text_of(value)))
+                .map(|(column, value)| format!("{column}={}", text_of(value)))
                 .collect::<Vec<_>>()
                 .join(",");
             self.read
@@ -121,6 +268,7 @@ pub async fn source(
     config: &ConnectorConfig,
     mapper: &Mapper,
     tables: &[(String, String)],
+    letters: Letters,
     client: &tokio_postgres::Client,
 ) -> Result<SourceRead, String> {
     let fail = |e: tokio_postgres::Error| format!("staging the source's resources: {e}");
@@ -141,7 +289,10 @@ pub async fn source(
     let mut staging = Staging {
         source: &config.source,
         writer: Box::pin(BinaryCopyInWriter::new(sink, &types)),
-        read: SourceRead::default(),
+        read: SourceRead {
+            letters,
+            ..SourceRead::default()
+        },
     };
     // A bar per table on a terminal (rows read; no total: the read is one snapshot).
     let progress = Progress::new("reconcile");

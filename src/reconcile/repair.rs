@@ -3,7 +3,8 @@
 //! affected rows (their new versions flow through Kafka to every consumer); projection-side
 //! drift restores the projection's row from its ledger's record of the log's latest event
 //! (by event id, only while the row is still what the pass saw, so a version the projector
-//! applies meanwhile is never overwritten). What no path can mend goes to the worklist.
+//! applies meanwhile is never overwritten). A dead letter whose row has changed since is
+//! settled in its topic. What no path can mend goes to the worklist.
 
 use std::{
     collections::BTreeMap,
@@ -13,7 +14,9 @@ use std::{
 use super::{Drift, Drifted, Report};
 use crate::{
     config::ConnectorConfig,
+    consumer::dlq,
     offsets::{SnapshotRequest, StateStore},
+    sink::kafka::Producer,
     source,
 };
 
@@ -50,10 +53,41 @@ impl Drift {
         )
     }
 
+    /// Whether settling its dead letter mends it.
+    fn settle(self) -> bool {
+        self == Drift::DeadLetterOutdated
+    }
+
     /// Whether a person must decide (the worklist).
     pub fn manual(self) -> bool {
-        !self.read_again() && !self.restore()
+        !self.read_again() && !self.restore() && !self.settle()
     }
+}
+
+/// Settle the outdated dead letters: record in the dead-letter topic that each is
+/// superseded by its row's current state (which the pass judged as any other resource),
+/// so `fhir-cdc dlq list` no longer shows it outstanding. The number settled.
+pub async fn settle_letters(config: &ConnectorConfig, report: &Report) -> Result<usize, String> {
+    let letters: Vec<&Drifted> = report.drifted.iter().filter(|d| d.class.settle()).collect();
+    if letters.is_empty() {
+        return Ok(0);
+    }
+    let producer = Producer::new(&config.kafka).map_err(|e| e.to_string())?;
+    let topic = config.dead_letter_topic();
+    for drifted in &letters {
+        let Some(id) = &drifted.letter else {
+            continue;
+        };
+        let why = if drifted.source.is_some() {
+            "superseded: its row maps at the source now (reconciliation)"
+        } else {
+            "superseded: its row is gone at the source, or no longer meant for its mapping (reconciliation)"
+        };
+        dlq::record_settled(&producer, &topic, id, why)
+            .await
+            .map_err(|e| format!("settling dead letter {id}: {e}"))?;
+    }
+    Ok(letters.len())
 }
 
 /// Ask the connector to read the rows of the source-side drift again; the requests made.

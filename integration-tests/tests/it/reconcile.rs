@@ -252,8 +252,13 @@ async fn each_drift_made_on_purpose_is_found_with_its_class() {
     let (code, report) = reconcile(config, projector, &[]);
     assert_eq!(code, Some(1), "{report}");
     assert!(
-        report.contains("51 drifted of") && report.contains("(deleted_at_source 51)"),
-        "results 1-50 but the one deleted, 1001 and the one inserted last: {report}"
+        report.contains("52 drifted of")
+            && report.contains("(deleted_at_source 51, dead_letter_outdated 1)"),
+        "results 1-50 but the one deleted, 1001 and the one inserted last; the letter of 1002, whose row is gone: {report}"
+    );
+    assert!(
+        report.contains("cannot be matched to a source row: a TRUNCATE"),
+        "the TRUNCATE's own letter is of no row: {report}"
     );
     let (code, report) = reconcile(config, projector, &["--table", "lis.nothing"]);
     assert_eq!(code, Some(2), "{report}");
@@ -368,6 +373,61 @@ async fn repair_mends_through_the_log_and_leaves_the_rest_on_the_worklist() {
     assert!(listed.contains("resolved"), "{listed}");
     let (code, said) = worklist(projector, &["resolve", "Observation/result-99"]);
     assert_eq!(code, Some(1), "{said}");
+
+    // The unmappable row fixed at the source: its change flows, and the letter it left is
+    // outstanding but superseded — found as such, and settled by a repair.
+    let letter = outstanding_letters(config, &lab.schema)
+        .into_iter()
+        .next()
+        .expect("the letter of result 1002");
+    lab.client
+        .batch_execute(&format!(
+            "UPDATE {table} SET test_code = 'GLU' WHERE result_id = 1002"
+        ))
+        .await
+        .unwrap();
+    await_caught_up(client, &lab.slot, Duration::from_secs(30), &lab.log).await;
+    let (code, report) = reconcile(config, projector, &[]);
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        report.contains(&format!(
+            "dead_letter_outdated     {letter}  of {table}: its row maps now, as Observation/result-1002"
+        )),
+        "{report}"
+    );
+    let events = read_for(&lab.reconcile_topic(), 8, Duration::from_secs(10)).await;
+    let event = events
+        .iter()
+        .map(|bytes| fhir_cdc::reconcile::events::decode(bytes).unwrap())
+        .find(|e| e["drift"] == "dead_letter_outdated")
+        .expect("the letter's event");
+    assert_eq!(event["dead_letter"], letter.as_str());
+    assert_eq!(event["resource_id"], "result-1002");
+    assert_eq!(event["source_table"], table.as_str());
+    let (_, report) = reconcile(config, projector, &["--repair"]);
+    assert!(
+        report.contains("repair: 1 dead letter(s) settled"),
+        "{report}"
+    );
+    let verified = report.split("verifying:").nth(1).unwrap();
+    assert!(!verified.contains("dead_letter_outdated"), "{report}");
+    assert!(outstanding_letters(config, &lab.schema).is_empty());
+
+    /// The ids of connector `name`'s outstanding dead letters, as `fhir-cdc dlq list` shows them.
+    fn outstanding_letters(config: &Path, name: &str) -> Vec<String> {
+        let output = Command::new(stack::fhir_cdc_bin())
+            .args(["dlq", "list", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|id| id.starts_with(&format!("{name}:")))
+            .map(str::to_owned)
+            .collect()
+    }
 
     assert!(stop(projecting).success());
     lab.end().await;
