@@ -21,6 +21,16 @@ pub enum EventOp {
     Delete,
 }
 
+impl EventOp {
+    /// Its name in the event (`upsert`, `delete`).
+    pub fn name(self) -> &'static str {
+        match self {
+            EventOp::Upsert => "upsert",
+            EventOp::Delete => "delete",
+        }
+    }
+}
+
 /// One version of one FHIR resource, plus provenance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CanonicalEvent {

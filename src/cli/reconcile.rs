@@ -207,7 +207,7 @@ async fn round(pass: &Pass<'_>, codec: &EventCodec, repair: bool) -> Result<Exit
     for (id, table, rows) in &requests {
         println!("repair: asked connector {} to read {rows} row(s) of {table} again (snapshot request {id})", connector.name);
     }
-    let (restored, moved) = repair::restore(&client, schema, &report)
+    let (restored, moved) = repair::restore(&client, projector, &report)
         .await
         .map_err(failed)?;
     if restored + moved > 0 {
@@ -309,10 +309,29 @@ fn print(report: &Report, projector: &ProjectorConfig) {
         projector.name,
         report.waited.1.as_secs_f64(),
     );
-    println!(
-        "log: the projection's ledger ({}.history), complete up to the source read: the projector applied every event topic to its end",
+    let ledger = format!(
+        "the projection's ledger ({}.history)",
         projector.projection.schema
     );
+    let log = &report.log;
+    if log.from_topics.is_empty() {
+        println!("log: {ledger}: it reaches back to Kafka's first offset of every partition, and the projector applied every event topic to its end");
+    } else {
+        let partitions: Vec<String> = log
+            .from_topics
+            .iter()
+            .map(|(partition, why)| format!("{partition}: {why}"))
+            .collect();
+        println!(
+            "log: Kafka itself for {} partition(s), {} event(s) read ({}); {ledger} for the rest",
+            partitions.len(),
+            log.events,
+            partitions.join("; ")
+        );
+    }
+    for place in &log.undecodable {
+        println!("log: left out, cannot be decoded: {place}");
+    }
     for drifted in &report.drifted {
         if let Some(letter) = &drifted.letter {
             let table = drifted.table.as_deref().unwrap_or_default();

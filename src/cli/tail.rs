@@ -16,7 +16,7 @@ use rdkafka::Message;
 use serde_json::{Map, Value as Json};
 
 use crate::{
-    canonical::{registry::EventCodec, CanonicalEvent, EventOp},
+    canonical::{registry::EventCodec, CanonicalEvent},
     config::ConnectorConfig,
     consumer::topics::{offset_at, TopicReader},
 };
@@ -145,10 +145,7 @@ async fn tail(args: &TailArgs, config: &ConnectorConfig) -> Result<u64, String> 
 
 /// `upsert Observation/result-12 v0000000016B37480.0000000000 final pg:0/16B3748`
 fn summary(event: &CanonicalEvent) -> String {
-    let op = match event.op {
-        EventOp::Upsert => "upsert",
-        EventOp::Delete => "delete",
-    };
+    let op = event.op.name();
     let status = event
         .resource
         .as_ref()

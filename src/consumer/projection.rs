@@ -244,6 +244,21 @@ impl Prepared {
         }
     }
 
+    /// The event; its resource is [`Self::body`].
+    pub fn event(&self) -> &CanonicalEvent {
+        &self.event
+    }
+
+    /// The resource as FHIR JSON (`None` for a delete).
+    pub fn body(&self) -> Option<&str> {
+        self.body.as_deref()
+    }
+
+    /// The source row's key as JSON (`[{"column": …, "value": …}]`).
+    pub fn primary_key(&self) -> &str {
+        &self.primary_key
+    }
+
     /// When the source committed the change (`None` for a snapshot read).
     pub fn commit_time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
         self.event.provenance.commit_time
@@ -406,6 +421,61 @@ async fn prepare_apply(
         .await
 }
 
+/// Record `entry` in the ledger alone, not in `resources`, unless its id is there already;
+/// whether it was recorded. `reconcile --repair` restores a projection row from the ledger:
+/// an event the projector never recorded (it started after it, or its ledger was pruned)
+/// is recorded first.
+pub async fn record(
+    client: &impl GenericClient,
+    schema: &str,
+    entry: Entry<'_>,
+) -> Result<bool, tokio_postgres::Error> {
+    let (event, provenance) = (&entry.event.event, &entry.event.event.provenance);
+    let written = client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.history (event_id, resource_type, resource_id, version, op,
+                   body, source_system, connector, database_kind, source_database, source_schema,
+                   source_table, primary_key, source_position, transaction_id, commit_time,
+                   capture_time, mapping_id, mapping_version, snapshot, topic, kafka_partition,
+                   kafka_offset, kafka_timestamp)
+                 VALUES ($1::text::uuid, $2, $3, $4, $5, $6::text::jsonb, $7, $8, $9, $10, $11, $12,
+                   $13::text::jsonb, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)
+                 ON CONFLICT (event_id) DO NOTHING"
+            ),
+            &[
+                &event.event_id,
+                &event.resource_type,
+                &event.resource_id,
+                &event.resource_version,
+                &event.op.name(),
+                &entry.event.body,
+                &&*provenance.source_system,
+                &&*provenance.connector,
+                &&*provenance.database_kind,
+                &&*provenance.database,
+                &&*provenance.schema,
+                &&*provenance.table,
+                &entry.event.primary_key,
+                &provenance.source_position,
+                &provenance.transaction_id,
+                &provenance.commit_time,
+                &provenance.capture_time,
+                &&*provenance.mapping_id,
+                &&*provenance.mapping_version,
+                &provenance.snapshot,
+                &entry.at.topic,
+                &entry.at.partition,
+                &entry.at.offset,
+                &entry
+                    .kafka_timestamp
+                    .and_then(chrono::DateTime::from_timestamp_millis),
+            ],
+        )
+        .await?;
+    Ok(written == 1)
+}
+
 /// Apply `entries`, in order, inside `tx` with `statement` (one of [`Statements`]) — set-based, one
 /// statement for the whole batch: an event id already in the history (or earlier in the
 /// batch) is a duplicate; an event whose version is not newer than the stored one, nor than
@@ -434,10 +504,7 @@ pub async fn apply(
                 &column(entries, |r| e(r).resource_type.as_str()),
                 &column(entries, |r| e(r).resource_id.as_str()),
                 &column(entries, |r| e(r).resource_version.as_str()),
-                &column(entries, |r| match e(r).op {
-                    EventOp::Upsert => "upsert",
-                    EventOp::Delete => "delete",
-                }),
+                &column(entries, |r| e(r).op.name()),
                 &column(entries, |r| r.event.body.as_deref()),
                 &column(entries, |r| &*p(r).source_system),
                 &column(entries, |r| &*p(r).connector),

@@ -75,6 +75,22 @@ impl TopicReader {
         )
     }
 
+    /// Read `topic[partition]` from `offset` (the first offset left, when retention removed
+    /// it), and no other partition.
+    pub fn open_at(
+        properties: &KafkaProperties,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Self, String> {
+        Self::open_among(
+            properties,
+            Some(topic),
+            |t| t == topic,
+            |_, _, p, _, high| Ok(if p == partition { offset } else { high }),
+        )
+    }
+
     fn open_among(
         properties: &KafkaProperties,
         only: Option<&str>,

@@ -4,8 +4,9 @@
 //! as the connector would (writing nothing), waits until the connector has captured
 //! everything up to that snapshot and the projector has applied it, then compares, per
 //! resource (type and id): what the source makes of it now, the latest event the log holds
-//! of it (the projection's ledger, complete once the projector has read every topic to its
-//! end), and the projection's row. Resources are compared by a digest of their content
+//! of it (the projection's ledger, once the projector has read every topic to its end, and
+//! Kafka itself for a partition the ledger does not reach back to the start of), and the
+//! projection's row. Resources are compared by a digest of their content
 //! (canonical JSON without `meta`); a resource the log or the projection holds a version of
 //! from after the snapshot changed while the pass ran and is judged by the next pass.
 
@@ -276,6 +277,8 @@ pub struct Report {
     pub unmappable_rows: BTreeMap<(String, String), usize>,
     /// Outstanding dead letters whose row cannot be told: their id, and why.
     pub letters_untold: Vec<(String, String)>,
+    /// Where the log side came from.
+    pub log: read::LogRead,
     /// How long the connector, then the projector, took to catch up with the source read.
     pub waited: (Duration, Duration),
     /// The tables compared (`schema.table`).
@@ -462,6 +465,9 @@ impl Pass<'_> {
             read::projector_caught_up(self.projector, &client, &topics, self.lag_bound)
                 .await
                 .map_err(PassError::Lag)?;
+        let log = read::log(self.projector, &client, &topics)
+            .await
+            .map_err(failed)?;
         let only: Option<Vec<String>> = self.table.map(|t| vec![t.to_owned()]);
         let sides = read::sides(
             &client,
@@ -472,7 +478,7 @@ impl Pass<'_> {
         .await
         .map_err(failed)?;
         let tables = tables.iter().map(|(s, t)| format!("{s}.{t}")).collect();
-        compare(source, sides, (connector_wait, projector_wait), tables)
+        compare(source, log, sides, (connector_wait, projector_wait), tables)
             .await
             .map_err(failed)
     }
@@ -481,6 +487,7 @@ impl Pass<'_> {
 /// Judge every resource any side has, one at a time as the sides come.
 async fn compare(
     source: read::SourceRead,
+    log: read::LogRead,
     sides: impl Stream<Item = Result<read::Sides, String>>,
     waited: (Duration, Duration),
     tables: Vec<String>,
@@ -555,6 +562,7 @@ async fn compare(
         drifted,
         unmappable_rows,
         letters_untold: source.letters.untold,
+        log,
         waited,
         tables,
     })

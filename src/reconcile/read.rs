@@ -2,21 +2,26 @@
 //! connector's and the projector's progress, waited for; the projection and its ledger.
 
 use std::{
+    cell::{Cell, RefCell},
     collections::{BTreeMap, HashMap, HashSet},
     pin::Pin,
     time::{Duration, Instant},
 };
 
 use futures_util::TryStreamExt;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    Message,
+};
 use tokio::sync::mpsc;
 use tokio_postgres::{binary_copy::BinaryCopyInWriter, types::Type};
 
 use super::{Digest, LogOrigin, Logged, Projected, SourceSide};
 use crate::{
+    canonical::registry::EventCodec,
     change::{ChangeEvent, PgLsn, Position, SourceMessage, Value},
     config::{ConnectorConfig, SourceConfig},
-    consumer::{config::ProjectorConfig, dlq},
+    consumer::{config::ProjectorConfig, dlq, projection::Prepared, topics::TopicReader},
     mapping::{text_of, MapOutcome, Mapper},
     observe::progress::Progress,
     offsets::StateStore,
@@ -520,6 +525,154 @@ fn high_watermarks(
     Ok(ends)
 }
 
+/// Where a pass took the log side from: the projection's ledger, and Kafka for the
+/// partitions the ledger does not cover.
+#[derive(Debug, Default)]
+pub struct LogRead {
+    /// The partitions read from Kafka: `topic[partition]`, and why.
+    pub from_topics: Vec<(String, String)>,
+    /// Events read from Kafka.
+    pub events: u64,
+    /// Messages read from Kafka that could not be decoded, left out of the log side (the
+    /// projector's dead letters hold them too): where, and why.
+    pub undecodable: Vec<String>,
+}
+
+/// The log's events read from Kafka: a temporary table of the pass's session, with the
+/// columns of the ledger that [`sides`] reads.
+const LOG_STAGE: &str = "CREATE TEMP TABLE IF NOT EXISTS reconcile_log (
+      event_id text NOT NULL, resource_type text COLLATE \"C\" NOT NULL,
+      resource_id text COLLATE \"C\" NOT NULL, version text COLLATE \"C\" NOT NULL,
+      op text NOT NULL, body text, mapping_version text NOT NULL, connector text NOT NULL,
+      source_schema text NOT NULL, source_table text NOT NULL, primary_key text NOT NULL,
+      topic text NOT NULL, kafka_partition integer NOT NULL, kafka_offset bigint NOT NULL);
+    TRUNCATE reconcile_log;";
+
+/// Complete the log side where the projection's ledger does not cover it. The ledger of a
+/// partition of `topics` covers it when its first event of it is at or before Kafka's first
+/// offset: the projector applies a partition in order, so it has then recorded every event
+/// Kafka holds (an event it found stale or a duplicate is superseded by one it recorded).
+/// A partition whose ledger begins later — the projector started from the end, or its
+/// ledger was pruned — is read from Kafka, start to end, into `reconcile_log` of `client`'s
+/// session, which [`sides`] reads alongside the ledger.
+pub async fn log(
+    projector: &ProjectorConfig,
+    client: &tokio_postgres::Client,
+    topics: &[String],
+) -> Result<LogRead, String> {
+    let fail = |e: tokio_postgres::Error| format!("staging the log read from Kafka: {e}");
+    client.batch_execute(LOG_STAGE).await.map_err(fail)?;
+    let firsts: HashMap<(String, i32), i64> = client
+        .query(
+            &format!(
+                "SELECT topic, kafka_partition, min(kafka_offset) FROM {}.history
+                  WHERE topic = ANY($1) GROUP BY topic, kafka_partition",
+                projector.projection.schema
+            ),
+            &[&topics],
+        )
+        .await
+        .map_err(|e| format!("reading where the projection's ledger begins: {e}"))?
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
+    let (uncovered, total) = (RefCell::new(Vec::new()), Cell::new(0));
+    let mut reader = TopicReader::open(
+        &projector.kafka,
+        |topic| topics.iter().any(|t| t == topic),
+        |_, topic, partition, low, high| {
+            let why = match firsts.get(&(topic.to_owned(), partition)) {
+                _ if high <= low => return Ok(high),
+                Some(first) if *first <= low => return Ok(high),
+                Some(first) => format!("the ledger begins at offset {first}, Kafka at {low}"),
+                None => format!(
+                    "the ledger holds none of the {} event(s) Kafka holds",
+                    high - low
+                ),
+            };
+            total.set(total.get() + u64::try_from(high - low).unwrap_or_default());
+            uncovered
+                .borrow_mut()
+                .push((format!("{topic}[{partition}]"), why));
+            Ok(low)
+        },
+    )?;
+    let mut read = LogRead {
+        from_topics: uncovered.into_inner(),
+        ..LogRead::default()
+    };
+    if read.from_topics.is_empty() {
+        return Ok(read);
+    }
+    let codec = EventCodec::new(&projector.schema_registry).map_err(|e| e.to_string())?;
+    let sink = client
+        .copy_in("COPY reconcile_log FROM STDIN BINARY")
+        .await
+        .map_err(fail)?;
+    let mut types = vec![Type::TEXT; 12];
+    types.extend([Type::INT4, Type::INT8]);
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    futures_util::pin_mut!(writer);
+    let progress = Progress::new("reconcile");
+    progress.start("the log, from Kafka", Some(total.get()));
+    while !reader.at_end() {
+        let Some(message) = reader.next().await? else {
+            continue;
+        };
+        progress.advance(1);
+        let place = format!(
+            "{}[{}]@{}",
+            message.topic(),
+            message.partition(),
+            message.offset()
+        );
+        let decoded = match message.payload() {
+            None => Err("an empty message (a tombstone?)".to_owned()),
+            Some(bytes) => match codec.decode_json(bytes).await {
+                Err(e) if e.is_transient() => return Err(format!("the schema registry: {e}")),
+                Err(e) => Err(e.to_string()),
+                Ok((event, resource)) => Prepared::checked(event, resource),
+            },
+        };
+        let prepared = match decoded {
+            Ok(prepared) => prepared,
+            Err(why) => {
+                read.undecodable.push(format!("{place}: {why}"));
+                continue;
+            }
+        };
+        let (event, provenance) = (prepared.event(), &prepared.event().provenance);
+        writer
+            .as_mut()
+            .write(&[
+                &event.event_id,
+                &event.resource_type,
+                &event.resource_id,
+                &event.resource_version,
+                &event.op.name(),
+                &prepared.body(),
+                &&*provenance.mapping_version,
+                &&*provenance.connector,
+                &&*provenance.schema,
+                &&*provenance.table,
+                &prepared.primary_key(),
+                &message.topic(),
+                &message.partition(),
+                &message.offset(),
+            ])
+            .await
+            .map_err(fail)?;
+        read.events += 1;
+    }
+    progress.finish();
+    writer.finish().await.map_err(fail)?;
+    client
+        .batch_execute("ANALYZE reconcile_log")
+        .await
+        .map_err(fail)?;
+    Ok(read)
+}
+
 /// One resource's three sides as the projection database joined them.
 #[derive(Debug)]
 pub struct Sides {
@@ -532,7 +685,8 @@ pub struct Sides {
 }
 
 /// Every resource any side has, streamed: the staged source ([`source`]) joined with the
-/// latest event per resource of the projection's ledger and its `resources` rows, of
+/// latest event per resource of the log (the projection's ledger, with what [`log`] read
+/// from Kafka) and the projection's `resources` rows, of
 /// `connector`'s resources (of `tables` only, when given). The database does the join (on
 /// disk what does not fit its memory), so the pass holds one resource at a time.
 pub async fn sides(
@@ -553,11 +707,20 @@ pub async fn sides(
                      FROM reconcile_source ORDER BY resource_type, resource_id, ord DESC),
                  logged AS (
                    SELECT DISTINCT ON (resource_type, resource_id) resource_type, resource_id,
-                          version, op, body::text AS body, mapping_version,
-                          source_schema || '.' || source_table AS source_table,
-                          primary_key::text AS primary_key, event_id::text AS event_id, topic,
-                          kafka_partition, kafka_offset
-                     FROM {schema}.history WHERE {filter}
+                          version, op, body, mapping_version,
+                          source_schema || '.' || source_table AS source_table, primary_key,
+                          event_id, topic, kafka_partition, kafka_offset
+                     FROM (SELECT resource_type, resource_id, version, op, body::text AS body,
+                                  mapping_version, connector, source_schema, source_table,
+                                  primary_key::text AS primary_key, event_id::text AS event_id,
+                                  topic, kafka_partition, kafka_offset
+                             FROM {schema}.history
+                           UNION ALL
+                           SELECT resource_type, resource_id, version, op, body, mapping_version,
+                                  connector, source_schema, source_table, primary_key, event_id,
+                                  topic, kafka_partition, kafka_offset
+                             FROM reconcile_log) events
+                    WHERE {filter}
                     ORDER BY resource_type, resource_id, version DESC),
                  projected AS (
                    SELECT resource_type, resource_id, version, deleted, body::text AS body

@@ -2,19 +2,27 @@
 //! hand. Source-side drift asks the running connector for an ad-hoc snapshot of exactly the
 //! affected rows (their new versions flow through Kafka to every consumer); projection-side
 //! drift restores the projection's row from its ledger's record of the log's latest event
-//! (by event id, only while the row is still what the pass saw, so a version the projector
+//! (recorded first from Kafka where the ledger lacks it; by event id, only while the row is still what the pass saw, so a version the projector
 //! applies meanwhile is never overwritten). A dead letter whose row has changed since is
 //! settled in its topic. What no path can mend goes to the worklist.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     time::{Duration, Instant},
 };
 
-use super::{Drift, Drifted, Report};
+use rdkafka::Message;
+
+use super::{Drift, Drifted, LogOrigin, Report};
 use crate::{
+    canonical::registry::EventCodec,
     config::ConnectorConfig,
-    consumer::dlq,
+    consumer::{
+        config::ProjectorConfig,
+        dlq,
+        projection::{self, Coordinates, Entry, Prepared},
+        topics::TopicReader,
+    },
     offsets::{SnapshotRequest, StateStore},
     sink::kafka::Producer,
     source,
@@ -154,12 +162,21 @@ pub async fn await_requests(
 }
 
 /// Restore the projection rows of the projection-side drift from the ledger's record of
-/// the log's latest event; `(restored, moved)`.
+/// the log's latest event (recorded first from Kafka where the ledger lacks it);
+/// `(restored, moved)`.
 pub async fn restore(
     client: &tokio_postgres::Client,
-    schema: &str,
+    projector: &ProjectorConfig,
     report: &Report,
 ) -> Result<(usize, usize), String> {
+    let schema = &projector.projection.schema;
+    let origins: Vec<&LogOrigin> = report
+        .drifted
+        .iter()
+        .filter(|d| d.class.restore())
+        .filter_map(|d| d.log.as_ref()?.origin.as_ref())
+        .collect();
+    record_unrecorded(client, projector, &origins).await?;
     let columns = "resource_type, resource_id, version, event_id, deleted, body, source_system,
         connector, database_kind, source_database, source_schema, source_table, primary_key,
         source_position, transaction_id, commit_time, capture_time, mapping_id,
@@ -207,6 +224,79 @@ pub async fn restore(
         }
     }
     Ok((restored, moved))
+}
+
+/// Record in the projection's ledger those of the events at `origins` it does not hold (the
+/// pass read them from Kafka), read again from Kafka.
+async fn record_unrecorded(
+    client: &tokio_postgres::Client,
+    projector: &ProjectorConfig,
+    origins: &[&LogOrigin],
+) -> Result<(), String> {
+    let schema = &projector.projection.schema;
+    let ids: Vec<&str> = origins.iter().map(|o| o.event_id.as_str()).collect();
+    let unrecorded: HashSet<String> = client
+        .query(
+            &format!(
+                "SELECT id FROM unnest($1::text[]) id
+                  WHERE NOT EXISTS (SELECT FROM {schema}.history WHERE event_id = id::uuid)"
+            ),
+            &[&ids],
+        )
+        .await
+        .map_err(|e| format!("reading the projection's ledger: {e}"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if unrecorded.is_empty() {
+        return Ok(());
+    }
+    let codec = EventCodec::new(&projector.schema_registry).map_err(|e| e.to_string())?;
+    for origin in origins.iter().filter(|o| unrecorded.contains(&o.event_id)) {
+        let (topic, partition, offset) = (&origin.topic, origin.partition, origin.offset);
+        let place = format!("{topic}[{partition}]@{offset}");
+        let mut reader = TopicReader::open_at(&projector.kafka, topic, partition, offset)?;
+        let mut found = None;
+        while found.is_none() && !reader.at_end() {
+            let Some(message) = reader.next().await? else {
+                continue;
+            };
+            if message.partition() != partition || message.offset() < offset {
+                continue;
+            }
+            if message.offset() > offset {
+                break;
+            }
+            let bytes = message.payload().unwrap_or_default();
+            let (event, resource) = codec
+                .decode_json(bytes)
+                .await
+                .map_err(|e| format!("the event at {place}: {e}"))?;
+            let prepared = Prepared::checked(event, resource)
+                .map_err(|why| format!("the event at {place}: {why}"))?;
+            found = Some((prepared, message.timestamp().to_millis()));
+        }
+        let Some((prepared, kafka_timestamp)) = found else {
+            return Err(format!(
+                "the event {} at {place} is no longer in Kafka (retention?)",
+                origin.event_id
+            ));
+        };
+        let at = Coordinates {
+            topic: topic.clone(),
+            partition,
+            offset,
+        };
+        let entry = Entry {
+            event: &prepared,
+            at: &at,
+            kafka_timestamp,
+        };
+        projection::record(client, schema, entry)
+            .await
+            .map_err(|e| format!("recording the event at {place} in the ledger: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Put the drift no path mends on the worklist: new items open, items seen again keep their

@@ -266,6 +266,70 @@ async fn each_drift_made_on_purpose_is_found_with_its_class() {
     lab.end().await;
 }
 
+/// A projection whose ledger does not reach back to the start of the log (pruned here; a
+/// projector started from the end is alike): the pass reads those partitions from Kafka,
+/// says so and why, and judges as with a whole ledger; `--repair` restores a row from an
+/// event the ledger never held, recording it there first.
+#[tokio::test]
+async fn a_ledger_that_does_not_reach_back_is_completed_from_kafka() {
+    let lab = lab("reconkafka").await;
+    let (config, projector) = (&lab.config, &lab.projector);
+    let (client, projection, topic) = (&lab.client, &lab.projection_schema, &lab.topic);
+    project_until_caught_up(projector);
+    client
+        .batch_execute(&format!(
+            "DELETE FROM {projection}.history WHERE kafka_offset <= (
+               SELECT kafka_offset FROM {projection}.history WHERE resource_id = 'result-5');
+             UPDATE {projection}.resources SET body = jsonb_set(body, '{{status}}', '\"amended\"')
+              WHERE resource_id = 'result-5';"
+        ))
+        .await
+        .unwrap();
+    let (code, report) = reconcile(config, projector, &[]);
+    assert_eq!(code, Some(1), "{report}");
+    assert!(
+        report.contains("log: Kafka itself for 1 partition(s), 50 event(s) read")
+            && report.contains(&format!("{topic}[0]: the ledger begins at offset ")),
+        "{report}"
+    );
+    assert_eq!(
+        drifted(&report),
+        ["projection_edited Observation/result-5"],
+        "without Kafka's events, every resource the ledger lost would look edited: {report}"
+    );
+
+    let (code, report) = reconcile(config, projector, &["--repair"]);
+    assert_eq!(code, Some(0), "{report}");
+    assert!(
+        report.contains("1 projection row(s) restored from the ledger")
+            && report.contains("repaired 1 of 1; 0 still drifting"),
+        "{report}"
+    );
+    let recorded: i64 = client
+        .query_one(
+            &format!("SELECT count(*) FROM {projection}.history WHERE resource_id = 'result-5'"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 1, "the restored row's event is in the ledger");
+
+    // No ledger at all: the whole log from Kafka, and nothing drifted.
+    client
+        .batch_execute(&format!("DELETE FROM {projection}.history"))
+        .await
+        .unwrap();
+    let (code, report) = reconcile(config, projector, &[]);
+    assert_eq!(code, Some(0), "{report}");
+    assert!(
+        report.contains(&format!("{topic}[0]: the ledger holds none of the"))
+            && report.contains("0 drifted of 50 resource(s) compared"),
+        "{report}"
+    );
+    lab.end().await;
+}
+
 /// `fhir-cdc reconcile worklist --projection P <args>`: its exit code and output.
 fn worklist(projection: &Path, args: &[&str]) -> (Option<i32>, String) {
     let output = Command::new(stack::fhir_cdc_bin())

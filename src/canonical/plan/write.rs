@@ -5,7 +5,7 @@ use smallvec::SmallVec;
 
 use super::{shape, EventWriter, Field, Node, Record};
 use crate::{
-    canonical::{avro::AvroShapeError, CanonicalEvent, EventOp, KeyColumn, Provenance},
+    canonical::{avro::AvroShapeError, CanonicalEvent, KeyColumn, Provenance},
     fhir::Element,
 };
 
@@ -26,13 +26,7 @@ impl EventWriter {
                 Some(Field::ResourceVersion) => {
                     self.write_str(node, &event.resource_version, out, name)?
                 }
-                Some(Field::Op) => {
-                    let op = match event.op {
-                        EventOp::Upsert => "upsert",
-                        EventOp::Delete => "delete",
-                    };
-                    self.write_str(node, op, out, name)?
-                }
+                Some(Field::Op) => self.write_str(node, event.op.name(), out, name)?,
                 Some(Field::Domain) => self.write_str(node, &event.domain, out, name)?,
                 Some(Field::Sensitivity) => {
                     self.write_str(node, event.sensitivity.as_str(), out, name)?
