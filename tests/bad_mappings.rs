@@ -169,3 +169,63 @@ fn a_reference_is_tokenized_exactly_when_the_id_it_points_at_is() {
     assert_eq!(result["subject"]["reference"], format!("Patient/{id}"));
     assert!(!result.to_string().contains("M000000042"), "{result}");
 }
+
+/// Two resource entries that can make one type and id load only when no row can meet both:
+/// exclusive conditions on one column pass; overlapping ones, or entries of two tables,
+/// are refused at the later entry, naming the earlier.
+#[test]
+fn entries_that_can_make_one_resource_need_exclusive_conditions() {
+    use fhir_cdc::mapping::load_dir;
+    let dir = std::env::temp_dir().join(format!("fhir-cdc-shared-ids-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let split = std::fs::read_to_string("tests/golden/mappings-conditions/split.yaml").unwrap();
+    std::fs::write(dir.join("split.yaml"), &split).unwrap();
+    assert!(
+        load_dir(&dir).is_ok(),
+        "is_numeric true and false exclude each other"
+    );
+    for (test, exclusive) in [
+        ("in: [POS]", false),
+        ("not_in: [POS]", false),
+        ("lt: 0", false),
+        ("is_numeric: true", false),
+        // A NULL is no number.
+        ("is_null: true", true),
+    ] {
+        let text = split.replacen("is_numeric: false", test, 1);
+        std::fs::write(dir.join("split.yaml"), text).unwrap();
+        let loaded = load_dir(&dir);
+        assert_eq!(loaded.is_ok(), exclusive, "{test}");
+        let Err(errors) = loaded else { continue };
+        let errors = errors.to_string();
+        assert!(
+            errors
+                .contains("split.yaml:21:5: Observation/split-{} can also be made by the entry at")
+                && errors.contains("split.yaml:12:5 (mapping `lab.split`)"),
+            "{test}: {errors}"
+        );
+    }
+    // Bounds: `gt: 5` and `le: 5` leave no number between them; `ge: 5` and `le: 5` do.
+    let bounded = |low: &str, high: &str| {
+        split
+            .replacen("is_numeric: true", low, 1)
+            .replacen("is_numeric: false", high, 1)
+    };
+    std::fs::write(dir.join("split.yaml"), bounded("gt: 5", "le: 5")).unwrap();
+    assert!(load_dir(&dir).is_ok());
+    std::fs::write(dir.join("split.yaml"), bounded("ge: 5", "le: 5")).unwrap();
+    assert!(load_dir(&dir).is_err());
+    // Another table's rows cannot be told apart by conditions.
+    std::fs::write(dir.join("split.yaml"), &split).unwrap();
+    let other = split
+        .replace("mapping: lab.split", "mapping: lab.other")
+        .replace("lis.split_result", "lis.other_result");
+    std::fs::write(dir.join("zother.yaml"), other).unwrap();
+    let errors = load_dir(&dir).unwrap_err().to_string();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        errors.contains("zother.yaml:12:5: Observation/split-{} can also be made")
+            && errors.contains("they read different tables"),
+        "{errors}"
+    );
+}

@@ -1,7 +1,8 @@
 //! Golden tests: recorded changes → the canonical events the sample mappings make of them.
 //!
 //! Each `tests/golden/<case>.changes.json` holds a connector's recorded changes; the events,
-//! suppressed no-op count and failures they produce must equal
+//! suppressed no-op count and failures they produce through the sample mappings (or the
+//! directory the recording names under `mappings`) must equal
 //! `tests/golden/<case>.expected.json`. Run with `UPDATE_GOLDEN=1` to rewrite the expected
 //! files after a deliberate change, then review the diff: a golden file is a claim about
 //! correct FHIR output, not a snapshot to wave through. The integration tests validate the
@@ -105,7 +106,7 @@ fn changes(recording: &Json) -> Vec<ChangeEvent> {
         .collect()
 }
 
-/// Run one recording through the sample mappings.
+/// Run one recording through the sample mappings (or those it names).
 pub fn run_case(case: &Path) -> Json {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     // Relative, so that failure locations in the golden files do not depend on the checkout.
@@ -114,12 +115,13 @@ pub fn run_case(case: &Path) -> Json {
         root,
         "cargo runs tests from the package root"
     );
-    let mappings =
-        load_dir(Path::new("mappings")).unwrap_or_else(|e| panic!("sample mappings:\n{e}"));
+    let recording: Json = serde_json::from_str(&std::fs::read_to_string(case).unwrap()).unwrap();
+    // The sample mappings, unless the recording names a directory of its own.
+    let dir = recording["mappings"].as_str().unwrap_or("mappings");
+    let mappings = load_dir(Path::new(dir)).unwrap_or_else(|e| panic!("{dir}:\n{e}"));
     let context = MapContext {
         token_key: Some(Secret::new(TOKEN_KEY)),
     };
-    let recording: Json = serde_json::from_str(&std::fs::read_to_string(case).unwrap()).unwrap();
     let mapper = Mapper::new(
         mappings,
         context,

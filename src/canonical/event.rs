@@ -150,8 +150,8 @@ impl CanonicalEvent {
             &source_position,
             &primary_key,
             &origin.mapping.id,
-            &resource_type,
-            &resource_id,
+            (&resource_type, &resource_id),
+            op,
         );
         let source = &change.source;
         CanonicalEvent {
@@ -240,14 +240,15 @@ fn headers<'a>(
 }
 
 /// UUID-formatted first 128 bits of SHA-256 over the change's identity: connector, source
-/// position, ordinal in the transaction, table, key values, mapping and resource.
+/// position, ordinal in the transaction, table, key values, mapping and resource, and for
+/// a delete its op.
 fn event_id(
     change: &ChangeEvent,
     position: &str,
     key: &[KeyColumn],
     mapping_id: &str,
-    resource_type: &str,
-    resource_id: &str,
+    (resource_type, resource_id): (&str, &str),
+    op: EventOp,
 ) -> String {
     let mut hash = Sha256::new();
     let source = &change.source;
@@ -273,6 +274,12 @@ fn event_id(
         hash.update(column.column.as_bytes());
         hash.update([0x1e]);
         hash.update(column.value.as_deref().unwrap_or("\u{0}NULL").as_bytes());
+        hash.update([0x1f]);
+    }
+    // A delete and an upsert of one resource by one change are two events (an upsert's id
+    // is as it always was).
+    if op == EventOp::Delete {
+        hash.update(b"delete");
         hash.update([0x1f]);
     }
     let digest = hash.finalize();

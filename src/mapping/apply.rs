@@ -7,7 +7,8 @@ use smallvec::{smallvec, SmallVec};
 use super::{
     convert::{is_fhir_id, text_of, to_fhir},
     load::display_path,
-    model::{ElementMapping, Protect, ResourceMapping, Test, Unmapped, ValueSource},
+    location::Location,
+    model::{Condition, ElementMapping, Protect, ResourceMapping, Test, Unmapped, ValueSource},
     shape::Broken,
     template::{RenderError, Template},
 };
@@ -74,26 +75,7 @@ impl ResourceMapping {
     /// Whether the row satisfies every `when` condition. A column missing from the row
     /// fails the condition check with an error.
     pub fn applies_to(&self, row: &Row) -> Result<bool, MapError> {
-        for condition in &self.when {
-            let value = row.find(&condition.column).ok_or_else(|| MapError {
-                location: self.location.to_string(),
-                message: format!(
-                    "condition column `{}` {}",
-                    condition.column,
-                    row.absence(&condition.column)
-                ),
-            })?;
-            let text = || text_of(value).trim_end().to_owned();
-            let holds = match &condition.test {
-                Test::IsNull(expected) => value.is_null() == *expected,
-                Test::In(set) => !value.is_null() && set.contains(&text()),
-                Test::NotIn(set) => value.is_null() || !set.contains(&text()),
-            };
-            if !holds {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        all_hold(&self.when, row, &self.location)
     }
 
     /// The resource id for this row.
@@ -220,11 +202,66 @@ impl ResourceMapping {
     }
 }
 
+/// Whether every one of `conditions` holds in the row. A column missing from the row is an
+/// error, placed at `location`.
+fn all_hold(conditions: &[Condition], row: &Row, location: &Location) -> Result<bool, MapError> {
+    for condition in conditions {
+        let value = row.find(&condition.column).ok_or_else(|| MapError {
+            location: location.to_string(),
+            message: format!(
+                "condition column `{}` {}",
+                condition.column,
+                row.absence(&condition.column)
+            ),
+        })?;
+        if !holds(&condition.test, value) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Whether `value` passes `test`.
+fn holds(test: &Test, value: &Value) -> bool {
+    let text = || text_of(value);
+    match test {
+        Test::IsNull(expected) => value.is_null() == *expected,
+        Test::In(set) => !value.is_null() && set.iter().any(|v| v == text().trim_end()),
+        Test::NotIn(set) => value.is_null() || !set.iter().any(|v| v == text().trim_end()),
+        Test::IsNumeric(expected) => number(value).is_some() == *expected,
+        Test::Compare(comparison, than) => {
+            number(value).is_some_and(|n| comparison.holds(n, *than))
+        }
+        Test::Matches(pattern) => !value.is_null() && pattern.is_match(text().trim_end()),
+    }
+}
+
+/// The value as a number, when it is one: an integer, a decimal, a finite float, or text
+/// that is a plain decimal (`-?digits[.digits]`) once surrounding spaces are removed.
+pub fn number(value: &Value) -> Option<f64> {
+    match value {
+        Value::Int(i) => Some(*i as f64),
+        Value::Float(f) => f.is_finite().then_some(*f),
+        Value::Decimal(_) | Value::Text(_) => {
+            let text = text_of(value);
+            let text = text.trim();
+            let digits = text.strip_prefix('-').unwrap_or(text);
+            let (int, fraction) = digits.split_once('.').unwrap_or((digits, "0"));
+            let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+            (plain(int) && plain(fraction))
+                .then(|| text.parse().ok())
+                .flatten()
+        }
+        _ => None,
+    }
+}
+
 /// A resource's element values, in the order of its element mappings; `None` for a NULL.
 type Values = SmallVec<[Option<Element>; 32]>;
 
 impl ElementMapping {
-    /// The columns the element reads (none for a literal).
+    /// The columns the element reads: its conditions', and its source's (none for a
+    /// literal).
     fn columns(&self) -> impl Iterator<Item = &Column> {
         let (column, template) = match &self.source {
             _ if self.fixed.is_some() => (None, None),
@@ -233,8 +270,10 @@ impl ElementMapping {
                 (None, Some(template))
             }
         };
-        column
-            .into_iter()
+        self.when
+            .iter()
+            .map(|condition| &condition.column)
+            .chain(column)
             .chain(template.into_iter().flat_map(Template::columns))
     }
 }
@@ -247,6 +286,9 @@ fn element_value(
     context: &MapContext,
     slot: &mut Option<Element>,
 ) -> Result<(), MapError> {
+    if !element.when.is_empty() && !all_hold(&element.when, row, &element.location)? {
+        return Ok(());
+    }
     if let Some(fixed) = &element.fixed {
         *slot = Some(fixed.clone());
         return Ok(());
@@ -366,4 +408,35 @@ fn element_value(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::ExactDecimal;
+
+    #[test]
+    fn numbers_are_told_from_text_that_only_looks_like_one() {
+        let text = |s: &str| Value::Text(s.to_owned());
+        for (value, expected) in [
+            (Value::Int(-3), Some(-3.0)),
+            (Value::Float(0.5), Some(0.5)),
+            (Value::Float(f64::NAN), None),
+            (
+                Value::Decimal(ExactDecimal::parse("12.50").unwrap()),
+                Some(12.5),
+            ),
+            (text(" 7.25 "), Some(7.25)),
+            (text("-0.5"), Some(-0.5)),
+            (text("<5"), None),
+            (text("5."), None),
+            (text(".5"), None),
+            (text("1e3"), None),
+            (text("POS"), None),
+            (text(""), None),
+            (Value::Null, None),
+        ] {
+            assert_eq!(number(&value), expected, "{value:?}");
+        }
+    }
 }

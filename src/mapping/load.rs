@@ -16,8 +16,9 @@ use super::{
     convert::{to_fhir, ControlCharacters, Conversion, Primitive},
     location::{LoadError, LoadErrors, Location},
     model::{
-        ChoiceGroup, Condition, ElementMapping, Mapping, Protect, RequiredNode, ResourceMapping,
-        Sensitivity, Test, Translated, Translation, Unmapped, ValueSource,
+        exclusive, ChoiceGroup, Comparison, Condition, ElementMapping, Mapping, Protect,
+        RequiredNode, ResourceMapping, Sensitivity, Test, Translated, Translation, Unmapped,
+        ValueSource,
     },
     shape::Shape,
     template::Template,
@@ -71,11 +72,50 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Mapping>, LoadErrors> {
         }
     }
     errors.extend(unprotected_references(&mappings));
+    errors.extend(shared_ids(&mappings));
     if errors.is_empty() {
         Ok(mappings)
     } else {
         Err(LoadErrors(errors))
     }
+}
+
+/// Resource entries that can make the same type and id from one row — the same type, the
+/// same literal text around their id's placeholders — unless their conditions provably
+/// exclude each other (entries of different tables never do): two entries would make one
+/// resource contradict itself, one deleting what the other makes.
+fn shared_ids(mappings: &[Mapping]) -> Vec<LoadError> {
+    let mut made: HashMap<(&str, String), Vec<(&Mapping, &ResourceMapping)>> = HashMap::new();
+    let mut errors = Vec::new();
+    for mapping in mappings {
+        for resource in &mapping.resources {
+            let makers = made
+                .entry((resource.resource_type.as_str(), resource.id.skeleton()))
+                .or_default();
+            let clash = makers.iter().find(|(other, earlier)| {
+                other.table != mapping.table || !exclusive(&earlier.when, &resource.when)
+            });
+            if let Some((other, earlier)) = clash {
+                let why = if other.table == mapping.table {
+                    "their `when` conditions do not exclude each other (on one column: `in` sets without a common value, `is_null: true` and `false`, `is_numeric: true` and `false`, bounds that leave no number between them); or make one entry and put the conditions on its elements"
+                } else {
+                    "they read different tables, whose rows would overwrite each other's resource"
+                };
+                errors.push(LoadError {
+                    location: resource.location.clone(),
+                    message: format!(
+                        "{}/{} can also be made by the entry at {} (mapping `{}`): two entries may make one resource only when no row can meet both; {why}",
+                        resource.resource_type,
+                        resource.id.skeleton(),
+                        earlier.location,
+                        other.id
+                    ),
+                });
+            }
+            makers.push((mapping, resource));
+        }
+    }
+    errors
 }
 
 /// References made like a resource's id (same type, same literal text around the
@@ -215,6 +255,13 @@ struct Reader<'a> {
     file: &'a Path,
     errors: Vec<LoadError>,
     hash: Sha256,
+}
+
+/// Where the elements of a group go: the path they continue (with its dot), and the
+/// conditions they share.
+struct Group {
+    prefix: String,
+    when: Vec<Condition>,
 }
 
 /// The source table's shape as the mapping declares it.
@@ -720,15 +767,33 @@ impl Reader<'_> {
         for item in items.iter() {
             let map = self.as_map(item, "a condition")?;
             let span = start_of(map);
-            let fields = self.fields(map, "a condition", &["column", "in", "not_in", "is_null"]);
+            const TESTS: [&str; 9] = [
+                "in",
+                "not_in",
+                "is_null",
+                "is_numeric",
+                "gt",
+                "ge",
+                "lt",
+                "le",
+                "matches",
+            ];
+            let allowed: Vec<&str> = std::iter::once("column").chain(TESTS).collect();
+            let fields = self.fields(map, "a condition", &allowed);
             let column = self
                 .require(&fields, "column", &span, "a condition")
                 .and_then(|n| self.text(n, "`column`"))?;
             self.check_columns(&span, table, [column]);
-            let tests: Vec<&str> = ["in", "not_in", "is_null"]
+            let tests: Vec<&str> = TESTS
                 .into_iter()
                 .filter(|t| fields.contains_key(t))
                 .collect();
+            let comparison = |test: &str| match test {
+                "gt" => Comparison::Gt,
+                "ge" => Comparison::Ge,
+                "lt" => Comparison::Lt,
+                _ => Comparison::Le,
+            };
             let test = match tests.as_slice() {
                 ["in"] => Test::In(
                     self.texts(fields["in"], "`in`")?
@@ -743,10 +808,48 @@ impl Reader<'_> {
                         .collect(),
                 ),
                 ["is_null"] => Test::IsNull(self.boolean(fields["is_null"], "`is_null`")?),
+                ["is_numeric"] => {
+                    Test::IsNumeric(self.boolean(fields["is_numeric"], "`is_numeric`")?)
+                }
+                [bound @ ("gt" | "ge" | "lt" | "le")] => {
+                    let node = fields[bound];
+                    let text = self.text(node, &format!("`{bound}`"))?;
+                    match text.parse::<f64>() {
+                        Ok(n) if n.is_finite() => Test::Compare(comparison(bound), n),
+                        _ => {
+                            self.error(
+                                node.span(),
+                                format!("`{bound}` takes a number (like 5 or -0.5), not `{text}`"),
+                            );
+                            return None;
+                        }
+                    }
+                }
+                ["matches"] => {
+                    let node = fields["matches"];
+                    let pattern = self.text(node, "`matches`")?;
+                    match regex::Regex::new(&format!("^(?:{pattern})$")) {
+                        Ok(regex) => Test::Matches(regex),
+                        Err(e) => {
+                            // The parser's message spans lines, drawing the pattern.
+                            let why = e.to_string();
+                            let why = why.lines().last().unwrap_or_default().trim();
+                            let why = why.strip_prefix("error: ").unwrap_or(why);
+                            self.error(
+                                node.span(),
+                                format!("`matches`: not a regular expression: {why}"),
+                            );
+                            return None;
+                        }
+                    }
+                }
                 _ => {
                     self.error(
                         &span,
-                        "a condition has exactly one test: `in`, `not_in` or `is_null`",
+                        format!(
+                            "a condition has exactly one test: {}",
+                            TESTS.map(|t| format!("`{t}`")).join(", ")
+                        ),
                     );
                     return None;
                 }
@@ -766,23 +869,76 @@ impl Reader<'_> {
         table: &Table,
         translations: &HashMap<String, Arc<Translation>>,
     ) -> Option<Vec<ElementMapping>> {
-        let map = self.as_map(node, "`elements`")?;
         let mut elements = Vec::new();
+        let group = Group {
+            prefix: String::new(),
+            when: Vec::new(),
+        };
+        self.group(
+            node,
+            &group,
+            resource_type,
+            table,
+            translations,
+            &mut elements,
+        )
+        .then_some(elements)
+    }
+
+    /// The elements of `node` (an `elements` map) into `out`, each under `group`'s path and
+    /// conditions; whether all loaded. An entry whose value holds `elements` is a group: its
+    /// key a path the group's elements continue, its `when` conditions they all share.
+    fn group(
+        &mut self,
+        node: &Node,
+        group: &Group,
+        resource_type: &str,
+        table: &Table,
+        translations: &HashMap<String, Arc<Translation>>,
+        out: &mut Vec<ElementMapping>,
+    ) -> bool {
+        let Some(map) = self.as_map(node, "`elements`") else {
+            return false;
+        };
         let mut complete = true;
         for (key, spec) in map.iter() {
-            match self.element(
-                key.as_str(),
-                key.span(),
-                spec,
-                resource_type,
-                table,
-                translations,
-            ) {
-                Some(element) => elements.push(element),
+            let path = format!("{}{}", group.prefix, key.as_str());
+            let nested = spec
+                .as_mapping()
+                .filter(|m| m.get_node("elements").is_some());
+            if let Some(inner) = nested {
+                let fields = self.fields(inner, "a group of elements", &["when", "elements"]);
+                let own = match fields.get("when") {
+                    Some(n) => self.conditions(n, table),
+                    None => Some(Vec::new()),
+                };
+                let Some(own) = own else {
+                    complete = false;
+                    continue;
+                };
+                let inner_group = Group {
+                    prefix: format!("{path}."),
+                    when: group.when.iter().cloned().chain(own).collect(),
+                };
+                complete &= self.group(
+                    fields["elements"],
+                    &inner_group,
+                    resource_type,
+                    table,
+                    translations,
+                    out,
+                );
+                continue;
+            }
+            match self.element(&path, key.span(), spec, resource_type, table, translations) {
+                Some(mut element) => {
+                    element.when.splice(0..0, group.when.iter().cloned());
+                    out.push(element);
+                }
                 None => complete = false,
             }
         }
-        complete.then_some(elements)
+        complete
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -835,6 +991,7 @@ impl Reader<'_> {
         };
         let mut element = ElementMapping {
             path,
+            when: Vec::new(),
             source: ValueSource::Template(Template::parse("").ok()?),
             fhir_type,
             required_codes: leaf.required_codes,
@@ -874,6 +1031,7 @@ impl Reader<'_> {
                     "default",
                     "zero_date",
                     "control_characters",
+                    "when",
                 ],
             );
             let sources: Vec<&str> = ["column", "template", "value", "reference"]
@@ -931,6 +1089,9 @@ impl Reader<'_> {
             }
             if let Some(n) = fields.get("required") {
                 element.required = self.boolean(n, "`required`")?;
+            }
+            if let Some(n) = fields.get("when") {
+                element.when = self.conditions(n, table)?;
             }
             if let Some(n) = fields.get("anchor") {
                 let ancestor = match self.text(n, "`anchor`")? {

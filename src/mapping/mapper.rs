@@ -15,14 +15,17 @@
 //! A row that fails a mapping yields a [`MapFailure`] for the dead-letter topic; the other
 //! mappings of the row still run.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use super::{
     apply::{MapContext, MapError},
     model::{Mapping, Protect, ResourceMapping},
 };
 use crate::{
-    canonical::{CanonicalEvent, Origin},
+    canonical::{CanonicalEvent, EventOp, Origin},
     change::{ChangeEvent, Operation, Row, SourceTable},
     fhir::Element,
 };
@@ -179,6 +182,9 @@ impl Mapper {
                 }
             }
         }
+        if outcome.events.len() > 1 && outcome.events.iter().any(|e| e.op == EventOp::Delete) {
+            settle(&mut outcome.events);
+        }
         outcome
     }
 
@@ -257,6 +263,21 @@ impl Mapper {
         }
         Ok(())
     }
+}
+
+/// One change leaves a resource one way. A resource one entry deletes and another makes (a
+/// row that moved from one entry's conditions to another's, both making one id — as `check`
+/// allows when their conditions exclude each other) exists after the change: its delete,
+/// at the same version as the upsert, would otherwise win or lose by the order of entries.
+fn settle(events: &mut Vec<CanonicalEvent>) {
+    let made: HashSet<(String, String)> = events
+        .iter()
+        .filter(|e| e.op == EventOp::Upsert)
+        .map(|e| (e.resource_type.clone(), e.resource_id.clone()))
+        .collect();
+    events.retain(|e| {
+        e.op == EventOp::Upsert || !made.contains(&(e.resource_type.clone(), e.resource_id.clone()))
+    });
 }
 
 fn after<'a>(change: &'a ChangeEvent, resource: &ResourceMapping) -> Result<&'a Row, MapError> {

@@ -145,6 +145,9 @@ pub struct ChoiceGroup {
 #[derive(Debug, Clone)]
 pub struct ElementMapping {
     pub path: Vec<Segment>,
+    /// All must hold for the row to fill the element (its own and its groups'); otherwise
+    /// it is left out, as for a NULL, `required` and `default` aside.
+    pub when: Vec<Condition>,
     pub source: ValueSource,
     /// The FHIR primitive type of the element.
     pub fhir_type: Primitive,
@@ -211,17 +214,91 @@ pub enum Unmapped {
 }
 
 /// A condition on one column.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Condition {
     pub column: Column,
     pub test: Test,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a condition asks of its column's value. Texts compare after trailing spaces are
+/// removed; a NULL is in no set, no number and matches no pattern.
+#[derive(Debug, Clone)]
 pub enum Test {
     In(Vec<String>),
     NotIn(Vec<String>),
     IsNull(bool),
+    /// Whether the value is a number: an integer, a decimal, a float, or text that is a
+    /// plain decimal (`-?digits[.digits]`, surrounding spaces aside).
+    IsNumeric(bool),
+    /// The value is a number, and compares so with this one.
+    Compare(Comparison, f64),
+    /// The value's text matches the pattern, whole.
+    Matches(regex::Regex),
+}
+
+/// A numeric comparison of a condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparison {
+    Gt,
+    Ge,
+    Lt,
+    Le,
+}
+
+impl Comparison {
+    /// Whether `value` compares so with `than`.
+    pub fn holds(self, value: f64, than: f64) -> bool {
+        match self {
+            Comparison::Gt => value > than,
+            Comparison::Ge => value >= than,
+            Comparison::Lt => value < than,
+            Comparison::Le => value <= than,
+        }
+    }
+}
+
+impl Test {
+    /// Whether it holds only for values that are not NULL.
+    fn needs_value(&self) -> bool {
+        matches!(
+            self,
+            Test::In(_)
+                | Test::IsNull(false)
+                | Test::IsNumeric(true)
+                | Test::Compare(..)
+                | Test::Matches(_)
+        )
+    }
+
+    /// Whether no value meets both: provably, from the tests alone (a pattern is not
+    /// compared with anything but NULL).
+    fn excludes(&self, other: &Test) -> bool {
+        use Test::{Compare, In, IsNull, IsNumeric, NotIn};
+        let one_way = |a: &Test, b: &Test| match (a, b) {
+            (In(x), In(y)) => x.iter().all(|v| !y.contains(v)),
+            (In(x), NotIn(y)) => x.iter().all(|v| y.contains(v)),
+            (IsNull(x), IsNull(y)) | (IsNumeric(x), IsNumeric(y)) => x != y,
+            (IsNull(true), other) => other.needs_value(),
+            (IsNumeric(false), Compare(..)) => true,
+            // A lower bound above an upper one, or both at one number, one of them strict.
+            (Compare(low @ (Comparison::Gt | Comparison::Ge), x), Compare(high, y))
+                if matches!(high, Comparison::Lt | Comparison::Le) =>
+            {
+                x > y || (x == y && (*low == Comparison::Gt || *high == Comparison::Lt))
+            }
+            _ => false,
+        };
+        one_way(self, other) || one_way(other, self)
+    }
+}
+
+/// Whether no row meets both sets of conditions (all of each must hold), provably: some
+/// condition of one and some of the other, on the same column, exclude each other.
+pub fn exclusive(a: &[Condition], b: &[Condition]) -> bool {
+    a.iter().any(|x| {
+        b.iter()
+            .any(|y| x.column == y.column && x.test.excludes(&y.test))
+    })
 }
 
 /// Field protection for identifiers published without raw PHI.
