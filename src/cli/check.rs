@@ -1,4 +1,5 @@
-//! `fhir-cdc check`: can this connector run here, and are these mappings valid? Every system
+//! `fhir-cdc check`: can this connector (or projector) run here, and are these mappings
+//! valid? Every system
 //! and every mapping file is checked, all problems are reported at once, each with a fix or
 //! a `file:line:column`; exit status 0 only when nothing blocks a start.
 
@@ -9,6 +10,7 @@ use clap::Args;
 use crate::{
     canonical::registry,
     config::{ConnectorConfig, SourceConfig},
+    consumer::config::ProjectorConfig,
     mapping,
     preflight::{Finding, Severity},
     sink::kafka,
@@ -18,8 +20,9 @@ use crate::{
 #[derive(Debug, Args)]
 #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["config", "mappings"])))]
 pub struct CheckArgs {
-    /// The connector configuration file (TOML), e.g. connectors/lab-postgres.toml: checks
-    /// the config and connects to every system it names.
+    /// A connector's or a projector's configuration file (TOML), e.g.
+    /// connectors/lab-postgres.toml or connectors/projector.toml: checks the config and
+    /// connects to every system it names.
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// A directory of mapping files (searched recursively), e.g. mappings/: checks every
@@ -34,12 +37,66 @@ pub async fn run(args: CheckArgs) -> ExitCode {
         code = check_mappings(dir);
     }
     if let Some(config) = &args.config {
-        let connector = check_connector(config).await;
-        if connector != ExitCode::SUCCESS {
-            code = connector;
+        let checked = match ProjectorConfig::is_one(config) {
+            Ok(true) => check_projector(config).await,
+            // A file that is no TOML is reported by the connector's loader.
+            Ok(false) | Err(_) => check_connector(config).await,
+        };
+        if checked != ExitCode::SUCCESS {
+            code = checked;
         }
     }
     code
+}
+
+/// A projector's configuration: parsed, and its Kafka, registry and projection database
+/// reachable.
+async fn check_projector(path: &std::path::Path) -> ExitCode {
+    let config = match ProjectorConfig::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            println!("FAIL  config    {e}");
+            return ExitCode::from(super::EXIT_BAD_CONFIG);
+        }
+    };
+    println!("checking projector `{}` ({})", config.name, path.display());
+    println!(
+        "{}",
+        Finding::ok("config", "parsed and valid; secret references resolved")
+    );
+    let projection = async {
+        let schema = &config.projection.schema;
+        match postgres::preflight::reach(&config.projection.url, "projection.url").await {
+            Ok((client, _, target)) => {
+                let exists: bool = client
+                    .query_one(
+                        "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = $1)",
+                        &[schema],
+                    )
+                    .await
+                    .map(|row| row.get(0))
+                    .unwrap_or(false);
+                let schema = if exists {
+                    format!("schema `{schema}` exists")
+                } else {
+                    format!("schema `{schema}` is created at the first start")
+                };
+                Finding::ok("projection", format!("connected to {target}; {schema}"))
+            }
+            Err(finding) => finding,
+        }
+    };
+    let (projection, kafka, registry) = tokio::join!(
+        projection,
+        kafka::check(&config.kafka),
+        registry::check(&config.schema_registry)
+    );
+    report(
+        std::iter::once(projection)
+            .chain(kafka)
+            .chain(registry)
+            .collect(),
+    )
 }
 
 fn check_mappings(dir: &std::path::Path) -> ExitCode {
@@ -146,12 +203,18 @@ async fn check_connector(path: &std::path::Path) -> ExitCode {
         kafka::check(&config.kafka),
         registry::check(&config.schema_registry)
     );
-    let findings: Vec<Finding> = mapping_findings
-        .into_iter()
-        .chain(source)
-        .chain(kafka)
-        .chain(registry)
-        .collect();
+    report(
+        mapping_findings
+            .into_iter()
+            .chain(source)
+            .chain(kafka)
+            .chain(registry)
+            .collect(),
+    )
+}
+
+/// Print the findings and their count: success only without a problem.
+fn report(findings: Vec<Finding>) -> ExitCode {
     for finding in &findings {
         println!("{finding}");
     }

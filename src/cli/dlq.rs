@@ -9,7 +9,7 @@ use std::{path::Path, path::PathBuf, process::ExitCode};
 use clap::{Args, Subcommand};
 
 use crate::{
-    config::{read_toml, ConfigError, ConnectorConfig, KafkaProperties},
+    config::{ConfigError, ConnectorConfig, KafkaProperties},
     consumer::{
         dlq::{self, Letter, Outcome, PROJECTOR},
         ProjectorConfig,
@@ -80,8 +80,7 @@ enum Side {
 
 impl Side {
     fn load(path: &Path) -> Result<Self, ConfigError> {
-        let table: toml::Table = read_toml(path)?;
-        Ok(if table.contains_key("projection") {
+        Ok(if ProjectorConfig::is_one(path)? {
             Side::Projector(Box::new(ProjectorConfig::load(path)?))
         } else {
             Side::Connector(Box::new(ConnectorConfig::load(path)?))

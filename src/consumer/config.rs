@@ -98,6 +98,13 @@ fn default_max_batch_ms() -> u64 {
 }
 
 impl ProjectorConfig {
+    /// Whether the configuration file at `path` is a projector's (it has a `[projection]`
+    /// table) rather than a connector's.
+    pub fn is_one(path: &Path) -> Result<bool, ConfigError> {
+        let table: toml::Table = read_toml(path)?;
+        Ok(table.contains_key("projection"))
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
         let mut config: Self = read_toml(path)?;

@@ -300,7 +300,7 @@ fn element_value(
     let missing = |column: &str| {
         fail(format!(
             "column `{column}` for {} {}",
-            element.definition,
+            element.written,
             row.absence(column)
         ))
     };
@@ -347,7 +347,7 @@ fn element_value(
         (None, None) if element.required => {
             return Err(fail(format!(
                 "{} is required but its source is NULL",
-                element.definition
+                element.written
             )))
         }
         (None, None) => return Ok(()),
@@ -370,7 +370,7 @@ fn element_value(
                 (None, Unmapped::Fail) => {
                     return Err(fail(format!(
                         "the source code for {} has no entry in translation `{}` (unmapped: fail)",
-                        element.definition, translation.name
+                        element.written, translation.name
                     )))
                 }
             });
@@ -388,7 +388,7 @@ fn element_value(
             let token = context.token(text_of(value).trim()).ok_or_else(|| {
                 fail(format!(
                     "{} is tokenized but the connector has no token key",
-                    element.definition
+                    element.written
                 ))
             })?;
             protected = Value::Text(token);
@@ -397,13 +397,13 @@ fn element_value(
     };
     let fhir = slot.insert(
         to_fhir(value, element.fhir_type, &element.conversion)
-            .map_err(|e| fail(format!("{}: {e}", element.definition)))?,
+            .map_err(|e| fail(format!("{}: {e}", element.written)))?,
     );
     if let (Some(codes), Some(code)) = (element.required_codes, fhir.as_str()) {
         if !codes.contains(code) {
             return Err(fail(format!(
-                "{} must be a code of its required value set; the mapped code is not",
-                element.definition
+                "{} must be a code of the value set {} requires; the mapped code is not",
+                element.written, element.definition
             )));
         }
     }

@@ -996,6 +996,7 @@ impl Reader<'_> {
             fhir_type,
             required_codes: leaf.required_codes,
             definition: leaf.definition.clone(),
+            written: what.clone(),
             required: false,
             anchor: None,
             conversion: Conversion::default(),

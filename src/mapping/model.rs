@@ -153,8 +153,10 @@ pub struct ElementMapping {
     pub fhir_type: Primitive,
     /// The codes a required binding allows.
     pub required_codes: Option<&'static HashSet<String>>,
-    /// The definition path, for messages (`Observation.status`).
+    /// The definition path (`Quantity.unit`).
     pub definition: String,
+    /// The element as the mapping writes it, for messages: `Observation.valueQuantity.unit`.
+    pub written: String,
     /// A NULL is an error (the row goes to the dead-letter topic) instead of an omission.
     pub required: bool,
     /// When set, the element's parent (or the ancestor with this many path segments) is

@@ -102,7 +102,7 @@ fn letter(change: &ChangeEvent, failure: &MapFailure, letters: Letters<'_>) -> J
         "transaction_id": change.transaction_id,
         "commit_time": change.commit_time.map(instant),
         "capture_time": instant(change.capture_time),
-        "key": change.key,
+        "key": key_columns,
         "key_values": key_values,
         "mapping_id": failure.mapping_id,
         "error": failure.error.to_string(),

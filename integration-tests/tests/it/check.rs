@@ -89,6 +89,14 @@ fn the_reference_configs_pass_against_the_stack() {
                 "0 problem(s), 1 warning(s)",
             ],
         ),
+        (
+            "projector.toml",
+            [
+                "checking projector `lab-projection`",
+                "ok    projection connected to ",
+                "0 problem(s), 0 warning(s)",
+            ],
+        ),
     ] {
         let outcome = check(&reference(file), &[]);
         assert_eq!(outcome.code, 0, "{file}:\n{}", outcome.stdout);
@@ -108,31 +116,32 @@ fn the_reference_configs_pass_against_the_stack() {
 #[test]
 fn stopped_components_are_named_with_the_fix() {
     let (pg, kafka, registry) = (free_port(), free_port(), free_port());
-    let outcome = check(
-        &reference("lab-postgres.toml"),
-        &[
-            (
-                "FHIR_CDC_PG_URL",
-                format!("postgres://cdc:pw@127.0.0.1:{pg}/lab"),
-            ),
-            ("FHIR_CDC_KAFKA_BOOTSTRAP", format!("127.0.0.1:{kafka}")),
-            (
-                "FHIR_CDC_SCHEMA_REGISTRY_URL",
-                format!("http://127.0.0.1:{registry}"),
-            ),
-        ],
-    );
-    assert_eq!(outcome.code, 1, "{}", outcome.stdout);
-    for expected in [
-        format!("FAIL  postgres  nothing is listening at 127.0.0.1:{pg}/lab as cdc (connection refused)"),
-        "fix: start PostgreSQL, or correct the host/port".to_owned(),
-        format!("FAIL  kafka     no Kafka broker answered at 127.0.0.1:{kafka}"),
-        "fix: start Kafka, or correct bootstrap.servers".to_owned(),
-        format!("FAIL  registry  nothing is listening at http://127.0.0.1:{registry}"),
-        "fix: start the schema registry".to_owned(),
-        "3 problem(s)".to_owned(),
-    ] {
-        assert!(outcome.stdout.contains(&expected), "`{expected}` missing from:\n{}", outcome.stdout);
+    let env = [
+        (
+            "FHIR_CDC_PG_URL",
+            format!("postgres://cdc:pw@127.0.0.1:{pg}/lab"),
+        ),
+        ("FHIR_CDC_KAFKA_BOOTSTRAP", format!("127.0.0.1:{kafka}")),
+        (
+            "FHIR_CDC_SCHEMA_REGISTRY_URL",
+            format!("http://127.0.0.1:{registry}"),
+        ),
+    ];
+    // A connector's configuration, and a projector's (its projection database stopped).
+    for file in ["lab-postgres.toml", "projector.toml"] {
+        let outcome = check(&reference(file), &env);
+        assert_eq!(outcome.code, 1, "{file}: {}", outcome.stdout);
+        for expected in [
+            format!("FAIL  postgres  nothing is listening at 127.0.0.1:{pg}/lab as cdc (connection refused)"),
+            "fix: start PostgreSQL, or correct the host/port".to_owned(),
+            format!("FAIL  kafka     no Kafka broker answered at 127.0.0.1:{kafka}"),
+            "fix: start Kafka, or correct bootstrap.servers".to_owned(),
+            format!("FAIL  registry  nothing is listening at http://127.0.0.1:{registry}"),
+            "fix: start the schema registry".to_owned(),
+            "3 problem(s)".to_owned(),
+        ] {
+            assert!(outcome.stdout.contains(&expected), "{file}: `{expected}` missing from:\n{}", outcome.stdout);
+        }
     }
 }
 

@@ -339,7 +339,7 @@ async fn a_control_character_is_dead_lettered_until_the_mapping_cleans_it() {
     assert!(ok, "{err}");
     assert_eq!(out.lines().count(), 1, "{out}");
     assert!(
-        out.contains("result.yaml:39:7: Annotation.text: the text holds a control character (U+0001, character 5 of the text) that FHIR strings forbid"),
+        out.contains("result.yaml:39:7: Observation.note[0].text: the text holds a control character (U+0001, character 5 of the text) that FHIR strings forbid"),
         "{out}"
     );
     assert!(!out.contains("hemo"), "the reason names no value: {out}");
@@ -390,6 +390,13 @@ async fn a_patient_letter_holds_the_protected_forms_and_is_replayed_from_the_sou
     let client = stack::pg_client().await;
     let schema = stack::unique("phi");
     stack::create_lab_schema(&client, &schema).await;
+    // Every column flagged as key by the change: the letter names the mapping's key alone.
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {schema}.patient REPLICA IDENTITY FULL"
+        ))
+        .await
+        .unwrap();
     let dir = std::env::temp_dir().join(&schema);
     let mapping = dir.join("mappings/patient.yaml");
     stack::lab_mappings(&dir.join("mappings"), &schema, &["patient.yaml"]);
@@ -431,6 +438,7 @@ async fn a_patient_letter_holds_the_protected_forms_and_is_replayed_from_the_sou
         record["after"]["last_name"]["text"], "Doe",
         "unprotected columns stay"
     );
+    assert_eq!(record["key"], serde_json::json!(["patient_id"]));
     assert_eq!(
         record["key_values"],
         serde_json::json!({"patient_id": {"kind": "integer", "text": "2"}})

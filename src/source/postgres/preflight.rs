@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{config::Host, error::SqlState, Config};
+use tokio_postgres::{config::Host, error::SqlState, Client, Config};
 
 use crate::{
     config::Secret,
@@ -42,31 +42,35 @@ pub struct Capture {
     pub publication: String,
 }
 
+/// Connect with `url` (the setting `field`): the client, the parsed URL and the server as
+/// messages name it; or the problem, with its fix.
+pub async fn reach(url: &Secret, field: &str) -> Result<(Client, Target, String), Finding> {
+    let mut parsed = Target::parse(url).map_err(|e| {
+        Finding::problem(
+            COMPONENT,
+            format!("{field} is not a valid PostgreSQL connection string: {e}"),
+            "use postgres://user:password@host:port/database?sslmode=verify-full&sslrootcert=/path/ca.pem",
+        )
+    })?;
+    parsed.config.connect_timeout(CONNECT_TIMEOUT);
+    let target = describe_target(&parsed.config);
+    match parsed.connect().await {
+        Ok(client) => Ok((client, parsed, target)),
+        Err(ConnectError::Setup(e)) => Err(Finding::problem(
+            COMPONENT,
+            format!("{field}: {e}"),
+            "point sslrootcert, sslcert and sslkey at readable PEM files",
+        )),
+        Err(ConnectError::Postgres(e)) => Err(explain_connect_error(&e, &target, &parsed)),
+    }
+}
+
 /// Connect with `url` and check every prerequisite of logical replication, and, given
 /// `capture`, the state of the mapped tables, the slot and the publication.
 pub async fn check(url: &Secret, capture: Option<&Capture>) -> Vec<Finding> {
-    let mut parsed = match Target::parse(url) {
-        Ok(parsed) => parsed,
-        Err(e) => {
-            return vec![Finding::problem(
-                COMPONENT,
-                format!("source.url is not a valid PostgreSQL connection string: {e}"),
-                "use postgres://user:password@host:port/database?sslmode=verify-full&sslrootcert=/path/ca.pem",
-            )]
-        }
-    };
-    parsed.config.connect_timeout(CONNECT_TIMEOUT);
-    let target = describe_target(&parsed.config);
-    let client = match parsed.connect().await {
-        Ok(client) => client,
-        Err(ConnectError::Setup(e)) => {
-            return vec![Finding::problem(
-                COMPONENT,
-                format!("source.url: {e}"),
-                "point sslrootcert, sslcert and sslkey at readable PEM files",
-            )]
-        }
-        Err(ConnectError::Postgres(e)) => return vec![explain_connect_error(&e, &target, &parsed)],
+    let (client, parsed, target) = match reach(url, "source.url").await {
+        Ok(reached) => reached,
+        Err(finding) => return vec![finding],
     };
     let row = match client.query_one(FACTS_QUERY, &[]).await {
         Ok(row) => row,
@@ -109,7 +113,7 @@ pub async fn check(url: &Secret, capture: Option<&Capture>) -> Vec<Finding> {
     findings
 }
 
-async fn check_capture(client: &tokio_postgres::Client, capture: &Capture) -> Vec<Finding> {
+async fn check_capture(client: &Client, capture: &Capture) -> Vec<Finding> {
     let mut findings = Vec::new();
     let failed = |what: &str, e: tokio_postgres::Error| {
         Finding::problem(
@@ -213,7 +217,7 @@ impl Identity {
 
 /// The replica identity of `schema.table`, `None` when there is no such table.
 pub async fn identity(
-    client: &tokio_postgres::Client,
+    client: &Client,
     schema: &str,
     table: &str,
 ) -> Result<Option<Identity>, tokio_postgres::Error> {
@@ -360,7 +364,7 @@ fn describe_target(config: &Config) -> String {
 
 /// How the connection is encrypted (`TLSv1.3, certificate verified with its host name`),
 /// or why it is not.
-async fn encryption(client: &tokio_postgres::Client, target: &Target) -> Result<String, String> {
+async fn encryption(client: &Client, target: &Target) -> Result<String, String> {
     let row = client
         .query_opt(
             "SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl",
