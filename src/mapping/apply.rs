@@ -1,14 +1,19 @@
 //! Executing a resource mapping on one row image: the FHIR resource it yields, if any.
 
+use std::borrow::Cow;
+
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use smallvec::{smallvec, SmallVec};
 
 use super::{
-    convert::{is_fhir_id, text_of, to_fhir},
+    convert::{is_fhir_id, parse_formatted, text_of, to_fhir},
     load::display_path,
     location::Location,
-    model::{Condition, ElementMapping, Protect, ResourceMapping, Test, Unmapped, ValueSource},
+    model::{
+        Case, Condition, ElementMapping, Protect, ResourceMapping, Test, Transform, Unmapped,
+        ValueSource,
+    },
     shape::Broken,
     template::{RenderError, Template},
 };
@@ -221,6 +226,27 @@ fn all_hold(conditions: &[Condition], row: &Row, location: &Location) -> Result<
     Ok(true)
 }
 
+/// `value` through the element's typed steps: `None` when a capture finds nothing.
+fn transform(steps: &Transform, value: &Value) -> Result<Option<Value>, String> {
+    let text = text_of(value);
+    let mut text: Cow<'_, str> = match &steps.capture {
+        None => text,
+        Some(pattern) => match pattern.captures(&text).and_then(|c| c.get(1)) {
+            None => return Ok(None),
+            Some(group) => Cow::Owned(group.as_str().to_owned()),
+        },
+    };
+    match steps.case {
+        Some(Case::Upper) => text = Cow::Owned(text.to_uppercase()),
+        Some(Case::Lower) => text = Cow::Owned(text.to_lowercase()),
+        None => {}
+    }
+    Ok(Some(match &steps.format {
+        Some(format) => parse_formatted(&text, format)?,
+        None => Value::Text(text.into_owned()),
+    }))
+}
+
 /// Whether `value` passes `test`.
 fn holds(test: &Test, value: &Value) -> bool {
     let text = || text_of(value);
@@ -233,6 +259,7 @@ fn holds(test: &Test, value: &Value) -> bool {
             number(value).is_some_and(|n| comparison.holds(n, *than))
         }
         Test::Matches(pattern) => !value.is_null() && pattern.is_match(text().trim_end()),
+        Test::NotMatches(pattern) => value.is_null() || !pattern.is_match(text().trim_end()),
     }
 }
 
@@ -336,6 +363,21 @@ fn element_value(
             Err(RenderError::Missing(column)) => return Err(missing(&column)),
             Err(RenderError::NoTokenKey) => return Err(fail(NO_TOKEN_KEY.into())),
         },
+    };
+    let transformed: Value;
+    let raw = match raw {
+        Some(value) if element.transform.is_some() => {
+            match transform(&element.transform, value)
+                .map_err(|why| fail(format!("{}: {why}", element.written)))?
+            {
+                Some(value) => {
+                    transformed = value;
+                    Some(&transformed)
+                }
+                None => None,
+            }
+        }
+        raw => raw,
     };
     let defaulted: Value;
     let raw: &Value = match (raw, &element.default) {

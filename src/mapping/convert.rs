@@ -18,6 +18,51 @@ use crate::{
     fhir::Element,
 };
 
+/// Whether `format` is a `strftime` format chrono understands, and which of date, time and
+/// offset it reads: `Err` names the first bad specifier.
+pub fn format_reads(format: &str) -> Result<(bool, bool, bool), String> {
+    use chrono::format::{Fixed, Item, Numeric, StrftimeItems};
+    let (mut date, mut time, mut offset) = (false, false, false);
+    for item in StrftimeItems::new(format) {
+        match item {
+            Item::Error => return Err(format!("`{format}` is not a strftime format chrono reads (a `%` not followed by a known specifier)")),
+            Item::Numeric(n, _) => match n {
+                Numeric::Year | Numeric::Month | Numeric::Day | Numeric::Ordinal | Numeric::YearMod100 => date = true,
+                Numeric::Hour | Numeric::Hour12 | Numeric::Minute | Numeric::Second | Numeric::Nanosecond => time = true,
+                _ => {}
+            },
+            Item::Fixed(f) => match f {
+                Fixed::ShortMonthName | Fixed::LongMonthName => date = true,
+                Fixed::TimezoneOffset | Fixed::TimezoneOffsetColon | Fixed::TimezoneOffsetZ | Fixed::TimezoneOffsetColonZ => offset = true,
+                Fixed::RFC3339 | Fixed::RFC2822 => (date, time, offset) = (true, true, true),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    Ok((date, time, offset))
+}
+
+/// `text` read with the `strftime` `format` as the value it names: a date, a time, a
+/// timestamp without zone, or one with its offset. The message never holds the text.
+pub fn parse_formatted(text: &str, format: &str) -> Result<Value, String> {
+    let text = text.trim();
+    let refused = |e: chrono::ParseError| format!("the text does not read as `{format}` ({e})");
+    let (date, time, offset) = format_reads(format)?;
+    Ok(match (date, time, offset) {
+        (_, _, true) => {
+            Value::TimestampTz(DateTime::parse_from_str(text, format).map_err(refused)?)
+        }
+        (true, true, false) => {
+            Value::Timestamp(NaiveDateTime::parse_from_str(text, format).map_err(refused)?)
+        }
+        (true, false, false) => {
+            Value::Date(chrono::NaiveDate::parse_from_str(text, format).map_err(refused)?)
+        }
+        _ => Value::Time(chrono::NaiveTime::parse_from_str(text, format).map_err(refused)?),
+    })
+}
+
 /// How a column value is read, beyond its FHIR type.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Conversion {

@@ -13,12 +13,12 @@ use marked_yaml::{types::MarkedMappingNode, LoaderOptions, Node, Span};
 use sha2::{Digest, Sha256};
 
 use super::{
-    convert::{to_fhir, ControlCharacters, Conversion, Primitive},
+    convert::{format_reads, to_fhir, ControlCharacters, Conversion, Primitive},
     location::{LoadError, LoadErrors, Location},
     model::{
-        exclusive, ChoiceGroup, Comparison, Condition, ElementMapping, Mapping, Protect,
-        RequiredNode, ResourceMapping, Sensitivity, Test, Translated, Translation, Unmapped,
-        ValueSource,
+        exclusive, Case, ChoiceGroup, Comparison, Condition, ElementMapping, Mapping, Protect,
+        RequiredNode, ResourceMapping, Sensitivity, Test, Transform, Translated, Translation,
+        Unmapped, ValueSource,
     },
     shape::Shape,
     template::Template,
@@ -767,7 +767,7 @@ impl Reader<'_> {
         for item in items.iter() {
             let map = self.as_map(item, "a condition")?;
             let span = start_of(map);
-            const TESTS: [&str; 9] = [
+            const TESTS: [&str; 10] = [
                 "in",
                 "not_in",
                 "is_null",
@@ -777,6 +777,7 @@ impl Reader<'_> {
                 "lt",
                 "le",
                 "matches",
+                "not_matches",
             ];
             let allowed: Vec<&str> = std::iter::once("column").chain(TESTS).collect();
             let fields = self.fields(map, "a condition", &allowed);
@@ -825,11 +826,12 @@ impl Reader<'_> {
                         }
                     }
                 }
-                ["matches"] => {
-                    let node = fields["matches"];
-                    let pattern = self.text(node, "`matches`")?;
+                [test @ ("matches" | "not_matches")] => {
+                    let node = fields[test];
+                    let pattern = self.text(node, &format!("`{test}`"))?;
                     match regex::Regex::new(&format!("^(?:{pattern})$")) {
-                        Ok(regex) => Test::Matches(regex),
+                        Ok(regex) if *test == "matches" => Test::Matches(regex),
+                        Ok(regex) => Test::NotMatches(regex),
                         Err(e) => {
                             // The parser's message spans lines, drawing the pattern.
                             let why = e.to_string();
@@ -837,7 +839,7 @@ impl Reader<'_> {
                             let why = why.strip_prefix("error: ").unwrap_or(why);
                             self.error(
                                 node.span(),
-                                format!("`matches`: not a regular expression: {why}"),
+                                format!("`{test}`: not a regular expression: {why}"),
                             );
                             return None;
                         }
@@ -1000,6 +1002,7 @@ impl Reader<'_> {
             required: false,
             anchor: None,
             conversion: Conversion::default(),
+            transform: Transform::default(),
             translate: None,
             protect: None,
             default: None,
@@ -1033,6 +1036,9 @@ impl Reader<'_> {
                     "zero_date",
                     "control_characters",
                     "when",
+                    "capture",
+                    "case",
+                    "format",
                 ],
             );
             let sources: Vec<&str> = ["column", "template", "value", "reference"]
@@ -1152,6 +1158,79 @@ impl Reader<'_> {
                         leaf.code
                     ),
                 );
+            }
+            if let Some(n) = fields.get("capture") {
+                let pattern = self.text(n, "`capture`")?;
+                match regex::Regex::new(pattern) {
+                    Ok(regex) if regex.captures_len() == 2 => {
+                        element.transform.capture = Some(regex);
+                    }
+                    Ok(regex) => {
+                        self.error(n.span(), format!("`capture` needs exactly one group `( … )`, whose text becomes the value; this pattern has {} (write `(?: … )` for a group that captures nothing)", regex.captures_len() - 1));
+                        return None;
+                    }
+                    Err(e) => {
+                        let why = e.to_string();
+                        let why = why.lines().last().unwrap_or_default().trim();
+                        let why = why.strip_prefix("error: ").unwrap_or(why);
+                        self.error(
+                            n.span(),
+                            format!("`capture`: not a regular expression: {why}"),
+                        );
+                        return None;
+                    }
+                }
+            }
+            if let Some(n) = fields.get("case") {
+                element.transform.case = match self.text(n, "`case`")? {
+                    "upper" => Some(Case::Upper),
+                    "lower" => Some(Case::Lower),
+                    other => {
+                        self.error(n.span(), format!("case `{other}`: use upper or lower"));
+                        return None;
+                    }
+                };
+            }
+            if let Some(n) = fields.get("format") {
+                let format = self.text(n, "`format`")?;
+                let (date, time, offset) = match format_reads(format) {
+                    Ok(reads) => reads,
+                    Err(why) => {
+                        self.error(n.span(), why);
+                        return None;
+                    }
+                };
+                let fits = match leaf.code.as_str() {
+                    "date" => date && !time,
+                    "dateTime" => date,
+                    "instant" => date && time,
+                    "time" => time && !date && !offset,
+                    _ => {
+                        self.error(n.span(), format!("{what} is of FHIR type {}; `format` reads text as a date, dateTime, instant or time", leaf.code));
+                        return None;
+                    }
+                };
+                if !fits {
+                    self.error(
+                        n.span(),
+                        format!(
+                            "{what} is of FHIR type {}; `{format}` reads {}",
+                            leaf.code,
+                            match (date, time) {
+                                (true, true) => "a date and a time",
+                                (true, false) => "a date only",
+                                (false, true) => "a time only",
+                                (false, false) => "neither a date nor a time",
+                            }
+                        ),
+                    );
+                    return None;
+                }
+                if date && time && !offset && !fields.contains_key("zone") {
+                    self.error(n.span(), format!("{what}: `{format}` reads a time without its offset: add `zone`, the IANA zone it was written in"));
+                    return None;
+                }
+                element.transform.format = Some(format.to_owned());
             }
             if let Some(n) = fields.get("zero_date") {
                 element.conversion.zero_date_as_null = match self.text(n, "`zero_date`")? {

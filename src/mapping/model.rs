@@ -164,6 +164,8 @@ pub struct ElementMapping {
     /// Identifier without its value, is dropped with its literal siblings.
     pub anchor: Option<usize>,
     pub conversion: Conversion,
+    /// Typed steps on the source's text before anything else: a capture, a case, a format.
+    pub transform: Transform,
     pub translate: Option<Arc<Translation>>,
     pub protect: Option<Protect>,
     /// Used when the source is NULL.
@@ -174,6 +176,32 @@ pub struct ElementMapping {
     /// time (when the value is not masked or tokenized after translation).
     pub translated: Option<Translated>,
     pub location: Location,
+}
+
+/// Typed steps on an element's source value, in this order, each checked at load time.
+#[derive(Debug, Clone, Default)]
+pub struct Transform {
+    /// The text of the pattern's one group in the first match; no match leaves the element
+    /// out, as a NULL does.
+    pub capture: Option<regex::Regex>,
+    /// Upper or lower case.
+    pub case: Option<Case>,
+    /// A `strftime` format the text is read with, for a date, dateTime, instant or time.
+    pub format: Option<String>,
+}
+
+impl Transform {
+    /// Whether it has any step.
+    pub fn is_some(&self) -> bool {
+        self.capture.is_some() || self.case.is_some() || self.format.is_some()
+    }
+}
+
+/// A letter case for [`Transform::case`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Case {
+    Upper,
+    Lower,
 }
 
 /// Where an element's value comes from.
@@ -236,6 +264,8 @@ pub enum Test {
     Compare(Comparison, f64),
     /// The value's text matches the pattern, whole.
     Matches(regex::Regex),
+    /// The value is NULL, or its text does not match the pattern, whole.
+    NotMatches(regex::Regex),
 }
 
 /// A numeric comparison of a condition.
@@ -275,8 +305,9 @@ impl Test {
     /// Whether no value meets both: provably, from the tests alone (a pattern is not
     /// compared with anything but NULL).
     fn excludes(&self, other: &Test) -> bool {
-        use Test::{Compare, In, IsNull, IsNumeric, NotIn};
+        use Test::{Compare, In, IsNull, IsNumeric, Matches, NotIn, NotMatches};
         let one_way = |a: &Test, b: &Test| match (a, b) {
+            (Matches(x), NotMatches(y)) => x.as_str() == y.as_str(),
             (In(x), In(y)) => x.iter().all(|v| !y.contains(v)),
             (In(x), NotIn(y)) => x.iter().all(|v| y.contains(v)),
             (IsNull(x), IsNull(y)) | (IsNumeric(x), IsNumeric(y)) => x != y,
