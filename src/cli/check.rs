@@ -49,21 +49,41 @@ pub async fn run(args: CheckArgs) -> ExitCode {
     code
 }
 
+/// A configuration as its loader left it: on success, what is checked (its kind and name)
+/// said; on failure, why, and the exit status.
+fn loaded<C>(
+    result: Result<C, crate::config::ConfigError>,
+    named: impl Fn(&C) -> (&str, &str),
+    path: &std::path::Path,
+) -> Result<C, ExitCode> {
+    match result {
+        Ok(config) => {
+            let (kind, name) = named(&config);
+            println!("checking {kind} `{name}` ({})", path.display());
+            println!(
+                "{}",
+                Finding::ok("config", "parsed and valid; secret references resolved")
+            );
+            Ok(config)
+        }
+        Err(e) => {
+            println!("FAIL  config    {e}");
+            Err(ExitCode::from(super::EXIT_BAD_CONFIG))
+        }
+    }
+}
+
 /// A projector's configuration: parsed, and its Kafka, registry and projection database
 /// reachable.
 async fn check_projector(path: &std::path::Path) -> ExitCode {
-    let config = match ProjectorConfig::load(path) {
+    let config = match loaded(
+        ProjectorConfig::load(path),
+        |c| ("projector", &c.name),
+        path,
+    ) {
         Ok(config) => config,
-        Err(e) => {
-            println!("FAIL  config    {e}");
-            return ExitCode::from(super::EXIT_BAD_CONFIG);
-        }
+        Err(code) => return code,
     };
-    println!("checking projector `{}` ({})", config.name, path.display());
-    println!(
-        "{}",
-        Finding::ok("config", "parsed and valid; secret references resolved")
-    );
     let projection = async {
         let schema = &config.projection.schema;
         match postgres::preflight::reach(&config.projection.url, "projection.url").await {
@@ -140,18 +160,14 @@ fn check_mappings(dir: &std::path::Path) -> ExitCode {
 }
 
 async fn check_connector(path: &std::path::Path) -> ExitCode {
-    let config = match ConnectorConfig::load(path) {
+    let config = match loaded(
+        ConnectorConfig::load(path),
+        |c| ("connector", &c.name),
+        path,
+    ) {
         Ok(config) => config,
-        Err(e) => {
-            println!("FAIL  config    {e}");
-            return ExitCode::from(super::EXIT_BAD_CONFIG);
-        }
+        Err(code) => return code,
     };
-    println!("checking connector `{}` ({})", config.name, path.display());
-    println!(
-        "{}",
-        Finding::ok("config", "parsed and valid; secret references resolved")
-    );
 
     // With mappings configured, also what `run` will capture.
     let mut mapping_findings = Vec::new();

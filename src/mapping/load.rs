@@ -353,6 +353,30 @@ impl Reader<'_> {
         Some(out)
     }
 
+    /// The regular expression `node` holds as the value of `key`, as `whole` writes it.
+    fn regex(
+        &mut self,
+        node: &Node,
+        key: &str,
+        whole: impl Fn(&str) -> String,
+    ) -> Option<regex::Regex> {
+        let pattern = self.text(node, &format!("`{key}`"))?;
+        match regex::Regex::new(&whole(pattern)) {
+            Ok(regex) => Some(regex),
+            Err(e) => {
+                // The parser's message spans lines, drawing the pattern; the last says why.
+                let why = e.to_string();
+                let why = why.lines().last().unwrap_or_default().trim();
+                let why = why.strip_prefix("error: ").unwrap_or(why);
+                self.error(
+                    node.span(),
+                    format!("`{key}`: not a regular expression: {why}"),
+                );
+                None
+            }
+        }
+    }
+
     fn boolean(&mut self, node: &Node, what: &str) -> Option<bool> {
         match self.text(node, what)? {
             "true" => Some(true),
@@ -827,22 +851,11 @@ impl Reader<'_> {
                     }
                 }
                 [test @ ("matches" | "not_matches")] => {
-                    let node = fields[test];
-                    let pattern = self.text(node, &format!("`{test}`"))?;
-                    match regex::Regex::new(&format!("^(?:{pattern})$")) {
-                        Ok(regex) if *test == "matches" => Test::Matches(regex),
-                        Ok(regex) => Test::NotMatches(regex),
-                        Err(e) => {
-                            // The parser's message spans lines, drawing the pattern.
-                            let why = e.to_string();
-                            let why = why.lines().last().unwrap_or_default().trim();
-                            let why = why.strip_prefix("error: ").unwrap_or(why);
-                            self.error(
-                                node.span(),
-                                format!("`{test}`: not a regular expression: {why}"),
-                            );
-                            return None;
-                        }
+                    let regex = self.regex(fields[test], test, |p| format!("^(?:{p})$"))?;
+                    if *test == "matches" {
+                        Test::Matches(regex)
+                    } else {
+                        Test::NotMatches(regex)
                     }
                 }
                 _ => {
@@ -1160,26 +1173,12 @@ impl Reader<'_> {
                 );
             }
             if let Some(n) = fields.get("capture") {
-                let pattern = self.text(n, "`capture`")?;
-                match regex::Regex::new(pattern) {
-                    Ok(regex) if regex.captures_len() == 2 => {
-                        element.transform.capture = Some(regex);
-                    }
-                    Ok(regex) => {
-                        self.error(n.span(), format!("`capture` needs exactly one group `( … )`, whose text becomes the value; this pattern has {} (write `(?: … )` for a group that captures nothing)", regex.captures_len() - 1));
-                        return None;
-                    }
-                    Err(e) => {
-                        let why = e.to_string();
-                        let why = why.lines().last().unwrap_or_default().trim();
-                        let why = why.strip_prefix("error: ").unwrap_or(why);
-                        self.error(
-                            n.span(),
-                            format!("`capture`: not a regular expression: {why}"),
-                        );
-                        return None;
-                    }
+                let regex = self.regex(n, "capture", str::to_owned)?;
+                if regex.captures_len() != 2 {
+                    self.error(n.span(), format!("`capture` needs exactly one group `( … )`, whose text becomes the value; this pattern has {} (write `(?: … )` for a group that captures nothing)", regex.captures_len() - 1));
+                    return None;
                 }
+                element.transform.capture = Some(regex);
             }
             if let Some(n) = fields.get("case") {
                 element.transform.case = match self.text(n, "`case`")? {
