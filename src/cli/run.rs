@@ -65,7 +65,14 @@ pub async fn run(args: RunArgs) -> ExitCode {
                 );
                 return ExitCode::SUCCESS;
             }
-            Err(e) if e.is_transient() && !shutdown.is_cancelled() => {
+            // A stop requested while an attempt was starting or failing: the stored state
+            // only ever moves past acknowledged events, so the next start resumes where this
+            // one ended and nothing is lost by not finishing the drain.
+            Err(e) if e.is_transient() && shutdown.is_cancelled() => {
+                info!(connector = config.name, cause = cause(&e), "stopped while a transient failure was being retried: the next start resumes from the stored state");
+                return ExitCode::SUCCESS;
+            }
+            Err(e) if e.is_transient() => {
                 let delay = backoff.next(started.elapsed());
                 observe::pipeline::restarted(&config.name, cause(&e));
                 if backoff.streak == 1 {
