@@ -95,8 +95,10 @@ fn main() {
         .collect();
     let context = MapContext {
         token_key: Some(fhir_cdc::config::Secret::new("bench-token-key")),
+        ..MapContext::default()
     };
     let mapper = Mapper::new(mappings, context.clone(), "urn:oid:2.16.840.1.113883.19.5").unwrap();
+    let coded = coded_mapper(root);
     let schema = Schema::parse(&event_schema("Observation")).unwrap();
     let changes: Vec<ChangeEvent> = (0..1000).map(result_change).collect();
     let events: Vec<_> = changes
@@ -198,4 +200,98 @@ fn main() {
         "  map + encode                              {both:>10.0} events/s  ({:.2}× peer)",
         both / peer
     );
+    let lookups = rate(&coded_changes(), budget, |c| {
+        black_box(coded.map(c));
+    });
+    println!(
+        "  map, two lookups (coded result → catalogue 1,000 rows, patients)  {lookups:>10.0} events/s  ({:.2}× peer)",
+        lookups / peer
+    );
+}
+
+/// A change of `table` (in the golden lookups' schema `lis`) inserting `columns`.
+fn insert(table: &str, key: &str, columns: Vec<(&str, Value)>) -> ChangeEvent {
+    ChangeEvent {
+        source: Arc::new(SourceTable::new(
+            "lab-postgres",
+            "postgres",
+            "lab",
+            "lis",
+            table,
+        )),
+        op: Operation::Insert,
+        key: vec![key.into()].into(),
+        before: None,
+        after: Some(Row::new(
+            columns.into_iter().map(|(c, v)| (c.into(), v)).collect(),
+        )),
+        position: Position::Postgres(PgLsn(0x1A2B_3C00)),
+        ordinal: 0,
+        transaction_id: None,
+        commit_time: Some(Utc::now()),
+        capture_time: Utc::now(),
+    }
+}
+
+/// The mapper of `tests/golden/mappings-lookups`, its catalogue holding 1,000 codes and its
+/// patient lookup 3 patients.
+fn coded_mapper(root: &Path) -> Mapper {
+    let mappings = load_dir(&root.join("tests/golden/mappings-lookups")).expect("lookup mappings");
+    let mapper = Mapper::new(
+        mappings,
+        MapContext::default(),
+        "urn:oid:2.16.840.1.113883.19.5",
+    )
+    .unwrap();
+    let text = |s: String| Value::Text(s);
+    for i in 0..1000 {
+        let code = insert(
+            "test_catalogue",
+            "local_code",
+            vec![
+                ("local_code", text(format!("T{i}"))),
+                ("loinc_code", text(format!("{}-{}", 1000 + i, i % 10))),
+                (
+                    "loinc_name",
+                    text(format!("Test {i} [Mass/volume] in Serum or Plasma")),
+                ),
+            ],
+        );
+        assert!(mapper.remember(&code).is_empty());
+    }
+    for i in 0..3 {
+        let patient = insert(
+            "patient",
+            "patient_no",
+            vec![
+                ("patient_no", Value::Int(i)),
+                ("mrn", text(format!("M{i:06}"))),
+            ],
+        );
+        assert!(mapper.remember(&patient).is_empty());
+    }
+    mapper
+}
+
+/// Result rows reading the catalogue and the patients of [`coded_mapper`].
+fn coded_changes() -> Vec<ChangeEvent> {
+    (0..1000)
+        .map(|i: i64| {
+            insert(
+                "coded_result",
+                "result_id",
+                vec![
+                    ("result_id", Value::Int(i)),
+                    ("test_code", Value::Text(format!("T{}", (i * 7) % 1000))),
+                    ("patient_no", Value::Int(i % 3)),
+                    (
+                        "result_value",
+                        Value::Decimal(ExactDecimal::parse("5.40").unwrap()),
+                    ),
+                    ("units", Value::Text("mmol/L".into())),
+                    ("result_status", Value::Text("F".into())),
+                ],
+            )
+        })
+        .collect()
 }

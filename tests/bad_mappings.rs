@@ -110,6 +110,7 @@ fn a_reference_is_tokenized_exactly_when_the_id_it_points_at_is() {
     let of = |id: &str| mappings.iter().find(|m| &*m.id == id).unwrap();
     let context = MapContext {
         token_key: Some(Secret::new("a key")),
+        ..MapContext::default()
     };
     let text = |s: &str| Value::Text(s.to_owned());
     let patient_row = Row::new(vec![

@@ -121,6 +121,7 @@ pub fn run_case(case: &Path) -> Json {
     let mappings = load_dir(Path::new(dir)).unwrap_or_else(|e| panic!("{dir}:\n{e}"));
     let context = MapContext {
         token_key: Some(Secret::new(TOKEN_KEY)),
+        ..MapContext::default()
     };
     let mapper = Mapper::new(
         mappings,

@@ -168,7 +168,7 @@ proptest! {
     fn resource_ids_are_valid_stable_and_distinct(a in key_text(), b in key_text(), tokenized: bool) {
         let template = Template::parse("r-{k}").unwrap();
         let (template, context) = if tokenized {
-            (template.tokenized(), MapContext { token_key: Some(Secret::new("k")) })
+            (template.tokenized(), MapContext { token_key: Some(Secret::new("k")), ..MapContext::default() })
         } else {
             (template, MapContext::default())
         };

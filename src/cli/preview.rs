@@ -15,7 +15,7 @@ use crate::{
     change::{ChangeEvent, PgLsn, Position, SourceMessage},
     config::{ConnectorConfig, MysqlConfig, PostgresConfig, SourceConfig},
     mapping::{self, Mapper},
-    pipeline::mapper_for,
+    pipeline::{load_lookups, mapper_for},
     source::{
         chunk_changes, mysql,
         postgres::snapshot::{Reading, TableReader},
@@ -75,7 +75,11 @@ async fn preview(args: &PreviewArgs) -> Result<u64, Failure> {
             )));
         }
     }
+    let looked_up = mapping::with_lookups(&mappings, Default::default());
     let mapper = mapper_for(&config, mappings).map_err(|e| Failure::Config(e.to_string()))?;
+    load_lookups(&config, &looked_up, &mapper)
+        .await
+        .map_err(|e| Failure::Source(e.to_string()))?;
     match &config.source {
         SourceConfig::Postgres(pg) => {
             preview_postgres(pg, &config.name, &tables, &mapper, args.limit).await

@@ -1,6 +1,6 @@
 //! Executing a resource mapping on one row image: the FHIR resource it yields, if any.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::Arc};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -10,9 +10,10 @@ use super::{
     convert::{is_fhir_id, parse_formatted, text_of, to_fhir},
     load::display_path,
     location::Location,
+    lookup::Lookups,
     model::{
-        Case, Condition, ElementMapping, Protect, ResourceMapping, Test, Transform, Unmapped,
-        ValueSource,
+        Case, Condition, ElementMapping, Lookup, OnMissing, Protect, ResourceMapping, Test,
+        Transform, Unmapped, ValueSource,
     },
     shape::Broken,
     template::{RenderError, Template},
@@ -38,10 +39,12 @@ impl std::fmt::Display for MapError {
     }
 }
 
-/// What mapping needs beyond the row: the key for identifier tokens.
+/// What mapping needs beyond the row: the key for identifier tokens, and the rows of the
+/// tables lookups read (filled by the mapper).
 #[derive(Debug, Clone, Default)]
 pub struct MapContext {
     pub token_key: Option<Secret>,
+    pub lookups: Arc<Lookups>,
 }
 
 impl MapContext {
@@ -226,6 +229,15 @@ fn all_hold(conditions: &[Condition], row: &Row, location: &Location) -> Result<
     Ok(true)
 }
 
+/// Whether a `by` column of `lookup` is NULL in the row: the row then looks nothing up, as
+/// a NULL foreign key references nothing.
+fn key_is_null(lookup: &Lookup, row: &Row) -> bool {
+    lookup
+        .by
+        .iter()
+        .any(|c| matches!(row.find(c), Some(Value::Null)))
+}
+
 /// `value` through the element's typed steps: `None` when a capture finds nothing.
 fn transform(steps: &Transform, value: &Value) -> Result<Option<Value>, String> {
     let text = text_of(value);
@@ -288,10 +300,12 @@ type Values = SmallVec<[Option<Element>; 32]>;
 
 impl ElementMapping {
     /// The columns the element reads: its conditions', and its source's (none for a
-    /// literal).
+    /// literal; a lookup's `by` columns for a source read through a lookup, whose row is
+    /// the same for the same values).
     fn columns(&self) -> impl Iterator<Item = &Column> {
+        let by = self.lookup.iter().flat_map(|l| &l.by);
         let (column, template) = match &self.source {
-            _ if self.fixed.is_some() => (None, None),
+            _ if self.fixed.is_some() || self.lookup.is_some() => (None, None),
             ValueSource::Column(column) => (Some(column), None),
             ValueSource::Template(template) | ValueSource::Reference { id: template, .. } => {
                 (None, Some(template))
@@ -300,6 +314,7 @@ impl ElementMapping {
         self.when
             .iter()
             .map(|condition| &condition.column)
+            .chain(by)
             .chain(column)
             .chain(template.into_iter().flat_map(Template::columns))
     }
@@ -331,17 +346,35 @@ fn element_value(
             row.absence(column)
         ))
     };
+    // Read through a lookup, the source is the row it finds; none found is a NULL source,
+    // unless the lookup says that is a failure.
+    let found: Option<Row>;
+    let row = match &element.lookup {
+        None => Some(row),
+        Some(lookup) => {
+            found = context.lookups.find(lookup, row).map_err(|c| missing(&c))?;
+            if found.is_none() && lookup.on_missing == OnMissing::Fail && !key_is_null(lookup, row)
+            {
+                return Err(fail(format!(
+                    "lookup `{}` finds no row of {} for {} (on_missing: fail)",
+                    lookup.name, lookup.table, element.written
+                )));
+            }
+            found.as_ref()
+        }
+    };
     // Each step refers to the value it passes on; what a step makes is kept in its own
     // local (the values are not moved from step to step).
     let rendered: Value;
-    let raw: Option<&Value> = match &element.source {
-        ValueSource::Column(column) => match row.find(column) {
+    let raw: Option<&Value> = match (row, &element.source) {
+        (None, _) => None,
+        (Some(row), ValueSource::Column(column)) => match row.find(column) {
             None => return Err(missing(column)),
             Some(Value::Null) => None,
             Some(Value::ZeroDate(_)) if element.conversion.zero_date_as_null => None,
             Some(value) => Some(value),
         },
-        ValueSource::Template(template) => match template.render(row, context) {
+        (Some(row), ValueSource::Template(template)) => match template.render(row, context) {
             Ok(text) => {
                 rendered = Value::Text(text);
                 Some(&rendered)
@@ -350,19 +383,21 @@ fn element_value(
             Err(RenderError::Missing(column)) => return Err(missing(&column)),
             Err(RenderError::NoTokenKey) => return Err(fail(NO_TOKEN_KEY.into())),
         },
-        ValueSource::Reference { resource_type, id } => match resource_id(id, row, context) {
-            Ok(id) => {
-                let mut reference = String::with_capacity(resource_type.len() + 1 + id.len());
-                reference.push_str(resource_type);
-                reference.push('/');
-                reference.push_str(&id);
-                rendered = Value::Text(reference);
-                Some(&rendered)
+        (Some(row), ValueSource::Reference { resource_type, id }) => {
+            match resource_id(id, row, context) {
+                Ok(id) => {
+                    let mut reference = String::with_capacity(resource_type.len() + 1 + id.len());
+                    reference.push_str(resource_type);
+                    reference.push('/');
+                    reference.push_str(&id);
+                    rendered = Value::Text(reference);
+                    Some(&rendered)
+                }
+                Err(RenderError::Null(_)) => None,
+                Err(RenderError::Missing(column)) => return Err(missing(&column)),
+                Err(RenderError::NoTokenKey) => return Err(fail(NO_TOKEN_KEY.into())),
             }
-            Err(RenderError::Null(_)) => None,
-            Err(RenderError::Missing(column)) => return Err(missing(&column)),
-            Err(RenderError::NoTokenKey) => return Err(fail(NO_TOKEN_KEY.into())),
-        },
+        }
     };
     let transformed: Value;
     let raw = match raw {

@@ -16,9 +16,9 @@ use super::{
     convert::{format_reads, to_fhir, ControlCharacters, Conversion, Primitive},
     location::{LoadError, LoadErrors, Location},
     model::{
-        exclusive, Case, ChoiceGroup, Comparison, Condition, ElementMapping, Mapping, Protect,
-        RequiredNode, ResourceMapping, Sensitivity, Test, Transform, Translated, Translation,
-        Unmapped, ValueSource,
+        exclusive, Case, ChoiceGroup, Comparison, Condition, ElementMapping, Lookup, Mapping,
+        OnMissing, Protect, RequiredNode, ResourceMapping, Sensitivity, Test, Transform,
+        Translated, Translation, Unmapped, ValueSource,
     },
     shape::Shape,
     template::Template,
@@ -264,8 +264,19 @@ struct Group {
     when: Vec<Condition>,
 }
 
+/// What a mapping file defines by name for its elements to use.
+struct Defined {
+    translations: HashMap<String, Arc<Translation>>,
+    lookups: BTreeMap<String, Arc<Lookup>>,
+}
+
+/// The rows a lookup holds in memory unless it says otherwise.
+const DEFAULT_LOOKUP_ROWS: usize = 1_000_000;
+
 /// The source table's shape as the mapping declares it.
 struct Table {
+    /// A lookup's name, when these are the columns it reads of its table.
+    lookup: Option<String>,
     key: Vec<String>,
     /// When declared: every column mappings may read.
     columns: Option<HashSet<String>>,
@@ -402,6 +413,7 @@ impl Reader<'_> {
                 "source",
                 "resources",
                 "translations",
+                "lookups",
             ],
         );
         let id = self
@@ -455,11 +467,19 @@ impl Reader<'_> {
             Some(n) => self.translations(n),
             None => HashMap::new(),
         };
+        let (lookups, lookups_complete) = match (fields.get("lookups"), &source) {
+            (Some(n), Some((_, table))) => self.lookups(n, table),
+            _ => (BTreeMap::new(), true),
+        };
+        let defined = Defined {
+            translations,
+            lookups,
+        };
         let resources = match (
             self.require(&fields, "resources", &span, "a mapping file"),
             &source,
         ) {
-            (Some(node), Some((_, table))) => self.resources(node, table, &translations),
+            (Some(node), Some((_, table))) => self.resources(node, table, &defined),
             _ => None,
         };
         let (table, Table { key, .. }) = source?;
@@ -474,6 +494,108 @@ impl Reader<'_> {
             content_hash: content_hash.into(),
             file: self.file.to_path_buf(),
             resources: resources?,
+            lookups: lookups_complete.then(|| defined.lookups.into_values().collect())?,
+        })
+    }
+
+    /// The `lookups` of a mapping file that load, by name, and whether all did (each
+    /// problem is reported).
+    fn lookups(&mut self, node: &Node, table: &Table) -> (BTreeMap<String, Arc<Lookup>>, bool) {
+        let mut out = BTreeMap::new();
+        let Some(map) = self.as_map(node, "`lookups`") else {
+            return (out, false);
+        };
+        let mut complete = true;
+        for (name, spec) in map.iter() {
+            match self.lookup(name.as_str(), spec, table) {
+                Some(lookup) => {
+                    out.insert(name.as_str().to_owned(), Arc::new(lookup));
+                }
+                None => complete = false,
+            }
+        }
+        (out, complete)
+    }
+
+    fn lookup(&mut self, name: &str, node: &Node, table: &Table) -> Option<Lookup> {
+        let what = format!("lookup `{name}`");
+        let map = self.as_map(node, &what)?;
+        let span = start_of(map);
+        let fields = self.fields(
+            map,
+            &what,
+            &["table", "key", "by", "columns", "on_missing", "max_rows"],
+        );
+        let looked_up = self.require(&fields, "table", &span, &what).and_then(|n| {
+            let looked_up = self.text(n, "`table`")?;
+            if looked_up.split('.').count() != 2 || looked_up.split('.').any(str::is_empty) {
+                self.error(
+                    n.span(),
+                    format!("table `{looked_up}`: name it with its schema, as `schema.table`"),
+                );
+                return None;
+            }
+            Some(looked_up.to_owned())
+        });
+        let mut list = |key: &str| {
+            let n = self.require(&fields, key, &span, &what)?;
+            let items = self.texts(n, &format!("`{key}`"))?;
+            if items.is_empty() {
+                self.error(
+                    n.span(),
+                    format!("{what}: `{key}` names at least one column"),
+                );
+                return None;
+            }
+            Some((items, *n.span()))
+        };
+        let key = list("key");
+        let by = list("by");
+        let columns = list("columns");
+        if let (Some((key, _)), Some((by, by_span))) = (&key, &by) {
+            for (column, span) in by {
+                self.check_columns(span, table, [column.as_str()]);
+            }
+            if key.len() != by.len() {
+                self.error(by_span, format!("{what}: `by` names this row's columns whose values find the looked-up row's `key`, one for each: the key has {} column(s), `by` {}", key.len(), by.len()));
+            }
+        }
+        let matched = matches!((&key, &by), (Some((k, _)), Some((b, _))) if k.len() == b.len());
+        let on_missing = match fields.get("on_missing") {
+            None => Some(OnMissing::Fail),
+            Some(n) => match self.text(n, "`on_missing`")? {
+                "fail" => Some(OnMissing::Fail),
+                "omit" => Some(OnMissing::Omit),
+                other => {
+                    self.error(n.span(), format!("on_missing `{other}`: use fail (the row goes to the dead-letter topic, the default) or omit (the elements read through it are left out)"));
+                    None
+                }
+            },
+        };
+        let max_rows = match fields.get("max_rows") {
+            None => Some(DEFAULT_LOOKUP_ROWS),
+            Some(n) => match self.text(n, "`max_rows`")?.parse::<usize>() {
+                Ok(rows) if rows > 0 => Some(rows),
+                _ => {
+                    self.error(n.span(), format!("{what}: `max_rows` is a whole number of rows above 0 (default {DEFAULT_LOOKUP_ROWS})"));
+                    None
+                }
+            },
+        };
+        let names =
+            |items: Vec<(String, Span)>| items.into_iter().map(|(c, _)| Column::new(c)).collect();
+        if !matched {
+            return None;
+        }
+        Some(Lookup {
+            name: name.to_owned(),
+            table: looked_up?,
+            key: names(key?.0),
+            by: names(by?.0),
+            columns: names(columns?.0),
+            on_missing: on_missing?,
+            max_rows: max_rows?,
+            location: self.location(&span),
         })
     }
 
@@ -514,7 +636,14 @@ impl Reader<'_> {
                 }
                 Some(key.into_iter().map(|(c, _)| c).collect())
             });
-        Some((table?, Table { key: key?, columns }))
+        Some((
+            table?,
+            Table {
+                lookup: None,
+                key: key?,
+                columns,
+            },
+        ))
     }
 
     fn translations(&mut self, node: &Node) -> HashMap<String, Arc<Translation>> {
@@ -635,7 +764,7 @@ impl Reader<'_> {
         &mut self,
         node: &Node,
         table: &Table,
-        translations: &HashMap<String, Arc<Translation>>,
+        defined: &Defined,
     ) -> Option<Vec<ResourceMapping>> {
         let Some(items) = node.as_sequence() else {
             self.error(
@@ -649,7 +778,7 @@ impl Reader<'_> {
         }
         let mut resources = Vec::new();
         for item in items.iter() {
-            if let Some(resource) = self.resource(item, table, translations) {
+            if let Some(resource) = self.resource(item, table, defined) {
                 resources.push(resource);
             }
         }
@@ -667,13 +796,17 @@ impl Reader<'_> {
             if !known.contains(column) {
                 let mut names: Vec<&str> = known.iter().map(String::as_str).collect();
                 names.sort_unstable();
-                self.error(
-                    span,
-                    format!(
+                let message = match &table.lookup {
+                    None => format!(
                         "unknown column `{column}`; the table has: {}",
                         names.join(", ")
                     ),
-                );
+                    Some(lookup) => format!(
+                        "lookup `{lookup}` reads no column `{column}`; its `key` and `columns` name: {}",
+                        names.join(", ")
+                    ),
+                };
+                self.error(span, message);
             }
         }
     }
@@ -682,7 +815,7 @@ impl Reader<'_> {
         &mut self,
         node: &Node,
         table: &Table,
-        translations: &HashMap<String, Arc<Translation>>,
+        defined: &Defined,
     ) -> Option<ResourceMapping> {
         let map = self.as_map(node, "a resource")?;
         let span = start_of(map);
@@ -711,7 +844,7 @@ impl Reader<'_> {
         };
         let elements_node = self.require(&fields, "elements", &span, "a resource");
         let (resource_type, elements_node) = (resource_type?, elements_node?);
-        let elements = self.elements(elements_node, &resource_type, table, translations)?;
+        let elements = self.elements(elements_node, &resource_type, table, defined)?;
         let elements_span = elements_node
             .as_mapping()
             .map_or(*elements_node.span(), start_of);
@@ -882,22 +1015,15 @@ impl Reader<'_> {
         node: &Node,
         resource_type: &str,
         table: &Table,
-        translations: &HashMap<String, Arc<Translation>>,
+        defined: &Defined,
     ) -> Option<Vec<ElementMapping>> {
         let mut elements = Vec::new();
         let group = Group {
             prefix: String::new(),
             when: Vec::new(),
         };
-        self.group(
-            node,
-            &group,
-            resource_type,
-            table,
-            translations,
-            &mut elements,
-        )
-        .then_some(elements)
+        self.group(node, &group, resource_type, table, defined, &mut elements)
+            .then_some(elements)
     }
 
     /// The elements of `node` (an `elements` map) into `out`, each under `group`'s path and
@@ -909,7 +1035,7 @@ impl Reader<'_> {
         group: &Group,
         resource_type: &str,
         table: &Table,
-        translations: &HashMap<String, Arc<Translation>>,
+        defined: &Defined,
         out: &mut Vec<ElementMapping>,
     ) -> bool {
         let Some(map) = self.as_map(node, "`elements`") else {
@@ -940,12 +1066,12 @@ impl Reader<'_> {
                     &inner_group,
                     resource_type,
                     table,
-                    translations,
+                    defined,
                     out,
                 );
                 continue;
             }
-            match self.element(&path, key.span(), spec, resource_type, table, translations) {
+            match self.element(&path, key.span(), spec, resource_type, table, defined) {
                 Some(mut element) => {
                     element.when.splice(0..0, group.when.iter().cloned());
                     out.push(element);
@@ -964,7 +1090,7 @@ impl Reader<'_> {
         spec: &Node,
         resource_type: &str,
         table: &Table,
-        translations: &HashMap<String, Arc<Translation>>,
+        defined: &Defined,
     ) -> Option<ElementMapping> {
         let path = match Segment::parse_path(path_text) {
             Ok(path) => path,
@@ -1018,6 +1144,7 @@ impl Reader<'_> {
             transform: Transform::default(),
             translate: None,
             protect: None,
+            lookup: None,
             default: None,
             fixed: None,
             translated: None,
@@ -1052,8 +1179,46 @@ impl Reader<'_> {
                     "capture",
                     "case",
                     "format",
+                    "lookup",
                 ],
             );
+            // Read through a lookup, the source's columns are the looked-up table's.
+            let looked_up: Table;
+            let source_table = match fields.get("lookup") {
+                None => table,
+                Some(n) => {
+                    let name = self.text(n, "`lookup`")?;
+                    let Some(lookup) = defined.lookups.get(name) else {
+                        let known: Vec<&str> = defined.lookups.keys().map(String::as_str).collect();
+                        self.error(
+                            n.span(),
+                            format!(
+                                "no lookup `{name}`; `lookups` defines: {}",
+                                if known.is_empty() {
+                                    "none".to_owned()
+                                } else {
+                                    known.join(", ")
+                                }
+                            ),
+                        );
+                        return None;
+                    };
+                    element.lookup = Some(lookup.clone());
+                    looked_up = Table {
+                        lookup: Some(name.to_owned()),
+                        key: Vec::new(),
+                        columns: Some(
+                            lookup
+                                .key
+                                .iter()
+                                .chain(&lookup.columns)
+                                .map(|c| c.to_string())
+                                .collect(),
+                        ),
+                    };
+                    &looked_up
+                }
+            };
             let sources: Vec<&str> = ["column", "template", "value", "reference"]
                 .into_iter()
                 .filter(|k| fields.contains_key(k))
@@ -1061,11 +1226,11 @@ impl Reader<'_> {
             element.source = match sources.as_slice() {
                 ["column"] => {
                     let column = self.text(fields["column"], "`column`")?;
-                    self.check_columns(fields["column"].span(), table, [column]);
+                    self.check_columns(fields["column"].span(), source_table, [column]);
                     ValueSource::Column(Column::new(column))
                 }
                 ["template"] | ["value"] => {
-                    ValueSource::Template(self.template(fields[sources[0]], &what, table)?)
+                    ValueSource::Template(self.template(fields[sources[0]], &what, source_table)?)
                 }
                 ["reference"] => {
                     let target = self.text(fields["reference"], "`reference`")?;
@@ -1084,7 +1249,7 @@ impl Reader<'_> {
                         self.error(&span, format!("{what}: `reference` needs `id`, the referenced resource's id template"));
                         return None;
                     };
-                    let id = self.template(id_node, "`id`", table)?;
+                    let id = self.template(id_node, "`id`", source_table)?;
                     // `protect` tokenizes the referenced id, as `protect` on that resource's
                     // own `id` does, not the reference's text.
                     let id = match fields.get("protect") {
@@ -1101,6 +1266,12 @@ impl Reader<'_> {
                     return None;
                 }
             };
+            if let (Some(n), ValueSource::Template(t)) = (fields.get("lookup"), &element.source) {
+                if t.is_literal() {
+                    self.error(n.span(), format!("{what}: a literal reads no column, so `lookup` has nothing to read: give `column`, `template` or `reference`"));
+                    return None;
+                }
+            }
             if fields.contains_key("id") && sources != ["reference"] {
                 self.error(
                     fields["id"].span(),
@@ -1273,11 +1444,11 @@ impl Reader<'_> {
             }
             if let Some(n) = fields.get("translate") {
                 let name = self.text(n, "`translate`")?;
-                match translations.get(name) {
+                match defined.translations.get(name) {
                     Some(t) => element.translate = Some(t.clone()),
                     None => {
                         let mut known: Vec<&str> =
-                            translations.keys().map(String::as_str).collect();
+                            defined.translations.keys().map(String::as_str).collect();
                         known.sort_unstable();
                         self.error(
                             n.span(),

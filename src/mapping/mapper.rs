@@ -22,6 +22,7 @@ use std::{
 
 use super::{
     apply::{MapContext, MapError},
+    lookup::Lookups,
     model::{Mapping, Protect, ResourceMapping},
 };
 use crate::{
@@ -69,13 +70,14 @@ impl Mapper {
     /// mapping tokenizes identifiers but no token key is configured.
     pub fn new(
         mappings: Vec<Mapping>,
-        context: MapContext,
+        mut context: MapContext,
         source_system: impl Into<Arc<str>>,
     ) -> Result<Self, String> {
+        context.lookups = Arc::new(Lookups::new(&mappings));
         if context.token_key.is_none() {
             let tokenizing = mappings.iter().find(|m| {
                 m.protected_columns()
-                    .any(|(_, protect)| protect == Protect::Token)
+                    .any(|(_, _, protect)| protect == Protect::Token)
             });
             if let Some(mapping) = tokenizing {
                 return Err(format!(
@@ -87,14 +89,9 @@ impl Mapper {
         }
         let mut by_table: HashMap<String, HashMap<String, TableMappings>> = HashMap::new();
         for mapping in mappings {
-            let (schema, table) = mapping.schema_table();
-            let table = by_table
-                .entry(schema.to_owned())
-                .or_default()
-                .entry(table.to_owned())
-                .or_default();
-            for (column, protect) in mapping.protected_columns() {
-                let strongest = table
+            // A looked-up table's columns are protected in its own rows' dead letters too.
+            for (table, column, protect) in mapping.protected_columns() {
+                let strongest = table_of(&mut by_table, table)
                     .protected
                     .entry(column.as_str().to_owned())
                     .or_insert(protect);
@@ -102,7 +99,10 @@ impl Mapper {
                     *strongest = Protect::Token;
                 }
             }
-            table.mappings.push(Arc::new(mapping));
+            let table = mapping.table.clone();
+            table_of(&mut by_table, &table)
+                .mappings
+                .push(Arc::new(mapping));
         }
         Ok(Self {
             by_table,
@@ -111,16 +111,29 @@ impl Mapper {
         })
     }
 
-    /// Whether any mapping reads `schema.table`.
-    pub fn maps_table(&self, qualified_name: &str) -> bool {
-        let (schema, table) = qualified_name
-            .split_once('.')
-            .unwrap_or(("", qualified_name));
-        self.mappings_of(schema, table).is_some()
+    /// Take a change of a table lookups read into their rows; what cannot be taken is
+    /// returned as failures of the mappings whose lookups they are. [`Self::map`] does this
+    /// for every change; alone it is for the rows read before capture starts.
+    pub fn remember(&self, change: &ChangeEvent) -> Vec<MapFailure> {
+        self.context
+            .lookups
+            .take(change)
+            .into_iter()
+            .map(|untaken| MapFailure {
+                mapping_id: untaken.mapping_id,
+                error: untaken.error,
+            })
+            .collect()
+    }
+
+    /// The rows the lookups hold.
+    pub fn remembered(&self) -> usize {
+        self.context.lookups.len()
     }
 
     fn mappings_of(&self, schema: &str, table: &str) -> Option<&Vec<Arc<Mapping>>> {
-        Some(&self.by_table.get(schema)?.get(table)?.mappings)
+        // A looked-up table that no mapping maps has an entry for its protected columns.
+        Some(&self.by_table.get(schema)?.get(table)?.mappings).filter(|m| !m.is_empty())
     }
 
     /// How the mappings of `schema.table` protect `column`, if any does.
@@ -138,18 +151,26 @@ impl Mapper {
         self.context.token(text)
     }
 
+    /// The events of a change, in log order after every change before it: a change of a
+    /// table lookups read is taken into them first.
     pub fn map(&self, change: &ChangeEvent) -> MapOutcome {
-        self.map_through(change, |_| true)
+        let mut outcome = self.map_through(change, |_| true);
+        outcome.failures.splice(0..0, self.remember(change));
+        outcome
     }
 
     /// [`Self::map`] through the mapping `mapping_id` only (a dead letter's replay: the
-    /// table's other mappings did not fail). `None` when no mapping of the change's table
-    /// has that id.
+    /// table's other mappings did not fail), out of log order: the lookups are not changed
+    /// (see [`Self::remember`]). `None` when no mapping of the change's table has that id
+    /// and no lookup reads the table.
     pub fn map_with(&self, change: &ChangeEvent, mapping_id: &str) -> Option<MapOutcome> {
-        let known = self
-            .mappings_of(&change.source.schema, &change.source.table)?
-            .iter()
-            .any(|m| &*m.id == mapping_id);
+        let table = change.source.qualified_name();
+        let looked_up = self.context.lookups.reads(&table);
+        let known = looked_up
+            || self
+                .mappings_of(&change.source.schema, &change.source.table)?
+                .iter()
+                .any(|m| &*m.id == mapping_id);
         known.then(|| self.map_through(change, |m| &*m.id == mapping_id))
     }
 
@@ -263,6 +284,19 @@ impl Mapper {
         }
         Ok(())
     }
+}
+
+/// The entry of `schema.table` in a mapper's tables.
+fn table_of<'a>(
+    by_table: &'a mut HashMap<String, HashMap<String, TableMappings>>,
+    qualified: &str,
+) -> &'a mut TableMappings {
+    let (schema, table) = qualified.split_once('.').unwrap_or(("", qualified));
+    by_table
+        .entry(schema.to_owned())
+        .or_default()
+        .entry(table.to_owned())
+        .or_default()
 }
 
 /// One change leaves a resource one way. A resource one entry deletes and another makes (a

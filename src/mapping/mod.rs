@@ -8,6 +8,7 @@ mod apply;
 mod convert;
 mod load;
 mod location;
+mod lookup;
 mod mapper;
 mod model;
 mod shape;
@@ -20,8 +21,9 @@ pub use self::{
     location::{LoadError, LoadErrors, Location},
     mapper::{MapFailure, MapOutcome, Mapper},
     model::{
-        source_tables, ChoiceGroup, Condition, ElementMapping, Mapping, Protect, RequiredNode,
-        ResourceMapping, Sensitivity, Test, Translation, Unmapped, ValueSource,
+        source_tables, with_lookups, ChoiceGroup, Condition, ElementMapping, Lookup, Mapping,
+        OnMissing, Protect, RequiredNode, ResourceMapping, Sensitivity, Test, Translation,
+        Unmapped, ValueSource,
     },
     template::{RenderError, Template},
 };

@@ -32,17 +32,48 @@ pub struct Mapping {
     pub content_hash: Arc<str>,
     pub file: PathBuf,
     pub resources: Vec<ResourceMapping>,
+    /// The other tables it reads rows of, by key.
+    pub lookups: Vec<Arc<Lookup>>,
+}
+
+/// A lookup: rows of another captured table, found by the values of this row's columns.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub name: String,
+    /// `schema.table`.
+    pub table: String,
+    /// The looked-up table's columns that identify a row (its key).
+    pub key: Vec<Column>,
+    /// This row's columns whose values find the row, in the order of `key`.
+    pub by: Vec<Column>,
+    /// The looked-up table's columns elements read through the lookup.
+    pub columns: Vec<Column>,
+    pub on_missing: OnMissing,
+    /// The most rows held in memory for it.
+    pub max_rows: usize,
+    pub location: Location,
+}
+
+/// What becomes of an element whose lookup finds no row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnMissing {
+    /// The row goes to the dead-letter topic.
+    Fail,
+    /// The element is left out, as for a NULL (`default` and `required` apply).
+    Omit,
 }
 
 impl Mapping {
-    /// The columns whose values the resources publish only protected, and how: those of
-    /// elements with `protect`, of tokenized ids and of references to them.
-    pub fn protected_columns(&self) -> impl Iterator<Item = (&Column, Protect)> {
+    /// The columns whose values the resources publish only protected, with their table
+    /// (`schema.table`: this mapping's, or a looked-up one's), and how: those of elements
+    /// with `protect`, of tokenized ids and of references to them.
+    pub fn protected_columns(&self) -> impl Iterator<Item = (&str, &Column, Protect)> {
         self.resources.iter().flat_map(|resource| {
             let id = resource.id.is_tokenized().then_some(&resource.id);
-            let id = id
-                .into_iter()
-                .flat_map(|t| t.columns().map(|c| (c, Protect::Token)));
+            let id = id.into_iter().flat_map(|t| {
+                t.columns()
+                    .map(|c| (self.table.as_str(), c, Protect::Token))
+            });
             let elements = resource.elements.iter().flat_map(|element| {
                 let (template, protect) = match (&element.source, element.protect) {
                     (ValueSource::Reference { id, .. }, _) if id.is_tokenized() => {
@@ -55,10 +86,12 @@ impl Mapping {
                     ValueSource::Column(column) => Some(column),
                     _ => None,
                 };
+                // Read through a lookup, the columns are the looked-up table's.
+                let table = element.lookup.as_ref().map_or(&self.table, |l| &l.table);
                 let columns = column
                     .into_iter()
                     .chain(template.into_iter().flat_map(Template::columns));
-                columns.filter_map(move |c| Some((c, protect?)))
+                columns.filter_map(move |c| Some((table.as_str(), c, protect?)))
             });
             id.chain(elements)
         })
@@ -71,16 +104,36 @@ impl Mapping {
     }
 }
 
-/// The distinct tables a set of mappings reads, as (schema, table), in order.
+/// The distinct tables a set of mappings reads, as (schema, table): the tables their
+/// lookups read first (a read of them all in this order fills the lookups before their
+/// users are mapped), then the others, each in name order.
 pub fn source_tables(mappings: &[Mapping]) -> Vec<(String, String)> {
-    let tables: std::collections::BTreeSet<(String, String)> = mappings
+    let mapped = mappings.iter().map(|m| split_table(&m.table)).collect();
+    with_lookups(mappings, mapped)
+}
+
+/// `tables` (some of the tables the mappings read), after the tables the mappings' lookups
+/// read: what must be read, in this order, for them to map.
+pub fn with_lookups(
+    mappings: &[Mapping],
+    tables: std::collections::BTreeSet<(String, String)>,
+) -> Vec<(String, String)> {
+    let looked_up: std::collections::BTreeSet<(String, String)> = mappings
         .iter()
-        .map(|m| {
-            let (schema, table) = m.schema_table();
-            (schema.to_owned(), table.to_owned())
-        })
+        .flat_map(|m| &m.lookups)
+        .map(|l| split_table(&l.table))
         .collect();
-    tables.into_iter().collect()
+    let rest: Vec<_> = tables
+        .into_iter()
+        .filter(|t| !looked_up.contains(t))
+        .collect();
+    looked_up.into_iter().chain(rest).collect()
+}
+
+/// `schema.table` as (schema, table).
+fn split_table(table: &str) -> (String, String) {
+    let (schema, table) = table.split_once('.').unwrap_or(("", table));
+    (schema.to_owned(), table.to_owned())
 }
 
 /// How sensitive the produced resources are; travels with every event.
@@ -168,6 +221,8 @@ pub struct ElementMapping {
     pub transform: Transform,
     pub translate: Option<Arc<Translation>>,
     pub protect: Option<Protect>,
+    /// The source is read from the row this lookup finds, not from the mapped row.
+    pub lookup: Option<Arc<Lookup>>,
     /// Used when the source is NULL.
     pub default: Option<String>,
     /// The FHIR value of a literal, converted once at load time.

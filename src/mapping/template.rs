@@ -188,6 +188,7 @@ mod tests {
         let template = Template::parse("p-{mrn}.{seq}").unwrap().tokenized();
         let keyed = MapContext {
             token_key: Some(crate::config::Secret::new("k")),
+            ..MapContext::default()
         };
         let (mrn, seq) = (keyed.token("MRN-1").unwrap(), keyed.token("7").unwrap());
         assert_eq!(

@@ -401,6 +401,7 @@ resources:
         .unwrap();
         let context = MapContext {
             token_key: Some(Secret::new("k")),
+            ..MapContext::default()
         };
         Mapper::new(vec![mapping], context, "lis").unwrap()
     }

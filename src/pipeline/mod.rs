@@ -40,7 +40,7 @@ use crate::{
         kafka::{ensure_topics, message_limits, Delivery, SinkError, StreamProducer, TopicSpec},
         window::DeliveryWindow,
     },
-    source::{Source, SourceError, SourceIo},
+    source::{self, Source, SourceError, SourceIo},
 };
 
 /// Changes between the source and the mapping stage.
@@ -120,10 +120,54 @@ pub fn mapper_for(config: &ConnectorConfig, mappings: Vec<Mapping>) -> Result<Ma
         mappings,
         MapContext {
             token_key: mappings_config.token_key.clone(),
+            ..MapContext::default()
         },
         source_system,
     )
     .map_err(RunError::Setup)
+}
+
+/// Fill the lookups of `mapper` with the current rows of `tables`, the tables they read
+/// (`mapping::with_lookups` of none), in one consistent read, before anything is mapped;
+/// the changes that follow keep them current. A row that cannot be held (more rows than
+/// `max_rows`) stops it.
+pub async fn load_lookups(
+    config: &ConnectorConfig,
+    tables: &[(String, String)],
+    mapper: &Mapper,
+) -> Result<(), RunError> {
+    if tables.is_empty() {
+        return Ok(());
+    }
+    let (out, mut rows) = mpsc::channel(256);
+    let reading = async {
+        let read = source::read_consistent(config, tables, &out).await;
+        drop(out);
+        read
+    };
+    let taking = async {
+        let mut refused = None;
+        while let Some(message) = rows.recv().await {
+            if let SourceMessage::Change(change) = message {
+                refused = refused.or(mapper.remember(&change).into_iter().next());
+            }
+        }
+        refused
+    };
+    let (read, refused) = tokio::join!(reading, taking);
+    read?;
+    if let Some(refused) = refused {
+        return Err(RunError::Setup(format!(
+            "loading the lookups of mapping `{}`: {}",
+            refused.mapping_id, refused.error
+        )));
+    }
+    info!(
+        tables = tables.len(),
+        rows = mapper.remembered(),
+        "lookups loaded"
+    );
+    Ok(())
 }
 
 /// The topics of a connector's events, one per domain and resource type of its mappings,
@@ -189,7 +233,13 @@ pub async fn run<S: Source>(
         .collect();
     // Connecting to Kafka (and, with idempotence, getting a producer id) starts now.
     let producer = StreamProducer::new(&config.kafka)?;
+    let looked_up = mapping::with_lookups(&mappings, Default::default());
     let mapper = mapper_for(config, mappings)?;
+    let lookups = load_lookups(config, &looked_up, &mapper);
+    tokio::select! {
+        loaded = lookups => loaded?,
+        () = shutdown.cancelled() => return Ok(RunSummary::default()),
+    }
     // The mapping stage starts first: it creates the topics, builds the registry's client
     // and registers the events' schemas while the state is read and the database set up
     // (≈ 250 ms for new topics, ≈ 150 ms for the client and the schemas); it takes no change

@@ -440,6 +440,8 @@ impl Pass<'_> {
                     "no mapping reads table `{only}` (write it as schema.table)"
                 )));
             }
+            // The tables its lookups read are read first, in the same snapshot.
+            tables = mapping::with_lookups(&mappings, tables.into_iter().collect());
         }
         let topics: Vec<String> = pipeline::topic_specs(config, &mappings)
             .into_iter()

@@ -26,7 +26,7 @@ use crate::{
     observe::progress::Progress,
     offsets::StateStore,
     pipeline::dead_letter::{self, LetterRow},
-    source::{self, mysql, postgres::snapshot::TableReader},
+    source::{self, mysql},
 };
 
 /// A resource: its type and id.
@@ -303,7 +303,9 @@ pub async fn source(
     let progress = Progress::new("reconcile");
     let (out, mut rows) = mpsc::channel(256);
     let reading = async {
-        let read = read_consistent(config, tables, &out).await;
+        let read = source::read_consistent(config, tables, &out)
+            .await
+            .map_err(|e| e.to_string());
         drop(out);
         read
     };
@@ -341,49 +343,6 @@ pub async fn source(
     read.low = Some(low);
     read.high = Some(high);
     Ok(read)
-}
-
-/// Read every row of `tables` in one consistent snapshot into `out`; the snapshot's
-/// window: every change before its low end is in it, none after its high end.
-async fn read_consistent(
-    config: &ConnectorConfig,
-    tables: &[(String, String)],
-    out: &mpsc::Sender<SourceMessage>,
-) -> Result<(Position, Position), String> {
-    match &config.source {
-        SourceConfig::Postgres(pg) => {
-            let reader = TableReader::open(&pg.url, &config.name)
-                .await
-                .map_err(|e| e.to_string())?;
-            let position = Position::Postgres(reader.position);
-            for (schema, table) in tables {
-                let mut ordinal = 0;
-                let how = source::postgres::snapshot::Reading {
-                    chunk_rows: 1024,
-                    limit: None,
-                    progress: None,
-                };
-                reader
-                    .read(schema, table, &position, &mut ordinal, how, out)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            reader.close().await.map_err(|e| e.to_string())?;
-            Ok((position.clone(), position))
-        }
-        SourceConfig::Mysql(my) => {
-            let window = mysql::snapshot::read_consistent(&my.url, &config.name, tables, 1024, out)
-                .await
-                .map_err(|e| e.to_string())?;
-            // Snapshot chunks go out at a transaction's end with a step after it: what they
-            // hold is as of that end, so every step of the read's position is before it.
-            let low = Position::Mysql(crate::change::BinlogPosition {
-                step: u32::MAX,
-                ..window.low
-            });
-            Ok((low, Position::Mysql(window.high)))
-        }
-    }
 }
 
 /// The connector's stored position as a [`Position`] of its kind.

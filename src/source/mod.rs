@@ -208,3 +208,49 @@ pub fn chunk_changes(
             capture_time: Utc::now(),
         })
 }
+
+/// Read every row of `tables` of `config`'s source in one consistent snapshot into `out`,
+/// in the order of `tables`; the snapshot's window: every change before its low end is in
+/// it, none after its high end.
+pub async fn read_consistent(
+    config: &ConnectorConfig,
+    tables: &[(String, String)],
+    out: &mpsc::Sender<SourceMessage>,
+) -> Result<(Position, Position), SourceError> {
+    match &config.source {
+        SourceConfig::Postgres(pg) => {
+            let reader = postgres::snapshot::TableReader::open(&pg.url, &config.name)
+                .await
+                .map_err(postgres::capture::snapshot_error)?;
+            let position = Position::Postgres(reader.position);
+            for (schema, table) in tables {
+                let mut ordinal = 0;
+                let how = postgres::snapshot::Reading {
+                    chunk_rows: 1024,
+                    limit: None,
+                    progress: None,
+                };
+                reader
+                    .read(schema, table, &position, &mut ordinal, how, out)
+                    .await
+                    .map_err(postgres::capture::snapshot_error)?;
+            }
+            reader
+                .close()
+                .await
+                .map_err(postgres::capture::snapshot_error)?;
+            Ok((position.clone(), position))
+        }
+        SourceConfig::Mysql(my) => {
+            let window =
+                mysql::snapshot::read_consistent(&my.url, &config.name, tables, 1024, out).await?;
+            // Snapshot chunks go out at a transaction's end with a step after it: what they
+            // hold is as of that end, so every step of the read's position is before it.
+            let low = Position::Mysql(crate::change::BinlogPosition {
+                step: u32::MAX,
+                ..window.low
+            });
+            Ok((low, Position::Mysql(window.high)))
+        }
+    }
+}

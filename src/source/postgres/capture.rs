@@ -757,7 +757,7 @@ fn postgres_error(what: &str, e: &tokio_postgres::Error) -> SourceError {
     }
 }
 
-fn snapshot_error(e: SnapshotError) -> SourceError {
+pub(crate) fn snapshot_error(e: SnapshotError) -> SourceError {
     match e.postgres() {
         Some(pg) if is_transient(pg) => SourceError::Transient(format!("snapshot: {e}")),
         _ => SourceError::Connector(format!("snapshot: {e}")),

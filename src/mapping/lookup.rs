@@ -1,0 +1,245 @@
+//! Lookups into other captured tables: the rows a mapping reads by key from a table other
+//! than its own (a test catalogue, a patient table), held in memory and kept current by the
+//! changes of that table as they pass the mapper, in log order.
+//!
+//! A lookup row is as of the change being mapped: the cache takes every change of the
+//! looked-up table before the changes after it. Resources made before a lookup row changed
+//! are not made again; a snapshot of their table (`fhir-cdc snapshot`) or a reconciliation
+//! pass makes them with the current row.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+};
+
+use super::{
+    apply::MapError,
+    convert::text_of,
+    model::{Lookup, Mapping},
+};
+use crate::change::{ChangeEvent, Column, Names, Operation, Row, Value};
+
+/// The cached rows of every lookup of a set of mappings, one index per looked-up table and
+/// key.
+#[derive(Debug, Default)]
+pub struct Lookups {
+    /// `schema.table` → its indexes.
+    tables: HashMap<String, Vec<Index>>,
+}
+
+/// The rows of one table by the values of one set of key columns.
+#[derive(Debug)]
+struct Index {
+    key: Vec<Column>,
+    /// The columns cached: the key's, then every column a lookup through it reads.
+    kept: Vec<Column>,
+    names: Names,
+    /// The most rows it may hold: the largest `max_rows` of its lookups.
+    max_rows: usize,
+    /// The lookups through it, for messages: `mapping id`, and the lookup's place and name.
+    users: Vec<(String, String)>,
+    rows: RwLock<HashMap<Vec<String>, Row>>,
+}
+
+/// Why a change of a looked-up table could not be taken into the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Untaken {
+    /// The mapping whose lookup it is.
+    pub mapping_id: String,
+    pub error: MapError,
+}
+
+impl Lookups {
+    pub fn new(mappings: &[Mapping]) -> Self {
+        let mut lookups = Self::default();
+        for mapping in mappings {
+            for lookup in &mapping.lookups {
+                lookups.add(&mapping.id, lookup);
+            }
+        }
+        for index in lookups.tables.values_mut().flatten() {
+            index.names = index.kept.iter().map(|c| Arc::from(c.as_str())).collect();
+        }
+        lookups
+    }
+
+    fn add(&mut self, mapping_id: &str, lookup: &Lookup) {
+        let indexes = self.tables.entry(lookup.table.clone()).or_default();
+        let at = match indexes.iter().position(|i| i.key == lookup.key) {
+            Some(at) => at,
+            None => {
+                indexes.push(Index {
+                    key: lookup.key.clone(),
+                    kept: lookup.key.clone(),
+                    names: Names::from(Vec::new()),
+                    max_rows: 0,
+                    users: Vec::new(),
+                    rows: RwLock::default(),
+                });
+                indexes.len() - 1
+            }
+        };
+        let index = &mut indexes[at];
+        for column in &lookup.columns {
+            if !index.kept.contains(column) {
+                index.kept.push(column.clone());
+            }
+        }
+        index.max_rows = index.max_rows.max(lookup.max_rows);
+        index.users.push((
+            mapping_id.to_owned(),
+            format!("{}: lookup `{}`", lookup.location, lookup.name),
+        ));
+    }
+
+    /// Whether any lookup reads `schema.table`.
+    pub fn reads(&self, qualified_name: &str) -> bool {
+        self.tables.contains_key(qualified_name)
+    }
+
+    /// Take a change of a looked-up table into its indexes (nothing for other tables).
+    /// A change that cannot be taken is named once per index, for the dead-letter topic:
+    /// a delete without the key's old values, or a row beyond `max_rows`.
+    pub fn take(&self, change: &ChangeEvent) -> Vec<Untaken> {
+        let Some(indexes) = self.tables.get(&change.source.qualified_name()) else {
+            return Vec::new();
+        };
+        let mut untaken = Vec::new();
+        for index in indexes {
+            if let Err(message) = index.take(change) {
+                let (mapping_id, place) = &index.users[0];
+                untaken.push(Untaken {
+                    mapping_id: mapping_id.clone(),
+                    error: MapError {
+                        location: place.clone(),
+                        message,
+                    },
+                });
+            }
+        }
+        untaken
+    }
+
+    /// The row `lookup` finds for `row`: `Ok(None)` when a `by` column is NULL or no row has
+    /// the key. A `by` column missing from the row is an error naming it.
+    pub fn find(&self, lookup: &Lookup, row: &Row) -> Result<Option<Row>, String> {
+        let mut key = Vec::with_capacity(lookup.by.len());
+        for column in &lookup.by {
+            match row.find(column) {
+                None => return Err(column.to_string()),
+                Some(Value::Null) => return Ok(None),
+                Some(value) => key.push(key_text(value)),
+            }
+        }
+        let index = self
+            .tables
+            .get(&lookup.table)
+            .and_then(|indexes| indexes.iter().find(|i| i.key == lookup.key))
+            .expect("every lookup of the mappings has its index");
+        let rows = index.rows.read().unwrap_or_else(|e| e.into_inner());
+        Ok(rows.get(&key).cloned())
+    }
+
+    /// The rows held, over every index.
+    pub fn len(&self) -> usize {
+        self.tables
+            .values()
+            .flatten()
+            .map(|i| i.rows.read().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+}
+
+impl Index {
+    fn take(&self, change: &ChangeEvent) -> Result<(), String> {
+        let mut rows = self.rows.write().unwrap_or_else(|e| e.into_inner());
+        // The old key goes (a delete, or an update that moved the row to another key).
+        let old_key = match (change.op, &change.before) {
+            (Operation::Delete, None) => return Err(self.no_key("a delete")),
+            (Operation::Delete, Some(before)) => {
+                Some(self.key_of(before).ok_or_else(|| self.no_key("a delete"))?)
+            }
+            (Operation::Update, Some(before)) => self.key_of(before),
+            (Operation::Truncate, _) => {
+                rows.clear();
+                return Ok(());
+            }
+            _ => None,
+        };
+        let new = match &change.after {
+            Some(after) if change.op != Operation::Delete => {
+                let key = self.key_of(after).ok_or_else(|| {
+                    format!(
+                        "a row of {} lacks a key column of the lookup ({})",
+                        change.source.qualified_name(),
+                        self.key_names()
+                    )
+                })?;
+                Some((key, after))
+            }
+            _ => None,
+        };
+        if let Some(old_key) = old_key {
+            if new.as_ref().is_none_or(|(key, _)| *key != old_key) {
+                rows.remove(&old_key);
+            }
+        }
+        let Some((key, after)) = new else {
+            return Ok(());
+        };
+        let mut values = Vec::with_capacity(self.kept.len());
+        for column in &self.kept {
+            match after.find(column) {
+                Some(value) => values.push(value.clone()),
+                None => {
+                    return Err(format!(
+                        "column `{column}` {} (a row of {})",
+                        after.absence(column),
+                        change.source.qualified_name()
+                    ))
+                }
+            }
+        }
+        if rows.len() >= self.max_rows && !rows.contains_key(&key) {
+            return Err(format!(
+                "the lookup holds at most {} rows of {} (max_rows) and this row would be one more: raise max_rows and restart the connector, which reads its lookups afresh",
+                self.max_rows,
+                change.source.qualified_name()
+            ));
+        }
+        rows.insert(key, Row::of_layout(self.names.clone(), values));
+        Ok(())
+    }
+
+    /// The key's values in `row` as text; `None` when a key column is missing or NULL.
+    fn key_of(&self, row: &Row) -> Option<Vec<String>> {
+        self.key
+            .iter()
+            .map(|column| match row.find(column)? {
+                Value::Null => None,
+                value => Some(key_text(value)),
+            })
+            .collect()
+    }
+
+    fn no_key(&self, what: &str) -> String {
+        format!(
+            "{what} without the old values of the lookup's key ({}): the row stays in the lookup until the connector restarts and reads it afresh; key the lookup by the table's primary key, or give the table a full replica identity",
+            self.key_names()
+        )
+    }
+
+    fn key_names(&self) -> String {
+        self.key
+            .iter()
+            .map(Column::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// A key value as it is compared: its text without trailing spaces (CHAR padding), so that
+/// an integer key finds a text column's digits and the other way round.
+fn key_text(value: &Value) -> String {
+    text_of(value).trim_end().to_owned()
+}
