@@ -243,3 +243,148 @@ impl Index {
 fn key_text(value: &Value) -> String {
     text_of(value).trim_end().to_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use chrono::Utc;
+
+    use super::*;
+    use crate::change::{PgLsn, Position, SourceTable};
+
+    fn lookups() -> (Lookups, Arc<Lookup>) {
+        let mapping = super::super::load_str(
+            Path::new("m.yaml"),
+            "mapping: m\ndomain: lab\nsource: { table: lis.result, key: [id] }\n\
+             lookups:\n  codes: { table: lis.codes, key: [code], by: [test], columns: [name], max_rows: 2 }\n\
+             resources:\n  - type: Observation\n    id: \"r-{id}\"\n    elements:\n      status: final\n\
+             \x20     code.text: { lookup: codes, column: name }\n",
+        )
+        .unwrap();
+        let lookup = mapping.lookups[0].clone();
+        (Lookups::new(&[mapping]), lookup)
+    }
+
+    fn row(columns: &[(&str, Value)]) -> Row {
+        Row::new(
+            columns
+                .iter()
+                .map(|(c, v)| (Arc::from(*c), v.clone()))
+                .collect(),
+        )
+    }
+
+    fn codes_row(code: &str, name: &str) -> Row {
+        row(&[
+            ("code", Value::Text(code.into())),
+            ("name", Value::Text(name.into())),
+        ])
+    }
+
+    fn change(op: Operation, before: Option<Row>, after: Option<Row>) -> ChangeEvent {
+        ChangeEvent {
+            source: Arc::new(SourceTable::new("c", "postgres", "lab", "lis", "codes")),
+            op,
+            key: vec![Arc::from("code")].into(),
+            before,
+            after,
+            position: Position::Postgres(PgLsn(1)),
+            ordinal: 0,
+            transaction_id: None,
+            commit_time: None,
+            capture_time: Utc::now(),
+        }
+    }
+
+    fn name_of(lookups: &Lookups, lookup: &Lookup, test: &str) -> Option<String> {
+        let found = lookups
+            .find(lookup, &row(&[("test", Value::Text(test.into()))]))
+            .unwrap()?;
+        found.get("name").map(|v| text_of(v).into_owned())
+    }
+
+    #[test]
+    fn a_row_follows_its_changes_and_a_moved_key_leaves_nothing_behind() {
+        let (lookups, lookup) = lookups();
+        let insert = change(Operation::Insert, None, Some(codes_row("GLU  ", "Glucose")));
+        assert!(lookups.take(&insert).is_empty());
+        assert_eq!(
+            name_of(&lookups, &lookup, "GLU").as_deref(),
+            Some("Glucose")
+        );
+        // PostgreSQL sends the old key when the key changes.
+        let moved = change(
+            Operation::Update,
+            Some(row(&[("code", Value::Text("GLU".into()))])),
+            Some(codes_row("GLUC", "Glucose")),
+        );
+        assert!(lookups.take(&moved).is_empty());
+        assert_eq!(name_of(&lookups, &lookup, "GLU"), None);
+        assert_eq!(
+            name_of(&lookups, &lookup, "GLUC").as_deref(),
+            Some("Glucose")
+        );
+        // An update without an old row keeps its key.
+        let renamed = change(
+            Operation::Update,
+            None,
+            Some(codes_row("GLUC", "Glucose, serum")),
+        );
+        assert!(lookups.take(&renamed).is_empty());
+        assert_eq!(
+            name_of(&lookups, &lookup, "GLUC").as_deref(),
+            Some("Glucose, serum")
+        );
+        assert_eq!(lookups.len(), 1);
+        let null_key = row(&[("test", Value::Null)]);
+        assert_eq!(lookups.find(&lookup, &null_key).unwrap(), None);
+        assert_eq!(
+            lookups.find(&lookup, &row(&[("other", Value::Null)])),
+            Err("test".to_owned())
+        );
+    }
+
+    #[test]
+    fn deletes_without_the_key_beyond_the_bound_and_truncates_are_told() {
+        let (lookups, lookup) = lookups();
+        for code in ["A", "B"] {
+            assert!(lookups
+                .take(&change(
+                    Operation::Insert,
+                    None,
+                    Some(codes_row(code, code))
+                ))
+                .is_empty());
+        }
+        let third = lookups.take(&change(Operation::Insert, None, Some(codes_row("C", "C"))));
+        assert_eq!(third.len(), 1);
+        assert!(
+            third[0].error.message.contains("at most 2 rows"),
+            "{third:?}"
+        );
+        assert!(third[0].error.location.starts_with("m.yaml:"), "{third:?}");
+        // An update of a held row is no row more.
+        assert!(lookups
+            .take(&change(Operation::Update, None, Some(codes_row("A", "a"))))
+            .is_empty());
+        let keyless = change(Operation::Delete, Some(row(&[("name", Value::Null)])), None);
+        let untaken = lookups.take(&keyless);
+        assert!(untaken[0]
+            .error
+            .message
+            .contains("without the old values of the lookup's key (code)"));
+        let delete = change(
+            Operation::Delete,
+            Some(row(&[("code", Value::Text("A".into()))])),
+            None,
+        );
+        assert!(lookups.take(&delete).is_empty());
+        assert_eq!(name_of(&lookups, &lookup, "A"), None);
+        assert_eq!(lookups.len(), 1);
+        assert!(lookups
+            .take(&change(Operation::Truncate, None, None))
+            .is_empty());
+        assert_eq!(lookups.len(), 0);
+    }
+}
