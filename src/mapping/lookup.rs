@@ -101,7 +101,14 @@ impl Lookups {
     /// A change that cannot be taken is named once per index, for the dead-letter topic:
     /// a delete without the key's old values, or a row beyond `max_rows`.
     pub fn take(&self, change: &ChangeEvent) -> Vec<Untaken> {
-        let Some(indexes) = self.tables.get(&change.source.qualified_name()) else {
+        // Most changes are of no looked-up table: told apart without building a name.
+        let source = &change.source;
+        let looked_up = self.tables.iter().find(|(name, _)| {
+            name.strip_prefix(&*source.schema)
+                .and_then(|rest| rest.strip_prefix('.'))
+                .is_some_and(|table| table == &*source.table)
+        });
+        let Some((_, indexes)) = looked_up else {
             return Vec::new();
         };
         let mut untaken = Vec::new();
