@@ -31,45 +31,27 @@ fn result_change(i: u64) -> ChangeEvent {
         .unwrap()
         .and_hms_opt(14, 30, 0)
         .unwrap();
-    ChangeEvent {
-        source: Arc::new(SourceTable::new(
-            "lab-postgres",
-            "postgres",
-            "lab",
-            "lis",
-            "lab_result",
-        )),
-        op: Operation::Insert,
-        key: vec!["result_id".into()].into(),
-        before: None,
-        after: Some(Row::new(vec![
-            ("result_id".into(), Value::Int(i as i64)),
-            (
-                "accession_no".into(),
-                Value::Text(format!("A24-{:06}", i / 8)),
-            ),
-            ("mrn".into(), Value::Text("MRN0000042".into())),
-            ("test_code".into(), Value::Text("GLU       ".into())),
-            ("value_numeric".into(), decimal("98.0000")),
-            ("value_text".into(), Value::Null),
-            ("units".into(), Value::Text("mg/dL".into())),
-            ("ref_low".into(), decimal("70.0000")),
-            ("ref_high".into(), decimal("99.0000")),
-            ("abnormal_flag".into(), Value::Text("N".into())),
-            ("result_status".into(), Value::Text("F".into())),
-            ("collected_at".into(), Value::Timestamp(collected)),
-            (
-                "verified_at".into(),
-                Value::TimestampTz(Utc::now().fixed_offset()),
-            ),
-            ("comment".into(), Value::Null),
-        ])),
-        position: Position::Postgres(PgLsn(0x1A2B_3C00 + i)),
-        ordinal: 0,
-        transaction_id: Some(i.to_string()),
-        commit_time: Some(Utc::now()),
-        capture_time: Utc::now(),
-    }
+    insert(
+        "lab_result",
+        "result_id",
+        i,
+        vec![
+            ("result_id", Value::Int(i as i64)),
+            ("accession_no", Value::Text(format!("A24-{:06}", i / 8))),
+            ("mrn", Value::Text("MRN0000042".into())),
+            ("test_code", Value::Text("GLU       ".into())),
+            ("value_numeric", decimal("98.0000")),
+            ("value_text", Value::Null),
+            ("units", Value::Text("mg/dL".into())),
+            ("ref_low", decimal("70.0000")),
+            ("ref_high", decimal("99.0000")),
+            ("abnormal_flag", Value::Text("N".into())),
+            ("result_status", Value::Text("F".into())),
+            ("collected_at", Value::Timestamp(collected)),
+            ("verified_at", Value::TimestampTz(Utc::now().fixed_offset())),
+            ("comment", Value::Null),
+        ],
+    )
 }
 
 /// Runs `f` over the inputs repeatedly for about `budget`; events per second.
@@ -209,8 +191,8 @@ fn main() {
     );
 }
 
-/// A change of `table` (in the golden lookups' schema `lis`) inserting `columns`.
-fn insert(table: &str, key: &str, columns: Vec<(&str, Value)>) -> ChangeEvent {
+/// The `i`th change, an insert of `columns` into `lis.table`.
+fn insert(table: &str, key: &str, i: u64, columns: Vec<(&str, Value)>) -> ChangeEvent {
     ChangeEvent {
         source: Arc::new(SourceTable::new(
             "lab-postgres",
@@ -225,9 +207,9 @@ fn insert(table: &str, key: &str, columns: Vec<(&str, Value)>) -> ChangeEvent {
         after: Some(Row::new(
             columns.into_iter().map(|(c, v)| (c.into(), v)).collect(),
         )),
-        position: Position::Postgres(PgLsn(0x1A2B_3C00)),
+        position: Position::Postgres(PgLsn(0x1A2B_3C00 + i)),
         ordinal: 0,
-        transaction_id: None,
+        transaction_id: Some(i.to_string()),
         commit_time: Some(Utc::now()),
         capture_time: Utc::now(),
     }
@@ -248,6 +230,7 @@ fn coded_mapper(root: &Path) -> Mapper {
         let code = insert(
             "test_catalogue",
             "local_code",
+            i,
             vec![
                 ("local_code", text(format!("T{i}"))),
                 ("loinc_code", text(format!("{}-{}", 1000 + i, i % 10))),
@@ -263,8 +246,9 @@ fn coded_mapper(root: &Path) -> Mapper {
         let patient = insert(
             "patient",
             "patient_no",
+            i,
             vec![
-                ("patient_no", Value::Int(i)),
+                ("patient_no", Value::Int(i as i64)),
                 ("mrn", text(format!("M{i:06}"))),
             ],
         );
@@ -276,14 +260,15 @@ fn coded_mapper(root: &Path) -> Mapper {
 /// Result rows reading the catalogue and the patients of [`coded_mapper`].
 fn coded_changes() -> Vec<ChangeEvent> {
     (0..1000)
-        .map(|i: i64| {
+        .map(|i: u64| {
             insert(
                 "coded_result",
                 "result_id",
+                i,
                 vec![
-                    ("result_id", Value::Int(i)),
+                    ("result_id", Value::Int(i as i64)),
                     ("test_code", Value::Text(format!("T{}", (i * 7) % 1000))),
-                    ("patient_no", Value::Int(i % 3)),
+                    ("patient_no", Value::Int(i as i64 % 3)),
                     (
                         "result_value",
                         Value::Decimal(ExactDecimal::parse("5.40").unwrap()),
