@@ -75,9 +75,8 @@ async fn preview(args: &PreviewArgs) -> Result<u64, Failure> {
             )));
         }
     }
-    let looked_up = mapping::with_lookups(&mappings, Default::default());
     let mapper = mapper_for(&config, mappings).map_err(|e| Failure::Config(e.to_string()))?;
-    load_lookups(&config, &looked_up, &mapper)
+    load_lookups(&config, &mapper)
         .await
         .map_err(|e| Failure::Source(e.to_string()))?;
     match &config.source {

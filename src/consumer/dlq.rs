@@ -215,9 +215,8 @@ pub async fn replay_changes(
         .ok_or("the connector configuration names no mappings")?;
     let mappings = mapping::load_dir(&mappings_config.path).map_err(|e| e.to_string())?;
     let specs = topic_specs(config, &mappings);
-    let looked_up = mapping::with_lookups(&mappings, Default::default());
     let mapper = mapper_for(config, mappings).map_err(|e| e.to_string())?;
-    load_lookups(config, &looked_up, &mapper)
+    load_lookups(config, &mapper)
         .await
         .map_err(|e| e.to_string())?;
     ensure_topics(&config.kafka, &specs)

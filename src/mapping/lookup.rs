@@ -15,7 +15,8 @@ use std::{
 use super::{
     apply::MapError,
     convert::text_of,
-    model::{Lookup, Mapping},
+    mapper::MapFailure,
+    model::{split_table, Lookup, Mapping},
 };
 use crate::change::{ChangeEvent, Column, Names, Operation, Row, Value};
 
@@ -36,17 +37,10 @@ struct Index {
     names: Names,
     /// The most rows it may hold: the largest `max_rows` of its lookups.
     max_rows: usize,
-    /// The lookups through it, for messages: `mapping id`, and the lookup's place and name.
-    users: Vec<(String, String)>,
+    /// Whose failures its refusals are: the first lookup through it — its mapping's id, and
+    /// its place and name.
+    owner: (String, String),
     rows: RwLock<HashMap<Vec<String>, Row>>,
-}
-
-/// Why a change of a looked-up table could not be taken into the cache.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Untaken {
-    /// The mapping whose lookup it is.
-    pub mapping_id: String,
-    pub error: MapError,
 }
 
 impl Lookups {
@@ -73,7 +67,10 @@ impl Lookups {
                     kept: lookup.key.clone(),
                     names: Names::from(Vec::new()),
                     max_rows: 0,
-                    users: Vec::new(),
+                    owner: (
+                        mapping_id.to_owned(),
+                        format!("{}: lookup `{}`", lookup.location, lookup.name),
+                    ),
                     rows: RwLock::default(),
                 });
                 indexes.len() - 1
@@ -86,10 +83,6 @@ impl Lookups {
             }
         }
         index.max_rows = index.max_rows.max(lookup.max_rows);
-        index.users.push((
-            mapping_id.to_owned(),
-            format!("{}: lookup `{}`", lookup.location, lookup.name),
-        ));
     }
 
     /// Whether any lookup reads `schema.table`.
@@ -97,10 +90,19 @@ impl Lookups {
         self.tables.contains_key(qualified_name)
     }
 
+    /// The tables lookups read, as (schema, table), in name order.
+    pub fn tables(&self) -> Vec<(String, String)> {
+        let mut tables: Vec<(String, String)> =
+            self.tables.keys().map(|name| split_table(name)).collect();
+        tables.sort();
+        tables
+    }
+
     /// Take a change of a looked-up table into its indexes (nothing for other tables).
-    /// A change that cannot be taken is named once per index, for the dead-letter topic:
-    /// a delete without the key's old values, or a row beyond `max_rows`.
-    pub fn take(&self, change: &ChangeEvent) -> Vec<Untaken> {
+    /// A change that cannot be taken is a failure of the mapping owning the index, once per
+    /// index, for the dead-letter topic: a delete without the key's old values, or a row
+    /// beyond `max_rows`.
+    pub fn take(&self, change: &ChangeEvent) -> Vec<MapFailure> {
         // Most changes are of no looked-up table: told apart without building a name.
         let source = &change.source;
         let looked_up = self.tables.iter().find(|(name, _)| {
@@ -111,11 +113,11 @@ impl Lookups {
         let Some((_, indexes)) = looked_up else {
             return Vec::new();
         };
-        let mut untaken = Vec::new();
+        let mut failures = Vec::new();
         for index in indexes {
             if let Err(message) = index.take(change) {
-                let (mapping_id, place) = &index.users[0];
-                untaken.push(Untaken {
+                let (mapping_id, place) = &index.owner;
+                failures.push(MapFailure {
                     mapping_id: mapping_id.clone(),
                     error: MapError {
                         location: place.clone(),
@@ -124,7 +126,7 @@ impl Lookups {
                 });
             }
         }
-        untaken
+        failures
     }
 
     /// The row `lookup` finds for `row`: `Ok(None)` when a `by` column is NULL or no row has

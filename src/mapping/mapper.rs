@@ -115,15 +115,12 @@ impl Mapper {
     /// returned as failures of the mappings whose lookups they are. [`Self::map`] does this
     /// for every change; alone it is for the rows read before capture starts.
     pub fn remember(&self, change: &ChangeEvent) -> Vec<MapFailure> {
-        self.context
-            .lookups
-            .take(change)
-            .into_iter()
-            .map(|untaken| MapFailure {
-                mapping_id: untaken.mapping_id,
-                error: untaken.error,
-            })
-            .collect()
+        self.context.lookups.take(change)
+    }
+
+    /// The tables its lookups read, as (schema, table).
+    pub fn looked_up_tables(&self) -> Vec<(String, String)> {
+        self.context.lookups.tables()
     }
 
     /// The rows the lookups hold.

@@ -131,7 +131,7 @@ pub fn with_lookups(
 }
 
 /// `schema.table` as (schema, table).
-fn split_table(table: &str) -> (String, String) {
+pub(super) fn split_table(table: &str) -> (String, String) {
     let (schema, table) = table.split_once('.').unwrap_or(("", table));
     (schema.to_owned(), table.to_owned())
 }

@@ -127,21 +127,17 @@ pub fn mapper_for(config: &ConnectorConfig, mappings: Vec<Mapping>) -> Result<Ma
     .map_err(RunError::Setup)
 }
 
-/// Fill the lookups of `mapper` with the current rows of `tables`, the tables they read
-/// (`mapping::with_lookups` of none), in one consistent read, before anything is mapped;
-/// the changes that follow keep them current. A row that cannot be held (more rows than
-/// `max_rows`) stops it.
-pub async fn load_lookups(
-    config: &ConnectorConfig,
-    tables: &[(String, String)],
-    mapper: &Mapper,
-) -> Result<(), RunError> {
+/// Fill the lookups of `mapper` with the current rows of the tables they read, in one
+/// consistent read, before anything is mapped; the changes that follow keep them current.
+/// A row that cannot be held (more rows than `max_rows`) stops it.
+pub async fn load_lookups(config: &ConnectorConfig, mapper: &Mapper) -> Result<(), RunError> {
+    let tables = mapper.looked_up_tables();
     if tables.is_empty() {
         return Ok(());
     }
     let (out, mut rows) = mpsc::channel(256);
     let reading = async {
-        let read = source::read_consistent(config, tables, &out).await;
+        let read = source::read_consistent(config, &tables, &out).await;
         drop(out);
         read
     };
@@ -233,9 +229,8 @@ pub async fn run<S: Source>(
         .collect();
     // Connecting to Kafka (and, with idempotence, getting a producer id) starts now.
     let producer = StreamProducer::new(&config.kafka)?;
-    let looked_up = mapping::with_lookups(&mappings, Default::default());
     let mapper = mapper_for(config, mappings)?;
-    let lookups = load_lookups(config, &looked_up, &mapper);
+    let lookups = load_lookups(config, &mapper);
     tokio::select! {
         loaded = lookups => loaded?,
         () = shutdown.cancelled() => return Ok(RunSummary::default()),
