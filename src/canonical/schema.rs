@@ -18,9 +18,13 @@
 //!   form.
 //! - **Recursion** (Identifier → Reference → Identifier, Questionnaire items, …) is an Avro
 //!   reference to the enclosing named record: no depth cut-off, nothing truncated.
-//! - **Left out**, because mappings cannot fill them: `extension` and `modifierExtension`,
-//!   `id` of datatypes and backbone elements, and elements holding whole resources
-//!   (`contained`, `Bundle.entry.resource`).
+//! - **Extensions** are carried where mappings write them: `extension` of a resource, of a
+//!   backbone element, and of an extension (nested extensions, as US Core race and
+//!   ethnicity use). `Extension` is one record, `url` plus one field per `value[x]` type.
+//! - **Left out**, because mappings cannot fill them: `modifierExtension` (it changes the
+//!   meaning of what holds it, so a reader may not ignore it), `extension` of other
+//!   datatypes and primitives, `id` of datatypes and backbone elements, and elements
+//!   holding whole resources (`contained`, `Bundle.entry.resource`).
 //!
 //! Times in the envelope are `timestamp-micros`; the resource's own dates stay FHIR strings.
 
@@ -42,11 +46,7 @@ pub fn event_schema(resource_type: &str) -> Json {
     let mut generator = Generator {
         defined: HashSet::new(),
     };
-    let resource = generator.record(
-        resource_type,
-        &format!("{FHIR_NAMESPACE}.{resource_type}"),
-        true,
-    );
+    let resource = generator.record(resource_type, &format!("{FHIR_NAMESPACE}.{resource_type}"));
     let optional_string = json!(["null", "string"]);
     let micros = json!({"type": "long", "logicalType": "timestamp-micros"});
     json!({
@@ -98,39 +98,45 @@ struct Generator {
     defined: HashSet<String>,
 }
 
-/// Whether the schemas carry elements named `name` (`top_level`: of the resource itself,
-/// not of a datatype or backbone element in it). The mapping loader refuses what they do
-/// not, so that nothing `check` accepts fails to encode.
-pub fn carried(name: &str, top_level: bool) -> bool {
-    !matches!(name, "extension" | "modifierExtension") && (name != "id" || top_level)
+/// Whether the schemas carry elements named `name` of `container` (a resource type, a
+/// datatype or a backbone element's path). The mapping loader refuses what they do not, so
+/// that nothing `check` accepts fails to encode.
+pub fn carried(name: &str, container: &str) -> bool {
+    let resource = || definitions().is_resource(container);
+    match name {
+        "modifierExtension" => false,
+        "extension" => container == "Extension" || container.contains('.') || resource(),
+        "id" => resource(),
+        _ => true,
+    }
 }
 
 impl Generator {
     /// The record for the elements under `definition`, or a reference to it by name when
     /// it is already defined.
-    fn record(&mut self, definition: &str, name: &str, is_resource: bool) -> Json {
+    fn record(&mut self, definition: &str, name: &str) -> Json {
         if !self.defined.insert(name.to_owned()) {
             return Json::String(name.to_owned());
         }
         let mut fields = Vec::new();
         for element in definitions().elements_of(definition) {
-            if !carried(element.name, is_resource) {
+            if !carried(element.name, definition) {
                 continue;
             }
             if let Some(target) = element.content_reference {
-                let record = self.record(target, &backbone_name(target), false);
+                let record = self.record(target, &backbone_name(target));
                 fields.push(field(element.name, record, element.repeats, None));
                 continue;
             }
             let choice = element.name.strip_suffix("[x]");
             for type_code in element.types {
                 let avro_type = if matches!(type_code.as_str(), "BackboneElement" | "Element") {
-                    self.record(&element.path, &backbone_name(&element.path), false)
+                    self.record(&element.path, &backbone_name(&element.path))
                 } else {
                     match definitions().kind(type_code) {
                         Some(TypeKind::Primitive) => Json::String(primitive(type_code).to_owned()),
                         Some(TypeKind::Complex) => {
-                            self.record(type_code, &format!("{FHIR_NAMESPACE}.{type_code}"), false)
+                            self.record(type_code, &format!("{FHIR_NAMESPACE}.{type_code}"))
                         }
                         // Whole resources (`contained`, `Bundle.entry.resource`: type
                         // `Resource`, which is abstract and not in the table).
@@ -262,7 +268,12 @@ mod tests {
         );
         assert_eq!(field("status").unwrap()["type"], json!(["null", "string"]));
         assert_eq!(field("identifier").unwrap()["type"]["type"], "array");
-        assert!(field("extension").is_none() && field("contained").is_none());
+        assert!(field("modifierExtension").is_none() && field("contained").is_none());
+        // Extensions: of the resource, of an extension (nested), not of other datatypes.
+        assert_eq!(
+            field("extension").unwrap()["type"]["items"]["name"],
+            "Extension"
+        );
         // Quantity is defined once, where first used (inside Timing), and referenced after.
         fn find_record<'a>(json: &'a Json, name: &str) -> Option<&'a Json> {
             match json {
@@ -286,6 +297,21 @@ mod tests {
             .find(|f| f["name"] == "value")
             .unwrap();
         assert_eq!(value[FHIR_TYPE_ATTRIBUTE], "decimal");
+        assert!(quantity["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["name"] != "extension" && f["name"] != "id"));
+        let extension = find_record(&schema, "Extension").unwrap();
+        let names: Vec<&str> = extension["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names[..2], ["extension", "url"]);
+        assert!(names.contains(&"valueCoding") && names.contains(&"valueBoolean"));
+        assert_eq!(extension["fields"][0]["type"]["items"], "fhir.r4.Extension");
         assert_eq!(
             field("referenceRange").unwrap()["type"]["items"]["name"],
             "Observation_ReferenceRange"

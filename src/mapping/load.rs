@@ -1108,15 +1108,16 @@ impl Reader<'_> {
         };
         let leaf = resolved.leaf;
         let what = format!("{resource_type}.{path_text}");
-        if let Some((_, left_out)) = path
-            .iter()
-            .enumerate()
-            .find(|(i, segment)| !schema::carried(segment.name, *i == 0))
+        let containers =
+            std::iter::once(resource_type).chain(resolved.nodes.iter().map(String::as_str));
+        if let Some((container, left_out)) = containers
+            .zip(&path)
+            .find(|(container, segment)| !schema::carried(segment.name, container))
         {
             self.error(
                 key_span,
                 format!(
-                    "{what}: `{}` is not carried by the canonical events' Avro schemas (they leave out extension, modifierExtension and the id of datatypes and backbone elements: docs/events.md), so no event could hold it",
+                    "{what}: `{}` of {container} is not carried by the canonical events' Avro schemas (they leave out modifierExtension, the extensions of datatypes other than Extension, and the id of datatypes and backbone elements: docs/events.md), so no event could hold it",
                     left_out.name
                 ),
             );
@@ -1573,12 +1574,7 @@ impl Reader<'_> {
                 .map(str::to_owned)
                 .collect();
             for child in &children {
-                let filled = elements.iter().any(|e| {
-                    e.path.len() > path.len()
-                        && e.path[..path.len()] == path[..]
-                        && child_matches(child, e.path[path.len()].name)
-                });
-                if !filled {
+                if !fills(elements, &path, child) {
                     let node = if path.is_empty() {
                         resource_type.to_owned()
                     } else {
@@ -1587,6 +1583,11 @@ impl Reader<'_> {
                     self.error(span, format!("{node} must have `{child}` ({definition}.{child} is required), but no element fills it"));
                     complete = false;
                 }
+            }
+            if definition == "Extension"
+                && !self.extension_content(&path, elements, resource_type, span)
+            {
+                complete = false;
             }
             if !children.is_empty() {
                 required.push(RequiredNode {
@@ -1597,6 +1598,32 @@ impl Reader<'_> {
             }
         }
         complete.then_some(required)
+    }
+
+    /// FHIR's ext-1 for the extension at `path`: the mapping fills its `value[x]` or nested
+    /// extensions, not both and not neither. (A row whose value is NULL leaves the
+    /// extension out, url and all: see [`Shape`].)
+    fn extension_content(
+        &mut self,
+        path: &[Segment],
+        elements: &[ElementMapping],
+        resource_type: &str,
+        span: &Span,
+    ) -> bool {
+        let filled = |child| fills(elements, path, child);
+        let problem = match (filled("value[x]"), filled("extension")) {
+            (true, true) => "fills both a value[x] and nested extensions",
+            (false, false) => "fills neither a value[x] nor nested extensions",
+            _ => return true,
+        };
+        self.error(
+            span,
+            format!(
+                "{resource_type}.{} {problem}; FHIR's ext-1 wants exactly one of the two (a complex extension such as US Core race holds only nested extensions, each with its own url and value)",
+                display_path(path)
+            ),
+        );
+        false
     }
 }
 
@@ -1638,6 +1665,15 @@ fn choice_groups(resource_type: &str, elements: &[ElementMapping]) -> Vec<Choice
             names,
         })
         .collect()
+}
+
+/// Whether some element fills the child `child` of the node at `path`.
+fn fills(elements: &[ElementMapping], path: &[Segment], child: &str) -> bool {
+    elements.iter().any(|e| {
+        e.path.len() > path.len()
+            && e.path[..path.len()] == path[..]
+            && child_matches(child, e.path[path.len()].name)
+    })
 }
 
 /// Whether a JSON element name fills the child `child` (`value[x]` is filled by `valueQuantity`).

@@ -4,8 +4,9 @@
 //! that can appear, and which element fills each leaf, are known before the first row.
 //! Mapping a row computes one value per element, then builds the resource bottom-up from
 //! this tree: a NULL leaf is left out, an object or array left empty disappears, holes in
-//! arrays close up, and an anchored parent whose anchor is NULL is left out whole — with no
-//! name lookups and no intermediate tree.
+//! arrays close up, an anchored parent whose anchor is NULL is left out whole, and so is an
+//! extension left with its `url` alone (FHIR's ext-1: a value or nested extensions) — with
+//! no name lookups and no intermediate tree.
 
 use super::{
     load::child_matches,
@@ -28,6 +29,8 @@ struct Node {
     kind: Kind,
     /// Elements whose NULL removes this node.
     anchors: Vec<usize>,
+    /// An item of an `extension` array: left out when nothing but its `url` is present.
+    extension: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +61,7 @@ impl Shape {
             nodes: vec![Node {
                 kind: Kind::Object(Vec::new()),
                 anchors: Vec::new(),
+                extension: false,
             }],
             required: Vec::new(),
             choices: Vec::new(),
@@ -115,6 +119,7 @@ impl Shape {
             at = self.field(at, &segment.name);
             if let Some(index) = segment.index {
                 at = self.item(at, index);
+                self.nodes[at].extension = segment.name == "extension";
             }
         }
         at
@@ -159,6 +164,7 @@ impl Shape {
         self.nodes.push(Node {
             kind: Kind::Object(Vec::new()),
             anchors: Vec::new(),
+            extension: false,
         });
         self.nodes.len() - 1
     }
@@ -228,7 +234,11 @@ impl Shape {
         values: &mut [Option<Element>],
         present: &mut [bool],
     ) -> Option<Element> {
-        let Node { kind, anchors } = &self.nodes[node];
+        let Node {
+            kind,
+            anchors,
+            extension,
+        } = &self.nodes[node];
         if anchors.iter().any(|e| values[*e].is_none()) {
             return None;
         }
@@ -242,7 +252,12 @@ impl Shape {
                         built.push((*name, element));
                     }
                 }
-                (!built.is_empty()).then_some(Element::Object(built))
+                let empty = if *extension {
+                    built.iter().all(|(name, _)| *name == "url")
+                } else {
+                    built.is_empty()
+                };
+                (!empty).then_some(Element::Object(built))
             }
             Kind::Array(items) => {
                 let mut built = Vec::with_capacity(items.len());
