@@ -56,7 +56,13 @@ pub fn definitions() -> &'static Definitions {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Segment {
     pub name: super::Name,
+    /// An index, or [`Segment::EACH`].
     pub index: Option<usize>,
+}
+
+impl Segment {
+    /// The index written `[*]`: one item per part of a split column.
+    pub const EACH: usize = usize::MAX;
 }
 
 /// One element of a type or backbone element, as schema generation needs it.
@@ -118,9 +124,12 @@ impl Segment {
                         let digits = rest
                             .strip_suffix(']')
                             .ok_or_else(|| format!("`{part}`: an index is written `name[0]`"))?;
-                        let index = digits.parse::<usize>().map_err(|_| {
-                            format!("`{part}`: the index must be a number, as in `{name}[0]`")
-                        })?;
+                        let index = match digits {
+                            "*" => Segment::EACH,
+                            _ => digits.parse::<usize>().map_err(|_| {
+                                format!("`{part}`: the index must be a number, as in `{name}[0]`, or `*` (`{name}[*]`: one item per part of a split column)")
+                            })?,
+                        };
                         (name, Some(index))
                     }
                 };
@@ -267,6 +276,12 @@ impl Definitions {
                 .find_child(&container, segment.name)
                 .ok_or_else(|| fail(self.unknown_child_message(&container, segment.name)))?;
             match (element.max, segment.index) {
+                (Some(max), Some(Segment::EACH)) => {
+                    return Err(fail(format!(
+                        "{definition} repeats at most {max} time(s): `{}[*]` makes one item per part of a split column, so it needs an element that repeats without bound",
+                        segment.name
+                    )))
+                }
                 (Some(1), Some(index)) => {
                     return Err(fail(format!(
                         "{definition} is not repeating (0..1): write `{}` without `[{index}]`",

@@ -196,6 +196,10 @@ impl ResourceMapping {
                         };
                         format!("{at} lacks `{child}`, which FHIR requires ({}.{child}): its source is NULL in this row", node.definition)
                     }
+                    Broken::Parts([(a, m), (b, n)]) => format!(
+                        "{} has {m} part(s) and {} has {n}: each item of their `[*]` takes one part of each",
+                        self.elements[a].written, self.elements[b].written
+                    ),
                     Broken::Choice(i, present) => {
                         let group = &self.choices[i];
                         format!(
@@ -398,6 +402,53 @@ fn element_value(
                 Err(RenderError::NoTokenKey) => return Err(fail(NO_TOKEN_KEY.into())),
             }
         }
+    };
+    let Some(separator) = &element.split else {
+        return finish(element, raw, context, slot);
+    };
+    // One item per part, an empty one (or one a capture finds nothing in) holding its
+    // place as an empty array, so that the parts of two split columns pair up by position.
+    let mut items = Vec::new();
+    let mut filled = false;
+    if let Some(whole) = raw {
+        let text = text_of(whole);
+        for part in text.split(separator.as_str()).map(str::trim) {
+            let mut item = None;
+            if !part.is_empty() {
+                finish(
+                    element,
+                    Some(&Value::Text(part.to_owned())),
+                    context,
+                    &mut item,
+                )?;
+            }
+            filled |= item.is_some();
+            items.push(item.unwrap_or(Element::Array(Vec::new())));
+        }
+    }
+    // No part with a value: NULL, with its default.
+    if !filled {
+        items.clear();
+        let mut item = None;
+        finish(element, None, context, &mut item)?;
+        items.extend(item);
+    }
+    *slot = (!items.is_empty()).then_some(Element::Array(items));
+    Ok(())
+}
+
+/// The element's value from its source's value (`None`: NULL), into `slot`: through its
+/// transform, default, translation, protection and conversion. A split element's parts
+/// come here one by one.
+fn finish(
+    element: &ElementMapping,
+    raw: Option<&Value>,
+    context: &MapContext,
+    slot: &mut Option<Element>,
+) -> Result<(), MapError> {
+    let fail = |message: String| MapError {
+        location: element.location.to_string(),
+        message,
     };
     let transformed: Value;
     let raw = match raw {

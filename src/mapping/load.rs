@@ -848,6 +848,7 @@ impl Reader<'_> {
         let elements_span = elements_node
             .as_mapping()
             .map_or(*elements_node.span(), start_of);
+        self.spreads_split(&resource_type, &elements, &elements_span);
         let required = self.required_nodes(&resource_type, &elements, &elements_span);
         let choices = choice_groups(&resource_type, &elements);
         let required = required?;
@@ -1108,6 +1109,18 @@ impl Reader<'_> {
         };
         let leaf = resolved.leaf;
         let what = format!("{resource_type}.{path_text}");
+        if path
+            .iter()
+            .filter(|s| s.index == Some(Segment::EACH))
+            .count()
+            > 1
+        {
+            self.error(
+                key_span,
+                format!("{what}: one `[*]` per path (a split column makes one level of items)"),
+            );
+            return None;
+        }
         let containers =
             std::iter::once(resource_type).chain(resolved.nodes.iter().map(String::as_str));
         if let Some((container, left_out)) = containers
@@ -1146,6 +1159,7 @@ impl Reader<'_> {
             translate: None,
             protect: None,
             lookup: None,
+            split: None,
             default: None,
             fixed: None,
             translated: None,
@@ -1181,6 +1195,7 @@ impl Reader<'_> {
                     "case",
                     "format",
                     "lookup",
+                    "split",
                 ],
             );
             // Read through a lookup, the source's columns are the looked-up table's.
@@ -1272,6 +1287,19 @@ impl Reader<'_> {
                     self.error(n.span(), format!("{what}: a literal reads no column, so `lookup` has nothing to read: give `column`, `template` or `reference`"));
                     return None;
                 }
+            }
+            if let Some(n) = fields.get("split") {
+                let separator = self.text(n, "`split`")?;
+                let literal = matches!(&element.source, ValueSource::Template(t) if t.is_literal());
+                if separator.is_empty() || literal {
+                    self.error(n.span(), format!("{what}: `split` takes the separator the column's parts are written with (like \"|\" or \",\"), and a column or template to split"));
+                    return None;
+                }
+                if !element.path.iter().any(|s| s.index == Some(Segment::EACH)) {
+                    self.error(n.span(), format!("{what}: `split` makes one item per part: write the repeating element the items go into with `[*]`, as in `code.coding[*].code`"));
+                    return None;
+                }
+                element.split = Some(separator.to_owned());
             }
             if fields.contains_key("id") && sources != ["reference"] {
                 self.error(
@@ -1600,6 +1628,25 @@ impl Reader<'_> {
         complete.then_some(required)
     }
 
+    /// Every `[*]` array has an element that splits a column under it: the parts decide how
+    /// many items it has.
+    fn spreads_split(&mut self, resource_type: &str, elements: &[ElementMapping], span: &Span) {
+        let mut spreads: BTreeMap<Vec<Segment>, bool> = BTreeMap::new();
+        for element in elements {
+            if let Some(at) = element
+                .path
+                .iter()
+                .position(|s| s.index == Some(Segment::EACH))
+            {
+                *spreads.entry(element.path[..=at].to_vec()).or_default() |=
+                    element.split.is_some();
+            }
+        }
+        for (path, _) in spreads.into_iter().filter(|(_, split)| !split) {
+            self.error(span, format!("{resource_type}.{}: `[*]` makes one item per part of a split column, but no element under it has `split`", display_path(&path)));
+        }
+    }
+
     /// FHIR's ext-1 for the extension at `path`: the mapping fills its `value[x]` or nested
     /// extensions, not both and not neither. (A row whose value is NULL leaves the
     /// extension out, url and all: see [`Shape`].)
@@ -1691,6 +1738,7 @@ pub fn child_matches(child: &str, name: &str) -> bool {
 pub fn display_path(path: &[Segment]) -> String {
     path.iter()
         .map(|s| match s.index {
+            Some(Segment::EACH) => format!("{}[*]", s.name),
             Some(i) => format!("{}[{i}]", s.name),
             None => s.name.to_string(),
         })

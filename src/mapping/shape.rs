@@ -6,7 +6,8 @@
 //! this tree: a NULL leaf is left out, an object or array left empty disappears, holes in
 //! arrays close up, an anchored parent whose anchor is NULL is left out whole, and so is an
 //! extension left with its `url` alone (FHIR's ext-1: a value or nested extensions) — with
-//! no name lookups and no intermediate tree.
+//! no name lookups and no intermediate tree. A `[*]` item is built once per part of the
+//! split elements under it: each takes its part, the others repeat their value.
 
 use super::{
     load::child_matches,
@@ -31,12 +32,16 @@ struct Node {
     anchors: Vec<usize>,
     /// An item of an `extension` array: left out when nothing but its `url` is present.
     extension: bool,
+    /// For a `[*]` item: the split elements under it, whose parts it is built from.
+    parts: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
 enum Kind {
     /// Filled by the element with this index.
     Leaf(usize),
+    /// Filled by a part of the split element with this index (its value is an array).
+    Part(usize),
     Object(Vec<(Name, usize)>),
     /// Items in index order (indices the mapping skips are absent).
     Array(Vec<(usize, usize)>),
@@ -47,6 +52,9 @@ enum Kind {
 pub enum Broken {
     /// `required[i]` lacks its child `j`.
     Required(usize, usize),
+    /// Two split elements under one `[*]` item have different numbers of parts: each
+    /// element's index and its count.
+    Parts([(usize, usize); 2]),
     /// `choices[i]` has this many of its names filled.
     Choice(usize, usize),
 }
@@ -62,13 +70,27 @@ impl Shape {
                 kind: Kind::Object(Vec::new()),
                 anchors: Vec::new(),
                 extension: false,
+                parts: Vec::new(),
             }],
             required: Vec::new(),
             choices: Vec::new(),
         };
         for (index, element) in elements.iter().enumerate() {
             let leaf = shape.node_at(&element.path);
-            shape.nodes[leaf].kind = Kind::Leaf(index);
+            shape.nodes[leaf].kind = match element.split {
+                Some(_) => Kind::Part(index),
+                None => Kind::Leaf(index),
+            };
+            if let (Some(_), Some(at)) = (
+                &element.split,
+                element
+                    .path
+                    .iter()
+                    .position(|s| s.index == Some(Segment::EACH)),
+            ) {
+                let item = shape.node_at(&element.path[..=at]);
+                shape.nodes[item].parts.push(index);
+            }
         }
         for (index, element) in elements.iter().enumerate() {
             if let Some(depth) = element.anchor {
@@ -165,6 +187,7 @@ impl Shape {
             kind: Kind::Object(Vec::new()),
             anchors: Vec::new(),
             extension: false,
+            parts: Vec::new(),
         });
         self.nodes.len() - 1
     }
@@ -201,7 +224,7 @@ impl Shape {
             unreachable!("the resource is an object")
         };
         for (name, child) in root {
-            if let Some(element) = self.build_node(*child, values, &mut present) {
+            if let Some(element) = self.build_node(*child, values, &mut present, None)? {
                 fields.push((*name, element));
             }
         }
@@ -228,27 +251,35 @@ impl Shape {
         Ok(())
     }
 
+    /// The node's element; `part`: the index of the part being built, under a `[*]` item.
     fn build_node(
         &self,
         node: usize,
         values: &mut [Option<Element>],
         present: &mut [bool],
-    ) -> Option<Element> {
+        part: Option<usize>,
+    ) -> Result<Option<Element>, Broken> {
         let Node {
             kind,
             anchors,
             extension,
+            parts: _,
         } = &self.nodes[node];
         if anchors.iter().any(|e| values[*e].is_none()) {
-            return None;
+            return Ok(None);
         }
-        let element = match kind {
-            Kind::Leaf(e) => values[*e].take(),
+        let element = match (kind, part) {
+            (Kind::Leaf(e), None) => values[*e].take(),
+            // Under a `[*]` item: repeated in every item.
+            (Kind::Leaf(e), Some(_)) => values[*e].clone(),
+            (Kind::Part(e), Some(k)) => part_of(&mut values[*e], k)
+                .map(|item| std::mem::replace(item, Element::Array(Vec::new()))),
+            (Kind::Part(e), None) => values[*e].take(),
             // Sized for every child at once: one allocation per object or array.
-            Kind::Object(fields) => {
+            (Kind::Object(fields), _) => {
                 let mut built = Vec::with_capacity(fields.len());
                 for (name, child) in fields {
-                    if let Some(element) = self.build_node(*child, values, present) {
+                    if let Some(element) = self.build_node(*child, values, present, part)? {
                         built.push((*name, element));
                     }
                 }
@@ -259,17 +290,55 @@ impl Shape {
                 };
                 (!empty).then_some(Element::Object(built))
             }
-            Kind::Array(items) => {
+            (Kind::Array(items), _) => {
                 let mut built = Vec::with_capacity(items.len());
-                for (_, child) in items {
-                    if let Some(element) = self.build_node(*child, values, present) {
-                        built.push(element);
+                for (index, child) in items {
+                    if *index == Segment::EACH {
+                        let parts = &self.nodes[*child].parts;
+                        for k in 0..self.part_count(*child, values)? {
+                            // An item whose parts are all empty is not made.
+                            if parts.iter().all(|e| part_of(&mut values[*e], k).is_none()) {
+                                continue;
+                            }
+                            built.extend(self.build_node(*child, values, present, Some(k))?);
+                        }
+                    } else {
+                        built.extend(self.build_node(*child, values, present, part)?);
                     }
                 }
                 (!built.is_empty()).then_some(Element::Array(built))
             }
         };
         present[node] = element.is_some();
-        element
+        Ok(element)
+    }
+
+    /// How many items the `[*]` item `node` makes: the number of parts of its split
+    /// elements (a NULL one has none), which must agree.
+    fn part_count(&self, node: usize, values: &[Option<Element>]) -> Result<usize, Broken> {
+        let mut count: Option<(usize, usize)> = None;
+        for e in &self.nodes[node].parts {
+            let n = match &values[*e] {
+                Some(Element::Array(items)) => items.len(),
+                _ => continue,
+            };
+            match count {
+                Some((first, m)) if m != n => return Err(Broken::Parts([(first, m), (*e, n)])),
+                Some(_) => {}
+                None => count = Some((*e, n)),
+            }
+        }
+        Ok(count.map_or(0, |(_, n)| n))
+    }
+}
+
+/// Part `k` of a split element's value, unless that part was empty (an empty array keeps
+/// its place).
+fn part_of(value: &mut Option<Element>, k: usize) -> Option<&mut Element> {
+    match value {
+        Some(Element::Array(items)) => items
+            .get_mut(k)
+            .filter(|item| !matches!(item, Element::Array(empty) if empty.is_empty())),
+        _ => None,
     }
 }
