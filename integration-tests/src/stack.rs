@@ -278,8 +278,8 @@ pub async fn create_slot(client: &tokio_postgres::Client, slot: &str) -> String 
         .get(0)
 }
 
-/// The sample lab tables (`mappings/lab/schema.sql`) in a schema of their own, each with
-/// REPLICA IDENTITY FULL as the sample connector expects.
+/// The sample lab tables (`mappings/lab/schema.sql`, which gives them REPLICA IDENTITY
+/// FULL as the sample connector expects) in a schema of their own.
 pub async fn create_lab_schema(client: &tokio_postgres::Client, schema: &str) {
     let ddl = std::fs::read_to_string(repo_root().join("mappings/lab/schema.sql"))
         .unwrap()
@@ -289,14 +289,6 @@ pub async fn create_lab_schema(client: &tokio_postgres::Client, schema: &str) {
         )
         .replace("lis.", &format!("{schema}."));
     client.batch_execute(&ddl).await.unwrap();
-    for table in ["patient", "lab_order", "specimen", "lab_result"] {
-        client
-            .batch_execute(&format!(
-                "ALTER TABLE {schema}.{table} REPLICA IDENTITY FULL"
-            ))
-            .await
-            .unwrap();
-    }
 }
 
 /// The sample lab tables in a schema of their own (named from `name`), with the patient and

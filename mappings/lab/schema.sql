@@ -56,3 +56,36 @@ CREATE TABLE lis.lab_result (
     verified_at    timestamptz,
     comment        text
 );
+
+-- The test catalogue: local test codes to LOINC, kept by the lab's staff. The results of the
+-- point-of-care interface hold only the local code.
+CREATE TABLE lis.test_catalogue (
+    local_code    varchar(10) PRIMARY KEY,
+    loinc_code    varchar(10),
+    loinc_name    varchar(200),
+    active        char(1) NOT NULL DEFAULT 'Y'
+);
+
+-- Results from the point-of-care analyser interface, stored as the analysers send them: the
+-- result as text ("7.25", "<0.01", ">600", "POS"), the collection date and time as text in
+-- the lab's local time, the abnormal flags as a comma-separated list.
+CREATE TABLE lis.poc_result (
+    result_id      serial PRIMARY KEY,
+    mrn            char(10) NOT NULL,
+    test_code      varchar(10) NOT NULL,              -- local code, see lis.test_catalogue
+    result_raw     varchar(40),
+    units          varchar(20),
+    flags          varchar(20),                       -- H, L, A, AA, comma-separated
+    result_status  char(1) NOT NULL,                  -- P preliminary, F final, C corrected
+    collected_date char(8) NOT NULL,                  -- YYYYMMDD
+    collected_time char(4) NOT NULL                   -- HHMM
+);
+
+-- What the DBA attaching fhir-cdc adds: whole rows in the log, so that a correction arrives
+-- with what it corrected (docs/operations.md).
+ALTER TABLE lis.patient REPLICA IDENTITY FULL;
+ALTER TABLE lis.lab_order REPLICA IDENTITY FULL;
+ALTER TABLE lis.specimen REPLICA IDENTITY FULL;
+ALTER TABLE lis.lab_result REPLICA IDENTITY FULL;
+ALTER TABLE lis.test_catalogue REPLICA IDENTITY FULL;
+ALTER TABLE lis.poc_result REPLICA IDENTITY FULL;

@@ -46,16 +46,12 @@ fn execute(sql: &str) {
         });
 }
 
-/// The sample lab tables, as a DBA would prepare them: full replica identity.
+/// The sample lab tables, as a DBA would prepare them (schema.sql: full replica identity).
 fn ensure_lab_tables() {
     let ddl = std::fs::read_to_string(stack::repo_root().join("mappings/lab/schema.sql"))
         .unwrap()
         .replace("CREATE TABLE ", "CREATE TABLE IF NOT EXISTS ");
     execute(&ddl);
-    execute(
-        "ALTER TABLE lis.patient REPLICA IDENTITY FULL; ALTER TABLE lis.lab_order REPLICA IDENTITY FULL;
-         ALTER TABLE lis.specimen REPLICA IDENTITY FULL; ALTER TABLE lis.lab_result REPLICA IDENTITY FULL;",
-    );
 }
 
 /// The sample billing tables on the stack's MariaDB (`make demo` makes them too).

@@ -15,6 +15,7 @@ mod lookups;
 mod mysql_capture;
 mod mysql_types;
 mod phi;
+mod poc_story;
 mod postgres_snapshot;
 mod postgres_stream;
 mod postgres_tls;
