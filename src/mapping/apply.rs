@@ -440,6 +440,7 @@ fn element_value(
 /// The element's value from its source's value (`None`: NULL), into `slot`: through its
 /// transform, default, translation, protection and conversion. A split element's parts
 /// come here one by one.
+#[inline]
 fn finish(
     element: &ElementMapping,
     raw: Option<&Value>,

@@ -23,6 +23,9 @@ pub struct Shape {
     required: Vec<(usize, Vec<Vec<usize>>)>,
     /// Per choice group: where it is, and the nodes of its names.
     choices: Vec<(usize, Vec<usize>)>,
+    /// Per `[*]` item: its node, and the split elements under it whose parts it is built
+    /// from (kept apart from the nodes, which every row walks).
+    spreads: Vec<(usize, Vec<usize>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -32,8 +35,6 @@ struct Node {
     anchors: Vec<usize>,
     /// An item of an `extension` array: left out when nothing but its `url` is present.
     extension: bool,
-    /// For a `[*]` item: the split elements under it, whose parts it is built from.
-    parts: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -70,10 +71,10 @@ impl Shape {
                 kind: Kind::Object(Vec::new()),
                 anchors: Vec::new(),
                 extension: false,
-                parts: Vec::new(),
             }],
             required: Vec::new(),
             choices: Vec::new(),
+            spreads: Vec::new(),
         };
         for (index, element) in elements.iter().enumerate() {
             let leaf = shape.node_at(&element.path);
@@ -89,7 +90,10 @@ impl Shape {
                     .position(|s| s.index == Some(Segment::EACH)),
             ) {
                 let item = shape.node_at(&element.path[..=at]);
-                shape.nodes[item].parts.push(index);
+                match shape.spreads.iter_mut().find(|(node, _)| *node == item) {
+                    Some((_, parts)) => parts.push(index),
+                    None => shape.spreads.push((item, vec![index])),
+                }
             }
         }
         for (index, element) in elements.iter().enumerate() {
@@ -187,7 +191,6 @@ impl Shape {
             kind: Kind::Object(Vec::new()),
             anchors: Vec::new(),
             extension: false,
-            parts: Vec::new(),
         });
         self.nodes.len() - 1
     }
@@ -220,13 +223,18 @@ impl Shape {
         let mut present: smallvec::SmallVec<[bool; 64]> =
             smallvec::smallvec![false; self.nodes.len()];
         present[0] = true;
+        let mut broken = None;
         let Kind::Object(root) = &self.nodes[0].kind else {
             unreachable!("the resource is an object")
         };
         for (name, child) in root {
-            if let Some(element) = self.build_node(*child, values, &mut present, None)? {
+            if let Some(element) = self.build_node(*child, values, &mut present, None, &mut broken)
+            {
                 fields.push((*name, element));
             }
+        }
+        if let Some(broken) = broken {
+            return Err(broken);
         }
         for (i, (at, children)) in self.required.iter().enumerate() {
             if present.get(*at) != Some(&true) {
@@ -252,21 +260,23 @@ impl Shape {
     }
 
     /// The node's element; `part`: the index of the part being built, under a `[*]` item.
+    /// A rule broken on the way is kept in `broken` (the building goes on: the caller
+    /// refuses the resource).
     fn build_node(
         &self,
         node: usize,
         values: &mut [Option<Element>],
         present: &mut [bool],
         part: Option<usize>,
-    ) -> Result<Option<Element>, Broken> {
+        broken: &mut Option<Broken>,
+    ) -> Option<Element> {
         let Node {
             kind,
             anchors,
             extension,
-            parts: _,
         } = &self.nodes[node];
         if anchors.iter().any(|e| values[*e].is_none()) {
-            return Ok(None);
+            return None;
         }
         let element = match (kind, part) {
             (Kind::Leaf(e), None) => values[*e].take(),
@@ -279,7 +289,7 @@ impl Shape {
             (Kind::Object(fields), _) => {
                 let mut built = Vec::with_capacity(fields.len());
                 for (name, child) in fields {
-                    if let Some(element) = self.build_node(*child, values, present, part)? {
+                    if let Some(element) = self.build_node(*child, values, present, part, broken) {
                         built.push((*name, element));
                     }
                 }
@@ -294,41 +304,31 @@ impl Shape {
                 let mut built = Vec::with_capacity(items.len());
                 for (index, child) in items {
                     if *index == Segment::EACH {
-                        let parts = &self.nodes[*child].parts;
-                        for k in 0..self.part_count(*child, values)? {
+                        let parts = self.parts(*child);
+                        for k in 0..part_count(parts, values, broken) {
                             // An item whose parts are all empty is not made.
                             if parts.iter().all(|e| part_of(&mut values[*e], k).is_none()) {
                                 continue;
                             }
-                            built.extend(self.build_node(*child, values, present, Some(k))?);
+                            built.extend(self.build_node(*child, values, present, Some(k), broken));
                         }
                     } else {
-                        built.extend(self.build_node(*child, values, present, part)?);
+                        built.extend(self.build_node(*child, values, present, part, broken));
                     }
                 }
                 (!built.is_empty()).then_some(Element::Array(built))
             }
         };
         present[node] = element.is_some();
-        Ok(element)
+        element
     }
 
-    /// How many items the `[*]` item `node` makes: the number of parts of its split
-    /// elements (a NULL one has none), which must agree.
-    fn part_count(&self, node: usize, values: &[Option<Element>]) -> Result<usize, Broken> {
-        let mut count: Option<(usize, usize)> = None;
-        for e in &self.nodes[node].parts {
-            let n = match &values[*e] {
-                Some(Element::Array(items)) => items.len(),
-                _ => continue,
-            };
-            match count {
-                Some((first, m)) if m != n => return Err(Broken::Parts([(first, m), (*e, n)])),
-                Some(_) => {}
-                None => count = Some((*e, n)),
-            }
-        }
-        Ok(count.map_or(0, |(_, n)| n))
+    /// The split elements under the `[*]` item `node`.
+    fn parts(&self, node: usize) -> &[usize] {
+        self.spreads
+            .iter()
+            .find(|(at, _)| *at == node)
+            .map_or(&[], |(_, parts)| parts)
     }
 }
 
@@ -341,4 +341,25 @@ fn part_of(value: &mut Option<Element>, k: usize) -> Option<&mut Element> {
             .filter(|item| !matches!(item, Element::Array(empty) if empty.is_empty())),
         _ => None,
     }
+}
+
+/// How many items a `[*]` item makes: the number of parts of its split elements `parts` (a
+/// NULL one has none), which must agree; when they do not, none, and `broken` says why.
+fn part_count(parts: &[usize], values: &[Option<Element>], broken: &mut Option<Broken>) -> usize {
+    let mut count: Option<(usize, usize)> = None;
+    for e in parts {
+        let n = match &values[*e] {
+            Some(Element::Array(items)) => items.len(),
+            _ => continue,
+        };
+        match count {
+            Some((first, m)) if m != n => {
+                *broken = Some(Broken::Parts([(first, m), (*e, n)]));
+                return 0;
+            }
+            Some(_) => {}
+            None => count = Some((*e, n)),
+        }
+    }
+    count.map_or(0, |(_, n)| n)
 }
