@@ -63,6 +63,11 @@ pub struct Segment {
 impl Segment {
     /// The index written `[*]`: one item per part of a split column.
     pub const EACH: usize = usize::MAX;
+
+    /// Whether it is written `name[*]`.
+    pub fn is_each(&self) -> bool {
+        self.index == Some(Self::EACH)
+    }
 }
 
 /// One element of a type or backbone element, as schema generation needs it.

@@ -1109,12 +1109,7 @@ impl Reader<'_> {
         };
         let leaf = resolved.leaf;
         let what = format!("{resource_type}.{path_text}");
-        if path
-            .iter()
-            .filter(|s| s.index == Some(Segment::EACH))
-            .count()
-            > 1
-        {
+        if path.iter().filter(|s| s.is_each()).count() > 1 {
             self.error(
                 key_span,
                 format!("{what}: one `[*]` per path (a split column makes one level of items)"),
@@ -1295,7 +1290,7 @@ impl Reader<'_> {
                     self.error(n.span(), format!("{what}: `split` takes the separator the column's parts are written with (like \"|\" or \",\"), and a column or template to split"));
                     return None;
                 }
-                if !element.path.iter().any(|s| s.index == Some(Segment::EACH)) {
+                if !element.path.iter().any(Segment::is_each) {
                     self.error(n.span(), format!("{what}: `split` makes one item per part: write the repeating element the items go into with `[*]`, as in `code.coding[*].code`"));
                     return None;
                 }
@@ -1633,11 +1628,7 @@ impl Reader<'_> {
     fn spreads_split(&mut self, resource_type: &str, elements: &[ElementMapping], span: &Span) {
         let mut spreads: BTreeMap<Vec<Segment>, bool> = BTreeMap::new();
         for element in elements {
-            if let Some(at) = element
-                .path
-                .iter()
-                .position(|s| s.index == Some(Segment::EACH))
-            {
+            if let Some(at) = element.path.iter().position(Segment::is_each) {
                 *spreads.entry(element.path[..=at].to_vec()).or_default() |=
                     element.split.is_some();
             }

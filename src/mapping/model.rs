@@ -223,8 +223,8 @@ pub struct ElementMapping {
     pub protect: Option<Protect>,
     /// The source is read from the row this lookup finds, not from the mapped row.
     pub lookup: Option<Arc<Lookup>>,
-    /// The separator the source's text is split at: each non-empty part, trimmed, goes
-    /// through the other steps into one item of the path's `[*]` array.
+    /// The separator the source's text is split at: each part, trimmed, goes through the
+    /// other steps into one item of the path's `[*]` array (an empty one keeps its place).
     pub split: Option<String>,
     /// Used when the source is NULL.
     pub default: Option<String>,

@@ -78,23 +78,22 @@ impl Shape {
         };
         for (index, element) in elements.iter().enumerate() {
             let leaf = shape.node_at(&element.path);
-            shape.nodes[leaf].kind = match element.split {
-                Some(_) => Kind::Part(index),
+            // A split element fills one part per item of the `[*]` array on its path.
+            let spread = element
+                .split
+                .as_ref()
+                .and(element.path.iter().position(Segment::is_each));
+            shape.nodes[leaf].kind = match spread {
                 None => Kind::Leaf(index),
-            };
-            if let (Some(_), Some(at)) = (
-                &element.split,
-                element
-                    .path
-                    .iter()
-                    .position(|s| s.index == Some(Segment::EACH)),
-            ) {
-                let item = shape.node_at(&element.path[..=at]);
-                match shape.spreads.iter_mut().find(|(node, _)| *node == item) {
-                    Some((_, parts)) => parts.push(index),
-                    None => shape.spreads.push((item, vec![index])),
+                Some(at) => {
+                    let item = shape.node_at(&element.path[..=at]);
+                    match shape.spreads.iter_mut().find(|(node, _)| *node == item) {
+                        Some((_, parts)) => parts.push(index),
+                        None => shape.spreads.push((item, vec![index])),
+                    }
+                    Kind::Part(index)
                 }
-            }
+            };
         }
         for (index, element) in elements.iter().enumerate() {
             if let Some(depth) = element.anchor {
@@ -282,9 +281,10 @@ impl Shape {
             (Kind::Leaf(e), None) => values[*e].take(),
             // Under a `[*]` item: repeated in every item.
             (Kind::Leaf(e), Some(_)) => values[*e].clone(),
-            (Kind::Part(e), Some(k)) => part_of(&mut values[*e], k)
+            // Only ever under a `[*]` item, which says the part.
+            (Kind::Part(e), _) => part
+                .and_then(|k| part_of(&mut values[*e], k))
                 .map(|item| std::mem::replace(item, Element::Array(Vec::new()))),
-            (Kind::Part(e), None) => values[*e].take(),
             // Sized for every child at once: one allocation per object or array.
             (Kind::Object(fields), _) => {
                 let mut built = Vec::with_capacity(fields.len());
