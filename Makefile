@@ -16,6 +16,7 @@ test: stack-up
 	integration-tests/oracles/setup
 	cargo build --bin fhir-cdc
 	target/debug/fhir-cdc schemas check
+	for mappings in mappings/*/; do target/debug/fhir-cdc check --mappings $$mappings || exit 1; done
 	. integration-tests/stack/env && cargo test --workspace
 
 # Formatting and clippy, warnings as errors (CI runs this before the tests).

@@ -9,7 +9,7 @@ use std::{fmt, sync::Arc};
 use chrono::{DateTime, Utc};
 
 pub use self::{
-    position::{BinlogPosition, PgLsn, Position},
+    position::{BinlogPosition, ChangeLsn, Lsn, PgLsn, Position},
     value::{Column, ExactDecimal, Names, Row, Value},
 };
 

@@ -14,7 +14,7 @@ use crate::{
     mapping,
     preflight::{Finding, Severity},
     sink::kafka,
-    source::{mysql, postgres},
+    source::{mysql, postgres, sqlserver},
 };
 
 #[derive(Debug, Args)]
@@ -211,6 +211,18 @@ async fn check_connector(path: &std::path::Path) -> ExitCode {
                     }
                 }
                 mysql::preflight::check(&my.url, &mapped, my.signal_table()).await
+            }
+            SourceConfig::SqlServer(ms) => {
+                let mut mapped: Vec<sqlserver::preflight::MappedTable> = Vec::new();
+                for m in &mappings {
+                    if !mapped.iter().any(|t| t.name == m.table) {
+                        mapped.push(sqlserver::preflight::MappedTable {
+                            name: m.table.clone(),
+                            key: m.key.clone(),
+                        });
+                    }
+                }
+                sqlserver::preflight::check(&ms.url, &mapped, ms.signal_table()).await
             }
         }
     };

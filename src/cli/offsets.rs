@@ -8,7 +8,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use crate::{
     config::{ConnectorConfig, Secret, SourceConfig},
     offsets::{ConnectorState, StateStore, TableProgress},
-    source::{mysql, postgres::capture, SourceError},
+    source::{mysql, postgres::capture, sqlserver, SourceError},
 };
 
 #[derive(Debug, Args)]
@@ -156,6 +156,7 @@ async fn offsets(args: OffsetsArgs) -> Result<ExitCode, Failure> {
 enum SourceAt<'a> {
     Postgres { url: &'a Secret, slot: String },
     Mysql { url: &'a Secret, connector: &'a str },
+    SqlServer { url: &'a Secret, connector: &'a str },
 }
 
 impl<'a> SourceAt<'a> {
@@ -169,6 +170,10 @@ impl<'a> SourceAt<'a> {
                 url: &my.url,
                 connector: &config.name,
             },
+            SourceConfig::SqlServer(ms) => SourceAt::SqlServer {
+                url: &ms.url,
+                connector: &config.name,
+            },
         }
     }
 
@@ -179,6 +184,9 @@ impl<'a> SourceAt<'a> {
                 .await?
                 .then(|| format!("replication slot {slot} is in use"))),
             SourceAt::Mysql { url, connector } => mysql::lock_holder(url, connector).await,
+            SourceAt::SqlServer { url, connector } => {
+                Ok(sqlserver::catalog::lock_holder(url, connector).await?)
+            }
         }
     }
 
@@ -190,6 +198,13 @@ impl<'a> SourceAt<'a> {
                 let mut conn = mysql::connect(url).await?;
                 let (position, gtid) = mysql::current_position(&mut conn).await?;
                 Ok(mysql::capture::position_text(&position, gtid.as_ref()))
+            }
+            SourceAt::SqlServer { url, .. } => {
+                let mut client = sqlserver::connection::connect(url).await?;
+                let max = sqlserver::catalog::max_lsn(&mut client).await?.ok_or_else(|| {
+                    SourceError::Transient("the capture job has recorded no position yet (sys.fn_cdc_get_max_lsn() is NULL)".into())
+                })?;
+                Ok(crate::change::ChangeLsn::end_of(max).to_string())
             }
         }
     }

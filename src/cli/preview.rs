@@ -19,6 +19,7 @@ use crate::{
     source::{
         chunk_changes, mysql,
         postgres::snapshot::{Reading, TableReader},
+        sqlserver,
     },
 };
 
@@ -85,6 +86,9 @@ async fn preview(args: &PreviewArgs) -> Result<u64, Failure> {
         }
         SourceConfig::Mysql(my) => {
             preview_mysql(my, &config.name, &tables, &mapper, args.limit).await
+        }
+        SourceConfig::SqlServer(ms) => {
+            preview_sqlserver(&ms.url, &config.name, &tables, &mapper, args.limit).await
         }
     }
 }
@@ -182,6 +186,45 @@ async fn preview_mysql(
     pool.disconnect()
         .await
         .map_err(|e| source_error(mysql::MysqlError::connect(e)))?;
+    Ok(failures)
+}
+
+async fn preview_sqlserver(
+    url: &crate::config::Secret,
+    connector: &str,
+    tables: &[(String, String)],
+    mapper: &Mapper,
+    limit: u64,
+) -> Result<u64, Failure> {
+    use crate::source::sqlserver::{connection, snapshot};
+    let source_error = |e: sqlserver::MssqlError| Failure::Source(e.to_string());
+    let database = connection::database(url)
+        .ok_or_else(|| Failure::Config("source.url names no database".into()))?;
+    let mut client = connection::connect(url).await.map_err(source_error)?;
+    let mut failures = 0;
+    for (schema, table) in tables {
+        let name = format!("{schema}.{table}");
+        let described = snapshot::ChunkTable::describe(&mut client, connector, &database, &name)
+            .await
+            .map_err(source_error)?;
+        let size = usize::try_from(limit).unwrap_or(usize::MAX);
+        let (rows, _, _) = snapshot::select_rows(&mut client, &described, None, None, size)
+            .await
+            .map_err(source_error)?;
+        // A keyless table is read whole: preview only its first rows.
+        let rows = rows.into_iter().take(size);
+        let position = Position::SqlServer(crate::change::ChangeLsn::end_of(Default::default()));
+        let mut printer = Printer::new(schema, table);
+        for change in chunk_changes(&described.source, &described.key, rows, &position) {
+            printer.print(mapper, &change);
+        }
+        eprintln!(
+            "── {schema}.{table}: {} row(s) read, {} not mappable",
+            printer.rows, printer.failures
+        );
+        failures += printer.failures;
+    }
+    let _ = client.close().await;
     Ok(failures)
 }
 

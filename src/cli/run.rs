@@ -21,7 +21,10 @@ use crate::{
     config::{ConnectorConfig, SourceConfig},
     observe,
     pipeline::{self, RunError, RunSummary},
-    source::{mysql::capture::MysqlSource, postgres::capture::PostgresSource},
+    source::{
+        mysql::capture::MysqlSource, postgres::capture::PostgresSource,
+        sqlserver::capture::SqlServerSource,
+    },
 };
 
 #[derive(Debug, Args)]
@@ -112,6 +115,15 @@ async fn run_once(
             pipeline::run(
                 config,
                 |tables| MysqlSource::new(name, my, tables),
+                shutdown,
+            )
+            .await
+        }
+        SourceConfig::SqlServer(ms) => {
+            let name = &config.name;
+            pipeline::run(
+                config,
+                |tables| SqlServerSource::new(name, ms, tables),
                 shutdown,
             )
             .await

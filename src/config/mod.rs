@@ -301,14 +301,16 @@ pub enum SnapshotMode {
     WhenNeeded,
 }
 
-/// The source database: one variant per kind (`kind = "postgres"` or `kind = "mysql"`, the
-/// first key of `[source]`), each refusing the keys of the others.
+/// The source database: one variant per kind (`kind = "postgres"`, `"mysql"` or
+/// `"sqlserver"`, the first key of `[source]`), each refusing the keys of the others.
 #[derive(Debug)]
 pub enum SourceConfig {
     /// PostgreSQL, through logical replication (`pgoutput`).
     Postgres(PostgresConfig),
     /// MySQL or MariaDB, through the binary log.
     Mysql(MysqlConfig),
+    /// SQL Server, through its change data capture tables.
+    SqlServer(SqlServerConfig),
 }
 
 /// A PostgreSQL source.
@@ -366,6 +368,53 @@ pub struct SignalConfig {
 #[serde(deny_unknown_fields)]
 pub struct SignalData {
     pub collection: String,
+}
+
+/// A SQL Server source.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlServerConfig {
+    /// An ADO.NET connection string, as SQL Server DBAs write them, usually with a secret
+    /// in it: `Server=tcp:host,1433;Database=lab;User Id=fhir_cdc;Password=${env:PW};
+    /// Encrypt=true`. TLS as `Encrypt` (`true`, `false` for the login only, `DANGER_PLAINTEXT`
+    /// for none), `TrustServerCertificate` and `TrustServerCertificateCA=<PEM or DER path>`;
+    /// `IntegratedSecurity=true` where the build has it. `Database` is required.
+    pub url: Secret,
+    /// `snapshot.mode` (`initial` by default) and `snapshot.chunk.size`.
+    pub snapshot: Option<SnapshotConfig>,
+    /// `poll.interval.ms`: how long the connector waits before asking the change tables
+    /// again when they had nothing new (Debezium's `poll.interval.ms`). Default 500.
+    pub poll: Option<PollConfig>,
+    /// `signal.data.collection`: the `schema.table` (with CDC enabled on it) through which
+    /// `fhir-cdc snapshot` asks the connector for ad-hoc snapshots (Debezium's signal table:
+    /// `id`, `type`, `data`). None: ad-hoc snapshots are refused.
+    pub signal: Option<SignalConfig>,
+}
+
+/// `poll.interval.ms`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollConfig {
+    pub interval: Milliseconds,
+}
+
+impl SqlServerConfig {
+    pub fn snapshot_mode(&self) -> SnapshotMode {
+        snapshot_mode(self.snapshot.as_ref())
+    }
+
+    pub fn snapshot_chunk_size(&self) -> usize {
+        snapshot_chunk_size(self.snapshot.as_ref())
+    }
+
+    pub fn poll_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.poll.as_ref().map_or(500, |p| p.interval.ms))
+    }
+
+    /// The signal table, `schema.table` (so once the configuration is validated).
+    pub fn signal_table(&self) -> Option<&str> {
+        self.signal.as_ref().map(|s| s.data.collection.as_str())
+    }
 }
 
 /// `server.id`.
@@ -471,7 +520,7 @@ impl<'de> Deserialize<'de> for SourceConfig {
             type Value = SourceConfig;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a table with `kind` (postgres or mysql)")
+                f.write_str("a table with `kind` (postgres, mysql or sqlserver)")
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SourceConfig, A::Error> {
@@ -491,6 +540,9 @@ impl<'de> Deserialize<'de> for SourceConfig {
                 Ok(match kind {
                     SourceKind::Postgres => SourceConfig::Postgres(Deserialize::deserialize(rest)?),
                     SourceKind::Mysql => SourceConfig::Mysql(Deserialize::deserialize(rest)?),
+                    SourceKind::Sqlserver => {
+                        SourceConfig::SqlServer(Deserialize::deserialize(rest)?)
+                    }
                 })
             }
         }
@@ -504,6 +556,7 @@ impl SourceConfig {
         match self {
             Self::Postgres(_) => SourceKind::Postgres,
             Self::Mysql(_) => SourceKind::Mysql,
+            Self::SqlServer(_) => SourceKind::Sqlserver,
         }
     }
 
@@ -512,6 +565,7 @@ impl SourceConfig {
         match self {
             Self::Postgres(pg) => &pg.url,
             Self::Mysql(mysql) => &mysql.url,
+            Self::SqlServer(mssql) => &mssql.url,
         }
     }
 }
@@ -578,6 +632,7 @@ fn default_object_name(connector: &str) -> String {
 pub enum SourceKind {
     Postgres,
     Mysql,
+    Sqlserver,
 }
 
 impl fmt::Display for SourceKind {
@@ -585,6 +640,7 @@ impl fmt::Display for SourceKind {
         f.write_str(match self {
             Self::Postgres => "postgres",
             Self::Mysql => "mysql",
+            Self::Sqlserver => "sqlserver",
         })
     }
 }
@@ -806,10 +862,24 @@ impl ConnectorConfig {
         let schemes: &[&str] = match kind {
             SourceKind::Postgres => &["postgres://", "postgresql://"],
             SourceKind::Mysql => &["mysql://", "mariadb://"],
+            SourceKind::Sqlserver => &[],
         };
+        if let SourceConfig::SqlServer(mssql) = &self.source {
+            crate::source::sqlserver::connection::config(&mssql.url)
+                .map_err(|e| ("source.url", e))?;
+            if mssql.snapshot_chunk_size() == 0 {
+                return Err((
+                    "source.snapshot.chunk.size",
+                    "0 rows per chunk would read nothing: use at least 1 (default 1024)".into(),
+                ));
+            }
+        }
         // PostgreSQL also takes libpq's `key=value` form.
         let key_value_form = kind == SourceKind::Postgres && url.contains('=');
-        if !key_value_form && !schemes.iter().any(|s| url.starts_with(s)) {
+        if kind != SourceKind::Sqlserver
+            && !key_value_form
+            && !schemes.iter().any(|s| url.starts_with(s))
+        {
             return Err((
                 "source.url",
                 format!(
@@ -818,24 +888,27 @@ impl ConnectorConfig {
                 ),
             ));
         }
-        if let SourceConfig::Mysql(mysql) = &self.source {
+        let signal = match &self.source {
+            SourceConfig::Mysql(mysql) => mysql.signal.as_ref().map(|s| (s, "database.table")),
+            SourceConfig::SqlServer(mssql) => mssql.signal.as_ref().map(|s| (s, "schema.table")),
+            SourceConfig::Postgres(_) => None,
+        };
+        if let Some((signal, form)) = signal {
             let named = |part: &str| {
                 !part.is_empty()
                     && part
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '$'))
             };
-            if let Some(signal) = &mysql.signal {
-                let collection = &signal.data.collection;
-                if !collection
-                    .split_once('.')
-                    .is_some_and(|(d, t)| named(d) && named(t))
-                {
-                    return Err((
-                        "source.signal.data.collection",
-                        format!("`{collection}` is not a table: write it as database.table (letters, digits, `_`, `$`)"),
-                    ));
-                }
+            let collection = &signal.data.collection;
+            if !collection
+                .split_once('.')
+                .is_some_and(|(d, t)| named(d) && named(t))
+            {
+                return Err((
+                    "source.signal.data.collection",
+                    format!("`{collection}` is not a table: write it as {form} (letters, digits, `_`, `$`)"),
+                ));
             }
         }
         if self
@@ -1041,10 +1114,42 @@ url = "http://localhost:8081"
 
     #[test]
     fn unknown_source_kinds_are_refused() {
-        let err = parse(&VALID.replace("\"postgres\"", "\"sqlserver\""))
+        let err = parse(&VALID.replace("\"postgres\"", "\"oracle\""))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("unknown variant `sqlserver`"), "{err}");
+        assert!(err.contains("unknown variant `oracle`"), "{err}");
+    }
+
+    #[test]
+    fn a_sql_server_source_takes_an_ado_connection_string() {
+        let mssql = |url: &str, extra: &str| {
+            VALID
+                .replace("\"postgres\"", &format!("\"sqlserver\"\n{extra}"))
+                .replace(
+                    "\"postgres://u:p@localhost:5432/lab\"",
+                    &format!("\"{url}\""),
+                )
+        };
+        let good =
+            "Server=tcp:db.example,1433;Database=lab;User Id=fhir_cdc;Password=s3cret;Encrypt=true";
+        let config = parse(&mssql(good, "poll.interval.ms = 250")).unwrap();
+        let SourceConfig::SqlServer(ms) = &config.source else {
+            panic!("{config:?}")
+        };
+        assert_eq!(ms.poll_interval(), std::time::Duration::from_millis(250));
+        assert!(!format!("{config:?}").contains("s3cret"));
+        let err = parse(&mssql("Server=db;User Id=u;Password=s3cret", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("source.url") && err.contains("Database"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+        let err = parse(&mssql(good, "slot.name = \"x\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `slot`"), "{err}");
     }
 
     #[test]

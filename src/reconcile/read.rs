@@ -363,6 +363,7 @@ async fn stored_position(
         SourceConfig::Mysql(_) => mysql::capture::parse_position(&text)
             .ok()
             .map(|(p, _)| Position::Mysql(p)),
+        SourceConfig::SqlServer(_) => text.parse().ok().map(Position::SqlServer),
     })
 }
 

@@ -2,8 +2,11 @@
 //! source-neutral changes, behind one seam ([`Source`]) that the pipeline drives without
 //! knowing the database.
 
+pub mod chunks;
 pub mod mysql;
 pub mod postgres;
+pub mod signal;
+pub mod sqlserver;
 
 use std::{fmt, future::Future, sync::Arc};
 
@@ -111,6 +114,15 @@ pub async fn request_snapshot(
             };
             Ok(mysql::signal::request_snapshot(&my.url, signal, request).await?)
         }
+        SourceConfig::SqlServer(ms) => {
+            let Some(signal) = ms.signal_table() else {
+                return Err(SourceError::Connector(format!(
+                    "snapshots of a sqlserver source are asked through a signal table, and [source] names none: create one (`{}`), set signal.data.collection = \"dbo.fhir_cdc_signal\" in [source], restart the connector, and GRANT INSERT on the table to the user of source.url",
+                    sqlserver::signal::ddl("dbo.fhir_cdc_signal")
+                )));
+            };
+            Ok(sqlserver::signal::request_snapshot(&ms.url, signal, request).await?)
+        }
     }
 }
 
@@ -128,6 +140,9 @@ pub async fn check_condition(
         SourceConfig::Mysql(my) => {
             Ok(mysql::signal::check_condition(&my.url, table, filter).await?)
         }
+        SourceConfig::SqlServer(ms) => {
+            Ok(sqlserver::signal::check_condition(&ms.url, table, filter).await?)
+        }
     }
 }
 
@@ -136,6 +151,7 @@ pub fn key_condition(source: &SourceConfig, key: &[(String, crate::change::Value
     match source {
         SourceConfig::Postgres(_) => postgres::snapshot::key_condition(key),
         SourceConfig::Mysql(_) => mysql::signal::key_condition(key),
+        SourceConfig::SqlServer(_) => sqlserver::signal::key_condition(key),
     }
 }
 
@@ -251,6 +267,12 @@ pub async fn read_consistent(
                 ..window.low
             });
             Ok((low, Position::Mysql(window.high)))
+        }
+        SourceConfig::SqlServer(ms) => {
+            let (low, high) =
+                sqlserver::snapshot::read_consistent(&ms.url, &config.name, tables, 1024, out)
+                    .await?;
+            Ok((Position::SqlServer(low), Position::SqlServer(high)))
         }
     }
 }

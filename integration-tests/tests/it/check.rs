@@ -141,6 +141,34 @@ fn stopped_components_are_named_with_the_fix() {
     }
 }
 
+/// No SQL Server runs here: its reference configuration is read, its mappings checked, and
+/// the server reported unreachable with the fix, the password never printed.
+#[test]
+fn the_sql_server_reference_config_is_read_and_its_server_named_unreachable() {
+    let port = free_port();
+    let secret = "sentinel-mssql-4711";
+    let env = [
+        ("FHIR_CDC_MSSQL_SERVER", format!("127.0.0.1,{port}")),
+        ("FHIR_CDC_MSSQL_PASSWORD", secret.to_owned()),
+    ];
+    let outcome = check(&reference("adt-sqlserver.toml"), &env);
+    assert_eq!(outcome.code, 1, "{}", outcome.stdout);
+    for expected in [
+        "ok    config    parsed and valid".to_owned(),
+        format!("FAIL  sqlserver nothing is listening at 127.0.0.1:{port} (connection refused)"),
+        "fix: start SQL Server".to_owned(),
+        "ok    kafka     1 broker(s) answer at".to_owned(),
+        "1 problem(s)".to_owned(),
+    ] {
+        assert!(
+            outcome.stdout.contains(&expected),
+            "`{expected}` missing from:\n{}",
+            outcome.stdout
+        );
+    }
+    assert!(!outcome.stdout.contains(secret), "{}", outcome.stdout);
+}
+
 #[test]
 fn a_wrong_password_is_an_authentication_failure_and_is_never_printed() {
     let secret = "wrong-secret-4711";

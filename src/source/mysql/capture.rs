@@ -6,32 +6,22 @@
 //! of it (the same event ids), never half. On a server with GTIDs the connector resumes by
 //! GTID, so it follows a failover to a replica that has the same transactions.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::VecDeque, time::Duration};
 
-use mysql_async::{Conn, Pool};
-use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use mysql_async::Conn;
+use tracing::{info, warn};
 
 use super::{
     binlog::{BinlogReader, Decoded, ReaderOptions, StartAt},
     current_position,
     gtid::GtidPosition,
-    purged_since, signal,
-    snapshot::{self, Chunk, ChunkTable},
-    MysqlError,
+    purged_since, snapshot, MysqlError,
 };
 use crate::{
-    change::{BinlogPosition, ChangeEvent, Operation, Position, SourceMessage},
+    change::{BinlogPosition, Operation, Position, SourceMessage},
     config::{MysqlConfig, Secret, SnapshotMode},
-    observe::progress::Progress,
     offsets::{ConnectorState, TableProgress},
-    source::{
-        chunk_changes, is_new_request, publish, refuse_foreign_state, Source, SourceError, SourceIo,
-    },
+    source::{chunks::Snapshotter, publish, refuse_foreign_state, Source, SourceError, SourceIo},
 };
 
 /// A MySQL or MariaDB server's binary log, read as a replica.
@@ -92,7 +82,7 @@ impl Source for MysqlSource {
     fn position(position: &Position) -> Option<BinlogPosition> {
         match position {
             Position::Mysql(pos) => Some(pos.clone()),
-            Position::Postgres(_) => None,
+            Position::Postgres(_) | Position::SqlServer(_) => None,
         }
     }
 
@@ -182,26 +172,12 @@ impl Source for MysqlSource {
             }
         }
         let pool = snapshot::pool(&opts);
-        let mut snapshot = Snapshotter {
+        let chunks = snapshot::Reader {
             pool: pool.clone(),
             connector: self.connector.clone(),
-            size: self.chunk_size,
-            pending: state.unfinished(&qualified).into(),
-            described: HashMap::new(),
-            chunks: VecDeque::new(),
-            milestones: VecDeque::new(),
-            dropped: Vec::new(),
-            progress: Progress::new("snapshot"),
         };
-        for (name, _) in snapshot.pending.clone() {
-            snapshot.describe(&mut admin, &name).await?;
-        }
-        if !snapshot.pending.is_empty() {
-            info!(
-                tables = snapshot.pending.len(),
-                "snapshotting in chunks alongside the stream"
-            );
-        }
+        let mut snapshot =
+            Snapshotter::new(chunks, self.chunk_size, state.unfinished(&qualified).into()).await?;
         drop(admin);
         publish(&published, &state);
         // Where the stream stands after the last read.
@@ -297,7 +273,7 @@ impl Source for MysqlSource {
                         };
                         let position = BinlogPosition { step, ..at.clone() };
                         last_emitted = Some(position.clone());
-                        messages.extend(snapshot.emit(chunk, &position));
+                        messages.extend(snapshot.emit(chunk, &position, &Position::Mysql(position.clone())));
                         commits.push_back((position.clone(), None));
                         messages.push(SourceMessage::Progress(Position::Mysql(position)));
                     }
@@ -351,243 +327,6 @@ fn settle(
     }
     if let Some(position) = last {
         state.position = Some(position_text(&position, gtid.as_ref()));
-    }
-}
-
-/// Snapshot chunks in flight and done.
-struct Snapshotter {
-    pool: Pool,
-    connector: String,
-    size: usize,
-    pending: VecDeque<(String, TableProgress)>,
-    described: HashMap<String, Arc<ChunkTable>>,
-    /// At most two: the second read while the first waits for the stream.
-    chunks: VecDeque<Current>,
-    /// Chunks emitted and not yet durable: their position, table and progress.
-    milestones: VecDeque<(BinlogPosition, String, TableProgress)>,
-    /// Requests whose condition the server refused, to be forgotten in the state.
-    dropped: Vec<String>,
-    progress: Progress,
-}
-
-struct Current {
-    table: Arc<ChunkTable>,
-    task: Option<JoinHandle<Result<Chunk, MysqlError>>>,
-    chunk: Option<Chunk>,
-    /// The keys the stream changed since the read began, with the last change's position.
-    touched: HashMap<String, BinlogPosition>,
-    /// Any change to the table since the read began (for tables without a key).
-    any_change: Option<BinlogPosition>,
-}
-
-impl Snapshotter {
-    async fn describe(&mut self, conn: &mut Conn, name: &str) -> Result<(), MysqlError> {
-        if self.described.contains_key(name) {
-            return Ok(());
-        }
-        let (database, table) = name.split_once('.').expect("tables are database.table");
-        let described = ChunkTable::describe(conn, &self.connector, database, table).await?;
-        if described.key.is_empty() {
-            warn!(table = %name, "the table has no primary key: its snapshot is read as one chunk");
-        }
-        self.described.insert(name.to_owned(), Arc::new(described));
-        Ok(())
-    }
-
-    /// A row inserted into the signal table: the snapshots it asks for are queued after
-    /// the ones in progress and recorded in the state, so that a restart still reads them.
-    /// A signal that cannot be followed is logged (why, never its values) and skipped.
-    async fn signal(
-        &mut self,
-        change: &ChangeEvent,
-        mapped: &[String],
-        state: &mut ConnectorState,
-    ) -> Result<(), SourceError> {
-        let Some(row) = &change.after else {
-            return Ok(());
-        };
-        let requests = match signal::requests(row) {
-            Ok(Some(requests)) => requests,
-            Ok(None) => return Ok(()),
-            Err(why) => {
-                warn!(table = %change.source.qualified_name(), position = %change.position, why, "a signal that cannot be followed: ignored");
-                return Ok(());
-            }
-        };
-        for request in requests {
-            if !is_new_request(&request, mapped, state) {
-                continue;
-            }
-            let mut conn = self.pool.get_conn().await.map_err(MysqlError::connect)?;
-            self.describe(&mut conn, &request.table).await?;
-            self.pending
-                .push_back((request.table.clone(), request.progress()));
-            state.requests.push(request);
-        }
-        Ok(())
-    }
-
-    fn reading(&self) -> bool {
-        self.chunks.iter().any(|c| c.task.is_some())
-    }
-
-    /// Start the next chunk's read: the first of the next table when none is in flight, or
-    /// the one after a chunk whose read is done.
-    async fn start_next(&mut self) {
-        let after = match (self.chunks.len(), self.chunks.back()) {
-            (0, _) => None,
-            (1, Some(last)) => match &last.chunk {
-                Some(chunk) if !chunk.complete => Some(chunk.last_key.clone()),
-                _ => return,
-            },
-            _ => return,
-        };
-        let Some((name, progress)) = self.pending.front().cloned() else {
-            return;
-        };
-        let table = self.described[&name].clone();
-        let (after, filter) = (after.unwrap_or(progress.last_key), progress.filter);
-        if after.is_none() && self.chunks.is_empty() {
-            self.progress
-                .start(&name, snapshot::estimated_rows(&self.pool, &table).await);
-        }
-        let (pool, reading, size) = (self.pool.clone(), table.clone(), self.size);
-        let task = tokio::spawn(async move {
-            snapshot::read_chunk(&pool, &reading, after.as_deref(), filter.as_deref(), size).await
-        });
-        self.chunks.push_back(Current {
-            table,
-            task: Some(task),
-            chunk: None,
-            touched: HashMap::new(),
-            any_change: None,
-        });
-    }
-
-    /// Wait for the read in flight to end.
-    async fn read(&mut self) -> Result<(), SourceError> {
-        let Some(at) = self.chunks.iter().position(|c| c.task.is_some()) else {
-            return Ok(());
-        };
-        let task = self.chunks[at].task.as_mut().expect("found by its task");
-        let read = task
-            .await
-            .map_err(|e| SourceError::Connector(format!("the snapshot reader failed: {e}")))?;
-        self.chunks[at].task = None;
-        let refused = self.pending.front().and_then(|(_, p)| p.filtered_request());
-        match (read, refused) {
-            (Ok(chunk), _) => self.chunks[at].chunk = Some(chunk),
-            // A request's condition the server refuses (a typo, a column that is not
-            // there) is dropped, not retried for ever: only the request fails. The server's
-            // message may quote the condition: it is not logged.
-            (Err(MysqlError::Definite(_)), Some(request)) => {
-                warn!(request = %request, "the server refused a requested snapshot's condition: the request is dropped");
-                self.abort();
-                self.pending.pop_front();
-                self.dropped.push(request);
-            }
-            (Err(e), _) => return Err(e.into()),
-        }
-        Ok(())
-    }
-
-    /// A change from the stream: its key is remembered by the chunks being read of its table.
-    fn observe(&mut self, change: &ChangeEvent) {
-        if self.chunks.is_empty() {
-            return;
-        }
-        let Position::Mysql(position) = &change.position else {
-            return;
-        };
-        for current in &mut self.chunks {
-            if change.source.schema != current.table.source.schema
-                || change.source.table != current.table.source.table
-            {
-                continue;
-            }
-            current.any_change = Some(position.clone());
-            for row in [&change.before, &change.after].into_iter().flatten() {
-                if let Some(key) = current.table.key_of(row) {
-                    current.touched.insert(key, position.clone());
-                }
-            }
-        }
-    }
-
-    /// The oldest chunk, if it is read and the stream at `at` has passed its high mark.
-    fn ready(&mut self, at: &BinlogPosition) -> Option<Current> {
-        let front = self.chunks.front()?;
-        let chunk = front.chunk.as_ref()?;
-        if *at < chunk.high {
-            return None;
-        }
-        self.chunks.pop_front()
-    }
-
-    /// The chunk's rows that no later change touched, as snapshot reads at `position`.
-    fn emit(&mut self, current: Current, position: &BinlogPosition) -> Vec<SourceMessage> {
-        let chunk = current.chunk.expect("a ready chunk is read");
-        let name = current.table.name.clone();
-        let low = chunk.low.clone();
-        let changed_after_low = |p: &BinlogPosition| *p > low;
-        if current.table.key.is_empty()
-            && current.any_change.as_ref().is_some_and(changed_after_low)
-        {
-            debug!(table = %name, "the table changed while it was read: reading it again");
-            return Vec::new();
-        }
-        let read = chunk.rows.len();
-        let table = &current.table;
-        let rows = chunk.rows.into_iter().filter(|row| {
-            current.touched.is_empty()
-                || table
-                    .key_of(row)
-                    .is_none_or(|key| !current.touched.get(&key).is_some_and(changed_after_low))
-        });
-        let messages: Vec<SourceMessage> = chunk_changes(
-            &table.source,
-            &table.key,
-            rows,
-            &Position::Mysql(position.clone()),
-        )
-        .map(SourceMessage::Change)
-        .collect();
-        debug!(table = %name, read, emitted = messages.len(), "chunk");
-        self.progress.advance(read as u64);
-        let front = self
-            .pending
-            .front_mut()
-            .expect("the chunk's table is pending");
-        let progress = TableProgress {
-            complete: chunk.complete,
-            last_key: chunk.last_key.or_else(|| front.1.last_key.clone()),
-            rows: front.1.rows + read as u64,
-            ..front.1.clone()
-        };
-        if chunk.complete {
-            self.pending.pop_front();
-            self.progress.finish();
-            info!(table = %name, request = progress.request, "table snapshotted");
-        } else {
-            front.1 = progress.clone();
-        }
-        self.milestones
-            .push_back((position.clone(), name, progress));
-        messages
-    }
-
-    /// Everything up to `at` is durable: so are the chunks emitted up to it.
-    fn durable(&mut self, at: &BinlogPosition, state: &mut ConnectorState) {
-        while self.milestones.front().is_some_and(|(p, ..)| p <= at) {
-            let (_, table, progress) = self.milestones.pop_front().expect("checked");
-            state.record(table, progress);
-        }
-    }
-
-    fn abort(&mut self) {
-        for task in self.chunks.drain(..).filter_map(|c| c.task) {
-            task.abort();
-        }
     }
 }
 

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     change::{BinlogPosition, Names, Position, Row, SourceMessage, SourceTable, Value},
-    source::chunk_changes,
+    source::{chunk_changes, chunks},
 };
 
 /// A table as chunks read it.
@@ -91,28 +91,69 @@ impl ChunkTable {
             name,
         })
     }
+}
 
-    /// The key of `row` as text comparable with the stream's rows' keys; `None` when the
-    /// row lacks a key column.
-    pub fn key_of(&self, row: &Row) -> Option<String> {
-        let values: Option<Vec<&Value>> = self.key.iter().map(|k| row.get(k)).collect();
-        values.map(|v| format!("{v:?}"))
+impl chunks::ChunkTable for ChunkTable {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn source(&self) -> &Arc<SourceTable> {
+        &self.source
+    }
+
+    fn key(&self) -> &Names {
+        &self.key
     }
 }
 
-/// One chunk as read.
-#[derive(Debug)]
-pub struct Chunk {
-    pub rows: Vec<Row>,
-    /// The last row's key, as text, to continue after.
-    pub last_key: Option<Vec<String>>,
-    /// Fewer rows than asked: the table is read to its end.
-    pub complete: bool,
-    /// The log's end before the read: rows changed after it are left out.
-    pub low: BinlogPosition,
-    /// The log's end after the read: the stream must pass it before the chunk is emitted.
-    pub high: BinlogPosition,
+/// Chunks of a server's tables, read through a pool of connections.
+#[derive(Debug, Clone)]
+pub struct Reader {
+    pub pool: Pool,
+    pub connector: String,
 }
+
+impl chunks::ChunkReader for Reader {
+    type Position = BinlogPosition;
+    type Table = ChunkTable;
+    type Error = MysqlError;
+
+    async fn describe(&self, name: &str) -> Result<ChunkTable, MysqlError> {
+        let (database, table) = name.split_once('.').expect("tables are database.table");
+        let mut conn = self.pool.get_conn().await.map_err(MysqlError::connect)?;
+        ChunkTable::describe(&mut conn, &self.connector, database, table).await
+    }
+
+    fn read(
+        &self,
+        table: Arc<ChunkTable>,
+        after: Option<Vec<String>>,
+        filter: Option<String>,
+        size: usize,
+    ) -> impl std::future::Future<Output = Result<Chunk, MysqlError>> + Send + 'static {
+        let pool = self.pool.clone();
+        async move { read_chunk(&pool, &table, after.as_deref(), filter.as_deref(), size).await }
+    }
+
+    async fn estimated_rows(&self, table: &ChunkTable) -> Option<u64> {
+        estimated_rows(&self.pool, table).await
+    }
+
+    fn refused(error: &MysqlError) -> bool {
+        matches!(error, MysqlError::Definite(_))
+    }
+
+    fn position(position: &Position) -> Option<BinlogPosition> {
+        match position {
+            Position::Mysql(at) => Some(at.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// One chunk as read, between binary log positions.
+pub type Chunk = chunks::Chunk<BinlogPosition>;
 
 /// A connection pool for chunk reads: values in UTC and UTF-8.
 pub fn pool(opts: &mysql_async::Opts) -> Pool {

@@ -72,7 +72,7 @@ impl Source for PostgresSource {
     fn position(position: &Position) -> Option<PgLsn> {
         match position {
             Position::Postgres(lsn) => Some(*lsn),
-            Position::Mysql(_) => None,
+            Position::Mysql(_) | Position::SqlServer(_) => None,
         }
     }
 
