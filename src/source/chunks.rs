@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::{
-    change::{ChangeEvent, Names, Position, Row, SourceMessage, SourceTable},
+    change::{ChangeEvent, Names, Position, Row, SourceMessage, SourceTable, Value},
     observe::progress::Progress,
     offsets::{ConnectorState, TableProgress},
     source::{chunk_changes, is_new_request, signal, SourceError},
@@ -39,6 +39,15 @@ pub trait ChunkTable: Send + Sync + fmt::Debug + 'static {
         let values: Option<Vec<_>> = self.key().iter().map(|k| row.get(k)).collect();
         values.map(|v| format!("{v:?}"))
     }
+}
+
+/// The key of a row read by a chunk (`values`, the key columns at `key_at`), as the text a
+/// chunk continues after and the connector's state keeps.
+pub fn key_text(values: &[Value], key_at: &[usize]) -> Vec<String> {
+    key_at
+        .iter()
+        .map(|at| crate::mapping::text_of(&values[*at]).into_owned())
+        .collect()
 }
 
 /// One chunk as read.

@@ -217,13 +217,7 @@ fn rows_of(table: &ChunkTable, read: Vec<MyRow>) -> (Vec<Row>, Option<Vec<String
             .zip(&kinds)
             .map(|(value, kind)| types::result_value(kind, value))
             .collect();
-        last_key = Some(
-            table
-                .key_at
-                .iter()
-                .map(|at| crate::mapping::text_of(&values[*at]).into_owned())
-                .collect(),
-        );
+        last_key = Some(chunks::key_text(&values, &table.key_at));
         rows.push(Row::of_layout(table.names.clone(), values));
     }
     (rows, last_key)

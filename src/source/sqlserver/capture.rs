@@ -13,7 +13,7 @@ use super::{
     changes::{self, ChangeRow},
     connection::{self, Client},
     snapshot::Reader,
-    types, MssqlError,
+    types,
 };
 use crate::{
     change::{
@@ -449,15 +449,14 @@ async fn instance_rows(
     to: Lsn,
     limit: Option<usize>,
 ) -> Result<Vec<ChangeRow>, SourceError> {
-    let fail = MssqlError::query("reading a change table (cdc.fn_cdc_get_all_changes_…)");
     let (from, to) = (from.to_bytes(), to.to_bytes());
-    let rows = client
-        .query(changes_query(instance, limit), &[&&from[..], &&to[..]])
-        .await
-        .map_err(&fail)?
-        .into_first_result()
-        .await
-        .map_err(&fail)?;
+    let rows = super::rows(
+        client,
+        &changes_query(instance, limit),
+        &[&&from[..], &&to[..]],
+        "reading a change table (cdc.fn_cdc_get_all_changes_…)",
+    )
+    .await?;
     let names: Names = instance
         .columns
         .iter()

@@ -33,17 +33,13 @@ pub fn text_at(row: &Row, at: usize) -> Option<String> {
 /// How far the capture job has got: `sys.fn_cdc_get_max_lsn()`, NULL until it has
 /// captured anything (CDC just enabled, or SQL Server Agent not running).
 pub async fn max_lsn(client: &mut Client) -> Result<Option<Lsn>, MssqlError> {
-    let row = client
-        .simple_query("SELECT sys.fn_cdc_get_max_lsn()")
-        .await
-        .map_err(MssqlError::query(
-            "reading the capture job's position (sys.fn_cdc_get_max_lsn)",
-        ))?
-        .into_row()
-        .await
-        .map_err(MssqlError::query(
-            "reading the capture job's position (sys.fn_cdc_get_max_lsn)",
-        ))?;
+    let row = super::row(
+        client,
+        "SELECT sys.fn_cdc_get_max_lsn()",
+        &[],
+        "reading the capture job's position (sys.fn_cdc_get_max_lsn)",
+    )
+    .await?;
     match row {
         Some(row) => lsn_at(&row, 0),
         None => Ok(None),
@@ -73,16 +69,13 @@ const INSTANCES: &str = "SELECT s.name, t.name, ct.capture_instance, ct.start_ls
 pub async fn instances(
     client: &mut Client,
 ) -> Result<BTreeMap<String, Vec<CaptureInstance>>, MssqlError> {
-    let fail = MssqlError::query(
+    let rows = super::rows(
+        client,
+        INSTANCES,
+        &[],
         "reading the capture instances (cdc.change_tables; the user needs SELECT on the cdc schema)",
-    );
-    let rows = client
-        .simple_query(INSTANCES)
-        .await
-        .map_err(&fail)?
-        .into_first_result()
-        .await
-        .map_err(&fail)?;
+    )
+    .await?;
     let mut found: Vec<CaptureInstance> = Vec::new();
     for row in &rows {
         let (Some(schema), Some(table), Some(name)) =
@@ -138,39 +131,33 @@ pub async fn table_columns(
     schema: &str,
     table: &str,
 ) -> Result<TableColumns, MssqlError> {
-    let fail = MssqlError::query("reading a mapped table's columns");
+    let what = "reading a mapped table's columns";
     let qualified = super::quote_table(schema, table);
-    let columns = client
-        .query(
-            "SELECT c.name, TYPE_NAME(c.system_type_id) FROM sys.columns AS c
-              WHERE c.object_id = OBJECT_ID(@P1) ORDER BY c.column_id",
-            &[&qualified.as_str()],
-        )
-        .await
-        .map_err(&fail)?
-        .into_first_result()
-        .await
-        .map_err(&fail)?
-        .iter()
-        .filter_map(|row| Some((text_at(row, 0)?, text_at(row, 1).unwrap_or_default())))
-        .collect();
-    let key = client
-        .query(
-            "SELECT c.name FROM sys.indexes AS i
-               JOIN sys.index_columns AS ic ON ic.object_id = i.object_id AND ic.index_id = i.index_id
-               JOIN sys.columns AS c ON c.object_id = ic.object_id AND c.column_id = ic.column_id
-              WHERE i.object_id = OBJECT_ID(@P1) AND i.is_primary_key = 1
-              ORDER BY ic.key_ordinal",
-            &[&qualified.as_str()],
-        )
-        .await
-        .map_err(&fail)?
-        .into_first_result()
-        .await
-        .map_err(&fail)?
-        .iter()
-        .filter_map(|row| text_at(row, 0))
-        .collect();
+    let columns = super::rows(
+        client,
+        "SELECT c.name, TYPE_NAME(c.system_type_id) FROM sys.columns AS c
+          WHERE c.object_id = OBJECT_ID(@P1) ORDER BY c.column_id",
+        &[&qualified.as_str()],
+        what,
+    )
+    .await?
+    .iter()
+    .filter_map(|row| Some((text_at(row, 0)?, text_at(row, 1).unwrap_or_default())))
+    .collect();
+    let key = super::rows(
+        client,
+        "SELECT c.name FROM sys.indexes AS i
+           JOIN sys.index_columns AS ic ON ic.object_id = i.object_id AND ic.index_id = i.index_id
+           JOIN sys.columns AS c ON c.object_id = ic.object_id AND c.column_id = ic.column_id
+          WHERE i.object_id = OBJECT_ID(@P1) AND i.is_primary_key = 1
+          ORDER BY ic.key_ordinal",
+        &[&qualified.as_str()],
+        what,
+    )
+    .await?
+    .iter()
+    .filter_map(|row| text_at(row, 0))
+    .collect();
     Ok(TableColumns { columns, key })
 }
 
@@ -184,18 +171,15 @@ pub fn running_lock(connector: &str) -> String {
 /// Take `connector`'s lock on `client`'s session.
 pub async fn take_running_lock(client: &mut Client, connector: &str) -> Result<(), MssqlError> {
     let lock = running_lock(connector);
-    let row = client
-        .query(
-            "DECLARE @r int;
-             EXEC @r = sys.sp_getapplock @Resource = @P1, @LockMode = 'Exclusive', @LockOwner = 'Session', @LockTimeout = 0;
-             SELECT @r;",
-            &[&lock.as_str()],
-        )
-        .await
-        .map_err(MssqlError::query("taking the connector's lock (sp_getapplock)"))?
-        .into_row()
-        .await
-        .map_err(MssqlError::query("taking the connector's lock (sp_getapplock)"))?;
+    let row = super::row(
+        client,
+        "DECLARE @r int;
+         EXEC @r = sys.sp_getapplock @Resource = @P1, @LockMode = 'Exclusive', @LockOwner = 'Session', @LockTimeout = 0;
+         SELECT @r;",
+        &[&lock.as_str()],
+        "taking the connector's lock (sp_getapplock)",
+    )
+    .await?;
     match row.and_then(|r| r.get::<i32, _>(0)) {
         Some(status) if status >= 0 => Ok(()),
         // -1: another session holds it. Retried with backoff.
@@ -212,21 +196,14 @@ pub async fn lock_holder(
 ) -> Result<Option<String>, MssqlError> {
     let mut client = super::connection::connect(url).await?;
     let lock = running_lock(connector);
-    let free = client
-        .query(
-            "SELECT APPLOCK_TEST(N'public', @P1, N'Exclusive', N'Session')",
-            &[&lock.as_str()],
-        )
-        .await
-        .map_err(MssqlError::query(
-            "testing the connector's lock (APPLOCK_TEST)",
-        ))?
-        .into_row()
-        .await
-        .map_err(MssqlError::query(
-            "testing the connector's lock (APPLOCK_TEST)",
-        ))?
-        .and_then(|r| r.get::<i32, _>(0));
+    let free = super::row(
+        &mut client,
+        "SELECT APPLOCK_TEST(N'public', @P1, N'Exclusive', N'Session')",
+        &[&lock.as_str()],
+        "testing the connector's lock (APPLOCK_TEST)",
+    )
+    .await?
+    .and_then(|r| r.get::<i32, _>(0));
     let _ = client.close().await;
     Ok((free == Some(0)).then(|| format!("a session holds its lock `{lock}`")))
 }

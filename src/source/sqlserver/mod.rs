@@ -93,6 +93,37 @@ pub fn error_text(e: &tiberius::error::Error) -> String {
     }
 }
 
+/// The rows of the first result of `sql` with `params` (`@P1…`); a failure says `what`
+/// was being done.
+pub async fn rows(
+    client: &mut connection::Client,
+    sql: &str,
+    params: &[&dyn tiberius::ToSql],
+    what: &str,
+) -> Result<Vec<tiberius::Row>, MssqlError> {
+    let fail = MssqlError::query(what);
+    let stream = if params.is_empty() {
+        client.simple_query(sql).await
+    } else {
+        client.query(sql, params).await
+    };
+    stream
+        .map_err(&fail)?
+        .into_first_result()
+        .await
+        .map_err(&fail)
+}
+
+/// The first row of [`rows`].
+pub async fn row(
+    client: &mut connection::Client,
+    sql: &str,
+    params: &[&dyn tiberius::ToSql],
+    what: &str,
+) -> Result<Option<tiberius::Row>, MssqlError> {
+    Ok(rows(client, sql, params, what).await?.into_iter().next())
+}
+
 /// `[name]` with `]` doubled.
 pub fn quote_ident(name: &str) -> String {
     format!("[{}]", name.replace(']', "]]"))

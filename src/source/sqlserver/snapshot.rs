@@ -202,18 +202,13 @@ impl chunks::ChunkReader for Reader {
 
     async fn estimated_rows(&self, table: &ChunkTable) -> Option<u64> {
         let (kept, mut client) = self.take().await.ok()?;
-        let row = async {
-            client
-                .query(
-                    "SELECT SUM(p.rows) FROM sys.partitions AS p WHERE p.object_id = OBJECT_ID(@P1) AND p.index_id IN (0, 1)",
-                    &[&table.quoted.as_str()],
-                )
-                .await?
-                .into_row()
-                .await
-        }
-        .await
-        .map_err(MssqlError::query("estimating a table's rows"));
+        let row = super::row(
+            &mut client,
+            "SELECT SUM(p.rows) FROM sys.partitions AS p WHERE p.object_id = OBJECT_ID(@P1) AND p.index_id IN (0, 1)",
+            &[&table.quoted.as_str()],
+            "estimating a table's rows",
+        )
+        .await;
         Self::give_back(kept, client, &row);
         row.ok()?
             .and_then(|r| r.get::<i64, _>(0))
@@ -263,20 +258,13 @@ pub async fn select_rows(
     filter: Option<&str>,
     size: usize,
 ) -> Result<(Vec<Row>, Option<Vec<String>>, bool), MssqlError> {
-    let fail = MssqlError::query("reading a snapshot chunk");
     let select = table.select(after.is_some(), filter, size);
     let params: Vec<&dyn ToSql> = after
         .unwrap_or_default()
         .iter()
         .map(|v| v as &dyn ToSql)
         .collect();
-    let read = client
-        .query(select, &params)
-        .await
-        .map_err(&fail)?
-        .into_first_result()
-        .await
-        .map_err(&fail)?;
+    let read = super::rows(client, &select, &params, "reading a snapshot chunk").await?;
     let complete = table.key.is_empty() || read.len() < size;
     let (rows, last_key) = rows_of(table, read)?;
     Ok((rows, last_key, complete))
@@ -405,13 +393,7 @@ fn rows_of(
                 })
             })
             .collect::<Result<Vec<Value>, _>>()?;
-        last_key = Some(
-            table
-                .key_at
-                .iter()
-                .map(|at| crate::mapping::text_of(&values[*at]).into_owned())
-                .collect(),
-        );
+        last_key = Some(chunks::key_text(&values, &table.key_at));
         rows.push(Row::of_layout(table.names.clone(), values));
     }
     Ok((rows, last_key))
