@@ -52,16 +52,34 @@ fn text(v: &Value) -> String {
     text_of(v).into_owned()
 }
 
-/// Columns of `sys.columns` for a table: name and base type.
+/// Columns of `sys.columns` for a table: name, base type, length in bytes, precision and
+/// scale.
 fn columns_set(columns: &[(&str, &str)]) -> Reply {
     Reply::Results(vec![ResultSet::new(
         &[
             ("name", SqlType::NVarChar(128)),
             ("type", SqlType::NVarChar(128)),
+            ("max_length", SqlType::SmallInt),
+            ("precision", SqlType::TinyInt),
+            ("scale", SqlType::TinyInt),
         ],
         columns
             .iter()
-            .map(|(n, t)| vec![Cell::Text((*n).into()), Cell::Text((*t).into())])
+            .map(|(n, t)| {
+                let (length, precision, scale) = match *t {
+                    "int" => (4, 10, 0),
+                    "decimal" => (9, 10, 2),
+                    "varchar" => (20, 0, 0),
+                    _ => (0, 0, 0),
+                };
+                vec![
+                    Cell::Text((*n).into()),
+                    Cell::Text((*t).into()),
+                    Cell::Int(length),
+                    Cell::Int(precision),
+                    Cell::Int(scale),
+                ]
+            })
             .collect(),
     )])
 }
@@ -704,4 +722,70 @@ async fn changes_the_cleanup_job_removed_stop_initial_and_resnapshot_when_needed
         .count();
     assert_eq!(reads, 3, "every row read again: {messages:#?}");
     assert!(state.position.is_some());
+}
+
+#[tokio::test]
+async fn a_backlog_larger_than_a_window_is_read_in_whole_transactions() {
+    // 9,999 inserts in one transaction, then an update whose old row is the 10,000th row
+    // of the change function (a window's limit) and whose new row the 10,001st.
+    let mut v1: Vec<ChangeRecord> = (1..10_000)
+        .map(|n| {
+            (
+                lsn(3),
+                Lsn {
+                    vlf: 0x2A,
+                    block: 3,
+                    record: n as u16,
+                },
+                2,
+                i64::from(n) + 10,
+                "preliminary",
+                100,
+            )
+        })
+        .collect();
+    v1.push((lsn(4), lsn(4), 3, 11, "preliminary", 100));
+    v1.push((lsn(4), lsn(4), 4, 11, "final", 120));
+    v1.push((lsn(5), lsn(5), 2, 99_999, "final", 1));
+    let db = Arc::new(Mutex::new(Recorded {
+        max: lsn(2),
+        snapshot: Vec::new(),
+        instances: vec![(
+            "dbo_lab_result",
+            lsn(1),
+            1,
+            vec!["result_id", "status", "value"],
+        )],
+        changes: [("dbo_lab_result", v1)].into(),
+        chunk_lsn: lsn(2),
+        after_snapshot: Some(lsn(5)),
+        queries: Vec::new(),
+    }));
+    let answering = db.clone();
+    let server = Responder::start(move |request| answer(&answering, request)).await;
+    let source = SqlServerSource::new(
+        "lab",
+        &config(&server, "initial"),
+        vec![("dbo".into(), "lab_result".into())],
+    );
+    let (result, messages, _) = capture(source, None, |m| reached(m, lsn(5))).await;
+    result.expect("a clean stop");
+    let ops: Vec<Operation> = messages
+        .iter()
+        .filter_map(|m| match m {
+            SourceMessage::Change(c) => Some(c.op),
+            SourceMessage::Progress(_) => None,
+        })
+        .collect();
+    assert_eq!(ops.len(), 10_001, "every change once");
+    assert_eq!(ops.iter().filter(|op| **op == Operation::Update).count(), 1);
+    assert_eq!(ops.last(), Some(&Operation::Insert));
+    let windows = db
+        .lock()
+        .unwrap()
+        .queries
+        .iter()
+        .filter(|q| q.contains("fn_cdc_get_all_changes_"))
+        .count();
+    assert!(windows >= 2, "the backlog took more than one window");
 }

@@ -32,5 +32,6 @@ mod smoke_mariadb;
 mod smoke_postgres;
 mod smoke_registry;
 mod snapshot_requests;
+mod sqlserver_capture;
 
 use integration_tests::{connector, stack};

@@ -282,7 +282,8 @@ async fn refresh_instances(
 fn cleaned_up(captured: &[Captured], state: &ConnectorState, from: Lsn) -> Option<String> {
     captured
         .iter()
-        .filter(|t| t.signal || state.tables.contains_key(&t.name))
+        // A lost signal loses only a request: the signal table never stops the connector.
+        .filter(|t| !t.signal && state.tables.contains_key(&t.name))
         .find_map(|t| {
             let instances: Vec<_> = t.instances.iter().map(|i| i.instance.clone()).collect();
             changes::cleaned_up(&instances, from).map(|start| {
@@ -408,9 +409,14 @@ async fn read_changes(
         let instances: Vec<_> = table.instances.iter().map(|i| i.instance.clone()).collect();
         for (index, low, high) in changes::reads(&instances, from, to) {
             let instance = &table.instances[index];
-            let rows = instance_rows(client, instance, low, high, limit).await?;
+            let mut rows = instance_rows(client, instance, low, high, limit).await?;
             if limit == Some(rows.len()) {
-                read.capped.extend(rows.last().map(|r| r.commit));
+                if let Some(last) = rows.last().map(|r| r.commit) {
+                    // The last transaction may be cut short (an update's old row without
+                    // its new one): the next window reads it whole.
+                    rows.retain(|r| r.commit != last);
+                    read.capped.push(last);
+                }
             }
             let changes = changes::changes(&table.source, &table.key, rows).map_err(|e| {
                 SourceError::Connector(format!(
@@ -424,8 +430,10 @@ async fn read_changes(
     Ok(read)
 }
 
-/// The change function's query for `instance`: the place, operation and commit time (UTC)
-/// of each change, then the captured columns; `limit` rows at most.
+/// The change function's query for `instance`: the place, operation and commit time of each
+/// change, then the captured columns; `limit` rows at most. The commit time is the server's
+/// local `tran_end_time` turned into UTC with the server's offset now (a backlog across a
+/// change of daylight saving time is an hour off on one side of it).
 pub fn changes_query(instance: &CaptureInstance, limit: Option<usize>) -> String {
     let top = limit.map_or_else(String::new, |n| format!("TOP ({n}) "));
     let function = super::quote_ident(&format!(
@@ -434,7 +442,7 @@ pub fn changes_query(instance: &CaptureInstance, limit: Option<usize>) -> String
     ));
     format!(
         "SELECT {top}c.[__$start_lsn], c.[__$seqval], c.[__$operation], \
-         DATEADD(MINUTE, DATEDIFF(MINUTE, GETDATE(), GETUTCDATE()), m.tran_end_time), {} \
+         DATEADD(MINUTE, -DATEPART(TZOFFSET, SYSDATETIMEOFFSET()), m.tran_end_time), {} \
          FROM cdc.{function}(@P1, @P2, N'all update old') AS c \
          LEFT JOIN cdc.lsn_time_mapping AS m ON m.start_lsn = c.[__$start_lsn] \
          ORDER BY c.[__$start_lsn], c.[__$seqval], c.[__$operation]",
@@ -537,6 +545,54 @@ mod tests {
             ..ChangeLsn::end_of(lsn(7))
         };
         assert_eq!(resume_from(&chunk), lsn(7).next());
+    }
+
+    #[test]
+    fn each_transaction_is_followed_by_its_end_and_the_window_by_its_own() {
+        let change = |commit: u32, seqval: u32| ChangeEvent {
+            source: Arc::new(SourceTable::new("c", "sqlserver", "lab", "dbo", "t")),
+            op: Operation::Insert,
+            key: Names::from(Vec::new()),
+            before: None,
+            after: None,
+            position: Position::SqlServer(ChangeLsn {
+                commit: lsn(commit),
+                seqval: lsn(seqval),
+                step: 0,
+            }),
+            ordinal: 0,
+            transaction_id: None,
+            commit_time: None,
+            capture_time: Utc::now(),
+        };
+        let shape = |messages: Vec<SourceMessage>| -> Vec<String> {
+            messages
+                .iter()
+                .map(|m| match m {
+                    SourceMessage::Change(c) => format!("change {}", position(c).commit.block),
+                    SourceMessage::Progress(Position::SqlServer(p)) if p.seqval == Lsn::END => {
+                        format!("end {}", p.commit.block)
+                    }
+                    SourceMessage::Progress(p) => format!("until {p}"),
+                })
+                .collect()
+        };
+        let window = with_ends(
+            vec![change(3, 1), change(3, 2), change(5, 1)],
+            ChangeLsn::end_of(lsn(9)),
+        );
+        assert_eq!(
+            shape(window),
+            ["change 3", "change 3", "end 3", "change 5", "end 5", "end 9"]
+        );
+        // A window that ends with its last transaction says so once.
+        let window = with_ends(vec![change(5, 1)], ChangeLsn::end_of(lsn(5)));
+        assert_eq!(shape(window), ["change 5", "end 5"]);
+        // Nothing read: the window's end alone.
+        assert_eq!(
+            shape(with_ends(Vec::new(), ChangeLsn::end_of(lsn(7)))),
+            ["end 7"]
+        );
     }
 
     #[test]

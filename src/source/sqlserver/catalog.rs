@@ -65,7 +65,7 @@ const INSTANCES: &str = "SELECT s.name, t.name, ct.capture_instance, ct.start_ls
 
 /// Every capture instance of the database (`cdc.change_tables`, `cdc.captured_columns`),
 /// by the `schema.table` it captures. An instance whose start is not yet established
-/// (NULL) is left out until it is.
+/// (NULL: CDC was just enabled) is a transient error: the capture job sets it.
 pub async fn instances(
     client: &mut Client,
 ) -> Result<BTreeMap<String, Vec<CaptureInstance>>, MssqlError> {
@@ -84,7 +84,9 @@ pub async fn instances(
             continue;
         };
         let Some(start) = lsn_at(row, 3)? else {
-            continue;
+            return Err(MssqlError::Transient(format!(
+                "capture instance {name} of {schema}.{table} was just enabled: its start is not established yet (is SQL Server Agent running?)"
+            )));
         };
         let created = match row.get_column_data(4).cloned().map(super::types::value) {
             Ok(Ok(crate::change::Value::Timestamp(at))) => at,
@@ -121,7 +123,28 @@ pub async fn instances(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableColumns {
     pub columns: Vec<(String, String)>,
+    /// Each column's type as declared (`decimal(10,2)`, `nvarchar(40)`), in column order.
+    pub declared: Vec<String>,
     pub key: Vec<String>,
+}
+
+/// A column's type as `CAST` writes it, from `sys.columns`: the base type with its length
+/// (in bytes there: half of it for nchar and nvarchar, -1 for max), precision or scale.
+pub fn declared_type(name: &str, max_length: i16, precision: u8, scale: u8) -> String {
+    let length = |units: i16| {
+        if max_length == -1 {
+            "max".to_owned()
+        } else {
+            (max_length / units).to_string()
+        }
+    };
+    match name {
+        "decimal" | "numeric" => format!("{name}({precision},{scale})"),
+        "char" | "varchar" | "binary" | "varbinary" => format!("{name}({})", length(1)),
+        "nchar" | "nvarchar" => format!("{name}({})", length(2)),
+        "datetime2" | "time" | "datetimeoffset" => format!("{name}({scale})"),
+        _ => name.to_owned(),
+    }
 }
 
 /// The columns and primary key of `schema.table`; no columns when it does not exist or
@@ -133,17 +156,28 @@ pub async fn table_columns(
 ) -> Result<TableColumns, MssqlError> {
     let what = "reading a mapped table's columns";
     let qualified = super::quote_table(schema, table);
-    let columns = super::rows(
+    let rows = super::rows(
         client,
-        "SELECT c.name, TYPE_NAME(c.system_type_id) FROM sys.columns AS c
-          WHERE c.object_id = OBJECT_ID(@P1) ORDER BY c.column_id",
+        "SELECT c.name, TYPE_NAME(c.system_type_id), c.max_length, c.precision, c.scale
+           FROM sys.columns AS c WHERE c.object_id = OBJECT_ID(@P1) ORDER BY c.column_id",
         &[&qualified.as_str()],
         what,
     )
-    .await?
-    .iter()
-    .filter_map(|row| Some((text_at(row, 0)?, text_at(row, 1).unwrap_or_default())))
-    .collect();
+    .await?;
+    let mut columns = Vec::with_capacity(rows.len());
+    let mut declared = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let (Some(name), base) = (text_at(row, 0), text_at(row, 1).unwrap_or_default()) else {
+            continue;
+        };
+        declared.push(declared_type(
+            &base,
+            row.get::<i16, _>(2).unwrap_or_default(),
+            row.get::<u8, _>(3).unwrap_or_default(),
+            row.get::<u8, _>(4).unwrap_or_default(),
+        ));
+        columns.push((name, base));
+    }
     let key = super::rows(
         client,
         "SELECT c.name FROM sys.indexes AS i
@@ -158,7 +192,11 @@ pub async fn table_columns(
     .iter()
     .filter_map(|row| text_at(row, 0))
     .collect();
-    Ok(TableColumns { columns, key })
+    Ok(TableColumns {
+        columns,
+        declared,
+        key,
+    })
 }
 
 /// The application lock a running connector holds in the database for as long as its
@@ -206,4 +244,19 @@ pub async fn lock_holder(
     .and_then(|r| r.get::<i32, _>(0));
     let _ = client.close().await;
     Ok((free == Some(0)).then(|| format!("a session holds its lock `{lock}`")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn declared_types_are_written_as_cast_takes_them() {
+        assert_eq!(declared_type("decimal", 9, 10, 2), "decimal(10,2)");
+        assert_eq!(declared_type("nvarchar", 80, 0, 0), "nvarchar(40)");
+        assert_eq!(declared_type("varchar", -1, 0, 0), "varchar(max)");
+        assert_eq!(declared_type("binary", 10, 0, 0), "binary(10)");
+        assert_eq!(declared_type("datetime2", 8, 27, 7), "datetime2(7)");
+        assert_eq!(declared_type("int", 4, 10, 0), "int");
+    }
 }

@@ -62,7 +62,16 @@ pub fn changes(
             step: 0,
         };
         let (op, before, after) = match row.operation {
-            1 => (Operation::Delete, Some(row.row), None),
+            // A deferred update (SQL Server logs some as a delete and an insert of the same
+            // change): one update when the key stays, else the delete and then the insert.
+            1 => match rows.next_if(|new| {
+                new.operation == 2
+                    && (new.commit, new.seqval) == (row.commit, row.seqval)
+                    && key.iter().all(|k| new.row.get(k) == row.row.get(k))
+            }) {
+                Some(new) => (Operation::Update, Some(row.row), Some(new.row)),
+                None => (Operation::Delete, Some(row.row), None),
+            },
             2 => (Operation::Insert, None, Some(row.row)),
             3 => match rows.next_if(|new| {
                 new.operation == 4 && (new.commit, new.seqval) == (row.commit, row.seqval)
@@ -229,6 +238,26 @@ mod tests {
             })
         );
         assert!(changes[2].after.is_none() && changes[2].before.is_some());
+    }
+
+    #[test]
+    fn a_deferred_update_is_one_update_unless_its_key_changed() {
+        let (table, key) = table();
+        let same_key = vec![row(10, 2, 1, 1, "a"), row(10, 2, 2, 1, "b")];
+        let changes = changes(&table, &key, same_key).unwrap();
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].op, Operation::Update);
+        let new_key = vec![row(10, 2, 1, 1, "a"), row(10, 2, 2, 2, "a")];
+        let ops: Vec<_> = changes_of(&table, &key, new_key);
+        assert_eq!(ops, [Operation::Delete, Operation::Insert]);
+    }
+
+    fn changes_of(table: &Arc<SourceTable>, key: &Names, rows: Vec<ChangeRow>) -> Vec<Operation> {
+        changes(table, key, rows)
+            .unwrap()
+            .iter()
+            .map(|c| c.op)
+            .collect()
     }
 
     #[test]

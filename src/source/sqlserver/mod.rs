@@ -48,7 +48,20 @@ pub enum MssqlError {
     /// The setup, the privileges or the data: it stays so until someone changes it.
     #[error("{0}")]
     Definite(String),
+    /// The server would not compile a statement (a requested snapshot's condition with a
+    /// typo, a column that is not there).
+    #[error("{0}")]
+    Refused(String),
 }
+
+/// Server errors that may pass by themselves.
+const TRANSIENT: [u32; 18] = [
+    233, 313, 596, 1205, 1222, 3952, 3961, 3966, 3967, 3980, 10053, 10054, 10928, 10929, 40197,
+    40501, 40613, 49918,
+];
+
+/// Server errors of a statement that does not compile: syntax, names, types.
+const REFUSED: [u32; 9] = [102, 105, 156, 207, 208, 245, 4104, 4145, 8114];
 
 impl MssqlError {
     /// `what` failed because of `e`, classified.
@@ -57,16 +70,15 @@ impl MssqlError {
             use tiberius::error::Error;
             let message = format!("{what}: {}", error_text(&e));
             match &e {
-                // Deadlock victim, lock timeout, the database starting up or failing over,
-                // Azure's throttling and reconfiguration, connections dropped.
-                Error::Server(server)
-                    if [
-                        1205, 1222, 233, 10053, 10054, 10928, 10929, 40197, 40501, 40613, 49918,
-                    ]
-                    .contains(&server.code()) =>
-                {
+                // Deadlock victim, lock timeout, session killed, the database starting up or
+                // failing over, Azure's throttling and reconfiguration, connections dropped;
+                // SNAPSHOT isolation against a concurrent DDL or a full version store; 313,
+                // an LSN range outside a capture instance's (the cleanup job ran since the
+                // connector looked): a restart decides by snapshot.mode.
+                Error::Server(server) if TRANSIENT.contains(&server.code()) => {
                     Self::Transient(message)
                 }
+                Error::Server(server) if REFUSED.contains(&server.code()) => Self::Refused(message),
                 Error::Io { .. } | Error::Routing { .. } => Self::Transient(message),
                 _ => Self::Definite(message),
             }
@@ -78,7 +90,7 @@ impl From<MssqlError> for SourceError {
     fn from(e: MssqlError) -> Self {
         match e {
             MssqlError::Transient(m) => SourceError::Transient(m),
-            MssqlError::Definite(m) => SourceError::Connector(m),
+            MssqlError::Definite(m) | MssqlError::Refused(m) => SourceError::Connector(m),
         }
     }
 }

@@ -52,12 +52,12 @@ pub async fn request_snapshot(
 }
 
 /// Whether `filter` is a condition the server takes on `table` (`schema.table`): compiled
-/// in a query that reads no row.
+/// under `SET NOEXEC ON`, never run (nor is anything a condition might smuggle in).
 pub async fn check_condition(url: &Secret, table: &str, filter: &str) -> Result<(), MssqlError> {
     let mut client = connect(url).await?;
     let checked = match client
         .simple_query(format!(
-            "SELECT TOP (0) * FROM {} WHERE ({filter})",
+            "SET NOEXEC ON; SELECT TOP (0) * FROM {} WHERE ({filter}); SET NOEXEC OFF",
             quoted(table)
         ))
         .await
@@ -79,6 +79,10 @@ pub fn key_condition(key: &[(String, Value)]) -> String {
             match value {
                 Value::Null => format!("{column} IS NULL"),
                 Value::Bytes(bytes) => format!("{column} = 0x{}", hex::encode_upper(bytes)),
+                Value::Time(_) | Value::Timestamp(_) | Value::TimestampTz(_) => format!(
+                    "{column} = N'{}'",
+                    super::types::seven_digits(&crate::mapping::text_of(value))
+                ),
                 _ => format!(
                     "{column} = N'{}'",
                     crate::mapping::text_of(value).replace('\'', "''")

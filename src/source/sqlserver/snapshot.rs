@@ -30,6 +30,44 @@ pub struct ChunkTable {
     names: Names,
     pub key: Names,
     key_at: Vec<usize>,
+    /// The key columns' declared types: the last key's text is cast to them, so the
+    /// comparison is the column's own (its collation, its order) and can seek the index.
+    key_types: Vec<String>,
+}
+
+/// A chunk's continuation parameter: the last key's text, as the column's type needs it.
+#[derive(Debug)]
+enum KeyParam {
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+impl KeyParam {
+    /// `text` (as [`chunks::key_text`] wrote it) for a column declared `declared`: binary
+    /// keys as their bytes (the text is base64), times with at most the seven fractional
+    /// digits SQL Server's literals take (its values have no more).
+    fn of(text: &str, declared: &str) -> Self {
+        use base64::Engine;
+        if declared.starts_with("binary") || declared.starts_with("varbinary") {
+            if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(text) {
+                return KeyParam::Bytes(bytes);
+            }
+        }
+        if ["datetime2", "time", "datetimeoffset"]
+            .iter()
+            .any(|t| declared.starts_with(t))
+        {
+            return KeyParam::Text(types::seven_digits(text));
+        }
+        KeyParam::Text(text.to_owned())
+    }
+
+    fn sql(&self) -> &dyn ToSql {
+        match self {
+            KeyParam::Text(text) => text,
+            KeyParam::Bytes(bytes) => bytes,
+        }
+    }
 }
 
 impl ChunkTable {
@@ -41,7 +79,11 @@ impl ChunkTable {
         name: &str,
     ) -> Result<Self, MssqlError> {
         let (schema, table) = name.split_once('.').unwrap_or(("dbo", name));
-        let TableColumns { columns, key } = catalog::table_columns(client, schema, table).await?;
+        let TableColumns {
+            columns,
+            declared,
+            key,
+        } = catalog::table_columns(client, schema, table).await?;
         if columns.is_empty() {
             return Err(MssqlError::Definite(format!(
                 "the mapped table {name} does not exist, or the user may not read it (GRANT SELECT ON {} TO <user>)",
@@ -49,10 +91,11 @@ impl ChunkTable {
             )));
         }
         let names: Names = columns.iter().map(|(n, _)| Arc::from(n.as_str())).collect();
-        let key_at = key
+        let key_at: Vec<usize> = key
             .iter()
             .filter_map(|k| names.iter().position(|n| **n == **k))
             .collect();
+        let key_types = key_at.iter().map(|at| declared[*at].clone()).collect();
         Ok(Self {
             name: name.to_owned(),
             quoted: quote_table(schema, table),
@@ -67,7 +110,26 @@ impl ChunkTable {
             names,
             key: key.iter().map(|k| Arc::from(k.as_str())).collect(),
             key_at,
+            key_types,
         })
+    }
+
+    /// The parameters of a chunk after `after` (the last key's text).
+    fn key_params(&self, after: Option<&[String]>) -> Vec<KeyParam> {
+        after
+            .unwrap_or_default()
+            .iter()
+            .zip(&self.key_types)
+            .map(|(text, declared)| KeyParam::of(text, declared))
+            .collect()
+    }
+
+    /// `@Pn` as the `n`th key column's value: cast to its type, bytes as they are.
+    fn key_value(&self, n: usize) -> String {
+        match self.key_types.get(n - 1) {
+            Some(declared) if !declared.contains("binary") => format!("CAST(@P{n} AS {declared})"),
+            _ => format!("@P{n}"),
+        }
     }
 
     /// The chunk's `SELECT`: the next `size` rows after the last key (its values are the
@@ -81,9 +143,13 @@ impl ChunkTable {
                     let mut term: Vec<String> = self.key[..n]
                         .iter()
                         .enumerate()
-                        .map(|(i, k)| format!("{} = @P{}", quote_ident(k), i + 1))
+                        .map(|(i, k)| format!("{} = {}", quote_ident(k), self.key_value(i + 1)))
                         .collect();
-                    term.push(format!("{} > @P{}", quote_ident(&self.key[n]), n + 1));
+                    term.push(format!(
+                        "{} > {}",
+                        quote_ident(&self.key[n]),
+                        self.key_value(n + 1)
+                    ));
                     format!("({})", term.join(" AND "))
                 })
                 .collect();
@@ -216,7 +282,7 @@ impl chunks::ChunkReader for Reader {
     }
 
     fn refused(error: &MssqlError) -> bool {
-        matches!(error, MssqlError::Definite(_))
+        matches!(error, MssqlError::Refused(_))
     }
 
     fn position(position: &Position) -> Option<ChangeLsn> {
@@ -259,11 +325,8 @@ pub async fn select_rows(
     size: usize,
 ) -> Result<(Vec<Row>, Option<Vec<String>>, bool), MssqlError> {
     let select = table.select(after.is_some(), filter, size);
-    let params: Vec<&dyn ToSql> = after
-        .unwrap_or_default()
-        .iter()
-        .map(|v| v as &dyn ToSql)
-        .collect();
+    let keys = table.key_params(after);
+    let params: Vec<&dyn ToSql> = keys.iter().map(KeyParam::sql).collect();
     let read = super::rows(client, &select, &params, "reading a snapshot chunk").await?;
     let complete = table.key.is_empty() || read.len() < size;
     let (rows, last_key) = rows_of(table, read)?;
@@ -419,7 +482,25 @@ mod tests {
             names: columns.iter().map(|(n, _)| Arc::from(*n)).collect(),
             key: key.iter().map(|k| Arc::from(*k)).collect(),
             key_at: Vec::new(),
+            key_types: key
+                .iter()
+                .map(|k| if *k == "seq" { "varchar(20)" } else { "int" }.to_owned())
+                .collect(),
         }
+    }
+
+    #[test]
+    fn the_last_key_is_given_as_its_column_needs_it() {
+        assert!(
+            matches!(KeyParam::of("AP8=", "varbinary(16)"), KeyParam::Bytes(b) if b == [0, 255])
+        );
+        assert!(matches!(
+            KeyParam::of("2024-02-29T12:34:56.123456700", "datetime2(7)"),
+            KeyParam::Text(t) if t == "2024-02-29T12:34:56.1234567"
+        ));
+        assert!(
+            matches!(KeyParam::of("1.123456700", "decimal(20,9)"), KeyParam::Text(t) if t == "1.123456700")
+        );
     }
 
     #[test]
@@ -427,7 +508,7 @@ mod tests {
         let two = table(&["id", "seq"]);
         assert_eq!(
             two.select(true, Some("amount > 0"), 100),
-            "SELECT TOP (100) [id], [seq], CAST([amount] AS decimal(19,4)) AS [amount] FROM [dbo].[charge] WHERE (amount > 0) AND (([id] > @P1) OR ([id] = @P1 AND [seq] > @P2)) ORDER BY [id], [seq]"
+            "SELECT TOP (100) [id], [seq], CAST([amount] AS decimal(19,4)) AS [amount] FROM [dbo].[charge] WHERE (amount > 0) AND (([id] > CAST(@P1 AS int)) OR ([id] = CAST(@P1 AS int) AND [seq] > CAST(@P2 AS varchar(20)))) ORDER BY [id], [seq]"
         );
         assert_eq!(
             two.select(false, None, 5),

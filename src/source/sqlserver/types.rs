@@ -116,6 +116,29 @@ fn datetime2(value: tiberius::time::DateTime2) -> Result<NaiveDateTime, String> 
     Ok(date(value.date())?.and_time(time(value.time())?))
 }
 
+/// A date or time as text (`mapping::text_of`'s, nine fractional digits when it has any
+/// below the microsecond) with at most the seven fractional digits SQL Server's literals
+/// take: its values are in 100 ns, so only zeros go.
+pub fn seven_digits(text: &str) -> String {
+    let Some(dot) = text.find('.') else {
+        return text.to_owned();
+    };
+    let digits = text[dot + 1..]
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or(text.len(), |end| dot + 1 + end);
+    let fraction = &text[dot + 1..digits];
+    if fraction.len() <= 7 {
+        return text.to_owned();
+    }
+    let kept = fraction[..7].trim_end_matches('0');
+    let dot_and_kept = if kept.is_empty() {
+        String::new()
+    } else {
+        format!(".{kept}")
+    };
+    format!("{}{dot_and_kept}{}", &text[..dot], &text[digits..])
+}
+
 /// The columns `(name, type)` as the connector selects them, each name after
 /// `qualifier` (`c.` or nothing): money as a decimal (see the module documentation),
 /// everything else as it is.
@@ -243,6 +266,20 @@ mod tests {
             value(ColumnData::Binary(Some(Cow::Borrowed(&[0, 1][..])))).unwrap(),
             Value::Bytes(vec![0, 1])
         );
+    }
+
+    #[test]
+    fn times_keep_at_most_seven_fractional_digits() {
+        assert_eq!(seven_digits("12:34:56.123456700"), "12:34:56.1234567");
+        assert_eq!(
+            seven_digits("2024-02-29T12:00:00.000000100+01:00"),
+            "2024-02-29T12:00:00.0000001+01:00"
+        );
+        assert_eq!(
+            seven_digits("2024-02-29T12:00:00.123"),
+            "2024-02-29T12:00:00.123"
+        );
+        assert_eq!(seven_digits("2024-02-29T12:00:00"), "2024-02-29T12:00:00");
     }
 
     #[test]
