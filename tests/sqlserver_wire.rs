@@ -789,3 +789,52 @@ async fn a_backlog_larger_than_a_window_is_read_in_whole_transactions() {
         .count();
     assert!(windows >= 2, "the backlog took more than one window");
 }
+
+#[tokio::test]
+async fn a_snapshot_stopped_after_a_chunk_goes_on_after_it() {
+    let db = Arc::new(Mutex::new(Recorded {
+        after_snapshot: None,
+        ..recorded()
+    }));
+    let answering = db.clone();
+    let server = Responder::start(move |request| answer(&answering, request)).await;
+    let tables = vec![("dbo".to_owned(), "lab_result".to_owned())];
+    let reads = |messages: &[SourceMessage]| -> Vec<String> {
+        messages
+            .iter()
+            .filter_map(|m| match m {
+                SourceMessage::Change(c) if c.op == Operation::Read => {
+                    Some(text(c.after.as_ref().unwrap().get("result_id").unwrap()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    // Stopped once the first chunk (two rows) and its position are out.
+    let first = SqlServerSource::new("lab", &config(&server, "initial"), tables.clone());
+    let (result, messages, state) = capture(first, None, |m| {
+        reads(m).len() >= 2 && matches!(m.last(), Some(SourceMessage::Progress(_)))
+    })
+    .await;
+    result.expect("a clean stop");
+    assert_eq!(reads(&messages), ["1", "2"]);
+    let progress = &state.tables["dbo.lab_result"];
+    assert!(!progress.complete);
+    assert_eq!(progress.last_key, Some(vec!["2".to_owned()]));
+    // Started again from that state: the rest of the table, not the chunk Kafka has.
+    let again = SqlServerSource::new("lab", &config(&server, "initial"), tables);
+    let (result, messages, state) = capture(again, Some(state), |m| {
+        !reads(m).is_empty() && matches!(m.last(), Some(SourceMessage::Progress(_)))
+    })
+    .await;
+    result.expect("a clean stop");
+    assert_eq!(reads(&messages), ["3"]);
+    assert!(state.tables["dbo.lab_result"].complete);
+    let continued = db
+        .lock()
+        .unwrap()
+        .queries
+        .iter()
+        .any(|q| q.contains("[result_id] > CAST(@P1 AS int)"));
+    assert!(continued, "the second run continued after the stored key");
+}
