@@ -558,6 +558,17 @@ async fn capture(
     (result, seen, state)
 }
 
+/// The changes among `messages`.
+fn changes_in(messages: &[SourceMessage]) -> Vec<&fhir_cdc::change::ChangeEvent> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SourceMessage::Change(c) => Some(c),
+            SourceMessage::Progress(_) => None,
+        })
+        .collect()
+}
+
 fn reached(messages: &[SourceMessage], at: Lsn) -> bool {
     messages
         .iter()
@@ -577,13 +588,7 @@ async fn a_snapshot_then_the_change_tables_give_every_row_once_through_a_schema_
     let (result, messages, state) = capture(source, None, |m| reached(m, lsn(7))).await;
     result.expect("a clean stop");
 
-    let changes: Vec<_> = messages
-        .iter()
-        .filter_map(|m| match m {
-            SourceMessage::Change(c) => Some(c),
-            SourceMessage::Progress(_) => None,
-        })
-        .collect();
+    let changes = changes_in(&messages);
     let id = |c: &fhir_cdc::change::ChangeEvent| {
         text(
             c.after
@@ -770,13 +775,7 @@ async fn a_backlog_larger_than_a_window_is_read_in_whole_transactions() {
     );
     let (result, messages, _) = capture(source, None, |m| reached(m, lsn(5))).await;
     result.expect("a clean stop");
-    let ops: Vec<Operation> = messages
-        .iter()
-        .filter_map(|m| match m {
-            SourceMessage::Change(c) => Some(c.op),
-            SourceMessage::Progress(_) => None,
-        })
-        .collect();
+    let ops: Vec<Operation> = changes_in(&messages).iter().map(|c| c.op).collect();
     assert_eq!(ops.len(), 10_001, "every change once");
     assert_eq!(ops.iter().filter(|op| **op == Operation::Update).count(), 1);
     assert_eq!(ops.last(), Some(&Operation::Insert));

@@ -338,13 +338,46 @@ pub fn lab_mappings(dir: &Path, schema: &str, files: &[&str]) {
 /// A connector config in `dir` (connector `name`, topics under `prefix`, mappings in
 /// `dir/mappings`) against the stack's PostgreSQL, with `extra` (more tables) appended.
 pub fn connector_config(dir: &Path, name: &str, prefix: &str, extra: &str) -> PathBuf {
-    config_with_source(dir, name, prefix, "postgres", "FHIR_CDC_PG_URL", extra)
+    config_with_source(
+        dir,
+        name,
+        prefix,
+        "postgres",
+        "FHIR_CDC_PG_URL",
+        HEARTBEAT,
+        extra,
+    )
 }
 
 /// As [`connector_config`], against the stack's MariaDB.
 pub fn mysql_connector_config(dir: &Path, name: &str, prefix: &str) -> PathBuf {
-    config_with_source(dir, name, prefix, "mysql", "FHIR_CDC_MYSQL_URL", "")
+    config_with_source(
+        dir,
+        name,
+        prefix,
+        "mysql",
+        "FHIR_CDC_MYSQL_URL",
+        HEARTBEAT,
+        "",
+    )
 }
+
+/// As [`connector_config`], against the SQL Server `MSSQL_URL` names, polling every 200 ms.
+pub fn sqlserver_connector_config(dir: &Path, name: &str, prefix: &str) -> PathBuf {
+    config_with_source(
+        dir,
+        name,
+        prefix,
+        "sqlserver",
+        "MSSQL_URL",
+        "poll.interval.ms = 200",
+        "",
+    )
+}
+
+/// The heartbeat of PostgreSQL and MySQL test connectors (what [`add_source_setting`]
+/// writes after).
+const HEARTBEAT: &str = "heartbeat.interval.ms = 500";
 
 fn config_with_source(
     dir: &Path,
@@ -352,6 +385,7 @@ fn config_with_source(
     prefix: &str,
     kind: &str,
     url: &str,
+    setting: &str,
     extra: &str,
 ) -> PathBuf {
     let config = dir.join("connector.toml");
@@ -362,7 +396,7 @@ fn config_with_source(
 [source]
 kind = "{kind}"
 url = "${{env:{url}}}"
-heartbeat.interval.ms = 500
+{setting}
 [kafka]
 bootstrap.servers = "${{env:FHIR_CDC_KAFKA_BOOTSTRAP}}"
 [schema_registry]
@@ -479,9 +513,10 @@ pub async fn result_values(
 /// Add `setting` (a `[source]` line such as `snapshot.chunk.size = 500`) to the connector
 /// config `connector_config` wrote.
 pub fn add_source_setting(config: &Path, setting: &str) {
-    let text = std::fs::read_to_string(config).unwrap().replace(
-        "heartbeat.interval.ms = 500",
-        &format!("heartbeat.interval.ms = 500\n{setting}"),
+    let text = std::fs::read_to_string(config).unwrap().replacen(
+        "[kafka]",
+        &format!("{setting}\n[kafka]"),
+        1,
     );
     assert!(text.contains(setting), "{text}");
     std::fs::write(config, text).unwrap();

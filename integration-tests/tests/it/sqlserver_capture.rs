@@ -61,28 +61,8 @@ async fn adt(url: Secret, name: &str) -> Adt {
         .replace("table: dbo.adt_visit", &format!("table: dbo.{table}"));
     std::fs::write(dir.join("mappings/visit.yaml"), mapping).unwrap();
     let prefix = stack::unique("fhirms");
-    let config = dir.join("connector.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"name = "{name}"
-[source]
-kind = "sqlserver"
-url = "${{env:MSSQL_URL}}"
-poll.interval.ms = 200
-snapshot.chunk.size = 500
-[kafka]
-bootstrap.servers = "${{env:FHIR_CDC_KAFKA_BOOTSTRAP}}"
-[schema_registry]
-url = "${{env:FHIR_CDC_SCHEMA_REGISTRY_URL}}"
-[mappings]
-path = "mappings"
-[topics]
-prefix = "{prefix}"
-"#
-        ),
-    )
-    .unwrap();
+    let config = stack::sqlserver_connector_config(&dir, &name, &prefix);
+    stack::add_source_setting(&config, "snapshot.chunk.size = 500");
     Adt {
         client,
         table: format!("dbo.{table}"),
@@ -299,11 +279,7 @@ async fn sql_server_changes_the_cleanup_job_removed_stop_initial_and_resnapshot_
         "initial must stop across the gap: {said}"
     );
     assert!(said.contains("when_needed"), "{said}");
-    let text = std::fs::read_to_string(&adt.config).unwrap().replace(
-        "poll.interval.ms = 200",
-        "poll.interval.ms = 200\nsnapshot.mode = \"when_needed\"",
-    );
-    std::fs::write(&adt.config, text).unwrap();
+    stack::add_source_setting(&adt.config, "snapshot.mode = \"when_needed\"");
     let connector = start(&adt.config, &adt.log);
     adt.await_current(connector).await;
 }
