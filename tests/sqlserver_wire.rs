@@ -122,7 +122,8 @@ async fn every_column_type_sql_server_sends_is_read_exactly() {
         ("picture", "image"),
         ("report", "xml"),
     ];
-    // As the server returns the SELECT: money cast to decimal by the connector's query.
+    // As the server returns the SELECT: money cast to decimal and char, varchar and text to
+    // nvarchar(max) by the connector's query.
     let types = [
         SqlType::Int,
         SqlType::TinyInt,
@@ -140,12 +141,12 @@ async fn every_column_type_sql_server_sends_is_read_exactly() {
         SqlType::DateTimeOffset(7),
         SqlType::DateTime,
         SqlType::SmallDateTime,
-        SqlType::Char(3),
-        SqlType::VarChar(50),
-        SqlType::VarCharMax,
+        SqlType::NVarCharMax,
+        SqlType::NVarCharMax,
+        SqlType::NVarCharMax,
         SqlType::NVarChar(50),
         SqlType::NVarCharMax,
-        SqlType::Text,
+        SqlType::NVarCharMax,
         SqlType::NText,
         SqlType::UniqueIdentifier,
         SqlType::VarBinary(16),
@@ -185,7 +186,9 @@ async fn every_column_type_sql_server_sends_is_read_exactly() {
             minutes: 61,
         },
         Cell::Text("mg ".into()),
-        Cell::Text("café".into()),
+        // A varchar of a *_UTF8 collation: outside any Windows code page, exact because
+        // the server converts it for the cast.
+        Cell::Text("café 山田 ✓".into()),
         Cell::Text(long.clone()),
         Cell::Text("Zoë Ñúñez 山田".into()),
         Cell::Text(long.clone()),
@@ -235,8 +238,14 @@ async fn every_column_type_sql_server_sends_is_read_exactly() {
             && select.contains("CAST([petty] AS decimal(10,4)) AS [petty]"),
         "money is read as a decimal: {select}"
     );
+    for column in ["code", "note", "long_note", "old_text"] {
+        assert!(
+            select.contains(&format!("CAST([{column}] AS nvarchar(max)) AS [{column}]")),
+            "{column} is read as UTF-16 whatever its collation: {select}"
+        );
+    }
     assert!(
-        select.ends_with("FROM [dbo].[kitchen_sink] ORDER BY [id]"),
+        select.ends_with("FROM [dbo].[kitchen_sink] ORDER BY [kitchen_sink].[id]"),
         "{select}"
     );
     assert!(complete);
@@ -260,7 +269,7 @@ async fn every_column_type_sql_server_sends_is_read_exactly() {
         ("legacy", "2024-02-29T00:00:00.007"),
         ("coarse", "2024-02-29T01:01:00"),
         ("code", "mg "),
-        ("note", "café"),
+        ("note", "café 山田 ✓"),
         ("name", "Zoë Ñúñez 山田"),
         ("old_text", "légacy"),
         ("old_ntext", "нет"),
@@ -309,7 +318,7 @@ struct Recorded {
 fn column_type(name: &str) -> (SqlType, &'static str) {
     match name {
         "result_id" => (SqlType::Int, "int"),
-        "status" => (SqlType::VarChar(20), "varchar"),
+        "status" => (SqlType::NVarCharMax, "varchar"),
         "value" => (SqlType::Decimal(10, 2), "decimal"),
         _ => (SqlType::NVarChar(20), "nvarchar"),
     }
@@ -408,7 +417,7 @@ fn answer(recorded: &Mutex<Recorded>, request: &Request) -> Reply {
         Reply::Results(vec![ResultSet::new(
             &[
                 ("result_id", SqlType::Int),
-                ("status", SqlType::VarChar(20)),
+                ("status", column_type("status").0),
                 ("value", SqlType::Decimal(10, 2)),
             ],
             rows,

@@ -24,8 +24,12 @@ pub struct ChunkTable {
     /// `schema.table`.
     pub name: String,
     quoted: String,
+    /// The table's name as the `FROM` exposes it: key columns are named after it, because
+    /// the select list's aliases (a cast column keeps its name) would win in `ORDER BY`
+    /// and sort by the cast value, not the column the continuation compares.
+    exposed: String,
     pub source: Arc<SourceTable>,
-    /// The columns as selected (money as decimal).
+    /// The columns as selected (money as decimal, code-page text as nvarchar).
     select: String,
     names: Names,
     pub key: Names,
@@ -99,6 +103,7 @@ impl ChunkTable {
         Ok(Self {
             name: name.to_owned(),
             quoted: quote_table(schema, table),
+            exposed: quote_ident(table),
             source: Arc::new(SourceTable::new(
                 connector,
                 "sqlserver",
@@ -132,6 +137,11 @@ impl ChunkTable {
         }
     }
 
+    /// The `n`th key column, named after the table (see [`ChunkTable::exposed`]).
+    fn key_column(&self, n: usize) -> String {
+        format!("{}.{}", self.exposed, quote_ident(&self.key[n]))
+    }
+
     /// The chunk's `SELECT`: the next `size` rows after the last key (its values are the
     /// parameters `@P1…`), of those matching `filter`, in key order.
     fn select(&self, after: bool, filter: Option<&str>, size: usize) -> String {
@@ -140,14 +150,12 @@ impl ChunkTable {
             // (a, b) > (@P1, @P2), which T-SQL cannot write as a row comparison.
             let terms: Vec<String> = (0..self.key.len())
                 .map(|n| {
-                    let mut term: Vec<String> = self.key[..n]
-                        .iter()
-                        .enumerate()
-                        .map(|(i, k)| format!("{} = {}", quote_ident(k), self.key_value(i + 1)))
+                    let mut term: Vec<String> = (0..n)
+                        .map(|i| format!("{} = {}", self.key_column(i), self.key_value(i + 1)))
                         .collect();
                     term.push(format!(
                         "{} > {}",
-                        quote_ident(&self.key[n]),
+                        self.key_column(n),
                         self.key_value(n + 1)
                     ));
                     format!("({})", term.join(" AND "))
@@ -163,7 +171,7 @@ impl ChunkTable {
         if self.key.is_empty() {
             return format!("SELECT {} FROM {}{filter}", self.select, self.quoted);
         }
-        let order: Vec<String> = self.key.iter().map(|k| quote_ident(k)).collect();
+        let order: Vec<String> = (0..self.key.len()).map(|n| self.key_column(n)).collect();
         format!(
             "SELECT TOP ({size}) {} FROM {}{filter} ORDER BY {}",
             self.select,
@@ -467,10 +475,11 @@ mod tests {
     use super::*;
 
     fn table(key: &[&str]) -> ChunkTable {
-        let columns = [("id", "int"), ("seq", "int"), ("amount", "money")];
+        let columns = [("id", "int"), ("seq", "varchar"), ("amount", "money")];
         ChunkTable {
             name: "dbo.charge".into(),
             quoted: "[dbo].[charge]".into(),
+            exposed: "[charge]".into(),
             source: Arc::new(SourceTable::new(
                 "c",
                 "sqlserver",
@@ -505,19 +514,25 @@ mod tests {
 
     #[test]
     fn chunks_continue_after_the_last_key_in_key_order() {
+        // seq is read cast to nvarchar under its own name: order and comparison name the
+        // table's column, not the alias.
         let two = table(&["id", "seq"]);
         assert_eq!(
             two.select(true, Some("amount > 0"), 100),
-            "SELECT TOP (100) [id], [seq], CAST([amount] AS decimal(19,4)) AS [amount] FROM [dbo].[charge] WHERE (amount > 0) AND (([id] > CAST(@P1 AS int)) OR ([id] = CAST(@P1 AS int) AND [seq] > CAST(@P2 AS varchar(20)))) ORDER BY [id], [seq]"
+            "SELECT TOP (100) [id], CAST([seq] AS nvarchar(max)) AS [seq], CAST([amount] AS decimal(19,4)) AS [amount] \
+             FROM [dbo].[charge] WHERE (amount > 0) AND (([charge].[id] > CAST(@P1 AS int)) \
+             OR ([charge].[id] = CAST(@P1 AS int) AND [charge].[seq] > CAST(@P2 AS varchar(20)))) \
+             ORDER BY [charge].[id], [charge].[seq]"
         );
         assert_eq!(
             two.select(false, None, 5),
-            "SELECT TOP (5) [id], [seq], CAST([amount] AS decimal(19,4)) AS [amount] FROM [dbo].[charge] ORDER BY [id], [seq]"
+            "SELECT TOP (5) [id], CAST([seq] AS nvarchar(max)) AS [seq], CAST([amount] AS decimal(19,4)) AS [amount] \
+             FROM [dbo].[charge] ORDER BY [charge].[id], [charge].[seq]"
         );
         let keyless = table(&[]);
         assert_eq!(
             keyless.select(false, None, 5),
-            "SELECT [id], [seq], CAST([amount] AS decimal(19,4)) AS [amount] FROM [dbo].[charge]"
+            "SELECT [id], CAST([seq] AS nvarchar(max)) AS [seq], CAST([amount] AS decimal(19,4)) AS [amount] FROM [dbo].[charge]"
         );
     }
 }

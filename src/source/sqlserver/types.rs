@@ -10,8 +10,11 @@
 //!   [`Value::Timestamp`] (the mapping names the zone the application wrote them in).
 //!   datetime counts 1/300 s: read as SQL Server shows it, to the millisecond (.003, .007).
 //!   datetimeoffset is an instant with its offset ([`Value::TimestampTz`]).
-//! - char, varchar, nchar, nvarchar, text and ntext arrive as UTF-8 whatever their
-//!   collation (tiberius decodes the collation's code page); xml as its text.
+//! - char, varchar and text are cast to `nvarchar(max)` by the same queries, so the server
+//!   converts them from their collation's code page to UTF-16 and they arrive exactly in
+//!   any collation: tiberius knows only the Windows code pages of the older collations and
+//!   ignores the UTF-8 flag of SQL Server 2019's `*_UTF8` ones. nchar, nvarchar and ntext
+//!   are UTF-16 already; xml arrives as its text.
 //! - uniqueidentifier is [`Value::Uuid`] (lower case, as FHIR writes ids); binary,
 //!   varbinary and image are bytes.
 
@@ -140,8 +143,8 @@ pub fn seven_digits(text: &str) -> String {
 }
 
 /// The columns `(name, type)` as the connector selects them, each name after
-/// `qualifier` (`c.` or nothing): money as a decimal (see the module documentation),
-/// everything else as it is.
+/// `qualifier` (`c.` or nothing): money as a decimal and code-page text as `nvarchar(max)`
+/// (see the module documentation), everything else as it is.
 pub fn select_list(columns: &[(String, String)], qualifier: &str) -> String {
     columns
         .iter()
@@ -150,6 +153,9 @@ pub fn select_list(columns: &[(String, String)], qualifier: &str) -> String {
             match data_type.to_ascii_lowercase().as_str() {
                 "money" => format!("CAST({qualifier}{quoted} AS decimal(19,4)) AS {quoted}"),
                 "smallmoney" => format!("CAST({qualifier}{quoted} AS decimal(10,4)) AS {quoted}"),
+                "char" | "varchar" | "text" => {
+                    format!("CAST({qualifier}{quoted} AS nvarchar(max)) AS {quoted}")
+                }
                 _ => format!("{qualifier}{quoted}"),
             }
         })
@@ -283,15 +289,22 @@ mod tests {
     }
 
     #[test]
-    fn money_is_selected_as_a_decimal() {
+    fn money_is_selected_as_a_decimal_and_code_page_text_as_utf16() {
         let columns = [
             ("amount".to_owned(), "money".to_owned()),
             ("fee".to_owned(), "smallmoney".to_owned()),
             ("odd]name".to_owned(), "int".to_owned()),
+            ("code".to_owned(), "char".to_owned()),
+            ("note".to_owned(), "VARCHAR".to_owned()),
+            ("old".to_owned(), "text".to_owned()),
+            ("name".to_owned(), "nvarchar".to_owned()),
         ];
         assert_eq!(
-            select_list(&columns, ""),
-            "CAST([amount] AS decimal(19,4)) AS [amount], CAST([fee] AS decimal(10,4)) AS [fee], [odd]]name]"
+            select_list(&columns, "c."),
+            "CAST(c.[amount] AS decimal(19,4)) AS [amount], CAST(c.[fee] AS decimal(10,4)) AS [fee], \
+             c.[odd]]name], CAST(c.[code] AS nvarchar(max)) AS [code], \
+             CAST(c.[note] AS nvarchar(max)) AS [note], CAST(c.[old] AS nvarchar(max)) AS [old], \
+             c.[name]"
         );
     }
 }
