@@ -519,12 +519,20 @@ fn recorded() -> Recorded {
     }
 }
 
-fn config(server: &Responder, mode: &str) -> SqlServerConfig {
-    toml::from_str(&format!(
+/// A responder answering from `db`.
+async fn serve(db: &Arc<Mutex<Recorded>>) -> Responder {
+    let answering = db.clone();
+    Responder::start(move |request| answer(&answering, request)).await
+}
+
+/// The connector of `dbo.lab_result` on `server`, in snapshot mode `mode`.
+fn lab_source(server: &Responder, mode: &str) -> SqlServerSource {
+    let config: SqlServerConfig = toml::from_str(&format!(
         "url = \"{}\"\npoll.interval.ms = 20\nsnapshot.chunk.size = 2\nsnapshot.mode = \"{mode}\"",
         server.url("lab")
     ))
-    .expect("a config")
+    .expect("a config");
+    SqlServerSource::new("lab", &config, vec![("dbo".into(), "lab_result".into())])
 }
 
 /// Run the source from `stored`, acknowledging every position at once, until `done` says
@@ -587,13 +595,8 @@ fn reached(messages: &[SourceMessage], at: Lsn) -> bool {
 #[tokio::test]
 async fn a_snapshot_then_the_change_tables_give_every_row_once_through_a_schema_change() {
     let db = Arc::new(Mutex::new(recorded()));
-    let answering = db.clone();
-    let server = Responder::start(move |request| answer(&answering, request)).await;
-    let source = SqlServerSource::new(
-        "lab",
-        &config(&server, "initial"),
-        vec![("dbo".into(), "lab_result".into())],
-    );
+    let server = serve(&db).await;
+    let source = lab_source(&server, "initial");
     let (result, messages, state) = capture(source, None, |m| reached(m, lsn(7))).await;
     result.expect("a clean stop");
 
@@ -696,8 +699,7 @@ async fn changes_the_cleanup_job_removed_stop_initial_and_resnapshot_when_needed
         db.chunk_lsn = lsn(7);
         db.after_snapshot = None;
     }
-    let answering = db.clone();
-    let server = Responder::start(move |request| answer(&answering, request)).await;
+    let server = serve(&db).await;
     let stored = ConnectorState {
         position: Some(ChangeLsn::end_of(lsn(2)).to_string()),
         tables: [(
@@ -710,9 +712,8 @@ async fn changes_the_cleanup_job_removed_stop_initial_and_resnapshot_when_needed
         .into(),
         ..ConnectorState::new("sqlserver")
     };
-    let tables = vec![("dbo".to_owned(), "lab_result".to_owned())];
 
-    let initial = SqlServerSource::new("lab", &config(&server, "initial"), tables.clone());
+    let initial = lab_source(&server, "initial");
     let (result, messages, _) = capture(initial, Some(stored.clone()), |_| false).await;
     let err = result.expect_err("a gap stops initial").to_string();
     assert!(
@@ -721,7 +722,7 @@ async fn changes_the_cleanup_job_removed_stop_initial_and_resnapshot_when_needed
     );
     assert!(messages.is_empty(), "nothing went out across the gap");
 
-    let when_needed = SqlServerSource::new("lab", &config(&server, "when_needed"), tables);
+    let when_needed = lab_source(&server, "when_needed");
     let (result, messages, state) = capture(when_needed, Some(stored), |m| {
         m.iter()
             .filter(|m| matches!(m, SourceMessage::Change(c) if c.op == Operation::Read))
@@ -775,13 +776,8 @@ async fn a_backlog_larger_than_a_window_is_read_in_whole_transactions() {
         after_snapshot: Some(lsn(5)),
         queries: Vec::new(),
     }));
-    let answering = db.clone();
-    let server = Responder::start(move |request| answer(&answering, request)).await;
-    let source = SqlServerSource::new(
-        "lab",
-        &config(&server, "initial"),
-        vec![("dbo".into(), "lab_result".into())],
-    );
+    let server = serve(&db).await;
+    let source = lab_source(&server, "initial");
     let (result, messages, _) = capture(source, None, |m| reached(m, lsn(5))).await;
     result.expect("a clean stop");
     let ops: Vec<Operation> = changes_in(&messages).iter().map(|c| c.op).collect();
@@ -804,9 +800,7 @@ async fn a_snapshot_stopped_after_a_chunk_goes_on_after_it() {
         after_snapshot: None,
         ..recorded()
     }));
-    let answering = db.clone();
-    let server = Responder::start(move |request| answer(&answering, request)).await;
-    let tables = vec![("dbo".to_owned(), "lab_result".to_owned())];
+    let server = serve(&db).await;
     let reads = |messages: &[SourceMessage]| -> Vec<String> {
         messages
             .iter()
@@ -819,7 +813,7 @@ async fn a_snapshot_stopped_after_a_chunk_goes_on_after_it() {
             .collect()
     };
     // Stopped once the first chunk (two rows) and its position are out.
-    let first = SqlServerSource::new("lab", &config(&server, "initial"), tables.clone());
+    let first = lab_source(&server, "initial");
     let (result, messages, state) = capture(first, None, |m| {
         reads(m).len() >= 2 && matches!(m.last(), Some(SourceMessage::Progress(_)))
     })
@@ -830,7 +824,7 @@ async fn a_snapshot_stopped_after_a_chunk_goes_on_after_it() {
     assert!(!progress.complete);
     assert_eq!(progress.last_key, Some(vec!["2".to_owned()]));
     // Started again from that state: the rest of the table, not the chunk Kafka has.
-    let again = SqlServerSource::new("lab", &config(&server, "initial"), tables);
+    let again = lab_source(&server, "initial");
     let (result, messages, state) = capture(again, Some(state), |m| {
         !reads(m).is_empty() && matches!(m.last(), Some(SourceMessage::Progress(_)))
     })
