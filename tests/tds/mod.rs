@@ -49,7 +49,7 @@ pub enum Cell {
     Null,
     Int(i64),
     Float(f64),
-    /// A decimal's unscaled value (the scale is the column's); money's value × 10⁴.
+    /// A decimal's unscaled value (the scale is the column's).
     Scaled(i128),
     Bool(bool),
     Text(String),

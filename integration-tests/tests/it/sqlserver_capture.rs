@@ -16,6 +16,9 @@ use integration_tests::connector::{crash, events_of, latest_values, start, stop}
 
 use crate::stack;
 
+/// Every visit's ward: a varchar in a UTF-8 collation, outside every Windows code page.
+const WARD: &str = "4 West — 山田";
+
 /// The SQL Server to test against, if any.
 fn mssql_url() -> Option<Secret> {
     match std::env::var("MSSQL_URL") {
@@ -49,7 +52,7 @@ async fn adt(url: Secret, name: &str) -> Adt {
             "CREATE TABLE dbo.{table} (
                visit_id bigint NOT NULL PRIMARY KEY, visit_no varchar(20) NOT NULL,
                mrn varchar(20) NOT NULL, patient_class char(1) NOT NULL, status char(1) NOT NULL,
-               ward nvarchar(40) NULL, admitted_at datetime NOT NULL, discharged_at datetime NULL,
+               ward varchar(40) COLLATE Latin1_General_100_CI_AS_SC_UTF8 NULL, admitted_at datetime NOT NULL, discharged_at datetime NULL,
                deposit money NULL);
              EXEC sys.sp_cdc_enable_table @source_schema = N'dbo', @source_name = N'{table}',
                @role_name = NULL, @capture_instance = N'{table}_v1';"
@@ -89,7 +92,7 @@ impl Adt {
             "WITH n AS (SELECT TOP ({count}) ROW_NUMBER() OVER (ORDER BY (SELECT NULL)) - 1 AS i
                           FROM sys.all_objects a CROSS JOIN sys.all_objects b)
              INSERT INTO {} (visit_id, visit_no, mrn, patient_class, status, ward, admitted_at, deposit)
-             SELECT {from} + i, CONCAT('V', {from} + i), 'M0001', 'I', 'A', N'4 West', '2024-03-05 09:15:00.257', 100.0000
+             SELECT {from} + i, CONCAT('V', {from} + i), 'M0001', 'I', 'A', N'{WARD}', '2024-03-05 09:15:00.257', 100.0000
                FROM n",
             self.table
         );
@@ -120,7 +123,7 @@ impl Adt {
     }
 
     /// Wait until the topic's latest statuses are the table's (the capture job runs every
-    /// few seconds), then stop the connector.
+    /// few seconds), check every visit's ward arrived whole, then stop the connector.
     async fn await_current(&mut self, connector: integration_tests::connector::Connector) {
         let expected = self.statuses().await;
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
@@ -136,6 +139,12 @@ impl Adt {
             );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        let wards = latest_values(
+            &events_of(&self.topic).await,
+            "/location/0/location/display",
+        );
+        let whole = serde_json::Value::from(WARD).to_string();
+        assert!(wards.values().all(|ward| *ward == whole), "{wards:?}");
         assert!(stop(connector).success());
     }
 }
