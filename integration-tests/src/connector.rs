@@ -1,6 +1,7 @@
 //! A `fhir-cdc run` process under test, and reading what it wrote to Kafka.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -98,6 +99,31 @@ pub fn exit_within(
             panic!("the connector did not stop within {within:?} {after}");
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Repeats are exact: one event id is one resource version, with one content.
+pub fn assert_repeats_are_exact(events: &[fhir_cdc::canonical::CanonicalEvent]) {
+    let mut seen: HashMap<&str, &fhir_cdc::canonical::CanonicalEvent> = HashMap::new();
+    let mut versions: HashMap<(&str, &str), &str> = HashMap::new();
+    for event in events {
+        if let Some(first) = seen.insert(&event.event_id, event) {
+            assert_eq!(
+                first.resource_version, event.resource_version,
+                "{}",
+                event.event_id
+            );
+            assert_eq!(
+                first.resource.as_ref().map(|r| r.to_json()),
+                event.resource.as_ref().map(|r| r.to_json()),
+                "{}",
+                event.event_id
+            );
+        }
+        let id = versions
+            .entry((&event.resource_id, &event.resource_version))
+            .or_insert(&event.event_id);
+        assert_eq!(*id, event.event_id, "two event ids for one version");
     }
 }
 
@@ -292,9 +318,14 @@ pub fn free_port() -> u16 {
 }
 
 /// The samples of a Prometheus endpoint, `name{labels}` → value.
-pub fn scrape(port: u16) -> std::collections::HashMap<String, f64> {
+pub fn scrape(port: u16) -> HashMap<String, f64> {
+    try_scrape(port).unwrap_or_else(|e| panic!("nothing serves metrics on {port}: {e}"))
+}
+
+/// As [`scrape`], or why the endpoint could not be reached (the process gone).
+pub fn try_scrape(port: u16) -> std::io::Result<HashMap<String, f64>> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .unwrap();
@@ -302,13 +333,14 @@ pub fn scrape(port: u16) -> std::collections::HashMap<String, f64> {
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.lines()
+    Ok(body
+        .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .filter_map(|l| {
             let (name, value) = l.rsplit_once(' ')?;
             Some((name.to_owned(), value.parse().ok()?))
         })
-        .collect()
+        .collect())
 }
 
 /// Wait (up to 30 s) until a connector streams from `slot`: from then on, new changes

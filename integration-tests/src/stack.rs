@@ -450,6 +450,23 @@ pub async fn billing_tables(conn: &mut mysql_async::Conn, prefix: &str, dir: &Pa
     database
 }
 
+/// Every charge of the billing table `charge` as its ChargeItem's id → its amount as the
+/// database has it now.
+pub async fn charge_amounts(
+    conn: &mut mysql_async::Conn,
+    charge: &str,
+) -> std::collections::BTreeMap<String, String> {
+    use mysql_async::prelude::Queryable;
+    conn.query::<(u64, String), _>(format!(
+        "SELECT charge_id, CAST(amount AS CHAR) FROM {charge}"
+    ))
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(id, amount)| (format!("charge-{id}"), amount))
+    .collect()
+}
+
 /// A client of the stack's MariaDB.
 pub async fn mysql_conn() -> mysql_async::Conn {
     mysql_async::Conn::new(mysql_async::Opts::from_url(&mysql_url()).unwrap())

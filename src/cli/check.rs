@@ -12,6 +12,7 @@ use crate::{
     config::{ConnectorConfig, SourceConfig},
     consumer::config::ProjectorConfig,
     mapping,
+    offsets::StateStore,
     preflight::{Finding, Severity},
     sink::kafka,
     source::{mysql, postgres, sqlserver},
@@ -210,7 +211,17 @@ async fn check_connector(path: &std::path::Path) -> ExitCode {
                         });
                     }
                 }
-                mysql::preflight::check(&my.url, &mapped, my.signal_table()).await
+                let mut findings =
+                    mysql::preflight::check(&my.url, &mapped, my.signal_table()).await;
+                match stored_position(&config).await {
+                    Ok(Some(stored)) => findings.push(
+                        mysql::preflight::stored_position(&my.url, &stored, my.snapshot_mode())
+                            .await,
+                    ),
+                    Ok(None) => {}
+                    Err(finding) => findings.push(finding),
+                }
+                findings
             }
             SourceConfig::SqlServer(ms) => {
                 let mut mapped: Vec<sqlserver::preflight::MappedTable> = Vec::new();
@@ -240,6 +251,30 @@ async fn check_connector(path: &std::path::Path) -> ExitCode {
             .collect(),
     )
 }
+
+/// The position `run` would resume from (the connector's stored state in Kafka), if any.
+/// Kafka unreachable is its own finding; here it only leaves the position unchecked.
+async fn stored_position(config: &ConnectorConfig) -> Result<Option<String>, Finding> {
+    let read = async { StateStore::of(config).await?.load().await };
+    let unchecked = |why: String| {
+        Finding::warning(
+            "state",
+            format!("the connector's stored state could not be read ({why}), so whether run can resume from it is unchecked"),
+            "see Kafka's finding",
+        )
+    };
+    match tokio::time::timeout(STATE_TIMEOUT, read).await {
+        Ok(Ok(state)) => Ok(state.and_then(|s| s.position)),
+        Ok(Err(e)) => Err(unchecked(e.to_string())),
+        Err(_) => Err(unchecked(format!(
+            "no answer within {}s",
+            STATE_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// How long `check` waits for the stored state.
+const STATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Print the findings and their count: success only without a problem.
 fn report(findings: Vec<Finding>) -> ExitCode {

@@ -10,6 +10,7 @@
 use std::{
     path::PathBuf,
     process::ExitCode,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,7 +20,10 @@ use tracing::{info, warn};
 
 use crate::{
     config::{ConnectorConfig, SourceConfig},
-    observe,
+    observe::{
+        self,
+        pipeline::{waits, Waiting},
+    },
     pipeline::{self, RunError, RunSummary},
     source::{
         mysql::capture::MysqlSource, postgres::capture::PostgresSource,
@@ -52,10 +56,17 @@ pub async fn run(args: RunArgs) -> ExitCode {
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     info!(connector = config.name, "starting");
+    let waiting = Arc::new(Waiting::default());
+    tokio::spawn(observe::pipeline::watch(
+        config.name.clone(),
+        waiting.clone(),
+        config.health.stall_after(),
+        shutdown.clone(),
+    ));
     let mut backoff = Backoff::default();
     loop {
         let started = Instant::now();
-        match run_once(&config, shutdown.clone()).await {
+        match run_once(&config, waiting.clone(), shutdown.clone()).await {
             Ok(summary) => {
                 info!(
                     connector = config.name,
@@ -72,12 +83,14 @@ pub async fn run(args: RunArgs) -> ExitCode {
             // only ever moves past acknowledged events, so the next start resumes where this
             // one ended and nothing is lost by not finishing the drain.
             Err(e) if e.is_transient() && shutdown.is_cancelled() => {
-                info!(connector = config.name, cause = cause(&e), "stopped while a transient failure was being retried: the next start resumes from the stored state");
+                info!(connector = config.name, cause = cause(&e).0, "stopped while a transient failure was being retried: the next start resumes from the stored state");
                 return ExitCode::SUCCESS;
             }
             Err(e) if e.is_transient() => {
                 let delay = backoff.next(started.elapsed());
-                observe::pipeline::restarted(&config.name, cause(&e));
+                let (label, on) = cause(&e);
+                observe::pipeline::restarted(&config.name, label);
+                waiting.down(on);
                 if backoff.streak == 1 {
                     warn!(connector = config.name, error = %e, retry_in = ?delay, "a transient failure stopped capture: it restarts by itself from the stored state");
                 } else {
@@ -98,6 +111,7 @@ pub async fn run(args: RunArgs) -> ExitCode {
 
 async fn run_once(
     config: &ConnectorConfig,
+    waiting: Arc<Waiting>,
     shutdown: CancellationToken,
 ) -> Result<RunSummary, RunError> {
     match &config.source {
@@ -106,6 +120,7 @@ async fn run_once(
             pipeline::run(
                 config,
                 |tables| PostgresSource::new(name, pg, tables),
+                waiting,
                 shutdown,
             )
             .await
@@ -115,6 +130,7 @@ async fn run_once(
             pipeline::run(
                 config,
                 |tables| MysqlSource::new(name, my, tables),
+                waiting,
                 shutdown,
             )
             .await
@@ -124,6 +140,7 @@ async fn run_once(
             pipeline::run(
                 config,
                 |tables| SqlServerSource::new(name, ms, tables),
+                waiting,
                 shutdown,
             )
             .await
@@ -131,13 +148,13 @@ async fn run_once(
     }
 }
 
-/// The `cause` label of a restart.
-fn cause(e: &RunError) -> &'static str {
+/// The `cause` label of a restart, and what delivery waits on until it succeeds.
+fn cause(e: &RunError) -> (&'static str, u8) {
     match e {
-        RunError::Source(_) => "source",
-        RunError::Codec(_) => "registry",
-        RunError::State(_) => "state",
-        _ => "kafka",
+        RunError::Source(_) => ("source", waits::DATABASE),
+        RunError::Codec(_) => ("registry", waits::REGISTRY),
+        RunError::State(_) => ("state", waits::KAFKA),
+        _ => ("kafka", waits::KAFKA),
     }
 }
 

@@ -53,6 +53,39 @@ pub struct ConnectorConfig {
     /// What the connector's dead letters hold.
     #[serde(default)]
     pub dead_letters: DeadLettersConfig,
+    /// When the connector calls itself stalled.
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// When delivery counts as stalled: changes wait (read and not yet acknowledged by Kafka,
+/// or the connector restarting after a transient failure) and nothing has moved for
+/// `stall_after_seconds`. A stall is warned of once, naming what delivery waits on (Kafka,
+/// the schema registry, the database), and its end is logged with how long it lasted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Seconds without progress after which waiting changes make a stall. Default 30.
+    #[serde(default = "default_stall_after_seconds")]
+    pub stall_after_seconds: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            stall_after_seconds: default_stall_after_seconds(),
+        }
+    }
+}
+
+impl HealthConfig {
+    pub fn stall_after(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.stall_after_seconds)
+    }
+}
+
+fn default_stall_after_seconds() -> u64 {
+    30
 }
 
 /// What a dead letter holds of the row that failed (see `pipeline::dead_letter`).
@@ -929,6 +962,12 @@ impl ConnectorConfig {
                 ));
             }
         }
+        if self.health.stall_after_seconds == 0 {
+            return Err((
+                "health.stall_after_seconds",
+                "0 would call every moment a stall: use at least 1 (default 30)".into(),
+            ));
+        }
         self.topics.validate()?;
         self.schema_registry.validate()
     }
@@ -1201,6 +1240,10 @@ url = "http://localhost:8081"
                     "http://localhost:8081\"\nusername = \"u\"\npassword = \"p\"\nbearer_token = \"t\"",
                 ),
                 "schema_registry.bearer_token",
+            ),
+            (
+                format!("{VALID}[health]\nstall_after_seconds = 0"),
+                "health.stall_after_seconds",
             ),
         ];
         for (text, field) in cases {

@@ -281,7 +281,7 @@ async fn project(
     };
     let progress = replay_from.map(|_| {
         let progress = Progress::new("replay");
-        progress.start("messages", Some(remaining));
+        progress.start("messages", Some(remaining), 0);
         progress
     });
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();

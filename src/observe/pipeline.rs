@@ -2,13 +2,22 @@
 //!
 //! Per table (`connector`, `table` labels): changes read, events mapped, produced and
 //! acknowledged by Kafka, dead letters, suppressed no-op updates. Per connector: the source
-//! lag (capture time − commit time of the last change), the commit → Kafka-acknowledgement
+//! lag (now − commit time of the oldest change not yet acknowledged, so it grows through a
+//! stall; see [`watch`]), stalls, the commit → Kafka-acknowledgement
 //! latency histogram, the changes read and waiting to be mapped and the messages in flight to
 //! Kafka; the restarts after transient failures. Labels name tables, never values.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicI64, AtomicU8, Ordering::Relaxed},
+        Arc,
+    },
+};
 
+use chrono::{DateTime, Utc};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use tracing::{info, warn};
 
 use crate::change::SourceTable;
 
@@ -30,7 +39,6 @@ pub struct Metrics {
     /// By schema, then table: looked up with the change's names, without taking a
     /// reference to them (shared with the source's thread) per change.
     tables: HashMap<Arc<str>, HashMap<Arc<str>, TableMetrics>>,
-    pub source_lag_ms: Gauge,
     pub commit_to_ack: Histogram,
     pub channel_depth: Gauge,
     pub in_flight: Gauge,
@@ -42,7 +50,6 @@ impl Metrics {
         Self {
             connector: connector.to_owned(),
             tables: HashMap::new(),
-            source_lag_ms: gauge!("fhir_cdc_source_lag_milliseconds", &labels),
             commit_to_ack: histogram!("fhir_cdc_commit_to_ack_seconds", &labels),
             channel_depth: gauge!("fhir_cdc_channel_depth", &labels),
             in_flight: gauge!("fhir_cdc_in_flight_messages", &labels),
@@ -88,4 +95,187 @@ impl Metrics {
 pub fn restarted(connector: &str, cause: &'static str) {
     counter!("fhir_cdc_restarts_total", "connector" => connector.to_owned(), "cause" => cause)
         .increment(1);
+}
+
+/// What delivery waits on, as [`Waiting`] records it: bits, since Kafka and the registry
+/// may both be awaited at once (while the connector starts).
+pub mod waits {
+    pub const KAFKA: u8 = 1;
+    pub const REGISTRY: u8 = 2;
+    pub const DATABASE: u8 = 4;
+
+    /// The systems `on` names, for a log line.
+    pub fn describe(on: u8) -> String {
+        let named: Vec<&str> = [
+            (KAFKA, "Kafka"),
+            (REGISTRY, "the schema registry"),
+            (DATABASE, "the source database"),
+        ]
+        .into_iter()
+        .filter(|(bit, _)| on & bit != 0)
+        .map(|(_, name)| name)
+        .collect();
+        if named.is_empty() {
+            "nothing known".to_owned()
+        } else {
+            named.join(" and ")
+        }
+    }
+}
+
+/// Whether changes wait to be delivered, since when, and on what: written by the mapping
+/// stage and by `run`'s restart loop, read every second by [`watch`], which turns it into
+/// the source lag and the stall warnings. Times are milliseconds since the epoch; 0 is none.
+#[derive(Debug, Default)]
+pub struct Waiting {
+    /// The commit time of the oldest change read and not yet acknowledged by Kafka (while
+    /// the connector is down: at the latest, when it went down).
+    oldest: AtomicI64,
+    /// When delivery last moved while changes waited.
+    since: AtomicI64,
+    on: AtomicU8,
+}
+
+impl Waiting {
+    /// Whether changes wait (or the connector is down).
+    pub fn is_waiting(&self) -> bool {
+        self.since.load(Relaxed) != 0
+    }
+
+    /// Nothing waits: every change read is acknowledged.
+    pub fn clear(&self) {
+        self.oldest.store(0, Relaxed);
+        self.since.store(0, Relaxed);
+        self.on.store(0, Relaxed);
+    }
+
+    /// Changes wait on `on`, the oldest committed at `oldest` (when known); `moved`: delivery
+    /// made progress just now.
+    pub fn wait(&self, oldest: Option<DateTime<Utc>>, on: u8, moved: bool) {
+        let now = Utc::now().timestamp_millis();
+        if let Some(oldest) = oldest {
+            self.oldest.store(oldest.timestamp_millis(), Relaxed);
+        } else {
+            // Keep what an outage recorded until a change tells better.
+            let _ = self.oldest.compare_exchange(0, now, Relaxed, Relaxed);
+        }
+        if moved {
+            self.since.store(now, Relaxed);
+        } else {
+            let _ = self.since.compare_exchange(0, now, Relaxed, Relaxed);
+        }
+        self.on.store(on, Relaxed);
+    }
+
+    /// Delivery now also, or only, waits on `on` (a restart's cause; the parts of a start).
+    pub fn set_on(&self, on: u8) {
+        self.on.store(on, Relaxed);
+    }
+
+    /// `part` of what delivery waited on is done.
+    pub fn done_with(&self, part: u8) {
+        self.on.fetch_and(!part, Relaxed);
+    }
+
+    /// The connector went down (a transient failure) and waits on `on` to come back: what
+    /// waited still waits, and if nothing did, the outage itself counts from now.
+    pub fn down(&self, on: u8) {
+        self.wait(None, on, false);
+    }
+}
+
+/// Every second until `stop`: set the source lag from `waiting` (now − the oldest waiting
+/// change's commit time, 0 when nothing waits), warn once when nothing has moved for
+/// `stall_after` while changes wait, and say when delivery moves again.
+pub async fn watch(
+    connector: String,
+    waiting: Arc<Waiting>,
+    stall_after: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let labels = [("connector", connector.clone())];
+    let lag = gauge!("fhir_cdc_source_lag_milliseconds", &labels);
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The `since` of the stall warned of, and when that stall began.
+    let mut stalled: Option<i64> = None;
+    let stall_ms = i64::try_from(stall_after.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let now = Utc::now().timestamp_millis();
+        let oldest = waiting.oldest.load(Relaxed);
+        lag.set(if oldest == 0 {
+            0.0
+        } else {
+            (now - oldest).max(0) as f64
+        });
+        let since = waiting.since.load(Relaxed);
+        match stalled {
+            Some(began) if since != began => {
+                stalled = None;
+                info!(
+                    connector,
+                    after_seconds = (now - began) / 1000,
+                    "delivery moves again"
+                );
+            }
+            None if since != 0 && now - since >= stall_ms => {
+                stalled = Some(since);
+                let on = waiting.on.load(Relaxed);
+                counter!("fhir_cdc_stalls_total", "connector" => connector.clone()).increment(1);
+                warn!(
+                    connector,
+                    waiting_on = %waits::describe(on),
+                    seconds = (now - since) / 1000,
+                    lag_seconds = if oldest == 0 { 0 } else { (now - oldest) / 1000 },
+                    "delivery has made no progress while changes wait"
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_keeps_the_oldest_change_through_an_outage_until_everything_is_acknowledged() {
+        let waiting = Waiting::default();
+        assert!(!waiting.is_waiting());
+        let committed = Utc::now() - chrono::Duration::seconds(40);
+        waiting.wait(Some(committed), waits::KAFKA, false);
+        let since = waiting.since.load(Relaxed);
+        assert!(waiting.is_waiting());
+        assert_eq!(waiting.oldest.load(Relaxed), committed.timestamp_millis());
+        // Going down keeps what waited, and when it began; the cause replaces Kafka.
+        waiting.down(waits::DATABASE);
+        assert_eq!(waiting.oldest.load(Relaxed), committed.timestamp_millis());
+        assert_eq!(waiting.since.load(Relaxed), since);
+        assert_eq!(
+            waits::describe(waiting.on.load(Relaxed)),
+            "the source database"
+        );
+        // Everything acknowledged: nothing waits.
+        waiting.clear();
+        assert!(!waiting.is_waiting());
+        assert_eq!(waiting.oldest.load(Relaxed), 0);
+        // Down with nothing waiting: the outage counts from now.
+        waiting.down(waits::REGISTRY);
+        assert!(waiting.oldest.load(Relaxed) >= committed.timestamp_millis() + 39_000);
+        waiting.set_on(waits::KAFKA | waits::REGISTRY);
+        assert_eq!(
+            waits::describe(waiting.on.load(Relaxed)),
+            "Kafka and the schema registry"
+        );
+        waiting.done_with(waits::KAFKA);
+        assert_eq!(
+            waits::describe(waiting.on.load(Relaxed)),
+            "the schema registry"
+        );
+    }
 }

@@ -53,19 +53,30 @@ impl Progress {
         }
     }
 
-    /// Begin the part `name`, expecting about `total` items when known.
-    pub fn start(&self, name: &str, total: Option<u64>) {
+    /// Begin the part `name`, expecting about `total` items when known, `done` of them
+    /// already (a part resumed after a restart).
+    pub fn start(&self, name: &str, total: Option<u64>, done: u64) {
         let mut part = self.part();
         *part = Part {
             name: name.to_owned(),
-            done: 0,
-            total,
+            done,
+            total: total.map(|total| total.max(done)),
             logged: Instant::now(),
         };
         self.bar.reset();
-        self.bar.set_length(total.unwrap_or(0));
+        self.bar.set_length(part.total.unwrap_or(0));
+        self.bar.set_position(done);
         self.bar.set_message(name.to_owned());
-        info!(job = %self.job, part = %name, expected = total, "started");
+        if done == 0 {
+            info!(job = %self.job, part = %name, expected = total, "started");
+        } else {
+            info!(job = %self.job, part = %name, done, expected = total, "resumed");
+        }
+    }
+
+    /// Whether the part under way is `name`.
+    pub fn is_on(&self, name: &str) -> bool {
+        self.part().name == name
     }
 
     /// `n` more items of the current part done.
@@ -84,11 +95,12 @@ impl Progress {
         }
     }
 
-    /// The current part is done.
+    /// The current part is done (and none is under way until the next starts).
     pub fn finish(&self) {
-        let part = self.part();
+        let mut part = self.part();
         self.bar.finish_and_clear();
         info!(job = %self.job, part = %part.name, done = part.done, "done");
+        part.name.clear();
     }
 
     fn part(&self) -> std::sync::MutexGuard<'_, Part> {

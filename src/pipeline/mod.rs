@@ -20,13 +20,13 @@
 
 pub mod dead_letter;
 
-use std::{collections::BTreeMap, future::Future, time::Duration};
+use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::observe::pipeline::Metrics;
+use crate::observe::pipeline::{waits, Metrics, Waiting};
 use crate::{
     canonical::{
         registry::{CodecError, EventCodec},
@@ -210,12 +210,14 @@ pub fn topic_specs(config: &ConnectorConfig, mappings: &[Mapping]) -> Vec<TopicS
         .collect()
 }
 
-/// Run the connector until `shutdown` is cancelled (or the source ends), then drain what is
-/// in flight, acknowledge it and return. `source` makes the source of the mapped tables
-/// (`(schema, table)`).
+/// Run the connector until `shutdown` is cancelled, then drain what is in flight,
+/// acknowledge it and return; a source that ends by itself is a transient failure.
+/// `source` makes the source of the mapped tables (`(schema, table)`); what delivery waits
+/// on is kept in `waiting`.
 pub async fn run<S: Source>(
     config: &ConnectorConfig,
     source: impl FnOnce(Vec<(String, String)>) -> S,
+    waiting: Arc<Waiting>,
     shutdown: CancellationToken,
 ) -> Result<RunSummary, RunError> {
     let mappings_config = config.mappings.as_ref().ok_or(RunError::NoMappings)?;
@@ -242,12 +244,14 @@ pub async fn run<S: Source>(
     let (out, received) = mpsc::channel(CHANNEL_DEPTH);
     let (acked, durable) = watch::channel(None::<S::Position>);
     let (kafka, registry) = (config.kafka.clone(), config.schema_registry.clone());
+    let readying = waiting.clone();
     let ready = async move {
         let codec = EventCodec::new(&registry)?;
         let registered = async {
             for (topic, resource_type) in &event_topics {
                 codec.register(topic, resource_type).await?;
             }
+            readying.done_with(waits::REGISTRY);
             Ok::<_, RunError>(())
         };
         let topics = async {
@@ -258,7 +262,9 @@ pub async fn run<S: Source>(
                 "topics ready"
             );
             let names: Vec<String> = specs.into_iter().map(|s| s.name).collect();
-            Ok(MessageLimits(message_limits(&kafka, &names).await?))
+            let limits = MessageLimits(message_limits(&kafka, &names).await?);
+            readying.done_with(waits::KAFKA);
+            Ok(limits)
         };
         let ((), limits) = tokio::try_join!(registered, topics)?;
         Ok((codec, limits))
@@ -277,7 +283,7 @@ pub async fn run<S: Source>(
             dead_letter_rows: config.dead_letters.rows,
             connector: config.name.clone(),
         },
-        acked,
+        (acked, waiting),
         stop.clone(),
     );
     // On a thread of its own, not as a task: woken by the source, a task runs on the
@@ -332,6 +338,15 @@ pub async fn run<S: Source>(
                 "the source task failed: {e}"
             )))
         })?;
+        // Capture ends on a stop request (or a failed stage, which says why); a source that
+        // ends by itself has lost its database, and the connector must come back.
+        if !stop.is_cancelled() {
+            return Err(SourceError::Transient(format!(
+                "the {} source ended without a stop request",
+                S::KIND
+            ))
+            .into());
+        }
         Ok::<_, RunError>(())
     };
     let (source, summary) = tokio::join!(stopping_on_error(&stop, source), stage);
@@ -400,6 +415,14 @@ async fn stopping_on_error<T>(
     result
 }
 
+/// When a change was committed (else captured: a snapshot row): how long it has waited.
+fn change_time(message: &SourceMessage) -> Option<chrono::DateTime<chrono::Utc>> {
+    match message {
+        SourceMessage::Change(change) => Some(change.commit_time.unwrap_or(change.capture_time)),
+        SourceMessage::Progress(_) => None,
+    }
+}
+
 /// The largest message each topic takes, in bytes.
 struct MessageLimits(std::collections::HashMap<String, usize>);
 
@@ -459,7 +482,7 @@ async fn map_and_send<S: Source>(
     (producer, mut deliveries): (StreamProducer, mpsc::UnboundedReceiver<Delivery>),
     ready: impl Future<Output = Result<(EventCodec, MessageLimits), RunError>>,
     to: Destinations,
-    acked: watch::Sender<Option<S::Position>>,
+    (acked, waiting): (watch::Sender<Option<S::Position>>, Arc<Waiting>),
     stop: CancellationToken,
 ) -> Result<RunSummary, RunError> {
     let mut summary = RunSummary::default();
@@ -469,13 +492,35 @@ async fn map_and_send<S: Source>(
     let mut batch = Vec::with_capacity(RECEIVE_BATCH);
     let mut reports = Vec::with_capacity(MAX_IN_FLIGHT);
     let mut open = true;
-    let (codec, limits) = tokio::select! {
-        ready = ready => ready?,
-        () = stop.cancelled() => return Ok(summary),
-    };
-    while open || !sink.is_empty() {
-        measured.in_flight.set(sink.len() as f64);
+    // Delivery waits on Kafka (the topics) and the registry (the schemas) until ready. Once
+    // ready, a start after an outage waits on the source until it sends again; a fresh
+    // start with nothing received has nothing waiting.
+    let recovering = waiting.is_waiting();
+    waiting.wait(None, waits::KAFKA | waits::REGISTRY, false);
+    let ready = ready;
+    tokio::pin!(ready);
+    let (codec, limits) = loop {
         tokio::select! {
+            biased;
+            ready = &mut ready => break ready?,
+            () = stop.cancelled() => return Ok(summary),
+            // One batch, taken early to learn how old the waiting changes are.
+            taken = received.recv_many(&mut batch, RECEIVE_BATCH), if open && batch.is_empty() => {
+                open = taken > 0;
+                if let Some(oldest) = batch.iter().find_map(change_time) {
+                    waiting.wait(Some(oldest), waits::KAFKA | waits::REGISTRY, false);
+                }
+            }
+        }
+    };
+    match (recovering, batch.is_empty()) {
+        (true, _) => waiting.set_on(waits::DATABASE),
+        (false, true) => waiting.clear(),
+        (false, false) => {}
+    }
+    while open || !sink.is_empty() || !batch.is_empty() {
+        measured.in_flight.set(sink.len() as f64);
+        let moved = tokio::select! {
             biased;
             // Acknowledgements first: they free room and let positions advance.
             reported = deliveries.recv_many(&mut reports, MAX_IN_FLIGHT), if !sink.is_empty() => {
@@ -485,13 +530,17 @@ async fn map_and_send<S: Source>(
                 for report in reports.drain(..) {
                     sink.delivered(report, &measured.commit_to_ack)?;
                 }
+                true
             }
             // Many at once: taking one change at a time from a full channel woke the source
             // for every change, and the two threads took turns instead of working.
+            // (A batch taken before ready is extended here.)
             taken = received.recv_many(&mut batch, RECEIVE_BATCH), if open && sink.len() < MAX_IN_FLIGHT => {
                 if taken == 0 {
                     open = false;
-                    continue;
+                    if batch.is_empty() {
+                        continue;
+                    }
                 }
                 measured.channel_depth.set(received.len() as f64);
                 for message in batch.drain(..) {
@@ -510,11 +559,7 @@ async fn map_and_send<S: Source>(
                     if change.op == crate::change::Operation::Read {
                         summary.snapshot_rows += 1;
                     }
-                    if let Some(commit_time) = change.commit_time {
-                        measured.source_lag_ms.set(
-                            (change.capture_time - commit_time).num_milliseconds().max(0) as f64,
-                        );
-                    }
+                    let time = change.commit_time.unwrap_or(change.capture_time);
                     let table = measured.table(&change.source);
                     table.read.increment(1);
                     let outcome = mapper.map(&change);
@@ -536,7 +581,7 @@ async fn map_and_send<S: Source>(
                             continue;
                         }
                         let acknowledged = (table.acked.clone(), change.commit_time);
-                        sink.send((&topic, &key, &payload), &event.headers(), &position, Some(acknowledged)).await?;
+                        sink.send((&topic, &key, &payload), &event.headers(), (&position, time), Some(acknowledged)).await?;
                         summary.events += 1;
                         table.produced.increment(1);
                     }
@@ -549,10 +594,15 @@ async fn map_and_send<S: Source>(
                         let key = format!("{}:{}", change.source.qualified_name(), change.position);
                         let letters = dead_letter::Letters { rows: to.dead_letter_rows, mapper: &mapper };
                         let record = dead_letter::record(&change, &failure, letters, limits.room(&to.dead_letter_topic));
-                        sink.send((&to.dead_letter_topic, &key, &record), &[("mapping_id", &failure.mapping_id)], &position, None).await?;
+                        sink.send((&to.dead_letter_topic, &key, &record), &[("mapping_id", &failure.mapping_id)], (&position, time), None).await?;
                     }
                 }
+                false
             }
+        };
+        match sink.oldest() {
+            None => waiting.clear(),
+            Some(oldest) => waiting.wait(Some(oldest), waits::KAFKA, moved),
         }
         if let Some(safe) = sink.safe() {
             if acked.borrow().as_ref() != Some(safe) {

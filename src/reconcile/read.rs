@@ -320,7 +320,7 @@ pub async fn source(
                 if !current.is_empty() {
                     progress.finish();
                 }
-                progress.start(&table, None);
+                progress.start(&table, None, 0);
                 current = table;
             }
             progress.advance(1);
@@ -574,7 +574,7 @@ pub async fn log(
     let writer = BinaryCopyInWriter::new(sink, &types);
     futures_util::pin_mut!(writer);
     let progress = Progress::new("reconcile");
-    progress.start("the log, from Kafka", Some(total.get()));
+    progress.start("the log, from Kafka", Some(total.get()), 0);
     while !reader.at_end() {
         let Some(message) = reader.next().await? else {
             continue;

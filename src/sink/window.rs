@@ -14,11 +14,12 @@ use metrics::Counter;
 use super::kafka::{Delivery, SinkError, StreamProducer};
 use crate::{observe, offsets::AckTracker};
 
-/// A message sent, by the id it was sent with: its change's position, and for an event its
-/// table's acknowledgement counter and commit time.
+/// A message sent, by the id it was sent with: its change's position and time (commit time,
+/// else capture time), and for an event its table's acknowledgement counter and commit time.
 #[derive(Debug)]
 struct InFlight<P> {
     position: P,
+    time: DateTime<Utc>,
     event: Option<(Counter, Option<DateTime<Utc>>)>,
 }
 
@@ -66,24 +67,30 @@ impl<P: Ord + Clone + std::fmt::Debug> DeliveryWindow<P> {
         self.tracker.complete(position);
     }
 
+    /// The time of the oldest change with a message not yet acknowledged.
+    pub fn oldest(&self) -> Option<DateTime<Utc>> {
+        self.in_flight.front()?.as_ref().map(|m| m.time)
+    }
+
     /// The highest position whose messages, and all before, Kafka has acknowledged.
     pub fn safe(&self) -> Option<&P> {
         self.tracker.safe()
     }
 
     /// Hand one message to librdkafka (which copies it); its acknowledgement counts for
-    /// `position`.
+    /// `position`, a change of `time`.
     pub async fn send(
         &mut self,
         (topic, key, payload): (&str, &str, &[u8]),
         headers: &[(&str, &str)],
-        position: &P,
+        (position, time): (&P, DateTime<Utc>),
         event: Option<(Counter, Option<DateTime<Utc>>)>,
     ) -> Result<(), SinkError> {
         let id = self.first + self.in_flight.len();
         self.producer.send(id, topic, key, payload, headers).await?;
         self.in_flight.push_back(Some(InFlight {
             position: position.clone(),
+            time,
             event,
         }));
         Ok(())
@@ -96,7 +103,9 @@ impl<P: Ord + Clone + std::fmt::Debug> DeliveryWindow<P> {
         (id, result): Delivery,
         commit_to_ack: &metrics::Histogram,
     ) -> Result<(), SinkError> {
-        let Some(InFlight { position, event }) = id
+        let Some(InFlight {
+            position, event, ..
+        }) = id
             .checked_sub(self.first)
             .and_then(|at| self.in_flight.get_mut(at))
             .and_then(Option::take)
@@ -137,7 +146,10 @@ mod tests {
             sink.track(PgLsn(lsn), messages);
             for _ in 0..messages {
                 let message = ("t", "k", &b"v"[..]);
-                sink.send(message, &[], &PgLsn(lsn), None).await.unwrap();
+                let time = DateTime::from_timestamp(lsn as i64, 0).unwrap();
+                sink.send(message, &[], (&PgLsn(lsn), time), None)
+                    .await
+                    .unwrap();
             }
             sink.complete(PgLsn(lsn));
         }
@@ -154,8 +166,10 @@ mod tests {
         );
         assert_eq!(sink.safe(), None);
 
+        assert_eq!(sink.oldest().map(|t| t.timestamp()), Some(10));
         answer(&mut sink, 0).unwrap();
         assert_eq!((sink.first, sink.in_flight.len()), (3, 1));
+        assert_eq!(sink.oldest().map(|t| t.timestamp()), Some(30));
         assert_eq!(sink.safe(), Some(&PgLsn(20)));
 
         // An answer about an id no longer (or never) in flight changes nothing.

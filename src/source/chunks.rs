@@ -219,9 +219,10 @@ impl<R: ChunkReader> Snapshotter<R> {
         };
         let table = self.described[&name].clone();
         let (after, filter) = (after.unwrap_or(progress.last_key), progress.filter);
-        if after.is_none() && self.chunks.is_empty() {
-            self.progress
-                .start(&name, self.reader.estimated_rows(&table).await);
+        // A table's first chunk, or the first after a restart resumed it.
+        if self.chunks.is_empty() && !self.progress.is_on(&name) {
+            let estimate = self.reader.estimated_rows(&table).await;
+            self.progress.start(&name, estimate, progress.rows);
         }
         let task = tokio::spawn(self.reader.read(table.clone(), after, filter, self.size));
         self.chunks.push_back(Current {

@@ -1,24 +1,26 @@
 //! The stack's own services failing while a connector captures a stream of writes: the
-//! broker frozen for 30 s, PostgreSQL restarted, the schema registry frozen for 30 s while
-//! the connector has to start again. Each time `run` must not exit, and event-id accounting
-//! must show every committed row arrived, repeats only as exact events.
+//! broker frozen for 30 s, the source database restarted (PostgreSQL; MariaDB cleanly and
+//! killed, in `mariadb`), the schema registry frozen for 30 s while the connector has to
+//! start again. Each time `run` must not exit, and event-id accounting must show every
+//! committed row arrived, repeats only as exact events.
 //!
 //! These freeze or restart services that every other test uses, so they live in a test
 //! binary of their own — cargo runs test binaries one after another — and take one lock,
 //! so that they also run one at a time.
 
+mod mariadb;
+
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::BTreeSet,
     future::Future,
     process::Command,
     time::{Duration, Instant},
 };
 
-use fhir_cdc::canonical::CanonicalEvent;
 use integration_tests::{
     connector::{
-        await_binlog_stored, await_snapshotted, await_streaming, events_of, exit_within,
-        latest_values, start, stop,
+        assert_repeats_are_exact, await_binlog_stored, await_snapshotted, await_streaming,
+        events_of, exit_within, latest_values, start, stop,
     },
     stack,
 };
@@ -121,16 +123,8 @@ async fn survives(name: &str, fault: impl Future<Output = ()>) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    let mut by_id: HashMap<&str, &CanonicalEvent> = HashMap::new();
-    for event in &events {
-        let first = *by_id.entry(&event.event_id).or_insert(event);
-        assert_eq!(
-            (&first.resource_id, &first.resource_version, &first.resource),
-            (&event.resource_id, &event.resource_version, &event.resource),
-            "event {} re-sent differently",
-            event.event_id
-        );
-    }
+    assert_repeats_are_exact(&events);
+    let distinct: BTreeSet<&str> = events.iter().map(|e| e.event_id.as_str()).collect();
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         connector.running(),
@@ -140,7 +134,7 @@ async fn survives(name: &str, fault: impl Future<Output = ()>) {
         "{name}: {} rows, {} events ({} distinct), {} restart(s)",
         expected.len(),
         events.len(),
-        by_id.len(),
+        distinct.len(),
         text.matches("restarting").count() + text.matches("restarts by itself").count()
     );
     assert!(stop(connector).success(), "{text}");
@@ -249,6 +243,22 @@ async fn rotated_logs_resume_by_gtid_and_purged_ones_need_when_needed() {
         assert!(Instant::now() < deadline, "the server kept {oldest:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // `check` refuses the start `run` would refuse, with the same two fixes, and prints the
+    // GTID whole.
+    let checked = stack::fhir_cdc(&["check", "--config", config.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert_eq!(checked.status.code(), Some(1), "{said}");
+    let finding = said
+        .lines()
+        .skip_while(|l| !l.contains("no longer has the binary log"))
+        .take(2)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        finding.contains("when_needed") && finding.contains("offsets reset --to snapshot"),
+        "{said}"
+    );
+    assert!(!finding.contains('…'), "{finding}");
     let refused = exit_within(
         start(&config, &log),
         Duration::from_secs(30),
@@ -262,19 +272,18 @@ async fn rotated_logs_resume_by_gtid_and_purged_ones_need_when_needed() {
     );
 
     stack::add_source_setting(&config, "snapshot.mode = \"when_needed\"");
+    let checked = stack::fhir_cdc(&["check", "--config", config.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{said}");
+    assert!(
+        said.contains("run will snapshot every table again"),
+        "{said}"
+    );
     let connector = start(&config, &log);
     await_snapshotted(&config, &log).await;
     await_binlog_stored(&config, Duration::from_secs(30), &log).await;
     assert!(stop(connector).success());
-    let expected: std::collections::BTreeMap<String, String> = conn
-        .query::<(u32, String), _>(format!(
-            "SELECT charge_id, CAST(amount AS CHAR) FROM {charge}"
-        ))
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(id, amount)| (format!("charge-{id}"), amount))
-        .collect();
+    let expected = stack::charge_amounts(&mut conn, &charge).await;
     assert_eq!(expected.len(), 400);
     assert_eq!(
         latest_values(&events_of(&topic).await, "/priceOverride/value"),

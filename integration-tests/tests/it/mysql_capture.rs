@@ -11,10 +11,9 @@ use std::{
     time::Duration,
 };
 
-use fhir_cdc::canonical::CanonicalEvent;
 use integration_tests::connector::{
-    await_binlog_stored, await_snapshotted, crash, events_of, latest_values, messages_in, read_for,
-    start, stop,
+    assert_repeats_are_exact, await_binlog_stored, await_snapshotted, crash, events_of,
+    latest_values, messages_in, read_for, start, stop,
 };
 use mysql_async::{prelude::Queryable, Conn};
 
@@ -67,46 +66,12 @@ impl Billing {
 
     /// Every charge's id as its ChargeItem's id → amount as the database has it now.
     async fn amounts(&mut self) -> BTreeMap<String, String> {
-        self.conn
-            .query::<(u64, String), _>(format!(
-                "SELECT charge_id, CAST(amount AS CHAR) FROM {}",
-                self.charge
-            ))
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|(id, amount)| (format!("charge-{id}"), amount))
-            .collect()
+        stack::charge_amounts(&mut self.conn, &self.charge).await
     }
 }
 
 /// Where a ChargeItem keeps its amount.
 const PRICE: &str = "/priceOverride/value";
-
-/// Repeats are exact: one event id is one resource version, with one content.
-fn assert_repeats_are_exact(events: &[CanonicalEvent]) {
-    let mut seen: HashMap<&str, &CanonicalEvent> = HashMap::new();
-    let mut versions: HashMap<(&str, &str), &str> = HashMap::new();
-    for event in events {
-        if let Some(first) = seen.insert(&event.event_id, event) {
-            assert_eq!(
-                first.resource_version, event.resource_version,
-                "{}",
-                event.event_id
-            );
-            assert_eq!(
-                first.resource.as_ref().map(|r| r.to_json()),
-                event.resource.as_ref().map(|r| r.to_json()),
-                "{}",
-                event.event_id
-            );
-        }
-        let id = versions
-            .entry((&event.resource_id, &event.resource_version))
-            .or_insert(&event.event_id);
-        assert_eq!(*id, event.event_id, "two event ids for one version");
-    }
-}
 
 #[tokio::test]
 async fn a_snapshot_taken_while_writes_run_loses_nothing_and_ends_current() {
@@ -663,6 +628,13 @@ async fn a_connector_killed_during_a_requested_snapshot_finishes_it_after_restar
     }
     await_binlog_stored(&billing.config, Duration::from_secs(60), &billing.log).await;
     assert!(stop(connector).success());
+    // The resumed table's progress is named, with what was read before the kill.
+    let said = std::fs::read_to_string(&billing.log).unwrap();
+    assert!(
+        said.lines()
+            .any(|l| l.contains("resumed") && l.contains(&format!("part={}", billing.charge))),
+        "{said}"
+    );
 
     // Every charge read twice at least: by the first snapshot and by the request.
     let events = events_of(&billing.topic).await;
@@ -674,4 +646,81 @@ async fn a_connector_killed_during_a_requested_snapshot_finishes_it_after_restar
     assert_eq!(reads.len(), 20_000);
     let once: Vec<_> = reads.iter().filter(|(_, n)| **n < 2).take(5).collect();
     assert!(once.is_empty(), "read once only: {once:?}");
+}
+
+/// Killed three times during its initial snapshot of 30,000 charges — early, in the middle
+/// and once the last chunk is in Kafka — while small transactions insert charges and raise
+/// amounts everywhere in the table, the connector ends with every charge's latest amount as
+/// the latest version of its ChargeItem, and repeats only exact events.
+#[tokio::test]
+async fn killed_during_its_initial_snapshot_the_connector_ends_with_every_rows_latest_state() {
+    const ROWS: u64 = 30_000;
+    let mut billing = billing("my_snapkill").await;
+    billing.insert(1, ROWS).await;
+    stack::add_source_setting(&billing.config, "snapshot.chunk.size = 1000");
+    let writing = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let (charge, writing) = (billing.charge.clone(), writing.clone());
+        tokio::spawn(async move {
+            let mut conn = stack::mysql_conn().await;
+            let mut n: u64 = 0;
+            while !writing.is_cancelled() {
+                conn.query_drop(format!(
+                    "INSERT INTO {charge} (charge_id, account_no, mrn, cpt_code, amount, status, service_date, posted_at)
+                     VALUES ({}, 'ACC-3', 'M000000003', '99215', 10.00, 'P', '2024-03-07', '2024-03-07 08:00:00')",
+                    ROWS + 1 + n
+                ))
+                .await
+                .unwrap();
+                conn.query_drop(format!(
+                    "UPDATE {charge} SET amount = amount + 1, version = version + 1 WHERE charge_id % 997 = {}",
+                    n % 997
+                ))
+                .await
+                .unwrap();
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let mut connector = start(&billing.config, &billing.log);
+    for threshold in [2_000, ROWS as i64 / 2, ROWS as i64] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while messages_in(&billing.topic) < threshold {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{}",
+                std::fs::read_to_string(&billing.log).unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        crash(connector);
+        connector = start(&billing.config, &billing.log);
+    }
+    await_snapshotted(&billing.config, &billing.log).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    writing.cancel();
+    writer.await.unwrap();
+    await_binlog_stored(&billing.config, Duration::from_secs(90), &billing.log).await;
+    assert!(stop(connector).success());
+
+    let events = events_of(&billing.topic).await;
+    let expected = billing.amounts().await;
+    assert!(expected.len() as u64 > ROWS);
+    let latest = latest_values(&events, PRICE);
+    let wrong: Vec<_> = expected
+        .iter()
+        .filter(|(id, amount)| latest.get(*id) != Some(*amount))
+        .take(5)
+        .collect();
+    assert!(
+        wrong.is_empty() && latest.len() == expected.len(),
+        "{} of {} charges missing or stale, e.g. {wrong:?}",
+        expected
+            .iter()
+            .filter(|(id, amount)| latest.get(*id) != Some(*amount))
+            .count(),
+        expected.len()
+    );
+    assert_repeats_are_exact(&events);
 }

@@ -279,12 +279,19 @@ impl BinlogReader {
     /// catalog's connection releases the connector's lock.
     async fn close(mut self) {
         let kill = format!("KILL CONNECTION {}", self.dump_thread);
-        if let Err(e) = self.catalog.query_drop(kill).await {
-            warn!(
+        match self.catalog.query_drop(kill).await {
+            Ok(()) => {}
+            // The server went away or is shutting down: its dump thread goes with it.
+            Err(
+                mysql_async::Error::Io(_)
+                | mysql_async::Error::Driver(mysql_async::DriverError::ConnectionClosed),
+            ) => {}
+            Err(mysql_async::Error::Server(e)) if e.code == 1053 => {}
+            Err(e) => warn!(
                 connector = %self.connector,
                 error = %error_text(&e),
                 "could not end the server's binary log thread; it ends when the server next writes to it"
-            );
+            ),
         }
         let _ = self.catalog.disconnect().await;
     }

@@ -65,6 +65,15 @@ pub fn position_text(position: &BinlogPosition, gtid: Option<&GtidPosition>) -> 
     }
 }
 
+/// What a stored position whose binary log the server purged means, and the two ways on
+/// (said by `run`, which refuses to start from it, and by `check`).
+pub fn log_gone(position: &BinlogPosition, why: &str) -> (String, &'static str) {
+    (
+        format!("the server no longer has the binary log from the connector's stored position {position} ({why}): changes since are lost"),
+        "set snapshot.mode = \"when_needed\" to take a new snapshot, or run `fhir-cdc offsets reset --to snapshot` to start over",
+    )
+}
+
 /// The inverse of [`position_text`].
 pub fn parse_position(text: &str) -> Result<(BinlogPosition, Option<GtidPosition>), String> {
     let (position, gtid) = match text.split_once(" gtid=") {
@@ -149,9 +158,8 @@ impl Source for MysqlSource {
             match opened {
                 Err(MysqlError::LogGone(why)) if state.position.is_some() => {
                     if self.mode != SnapshotMode::WhenNeeded {
-                        return Err(SourceError::Connector(format!(
-                            "the server no longer has the binary log from the connector's stored position {position} ({why}): changes since are lost; set snapshot.mode = \"when_needed\" to take a new snapshot, or run `fhir-cdc offsets reset --to snapshot` to start over"
-                        )));
+                        let (lost, fix) = log_gone(&position, &why);
+                        return Err(SourceError::Connector(format!("{lost}; {fix}")));
                     }
                     warn!(connector = %self.connector, "the server purged the binary log from the stored position: taking a new snapshot of every table (snapshot.mode = when_needed)");
                     state = ConnectorState::new(Self::KIND);
@@ -226,7 +234,14 @@ impl Source for MysqlSource {
                     }
                 };
                 let mut messages: Vec<SourceMessage> = match decoded {
-                    None => break,
+                    // Only a stop request ends capture; a server that ends the stream is
+                    // shutting down, restarting or failing over, and the connector waits
+                    // for it and resumes from the stored state.
+                    None => {
+                        return Err(SourceError::Transient(format!(
+                            "the server ended the binary log stream at {at} (a shutdown, restart or failover)"
+                        )))
+                    }
                     // A rows event's changes, then its end: nothing more comes at or before
                     // it (only the transaction's end is stored as a place to resume from).
                     Some(Decoded::Changes(changes)) => {

@@ -168,11 +168,11 @@ pub async fn purged_since(
             let GtidPosition::Mariadb(start) = start else {
                 return Ok(None);
             };
-            for (domain, (_, sequence)) in start {
+            for (domain, (server, sequence)) in start {
                 let have = stored.get(&domain).map_or(0, |(_, s)| *s);
                 if have < sequence {
                     return Ok(Some(format!(
-                        "its oldest binary log {oldest} starts after GTID {domain}-…-{sequence}, and the connector has read domain {domain} only to sequence {have}"
+                        "its oldest binary log {oldest} starts after GTID {domain}-{server}-{sequence}, and the connector has read domain {domain} only to sequence {have}"
                     )));
                 }
             }

@@ -17,7 +17,7 @@ use mysql_async::{prelude::Queryable, Conn};
 
 use super::tls::{self, SslMode};
 use crate::{
-    config::Secret,
+    config::{Secret, SnapshotMode},
     preflight::{self, Finding},
 };
 
@@ -44,6 +44,57 @@ pub struct MappedTable {
     pub database: String,
     pub table: String,
     pub key: Vec<String>,
+}
+
+/// Whether `run` can resume from the connector's stored position (its state's text), and
+/// what it does if the server purged that binary log: start over under
+/// `snapshot.mode = when_needed`, refuse to start otherwise.
+pub async fn stored_position(url: &Secret, stored: &str, mode: SnapshotMode) -> Finding {
+    let (position, gtid) =
+        match super::capture::parse_position(stored) {
+            Ok(parsed) => parsed,
+            Err(e) => return Finding::problem(
+                COMPONENT,
+                format!("the connector's stored position `{stored}` is unreadable: {e}"),
+                "run `fhir-cdc offsets reset --to snapshot` (the connector stopped) to start over",
+            ),
+        };
+    let mut conn = match super::connect(url).await {
+        Ok(conn) => conn,
+        // Unreachable: the server's own finding says so.
+        Err(e) => {
+            return Finding::warning(
+                COMPONENT,
+                format!("the stored position {stored} could not be checked: {e}"),
+                "see the server's finding above",
+            )
+        }
+    };
+    let purged = super::purged_since(&mut conn, &position, gtid.as_ref()).await;
+    let _ = conn.disconnect().await;
+    match purged {
+        Ok(None) => Finding::ok(
+            COMPONENT,
+            format!("the server still has the binary log from the stored position {stored}: run resumes there"),
+        ),
+        Ok(Some(why)) => {
+            let (lost, fix) = super::capture::log_gone(&position, &why);
+            if mode == SnapshotMode::WhenNeeded {
+                Finding::warning(
+                    COMPONENT,
+                    format!("{lost}; run will snapshot every table again (snapshot.mode = when_needed)"),
+                    "nothing to do, unless a new snapshot is unwanted",
+                )
+            } else {
+                Finding::problem(COMPONENT, lost, fix)
+            }
+        }
+        Err(e) => Finding::warning(
+            COMPONENT,
+            format!("the stored position {stored} could not be checked: {e}"),
+            "the user needs REPLICATION CLIENT (MariaDB: BINLOG MONITOR) to list the binary logs",
+        ),
+    }
 }
 
 /// What the catalog says of a mapped table.

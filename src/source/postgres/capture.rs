@@ -190,7 +190,14 @@ impl Source for PostgresSource {
                     next = stream.next() => next.map_err(stream_error)?,
                 };
                 let messages: Vec<SourceMessage> = match next {
-                    None => break,
+                    // Only a stop request ends capture: a server that ends the replication
+                    // stream is shutting down or restarting.
+                    None => {
+                        return Err(SourceError::Transient(
+                            "the server ended the replication stream (a shutdown or restart)"
+                                .into(),
+                        ))
+                    }
                     Some(Decoded::Changes(changes)) => changes
                         .into_iter()
                         .map(|change| {
@@ -479,9 +486,10 @@ impl Snapshotter {
         };
         let table = self.described[&name].table.clone();
         let (after, filter) = (after.unwrap_or(progress.last_key), progress.filter);
-        if after.is_none() {
-            self.progress
-                .start(&name, snapshot::estimated_rows(&self.client, &table).await);
+        // A table's first chunk, or the first after a restart resumed it.
+        if !self.progress.is_on(&name) {
+            let estimate = snapshot::estimated_rows(&self.client, &table).await;
+            self.progress.start(&name, estimate, progress.rows);
         }
         self.sequence += 1;
         let marker = format!("{}:{}", self.marker, self.sequence);
