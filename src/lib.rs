@@ -10,7 +10,8 @@
 //! - [`change`]: the source-neutral change every source produces;
 //! - [`mapping`]: mapping files, checked against [`fhir`] R4, and the mapper;
 //! - [`source`]: one module per database kind;
-//! - [`sink`]: the Kafka producer side, and [`offsets`]: when a position may be acknowledged;
+//! - [`kafka`]: every Kafka client, by role (producers, transactional producer, admin,
+//!   reader), and [`offsets`]: the connector's state, and when a position may be acknowledged;
 //! - [`canonical`]: the canonical event envelope and the schema registry;
 //! - [`pipeline`]: the connector at work, source to Kafka with acknowledgements;
 //! - [`consumer`]: the projector, its read model, replays and dead letters;
@@ -20,7 +21,7 @@
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
-//! use fhir_cdc::{config::ConnectorConfig, sink::kafka};
+//! use fhir_cdc::{config::ConnectorConfig, kafka};
 //!
 //! let config = ConnectorConfig::load("connectors/lab-postgres.toml".as_ref())?;
 //! for finding in kafka::check(&config.kafka).await {
@@ -36,6 +37,7 @@ pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod fhir;
+pub mod kafka;
 pub mod mapping;
 pub mod observe;
 pub mod offsets;
@@ -43,5 +45,4 @@ pub mod pipeline;
 pub mod postgres;
 pub mod preflight;
 pub mod reconcile;
-pub mod sink;
 pub mod source;

@@ -2,7 +2,7 @@
 //! in words a DBA or platform engineer can act on.
 //!
 //! Each component's checks live next to its client (`source::postgres::preflight`,
-//! `source::mysql::preflight`, `sink::kafka`, `canonical::registry`); they return
+//! `source::mysql::preflight`, `kafka`, `canonical::registry`); they return
 //! [`Finding`]s and never print. Findings never contain row values or credentials.
 
 use std::{error::Error as StdError, fmt, io};

@@ -11,10 +11,9 @@ use crate::{
     canonical::registry,
     config::{ConnectorConfig, SourceConfig},
     consumer::config::ProjectorConfig,
-    mapping,
+    kafka, mapping,
     offsets::StateStore,
     preflight::{Finding, Severity},
-    sink::kafka,
     source::{mysql, postgres, sqlserver},
 };
 

@@ -18,7 +18,7 @@ use serde_json::{Map, Value as Json};
 use crate::{
     canonical::{registry::EventCodec, CanonicalEvent},
     config::ConnectorConfig,
-    consumer::topics::{offset_at, TopicReader},
+    kafka::reader::{offset_at, TopicReader},
 };
 
 #[derive(Debug, Args)]

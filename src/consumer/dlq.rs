@@ -34,21 +34,19 @@ use serde_json::{json, Value as Json};
 use super::{
     config::ProjectorConfig,
     projection::{self, Coordinates, Entry, Prepared},
-    topics::TopicReader,
 };
 use crate::{
     canonical::{instant, registry::EventCodec},
     change::{SourceTable, Value},
     config::{ConnectorConfig, KafkaProperties},
+    kafka::{ensure_topics, Producer, TopicReader},
     mapping,
     offsets::SnapshotRequest,
     pipeline::{
         dead_letter::{self, Replay},
         load_lookups, mapper_for, topic_specs,
     },
-    postgres,
-    sink::kafka::{ensure_topics, Producer},
-    source,
+    postgres, source,
 };
 
 /// The side of the projector's dead letters (a connector may not take this name).

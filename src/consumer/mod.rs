@@ -1,14 +1,12 @@
 //! The consumer side: canonical events projected into read models, exactly once.
 //!
 //! [`projector::run`] is `fhir-cdc project` (see its module); [`projection`] is the read
-//! model in PostgreSQL; [`config`] the projector's configuration file; [`topics`] reads
-//! topics without a consumer group (`tail`, `dlq`, the connector's state).
+//! model in PostgreSQL; [`config`] the projector's configuration file.
 
 pub mod config;
 pub mod dlq;
 pub mod projection;
 pub mod projector;
-pub mod topics;
 
 pub use self::{
     config::ProjectorConfig,

@@ -47,9 +47,9 @@ use super::{
 };
 use crate::{
     canonical::registry::EventCodec,
+    kafka::{ensure_topics, Producer, TopicSpec},
     observe::{self, progress::Progress, projector::Metrics},
     postgres,
-    sink::kafka::{ensure_topics, Producer, TopicSpec},
 };
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -268,7 +268,7 @@ async fn project(
         kafka.create_with_context(context).map_err(|e| {
             ProjectError::Kafka(format!(
                 "cannot create a consumer: {}",
-                crate::sink::kafka::creation_message(&e)
+                crate::kafka::admin::creation_message(&e)
             ))
         })?;
     let topics = topics_to_read(&consumer, config, replay.map_or(&[], |r| &r.topics))?;
@@ -541,7 +541,7 @@ async fn start_where_the_projection_is(
                     .map_err(|e| ProjectError::Kafka(e.to_string()))?;
                 let start = match replay_from {
                     Some(ReplayFrom::Time(since)) => {
-                        super::topics::offset_at(consumer, topic, *partition, *since)
+                        crate::kafka::reader::offset_at(consumer, topic, *partition, *since)
                             .map_err(ProjectError::Kafka)?
                             .unwrap_or(high)
                     }

@@ -10,15 +10,14 @@ use rdkafka::Message;
 use super::state::ConnectorState;
 use crate::{
     config::{ConnectorConfig, KafkaProperties},
-    consumer::topics::TopicReader,
-    sink::kafka::{ensure_topics, Producer, SinkError, TopicSpec},
+    kafka::{self, ensure_topics, Producer, TopicReader, TopicSpec},
 };
 
 /// Why the state could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error(transparent)]
-    Kafka(#[from] SinkError),
+    Kafka(#[from] kafka::Error),
     #[error("reading the state topic {topic}: {reason}")]
     Read { topic: String, reason: String },
     #[error("the state of connector {connector} in {topic} is not readable ({reason}); `fhir-cdc offsets reset` replaces it")]

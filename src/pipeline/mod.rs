@@ -19,6 +19,7 @@
 //! as written once Kafka acknowledged the dead letter.
 
 pub mod dead_letter;
+pub mod window;
 
 use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 
@@ -26,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use self::window::DeliveryWindow;
 use crate::observe::pipeline::{waits, Metrics, Waiting};
 use crate::{
     canonical::{
@@ -34,12 +36,9 @@ use crate::{
     },
     change::SourceMessage,
     config::{ConnectorConfig, DeadLetterRows, TopicClass, TopicsConfig},
+    kafka::{self, ensure_topics, message_limits, Delivery, StreamProducer, TopicSpec},
     mapping::{self, MapContext, MapError, MapFailure, Mapper, Mapping},
     offsets::{ConnectorState, StateError, StateStore},
-    sink::{
-        kafka::{ensure_topics, message_limits, Delivery, SinkError, StreamProducer, TopicSpec},
-        window::DeliveryWindow,
-    },
     source::{self, Source, SourceError, SourceIo},
 };
 
@@ -75,7 +74,7 @@ pub enum RunError {
     #[error("the connector's state: {0}")]
     State(#[from] StateError),
     #[error(transparent)]
-    Sink(#[from] SinkError),
+    Sink(#[from] kafka::Error),
     #[error("encoding an event failed: {0}")]
     Codec(#[from] CodecError),
 }
@@ -525,7 +524,7 @@ async fn map_and_send<S: Source>(
             // Acknowledgements first: they free room and let positions advance.
             reported = deliveries.recv_many(&mut reports, MAX_IN_FLIGHT), if !sink.is_empty() => {
                 if reported == 0 {
-                    return Err(SinkError::Delivery("the producer stopped reporting deliveries".into()).into());
+                    return Err(kafka::Error::Delivery("the producer stopped reporting deliveries".into()).into());
                 }
                 for report in reports.drain(..) {
                     sink.delivered(report, &measured.commit_to_ack)?;

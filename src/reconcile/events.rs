@@ -9,7 +9,7 @@ use super::{Drifted, Report, SourceSide};
 use crate::{
     canonical::registry::EventCodec,
     config::ConnectorConfig,
-    sink::kafka::{ensure_topics, Producer, TopicSpec},
+    kafka::{ensure_topics, Producer, TopicSpec},
 };
 
 /// The events' schema (`fhir_cdc.event.ReconcileEvent`). Sides a resource lacks are null.

@@ -21,7 +21,8 @@ use crate::{
     canonical::registry::EventCodec,
     change::{ChangeEvent, PgLsn, Position, SourceMessage, Value},
     config::{ConnectorConfig, SourceConfig},
-    consumer::{config::ProjectorConfig, dlq, projection::Prepared, topics::TopicReader},
+    consumer::{config::ProjectorConfig, dlq, projection::Prepared},
+    kafka::TopicReader,
     mapping::{text_of, MapOutcome, Mapper},
     observe::progress::Progress,
     offsets::StateStore,
@@ -454,7 +455,7 @@ fn high_watermarks(
     let consumer: BaseConsumer = projector.kafka.client_config().create().map_err(|e| {
         format!(
             "cannot create a Kafka consumer: {}",
-            crate::sink::kafka::creation_message(&e)
+            crate::kafka::admin::creation_message(&e)
         )
     })?;
     let metadata = consumer

@@ -21,10 +21,9 @@ use crate::{
         config::ProjectorConfig,
         dlq,
         projection::{self, Coordinates, Entry, Prepared},
-        topics::TopicReader,
     },
+    kafka::{Producer, TopicReader},
     offsets::{SnapshotRequest, StateStore},
-    sink::kafka::Producer,
     source,
 };
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use fhir_cdc::{
     config::KafkaProperties,
-    sink::kafka::{ensure_topics, Producer, StreamProducer, TopicSpec},
+    kafka::{ensure_topics, Producer, StreamProducer, TopicSpec},
 };
 use rdkafka::{
     admin::{AdminClient, AdminOptions, ResourceSpecifier},

@@ -11,6 +11,7 @@ mod fhir_definitions;
 mod fhir_oracle;
 mod kafka_acls;
 mod kafka_sink;
+mod kafka_transactions;
 mod lookups;
 mod mysql_capture;
 mod mysql_types;

@@ -16,8 +16,8 @@ use fhir_cdc::{
     canonical::CanonicalEvent,
     change::{ChangeEvent, ExactDecimal, Operation, PgLsn, Position, Row, SourceTable, Value},
     config::KafkaProperties,
+    kafka::{ensure_topics, Producer, TopicSpec},
     mapping::{load_dir, MapContext, Mapper},
-    sink::kafka::{ensure_topics, Producer, TopicSpec},
 };
 
 use crate::stack;

@@ -1,5 +1,6 @@
 //! Reading topics directly, as `tail`, `dlq` and the connector's state store do: partitions
-//! assigned, no consumer group, nothing committed, so reading never disturbs a consumer.
+//! assigned, no consumer group, nothing committed, so reading never disturbs a consumer;
+//! only what committed transactions wrote (`read_committed`).
 
 use std::{collections::HashMap, time::Duration};
 
@@ -97,23 +98,15 @@ impl TopicReader {
         wanted: impl Fn(&str) -> bool,
         start: impl Fn(&StreamConsumer, &str, i32, i64, i64) -> Result<i64, String>,
     ) -> Result<Self, String> {
-        let consumer: StreamConsumer = properties
-            .client_config()
-            .set(
-                "group.id",
-                format!("fhir-cdc-reader-{}", std::process::id()),
-            )
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            // A start offset retention removed meanwhile: from the first one left.
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .map_err(|e| {
-                format!(
-                    "cannot create a Kafka consumer: {}",
-                    crate::sink::kafka::creation_message(&e)
-                )
-            })?;
+        let consumer: StreamConsumer =
+            super::config::reader_config(properties)
+                .create()
+                .map_err(|e| {
+                    format!(
+                        "cannot create a Kafka consumer: {}",
+                        super::admin::creation_message(&e)
+                    )
+                })?;
         let metadata = consumer
             .fetch_metadata(only, METADATA_TIMEOUT)
             .map_err(|e| format!("cannot read the cluster's topics: {e}"))?;

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use chrono::{DateTime, Utc};
 use metrics::Counter;
 
-use super::kafka::{Delivery, SinkError, StreamProducer};
+use crate::kafka::{self, Delivery, StreamProducer};
 use crate::{observe, offsets::AckTracker};
 
 /// A message sent, by the id it was sent with: its change's position and time (commit time,
@@ -85,7 +85,7 @@ impl<P: Ord + Clone + std::fmt::Debug> DeliveryWindow<P> {
         headers: &[(&str, &str)],
         (position, time): (&P, DateTime<Utc>),
         event: Option<(Counter, Option<DateTime<Utc>>)>,
-    ) -> Result<(), SinkError> {
+    ) -> Result<(), kafka::Error> {
         let id = self.first + self.in_flight.len();
         self.producer.send(id, topic, key, payload, headers).await?;
         self.in_flight.push_back(Some(InFlight {
@@ -102,7 +102,7 @@ impl<P: Ord + Clone + std::fmt::Debug> DeliveryWindow<P> {
         &mut self,
         (id, result): Delivery,
         commit_to_ack: &metrics::Histogram,
-    ) -> Result<(), SinkError> {
+    ) -> Result<(), kafka::Error> {
         let Some(InFlight {
             position, event, ..
         }) = id
@@ -177,7 +177,10 @@ mod tests {
         answer(&mut sink, 7).unwrap();
         assert_eq!((sink.first, sink.in_flight.len()), (3, 1));
 
-        let refused = sink.delivered((3, Err(SinkError::Delivery("refused".into()))), &histogram);
+        let refused = sink.delivered(
+            (3, Err(kafka::Error::Delivery("refused".into()))),
+            &histogram,
+        );
         assert!(refused.is_err(), "a refused message stops the stage");
         assert!(sink.in_flight.is_empty());
         assert_eq!(sink.safe(), Some(&PgLsn(20)), "30 is not safe");
