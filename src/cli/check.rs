@@ -254,7 +254,7 @@ async fn check_connector(path: &std::path::Path) -> ExitCode {
 /// The position `run` would resume from (the connector's stored state in Kafka), if any.
 /// Kafka unreachable is its own finding; here it only leaves the position unchecked.
 async fn stored_position(config: &ConnectorConfig) -> Result<Option<String>, Finding> {
-    let read = async { StateStore::of(config).await?.load().await };
+    let read = StateStore::peek(config);
     let unchecked = |why: String| {
         Finding::warning(
             "state",

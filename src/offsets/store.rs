@@ -73,32 +73,13 @@ impl StateStore {
 
     /// The last state saved, `None` when there is none (or it was deleted).
     pub async fn load(&self) -> Result<Option<ConnectorState>, StateError> {
-        let fail = |reason: String| StateError::Read {
-            topic: self.topic.clone(),
-            reason,
-        };
-        let mut reader = TopicReader::open_topic(&self.properties, &self.topic).map_err(fail)?;
-        let mut last: Option<Option<Vec<u8>>> = None;
-        while !reader.at_end() {
-            let Some(message) = reader.next().await.map_err(fail)? else {
-                continue;
-            };
-            if message.key() == Some(self.connector.as_bytes()) {
-                last = Some(message.payload().map(<[u8]>::to_vec));
-            }
-        }
-        match last.flatten() {
-            None => Ok(None),
-            Some(bytes) => {
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|e| StateError::Corrupt {
-                        connector: self.connector.clone(),
-                        topic: self.topic.clone(),
-                        reason: e.to_string(),
-                    })
-            }
-        }
+        read_last(&self.properties, &self.topic, &self.connector).await
+    }
+
+    /// The last state `config`'s connector saved, read without creating anything (`check`
+    /// looks, and changes nothing): `None` also when the state topic does not exist.
+    pub async fn peek(config: &ConnectorConfig) -> Result<Option<ConnectorState>, StateError> {
+        read_last(&config.kafka, &config.state_topic(), &config.name).await
     }
 
     /// Save `state`; returns once Kafka acknowledged it.
@@ -113,5 +94,37 @@ impl StateStore {
     /// The topic the state is kept in.
     pub fn topic(&self) -> &str {
         &self.topic
+    }
+}
+
+/// The last state `connector` saved in `topic` (a topic that does not exist has none).
+async fn read_last(
+    properties: &KafkaProperties,
+    topic: &str,
+    connector: &str,
+) -> Result<Option<ConnectorState>, StateError> {
+    let fail = |reason: String| StateError::Read {
+        topic: topic.to_owned(),
+        reason,
+    };
+    let mut reader = TopicReader::open_topic(properties, topic).map_err(fail)?;
+    let mut last: Option<Option<Vec<u8>>> = None;
+    while !reader.at_end() {
+        let Some(message) = reader.next().await.map_err(fail)? else {
+            continue;
+        };
+        if message.key() == Some(connector.as_bytes()) {
+            last = Some(message.payload().map(<[u8]>::to_vec));
+        }
+    }
+    match last.flatten() {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StateError::Corrupt {
+                connector: connector.to_owned(),
+                topic: topic.to_owned(),
+                reason: e.to_string(),
+            }),
     }
 }
