@@ -4,19 +4,23 @@
 //! MySQL/MariaDB binlog) into HL7 FHIR R4 resources, Avro-encoded as canonical events in a
 //! Confluent-compatible schema registry and written to Kafka.
 //!
-//! The crate is organised after the data path (see `DESIGN.md` in the project docs):
+//! The crate is organised after the data path; `docs/architecture.md` draws the map and
+//! `tests/architecture.rs` holds its import rules:
 //!
+//! - [`fhir`]: FHIR R4 definitions, resources as fhir-cdc carries them, their sensitivity;
+//! - [`change`]: the source-neutral change every source produces, and a value's text;
 //! - [`config`]: the connector configuration, a typed TOML contract with secret references;
-//! - [`change`]: the source-neutral change every source produces;
+//! - [`source`]: one folder per database kind, behind the `Source` seam;
 //! - [`mapping`]: mapping files, checked against [`fhir`] R4, and the mapper;
-//! - [`source`]: one module per database kind;
+//! - [`canonical`]: the canonical event envelope, its Avro and the schema registry;
 //! - [`kafka`]: every Kafka client, by role (producers, transactional producer, admin,
-//!   reader), and [`offsets`]: the connector's state, and when a position may be acknowledged;
-//! - [`canonical`]: the canonical event envelope and the schema registry;
+//!   reader);
+//! - [`offsets`]: the connector's state, and when a position may be acknowledged;
 //! - [`pipeline`]: the connector at work, source to Kafka with acknowledgements;
-//! - [`consumer`]: the projector, its read model, replays and dead letters;
-//! - [`observe`]: the metrics both sides serve;
-//! - [`preflight`]: the findings `fhir-cdc check` reports;
+//! - [`consumer`]: the projector and its read model;
+//! - [`reconcile`] and [`dlq`]: the operations over both sides — drift, repair, dead letters;
+//! - [`observe`]: the metrics both sides serve; [`preflight`]: the findings `fhir-cdc check`
+//!   reports; [`postgres`]: connections to PostgreSQL;
 //! - [`cli`]: the command line.
 //!
 //! ```no_run
@@ -36,6 +40,7 @@ pub mod change;
 pub mod cli;
 pub mod config;
 pub mod consumer;
+pub mod dlq;
 pub mod fhir;
 pub mod kafka;
 pub mod mapping;

@@ -16,9 +16,8 @@ use std::{
 };
 
 use fhir_cdc::{
-    change::{ChangeLsn, Lsn, Operation, Position, SourceMessage, Value},
+    change::{text_of, ChangeLsn, Lsn, Operation, Position, SourceMessage, Value},
     config::{Secret, SqlServerConfig},
-    mapping::text_of,
     offsets::{ConnectorState, TableProgress},
     source::{
         sqlserver::{capture::SqlServerSource, connection, snapshot},

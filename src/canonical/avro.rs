@@ -202,13 +202,13 @@ fn to_json<'s>(
         (Value::Boolean(b), _) => Json::Bool(*b),
         (Value::Int(i), _) => Json::from(*i),
         (Value::Long(l), _) => Json::from(*l),
-        (Value::String(s), _) if fhir_type == Some("decimal") => crate::mapping::to_fhir(
-            &crate::change::Value::Text(s.clone()),
-            crate::mapping::Primitive::Decimal,
-            &Default::default(),
-        )
-        .map_err(|_| fail(path, "a decimal field holds no decimal"))?
-        .to_json(),
+        (Value::String(s), _) if fhir_type == Some("decimal") => {
+            crate::change::ExactDecimal::parse(s.trim())
+                .ok()
+                .and_then(|d| crate::fhir::Element::decimal(d.as_str().to_owned()))
+                .ok_or_else(|| fail(path, "a decimal field holds no decimal"))?
+                .to_json()
+        }
         (Value::String(s), _) => Json::String(s.clone()),
         (Value::TimestampMicros(micros), _) => {
             let time = DateTime::from_timestamp_micros(*micros)

@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    change::{ChangeEvent, Operation},
+    change::{push_decimal, ChangeEvent, Operation},
     config::TopicsConfig,
+    fhir::Sensitivity,
     fhir::{names, Element},
-    mapping::{push_decimal, Mapping, Sensitivity},
 };
 
 /// What the event does to its resource.
@@ -89,8 +89,20 @@ pub struct KeyColumn {
 #[derive(Debug, Clone, Copy)]
 pub struct Origin<'a> {
     pub change: &'a ChangeEvent,
-    pub mapping: &'a Mapping,
+    pub mapping: MadeBy<'a>,
     pub source_system: &'a Arc<str>,
+}
+
+/// What an event says of the mapping that made it.
+#[derive(Debug, Clone, Copy)]
+pub struct MadeBy<'a> {
+    pub id: &'a Arc<str>,
+    /// The mapping file's content hash.
+    pub version: &'a Arc<str>,
+    pub domain: &'a Arc<str>,
+    pub sensitivity: Sensitivity,
+    /// The key columns the mapping declares.
+    pub key: &'a [String],
 }
 
 impl CanonicalEvent {
@@ -137,7 +149,7 @@ impl CanonicalEvent {
                 value: key_row
                     .and_then(|row| row.get(column))
                     .filter(|v| !v.is_null())
-                    .map(|v| crate::mapping::text_of(v).into_owned()),
+                    .map(|v| crate::change::text_of(v).into_owned()),
             })
             .collect();
         let mut resource_version = String::with_capacity(40);
@@ -149,7 +161,7 @@ impl CanonicalEvent {
             change,
             &source_position,
             &primary_key,
-            &origin.mapping.id,
+            origin.mapping.id,
             (&resource_type, &resource_id),
             op,
         );
@@ -178,7 +190,7 @@ impl CanonicalEvent {
                 commit_time: change.commit_time.map(|t| t.trunc_subsecs(6)),
                 capture_time: change.capture_time.trunc_subsecs(6),
                 mapping_id: origin.mapping.id.clone(),
-                mapping_version: origin.mapping.content_hash.clone(),
+                mapping_version: origin.mapping.version.clone(),
                 snapshot: change.op == Operation::Read,
             },
         }
@@ -297,7 +309,7 @@ fn event_id(
 
 /// RFC 3339 in UTC with the fraction it needs (`2024-03-05T14:30:00.25Z`): FHIR `instant`.
 pub fn instant(ts: DateTime<Utc>) -> String {
-    crate::mapping::rfc3339(&ts.fixed_offset())
+    crate::change::rfc3339(&ts.fixed_offset())
 }
 
 /// Serde of the provenance times as [`instant`] text.

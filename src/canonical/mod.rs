@@ -8,6 +8,8 @@ pub mod schema;
 
 pub use self::{
     avro::{event_from_avro, event_to_avro, AvroShapeError},
-    event::{instant, is_event_topic, CanonicalEvent, EventOp, KeyColumn, Origin, Provenance},
+    event::{
+        instant, is_event_topic, CanonicalEvent, EventOp, KeyColumn, MadeBy, Origin, Provenance,
+    },
     plan::{EventWriter, JsonResource},
 };

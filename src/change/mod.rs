@@ -2,6 +2,7 @@
 //! and the mapper import this module, never each other.
 
 mod position;
+mod text;
 mod value;
 
 use std::{fmt, sync::Arc};
@@ -10,6 +11,7 @@ use chrono::{DateTime, Utc};
 
 pub use self::{
     position::{BinlogPosition, ChangeLsn, Lsn, PgLsn, Position},
+    text::{push_decimal, rfc3339, text_of},
     value::{Column, ExactDecimal, Names, Row, Value},
 };
 

@@ -1,5 +1,5 @@
 //! `fhir-cdc dlq list|show|replay`: the dead letters of the connectors and the projector
-//! (see `consumer::dlq`). `--config` takes either configuration: both name the Kafka cluster
+//! (see `dlq`). `--config` takes either configuration: both name the Kafka cluster
 //! and the topic prefix, so `list` and `show` see every side's letters; `replay` replays
 //! the letters of the side the file configures — a connector's changes with its mapping
 //! files, or the projector's messages into its read model.
@@ -10,10 +10,8 @@ use clap::{Args, Subcommand};
 
 use crate::{
     config::{ConfigError, ConnectorConfig, KafkaProperties},
-    consumer::{
-        dlq::{self, Letter, Outcome, PROJECTOR},
-        ProjectorConfig,
-    },
+    consumer::ProjectorConfig,
+    dlq::{self, Letter, Outcome, PROJECTOR},
 };
 
 #[derive(Debug, Args)]

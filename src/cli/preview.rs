@@ -198,7 +198,7 @@ async fn preview_sqlserver(
 ) -> Result<u64, Failure> {
     use crate::source::sqlserver::{connection, snapshot};
     let source_error = |e: sqlserver::MssqlError| Failure::Source(e.to_string());
-    let database = connection::database(url)
+    let database = crate::config::ado::database(url)
         .ok_or_else(|| Failure::Config("source.url names no database".into()))?;
     let mut client = connection::connect(url).await.map_err(source_error)?;
     let mut failures = 0;

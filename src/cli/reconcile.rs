@@ -285,7 +285,12 @@ async fn one_pass(
             return Err(failed(e));
         }
     };
-    observe::reconcile::pass(name, &report, started.elapsed());
+    observe::reconcile::pass(
+        name,
+        &report.drift_by_table(),
+        report.compared,
+        started.elapsed(),
+    );
     print(&report, pass.projector);
     let written = events::publish(context, codec, &report)
         .await

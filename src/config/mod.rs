@@ -5,6 +5,7 @@
 //! what is wrong. Strings may reference secrets as `${env:VAR}` or `${file:path}`
 //! ([`interpolate`]); credentials live in [`Secret`]s, which never print.
 
+pub mod ado;
 mod interpolate;
 mod kafka;
 mod secret;
@@ -18,7 +19,7 @@ use std::{
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
-use crate::mapping::Sensitivity;
+use crate::fhir::Sensitivity;
 
 pub use self::{
     interpolate::InterpolateError,
@@ -898,8 +899,7 @@ impl ConnectorConfig {
             SourceKind::Sqlserver => &[],
         };
         if let SourceConfig::SqlServer(mssql) = &self.source {
-            crate::source::sqlserver::connection::config(&mssql.url)
-                .map_err(|e| ("source.url", e))?;
+            ado::config(&mssql.url).map_err(|e| ("source.url", e))?;
             if mssql.snapshot_chunk_size() == 0 {
                 return Err((
                     "source.snapshot.chunk.size",

@@ -9,6 +9,9 @@ use crate::config::{
     read_toml, ConfigError, KafkaProperties, MetricsConfig, RegistryConfig, Secret,
 };
 
+/// The side of the projector's dead letters (a connector may not take this name).
+pub const PROJECTOR: &str = "projector";
+
 /// One projector: the topics it reads, the database it projects into.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -149,7 +152,7 @@ impl ProjectorConfig {
 
     /// `<prefix>.dlq.projector`: where messages it cannot apply go.
     pub fn dead_letter_topic(&self) -> String {
-        format!("{}.dlq.{}", self.topics.prefix, super::dlq::PROJECTOR)
+        format!("{}.dlq.{}", self.topics.prefix, PROJECTOR)
     }
 
     /// The consumer group: `kafka."group.id"`, else the projector's name.

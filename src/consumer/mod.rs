@@ -4,7 +4,6 @@
 //! model in PostgreSQL; [`config`] the projector's configuration file.
 
 pub mod config;
-pub mod dlq;
 pub mod projection;
 pub mod projector;
 

@@ -89,6 +89,29 @@ pub enum Element {
 }
 
 impl Element {
+    /// A FHIR decimal with exactly these digits, if they are one:
+    /// `-?(0|[1-9][0-9]*)(\.[0-9]+)?` (no exponent: the values that reach here are exact
+    /// decimals and shortest doubles, which refuse one).
+    pub fn decimal(text: String) -> Option<Element> {
+        let digits = |s: &[u8]| s.iter().take_while(|b| b.is_ascii_digit()).count();
+        let bytes = text.as_bytes();
+        let mut at = usize::from(bytes.first() == Some(&b'-'));
+        let int = digits(&bytes[at..]);
+        if int == 0 || (int > 1 && bytes[at] == b'0') {
+            return None;
+        }
+        at += int;
+        if bytes.get(at) == Some(&b'.') {
+            let fraction = digits(&bytes[at + 1..]);
+            if fraction == 0 {
+                return None;
+            }
+            at += 1 + fraction;
+        }
+        // serde_json keeps the digits (arbitrary_precision); checked above, so not parsed again.
+        (at == bytes.len()).then(|| Element::Number(Number::from_string_unchecked(text)))
+    }
+
     /// The element `name` of an object.
     pub fn get(&self, name: &str) -> Option<&Element> {
         match self {
@@ -240,9 +263,19 @@ impl<'de> Deserialize<'de> for Element {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
     use serde_json::json;
 
     use super::*;
+
+    proptest! {
+        #[test]
+        fn a_decimal_is_what_json_reads_as_a_number(text in "-?[0-9]{0,3}(\\.[0-9]{0,2})?|[-+0-9.]{0,8}") {
+            let ours = Element::decimal(text.clone()).map(|n| n.to_json().to_string());
+            let json = text.parse::<Number>().ok().map(|n| n.to_string());
+            prop_assert_eq!(ours, json);
+        }
+    }
 
     #[test]
     fn json_round_trip_keeps_order_and_exact_numbers() {

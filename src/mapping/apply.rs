@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use smallvec::{smallvec, SmallVec};
 
 use super::{
-    convert::{is_fhir_id, parse_formatted, text_of, to_fhir},
+    convert::{is_fhir_id, parse_formatted, to_fhir},
     load::display_path,
     location::Location,
     lookup::Lookups,
@@ -19,7 +19,7 @@ use super::{
     template::{RenderError, Template},
 };
 use crate::{
-    change::{Column, Row, Value},
+    change::{text_of, Column, Row, Value},
     config::Secret,
     fhir::{names, Element},
 };

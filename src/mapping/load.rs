@@ -17,8 +17,8 @@ use super::{
     location::{LoadError, LoadErrors, Location},
     model::{
         exclusive, Case, ChoiceGroup, Comparison, Condition, ElementMapping, Lookup, Mapping,
-        OnMissing, Protect, RequiredNode, ResourceMapping, Sensitivity, Test, Transform,
-        Translated, Translation, Unmapped, ValueSource,
+        OnMissing, Protect, RequiredNode, ResourceMapping, Test, Transform, Translated,
+        Translation, Unmapped, ValueSource,
     },
     shape::Shape,
     template::Template,
@@ -26,7 +26,7 @@ use super::{
 use crate::{
     canonical::schema,
     change::{Column, Value},
-    fhir::{definitions, Segment},
+    fhir::{definitions, Segment, Sensitivity},
 };
 
 /// Files ending in this are code tables read by mappings, not mappings.

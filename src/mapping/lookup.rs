@@ -14,11 +14,10 @@ use std::{
 
 use super::{
     apply::MapError,
-    convert::text_of,
     mapper::MapFailure,
     model::{split_table, Lookup, Mapping},
 };
-use crate::change::{ChangeEvent, Column, Names, Operation, Row, Value};
+use crate::change::{text_of, ChangeEvent, Column, Names, Operation, Row, Value};
 
 /// The cached rows of every lookup of a set of mappings, one index per looked-up table and
 /// key.

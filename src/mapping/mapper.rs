@@ -188,7 +188,7 @@ impl Mapper {
         for mapping in mappings.iter().filter(|m| chosen(m)) {
             let origin = Origin {
                 change,
-                mapping,
+                mapping: mapping.made_by(),
                 source_system: &self.source_system,
             };
             for resource in &mapping.resources {

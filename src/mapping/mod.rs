@@ -16,14 +16,14 @@ mod template;
 
 pub use self::{
     apply::{resource_id, MapContext, MapError},
-    convert::{push_decimal, rfc3339, text_of, to_fhir, Conversion, Primitive},
+    convert::{to_fhir, Conversion, Primitive},
     load::{load_dir, load_file, load_str, CODE_TABLE_SUFFIX},
     location::{LoadError, LoadErrors, Location},
     mapper::{MapFailure, MapOutcome, Mapper},
     model::{
         source_tables, with_lookups, ChoiceGroup, Condition, ElementMapping, Lookup, Mapping,
-        OnMissing, Protect, RequiredNode, ResourceMapping, Sensitivity, Test, Translation,
-        Unmapped, ValueSource,
+        OnMissing, Protect, RequiredNode, ResourceMapping, Test, Translation, Unmapped,
+        ValueSource,
     },
     template::{RenderError, Template},
 };

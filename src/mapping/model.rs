@@ -12,7 +12,10 @@ use super::{
     shape::Shape,
     template::Template,
 };
-use crate::{change::Column, fhir::Segment};
+use crate::{
+    change::Column,
+    fhir::{Segment, Sensitivity},
+};
 
 /// One mapping file: rows of one source table to one or more FHIR resources.
 #[derive(Debug, Clone)]
@@ -64,6 +67,17 @@ pub enum OnMissing {
 }
 
 impl Mapping {
+    /// What the events this mapping makes say of it.
+    pub fn made_by(&self) -> crate::canonical::MadeBy<'_> {
+        crate::canonical::MadeBy {
+            id: &self.id,
+            version: &self.content_hash,
+            domain: &self.domain,
+            sensitivity: self.sensitivity,
+            key: &self.key,
+        }
+    }
+
     /// The columns whose values the resources publish only protected, with their table
     /// (`schema.table`: this mapping's, or a looked-up one's), and how: those of elements
     /// with `protect`, of tokenized ids and of references to them.
@@ -134,25 +148,6 @@ pub fn with_lookups(
 pub(super) fn split_table(table: &str) -> (String, String) {
     let (schema, table) = table.split_once('.').unwrap_or(("", table));
     (schema.to_owned(), table.to_owned())
-}
-
-/// How sensitive the produced resources are; travels with every event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Sensitivity {
-    /// Clinical or billing data for operational use (confidentiality `N`).
-    Normal,
-    /// Data that only restricted consumers may read (confidentiality `R`).
-    Restricted,
-}
-
-impl Sensitivity {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Sensitivity::Normal => "normal",
-            Sensitivity::Restricted => "restricted",
-        }
-    }
 }
 
 /// One resource produced from a row.

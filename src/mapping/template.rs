@@ -2,7 +2,8 @@
 
 use crate::change::{Column, Row, Value};
 
-use super::{apply::MapContext, convert::text_of};
+use super::apply::MapContext;
+use crate::change::text_of;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {

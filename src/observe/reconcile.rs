@@ -8,27 +8,27 @@ use std::time::Duration;
 
 use metrics::{counter, gauge};
 
-use crate::reconcile::{Drift, Report};
-
-/// A pass ended with `report` after `took`.
-pub fn pass(connector: &str, report: &Report, took: Duration) {
-    let counts = report.counts_by_table();
-    for table in &report.tables {
-        for class in Drift::ALL {
-            let n = counts.get(&(class, table.as_str())).copied().unwrap_or(0);
-            gauge!(
-                "fhir_cdc_reconcile_drift",
-                "connector" => connector.to_owned(),
-                "class" => class.name(),
-                "table" => table.clone()
-            )
-            .set(n as f64);
-        }
+/// A pass ended after `took`, having compared `compared` resources and found `drift`:
+/// per table and drift class, how many (every class of every table, zeros included).
+pub fn pass(
+    connector: &str,
+    drift: &[(&str, &'static str, usize)],
+    compared: usize,
+    took: Duration,
+) {
+    for (table, class, n) in drift {
+        gauge!(
+            "fhir_cdc_reconcile_drift",
+            "connector" => connector.to_owned(),
+            "class" => *class,
+            "table" => (*table).to_owned()
+        )
+        .set(*n as f64);
     }
     let labels = [("connector", connector.to_owned())];
-    gauge!("fhir_cdc_reconcile_resources_compared", &labels).set(report.compared as f64);
+    gauge!("fhir_cdc_reconcile_resources_compared", &labels).set(compared as f64);
     gauge!("fhir_cdc_reconcile_pass_duration_seconds", &labels).set(took.as_secs_f64());
-    let outcome = if report.drift() == 0 {
+    let outcome = if drift.iter().all(|(_, _, n)| *n == 0) {
         "clean"
     } else {
         "drift"

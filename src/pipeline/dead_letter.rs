@@ -21,9 +21,9 @@ use serde_json::{json, Map, Value as Json};
 
 use crate::{
     canonical::instant,
-    change::{ChangeEvent, ExactDecimal, Operation, Position, Row, SourceTable, Value},
+    change::{text_of, ChangeEvent, ExactDecimal, Operation, Position, Row, SourceTable, Value},
     config::DeadLetterRows,
-    mapping::{text_of, MapFailure, Mapper, Protect},
+    mapping::{MapFailure, Mapper, Protect},
 };
 
 /// What the letters of one connector hold of their rows.

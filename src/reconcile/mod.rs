@@ -349,7 +349,7 @@ impl Report {
     }
 
     /// Drifted resources per class and table (rows failing their mapping included).
-    pub fn counts_by_table(&self) -> BTreeMap<(Drift, &str), usize> {
+    fn counts_by_table(&self) -> BTreeMap<(Drift, &str), usize> {
         let mut counts = BTreeMap::new();
         for drifted in &self.drifted {
             let table = drifted.table.as_deref().unwrap_or_default();
@@ -361,6 +361,22 @@ impl Report {
                 .or_default() += rows;
         }
         counts
+    }
+
+    /// For every table compared and every drift class, its name and how many drifted (zeros
+    /// included, so that a gauge falls back to 0).
+    pub fn drift_by_table(&self) -> Vec<(&str, &'static str, usize)> {
+        let counts = self.counts_by_table();
+        self.tables
+            .iter()
+            .flat_map(|table| {
+                let counts = &counts;
+                Drift::ALL.into_iter().map(move |class| {
+                    let n = counts.get(&(class, table.as_str())).copied().unwrap_or(0);
+                    (table.as_str(), class.name(), n)
+                })
+            })
+            .collect()
     }
 
     /// Drifted resources, and rows failing their mapping without a resource.

@@ -19,11 +19,12 @@ use tokio_postgres::{binary_copy::BinaryCopyInWriter, types::Type};
 use super::{Digest, LogOrigin, Logged, Projected, SourceSide};
 use crate::{
     canonical::registry::EventCodec,
-    change::{ChangeEvent, PgLsn, Position, SourceMessage, Value},
+    change::{text_of, ChangeEvent, PgLsn, Position, SourceMessage, Value},
     config::{ConnectorConfig, SourceConfig},
-    consumer::{config::ProjectorConfig, dlq, projection::Prepared},
+    consumer::{config::ProjectorConfig, projection::Prepared},
+    dlq,
     kafka::TopicReader,
-    mapping::{text_of, MapOutcome, Mapper},
+    mapping::{MapOutcome, Mapper},
     observe::progress::Progress,
     offsets::StateStore,
     pipeline::dead_letter::{self, LetterRow},

@@ -19,9 +19,9 @@ use crate::{
     config::ConnectorConfig,
     consumer::{
         config::ProjectorConfig,
-        dlq,
         projection::{self, Coordinates, Entry, Prepared},
     },
+    dlq,
     kafka::{Producer, TopicReader},
     offsets::{SnapshotRequest, StateStore},
     source,

@@ -46,7 +46,7 @@ pub trait ChunkTable: Send + Sync + fmt::Debug + 'static {
 pub fn key_text(values: &[Value], key_at: &[usize]) -> Vec<String> {
     key_at
         .iter()
-        .map(|at| crate::mapping::text_of(&values[*at]).into_owned())
+        .map(|at| crate::change::text_of(&values[*at]).into_owned())
         .collect()
 }
 

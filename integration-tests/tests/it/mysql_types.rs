@@ -6,8 +6,7 @@
 use std::{collections::HashSet, time::Duration};
 
 use fhir_cdc::{
-    change::{ExactDecimal, Value},
-    mapping::text_of,
+    change::{text_of, ExactDecimal, Value},
     source::mysql::{
         binlog::{BinlogReader, Decoded, ReaderOptions, StartAt},
         current_position,

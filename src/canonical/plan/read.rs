@@ -199,8 +199,8 @@ impl EventWriter {
             },
             domain: need(domain, Field::Domain)?.into(),
             sensitivity: match need(sensitivity, Field::Sensitivity)?.as_str() {
-                "normal" => crate::mapping::Sensitivity::Normal,
-                "restricted" => crate::mapping::Sensitivity::Restricted,
+                "normal" => crate::fhir::Sensitivity::Normal,
+                "restricted" => crate::fhir::Sensitivity::Restricted,
                 _ => return Err(shape("sensitivity", "neither normal nor restricted")),
             },
             resource_type,

@@ -77,7 +77,7 @@ pub fn key_condition(key: &[(String, Value)]) -> String {
         .iter()
         .map(|(column, value)| {
             let column = quote_ident(column);
-            let text = crate::mapping::text_of(value);
+            let text = crate::change::text_of(value);
             match value {
                 Value::Null => format!("{column} IS NULL"),
                 Value::Bytes(bytes) => format!("{column} = X'{}'", hex(bytes)),

@@ -403,7 +403,7 @@ mod tests {
     }
 
     fn text_of(value: &Value) -> String {
-        crate::mapping::text_of(value).into_owned()
+        crate::change::text_of(value).into_owned()
     }
 
     #[test]

@@ -479,11 +479,11 @@ pub fn key_condition(key: &[(String, Value)]) -> String {
                 Value::Null => format!("{column} IS NULL"),
                 Value::Bytes(_) => format!(
                     "{column} = decode({}, 'base64')",
-                    quote_literal(&crate::mapping::text_of(value))
+                    quote_literal(&crate::change::text_of(value))
                 ),
                 other => format!(
                     "{column} = {}",
-                    quote_literal(&crate::mapping::text_of(other))
+                    quote_literal(&crate::change::text_of(other))
                 ),
             }
         })

@@ -101,7 +101,7 @@ impl Source for SqlServerSource {
             shutdown,
         } = io;
         refuse_foreign_state(stored.as_ref(), Self::KIND, &self.connector)?;
-        let database = connection::database(&self.url)
+        let database = crate::config::ado::database(&self.url)
             .ok_or_else(|| SourceError::Connector("source.url names no database".into()))?;
         let mut client = connection::connect(&self.url).await?;
         catalog::take_running_lock(&mut client, &self.connector).await?;

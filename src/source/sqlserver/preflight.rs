@@ -53,7 +53,7 @@ pub struct MappedTable {
 /// Connect with `url` and check every prerequisite, and with `mapped` also the tables the
 /// mappings read, and the signal table (`schema.table`) if named.
 pub async fn check(url: &Secret, mapped: &[MappedTable], signal: Option<&str>) -> Vec<Finding> {
-    let config = match connection::config(url) {
+    let config = match crate::config::ado::config(url) {
         Ok(config) => config,
         Err(e) => {
             return vec![Finding::problem(

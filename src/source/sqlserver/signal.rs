@@ -81,11 +81,11 @@ pub fn key_condition(key: &[(String, Value)]) -> String {
                 Value::Bytes(bytes) => format!("{column} = 0x{}", hex::encode_upper(bytes)),
                 Value::Time(_) | Value::Timestamp(_) | Value::TimestampTz(_) => format!(
                     "{column} = N'{}'",
-                    super::types::seven_digits(&crate::mapping::text_of(value))
+                    super::types::seven_digits(&crate::change::text_of(value))
                 ),
                 _ => format!(
                     "{column} = N'{}'",
-                    crate::mapping::text_of(value).replace('\'', "''")
+                    crate::change::text_of(value).replace('\'', "''")
                 ),
             }
         })

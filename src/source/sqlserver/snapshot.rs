@@ -352,7 +352,7 @@ pub async fn read_consistent(
     size: usize,
     out: &tokio::sync::mpsc::Sender<crate::change::SourceMessage>,
 ) -> Result<(ChangeLsn, ChangeLsn), MssqlError> {
-    let database = super::connection::database(url)
+    let database = crate::config::ado::database(url)
         .ok_or_else(|| MssqlError::Definite("source.url names no database".into()))?;
     let mut client = connect(url).await?;
     let mut described = Vec::with_capacity(tables.len());

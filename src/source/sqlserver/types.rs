@@ -119,7 +119,7 @@ fn datetime2(value: tiberius::time::DateTime2) -> Result<NaiveDateTime, String> 
     Ok(date(value.date())?.and_time(time(value.time())?))
 }
 
-/// A date or time as text (`mapping::text_of`'s, nine fractional digits when it has any
+/// A date or time as text (`change::text_of`'s, nine fractional digits when it has any
 /// below the microsecond) with at most the seven fractional digits SQL Server's literals
 /// take: its values are in 100 ns, so only zeros go.
 pub fn seven_digits(text: &str) -> String {
