@@ -9,12 +9,11 @@ use clap::Args;
 
 use crate::{
     canonical::registry,
-    config::{ConnectorConfig, SourceConfig},
+    config::ConnectorConfig,
     consumer::config::ProjectorConfig,
     kafka, mapping,
-    offsets::StateStore,
     preflight::{Finding, Severity},
-    source::{mysql, postgres, sqlserver},
+    source,
 };
 
 #[derive(Debug, Args)]
@@ -86,7 +85,7 @@ async fn check_projector(path: &std::path::Path) -> ExitCode {
     };
     let projection = async {
         let schema = &config.projection.schema;
-        match postgres::preflight::reach(&config.projection.url, "projection.url").await {
+        match source::postgres::preflight::reach(&config.projection.url, "projection.url").await {
             Ok((client, _, target)) => {
                 let exists: bool = client
                     .query_one(
@@ -185,57 +184,19 @@ async fn check_connector(path: &std::path::Path) -> ExitCode {
         },
         None => Vec::new(),
     };
-    let source = async {
-        match &config.source {
-            SourceConfig::Postgres(pg) => {
-                let capture = (!mappings.is_empty()).then(|| postgres::preflight::Capture {
-                    tables: mapping::source_tables(&mappings),
-                    slot: pg.slot_name(&config.name),
-                    publication: pg.publication_name(&config.name),
-                });
-                postgres::preflight::check(&pg.url, capture.as_ref()).await
-            }
-            SourceConfig::Mysql(my) => {
-                let mut mapped: Vec<mysql::preflight::MappedTable> = Vec::new();
-                for m in &mappings {
-                    let (database, table) = m.schema_table();
-                    if !mapped
-                        .iter()
-                        .any(|t| t.database == database && t.table == table)
-                    {
-                        mapped.push(mysql::preflight::MappedTable {
-                            database: database.to_owned(),
-                            table: table.to_owned(),
-                            key: m.key.clone(),
-                        });
-                    }
-                }
-                let mut findings =
-                    mysql::preflight::check(&my.url, &mapped, my.signal_table()).await;
-                match stored_position(&config).await {
-                    Ok(Some(stored)) => findings.push(
-                        mysql::preflight::stored_position(&my.url, &stored, my.snapshot_mode())
-                            .await,
-                    ),
-                    Ok(None) => {}
-                    Err(finding) => findings.push(finding),
-                }
-                findings
-            }
-            SourceConfig::SqlServer(ms) => {
-                let mut mapped: Vec<sqlserver::preflight::MappedTable> = Vec::new();
-                for m in &mappings {
-                    if !mapped.iter().any(|t| t.name == m.table) {
-                        mapped.push(sqlserver::preflight::MappedTable {
-                            name: m.table.clone(),
-                            key: m.key.clone(),
-                        });
-                    }
-                }
-                sqlserver::preflight::check(&ms.url, &mapped, ms.signal_table()).await
+    let mapped = (!mappings.is_empty()).then(|| {
+        let mut keyed: Vec<(String, Vec<String>)> = Vec::new();
+        for m in &mappings {
+            if !keyed.iter().any(|(table, _)| *table == m.table) {
+                keyed.push((m.table.clone(), m.key.clone()));
             }
         }
-    };
+        source::MappedTables {
+            read: mapping::source_tables(&mappings),
+            keyed,
+        }
+    });
+    let source = source::preflight(&config, mapped.as_ref());
     let (source, kafka, registry) = tokio::join!(
         source,
         kafka::check(&config.kafka),
@@ -250,30 +211,6 @@ async fn check_connector(path: &std::path::Path) -> ExitCode {
             .collect(),
     )
 }
-
-/// The position `run` would resume from (the connector's stored state in Kafka), if any.
-/// Kafka unreachable is its own finding; here it only leaves the position unchecked.
-async fn stored_position(config: &ConnectorConfig) -> Result<Option<String>, Finding> {
-    let read = StateStore::peek(config);
-    let unchecked = |why: String| {
-        Finding::warning(
-            "state",
-            format!("the connector's stored state could not be read ({why}), so whether run can resume from it is unchecked"),
-            "see Kafka's finding",
-        )
-    };
-    match tokio::time::timeout(STATE_TIMEOUT, read).await {
-        Ok(Ok(state)) => Ok(state.and_then(|s| s.position)),
-        Ok(Err(e)) => Err(unchecked(e.to_string())),
-        Err(_) => Err(unchecked(format!(
-            "no answer within {}s",
-            STATE_TIMEOUT.as_secs()
-        ))),
-    }
-}
-
-/// How long `check` waits for the stored state.
-const STATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Print the findings and their count: success only without a problem.
 fn report(findings: Vec<Finding>) -> ExitCode {

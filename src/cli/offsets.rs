@@ -6,9 +6,9 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, Subcommand, ValueEnum};
 
 use crate::{
-    config::{ConnectorConfig, Secret, SourceConfig},
+    config::ConnectorConfig,
     offsets::{ConnectorState, StateStore, TableProgress},
-    source::{mysql, postgres::capture, sqlserver, SourceError},
+    source,
 };
 
 #[derive(Debug, Args)]
@@ -89,8 +89,7 @@ async fn offsets(args: OffsetsArgs) -> Result<ExitCode, Failure> {
         }
         return Ok(ExitCode::SUCCESS);
     };
-    let source = SourceAt::of(&config);
-    if let Some(reader) = source.reader().await.map_err(failed)? {
+    if let Some(reader) = source::reader_now(&config).await.map_err(failed)? {
         return Err(failed(format!(
             "connector {} is reading its source now ({reader}): stop it first (a running connector overwrites its state within a second)",
             config.name
@@ -130,7 +129,7 @@ async fn offsets(args: OffsetsArgs) -> Result<ExitCode, Failure> {
                     },
                 );
             }
-            state.position = Some(source.current_end().await.map_err(failed)?);
+            state.position = Some(source::log_end(&config).await.map_err(failed)?);
         }
     }
     println!(
@@ -150,62 +149,4 @@ async fn offsets(args: OffsetsArgs) -> Result<ExitCode, Failure> {
         store.topic()
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// The source a connector reads, as `offsets reset` needs it.
-enum SourceAt<'a> {
-    Postgres { url: &'a Secret, slot: String },
-    Mysql { url: &'a Secret, connector: &'a str },
-    SqlServer { url: &'a Secret, connector: &'a str },
-}
-
-impl<'a> SourceAt<'a> {
-    fn of(config: &'a ConnectorConfig) -> Self {
-        match &config.source {
-            SourceConfig::Postgres(pg) => SourceAt::Postgres {
-                url: &pg.url,
-                slot: pg.slot_name(&config.name),
-            },
-            SourceConfig::Mysql(my) => SourceAt::Mysql {
-                url: &my.url,
-                connector: &config.name,
-            },
-            SourceConfig::SqlServer(ms) => SourceAt::SqlServer {
-                url: &ms.url,
-                connector: &config.name,
-            },
-        }
-    }
-
-    /// What reads the source for the connector now, if anything, for messages.
-    async fn reader(&self) -> Result<Option<String>, SourceError> {
-        match self {
-            SourceAt::Postgres { url, slot } => Ok(capture::slot_active(url, slot)
-                .await?
-                .then(|| format!("replication slot {slot} is in use"))),
-            SourceAt::Mysql { url, connector } => mysql::lock_holder(url, connector).await,
-            SourceAt::SqlServer { url, connector } => {
-                Ok(sqlserver::catalog::lock_holder(url, connector).await?)
-            }
-        }
-    }
-
-    /// The end of the source's log now, as the stored state writes positions.
-    async fn current_end(&self) -> Result<String, SourceError> {
-        match self {
-            SourceAt::Postgres { url, .. } => Ok(capture::current_end(url).await?.to_string()),
-            SourceAt::Mysql { url, .. } => {
-                let mut conn = mysql::connect(url).await?;
-                let (position, gtid) = mysql::current_position(&mut conn).await?;
-                Ok(mysql::capture::position_text(&position, gtid.as_ref()))
-            }
-            SourceAt::SqlServer { url, .. } => {
-                let mut client = sqlserver::connection::connect(url).await?;
-                let max = sqlserver::catalog::max_lsn(&mut client).await?.ok_or_else(|| {
-                    SourceError::Transient("the capture job has recorded no position yet (sys.fn_cdc_get_max_lsn() is NULL)".into())
-                })?;
-                Ok(crate::change::ChangeLsn::end_of(max).to_string())
-            }
-        }
-    }
 }

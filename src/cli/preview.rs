@@ -9,18 +9,13 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::Args;
-use tokio::sync::mpsc;
 
 use crate::{
-    change::{ChangeEvent, PgLsn, Position, SourceMessage},
-    config::{ConnectorConfig, MysqlConfig, PostgresConfig, SourceConfig},
+    change::ChangeEvent,
+    config::ConnectorConfig,
     mapping::{self, Mapper},
     pipeline::{load_lookups, mapper_for},
-    source::{
-        chunk_changes, mysql,
-        postgres::snapshot::{Reading, TableReader},
-        sqlserver,
-    },
+    source,
 };
 
 #[derive(Debug, Args)]
@@ -80,143 +75,14 @@ async fn preview(args: &PreviewArgs) -> Result<u64, Failure> {
     load_lookups(&config, &mapper)
         .await
         .map_err(|e| Failure::Source(e.to_string()))?;
-    match &config.source {
-        SourceConfig::Postgres(pg) => {
-            preview_postgres(pg, &config.name, &tables, &mapper, args.limit).await
-        }
-        SourceConfig::Mysql(my) => {
-            preview_mysql(my, &config.name, &tables, &mapper, args.limit).await
-        }
-        SourceConfig::SqlServer(ms) => {
-            preview_sqlserver(&ms.url, &config.name, &tables, &mapper, args.limit).await
-        }
-    }
-}
-
-async fn preview_postgres(
-    source: &PostgresConfig,
-    connector: &str,
-    tables: &[(String, String)],
-    mapper: &Mapper,
-    limit: u64,
-) -> Result<u64, Failure> {
-    let reader = TableReader::open(&source.url, connector)
+    let sampled = source::sample(&config, &tables, args.limit)
         .await
         .map_err(|e| Failure::Source(e.to_string()))?;
     let mut failures = 0;
-    let mut ordinal = 0;
-    for (schema, table) in tables {
-        let (out, mut rows) = mpsc::channel(256);
-        let reading = async {
-            let read = reader
-                .read(
-                    schema,
-                    table,
-                    &Position::Postgres(PgLsn(0)),
-                    &mut ordinal,
-                    Reading {
-                        chunk_rows: 256,
-                        limit: Some(limit),
-                        progress: None,
-                    },
-                    &out,
-                )
-                .await;
-            drop(out);
-            read
-        };
-        let printing = async {
-            let mut printer = Printer::new(schema, table);
-            while let Some(SourceMessage::Change(change)) = rows.recv().await {
-                printer.print(mapper, &change);
-            }
-            printer.failures
-        };
-        let (read, table_failures) = tokio::join!(reading, printing);
-        let read = read.map_err(|e| Failure::Source(e.to_string()))?;
-        eprintln!("── {schema}.{table}: {read} row(s) read, {table_failures} not mappable");
-        failures += table_failures;
-    }
-    reader
-        .close()
-        .await
-        .map_err(|e| Failure::Source(e.to_string()))?;
-    Ok(failures)
-}
-
-async fn preview_mysql(
-    source: &MysqlConfig,
-    connector: &str,
-    tables: &[(String, String)],
-    mapper: &Mapper,
-    limit: u64,
-) -> Result<u64, Failure> {
-    let source_error = |e: mysql::MysqlError| Failure::Source(e.to_string());
-    let (opts, _) =
-        mysql::tls::opts(&source.url).map_err(|e| Failure::Config(format!("source.url: {e}")))?;
-    let pool = mysql::snapshot::pool(&opts);
-    let mut failures = 0;
-    for (database, table) in tables {
-        let mut conn = pool
-            .get_conn()
-            .await
-            .map_err(|e| source_error(mysql::MysqlError::connect(e)))?;
-        let described =
-            mysql::snapshot::ChunkTable::describe(&mut conn, connector, database, table)
-                .await
-                .map_err(source_error)?;
-        drop(conn);
-        let size = usize::try_from(limit).unwrap_or(usize::MAX);
-        let chunk = mysql::snapshot::read_chunk(&pool, &described, None, None, size)
-            .await
-            .map_err(source_error)?;
-        // A keyless table is read whole: preview only its first rows.
-        let rows = chunk.rows.into_iter().take(size);
-        let position = Position::Mysql(chunk.low.clone());
-        let mut printer = Printer::new(database, table);
-        for change in chunk_changes(&described.source, &described.key, rows, &position) {
-            printer.print(mapper, &change);
-        }
-        eprintln!(
-            "── {database}.{table}: {} row(s) read, {} not mappable",
-            printer.rows, printer.failures
-        );
-        failures += printer.failures;
-    }
-    pool.disconnect()
-        .await
-        .map_err(|e| source_error(mysql::MysqlError::connect(e)))?;
-    Ok(failures)
-}
-
-async fn preview_sqlserver(
-    url: &crate::config::Secret,
-    connector: &str,
-    tables: &[(String, String)],
-    mapper: &Mapper,
-    limit: u64,
-) -> Result<u64, Failure> {
-    use crate::source::sqlserver::{connection, snapshot};
-    let source_error = |e: sqlserver::MssqlError| Failure::Source(e.to_string());
-    let database = crate::config::ado::database(url)
-        .ok_or_else(|| Failure::Config("source.url names no database".into()))?;
-    let mut client = connection::connect(url).await.map_err(source_error)?;
-    let mut failures = 0;
-    for (schema, table) in tables {
-        let name = format!("{schema}.{table}");
-        let described = snapshot::ChunkTable::describe(&mut client, connector, &database, &name)
-            .await
-            .map_err(source_error)?;
-        let size = usize::try_from(limit).unwrap_or(usize::MAX);
-        let (rows, _, _) = snapshot::select_rows(&mut client, &described, None, None, size)
-            .await
-            .map_err(source_error)?;
-        // A keyless table is read whole: preview only its first rows.
-        let rows = rows.into_iter().take(size);
-        let position = Position::SqlServer(crate::change::ChangeLsn::end_of(Default::default()));
+    for ((schema, table), changes) in tables.iter().zip(sampled) {
         let mut printer = Printer::new(schema, table);
-        for change in chunk_changes(&described.source, &described.key, rows, &position) {
-            printer.print(mapper, &change);
+        for change in &changes {
+            printer.print(&mapper, change);
         }
         eprintln!(
             "── {schema}.{table}: {} row(s) read, {} not mappable",
@@ -224,7 +90,6 @@ async fn preview_sqlserver(
         );
         failures += printer.failures;
     }
-    let _ = client.close().await;
     Ok(failures)
 }
 

@@ -19,7 +19,7 @@ use tokio_postgres::{binary_copy::BinaryCopyInWriter, types::Type};
 use super::{Digest, LogOrigin, Logged, Projected, SourceSide};
 use crate::{
     canonical::registry::EventCodec,
-    change::{text_of, ChangeEvent, PgLsn, Position, SourceMessage, Value},
+    change::{text_of, ChangeEvent, Position, SourceMessage, Value},
     config::{ConnectorConfig, SourceConfig},
     consumer::{config::ProjectorConfig, projection::Prepared},
     dlq,
@@ -28,7 +28,7 @@ use crate::{
     observe::progress::Progress,
     offsets::StateStore,
     pipeline::dead_letter::{self, LetterRow},
-    source::{self, mysql},
+    source,
 };
 
 /// A resource: its type and id.
@@ -360,13 +360,7 @@ async fn stored_position(
     else {
         return Ok(None);
     };
-    Ok(match &config.source {
-        SourceConfig::Postgres(_) => text.parse::<PgLsn>().ok().map(Position::Postgres),
-        SourceConfig::Mysql(_) => mysql::capture::parse_position(&text)
-            .ok()
-            .map(|(p, _)| Position::Mysql(p)),
-        SourceConfig::SqlServer(_) => text.parse().ok().map(Position::SqlServer),
-    })
+    Ok(source::stored_position(config, &text))
 }
 
 /// Wait (up to `bound`) until the connector's stored position has reached `at`: every

@@ -5,10 +5,13 @@
 pub mod chunks;
 pub mod mysql;
 pub mod postgres;
+mod sample;
 pub mod signal;
 pub mod sqlserver;
 
 use std::{fmt, future::Future, sync::Arc};
+
+pub use self::sample::sample;
 
 use chrono::Utc;
 use tokio::sync::{mpsc, watch};
@@ -18,7 +21,8 @@ use tracing::{info, warn};
 use crate::{
     change::{ChangeEvent, Names, Operation, Position, Row, SourceMessage, SourceTable},
     config::{ConnectorConfig, SourceConfig},
-    offsets::{ConnectorState, SnapshotRequest},
+    offsets::{ConnectorState, SnapshotRequest, StateStore},
+    preflight::Finding,
 };
 
 /// A database's change log, as the pipeline sees it.
@@ -123,6 +127,139 @@ pub async fn request_snapshot(
             };
             Ok(sqlserver::signal::request_snapshot(&ms.url, signal, request).await?)
         }
+    }
+}
+
+/// What `check` knows of the tables a connector's mappings read.
+#[derive(Debug, Clone, Default)]
+pub struct MappedTables {
+    /// Every table read, the lookups' first, as `(schema, table)`.
+    pub read: Vec<(String, String)>,
+    /// The tables mappings make resources of (`schema.table`), each with the key its first
+    /// mapping names.
+    pub keyed: Vec<(String, Vec<String>)>,
+}
+
+/// Everything `config`'s source must offer before `run` can capture from it, checked on the
+/// live server; with `mapped`, also the tables the mappings read and whether `run` can
+/// resume from where the connector stopped.
+pub async fn preflight(config: &ConnectorConfig, mapped: Option<&MappedTables>) -> Vec<Finding> {
+    let keyed = mapped.map_or(&[][..], |m| &m.keyed[..]);
+    match &config.source {
+        SourceConfig::Postgres(pg) => {
+            let capture = mapped.map(|m| postgres::preflight::Capture {
+                tables: m.read.clone(),
+                slot: pg.slot_name(&config.name),
+                publication: pg.publication_name(&config.name),
+            });
+            postgres::preflight::check(&pg.url, capture.as_ref()).await
+        }
+        SourceConfig::Mysql(my) => {
+            let tables: Vec<mysql::preflight::MappedTable> = keyed
+                .iter()
+                .map(|(table, key)| {
+                    let (database, table) = table.split_once('.').unwrap_or(("", table));
+                    mysql::preflight::MappedTable {
+                        database: database.to_owned(),
+                        table: table.to_owned(),
+                        key: key.clone(),
+                    }
+                })
+                .collect();
+            let mut findings = mysql::preflight::check(&my.url, &tables, my.signal_table()).await;
+            match stored_state_position(config).await {
+                Ok(Some(stored)) => findings.push(
+                    mysql::preflight::stored_position(&my.url, &stored, my.snapshot_mode()).await,
+                ),
+                Ok(None) => {}
+                Err(finding) => findings.push(finding),
+            }
+            findings
+        }
+        SourceConfig::SqlServer(ms) => {
+            let tables: Vec<sqlserver::preflight::MappedTable> = keyed
+                .iter()
+                .map(|(name, key)| sqlserver::preflight::MappedTable {
+                    name: name.clone(),
+                    key: key.clone(),
+                })
+                .collect();
+            sqlserver::preflight::check(&ms.url, &tables, ms.signal_table()).await
+        }
+    }
+}
+
+/// The position `run` would resume from (the connector's stored state in Kafka), if any.
+/// Kafka unreachable is its own finding; here it only leaves the position unchecked.
+async fn stored_state_position(config: &ConnectorConfig) -> Result<Option<String>, Finding> {
+    let read = StateStore::peek(config);
+    let unchecked = |why: String| {
+        Finding::warning(
+            "state",
+            format!("the connector's stored state could not be read ({why}), so whether run can resume from it is unchecked"),
+            "see Kafka's finding",
+        )
+    };
+    match tokio::time::timeout(STATE_TIMEOUT, read).await {
+        Ok(Ok(state)) => Ok(state.and_then(|s| s.position)),
+        Ok(Err(e)) => Err(unchecked(e.to_string())),
+        Err(_) => Err(unchecked(format!(
+            "no answer within {}s",
+            STATE_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// How long `check` waits for the stored state.
+const STATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What reads `config`'s source for its connector now, if anything (for messages): a
+/// PostgreSQL slot in use, the lock a MySQL or SQL Server connector holds while it runs.
+pub async fn reader_now(config: &ConnectorConfig) -> Result<Option<String>, SourceError> {
+    match &config.source {
+        SourceConfig::Postgres(pg) => {
+            let slot = pg.slot_name(&config.name);
+            Ok(postgres::capture::slot_active(&pg.url, &slot)
+                .await?
+                .then(|| format!("replication slot {slot} is in use")))
+        }
+        SourceConfig::Mysql(my) => mysql::lock_holder(&my.url, &config.name).await,
+        SourceConfig::SqlServer(ms) => {
+            Ok(sqlserver::catalog::lock_holder(&ms.url, &config.name).await?)
+        }
+    }
+}
+
+/// The end of `config`'s source's log now, as the stored state writes positions.
+pub async fn log_end(config: &ConnectorConfig) -> Result<String, SourceError> {
+    match &config.source {
+        SourceConfig::Postgres(pg) => {
+            Ok(postgres::capture::current_end(&pg.url).await?.to_string())
+        }
+        SourceConfig::Mysql(my) => {
+            let mut conn = mysql::connect(&my.url).await?;
+            let (position, gtid) = mysql::current_position(&mut conn).await?;
+            Ok(mysql::capture::position_text(&position, gtid.as_ref()))
+        }
+        SourceConfig::SqlServer(ms) => {
+            let mut client = sqlserver::connection::connect(&ms.url).await?;
+            let max = sqlserver::catalog::max_lsn(&mut client).await?.ok_or_else(|| {
+                SourceError::Transient("the capture job has recorded no position yet (sys.fn_cdc_get_max_lsn() is NULL)".into())
+            })?;
+            Ok(crate::change::ChangeLsn::end_of(max).to_string())
+        }
+    }
+}
+
+/// The position a stored state's text names, for `config`'s kind of source (`None` when
+/// it names none of that kind).
+pub fn stored_position(config: &ConnectorConfig, text: &str) -> Option<Position> {
+    match &config.source {
+        SourceConfig::Postgres(_) => text.parse().ok().map(Position::Postgres),
+        SourceConfig::Mysql(_) => mysql::capture::parse_position(text)
+            .ok()
+            .map(|(p, _)| Position::Mysql(p)),
+        SourceConfig::SqlServer(_) => text.parse().ok().map(Position::SqlServer),
     }
 }
 
