@@ -218,12 +218,14 @@ pub struct RawMessage {
     pub payload: Vec<u8>,
 }
 
-/// [`read_for`], keys and headers included.
-pub async fn read_whole(topic: &str, count: usize, wait: Duration) -> Vec<RawMessage> {
-    use rdkafka::message::Headers;
+/// A consumer of partition 0 of `topic` from its beginning, at `isolation`
+/// (`read_committed`, librdkafka's default, or `read_uncommitted`), committing nothing.
+pub fn partition_reader(topic: &str, isolation: &str) -> StreamConsumer {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", stack::kafka_bootstrap())
         .set("group.id", stack::unique("run-reader"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", isolation)
         .create()
         .unwrap();
     let mut assignment = TopicPartitionList::new();
@@ -231,6 +233,13 @@ pub async fn read_whole(topic: &str, count: usize, wait: Duration) -> Vec<RawMes
         .add_partition_offset(topic, 0, Offset::Beginning)
         .unwrap();
     consumer.assign(&assignment).unwrap();
+    consumer
+}
+
+/// [`read_for`], keys and headers included.
+pub async fn read_whole(topic: &str, count: usize, wait: Duration) -> Vec<RawMessage> {
+    use rdkafka::message::Headers;
+    let consumer = partition_reader(topic, "read_committed");
     let mut messages = Vec::new();
     let deadline = Instant::now() + wait;
     while messages.len() < count && Instant::now() < deadline {

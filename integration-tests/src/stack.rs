@@ -467,6 +467,15 @@ pub async fn charge_amounts(
     .collect()
 }
 
+/// The `[kafka]` properties of the stack's broker.
+pub fn kafka_properties() -> fhir_cdc::config::KafkaProperties {
+    toml::from_str(&format!(
+        "\"bootstrap.servers\" = \"{}\"",
+        kafka_bootstrap()
+    ))
+    .unwrap()
+}
+
 /// A client of the stack's MariaDB.
 pub async fn mysql_conn() -> mysql_async::Conn {
     mysql_async::Conn::new(mysql_async::Opts::from_url(&mysql_url()).unwrap())

@@ -18,14 +18,6 @@ use rdkafka::{
 
 use crate::stack;
 
-fn properties() -> KafkaProperties {
-    toml::from_str(&format!(
-        "\"bootstrap.servers\" = \"{}\"",
-        stack::kafka_bootstrap()
-    ))
-    .unwrap()
-}
-
 #[tokio::test]
 async fn topics_are_created_once_with_their_settings_and_messages_are_acknowledged() {
     let name = stack::unique("sinkit.lab.Observation");
@@ -39,13 +31,13 @@ async fn topics_are_created_once_with_their_settings_and_messages_are_acknowledg
         ],
     };
     assert_eq!(
-        ensure_topics(&properties(), std::slice::from_ref(&spec))
+        ensure_topics(&stack::kafka_properties(), std::slice::from_ref(&spec))
             .await
             .unwrap(),
         std::slice::from_ref(&name)
     );
     assert!(
-        ensure_topics(&properties(), &[spec])
+        ensure_topics(&stack::kafka_properties(), &[spec])
             .await
             .unwrap()
             .is_empty(),
@@ -65,7 +57,7 @@ async fn topics_are_created_once_with_their_settings_and_messages_are_acknowledg
     assert_eq!(value("retention.ms").as_deref(), Some("3600000"));
     assert_eq!(value("cleanup.policy").as_deref(), Some("compact"));
 
-    let producer = Producer::new(&properties()).unwrap();
+    let producer = Producer::new(&stack::kafka_properties()).unwrap();
     let key = "Observation/result-101";
     let headers = [
         ("event_id", "e-1"),
@@ -126,7 +118,9 @@ async fn a_stream_producer_reports_each_message_by_its_id_when_its_queue_fills()
         replication_factor: 1,
         config: Vec::new(),
     };
-    ensure_topics(&properties(), &[spec]).await.unwrap();
+    ensure_topics(&stack::kafka_properties(), &[spec])
+        .await
+        .unwrap();
     let properties: KafkaProperties = toml::from_str(&format!(
         "\"bootstrap.servers\" = \"{}\"\n\"queue.buffering.max.messages\" = \"4\"",
         stack::kafka_bootstrap()

@@ -6,24 +6,14 @@
 
 use std::time::Duration;
 
-use fhir_cdc::{
-    config::KafkaProperties,
-    kafka::{ensure_topics, ErrorKind, Producer, TopicSpec, TransactionalProducer},
-};
+use fhir_cdc::kafka::{ensure_topics, ErrorKind, Producer, TopicSpec, TransactionalProducer};
+use integration_tests::connector::partition_reader;
 use rdkafka::{
     consumer::{Consumer, StreamConsumer},
     ClientConfig, Message, Offset, TopicPartitionList,
 };
 
 use crate::stack;
-
-fn properties() -> KafkaProperties {
-    toml::from_str(&format!(
-        "\"bootstrap.servers\" = \"{}\"",
-        stack::kafka_bootstrap()
-    ))
-    .unwrap()
-}
 
 /// A fresh one-partition topic.
 async fn topic(name: &str) -> String {
@@ -34,24 +24,15 @@ async fn topic(name: &str) -> String {
         replication_factor: 1,
         config: Vec::new(),
     };
-    ensure_topics(&properties(), &[spec]).await.unwrap();
+    ensure_topics(&stack::kafka_properties(), &[spec])
+        .await
+        .unwrap();
     name
 }
 
 /// The payloads of `topic` a reader at `isolation` sees, read until 3 s pass without one.
 async fn payloads(topic: &str, isolation: &str) -> Vec<String> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", stack::kafka_bootstrap())
-        .set("group.id", stack::unique("txreader"))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", isolation)
-        .create()
-        .unwrap();
-    let mut assignment = TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    consumer.assign(&assignment).unwrap();
+    let consumer = partition_reader(topic, isolation);
     let mut seen = Vec::new();
     while let Ok(message) = tokio::time::timeout(Duration::from_secs(3), consumer.recv()).await {
         let message = message.unwrap();
@@ -64,7 +45,7 @@ async fn payloads(topic: &str, isolation: &str) -> Vec<String> {
 async fn a_committed_transaction_shows_whole_and_an_aborted_one_not_at_all() {
     let topic = topic("tx.commit").await;
     let id = stack::unique("tx-commit");
-    let mut producer = TransactionalProducer::new(&properties(), &id)
+    let mut producer = TransactionalProducer::new(&stack::kafka_properties(), &id)
         .await
         .unwrap();
     assert!(!producer.commit().await.unwrap(), "nothing to commit");
@@ -108,7 +89,7 @@ async fn a_committed_transaction_shows_whole_and_an_aborted_one_not_at_all() {
 #[tokio::test]
 async fn consumed_offsets_commit_with_the_output_and_not_without_it() {
     let (input, output) = (topic("tx.in").await, topic("tx.out").await);
-    let plain = Producer::new(&properties()).unwrap();
+    let plain = Producer::new(&stack::kafka_properties()).unwrap();
     for n in 0..4 {
         plain
             .send(&input, "k", format!("in-{n}").as_bytes(), &[])
@@ -124,9 +105,10 @@ async fn consumed_offsets_commit_with_the_output_and_not_without_it() {
         .create()
         .unwrap();
     consumer.subscribe(&[&input]).unwrap();
-    let mut producer = TransactionalProducer::new(&properties(), &stack::unique("tx-offsets"))
-        .await
-        .unwrap();
+    let mut producer =
+        TransactionalProducer::new(&stack::kafka_properties(), &stack::unique("tx-offsets"))
+            .await
+            .unwrap();
     let committed = |consumer: &StreamConsumer| {
         let mut wanted = TopicPartitionList::new();
         wanted.add_partition(&input, 0);
@@ -187,7 +169,7 @@ async fn consumed_offsets_commit_with_the_output_and_not_without_it() {
 async fn a_second_producer_with_the_same_id_fences_the_first() {
     let topic = topic("tx.fence").await;
     let id = stack::unique("tx-fence");
-    let mut first = TransactionalProducer::new(&properties(), &id)
+    let mut first = TransactionalProducer::new(&stack::kafka_properties(), &id)
         .await
         .unwrap();
     first.send(&topic, "k", b"first-1", &[]).await.unwrap();
@@ -195,7 +177,7 @@ async fn a_second_producer_with_the_same_id_fences_the_first() {
     first.send(&topic, "k", b"first-open", &[]).await.unwrap();
 
     // The second takes over: the first's open transaction is aborted.
-    let mut second = TransactionalProducer::new(&properties(), &id)
+    let mut second = TransactionalProducer::new(&stack::kafka_properties(), &id)
         .await
         .unwrap();
     second.send(&topic, "k", b"second-1", &[]).await.unwrap();
