@@ -6,6 +6,7 @@
 pub mod config;
 pub mod projection;
 pub mod projector;
+mod runtime;
 
 pub use self::{
     config::ProjectorConfig,
