@@ -496,7 +496,6 @@ async fn map_and_send<S: Source>(
     // start with nothing received has nothing waiting.
     let recovering = waiting.is_waiting();
     waiting.wait(None, waits::KAFKA | waits::REGISTRY, false);
-    let ready = ready;
     tokio::pin!(ready);
     let (codec, limits) = loop {
         tokio::select! {
@@ -517,7 +516,8 @@ async fn map_and_send<S: Source>(
         (false, true) => waiting.clear(),
         (false, false) => {}
     }
-    while open || !sink.is_empty() || !batch.is_empty() {
+    // A batch taken before ready leaves `open` set: the loop takes it in with the next.
+    while open || !sink.is_empty() {
         measured.in_flight.set(sink.len() as f64);
         let moved = tokio::select! {
             biased;
