@@ -39,16 +39,20 @@ struct Run {
     saw_sentinel: bool,
 }
 
-/// Run the source from `stored` until it has emitted `stop_after_reads` snapshot rows (then
-/// stop it) or streamed the sentinel row, treating every position as durable as soon as
-/// it is complete.
+/// Run the source from `stored` until its published state says it has read
+/// `stop_after_rows_read` rows of the snapshot (or finished it; then stop it), or until it
+/// streamed the sentinel row, treating every position as durable as soon as it is
+/// complete. Rows read, not rows emitted: a chunk row whose key the stream already gave is
+/// rightly not emitted, and the writer updates every row within a few hundred
+/// milliseconds, so on a loaded machine the emitted rows may never reach the bound.
 async fn run_source(
     config: &PostgresConfig,
     schema: &str,
     stored: Option<ConnectorState>,
-    stop_after_reads: Option<usize>,
+    stop_after_rows_read: Option<u64>,
     projection: &mut Projection,
 ) -> Run {
+    let table = format!("{schema}.reading");
     let source = PostgresSource::new(
         "snap-it",
         config,
@@ -109,8 +113,15 @@ async fn run_source(
                 saw_sentinel = true;
                 shutdown.cancel();
             }
-            if stop_after_reads.is_some_and(|n| reads >= n) {
-                shutdown.cancel();
+            let read_so_far = states
+                .borrow()
+                .tables
+                .get(&table)
+                .map(|p| (p.rows, p.complete));
+            if let (Some(n), Some((rows, complete))) = (stop_after_rows_read, read_so_far) {
+                if rows >= n || complete {
+                    shutdown.cancel();
+                }
             }
         }
         // The channel closed: the source drains; let it see the last position durable.
