@@ -8,7 +8,7 @@ use clap::Args;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::consumer::{self, ProjectError, ProjectSummary, ProjectorConfig};
+use crate::consumer::{self, ConsumerError, ProjectorConfig, Summary};
 
 #[derive(Debug, Args)]
 pub struct ProjectArgs {
@@ -33,7 +33,7 @@ pub async fn run(args: ProjectArgs) -> ExitCode {
 pub(super) async fn with_projector<F, Fut>(command: &str, path: &Path, work: F) -> ExitCode
 where
     F: FnOnce(ProjectorConfig, CancellationToken) -> Fut,
-    Fut: Future<Output = Result<ProjectSummary, ProjectError>>,
+    Fut: Future<Output = Result<Summary, ConsumerError>>,
 {
     let config = match ProjectorConfig::load(path) {
         Ok(config) => config,

@@ -21,7 +21,7 @@ use crate::{
     config::ConnectorConfig,
     consumer::{config::ProjectorConfig, projection},
     observe,
-    reconcile::{events, repair, Drifted, Pass, PassError, Report},
+    reconcile::{events, repair, worklist, Drifted, Pass, PassError, Report},
 };
 
 #[derive(Debug, Args)]
@@ -194,7 +194,7 @@ async fn round(pass: &Pass<'_>, codec: &EventCodec, repair: bool) -> Result<Exit
         observe::reconcile::repairs(&connector.name, 0, 0);
         observe::reconcile::worklist_open(
             &connector.name,
-            repair::open_items(&client, schema, &connector.name)
+            worklist::open_items(&client, schema, &connector.name)
                 .await
                 .map_err(failed)?,
         );
@@ -219,7 +219,7 @@ async fn round(pass: &Pass<'_>, codec: &EventCodec, repair: bool) -> Result<Exit
     if settled > 0 {
         println!("repair: {settled} dead letter(s) settled, superseded by their rows' current state (`fhir-cdc dlq list --all`)");
     }
-    let worklisted = repair::worklist(&client, schema, &connector.name, &run_id, &report)
+    let worklisted = worklist::record(&client, schema, &connector.name, &run_id, &report)
         .await
         .map_err(failed)?;
     if worklisted > 0 {
@@ -237,12 +237,12 @@ async fn round(pass: &Pass<'_>, codec: &EventCodec, repair: bool) -> Result<Exit
         ..context
     };
     let verified = one_pass(pass, &context, codec).await?;
-    repair::worklist(&client, schema, &connector.name, &run_id, &verified)
+    worklist::record(&client, schema, &connector.name, &run_id, &verified)
         .await
         .map_err(failed)?;
     observe::reconcile::worklist_open(
         &connector.name,
-        repair::open_items(&client, schema, &connector.name)
+        worklist::open_items(&client, schema, &connector.name)
             .await
             .map_err(failed)?,
     );
@@ -416,6 +416,9 @@ async fn projection_client(projector: &ProjectorConfig) -> Result<tokio_postgres
     projection::migrate(&mut client, &projector.projection.schema)
         .await
         .map_err(|e| failed(format!("migrating the projection: {e}")))?;
+    worklist::migrate(&mut client, &projector.projection.schema)
+        .await
+        .map_err(failed)?;
     Ok(client)
 }
 

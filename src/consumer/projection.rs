@@ -11,28 +11,16 @@
 //! - `offsets`: per consumer group, topic and partition, the next offset to read. Written in
 //!   the same transaction as the rows and the history, so that rows, ledger and position
 //!   move together; on start and on every assignment the projector seeks to them.
-//! - `reconcile_worklist`: the drift `fhir-cdc reconcile --repair` cannot mend, per
-//!   connector and resource, for a person to decide on (`fhir-cdc reconcile worklist`).
 //!
 //! An event is applied only when its `resource_version` is newer than the stored one; an
 //! older or equal one is `stale`. Both outcomes are counted, neither changes a row.
 
-use std::{
-    collections::HashMap,
-    hash::{Hash, Hasher},
-};
+use std::collections::HashMap;
 
 use tokio_postgres::{GenericClient, Statement};
 
-use crate::canonical::{CanonicalEvent, EventOp, JsonResource, Provenance};
-
-/// Where an event was read from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Coordinates {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-}
+use super::events::{Counts, Entry, TopicCounts};
+use crate::canonical::{CanonicalEvent, Provenance};
 
 /// The migrations, in order; `schema_version` counts how many ran.
 fn migrations(schema: &str) -> Vec<String> {
@@ -87,19 +75,9 @@ fn migrations(schema: &str) -> Vec<String> {
                 )
             })
             .concat(),
-        // `fhir-cdc reconcile --repair`'s worklist: the drift a person must decide on.
-        format!(
-            "CREATE TABLE {schema}.reconcile_worklist (
-               connector text NOT NULL, item text NOT NULL, class text NOT NULL,
-               resource_type text NOT NULL, resource_id text NOT NULL,
-               source_side text NOT NULL, log_side text NOT NULL, projection_side text NOT NULL,
-               state text NOT NULL DEFAULT 'open' CHECK (state IN ('open', 'cleared', 'resolved')),
-               first_seen timestamptz NOT NULL DEFAULT clock_timestamp(),
-               last_seen timestamptz NOT NULL DEFAULT clock_timestamp(),
-               first_run text NOT NULL, last_run text NOT NULL,
-               resolved_at timestamptz, note text,
-               PRIMARY KEY (connector, item));"
-        ),
+        // Was reconcile's worklist, which now has a migration of its own
+        // (`reconcile::worklist::migrate`); kept, empty, so that the count stays the count.
+        String::new(),
     ]
 }
 
@@ -197,116 +175,6 @@ pub async fn store_offset(
     )
     .await?;
     Ok(())
-}
-
-/// An event as the read model stores it: its resource and key already serialized, so that
-/// the transaction that writes it waits for nothing but the database.
-#[derive(Debug, Clone)]
-pub struct Prepared {
-    /// The event; its resource is in `body`.
-    event: CanonicalEvent,
-    body: Option<String>,
-    primary_key: String,
-}
-
-impl Prepared {
-    /// An event with its resource in memory.
-    pub fn new(mut event: CanonicalEvent) -> Self {
-        let body = event
-            .resource
-            .take()
-            .map(|r| serde_json::to_string(&r).unwrap_or_default());
-        Self::with_body(event, body)
-    }
-
-    /// An event as [`crate::canonical::registry::EventCodec::decode_json`] reads it, when its
-    /// resource agrees with its envelope; otherwise why not.
-    pub fn checked(event: CanonicalEvent, resource: Option<JsonResource>) -> Result<Self, String> {
-        match (event.op, &resource) {
-            (EventOp::Delete, Some(_)) => Err("a delete event carries a resource".into()),
-            (EventOp::Upsert, None) => Err("an upsert event carries no resource".into()),
-            // (Its type is the envelope's: the reader writes it from there.)
-            (EventOp::Upsert, Some(resource))
-                if resource.id.as_deref() != Some(&event.resource_id) =>
-            {
-                Err("the resource's id differs from the envelope's".into())
-            }
-            _ => Ok(Self::with_body(event, resource.map(|r| r.json))),
-        }
-    }
-
-    fn with_body(event: CanonicalEvent, body: Option<String>) -> Self {
-        let primary_key = serde_json::to_string(&event.provenance.primary_key).unwrap_or_default();
-        Prepared {
-            event,
-            body,
-            primary_key,
-        }
-    }
-
-    /// The event; its resource is [`Self::body`].
-    pub fn event(&self) -> &CanonicalEvent {
-        &self.event
-    }
-
-    /// The resource as FHIR JSON (`None` for a delete).
-    pub fn body(&self) -> Option<&str> {
-        self.body.as_deref()
-    }
-
-    /// The source row's key as JSON (`[{"column": …, "value": …}]`).
-    pub fn primary_key(&self) -> &str {
-        &self.primary_key
-    }
-
-    /// When the source committed the change (`None` for a snapshot read).
-    pub fn commit_time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
-        self.event.provenance.commit_time
-    }
-
-    /// Which of `parts` the event's resource falls in: the same for every event of it.
-    pub fn part(&self, parts: usize) -> usize {
-        let mut hash = std::hash::DefaultHasher::new();
-        (&self.event.resource_type, &self.event.resource_id).hash(&mut hash);
-        (hash.finish() % parts.max(1) as u64) as usize
-    }
-}
-
-/// One event of a batch, and where it was read.
-#[derive(Debug, Clone, Copy)]
-pub struct Entry<'a> {
-    pub event: &'a Prepared,
-    pub at: &'a Coordinates,
-    /// When Kafka took the message (milliseconds since the epoch), if known.
-    pub kafka_timestamp: Option<i64>,
-}
-
-/// How a batch went (for one topic, or all of them).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Counts {
-    pub applied: u64,
-    pub duplicate: u64,
-    pub stale: u64,
-}
-
-impl std::ops::AddAssign for Counts {
-    fn add_assign(&mut self, other: Self) {
-        self.applied += other.applied;
-        self.duplicate += other.duplicate;
-        self.stale += other.stale;
-    }
-}
-
-/// How a batch went, per topic.
-pub type TopicCounts = HashMap<String, Counts>;
-
-/// The counts of every topic added up.
-pub fn total(counts: &TopicCounts) -> Counts {
-    let mut total = Counts::default();
-    for counts in counts.values() {
-        total += *counts;
-    }
-    total
 }
 
 /// The statements that apply events, prepared once per connection (their plans are made
@@ -430,7 +298,7 @@ pub async fn record(
     schema: &str,
     entry: Entry<'_>,
 ) -> Result<bool, tokio_postgres::Error> {
-    let (event, provenance) = (&entry.event.event, &entry.event.event.provenance);
+    let (event, provenance) = (entry.event.event(), &entry.event.event().provenance);
     let written = client
         .execute(
             &format!(
@@ -449,14 +317,14 @@ pub async fn record(
                 &event.resource_id,
                 &event.resource_version,
                 &event.op.name(),
-                &entry.event.body,
+                &entry.event.body(),
                 &&*provenance.source_system,
                 &&*provenance.connector,
                 &&*provenance.database_kind,
                 &&*provenance.database,
                 &&*provenance.schema,
                 &&*provenance.table,
-                &entry.event.primary_key,
+                &entry.event.primary_key(),
                 &provenance.source_position,
                 &provenance.transaction_id,
                 &provenance.commit_time,
@@ -491,10 +359,10 @@ pub async fn apply(
         entries.iter().map(|e| value(*e)).collect()
     }
     fn e<'a>(entry: Entry<'a>) -> &'a CanonicalEvent {
-        &entry.event.event
+        entry.event.event()
     }
     fn p<'a>(entry: Entry<'a>) -> &'a Provenance {
-        &entry.event.event.provenance
+        &entry.event.event().provenance
     }
     let rows = tx
         .query(
@@ -505,14 +373,14 @@ pub async fn apply(
                 &column(entries, |r| e(r).resource_id.as_str()),
                 &column(entries, |r| e(r).resource_version.as_str()),
                 &column(entries, |r| e(r).op.name()),
-                &column(entries, |r| r.event.body.as_deref()),
+                &column(entries, |r| r.event.body()),
                 &column(entries, |r| &*p(r).source_system),
                 &column(entries, |r| &*p(r).connector),
                 &column(entries, |r| &*p(r).database_kind),
                 &column(entries, |r| &*p(r).database),
                 &column(entries, |r| &*p(r).schema),
                 &column(entries, |r| &*p(r).table),
-                &column(entries, |r| r.event.primary_key.as_str()),
+                &column(entries, |r| r.event.primary_key()),
                 &column(entries, |r| p(r).source_position.as_str()),
                 &column(entries, |r| p(r).transaction_id.as_deref()),
                 &column(entries, |r| p(r).commit_time),

@@ -9,7 +9,8 @@ use crate::{
     canonical::registry::EventCodec,
     consumer::{
         config::ProjectorConfig,
-        projection::{self, Coordinates, Entry, Prepared},
+        events::{self, Coordinates, Entry, Prepared},
+        projection,
     },
     kafka::Producer,
     postgres,
@@ -67,7 +68,7 @@ pub async fn replay_messages(
             let counts = projection::apply(&tx, &statements.one, &[entry])
                 .await
                 .map_err(refused)?;
-            let counts = projection::total(&counts);
+            let counts = events::total(&counts);
             tx.commit().await.map_err(refused)?;
             Ok(format!(
                 "applied {}, duplicate {}, stale {}",

@@ -13,6 +13,7 @@
 pub mod events;
 pub mod read;
 pub mod repair;
+pub mod worklist;
 
 use std::{
     collections::{BTreeMap, HashSet},

@@ -21,7 +21,7 @@ use crate::{
     canonical::registry::EventCodec,
     change::{text_of, ChangeEvent, Position, SourceMessage, Value},
     config::{ConnectorConfig, SourceConfig},
-    consumer::{config::ProjectorConfig, projection::Prepared},
+    consumer::{config::ProjectorConfig, events::Prepared},
     dlq,
     kafka::TopicReader,
     mapping::{MapOutcome, Mapper},

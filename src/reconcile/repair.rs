@@ -19,7 +19,8 @@ use crate::{
     config::ConnectorConfig,
     consumer::{
         config::ProjectorConfig,
-        projection::{self, Coordinates, Entry, Prepared},
+        events::{Coordinates, Entry, Prepared},
+        projection,
     },
     dlq,
     kafka::{Producer, TopicReader},
@@ -296,81 +297,4 @@ async fn record_unrecorded(
             .map_err(|e| format!("recording the event at {place} in the ledger: {e}"))?;
     }
     Ok(())
-}
-
-/// Put the drift no path mends on the worklist: new items open, items seen again keep their
-/// first sighting (and a resolution); items of this connector no longer drifting close.
-pub async fn worklist(
-    client: &tokio_postgres::Client,
-    schema: &str,
-    connector: &str,
-    run_id: &str,
-    report: &Report,
-) -> Result<usize, String> {
-    let fail = |e: tokio_postgres::Error| format!("writing the worklist: {e}");
-    let manual: Vec<&Drifted> = report.drifted.iter().filter(|d| d.class.manual()).collect();
-    let items: Vec<String> = manual.iter().map(|d| item(d)).collect();
-    for (drifted, item) in manual.iter().zip(&items) {
-        let [source, log, projection] = drifted.sides();
-        client
-            .execute(
-                &format!(
-                    "INSERT INTO {schema}.reconcile_worklist
-                       (connector, item, class, resource_type, resource_id, source_side, log_side,
-                        projection_side, first_run, last_run)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
-                     ON CONFLICT (connector, item) DO UPDATE SET
-                       class = EXCLUDED.class, source_side = EXCLUDED.source_side,
-                       log_side = EXCLUDED.log_side, projection_side = EXCLUDED.projection_side,
-                       last_run = EXCLUDED.last_run, last_seen = clock_timestamp(),
-                       state = CASE WHEN {schema}.reconcile_worklist.state = 'resolved'
-                                    THEN 'resolved' ELSE 'open' END"
-                ),
-                &[
-                    &connector,
-                    item,
-                    &drifted.class.name(),
-                    &drifted.resource_type,
-                    &drifted.resource_id,
-                    &source,
-                    &log,
-                    &projection,
-                    &run_id,
-                ],
-            )
-            .await
-            .map_err(fail)?;
-    }
-    client
-        .execute(
-            &format!(
-                "UPDATE {schema}.reconcile_worklist SET state = 'cleared', last_run = $2
-                  WHERE connector = $1 AND state = 'open' AND NOT item = ANY($3)"
-            ),
-            &[&connector, &run_id, &items],
-        )
-        .await
-        .map_err(fail)?;
-    Ok(items.len())
-}
-
-/// The open items of `connector` on the worklist.
-pub async fn open_items(
-    client: &tokio_postgres::Client,
-    schema: &str,
-    connector: &str,
-) -> Result<i64, String> {
-    Ok(client
-        .query_one(
-            &format!("SELECT count(*) FROM {schema}.reconcile_worklist WHERE connector = $1 AND state = 'open'"),
-            &[&connector],
-        )
-        .await
-        .map_err(|e| format!("reading the worklist: {e}"))?
-        .get(0))
-}
-
-/// A worklist item's name: the resource it is about.
-fn item(drifted: &Drifted) -> String {
-    format!("{}/{}", drifted.resource_type, drifted.resource_id)
 }

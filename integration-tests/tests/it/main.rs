@@ -5,6 +5,7 @@ mod avro_registry;
 mod check;
 mod compose;
 mod connector_run;
+mod consumer_runtime;
 mod crash_restart;
 mod dlq;
 mod fhir_definitions;

@@ -953,7 +953,10 @@ async fn the_metrics_count_per_topic_and_the_lag_comes_down_to_zero() {
 
 #[tokio::test]
 async fn an_event_another_projector_records_meanwhile_refuses_the_batch_and_is_a_duplicate_alone() {
-    use fhir_cdc::consumer::projection::{self, Coordinates, Entry, Prepared};
+    use fhir_cdc::consumer::{
+        events::{self, Coordinates, Entry, Prepared},
+        projection,
+    };
     let client = stack::pg_client().await;
     let schema = stack::unique("fhirprojrace").replace('-', "_");
     let connect = || async {
@@ -1004,12 +1007,12 @@ async fn an_event_another_projector_records_meanwhile_refuses_the_batch_and_is_a
 
     // Event by event, the ledger sees the other's commit: a duplicate, the rest applied.
     let tx = second.transaction().await.unwrap();
-    let mut counts = projection::Counts::default();
+    let mut counts = events::Counts::default();
     for entry in &entries {
         let one = projection::apply(&tx, &second_statements.one, &[*entry])
             .await
             .unwrap();
-        counts += projection::total(&one);
+        counts += events::total(&one);
     }
     tx.commit().await.unwrap();
     assert_eq!((counts.applied, counts.duplicate, counts.stale), (2, 1, 0));

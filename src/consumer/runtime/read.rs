@@ -1,9 +1,7 @@
-//! The consumer runtime, as far as it is one yet: group membership (partitions assigned
-//! and revoked, each newly assigned one positioned where the target holds everything
-//! below), batches read from Kafka one ahead of the applier and decoded through the
-//! registry with whatever schema wrote each event, and the consumer lag from librdkafka's
-//! statistics. The projector (`super::projector`) is its one user; the jobs and targets
-//! that will share it are in `docs/architecture.md`.
+//! The runtime's Kafka half: group membership (partitions assigned and revoked, each newly
+//! assigned one positioned where the target holds everything below), batches read one
+//! ahead of the job and decoded through the registry with whatever schema wrote each event,
+//! and the consumer lag from librdkafka's statistics.
 
 use std::{
     collections::HashMap,
@@ -22,27 +20,18 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::projection::{Coordinates, Prepared};
-use crate::{canonical::registry::EventCodec, observe, postgres};
-
-/// Why the consumer side stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum ProjectError {
-    #[error("the projection database: {0}")]
-    Database(#[from] tokio_postgres::Error),
-    #[error("the projection database: {0}")]
-    Connect(#[from] postgres::ConnectError),
-    #[error("Kafka: {0}")]
-    Kafka(String),
-    #[error("{0}")]
-    Setup(String),
-}
+use super::ConsumerError;
+use crate::{
+    canonical::registry::EventCodec,
+    consumer::events::{Coordinates, Prepared},
+    observe,
+};
 
 /// Partitions assigned since the loop last looked, to be positioned from the database; and
 /// the consumer lag from librdkafka's statistics, when they are on.
 #[derive(Debug, Default)]
 pub(super) struct Assignments {
-    pub(super) projector: String,
+    pub(super) job: String,
     /// Partitions assigned (`true`) and revoked (`false`) since the loop last looked, in
     /// order.
     pub(super) assigned: Mutex<Vec<((String, i32), bool)>>,
@@ -67,12 +56,7 @@ impl ClientContext for Assignments {
             for (partition, p) in &t.partitions {
                 // -1: not consumed by this member (or no committed offset yet).
                 if *partition >= 0 && p.consumer_lag >= 0 {
-                    observe::projector::consumer_lag(
-                        &self.projector,
-                        topic,
-                        *partition,
-                        p.consumer_lag,
-                    );
+                    observe::projector::consumer_lag(&self.job, topic, *partition, p.consumer_lag);
                 }
             }
         }
@@ -114,16 +98,17 @@ impl ConsumerContext for Assignments {
     }
 }
 
-/// A message read, ready to apply or to dead-letter.
-pub(super) struct Read {
-    pub(super) at: Coordinates,
+/// A message read, ready for the job or for the dead-letter topic.
+#[derive(Debug)]
+pub struct Read {
+    pub at: Coordinates,
     /// When Kafka took the message (ms since the epoch).
-    pub(super) timestamp: Option<i64>,
-    /// The event, ready to write, or why it cannot be applied.
-    pub(super) event: Result<Prepared, String>,
-    pub(super) key: Option<Vec<u8>>,
-    pub(super) payload: Vec<u8>,
-    pub(super) headers: Vec<(String, String)>,
+    pub timestamp: Option<i64>,
+    /// The event, decoded and checked, or why it cannot be.
+    pub event: Result<Prepared, String>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
 }
 
 /// What the reader hands the applier.
@@ -134,13 +119,14 @@ pub(super) enum Fetched {
 }
 
 /// How batches are cut.
-pub(super) struct BatchLimits {
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
     /// Events per batch, at most.
-    pub(super) events: usize,
+    pub events: usize,
     /// How long a batch waits to fill once its first event is in.
-    pub(super) wait: Duration,
-    /// How long without any event before the applier hears of it.
-    pub(super) idle: Duration,
+    pub wait: Duration,
+    /// How long without any event before the job hears of it.
+    pub idle: Duration,
 }
 
 /// Read batches from Kafka and decode them until `shutdown`, an error (sent on) or the
@@ -150,9 +136,9 @@ pub(super) async fn read_batches(
     codec: EventCodec,
     limits: BatchLimits,
     shutdown: CancellationToken,
-    batches: mpsc::Sender<Result<Fetched, ProjectError>>,
+    batches: mpsc::Sender<Result<Fetched, ConsumerError>>,
 ) {
-    let kafka = |e: rdkafka::error::KafkaError| ProjectError::Kafka(e.to_string());
+    let kafka = |e: rdkafka::error::KafkaError| ConsumerError::Kafka(e.to_string());
     loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -188,7 +174,7 @@ pub(super) async fn read_batches(
 
 /// A message, decoded. An unreachable registry is waited for a few seconds, then an error:
 /// its messages are not bad, and must not become dead letters.
-async fn read(codec: &EventCodec, message: &BorrowedMessage<'_>) -> Result<Read, ProjectError> {
+async fn read(codec: &EventCodec, message: &BorrowedMessage<'_>) -> Result<Read, ConsumerError> {
     let payload = message.payload().unwrap_or_default().to_vec();
     let at = Coordinates {
         topic: message.topic().to_owned(),
@@ -206,7 +192,7 @@ async fn read(codec: &EventCodec, message: &BorrowedMessage<'_>) -> Result<Read,
                 wait *= 2;
             }
             Err(e) if e.is_transient() => {
-                return Err(ProjectError::Setup(format!("the schema registry: {e}")))
+                return Err(ConsumerError::Setup(format!("the schema registry: {e}")))
             }
             Err(e) => break Err(e.to_string()),
         }
