@@ -17,7 +17,8 @@
 //!   reader);
 //! - [`offsets`]: the connector's state, and when a position may be acknowledged;
 //! - [`pipeline`]: the connector at work, source to Kafka with acknowledgements;
-//! - [`consumer`]: the projector and its read model;
+//! - [`consumer`]: the consumer runtime with its Job and Target seams, the projection job
+//!   and its targets (the PostgreSQL read model; in memory, for tests);
 //! - [`reconcile`] and [`dlq`]: the operations over both sides — drift, repair, dead letters;
 //! - [`observe`]: the metrics both sides serve; [`preflight`]: the findings `fhir-cdc check`
 //!   reports; [`postgres`]: connections to PostgreSQL;

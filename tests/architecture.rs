@@ -286,25 +286,50 @@ fn each_module_keeps_to_its_layer() {
     );
 }
 
-#[test]
-fn the_capture_pipeline_names_no_database() {
-    let root = src().join("pipeline");
+/// The files under `dir` of `src/` that name any of `names`, each with the name.
+fn naming(dir: &str, names: &[&str]) -> Vec<String> {
     let mut files = Vec::new();
-    rust_files(&root, &mut files);
+    rust_files(&src().join(dir), &mut files);
     let mut named = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap();
         let code = code(&text);
-        for name in DATABASE_CRATES.iter().chain(&[
-            "source::postgres",
-            "source::mysql",
-            "source::sqlserver",
-        ]) {
+        for name in names {
             if code.contains(name) {
                 named.push(format!("{} names {name}", file.display()));
             }
         }
     }
+    named
+}
+
+#[test]
+fn the_capture_pipeline_names_no_database() {
+    let names: Vec<&str> = DATABASE_CRATES
+        .iter()
+        .copied()
+        .chain(["source::postgres", "source::mysql", "source::sqlserver"])
+        .collect();
+    let named = naming("pipeline", &names);
+    assert!(named.is_empty(), "{}", named.join("\n"));
+}
+
+#[test]
+fn the_consumer_runtime_names_no_target_and_no_job() {
+    let names: Vec<&str> = DATABASE_CRATES
+        .iter()
+        .copied()
+        .chain([
+            "crate::postgres",
+            "consumer::projection",
+            "super::projection",
+            "consumer::target",
+            "super::target",
+            "consumer::projector",
+            "super::projector",
+        ])
+        .collect();
+    let named = naming("consumer/runtime", &names);
     assert!(named.is_empty(), "{}", named.join("\n"));
 }
 

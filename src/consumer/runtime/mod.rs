@@ -8,11 +8,11 @@
 //! say the rest:
 //!
 //! - a [`Job`] says what is done with a batch: its outputs, and what it refuses (today the
-//!   projection, `super::projector::Project`; next, an aggregation);
+//!   projection, `Project` in `projector.rs`; next, an aggregation);
 //! - a [`Target`] says where the outputs go and how a batch commits *with its input
 //!   offsets* as one unit, so that a crash at any point leaves either all of a batch or none
-//!   of it (today the PostgreSQL read model, `super::target::postgres`; beside it an
-//!   in-memory one, `super::target::memory`, for the runtime's own tests; next, Kafka topics
+//!   of it (today the PostgreSQL read model, `target/postgres.rs`; beside it an
+//!   in-memory one, `target/memory.rs`, for the runtime's own tests; next, Kafka topics
 //!   in a Kafka transaction, and a FHIR server).
 //!
 //! Offsets live in the target. At start the group's Kafka offsets are set to the target's
@@ -58,7 +58,6 @@ use crate::{
     config::{KafkaProperties, RegistryConfig},
     kafka::{ensure_topics, Producer, TopicSpec},
     observe::{self, progress::Progress, projector::Metrics},
-    postgres,
 };
 
 /// A topic and one of its partitions.
@@ -67,14 +66,17 @@ pub type Partition = (String, i32);
 /// Why a consumer stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
-    #[error("the projection database: {0}")]
-    Database(#[from] tokio_postgres::Error),
-    #[error("the projection database: {0}")]
-    Connect(#[from] postgres::ConnectError),
     #[error("Kafka: {0}")]
     Kafka(String),
     #[error("{0}")]
     Setup(String),
+    /// The target failed; `place` names it (e.g. "the projection database").
+    #[error("{place}: {source}")]
+    Target {
+        place: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// A read of the batch that cannot be done: its index in the batch, the reason the dead

@@ -21,6 +21,27 @@ use crate::{
     postgres,
 };
 
+/// Where a failure of this target happened, for its message.
+const PLACE: &str = "the projection database";
+
+impl From<tokio_postgres::Error> for ConsumerError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ConsumerError::Target {
+            place: PLACE,
+            source: Box::new(e),
+        }
+    }
+}
+
+impl From<postgres::ConnectError> for ConsumerError {
+    fn from(e: postgres::ConnectError) -> Self {
+        ConsumerError::Target {
+            place: PLACE,
+            source: Box::new(e),
+        }
+    }
+}
+
 /// Events per part, at least, before a batch is split over the writers.
 const MIN_PART: usize = 50;
 
@@ -97,7 +118,7 @@ impl Target<Project> for Postgres {
         Ok(projection::forget_offsets(self.client(), &self.schema, group).await?)
     }
 
-    /// A batch of at least twice [`MIN_PART`] events is split by resource over the writers
+    /// A batch of at least twice `MIN_PART` events is split by resource over the writers
     /// (a resource's events stay in one part, in order), each part applied in a
     /// transaction of its own connection, all at once. The offsets go into the first
     /// writer's transaction, which commits last: a crash before it leaves the offsets where
@@ -192,7 +213,7 @@ async fn apply_part<'c>(
                     *counts.entry(topic).or_default() += one;
                 }
             }
-            Err(e) if transient(&e) => return Err(ConsumerError::Database(e)),
+            Err(e) if transient(&e) => return Err(e.into()),
             Err(e) => {
                 savepoint.rollback().await?;
                 let (message, code) = e.as_db_error().map_or_else(
