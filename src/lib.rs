@@ -22,6 +22,8 @@
 //! - [`reconcile`] and [`dlq`]: the operations over both sides — drift, repair, dead letters;
 //! - [`observe`]: the metrics both sides serve; [`preflight`]: the findings `fhir-cdc check`
 //!   reports; [`postgres`]: connections to PostgreSQL;
+//! - [`error`]: the kinds the error policy reads (transient, definite, configuration,
+//!   fenced), and an error carrying one with its cause;
 //! - [`cli`]: the command line.
 //!
 //! ```no_run
@@ -42,6 +44,7 @@ pub mod cli;
 pub mod config;
 pub mod consumer;
 pub mod dlq;
+pub mod error;
 pub mod fhir;
 pub mod kafka;
 pub mod mapping;

@@ -163,6 +163,15 @@ pub enum ConnectError {
     Postgres(#[from] tokio_postgres::Error),
 }
 
+impl crate::error::Kinded for ConnectError {
+    fn kind(&self) -> crate::error::Kind {
+        match self {
+            ConnectError::Setup(_) => crate::error::Kind::Configuration,
+            ConnectError::Postgres(e) => e.kind(),
+        }
+    }
+}
+
 impl Target {
     /// Parse `url`. The error names the parameter at fault, never the string itself (it
     /// holds the password).

@@ -10,6 +10,26 @@ use std::{
 /// Top-level modules and the top-level modules each must never import, with the reason.
 const NEVER: &[(&str, &[&str], &str)] = &[
     (
+        "error",
+        &[
+            "fhir",
+            "change",
+            "config",
+            "mapping",
+            "canonical",
+            "source",
+            "pipeline",
+            "consumer",
+            "kafka",
+            "offsets",
+            "reconcile",
+            "dlq",
+            "observe",
+            "postgres",
+        ],
+        "the error kinds are what every module's errors say; they know none of them",
+    ),
+    (
         "fhir",
         &[
             "change",

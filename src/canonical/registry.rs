@@ -159,6 +159,22 @@ impl CodecError {
     }
 }
 
+impl crate::error::Kinded for CodecError {
+    fn kind(&self) -> crate::error::Kind {
+        if self.is_transient() {
+            crate::error::Kind::Transient
+        } else {
+            crate::error::Kind::Definite
+        }
+    }
+}
+
+impl From<CodecError> for crate::error::Error {
+    fn from(e: CodecError) -> Self {
+        crate::error::Error::bare(e)
+    }
+}
+
 fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()

@@ -18,6 +18,7 @@ use serde_json::{Map, Value as Json};
 use crate::{
     canonical::{registry::EventCodec, CanonicalEvent},
     config::ConnectorConfig,
+    error::{Error, Kind},
     kafka::reader::{offset_at, TopicReader},
 };
 
@@ -71,7 +72,7 @@ pub async fn run(args: TailArgs) -> ExitCode {
 }
 
 /// Prints events until stopped; returns the number of undecodable messages.
-async fn tail(args: &TailArgs, config: &ConnectorConfig) -> Result<u64, String> {
+async fn tail(args: &TailArgs, config: &ConnectorConfig) -> Result<u64, Error> {
     let prefix = &config.topics.prefix;
     let mut reader = TopicReader::open(
         &config.kafka,
@@ -89,20 +90,27 @@ async fn tail(args: &TailArgs, config: &ConnectorConfig) -> Result<u64, String> 
                 None => high,
             })
         },
-    )?;
+    )
+    .map_err(Error::bare)?;
     if let Some(missing) = args.topics.iter().find(|t| !reader.topics.contains(t)) {
-        return Err(format!("topic `{missing}` does not exist"));
-    }
-    if reader.topics.is_empty() {
-        return Err(format!(
-            "no event topics under the prefix `{}`",
-            config.topics.prefix
+        return Err(Error::new(
+            Kind::Configuration,
+            format!("topic `{missing}` does not exist"),
         ));
     }
-    let codec = EventCodec::new(&config.schema_registry).map_err(|e| e.to_string())?;
+    if reader.topics.is_empty() {
+        return Err(Error::new(
+            Kind::Configuration,
+            format!(
+                "no event topics under the prefix `{}`",
+                config.topics.prefix
+            ),
+        ));
+    }
+    let codec = EventCodec::new(&config.schema_registry).map_err(Error::bare)?;
     let (mut printed, mut undecodable) = (0u64, 0u64);
     while !(args.to_end && reader.at_end()) && args.limit.is_none_or(|limit| printed < limit) {
-        let Some(message) = reader.next().await? else {
+        let Some(message) = reader.next().await.map_err(Error::bare)? else {
             continue;
         };
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());

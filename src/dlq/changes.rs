@@ -7,6 +7,7 @@ use crate::{
     canonical::registry::EventCodec,
     change::{SourceTable, Value},
     config::ConnectorConfig,
+    error::{Error, Kind},
     kafka::{ensure_topics, Producer},
     mapping,
     offsets::SnapshotRequest,
@@ -22,22 +23,20 @@ use crate::{
 pub async fn replay_changes(
     config: &ConnectorConfig,
     letters: &[&Letter],
-) -> Result<Vec<Outcome>, String> {
-    let mappings_config = config
-        .mappings
-        .as_ref()
-        .ok_or("the connector configuration names no mappings")?;
-    let mappings = mapping::load_dir(&mappings_config.path).map_err(|e| e.to_string())?;
+) -> Result<Vec<Outcome>, Error> {
+    let mappings_config = config.mappings.as_ref().ok_or_else(|| {
+        Error::new(
+            Kind::Configuration,
+            "the connector configuration names no mappings",
+        )
+    })?;
+    let mappings = mapping::load_dir(&mappings_config.path).map_err(Error::bare)?;
     let specs = topic_specs(config, &mappings);
-    let mapper = mapper_for(config, mappings).map_err(|e| e.to_string())?;
-    load_lookups(config, &mapper)
-        .await
-        .map_err(|e| e.to_string())?;
-    ensure_topics(&config.kafka, &specs)
-        .await
-        .map_err(|e| e.to_string())?;
-    let producer = Producer::new(&config.kafka).map_err(|e| e.to_string())?;
-    let codec = EventCodec::new(&config.schema_registry).map_err(|e| e.to_string())?;
+    let mapper = mapper_for(config, mappings).map_err(Error::bare)?;
+    load_lookups(config, &mapper).await.map_err(Error::bare)?;
+    ensure_topics(&config.kafka, &specs).await?;
+    let producer = Producer::new(&config.kafka)?;
+    let codec = EventCodec::new(&config.schema_registry)?;
     let mut outcomes = Vec::with_capacity(letters.len());
     for letter in letters {
         let outcome = async {

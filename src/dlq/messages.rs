@@ -12,6 +12,7 @@ use crate::{
         events::{self, Coordinates, Entry, Prepared},
         projection,
     },
+    error::Error,
     kafka::Producer,
     postgres,
 };
@@ -21,19 +22,20 @@ use crate::{
 pub async fn replay_messages(
     config: &ProjectorConfig,
     letters: &[&Letter],
-) -> Result<Vec<Outcome>, String> {
+) -> Result<Vec<Outcome>, Error> {
+    const DATABASE: &str = "the projection database";
     let schema = &config.projection.schema;
     let mut db = postgres::connect(&config.projection.url)
         .await
-        .map_err(|e| format!("the projection database: {e}"))?;
+        .map_err(Error::while_(DATABASE))?;
     projection::migrate(&mut db, schema)
         .await
-        .map_err(|e| format!("the projection database: {e}"))?;
+        .map_err(Error::while_(DATABASE))?;
     let statements = projection::prepare(&db, schema)
         .await
-        .map_err(|e| format!("the projection database: {e}"))?;
-    let codec = EventCodec::new(&config.schema_registry).map_err(|e| e.to_string())?;
-    let producer = Producer::new(&config.kafka).map_err(|e| e.to_string())?;
+        .map_err(Error::while_(DATABASE))?;
+    let codec = EventCodec::new(&config.schema_registry)?;
+    let producer = Producer::new(&config.kafka)?;
     let mut outcomes = Vec::with_capacity(letters.len());
     for letter in letters {
         let record = &letter.record;

@@ -94,7 +94,10 @@ impl Letter {
 
 /// Every letter in the dead-letter topics under `prefix`, in topic and offset order, each
 /// with its last replay marker.
-pub async fn read_all(kafka: &KafkaProperties, prefix: &str) -> Result<Vec<Letter>, String> {
+pub async fn read_all(
+    kafka: &KafkaProperties,
+    prefix: &str,
+) -> Result<Vec<Letter>, crate::kafka::Error> {
     let dead_letters = format!("{prefix}.dlq.");
     let mut reader = TopicReader::open(
         kafka,
@@ -209,7 +212,7 @@ pub async fn record_settled(
     topic: &str,
     id: &str,
     outcome: &str,
-) -> Result<(), String> {
+) -> Result<(), crate::kafka::Error> {
     let marker = json!({
         REPLAY_OF: id,
         "replayed_at": instant(Utc::now()),
@@ -219,7 +222,6 @@ pub async fn record_settled(
         .send(topic, id, marker.to_string().as_bytes(), &[(REPLAY_OF, id)])
         .await
         .map(|_| ())
-        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

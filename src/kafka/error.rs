@@ -40,6 +40,16 @@ pub enum Error {
     Delivery(String),
     #[error("Kafka refused a message as too large ({0}): the broker takes less than the topic's max.message.bytes said; raise it on the topic")]
     TooLarge(String),
+    #[error("cannot create a Kafka {role}: {reason}")]
+    Create { role: &'static str, reason: String },
+    /// A client's request failed: `doing` names it (reading the cluster's topics, the
+    /// offsets of a partition, a message).
+    #[error("{doing}: {source}")]
+    Client {
+        doing: String,
+        #[source]
+        source: Box<KafkaError>,
+    },
     #[error("{what} (transactional.id {id}): {reason}")]
     Transaction {
         /// The step that failed: `starting transactions`, `committing the transaction`, …
@@ -59,15 +69,28 @@ impl Error {
         }
     }
 
+    /// `source` while `doing`.
+    pub fn client(doing: impl Into<String>, source: KafkaError) -> Self {
+        Error::Client {
+            doing: doing.into(),
+            source: Box::new(source),
+        }
+    }
+
     /// What the caller can do about it.
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Delivery(_) => ErrorKind::Transient,
             Error::Topic { topic, .. } if topic == ALL_TOPICS => ErrorKind::Transient,
             Error::Transaction { kind, .. } => *kind,
+            Error::Client { source, .. } => match crate::error::Kinded::kind(&**source) {
+                crate::error::Kind::Configuration => ErrorKind::Configuration,
+                _ => ErrorKind::Transient,
+            },
             Error::Topic { .. }
             | Error::Required { .. }
             | Error::Config(_)
+            | Error::Create { .. }
             | Error::TooLarge(_) => ErrorKind::Configuration,
         }
     }
@@ -77,6 +100,37 @@ impl Error {
     /// refused).
     pub fn is_transient(&self) -> bool {
         self.kind() == ErrorKind::Transient
+    }
+}
+
+/// For the error policy: an abortable transaction is tried again in a new one, and a
+/// fatal producer is replaced by a new one (a restart), so both may pass.
+impl crate::error::Kinded for Error {
+    fn kind(&self) -> crate::error::Kind {
+        use crate::error::Kind;
+        match Error::kind(self) {
+            ErrorKind::Transient | ErrorKind::Abortable | ErrorKind::Fatal => Kind::Transient,
+            ErrorKind::Fenced => Kind::Fenced,
+            ErrorKind::Configuration => Kind::Configuration,
+        }
+    }
+}
+
+/// A client's own error: its configuration refused, or the cluster (which may pass).
+impl crate::error::Kinded for KafkaError {
+    fn kind(&self) -> crate::error::Kind {
+        match self {
+            KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) => {
+                crate::error::Kind::Configuration
+            }
+            _ => crate::error::Kind::Transient,
+        }
+    }
+}
+
+impl From<Error> for crate::error::Error {
+    fn from(e: Error) -> Self {
+        crate::error::Error::bare(e)
     }
 }
 

@@ -10,6 +10,7 @@ use rdkafka::{
     Message, Offset, TopicPartitionList,
 };
 
+use super::Error;
 use crate::config::KafkaProperties;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -20,14 +21,15 @@ pub fn offset_at<C: ConsumerContext>(
     topic: &str,
     partition: i32,
     since: chrono::DateTime<chrono::Utc>,
-) -> Result<Option<i64>, String> {
+) -> Result<Option<i64>, Error> {
+    let doing = || format!("cannot find the offsets of {topic}[{partition}] at {since}");
     let mut query = TopicPartitionList::new();
     query
         .add_partition_offset(topic, partition, Offset::Offset(since.timestamp_millis()))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::client(doing(), e))?;
     let found = consumer
         .offsets_for_times(query, METADATA_TIMEOUT)
-        .map_err(|e| format!("cannot find the offsets of {topic}[{partition}] at {since}: {e}"))?;
+        .map_err(|e| Error::client(doing(), e))?;
     Ok(found
         .find_partition(topic, partition)
         .and_then(|p| match p.offset() {
@@ -59,15 +61,15 @@ impl TopicReader {
     pub fn open(
         properties: &KafkaProperties,
         wanted: impl Fn(&str) -> bool,
-        start: impl Fn(&StreamConsumer, &str, i32, i64, i64) -> Result<i64, String>,
-    ) -> Result<Self, String> {
+        start: impl Fn(&StreamConsumer, &str, i32, i64, i64) -> Result<i64, Error>,
+    ) -> Result<Self, Error> {
         Self::open_among(properties, None, wanted, start)
     }
 
     /// Read every partition of `topic` from its beginning. Asks the cluster about this
     /// topic alone (the connector's state store does this at every start, on clusters with
     /// many topics).
-    pub fn open_topic(properties: &KafkaProperties, topic: &str) -> Result<Self, String> {
+    pub fn open_topic(properties: &KafkaProperties, topic: &str) -> Result<Self, Error> {
         Self::open_among(
             properties,
             Some(topic),
@@ -83,7 +85,7 @@ impl TopicReader {
         topic: &str,
         partition: i32,
         offset: i64,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, Error> {
         Self::open_among(
             properties,
             Some(topic),
@@ -96,20 +98,18 @@ impl TopicReader {
         properties: &KafkaProperties,
         only: Option<&str>,
         wanted: impl Fn(&str) -> bool,
-        start: impl Fn(&StreamConsumer, &str, i32, i64, i64) -> Result<i64, String>,
-    ) -> Result<Self, String> {
+        start: impl Fn(&StreamConsumer, &str, i32, i64, i64) -> Result<i64, Error>,
+    ) -> Result<Self, Error> {
         let consumer: StreamConsumer =
             super::config::reader_config(properties)
                 .create()
-                .map_err(|e| {
-                    format!(
-                        "cannot create a Kafka consumer: {}",
-                        super::admin::creation_message(&e)
-                    )
+                .map_err(|e| Error::Create {
+                    role: "consumer",
+                    reason: super::admin::creation_message(&e),
                 })?;
         let metadata = consumer
             .fetch_metadata(only, METADATA_TIMEOUT)
-            .map_err(|e| format!("cannot read the cluster's topics: {e}"))?;
+            .map_err(|e| Error::client("cannot read the cluster's topics", e))?;
         let mut assignment = TopicPartitionList::new();
         let (mut topics, mut ends) = (Vec::new(), HashMap::new());
         for topic in metadata.topics().iter().filter(|t| wanted(t.name())) {
@@ -119,12 +119,17 @@ impl TopicReader {
                 let (low, high) = consumer
                     .fetch_watermarks(name, partition.id(), METADATA_TIMEOUT)
                     .map_err(|e| {
-                        format!("cannot read the offsets of {name}[{}]: {e}", partition.id())
+                        Error::client(
+                            format!("cannot read the offsets of {name}[{}]", partition.id()),
+                            e,
+                        )
                     })?;
                 let from = start(&consumer, name, partition.id(), low, high)?;
                 assignment
                     .add_partition_offset(name, partition.id(), Offset::Offset(from))
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| {
+                        Error::client(format!("cannot assign {name}[{}]", partition.id()), e)
+                    })?;
                 if high > from {
                     ends.insert((name.to_owned(), partition.id()), high);
                 }
@@ -133,7 +138,7 @@ impl TopicReader {
         if assignment.count() > 0 {
             consumer
                 .assign(&assignment)
-                .map_err(|e| format!("cannot assign the partitions: {e}"))?;
+                .map_err(|e| Error::client("cannot assign the partitions", e))?;
         }
         Ok(Self {
             consumer,
@@ -150,15 +155,15 @@ impl TopicReader {
     /// The next message; `None` after a second without one (the partitions' positions
     /// are then checked against their ends: the last offset before an end need not be a
     /// message one reads).
-    pub async fn next(&mut self) -> Result<Option<BorrowedMessage<'_>>, String> {
+    pub async fn next(&mut self) -> Result<Option<BorrowedMessage<'_>>, Error> {
         let message = match tokio::time::timeout(Duration::from_secs(1), self.consumer.recv()).await
         {
-            Ok(message) => message.map_err(|e| format!("reading from Kafka failed: {e}"))?,
+            Ok(message) => message.map_err(|e| Error::client("reading from Kafka failed", e))?,
             Err(_) => {
                 let positions = self
                     .consumer
                     .position()
-                    .map_err(|e| format!("cannot read the consumer's positions: {e}"))?;
+                    .map_err(|e| Error::client("cannot read the consumer's positions", e))?;
                 self.ends.retain(|(topic, partition), end| {
                     !matches!(
                         positions.find_partition(topic, *partition).map(|p| p.offset()),

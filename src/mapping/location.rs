@@ -46,6 +46,13 @@ impl fmt::Display for LoadError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadErrors(pub Vec<LoadError>);
 
+/// Mapping files are configuration: they stay wrong until someone fixes them.
+impl crate::error::Kinded for LoadErrors {
+    fn kind(&self) -> crate::error::Kind {
+        crate::error::Kind::Configuration
+    }
+}
+
 impl fmt::Display for LoadErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, error) in self.0.iter().enumerate() {

@@ -18,14 +18,29 @@ use crate::{
 pub enum StateError {
     #[error(transparent)]
     Kafka(#[from] kafka::Error),
-    #[error("reading the state topic {topic}: {reason}")]
-    Read { topic: String, reason: String },
+    #[error("reading the state topic {topic}: {source}")]
+    Read {
+        topic: String,
+        #[source]
+        source: kafka::Error,
+    },
     #[error("the state of connector {connector} in {topic} is not readable ({reason}); `fhir-cdc offsets reset` replaces it")]
     Corrupt {
         connector: String,
         topic: String,
         reason: String,
     },
+}
+
+impl crate::error::Kinded for StateError {
+    fn kind(&self) -> crate::error::Kind {
+        match self {
+            StateError::Kafka(source) | StateError::Read { source, .. } => {
+                crate::error::Kinded::kind(source)
+            }
+            StateError::Corrupt { .. } => crate::error::Kind::Definite,
+        }
+    }
 }
 
 /// One connector's state in the state topic.
@@ -103,9 +118,9 @@ async fn read_last(
     topic: &str,
     connector: &str,
 ) -> Result<Option<ConnectorState>, StateError> {
-    let fail = |reason: String| StateError::Read {
+    let fail = |source| StateError::Read {
         topic: topic.to_owned(),
-        reason,
+        source,
     };
     let mut reader = TopicReader::open_topic(properties, topic).map_err(fail)?;
     let mut last: Option<Option<Vec<u8>>> = None;

@@ -36,6 +36,7 @@ use crate::{
     },
     change::SourceMessage,
     config::{ConnectorConfig, DeadLetterRows, TopicClass, TopicsConfig},
+    error::{Kind, Kinded},
     kafka::{self, ensure_topics, message_limits, Delivery, StreamProducer, TopicSpec},
     mapping::{self, MapContext, MapError, MapFailure, Mapper, Mapping},
     offsets::{ConnectorState, StateError, StateStore},
@@ -84,15 +85,20 @@ impl RunError {
     /// the registry unreachable or restarting. Everything else (configuration, mappings,
     /// privileges, a topic Kafka refuses to create) stays until someone fixes it.
     pub fn is_transient(&self) -> bool {
+        self.kind() == Kind::Transient
+    }
+}
+
+impl Kinded for RunError {
+    fn kind(&self) -> Kind {
         match self {
-            RunError::Source(e) => e.is_transient(),
-            RunError::State(StateError::Kafka(e)) | RunError::Sink(e) => e.is_transient(),
-            RunError::State(StateError::Read { .. }) => true,
-            RunError::Codec(e) => e.is_transient(),
-            RunError::NoMappings
-            | RunError::Mappings(_)
-            | RunError::Setup(_)
-            | RunError::State(StateError::Corrupt { .. }) => false,
+            RunError::Source(e) => e.kind(),
+            RunError::State(e) => e.kind(),
+            RunError::Sink(e) => Kinded::kind(e),
+            RunError::Codec(e) => e.kind(),
+            RunError::NoMappings | RunError::Mappings(_) | RunError::Setup(_) => {
+                Kind::Configuration
+            }
         }
     }
 }

@@ -9,6 +9,7 @@ use super::{Drifted, Report, SourceSide};
 use crate::{
     canonical::registry::EventCodec,
     config::ConnectorConfig,
+    error::{Error, Kind},
     kafka::{ensure_topics, Producer, TopicSpec},
 };
 
@@ -73,7 +74,7 @@ pub async fn publish(
     context: &Context<'_>,
     codec: &EventCodec,
     report: &Report,
-) -> Result<usize, String> {
+) -> Result<usize, Error> {
     if report.drifted.is_empty() {
         return Ok(0);
     }
@@ -81,8 +82,8 @@ pub async fn publish(
     let spec = topic_spec(config);
     ensure_topics(&config.kafka, std::slice::from_ref(&spec))
         .await
-        .map_err(|e| e.to_string())?;
-    let producer = Producer::new(&config.kafka).map_err(|e| e.to_string())?;
+        .map_err(Error::bare)?;
+    let producer = Producer::new(&config.kafka).map_err(Error::bare)?;
     let schema = Schema::parse_str(SCHEMA).expect("the reconcile schema parses");
     let detected_at = chrono::Utc::now().timestamp_millis();
     for drifted in &report.drifted {
@@ -90,7 +91,7 @@ pub async fn publish(
         let bytes = codec
             .encode_record(&spec.name, SCHEMA, NAME, &schema, value)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(Error::bare)?;
         let key = match &drifted.letter {
             Some(letter) => letter.clone(),
             None => format!("{}/{}", drifted.resource_type, drifted.resource_id),
@@ -103,7 +104,7 @@ pub async fn publish(
                 &[("fhir-cdc-run", context.run_id)],
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(Error::bare)?;
     }
     Ok(report.drifted.len())
 }
@@ -192,16 +193,15 @@ fn record(context: &Context<'_>, report: &Report, drifted: &Drifted, detected_at
 }
 
 /// A reconciliation event's fields, from its wire-format bytes (`tail` and tests).
-pub fn decode(bytes: &[u8]) -> Result<serde_json::Value, String> {
-    let (_, mut body) =
-        crate::canonical::registry::wire_format(bytes).map_err(|e| e.to_string())?;
+pub fn decode(bytes: &[u8]) -> Result<serde_json::Value, Error> {
+    let (_, mut body) = crate::canonical::registry::wire_format(bytes).map_err(Error::bare)?;
     let schema = Schema::parse_str(SCHEMA).expect("the reconcile schema parses");
     let value = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
         .build()
         .and_then(|reader| reader.read_value(&mut body))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::caused(Kind::Definite, "not a reconcile event", e))?;
     let Avro::Record(fields) = value else {
-        return Err("not a record".into());
+        return Err(Error::new(Kind::Definite, "not a record"));
     };
     Ok(fields
         .into_iter()

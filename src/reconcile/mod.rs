@@ -27,7 +27,8 @@ use serde_json::Value as Json;
 use sha2::{Digest as _, Sha256};
 
 use crate::{
-    change::Position, config::ConnectorConfig, consumer::config::ProjectorConfig, mapping, pipeline,
+    change::Position, config::ConnectorConfig, consumer::config::ProjectorConfig, error::Error,
+    mapping, pipeline,
 };
 
 /// A digest of a resource's content: SHA-256 of its canonical JSON without `meta`, cut to
@@ -395,10 +396,10 @@ pub enum PassError {
     /// The connector or the projector stayed behind the source read longer than the bound
     /// (lag beyond its bound counts as drift): exit 1.
     #[error("{0}")]
-    Lag(String),
+    Lag(#[source] Error),
     /// A system could not be read: exit 1.
     #[error("{0}")]
-    Failed(String),
+    Failed(#[source] Error),
 }
 
 /// The pass's inputs.
@@ -442,7 +443,7 @@ impl Pass<'_> {
     /// One reading of the three sides, judged.
     async fn judge(&self) -> Result<Report, PassError> {
         let usage = |e: &dyn fmt::Display| PassError::Usage(e.to_string());
-        let failed = |e: String| PassError::Failed(e);
+        let failed = PassError::Failed;
         let config = self.connector;
         let mappings_config = config
             .mappings
@@ -468,7 +469,7 @@ impl Pass<'_> {
         let mapper = pipeline::mapper_for(config, mappings).map_err(|e| usage(&e))?;
         let client = crate::postgres::connect(&self.projector.projection.url)
             .await
-            .map_err(|e| failed(format!("the projection database: {e}")))?;
+            .map_err(|e| failed(Error::of("the projection database", e)))?;
 
         let letters = read::Letters::outstanding(config, &tables)
             .await
@@ -507,10 +508,10 @@ impl Pass<'_> {
 async fn compare(
     source: read::SourceRead,
     log: read::LogRead,
-    sides: impl Stream<Item = Result<read::Sides, String>>,
+    sides: impl Stream<Item = Result<read::Sides, Error>>,
     waited: (Duration, Duration),
     tables: Vec<String>,
-) -> Result<Report, String> {
+) -> Result<Report, Error> {
     let at = source
         .low
         .as_ref()

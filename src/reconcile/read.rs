@@ -23,6 +23,7 @@ use crate::{
     config::{ConnectorConfig, SourceConfig},
     consumer::{config::ProjectorConfig, events::Prepared},
     dlq,
+    error::{Error, Kind},
     kafka::TopicReader,
     mapping::{MapOutcome, Mapper},
     observe::progress::Progress,
@@ -99,10 +100,10 @@ impl Letters {
     pub async fn outstanding(
         config: &ConnectorConfig,
         tables: &[(String, String)],
-    ) -> Result<Self, String> {
+    ) -> Result<Self, Error> {
         let letters = dlq::read_all(&config.kafka, &config.topics.prefix)
             .await
-            .map_err(|e| format!("reading the dead letters: {e}"))?;
+            .map_err(Error::while_("reading the dead letters"))?;
         let tables: HashSet<String> = tables.iter().map(|(s, t)| format!("{s}.{t}")).collect();
         let mut pending = Self::default();
         for letter in letters {
@@ -217,8 +218,8 @@ struct Staging<'a> {
 }
 
 impl Staging<'_> {
-    async fn take(&mut self, mapper: &Mapper, change: &ChangeEvent) -> Result<(), String> {
-        let fail = |e: tokio_postgres::Error| format!("staging the source's resources: {e}");
+    async fn take(&mut self, mapper: &Mapper, change: &ChangeEvent) -> Result<(), Error> {
+        let fail = Error::while_::<tokio_postgres::Error>("staging the source's resources");
         self.read.read += 1;
         let outcome = mapper.map(change);
         let table = change.source.qualified_name();
@@ -277,8 +278,8 @@ pub async fn source(
     tables: &[(String, String)],
     letters: Letters,
     client: &tokio_postgres::Client,
-) -> Result<SourceRead, String> {
-    let fail = |e: tokio_postgres::Error| format!("staging the source's resources: {e}");
+) -> Result<SourceRead, Error> {
+    let fail = Error::while_::<tokio_postgres::Error>("staging the source's resources");
     client.batch_execute(STAGE).await.map_err(fail)?;
     let sink = client
         .copy_in("COPY reconcile_source (ord, resource_type, resource_id, digest, mapping_version, source_table, key_condition) FROM STDIN BINARY")
@@ -307,7 +308,7 @@ pub async fn source(
     let reading = async {
         let read = source::read_consistent(config, tables, &out)
             .await
-            .map_err(|e| e.to_string());
+            .map_err(Error::bare);
         drop(out);
         read
     };
@@ -331,7 +332,7 @@ pub async fn source(
         if !current.is_empty() {
             progress.finish();
         }
-        Ok::<_, String>(())
+        Ok::<_, Error>(())
     };
     let (window, mapped) = tokio::join!(reading, mapping);
     mapped?;
@@ -351,11 +352,11 @@ pub async fn source(
 async fn stored_position(
     store: &StateStore,
     config: &ConnectorConfig,
-) -> Result<Option<Position>, String> {
+) -> Result<Option<Position>, Error> {
     let Some(text) = store
         .load()
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(Error::bare)?
         .and_then(|s| s.position)
     else {
         return Ok(None);
@@ -369,8 +370,8 @@ pub async fn connector_caught_up(
     config: &ConnectorConfig,
     at: &Position,
     bound: Duration,
-) -> Result<Duration, String> {
-    let store = StateStore::of(config).await.map_err(|e| e.to_string())?;
+) -> Result<Duration, Error> {
+    let store = StateStore::of(config).await.map_err(Error::bare)?;
     let started = Instant::now();
     let target = at.sort_key();
     loop {
@@ -379,13 +380,13 @@ pub async fn connector_caught_up(
             return Ok(started.elapsed());
         }
         if started.elapsed() >= bound {
-            return Err(format!(
+            return Err(Error::new(Kind::Transient, format!(
                 "connector {} has not captured up to the source read ({}) within {} s: its stored position is {}; is it running?",
                 config.name,
                 at.text(),
                 bound.as_secs(),
                 stored.map_or("none".into(), |p| p.text())
-            ));
+            )));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -398,7 +399,7 @@ pub async fn projector_caught_up(
     client: &tokio_postgres::Client,
     topics: &[String],
     bound: Duration,
-) -> Result<Duration, String> {
+) -> Result<Duration, Error> {
     let ends = high_watermarks(projector, topics)?;
     let started = Instant::now();
     let schema = &projector.projection.schema;
@@ -409,7 +410,7 @@ pub async fn projector_caught_up(
                 &[&projector.group_id()],
             )
             .await
-            .map_err(|e| format!("reading the projection's offsets: {e}"))?
+            .map_err(Error::while_("reading the projection's offsets"))?
             .iter()
             .map(|r| ((r.get(0), r.get(1)), r.get(2)))
             .collect();
@@ -430,12 +431,12 @@ pub async fn projector_caught_up(
             return Ok(started.elapsed());
         }
         if started.elapsed() >= bound {
-            return Err(format!(
+            return Err(Error::new(Kind::Transient, format!(
                 "projector {} has not applied what Kafka holds within {} s: {}; is it running, and does it read these topics?",
                 projector.name,
                 bound.as_secs(),
                 behind.join(", ")
-            ));
+            )));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -445,17 +446,20 @@ pub async fn projector_caught_up(
 fn high_watermarks(
     projector: &ProjectorConfig,
     topics: &[String],
-) -> Result<BTreeMap<(String, i32), i64>, String> {
+) -> Result<BTreeMap<(String, i32), i64>, Error> {
     const TIMEOUT: Duration = Duration::from_secs(10);
-    let consumer: BaseConsumer = projector.kafka.client_config().create().map_err(|e| {
-        format!(
-            "cannot create a Kafka consumer: {}",
-            crate::kafka::admin::creation_message(&e)
-        )
-    })?;
+    let consumer: BaseConsumer =
+        projector
+            .kafka
+            .client_config()
+            .create()
+            .map_err(|e| crate::kafka::Error::Create {
+                role: "consumer",
+                reason: crate::kafka::admin::creation_message(&e),
+            })?;
     let metadata = consumer
         .fetch_metadata(None, TIMEOUT)
-        .map_err(|e| format!("cannot read the cluster's topics: {e}"))?;
+        .map_err(Error::while_("cannot read the cluster's topics"))?;
     let wanted: HashSet<&str> = topics.iter().map(String::as_str).collect();
     let mut ends = BTreeMap::new();
     for topic in metadata
@@ -467,10 +471,13 @@ fn high_watermarks(
             let (_, high) = consumer
                 .fetch_watermarks(topic.name(), partition.id(), TIMEOUT)
                 .map_err(|e| {
-                    format!(
-                        "cannot read the offsets of {}[{}]: {e}",
-                        topic.name(),
-                        partition.id()
+                    Error::of(
+                        format!(
+                            "cannot read the offsets of {}[{}]",
+                            topic.name(),
+                            partition.id()
+                        ),
+                        e,
                     )
                 })?;
             if high > 0 {
@@ -515,8 +522,8 @@ pub async fn log(
     projector: &ProjectorConfig,
     client: &tokio_postgres::Client,
     topics: &[String],
-) -> Result<LogRead, String> {
-    let fail = |e: tokio_postgres::Error| format!("staging the log read from Kafka: {e}");
+) -> Result<LogRead, Error> {
+    let fail = Error::while_::<tokio_postgres::Error>("staging the log read from Kafka");
     client.batch_execute(LOG_STAGE).await.map_err(fail)?;
     let firsts: HashMap<(String, i32), i64> = client
         .query(
@@ -528,7 +535,9 @@ pub async fn log(
             &[&topics],
         )
         .await
-        .map_err(|e| format!("reading where the projection's ledger begins: {e}"))?
+        .map_err(Error::while_(
+            "reading where the projection's ledger begins",
+        ))?
         .iter()
         .map(|r| ((r.get(0), r.get(1)), r.get(2)))
         .collect();
@@ -560,7 +569,7 @@ pub async fn log(
     if read.from_topics.is_empty() {
         return Ok(read);
     }
-    let codec = EventCodec::new(&projector.schema_registry).map_err(|e| e.to_string())?;
+    let codec = EventCodec::new(&projector.schema_registry).map_err(Error::bare)?;
     let sink = client
         .copy_in("COPY reconcile_log FROM STDIN BINARY")
         .await
@@ -585,7 +594,7 @@ pub async fn log(
         let decoded = match message.payload() {
             None => Err("an empty message (a tombstone?)".to_owned()),
             Some(bytes) => match codec.decode_json(bytes).await {
-                Err(e) if e.is_transient() => return Err(format!("the schema registry: {e}")),
+                Err(e) if e.is_transient() => return Err(Error::of("the schema registry", e)),
                 Err(e) => Err(e.to_string()),
                 Ok((event, resource)) => Prepared::checked(event, resource),
             },
@@ -650,8 +659,8 @@ pub async fn sides(
     schema: &str,
     connector: &str,
     tables: Option<&[String]>,
-) -> Result<impl futures_util::Stream<Item = Result<Sides, String>>, String> {
-    let fail = |e: tokio_postgres::Error| format!("reading the projection and its ledger: {e}");
+) -> Result<impl futures_util::Stream<Item = Result<Sides, Error>>, Error> {
+    let fail = Error::while_::<tokio_postgres::Error>("reading the projection and its ledger");
     let only: Vec<String> = tables.map(<[String]>::to_vec).unwrap_or_default();
     let filter = "connector = $1 AND (cardinality($2::text[]) = 0 OR source_schema || '.' || source_table = ANY($2))";
     let rows = client

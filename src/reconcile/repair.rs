@@ -23,6 +23,7 @@ use crate::{
         projection,
     },
     dlq,
+    error::{Error, Kind},
     kafka::{Producer, TopicReader},
     offsets::{SnapshotRequest, StateStore},
     source,
@@ -75,12 +76,12 @@ impl Drift {
 /// Settle the outdated dead letters: record in the dead-letter topic that each is
 /// superseded by its row's current state (which the pass judged as any other resource),
 /// so `fhir-cdc dlq list` no longer shows it outstanding. The number settled.
-pub async fn settle_letters(config: &ConnectorConfig, report: &Report) -> Result<usize, String> {
+pub async fn settle_letters(config: &ConnectorConfig, report: &Report) -> Result<usize, Error> {
     let letters: Vec<&Drifted> = report.drifted.iter().filter(|d| d.class.settle()).collect();
     if letters.is_empty() {
         return Ok(0);
     }
-    let producer = Producer::new(&config.kafka).map_err(|e| e.to_string())?;
+    let producer = Producer::new(&config.kafka).map_err(Error::bare)?;
     let topic = config.dead_letter_topic();
     for drifted in &letters {
         let Some(id) = &drifted.letter else {
@@ -93,7 +94,7 @@ pub async fn settle_letters(config: &ConnectorConfig, report: &Report) -> Result
         };
         dlq::record_settled(&producer, &topic, id, why)
             .await
-            .map_err(|e| format!("settling dead letter {id}: {e}"))?;
+            .map_err(|e| Error::of(format!("settling dead letter {id}"), e))?;
     }
     Ok(letters.len())
 }
@@ -102,7 +103,7 @@ pub async fn settle_letters(config: &ConnectorConfig, report: &Report) -> Result
 pub async fn request_snapshots(
     config: &ConnectorConfig,
     report: &Report,
-) -> Result<Vec<(String, String, usize)>, String> {
+) -> Result<Vec<(String, String, usize)>, Error> {
     let mut keys: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for drifted in report.drifted.iter().filter(|d| d.class.read_again()) {
         if let Some((table, condition)) = &drifted.row {
@@ -120,7 +121,7 @@ pub async fn request_snapshots(
             let request = SnapshotRequest::new(table.to_owned(), Some(condition));
             source::request_snapshot(config, &request)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(Error::bare)?;
             made.push((request.id, table.to_owned(), some.len()));
         }
     }
@@ -133,28 +134,27 @@ pub async fn await_requests(
     config: &ConnectorConfig,
     ids: &[String],
     bound: Duration,
-) -> Result<(), String> {
-    let store = StateStore::of(config).await.map_err(|e| e.to_string())?;
+) -> Result<(), Error> {
+    let store = StateStore::of(config).await.map_err(Error::bare)?;
     let started = Instant::now();
     loop {
-        let state = store
-            .load()
-            .await
-            .map_err(|e| e.to_string())?
-            .unwrap_or_default();
+        let state = store.load().await.map_err(Error::bare)?.unwrap_or_default();
         if let Some(id) = ids.iter().find(|id| state.dropped.contains(id)) {
-            return Err(format!(
+            return Err(Error::new(Kind::Definite, format!(
                 "the connector dropped repair request {id}: the server refused its condition (see the connector's log)"
-            ));
+            )));
         }
         if ids.iter().all(|id| state.request_done(id)) {
             return Ok(());
         }
         if started.elapsed() >= bound {
-            return Err(format!(
+            return Err(Error::new(
+                Kind::Transient,
+                format!(
                 "connector {} has not finished the repair snapshots within {} s; is it running?",
                 config.name,
                 bound.as_secs()
+            ),
             ));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -168,7 +168,7 @@ pub async fn restore(
     client: &tokio_postgres::Client,
     projector: &ProjectorConfig,
     report: &Report,
-) -> Result<(usize, usize), String> {
+) -> Result<(usize, usize), Error> {
     let schema = &projector.projection.schema;
     let origins: Vec<&LogOrigin> = report
         .drifted
@@ -201,7 +201,7 @@ pub async fn restore(
               WHERE {schema}.resources.version = $2"
         ))
         .await
-        .map_err(|e| format!("preparing the restore: {e}"))?;
+        .map_err(Error::while_("preparing the restore"))?;
     let (mut restored, mut moved) = (0, 0);
     for drifted in report.drifted.iter().filter(|d| d.class.restore()) {
         let Some(origin) = drifted.log.as_ref().and_then(|l| l.origin.as_ref()) else {
@@ -212,9 +212,12 @@ pub async fn restore(
             .execute(&statement, &[&origin.event_id, &seen])
             .await
             .map_err(|e| {
-                format!(
-                    "restoring {}/{}: {e}",
-                    drifted.resource_type, drifted.resource_id
+                Error::of(
+                    format!(
+                        "restoring {}/{}",
+                        drifted.resource_type, drifted.resource_id
+                    ),
+                    e,
                 )
             })?;
         if written == 1 {
@@ -232,7 +235,7 @@ async fn record_unrecorded(
     client: &tokio_postgres::Client,
     projector: &ProjectorConfig,
     origins: &[&LogOrigin],
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let schema = &projector.projection.schema;
     let ids: Vec<&str> = origins.iter().map(|o| o.event_id.as_str()).collect();
     let unrecorded: HashSet<String> = client
@@ -244,14 +247,14 @@ async fn record_unrecorded(
             &[&ids],
         )
         .await
-        .map_err(|e| format!("reading the projection's ledger: {e}"))?
+        .map_err(Error::while_("reading the projection's ledger"))?
         .iter()
         .map(|r| r.get(0))
         .collect();
     if unrecorded.is_empty() {
         return Ok(());
     }
-    let codec = EventCodec::new(&projector.schema_registry).map_err(|e| e.to_string())?;
+    let codec = EventCodec::new(&projector.schema_registry).map_err(Error::bare)?;
     for origin in origins.iter().filter(|o| unrecorded.contains(&o.event_id)) {
         let (topic, partition, offset) = (&origin.topic, origin.partition, origin.offset);
         let place = format!("{topic}[{partition}]@{offset}");
@@ -271,15 +274,19 @@ async fn record_unrecorded(
             let (event, resource) = codec
                 .decode_json(bytes)
                 .await
-                .map_err(|e| format!("the event at {place}: {e}"))?;
-            let prepared = Prepared::checked(event, resource)
-                .map_err(|why| format!("the event at {place}: {why}"))?;
+                .map_err(|e| Error::of(format!("the event at {place}"), e))?;
+            let prepared = Prepared::checked(event, resource).map_err(|why| {
+                Error::new(Kind::Definite, format!("the event at {place}: {why}"))
+            })?;
             found = Some((prepared, message.timestamp().to_millis()));
         }
         let Some((prepared, kafka_timestamp)) = found else {
-            return Err(format!(
-                "the event {} at {place} is no longer in Kafka (retention?)",
-                origin.event_id
+            return Err(Error::new(
+                Kind::Definite,
+                format!(
+                    "the event {} at {place} is no longer in Kafka (retention?)",
+                    origin.event_id
+                ),
             ));
         };
         let at = Coordinates {
@@ -294,7 +301,7 @@ async fn record_unrecorded(
         };
         projection::record(client, schema, entry)
             .await
-            .map_err(|e| format!("recording the event at {place} in the ledger: {e}"))?;
+            .map_err(|e| Error::of(format!("recording the event at {place} in the ledger"), e))?;
     }
     Ok(())
 }

@@ -3,11 +3,12 @@
 //! projection's database and schema, in a table of reconcile's own, created here.
 
 use super::{Drifted, Report};
+use crate::error::Error;
 
 /// Create the worklist's table in `schema` if it is not there (idempotent; concurrent runs
 /// serialize on an advisory lock). Databases whose projection created it keep theirs.
-pub async fn migrate(client: &mut tokio_postgres::Client, schema: &str) -> Result<(), String> {
-    let fail = |e: tokio_postgres::Error| format!("creating the worklist: {e}");
+pub async fn migrate(client: &mut tokio_postgres::Client, schema: &str) -> Result<(), Error> {
+    let fail = Error::while_::<tokio_postgres::Error>("creating the worklist");
     let tx = client.transaction().await.map_err(fail)?;
     tx.batch_execute("SET LOCAL client_min_messages = warning")
         .await
@@ -44,8 +45,8 @@ pub async fn record(
     connector: &str,
     run_id: &str,
     report: &Report,
-) -> Result<usize, String> {
-    let fail = |e: tokio_postgres::Error| format!("writing the worklist: {e}");
+) -> Result<usize, Error> {
+    let fail = Error::while_::<tokio_postgres::Error>("writing the worklist");
     let manual: Vec<&Drifted> = report.drifted.iter().filter(|d| d.class.manual()).collect();
     let items: Vec<String> = manual.iter().map(|d| item(d)).collect();
     for (drifted, item) in manual.iter().zip(&items) {
@@ -97,14 +98,14 @@ pub async fn open_items(
     client: &tokio_postgres::Client,
     schema: &str,
     connector: &str,
-) -> Result<i64, String> {
+) -> Result<i64, Error> {
     Ok(client
         .query_one(
             &format!("SELECT count(*) FROM {schema}.reconcile_worklist WHERE connector = $1 AND state = 'open'"),
             &[&connector],
         )
         .await
-        .map_err(|e| format!("reading the worklist: {e}"))?
+        .map_err(Error::while_("reading the worklist"))?
         .get(0))
 }
 

@@ -84,6 +84,15 @@ impl SourceError {
     }
 }
 
+impl crate::error::Kinded for SourceError {
+    fn kind(&self) -> crate::error::Kind {
+        match self {
+            SourceError::Transient(_) => crate::error::Kind::Transient,
+            SourceError::Connector(_) => crate::error::Kind::Configuration,
+        }
+    }
+}
+
 /// Refuse a stored state another kind of source wrote (two connectors sharing a name).
 pub fn refuse_foreign_state(
     stored: Option<&ConnectorState>,

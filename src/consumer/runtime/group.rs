@@ -163,7 +163,7 @@ fn first_offset(
     let from = match replay_from {
         Some(ReplayFrom::Time(since)) => {
             crate::kafka::reader::offset_at(consumer, topic, *partition, *since)
-                .map_err(ConsumerError::Kafka)?
+                .map_err(|e| ConsumerError::Kafka(e.to_string()))?
                 .unwrap_or(high)
         }
         Some(ReplayFrom::Offsets(offsets)) => match offsets.get(&(topic.clone(), *partition)) {
