@@ -4,6 +4,7 @@ pub mod binlog;
 pub mod capture;
 pub mod gtid;
 pub mod preflight;
+mod rows;
 pub mod signal;
 pub mod snapshot;
 pub mod tls;

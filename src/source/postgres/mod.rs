@@ -7,6 +7,7 @@ pub mod preflight;
 pub mod replication;
 pub mod snapshot;
 pub mod types;
+mod watermarks;
 
 /// What went wrong, for a log line or an error: the server's message and SQLSTATE (never
 /// its detail, which can quote row values), or the client's error with its cause —
