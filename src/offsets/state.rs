@@ -93,6 +93,17 @@ impl ConnectorState {
         }
     }
 
+    /// Under `snapshot.mode = "never"`: `tables` not yet in the state count as read (their
+    /// existing rows are not captured; their changes are).
+    pub fn skip_snapshots<'a>(&mut self, tables: impl IntoIterator<Item = &'a String>) {
+        for table in tables {
+            self.tables.entry(table.clone()).or_insert(TableProgress {
+                complete: true,
+                ..TableProgress::default()
+            });
+        }
+    }
+
     /// The snapshots still to read, in order, each with its progress: the mapped tables
     /// not yet complete (a table missing from the state from its start), then the requests
     /// not yet begun.

@@ -5,7 +5,6 @@ use super::*;
 use crate::fhir::ElementType;
 
 impl Reader<'_> {
-
     pub(super) fn elements(
         &mut self,
         node: &Node,

@@ -8,7 +8,8 @@
 
 use std::{collections::VecDeque, time::Duration};
 
-use mysql_async::Conn;
+use mysql_async::{Conn, Opts};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{
@@ -18,9 +19,9 @@ use super::{
     purged_since, snapshot, MysqlError,
 };
 use crate::{
-    change::{BinlogPosition, Operation, Position, SourceMessage},
+    change::{BinlogPosition, ChangeEvent, Operation, Position, SourceMessage},
     config::{MysqlConfig, Secret, SnapshotMode},
-    offsets::{ConnectorState, TableProgress},
+    offsets::ConnectorState,
     source::{chunks::Snapshotter, publish, refuse_foreign_state, Source, SourceError, SourceIo},
 };
 
@@ -113,7 +114,7 @@ impl Source for MysqlSource {
         let mut state = stored
             .filter(|s| s.position.is_some())
             .unwrap_or_else(|| ConnectorState::new(Self::KIND));
-        let mut start = match &state.position {
+        let start = match &state.position {
             Some(text) => Some(parse_position(text).map_err(|e| {
                 SourceError::Connector(format!(
                     "the stored state's position: {e}; `fhir-cdc offsets reset` replaces it"
@@ -126,58 +127,12 @@ impl Source for MysqlSource {
             .iter()
             .map(|(d, t)| format!("{d}.{t}"))
             .collect();
-        let options = ReaderOptions {
-            connector: self.connector.clone(),
-            server_id: self.server_id,
-            heartbeat: self.heartbeat,
-            // The signal table's rows are decoded with the mapped tables'.
-            tables: self
-                .tables
-                .iter()
-                .cloned()
-                .chain(self.signal.clone())
-                .collect(),
-        };
-        // Open the log where the state says; a log the server purged is when_needed's case.
-        let (reader, mut durable_gtid, first) = loop {
-            let (position, gtid) = match start.take() {
-                Some(stored) => stored,
-                None => current_position(&mut admin).await?,
-            };
-            let at = match &gtid {
-                Some(gtid) if !gtid.is_empty() => StartAt::Gtid(gtid.clone()),
-                _ => StartAt::File(position.clone()),
-            };
-            let opened = match purged_since(&mut admin, &position, gtid.as_ref()).await? {
-                Some(why) => Err(MysqlError::LogGone(why)),
-                None => match BinlogReader::open(&opts, &options, &at).await {
-                    Ok(mut reader) => reader.next().await.map(|first| (reader, first)),
-                    Err(e) => Err(e),
-                },
-            };
-            match opened {
-                Err(MysqlError::LogGone(why)) if state.position.is_some() => {
-                    if self.mode != SnapshotMode::WhenNeeded {
-                        let (lost, fix) = log_gone(&position, &why);
-                        return Err(SourceError::Connector(format!("{lost}; {fix}")));
-                    }
-                    warn!(connector = %self.connector, "the server purged the binary log from the stored position: taking a new snapshot of every table (snapshot.mode = when_needed)");
-                    state = ConnectorState::new(Self::KIND);
-                }
-                Err(e) => return Err(e.into()),
-                Ok((reader, first)) => {
-                    info!(from = %position_text(&position, gtid.as_ref()), "streaming");
-                    break (reader, gtid, first);
-                }
-            }
-        };
+        let options = self.reader_options();
+        let (reader, mut durable_gtid, first) = self
+            .open_log(&mut admin, &opts, &options, start, &mut state)
+            .await?;
         if self.mode == SnapshotMode::Never {
-            for table in &qualified {
-                state.tables.entry(table.clone()).or_insert(TableProgress {
-                    complete: true,
-                    ..TableProgress::default()
-                });
-            }
+            state.skip_snapshots(&qualified);
         }
         let pool = snapshot::pool(&opts);
         let chunks = snapshot::Reader {
@@ -245,24 +200,8 @@ impl Source for MysqlSource {
                     // A rows event's changes, then its end: nothing more comes at or before
                     // it (only the transaction's end is stored as a place to resume from).
                     Some(Decoded::Changes(changes)) => {
-                        let end = changes
-                            .last()
-                            .map(|c| SourceMessage::Progress(c.position.clone()));
-                        let mut messages = Vec::with_capacity(changes.len() + 1);
-                        for change in changes {
-                            let signal = self.signal.as_ref().is_some_and(|(d, t)| {
-                                *change.source.schema == **d && *change.source.table == **t
-                            });
-                            if !signal {
-                                snapshot.observe(&change);
-                                messages.push(SourceMessage::Change(change));
-                            } else if change.op == Operation::Insert {
-                                snapshot.signal(&change, &qualified, &mut state).await?;
-                                publish(&published, &state);
-                            }
-                        }
-                        messages.extend(end);
-                        messages
+                        self.changes_out(changes, &mut snapshot, &qualified, &mut state, &published)
+                            .await?
                     }
                     Some(Decoded::Committed { position, gtid }) => {
                         commits.push_back((position.clone(), gtid));
@@ -276,21 +215,8 @@ impl Source for MysqlSource {
                 };
                 // Between transactions, a chunk the stream has caught up with goes out.
                 if !in_transaction && located {
-                    if let Some(chunk) = snapshot.ready(&at) {
-                        let step = match &last_emitted {
-                            Some(last)
-                                if last.file_sequence == at.file_sequence
-                                    && last.offset == at.offset =>
-                            {
-                                last.step + 1
-                            }
-                            _ => 1,
-                        };
-                        let position = BinlogPosition { step, ..at.clone() };
-                        last_emitted = Some(position.clone());
-                        messages.extend(snapshot.emit(chunk, &position, &Position::Mysql(position.clone())));
-                        commits.push_back((position.clone(), None));
-                        messages.push(SourceMessage::Progress(Position::Mysql(position)));
+                    if let Some(position) = ready_chunk(&mut snapshot, &at, &mut last_emitted, &mut messages) {
+                        commits.push_back((position, None));
                     }
                 }
                 for message in messages {
@@ -315,6 +241,124 @@ impl Source for MysqlSource {
         let _ = pool.disconnect().await;
         result
     }
+}
+
+impl MysqlSource {
+    /// A rows event's changes, then its end (nothing more comes at or before it; only the
+    /// transaction's end is stored as a place to resume from). A row of the signal table is
+    /// a snapshot request, taken at once, not a change.
+    async fn changes_out(
+        &self,
+        changes: Vec<ChangeEvent>,
+        snapshot: &mut Snapshotter<snapshot::Reader>,
+        qualified: &[String],
+        state: &mut ConnectorState,
+        published: &watch::Sender<ConnectorState>,
+    ) -> Result<Vec<SourceMessage>, SourceError> {
+        let end = changes
+            .last()
+            .map(|c| SourceMessage::Progress(c.position.clone()));
+        let mut messages = Vec::with_capacity(changes.len() + 1);
+        for change in changes {
+            let signal = self
+                .signal
+                .as_ref()
+                .is_some_and(|(d, t)| *change.source.schema == **d && *change.source.table == **t);
+            if !signal {
+                snapshot.observe(&change);
+                messages.push(SourceMessage::Change(change));
+            } else if change.op == Operation::Insert {
+                snapshot.signal(&change, qualified, state).await?;
+                publish(published, state);
+            }
+        }
+        messages.extend(end);
+        Ok(messages)
+    }
+
+    /// What the binary log reader reads: the mapped tables and the signal table.
+    fn reader_options(&self) -> ReaderOptions {
+        ReaderOptions {
+            connector: self.connector.clone(),
+            server_id: self.server_id,
+            heartbeat: self.heartbeat,
+            // The signal table's rows are decoded with the mapped tables'.
+            tables: self
+                .tables
+                .iter()
+                .cloned()
+                .chain(self.signal.clone())
+                .collect(),
+        }
+    }
+
+    /// Open the binary log where the stored state says (at the server's current end when it
+    /// says nothing), with its first event; a log the server purged is `when_needed`'s case
+    /// (`state` starts over), and otherwise a refusal naming the fixes.
+    async fn open_log(
+        &self,
+        admin: &mut Conn,
+        opts: &Opts,
+        options: &ReaderOptions,
+        mut start: Option<(BinlogPosition, Option<GtidPosition>)>,
+        state: &mut ConnectorState,
+    ) -> Result<(BinlogReader, Option<GtidPosition>, Option<Decoded>), SourceError> {
+        loop {
+            let (position, gtid) = match start.take() {
+                Some(stored) => stored,
+                None => current_position(admin).await?,
+            };
+            let at = match &gtid {
+                Some(gtid) if !gtid.is_empty() => StartAt::Gtid(gtid.clone()),
+                _ => StartAt::File(position.clone()),
+            };
+            let opened = match purged_since(admin, &position, gtid.as_ref()).await? {
+                Some(why) => Err(MysqlError::LogGone(why)),
+                None => match BinlogReader::open(opts, options, &at).await {
+                    Ok(mut reader) => reader.next().await.map(|first| (reader, first)),
+                    Err(e) => Err(e),
+                },
+            };
+            match opened {
+                Err(MysqlError::LogGone(why)) if state.position.is_some() => {
+                    if self.mode != SnapshotMode::WhenNeeded {
+                        let (lost, fix) = log_gone(&position, &why);
+                        return Err(SourceError::Connector(format!("{lost}; {fix}")));
+                    }
+                    warn!(connector = %self.connector, "the server purged the binary log from the stored position: taking a new snapshot of every table (snapshot.mode = when_needed)");
+                    *state = ConnectorState::new(Self::KIND);
+                }
+                Err(e) => return Err(e.into()),
+                Ok((reader, first)) => {
+                    info!(from = %position_text(&position, gtid.as_ref()), "streaming");
+                    return Ok((reader, gtid, first));
+                }
+            }
+        }
+    }
+}
+
+/// The chunk the stream has caught up with at `at`, if one has: its events and its end
+/// into `messages`, at a position of its own after `at` (`step` counts the chunks emitted at
+/// one place of the log). Returns that position, a place to resume from.
+fn ready_chunk(
+    snapshot: &mut Snapshotter<snapshot::Reader>,
+    at: &BinlogPosition,
+    last_emitted: &mut Option<BinlogPosition>,
+    messages: &mut Vec<SourceMessage>,
+) -> Option<BinlogPosition> {
+    let chunk = snapshot.ready(at)?;
+    let step = match last_emitted.as_ref() {
+        Some(last) if last.file_sequence == at.file_sequence && last.offset == at.offset => {
+            last.step + 1
+        }
+        _ => 1,
+    };
+    let position = BinlogPosition { step, ..at.clone() };
+    *last_emitted = Some(position.clone());
+    messages.extend(snapshot.emit(chunk, &position, &Position::Mysql(position.clone())));
+    messages.push(SourceMessage::Progress(Position::Mysql(position.clone())));
+    Some(position)
 }
 
 /// Everything up to `at` is durable: the last resume point up to it becomes the stored

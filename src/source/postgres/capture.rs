@@ -9,11 +9,7 @@
 //! whichever is later (START_REPLICATION's rule), and the stored snapshot progress says
 //! which tables, from which key, are still to be read.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use tokio_postgres::{error::SqlState, Client};
 use tracing::{info, warn};
@@ -27,8 +23,7 @@ use super::{
 use crate::{
     change::{PgLsn, Position, SourceMessage},
     config::{PostgresConfig, Secret, SnapshotMode},
-    observe::progress::Progress,
-    offsets::{ConnectorState, SnapshotRequest, TableProgress},
+    offsets::{ConnectorState, SnapshotRequest},
     postgres::ConnectError,
     source::{publish, refuse_foreign_state, Source, SourceError, SourceIo},
 };
@@ -88,38 +83,14 @@ impl Source for PostgresSource {
         let admin = Arc::new(connect(&self.url).await?);
         setup::ensure_publication(&admin, &self.publication, &self.tables).await?;
         refuse_foreign_state(stored.as_ref(), Self::KIND, &self.connector)?;
-        let captured = stored.as_ref().is_some_and(|s| s.position.is_some());
-        let plan = start_plan(
-            setup::slot_state(&admin, &self.slot).await?,
-            captured,
-            self.mode,
-        )
-        .map_err(|why| SourceError::Connector(format!("replication slot {}: {why}", self.slot)))?;
-        let mut state = match (&plan, stored) {
-            (Start::Resume | Start::Create, Some(stored)) => stored,
-            _ => ConnectorState::new(Self::KIND),
-        };
-        if let Start::Anew { drop } = plan {
-            warn!(slot = %self.slot, "the slot lost the WAL it needs or is gone: taking a new snapshot of every table (snapshot.mode = when_needed)");
-            if drop {
-                setup::drop_slot(&admin, &self.slot).await?;
-            }
-        }
-        if plan != Start::Resume {
-            setup::create_slot(&admin, &self.slot).await?;
-        }
+        let mut state = self.prepare_slot(&admin, stored).await?;
         let qualified: Vec<String> = self
             .tables
             .iter()
             .map(|(s, t)| format!("{s}.{t}"))
             .collect();
         if self.mode == SnapshotMode::Never {
-            for table in &qualified {
-                state.tables.entry(table.clone()).or_insert(TableProgress {
-                    complete: true,
-                    ..TableProgress::default()
-                });
-            }
+            state.skip_snapshots(&qualified);
         }
         let start = match &state.position {
             Some(text) => text.parse::<PgLsn>().map_err(|e| {
@@ -140,21 +111,13 @@ impl Source for PostgresSource {
             .map_err(stream_error)?;
         info!(slot = %self.slot, from = %start, "streaming");
         let (reader, database) = snapshot::connect(&self.url).await.map_err(snapshot_error)?;
-        let mut snapshot = Snapshotter {
-            client: Arc::new(reader),
-            connector: self.connector.clone(),
+        let mut snapshot = Snapshotter::new(
+            Arc::new(reader),
             database,
-            marker: format!("{}:{}", self.slot, std::process::id()),
-            slot: self.slot.clone(),
-            size: self.chunk_size,
-            pending: state.unfinished(&qualified).into(),
-            described: HashMap::new(),
-            chunks: VecDeque::new(),
-            sequence: 0,
-            milestones: VecDeque::new(),
-            dropped: Vec::new(),
-            progress: Progress::new("snapshot"),
-        };
+            (&self.connector, &self.slot),
+            self.chunk_size,
+            state.unfinished(&qualified).into(),
+        );
         snapshot.describe_pending().await?;
         publish(&published, &state);
         let heartbeats = tokio::spawn(heartbeats(admin.clone(), self.heartbeat));
@@ -249,6 +212,38 @@ impl Source for PostgresSource {
         }
         stream.stop();
         result
+    }
+}
+
+impl PostgresSource {
+    /// The slot as the stored state needs it (created, or dropped and created again for a
+    /// new snapshot under `when_needed`), and the state to start from.
+    async fn prepare_slot(
+        &self,
+        admin: &Client,
+        stored: Option<ConnectorState>,
+    ) -> Result<ConnectorState, SourceError> {
+        let captured = stored.as_ref().is_some_and(|s| s.position.is_some());
+        let plan = start_plan(
+            setup::slot_state(admin, &self.slot).await?,
+            captured,
+            self.mode,
+        )
+        .map_err(|why| SourceError::Connector(format!("replication slot {}: {why}", self.slot)))?;
+        let state = match (&plan, stored) {
+            (Start::Resume | Start::Create, Some(stored)) => stored,
+            _ => ConnectorState::new(Self::KIND),
+        };
+        if let Start::Anew { drop } = plan {
+            warn!(slot = %self.slot, "the slot lost the WAL it needs or is gone: taking a new snapshot of every table (snapshot.mode = when_needed)");
+            if drop {
+                setup::drop_slot(admin, &self.slot).await?;
+            }
+        }
+        if plan != Start::Resume {
+            setup::create_slot(admin, &self.slot).await?;
+        }
+        Ok(state)
     }
 }
 

@@ -80,6 +80,32 @@ pub(super) struct Current {
 }
 
 impl Snapshotter {
+    /// A scheduler for `pending`, reading on `client` from `database` for connector and
+    /// slot `names`, `size` rows a chunk.
+    pub(super) fn new(
+        client: Arc<Client>,
+        database: String,
+        (connector, slot): (&str, &str),
+        size: usize,
+        pending: VecDeque<(String, TableProgress)>,
+    ) -> Self {
+        Snapshotter {
+            client,
+            connector: connector.to_owned(),
+            database,
+            marker: format!("{slot}:{}", std::process::id()),
+            slot: slot.to_owned(),
+            size,
+            pending,
+            described: HashMap::new(),
+            chunks: VecDeque::new(),
+            sequence: 0,
+            milestones: VecDeque::new(),
+            dropped: Vec::new(),
+            progress: Progress::new("snapshot"),
+        }
+    }
+
     pub(super) fn reading(&self) -> bool {
         self.chunks.iter().any(|c| c.task.is_some())
     }

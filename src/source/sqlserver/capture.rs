@@ -21,7 +21,7 @@ use crate::{
         Value,
     },
     config::{Secret, SnapshotMode, SqlServerConfig},
-    offsets::{ConnectorState, TableProgress},
+    offsets::ConnectorState,
     source::{chunks::Snapshotter, publish, refuse_foreign_state, Source, SourceError, SourceIo},
 };
 
@@ -77,6 +77,41 @@ struct Captured {
     signal: bool,
 }
 
+impl SqlServerSource {
+    /// The captured tables (`qualified`, then the signal table) as the catalog describes
+    /// them: their keys, and which is the signal table.
+    async fn describe(
+        &self,
+        client: &mut Client,
+        database: &str,
+        qualified: &[String],
+    ) -> Result<Vec<Captured>, SourceError> {
+        let mut captured = Vec::new();
+        for name in qualified.iter().chain(&self.signal) {
+            let (schema, table) = name.split_once('.').expect("schema.table");
+            let described = catalog::table_columns(client, schema, table).await?;
+            captured.push(Captured {
+                name: name.clone(),
+                source: Arc::new(SourceTable::new(
+                    self.connector.as_str(),
+                    Self::KIND,
+                    database,
+                    schema,
+                    table,
+                )),
+                key: described
+                    .key
+                    .iter()
+                    .map(|k| Arc::from(k.as_str()))
+                    .collect(),
+                instances: Vec::new(),
+                signal: self.signal.as_deref() == Some(name.as_str()),
+            });
+        }
+        Ok(captured)
+    }
+}
+
 impl Source for SqlServerSource {
     type Position = ChangeLsn;
 
@@ -110,28 +145,7 @@ impl Source for SqlServerSource {
             .iter()
             .map(|(s, t)| format!("{s}.{t}"))
             .collect();
-        let mut captured = Vec::new();
-        for name in qualified.iter().chain(&self.signal) {
-            let (schema, table) = name.split_once('.').expect("schema.table");
-            let described = catalog::table_columns(&mut client, schema, table).await?;
-            captured.push(Captured {
-                name: name.clone(),
-                source: Arc::new(SourceTable::new(
-                    self.connector.as_str(),
-                    Self::KIND,
-                    database.as_str(),
-                    schema,
-                    table,
-                )),
-                key: described
-                    .key
-                    .iter()
-                    .map(|k| Arc::from(k.as_str()))
-                    .collect(),
-                instances: Vec::new(),
-                signal: self.signal.as_deref() == Some(name.as_str()),
-            });
-        }
+        let mut captured = self.describe(&mut client, &database, &qualified).await?;
         refresh_instances(&mut client, &mut captured).await?;
 
         let mut state = stored
@@ -166,12 +180,7 @@ impl Source for SqlServerSource {
             })?),
         };
         if self.mode == SnapshotMode::Never {
-            for table in &qualified {
-                state.tables.entry(table.clone()).or_insert(TableProgress {
-                    complete: true,
-                    ..TableProgress::default()
-                });
-            }
+            state.skip_snapshots(&qualified);
         }
         let reader = Reader::new(&self.url, &self.connector, &database);
         let mut snapshot =
