@@ -19,16 +19,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    config::{ConnectorConfig, SourceConfig},
+    config::ConnectorConfig,
     observe::{
         self,
         pipeline::{waits, Waiting},
     },
     pipeline::{self, RunError, RunSummary},
-    source::{
-        mysql::capture::MysqlSource, postgres::capture::PostgresSource,
-        sqlserver::capture::SqlServerSource,
-    },
+    source::kind::{with_kind, Kind},
 };
 
 #[derive(Debug, Args)]
@@ -114,38 +111,15 @@ async fn run_once(
     waiting: Arc<Waiting>,
     shutdown: CancellationToken,
 ) -> Result<RunSummary, RunError> {
-    match &config.source {
-        SourceConfig::Postgres(pg) => {
-            let name = &config.name;
-            pipeline::run(
-                config,
-                |tables| PostgresSource::new(name, pg, tables),
-                waiting,
-                shutdown,
-            )
-            .await
-        }
-        SourceConfig::Mysql(my) => {
-            let name = &config.name;
-            pipeline::run(
-                config,
-                |tables| MysqlSource::new(name, my, tables),
-                waiting,
-                shutdown,
-            )
-            .await
-        }
-        SourceConfig::SqlServer(ms) => {
-            let name = &config.name;
-            pipeline::run(
-                config,
-                |tables| SqlServerSource::new(name, ms, tables),
-                waiting,
-                shutdown,
-            )
-            .await
-        }
-    }
+    with_kind!(&config.source, kind => {
+        pipeline::run(
+            config,
+            |tables| kind.source(&config.name, tables),
+            waiting,
+            shutdown,
+        )
+        .await
+    })
 }
 
 /// The `cause` label of a restart, and what delivery waits on until it succeeds.

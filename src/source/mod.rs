@@ -3,15 +3,15 @@
 //! knowing the database.
 
 pub mod chunks;
+pub mod kind;
 pub mod mysql;
 pub mod postgres;
-mod sample;
 pub mod signal;
 pub mod sqlserver;
 
 use std::{fmt, future::Future, sync::Arc};
 
-pub use self::sample::sample;
+use self::kind::{with_kind, Kind};
 
 use chrono::Utc;
 use tokio::sync::{mpsc, watch};
@@ -114,29 +114,7 @@ pub async fn request_snapshot(
     config: &ConnectorConfig,
     request: &SnapshotRequest,
 ) -> Result<(), SourceError> {
-    match &config.source {
-        SourceConfig::Postgres(pg) => {
-            postgres::capture::request_snapshot(&pg.url, &pg.slot_name(&config.name), request).await
-        }
-        SourceConfig::Mysql(my) => {
-            let Some(signal) = my.signal_table() else {
-                return Err(SourceError::Connector(format!(
-                    "snapshots of a mysql source are asked through a signal table, and [source] names none: create one (e.g. `{}`), set signal.data.collection = \"<database>.fhir_cdc_signal\" in [source], restart the connector, and GRANT INSERT on the table to the user of source.url",
-                    mysql::signal::ddl("<database>.fhir_cdc_signal")
-                )));
-            };
-            Ok(mysql::signal::request_snapshot(&my.url, signal, request).await?)
-        }
-        SourceConfig::SqlServer(ms) => {
-            let Some(signal) = ms.signal_table() else {
-                return Err(SourceError::Connector(format!(
-                    "snapshots of a sqlserver source are asked through a signal table, and [source] names none: create one (`{}`), set signal.data.collection = \"dbo.fhir_cdc_signal\" in [source], restart the connector, and GRANT INSERT on the table to the user of source.url",
-                    sqlserver::signal::ddl("dbo.fhir_cdc_signal")
-                )));
-            };
-            Ok(sqlserver::signal::request_snapshot(&ms.url, signal, request).await?)
-        }
-    }
+    with_kind!(&config.source, kind => kind.request_snapshot(config, request).await)
 }
 
 /// What `check` knows of the tables a connector's mappings read.
@@ -153,54 +131,14 @@ pub struct MappedTables {
 /// live server; with `mapped`, also the tables the mappings read and whether `run` can
 /// resume from where the connector stopped.
 pub async fn preflight(config: &ConnectorConfig, mapped: Option<&MappedTables>) -> Vec<Finding> {
-    let keyed = mapped.map_or(&[][..], |m| &m.keyed[..]);
-    match &config.source {
-        SourceConfig::Postgres(pg) => {
-            let capture = mapped.map(|m| postgres::preflight::Capture {
-                tables: m.read.clone(),
-                slot: pg.slot_name(&config.name),
-                publication: pg.publication_name(&config.name),
-            });
-            postgres::preflight::check(&pg.url, capture.as_ref()).await
-        }
-        SourceConfig::Mysql(my) => {
-            let tables: Vec<mysql::preflight::MappedTable> = keyed
-                .iter()
-                .map(|(table, key)| {
-                    let (database, table) = table.split_once('.').unwrap_or(("", table));
-                    mysql::preflight::MappedTable {
-                        database: database.to_owned(),
-                        table: table.to_owned(),
-                        key: key.clone(),
-                    }
-                })
-                .collect();
-            let mut findings = mysql::preflight::check(&my.url, &tables, my.signal_table()).await;
-            match stored_state_position(config).await {
-                Ok(Some(stored)) => findings.push(
-                    mysql::preflight::stored_position(&my.url, &stored, my.snapshot_mode()).await,
-                ),
-                Ok(None) => {}
-                Err(finding) => findings.push(finding),
-            }
-            findings
-        }
-        SourceConfig::SqlServer(ms) => {
-            let tables: Vec<sqlserver::preflight::MappedTable> = keyed
-                .iter()
-                .map(|(name, key)| sqlserver::preflight::MappedTable {
-                    name: name.clone(),
-                    key: key.clone(),
-                })
-                .collect();
-            sqlserver::preflight::check(&ms.url, &tables, ms.signal_table()).await
-        }
-    }
+    with_kind!(&config.source, kind => kind.preflight(config, mapped).await)
 }
 
 /// The position `run` would resume from (the connector's stored state in Kafka), if any.
 /// Kafka unreachable is its own finding; here it only leaves the position unchecked.
-async fn stored_state_position(config: &ConnectorConfig) -> Result<Option<String>, Finding> {
+pub(crate) async fn stored_state_position(
+    config: &ConnectorConfig,
+) -> Result<Option<String>, Finding> {
     let read = StateStore::peek(config);
     let unchecked = |why: String| {
         Finding::warning(
@@ -225,51 +163,18 @@ const STATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// What reads `config`'s source for its connector now, if anything (for messages): a
 /// PostgreSQL slot in use, the lock a MySQL or SQL Server connector holds while it runs.
 pub async fn reader_now(config: &ConnectorConfig) -> Result<Option<String>, SourceError> {
-    match &config.source {
-        SourceConfig::Postgres(pg) => {
-            let slot = pg.slot_name(&config.name);
-            Ok(postgres::capture::slot_active(&pg.url, &slot)
-                .await?
-                .then(|| format!("replication slot {slot} is in use")))
-        }
-        SourceConfig::Mysql(my) => mysql::lock_holder(&my.url, &config.name).await,
-        SourceConfig::SqlServer(ms) => {
-            Ok(sqlserver::catalog::lock_holder(&ms.url, &config.name).await?)
-        }
-    }
+    with_kind!(&config.source, kind => kind.reader_now(config).await)
 }
 
 /// The end of `config`'s source's log now, as the stored state writes positions.
 pub async fn log_end(config: &ConnectorConfig) -> Result<String, SourceError> {
-    match &config.source {
-        SourceConfig::Postgres(pg) => {
-            Ok(postgres::capture::current_end(&pg.url).await?.to_string())
-        }
-        SourceConfig::Mysql(my) => {
-            let mut conn = mysql::connect(&my.url).await?;
-            let (position, gtid) = mysql::current_position(&mut conn).await?;
-            Ok(mysql::capture::position_text(&position, gtid.as_ref()))
-        }
-        SourceConfig::SqlServer(ms) => {
-            let mut client = sqlserver::connection::connect(&ms.url).await?;
-            let max = sqlserver::catalog::max_lsn(&mut client).await?.ok_or_else(|| {
-                SourceError::Transient("the capture job has recorded no position yet (sys.fn_cdc_get_max_lsn() is NULL)".into())
-            })?;
-            Ok(crate::change::ChangeLsn::end_of(max).to_string())
-        }
-    }
+    with_kind!(&config.source, kind => kind.log_end().await)
 }
 
 /// The position a stored state's text names, for `config`'s kind of source (`None` when
 /// it names none of that kind).
 pub fn stored_position(config: &ConnectorConfig, text: &str) -> Option<Position> {
-    match &config.source {
-        SourceConfig::Postgres(_) => text.parse().ok().map(Position::Postgres),
-        SourceConfig::Mysql(_) => mysql::capture::parse_position(text)
-            .ok()
-            .map(|(p, _)| Position::Mysql(p)),
-        SourceConfig::SqlServer(_) => text.parse().ok().map(Position::SqlServer),
-    }
+    with_kind!(&config.source, kind => kind.stored_position(text))
 }
 
 /// Whether `filter` is a condition `source`'s server takes on `table`: parsed and planned
@@ -279,26 +184,23 @@ pub async fn check_condition(
     table: &str,
     filter: &str,
 ) -> Result<(), SourceError> {
-    match source {
-        SourceConfig::Postgres(pg) => {
-            postgres::capture::check_condition(&pg.url, table, filter).await
-        }
-        SourceConfig::Mysql(my) => {
-            Ok(mysql::signal::check_condition(&my.url, table, filter).await?)
-        }
-        SourceConfig::SqlServer(ms) => {
-            Ok(sqlserver::signal::check_condition(&ms.url, table, filter).await?)
-        }
-    }
+    with_kind!(source, kind => kind.check_condition(table, filter).await)
+}
+
+/// Up to `limit` current rows of each of `tables` (`(schema, table)`), as snapshot changes,
+/// table by table in the same order, for `fhir-cdc preview`: read in read-only
+/// transactions, nothing created or written at the source.
+pub async fn sample(
+    config: &ConnectorConfig,
+    tables: &[(String, String)],
+    limit: u64,
+) -> Result<Vec<Vec<ChangeEvent>>, SourceError> {
+    with_kind!(&config.source, kind => kind.sample(config, tables, limit).await)
 }
 
 /// The condition, in `source`'s SQL, that selects the row with this key.
 pub fn key_condition(source: &SourceConfig, key: &[(String, crate::change::Value)]) -> String {
-    match source {
-        SourceConfig::Postgres(_) => postgres::snapshot::key_condition(key),
-        SourceConfig::Mysql(_) => mysql::signal::key_condition(key),
-        SourceConfig::SqlServer(_) => sqlserver::signal::key_condition(key),
-    }
+    with_kind!(source, kind => kind.key_condition(key))
 }
 
 /// Whether a snapshot request that arrived through the source's log is one to take now:
@@ -379,46 +281,5 @@ pub async fn read_consistent(
     tables: &[(String, String)],
     out: &mpsc::Sender<SourceMessage>,
 ) -> Result<(Position, Position), SourceError> {
-    match &config.source {
-        SourceConfig::Postgres(pg) => {
-            let reader = postgres::snapshot::TableReader::open(&pg.url, &config.name)
-                .await
-                .map_err(postgres::capture::snapshot_error)?;
-            let position = Position::Postgres(reader.position);
-            for (schema, table) in tables {
-                let mut ordinal = 0;
-                let how = postgres::snapshot::Reading {
-                    chunk_rows: 1024,
-                    limit: None,
-                    progress: None,
-                };
-                reader
-                    .read(schema, table, &position, &mut ordinal, how, out)
-                    .await
-                    .map_err(postgres::capture::snapshot_error)?;
-            }
-            reader
-                .close()
-                .await
-                .map_err(postgres::capture::snapshot_error)?;
-            Ok((position.clone(), position))
-        }
-        SourceConfig::Mysql(my) => {
-            let window =
-                mysql::snapshot::read_consistent(&my.url, &config.name, tables, 1024, out).await?;
-            // Snapshot chunks go out at a transaction's end with a step after it: what they
-            // hold is as of that end, so every step of the read's position is before it.
-            let low = Position::Mysql(crate::change::BinlogPosition {
-                step: u32::MAX,
-                ..window.low
-            });
-            Ok((low, Position::Mysql(window.high)))
-        }
-        SourceConfig::SqlServer(ms) => {
-            let (low, high) =
-                sqlserver::snapshot::read_consistent(&ms.url, &config.name, tables, 1024, out)
-                    .await?;
-            Ok((Position::SqlServer(low), Position::SqlServer(high)))
-        }
-    }
+    with_kind!(&config.source, kind => kind.read_consistent(config, tables, out).await)
 }

@@ -3,6 +3,7 @@
 pub mod binlog;
 pub mod capture;
 pub mod gtid;
+mod kind;
 pub mod preflight;
 mod rows;
 pub mod signal;

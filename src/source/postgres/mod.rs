@@ -2,6 +2,7 @@
 
 pub mod capture;
 pub mod changes;
+mod kind;
 pub mod pgoutput;
 pub mod preflight;
 pub mod replication;

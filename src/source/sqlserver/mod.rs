@@ -32,6 +32,7 @@ pub mod capture;
 pub mod catalog;
 pub mod changes;
 pub mod connection;
+mod kind;
 pub mod preflight;
 pub mod signal;
 pub mod snapshot;
