@@ -4,6 +4,7 @@
 
 use serde::Deserialize;
 
+use super::SourceError;
 use crate::{
     change::{Row, Value},
     offsets::SnapshotRequest,
@@ -29,6 +30,14 @@ struct ExecuteSnapshot {
 struct Condition {
     data_collection: String,
     filter: String,
+}
+
+/// Why a snapshot cannot be asked of a `kind` source whose `[source]` names no signal
+/// table, and how to give it one (`example`, created by `ddl`).
+pub fn no_signal_table(kind: &str, example: &str, ddl: &str) -> SourceError {
+    SourceError::Connector(format!(
+        "snapshots of a {kind} source are asked through a signal table, and [source] names none: create one (e.g. `{ddl}`), set signal.data.collection = \"{example}\" in [source], restart the connector, and GRANT INSERT on the table to the user of source.url"
+    ))
 }
 
 /// What a row of the signal table asks: the snapshots of an `execute-snapshot` signal, one

@@ -197,18 +197,8 @@ impl Reader<'_> {
             Some(n) => {
                 let name = self.text(n, "`lookup`")?;
                 let Some(lookup) = defined.lookups.get(name) else {
-                    let known: Vec<&str> = defined.lookups.keys().map(String::as_str).collect();
-                    self.error(
-                        n.span(),
-                        format!(
-                            "no lookup `{name}`; `lookups` defines: {}",
-                            if known.is_empty() {
-                                "none".to_owned()
-                            } else {
-                                known.join(", ")
-                            }
-                        ),
-                    );
+                    let known = defined.lookups.keys();
+                    self.error(n.span(), unknown("lookup", name, known));
                     return None;
                 };
                 element.lookup = Some(lookup.clone());
@@ -377,20 +367,8 @@ impl Reader<'_> {
             match defined.translations.get(name) {
                 Some(t) => element.translate = Some(t.clone()),
                 None => {
-                    let mut known: Vec<&str> =
-                        defined.translations.keys().map(String::as_str).collect();
-                    known.sort_unstable();
-                    self.error(
-                        n.span(),
-                        format!(
-                            "no translation `{name}`; `translations` defines: {}",
-                            if known.is_empty() {
-                                "none".to_owned()
-                            } else {
-                                known.join(", ")
-                            }
-                        ),
-                    );
+                    let known = defined.translations.keys();
+                    self.error(n.span(), unknown("translation", name, known));
                     return None;
                 }
             }
@@ -741,4 +719,16 @@ fn precompute(element: &mut ElementMapping) -> Option<()> {
     }
 
     Some(())
+}
+
+/// "no `what` `name`; `whats` defines: …", the names in order (or none).
+fn unknown<'a>(what: &str, name: &str, known: impl Iterator<Item = &'a String>) -> String {
+    let mut known: Vec<&str> = known.map(String::as_str).collect();
+    known.sort_unstable();
+    let known = if known.is_empty() {
+        "none".to_owned()
+    } else {
+        known.join(", ")
+    };
+    format!("no {what} `{name}`; `{what}s` defines: {known}")
 }

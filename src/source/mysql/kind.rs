@@ -8,7 +8,10 @@ use crate::{
     config::{ConnectorConfig, MysqlConfig},
     offsets::SnapshotRequest,
     preflight::Finding,
-    source::{chunk_changes, kind::Kind, stored_state_position, MappedTables, SourceError},
+    source::{
+        chunk_changes, kind::Kind, signal::no_signal_table, stored_state_position, MappedTables,
+        SourceError,
+    },
 };
 
 impl Kind for MysqlConfig {
@@ -68,10 +71,12 @@ impl Kind for MysqlConfig {
         request: &SnapshotRequest,
     ) -> Result<(), SourceError> {
         let Some(signal) = self.signal_table() else {
-            return Err(SourceError::Connector(format!(
-                "snapshots of a mysql source are asked through a signal table, and [source] names none: create one (e.g. `{}`), set signal.data.collection = \"<database>.fhir_cdc_signal\" in [source], restart the connector, and GRANT INSERT on the table to the user of source.url",
-                super::signal::ddl("<database>.fhir_cdc_signal")
-            )));
+            let example = "<database>.fhir_cdc_signal";
+            return Err(no_signal_table(
+                "mysql",
+                example,
+                &super::signal::ddl(example),
+            ));
         };
         Ok(super::signal::request_snapshot(&self.url, signal, request).await?)
     }

@@ -8,7 +8,7 @@ use crate::{
     config::{ConnectorConfig, SqlServerConfig},
     offsets::SnapshotRequest,
     preflight::Finding,
-    source::{chunk_changes, kind::Kind, MappedTables, SourceError},
+    source::{chunk_changes, kind::Kind, signal::no_signal_table, MappedTables, SourceError},
 };
 
 impl Kind for SqlServerConfig {
@@ -55,10 +55,12 @@ impl Kind for SqlServerConfig {
         request: &SnapshotRequest,
     ) -> Result<(), SourceError> {
         let Some(signal) = self.signal_table() else {
-            return Err(SourceError::Connector(format!(
-                "snapshots of a sqlserver source are asked through a signal table, and [source] names none: create one (`{}`), set signal.data.collection = \"dbo.fhir_cdc_signal\" in [source], restart the connector, and GRANT INSERT on the table to the user of source.url",
-                super::signal::ddl("dbo.fhir_cdc_signal")
-            )));
+            let example = "dbo.fhir_cdc_signal";
+            return Err(no_signal_table(
+                "sqlserver",
+                example,
+                &super::signal::ddl(example),
+            ));
         };
         Ok(super::signal::request_snapshot(&self.url, signal, request).await?)
     }
