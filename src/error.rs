@@ -23,6 +23,26 @@ pub enum Kind {
     Fenced,
 }
 
+impl Kind {
+    /// Every kind, in declaration order.
+    pub const ALL: [Kind; 4] = [
+        Kind::Transient,
+        Kind::Definite,
+        Kind::Configuration,
+        Kind::Fenced,
+    ];
+
+    /// Its name, as health answers and logs say it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Transient => "transient",
+            Kind::Definite => "definite",
+            Kind::Configuration => "configuration",
+            Kind::Fenced => "fenced",
+        }
+    }
+}
+
 /// An error that knows its kind.
 pub trait Kinded {
     fn kind(&self) -> Kind;

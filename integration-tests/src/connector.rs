@@ -331,17 +331,29 @@ pub fn scrape(port: u16) -> HashMap<String, f64> {
     try_scrape(port).unwrap_or_else(|e| panic!("nothing serves metrics on {port}: {e}"))
 }
 
-/// As [`scrape`], or why the endpoint could not be reached (the process gone).
-pub fn try_scrape(port: u16) -> std::io::Result<HashMap<String, f64>> {
+/// `GET path` on 127.0.0.1:`port`: the status and the body, or why nothing answered.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
+
+/// As [`scrape`], or why the endpoint could not be reached (the process gone).
+pub fn try_scrape(port: u16) -> std::io::Result<HashMap<String, f64>> {
+    let (status, body) = http_get(port, "/metrics")?;
+    assert_eq!(status, 200, "{body}");
     Ok(body
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

@@ -146,7 +146,7 @@ async fn reconcile(args: ReconcileArgs) -> Result<ExitCode, Failure> {
     let projector = ProjectorConfig::load(projection).map_err(bad)?;
     let codec = EventCodec::new(&connector.schema_registry).map_err(bad)?;
     if let Some(listen) = args.metrics_listen {
-        observe::serve(listen).map_err(bad)?;
+        observe::serve(listen, None).map_err(bad)?;
     }
     let pass = Pass {
         connector: &connector,

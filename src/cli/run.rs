@@ -20,9 +20,10 @@ use tracing::{info, warn};
 
 use crate::{
     config::ConnectorConfig,
+    error::Kinded,
     observe::{
         self,
-        pipeline::{waits, Waiting},
+        pipeline::{waits, RunProbe, Waiting},
     },
     pipeline::{self, RunError, RunSummary},
     source::kind::{with_kind, Kind},
@@ -43,17 +44,22 @@ pub async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(super::EXIT_BAD_CONFIG);
         }
     };
+    let waiting = Arc::new(Waiting::default());
     if let Some(metrics) = &config.metrics {
-        if let Err(e) = observe::serve(metrics.listen) {
+        let probe = RunProbe {
+            waiting: waiting.clone(),
+            stall_after: config.health.stall_after(),
+            ready_lag: config.health.ready_lag(),
+        };
+        if let Err(e) = observe::serve(metrics.listen, Some(Arc::new(probe))) {
             eprintln!("fhir-cdc run: {e}");
             return ExitCode::FAILURE;
         }
-        info!(listen = %metrics.listen, "serving metrics");
+        info!(listen = %metrics.listen, "serving metrics and health");
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     info!(connector = config.name, "starting");
-    let waiting = Arc::new(Waiting::default());
     tokio::spawn(observe::pipeline::watch(
         config.name.clone(),
         waiting.clone(),
@@ -87,7 +93,7 @@ pub async fn run(args: RunArgs) -> ExitCode {
                 let delay = backoff.next(started.elapsed());
                 let (label, on) = cause(&e);
                 observe::pipeline::restarted(&config.name, label);
-                waiting.down(on);
+                waiting.down(on, e.kind());
                 if backoff.streak == 1 {
                     warn!(connector = config.name, error = %e, retry_in = ?delay, "a transient failure stopped capture: it restarts by itself from the stored state");
                 } else {

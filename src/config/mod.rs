@@ -66,18 +66,24 @@ pub struct ConnectorConfig {
 /// or the connector restarting after a transient failure) and nothing has moved for
 /// `stall_after_seconds`. A stall is warned of once, naming what delivery waits on (Kafka,
 /// the schema registry, the database), and its end is logged with how long it lasted.
+/// `/health/ready` answers 503 during a stall, and while the source lag is above
+/// `ready_lag_seconds`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     /// Seconds without progress after which waiting changes make a stall. Default 30.
     #[serde(default = "default_stall_after_seconds")]
     pub stall_after_seconds: u64,
+    /// The source lag (seconds) above which `/health/ready` answers 503. Default 60.
+    #[serde(default = "default_ready_lag_seconds")]
+    pub ready_lag_seconds: u64,
 }
 
 impl Default for HealthConfig {
     fn default() -> Self {
         Self {
             stall_after_seconds: default_stall_after_seconds(),
+            ready_lag_seconds: default_ready_lag_seconds(),
         }
     }
 }
@@ -86,10 +92,18 @@ impl HealthConfig {
     pub fn stall_after(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.stall_after_seconds)
     }
+
+    pub fn ready_lag(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.ready_lag_seconds)
+    }
 }
 
 fn default_stall_after_seconds() -> u64 {
     30
+}
+
+fn default_ready_lag_seconds() -> u64 {
+    60
 }
 
 /// What a dead letter holds of the row that failed (see `pipeline::dead_letter`).

@@ -29,8 +29,34 @@ pub struct ProjectorConfig {
     pub topics: ProjectorTopics,
     /// Where the read model lives.
     pub projection: ProjectionConfig,
-    /// Where `project` serves its metrics (Prometheus text format); none when absent.
+    /// Where `project` serves its metrics (Prometheus text format) and health probes;
+    /// none when absent.
     pub metrics: Option<MetricsConfig>,
+    /// When `/health/ready` answers 503.
+    #[serde(default)]
+    pub health: ProjectorHealth,
+}
+
+/// When the projector counts as not ready.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectorHealth {
+    /// `/health/ready` answers 503 while the last batch applied was more than this many
+    /// seconds behind Kafka (its oldest message's timestamp). Default 60.
+    #[serde(default = "default_ready_lag_seconds")]
+    pub ready_lag_seconds: u64,
+}
+
+impl Default for ProjectorHealth {
+    fn default() -> Self {
+        Self {
+            ready_lag_seconds: default_ready_lag_seconds(),
+        }
+    }
+}
+
+fn default_ready_lag_seconds() -> u64 {
+    60
 }
 
 /// The canonical topics to read.

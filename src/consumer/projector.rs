@@ -9,7 +9,7 @@
 //! with the reason, its coordinates, headers and original bytes, before the batch commits;
 //! the rest of the batch is applied.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -22,7 +22,7 @@ use super::{
     },
     target::postgres::Postgres,
 };
-use crate::observe;
+use crate::observe::{self, health::Probe, projector::ConsumerProbe};
 
 /// The projection job: every event that decoded and agrees with its envelope goes to the
 /// target as it is; the others are refused with the reason.
@@ -92,9 +92,15 @@ async fn project(
     };
     // A replay may run beside the live projector, on its port: only the latter serves.
     let metrics = config.metrics.as_ref().filter(|_| replay.is_none());
-    if let Some(metrics) = metrics {
-        observe::serve(metrics.listen).map_err(ConsumerError::Setup)?;
-        info!(listen = %metrics.listen, "serving metrics");
+    let probe = metrics.map(|_| {
+        Arc::new(ConsumerProbe::new(Duration::from_secs(
+            config.health.ready_lag_seconds,
+        )))
+    });
+    if let (Some(metrics), Some(probe)) = (metrics, &probe) {
+        let told: Arc<dyn Probe> = probe.clone();
+        observe::serve(metrics.listen, Some(told)).map_err(ConsumerError::Setup)?;
+        info!(listen = %metrics.listen, "serving metrics and health");
     }
     let mut target = Postgres::connect(&config.projection).await?;
     info!(group = %group, schema = %config.projection.schema, "projecting");
@@ -114,6 +120,7 @@ async fn project(
         until_caught_up,
         replay,
         metrics: metrics.is_some(),
+        probe,
     };
     runtime::consume(&settings, &mut Project, &mut target, shutdown).await
 }

@@ -1,14 +1,15 @@
 //! What fhir-cdc measures, served in the Prometheus text format when a configuration's
 //! `[metrics] listen` is set (through the `metrics` facade and its Prometheus exporter):
 //! [`pipeline`] for `run`, [`projector`] for `project` and `replay`, [`reconcile`] for
-//! `reconcile --every`.
+//! `reconcile --every`; and on the same listener the health probes of [`health`].
 
+pub mod health;
 pub mod pipeline;
 pub mod progress;
 pub mod projector;
 pub mod reconcile;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
@@ -22,17 +23,19 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// Events per batch.
 const BATCH_BUCKETS: &[f64] = &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0];
 
-/// Serve the metrics at `listen` (any path answers, `/metrics` by convention).
-pub fn serve(listen: SocketAddr) -> Result<(), String> {
-    PrometheusBuilder::new()
-        .with_http_listener(listen)
+/// Serve the metrics at `listen` (`/metrics`, and any path but the health probes'), and
+/// the health `probe` tells (`/health/started`, `/health/live`, `/health/ready`; a
+/// command without one answers them 503 "unknown"). Needs a Tokio runtime.
+pub fn serve(listen: SocketAddr, probe: Option<Arc<dyn health::Probe>>) -> Result<(), String> {
+    let metrics = PrometheusBuilder::new()
         .set_buckets(LATENCY_BUCKETS)
         .and_then(|b| {
             b.set_buckets_for_metric(Matcher::Suffix("_batch_events".into()), BATCH_BUCKETS)
         })
         .map_err(|e| e.to_string())?
-        .install()
-        .map_err(|e| format!("metrics.listen = {listen}: {e}"))
+        .install_recorder()
+        .map_err(|e| format!("metrics: {e}"))?;
+    health::serve(listen, metrics, probe).map_err(|e| format!("metrics.listen = {listen}: {e}"))
 }
 
 /// Seconds from `then` to now (never negative: clocks may disagree).

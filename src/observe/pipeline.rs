@@ -10,16 +10,18 @@
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicI64, AtomicU8, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering::Relaxed},
         Arc,
     },
+    time::Duration,
 };
 
 use chrono::{DateTime, Utc};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use tracing::{info, warn};
 
-use crate::change::SourceTable;
+use super::health::{Probe, Readiness};
+use crate::{change::SourceTable, error::Kind as ErrorKind};
 
 /// The counters of one table.
 #[derive(Debug, Clone)]
@@ -134,6 +136,16 @@ pub struct Waiting {
     /// When delivery last moved while changes waited.
     since: AtomicI64,
     on: AtomicU8,
+    /// Capture runs: the topics and schemas are ready and the source is read (false from
+    /// a transient failure until the restart gets there again).
+    running: AtomicBool,
+    /// Capture ran at least once.
+    started: AtomicBool,
+    /// The kind of the failure that stopped capture last: 1 + its index in
+    /// [`ErrorKind::ALL`]; 0 for none since capture last ran.
+    failed: AtomicU8,
+    /// When [`watch`] last made its round.
+    beat: AtomicI64,
 }
 
 impl Waiting {
@@ -177,10 +189,118 @@ impl Waiting {
         self.on.fetch_and(!part, Relaxed);
     }
 
-    /// The connector went down (a transient failure) and waits on `on` to come back: what
+    /// The connector went down (a failure of `kind`) and waits on `on` to come back: what
     /// waited still waits, and if nothing did, the outage itself counts from now.
-    pub fn down(&self, on: u8) {
+    pub fn down(&self, on: u8, kind: ErrorKind) {
+        self.running.store(false, Relaxed);
+        self.failed.store(kind as u8 + 1, Relaxed);
         self.wait(None, on, false);
+    }
+
+    /// Capture runs: the topics and schemas are ready, the source is read.
+    pub fn running(&self) {
+        self.failed.store(0, Relaxed);
+        self.started.store(true, Relaxed);
+        self.running.store(true, Relaxed);
+    }
+}
+
+/// What `run` tells the health probes, from its [`Waiting`]: started once capture ran;
+/// live while [`watch`] makes its round every second (a runtime whose threads are stuck
+/// misses it); ready while capture runs, delivery is not stalled and the source lag is
+/// within `ready_lag`.
+#[derive(Debug)]
+pub struct RunProbe {
+    pub waiting: Arc<Waiting>,
+    pub stall_after: Duration,
+    pub ready_lag: Duration,
+}
+
+/// How long [`watch`] may go without a round (it makes one a second) before the process
+/// counts as stuck.
+const LIVE_AFTER_MS: i64 = 10_000;
+
+impl Probe for RunProbe {
+    fn started(&self) -> bool {
+        self.waiting.started.load(Relaxed)
+    }
+
+    fn live(&self) -> Result<(), String> {
+        let beat = self.waiting.beat.load(Relaxed);
+        let ago = Utc::now().timestamp_millis() - beat;
+        if beat == 0 || ago <= LIVE_AFTER_MS {
+            Ok(())
+        } else {
+            Err(format!(
+                "the connector's watch has not run for {} s",
+                ago / 1000
+            ))
+        }
+    }
+
+    fn ready(&self) -> Readiness {
+        readiness(&self.waiting, Utc::now().timestamp_millis(), self)
+    }
+}
+
+/// [`RunProbe::ready`] at `now` (ms since the epoch).
+fn readiness(waiting: &Waiting, now: i64, probe: &RunProbe) -> Readiness {
+    let (oldest, since, on) = (
+        waiting.oldest.load(Relaxed),
+        waiting.since.load(Relaxed),
+        waiting.on.load(Relaxed),
+    );
+    let running = waiting.running.load(Relaxed);
+    let lag_ms = if oldest == 0 {
+        0
+    } else {
+        (now - oldest).max(0)
+    };
+    let stall_ms = i64::try_from(probe.stall_after.as_millis()).unwrap_or(i64::MAX);
+    let stalled = since != 0 && now - since >= stall_ms;
+    let mut reasons = Vec::new();
+    if !running {
+        reasons.push(if waiting.started.load(Relaxed) {
+            format!(
+                "capture restarts after a failure, waiting on {}",
+                waits::describe(on)
+            )
+        } else {
+            format!("capture is starting, waiting on {}", waits::describe(on))
+        });
+    } else if stalled {
+        reasons.push(format!(
+            "delivery has made no progress for {} s while changes wait on {}",
+            (now - since) / 1000,
+            waits::describe(on)
+        ));
+    }
+    let lag_bound = i64::try_from(probe.ready_lag.as_millis()).unwrap_or(i64::MAX);
+    if lag_ms > lag_bound {
+        reasons.push(format!(
+            "the source lag, {} s, is above [health] ready_lag_seconds ({} s)",
+            lag_ms / 1000,
+            lag_bound / 1000
+        ));
+    }
+    let down = !running || stalled;
+    let components = [
+        ("source", waits::DATABASE),
+        ("kafka", waits::KAFKA),
+        ("registry", waits::REGISTRY),
+    ]
+    .into_iter()
+    .map(|(name, bit)| (name, if down && on & bit != 0 { "down" } else { "up" }))
+    .collect();
+    let failed = waiting.failed.load(Relaxed);
+    Readiness {
+        ready: reasons.is_empty(),
+        components,
+        lag_seconds: u64::try_from(lag_ms / 1000).unwrap_or(0),
+        last_error_kind: ErrorKind::ALL
+            .get(usize::from(failed).wrapping_sub(1))
+            .map(|k| k.name()),
+        reasons,
     }
 }
 
@@ -190,12 +310,12 @@ impl Waiting {
 pub async fn watch(
     connector: String,
     waiting: Arc<Waiting>,
-    stall_after: std::time::Duration,
+    stall_after: Duration,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let labels = [("connector", connector.clone())];
     let lag = gauge!("fhir_cdc_source_lag_milliseconds", &labels);
-    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The `since` of the stall warned of, and when that stall began.
     let mut stalled: Option<i64> = None;
@@ -206,6 +326,7 @@ pub async fn watch(
             _ = ticks.tick() => {}
         }
         let now = Utc::now().timestamp_millis();
+        waiting.beat.store(now, Relaxed);
         let oldest = waiting.oldest.load(Relaxed);
         lag.set(if oldest == 0 {
             0.0
@@ -244,6 +365,58 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ready_follows_capture_stalls_the_lag_and_failures() {
+        let waiting = Arc::new(Waiting::default());
+        let probe = RunProbe {
+            waiting: waiting.clone(),
+            stall_after: Duration::from_secs(5),
+            ready_lag: Duration::from_secs(60),
+        };
+        let now = || Utc::now().timestamp_millis();
+        let starting = readiness(&waiting, now(), &probe);
+        assert!(!starting.ready && !probe.started());
+        assert!(starting.reasons[0].contains("starting"), "{starting:?}");
+
+        waiting.running();
+        waiting.clear();
+        let ready = readiness(&waiting, now(), &probe);
+        assert!(ready.ready && probe.started(), "{ready:?}");
+        assert!(ready.components.values().all(|state| *state == "up"));
+
+        // Changes wait on Kafka and nothing moves for longer than the stall bound.
+        let committed = Utc::now() - chrono::Duration::seconds(20);
+        waiting.wait(Some(committed), waits::KAFKA, false);
+        assert!(readiness(&waiting, now(), &probe).ready, "not stalled yet");
+        let stalled = readiness(&waiting, now() + 10_000, &probe);
+        assert!(!stalled.ready);
+        assert_eq!(stalled.components["kafka"], "down");
+        assert_eq!(stalled.components["registry"], "up");
+        assert!((29..=31).contains(&stalled.lag_seconds), "{stalled:?}");
+
+        // Moving, but behind by more than the lag bound.
+        waiting.wait(
+            Some(Utc::now() - chrono::Duration::seconds(120)),
+            waits::KAFKA,
+            true,
+        );
+        let behind = readiness(&waiting, now(), &probe);
+        assert!(!behind.ready && behind.components["kafka"] == "up");
+        assert!(
+            behind.reasons[0].contains("ready_lag_seconds"),
+            "{behind:?}"
+        );
+
+        // Down after a transient failure, waiting on the registry.
+        waiting.down(waits::REGISTRY, ErrorKind::Transient);
+        let down = readiness(&waiting, now(), &probe);
+        assert!(!down.ready && down.components["registry"] == "down");
+        assert_eq!(down.last_error_kind, Some("transient"));
+        assert!(down.reasons[0].contains("restarts"), "{down:?}");
+        waiting.running();
+        assert_eq!(readiness(&waiting, now(), &probe).last_error_kind, None);
+    }
+
+    #[test]
     fn waiting_keeps_the_oldest_change_through_an_outage_until_everything_is_acknowledged() {
         let waiting = Waiting::default();
         assert!(!waiting.is_waiting());
@@ -253,7 +426,7 @@ mod tests {
         assert!(waiting.is_waiting());
         assert_eq!(waiting.oldest.load(Relaxed), committed.timestamp_millis());
         // Going down keeps what waited, and when it began; the cause replaces Kafka.
-        waiting.down(waits::DATABASE);
+        waiting.down(waits::DATABASE, ErrorKind::Transient);
         assert_eq!(waiting.oldest.load(Relaxed), committed.timestamp_millis());
         assert_eq!(waiting.since.load(Relaxed), since);
         assert_eq!(
@@ -265,7 +438,7 @@ mod tests {
         assert!(!waiting.is_waiting());
         assert_eq!(waiting.oldest.load(Relaxed), 0);
         // Down with nothing waiting: the outage counts from now.
-        waiting.down(waits::REGISTRY);
+        waiting.down(waits::REGISTRY, ErrorKind::Transient);
         assert!(waiting.oldest.load(Relaxed) >= committed.timestamp_millis() + 39_000);
         waiting.set_on(waits::KAFKA | waits::REGISTRY);
         assert_eq!(

@@ -7,9 +7,16 @@
 //! commit of a change → the commit of its batch in the projection; streamed changes only,
 //! as snapshot reads have no source commit) and the events per batch.
 
-use std::collections::HashMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed},
+    time::Duration,
+};
 
+use chrono::Utc;
 use metrics::{counter, gauge, histogram, Counter, Histogram};
+
+use super::health::{Probe, Readiness};
 
 /// The counters of one topic.
 #[derive(Debug, Clone)]
@@ -66,4 +73,105 @@ pub fn consumer_lag(projector: &str, topic: &str, partition: i32, lag: i64) {
     gauge!("fhir_cdc_projector_consumer_lag_messages",
         "projector" => projector.to_owned(), "topic" => topic.to_owned(), "partition" => partition.to_string())
     .set(lag as f64);
+}
+
+/// What a consumer (`project`) tells the health probes: started once partitions were
+/// assigned; live while its loop makes a round (it does at least every few hundred
+/// milliseconds, idle or not) within `LIVE_AFTER`; ready while it has partitions, its loop
+/// is live and what it last did was at most `ready_lag` behind Kafka.
+#[derive(Debug)]
+pub struct ConsumerProbe {
+    ready_lag: Duration,
+    started: AtomicBool,
+    assigned: AtomicBool,
+    /// When the loop last made a round (ms since the epoch).
+    beat: AtomicI64,
+    /// Kafka's timestamp of the oldest message of the last batch (ms); 0 when idle.
+    behind: AtomicI64,
+}
+
+/// How long the consumer's loop may go without a round before it counts as stuck.
+const LIVE_AFTER: Duration = Duration::from_secs(60);
+
+impl ConsumerProbe {
+    pub fn new(ready_lag: Duration) -> Self {
+        Self {
+            ready_lag,
+            started: AtomicBool::new(false),
+            assigned: AtomicBool::new(false),
+            beat: AtomicI64::new(0),
+            behind: AtomicI64::new(0),
+        }
+    }
+
+    /// A round of the loop: `assigned`, whether it has partitions; `oldest`, Kafka's
+    /// timestamp of the oldest message of the batch it just committed (`None`: idle).
+    pub fn round(&self, assigned: bool, oldest: Option<i64>) {
+        self.beat.store(Utc::now().timestamp_millis(), Relaxed);
+        self.assigned.store(assigned, Relaxed);
+        if assigned {
+            self.started.store(true, Relaxed);
+        }
+        self.behind.store(oldest.unwrap_or(0), Relaxed);
+    }
+
+    fn since_beat(&self) -> Option<Duration> {
+        let beat = self.beat.load(Relaxed);
+        (beat != 0).then(|| {
+            Duration::from_millis(u64::try_from(Utc::now().timestamp_millis() - beat).unwrap_or(0))
+        })
+    }
+}
+
+impl Probe for ConsumerProbe {
+    fn started(&self) -> bool {
+        self.started.load(Relaxed)
+    }
+
+    fn live(&self) -> Result<(), String> {
+        match self.since_beat() {
+            Some(ago) if ago > LIVE_AFTER => Err(format!(
+                "the consumer's loop has made no round for {} s",
+                ago.as_secs()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn ready(&self) -> Readiness {
+        let behind = self.behind.load(Relaxed);
+        let lag_ms = if behind == 0 {
+            0
+        } else {
+            (Utc::now().timestamp_millis() - behind).max(0)
+        };
+        let lag = Duration::from_millis(u64::try_from(lag_ms).unwrap_or(0));
+        let assigned = self.assigned.load(Relaxed);
+        let mut reasons = Vec::new();
+        if !assigned {
+            reasons
+                .push("no partitions assigned (the group is rebalancing, or starting)".to_owned());
+        }
+        if let Err(why) = self.live() {
+            reasons.push(why);
+        }
+        if lag > self.ready_lag {
+            reasons.push(format!(
+                "the last batch was {} s behind Kafka, above [health] ready_lag_seconds ({} s)",
+                lag.as_secs(),
+                self.ready_lag.as_secs()
+            ));
+        }
+        let live = self.live().is_ok();
+        Readiness {
+            ready: reasons.is_empty(),
+            components: BTreeMap::from([
+                ("kafka", if assigned { "up" } else { "down" }),
+                ("target", if live { "up" } else { "down" }),
+            ]),
+            lag_seconds: lag.as_secs(),
+            last_error_kind: None,
+            reasons,
+        }
+    }
 }

@@ -517,6 +517,7 @@ async fn map_and_send<S: Source>(
             }
         }
     };
+    waiting.running();
     match (recovering, batch.is_empty()) {
         (true, _) => waiting.set_on(waits::DATABASE),
         (false, true) => waiting.clear(),

@@ -20,7 +20,7 @@ use std::{
 use integration_tests::{
     connector::{
         assert_repeats_are_exact, await_binlog_stored, await_snapshotted, await_streaming,
-        events_of, exit_within, latest_values, start, stop,
+        events_of, exit_within, free_port, http_get, latest_values, scrape, start, stop,
     },
     stack,
 };
@@ -289,4 +289,117 @@ async fn rotated_logs_resume_by_gtid_and_purged_ones_need_when_needed() {
         latest_values(&events_of(&topic).await, "/priceOverride/value"),
         expected
     );
+}
+
+/// The broker resumed when dropped, also when an assertion fails while it is frozen.
+struct Frozen;
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        fault(&["resume", "kafka"]);
+    }
+}
+
+/// `GET path` until `wanted` holds for its status and body (at most `wait`); the last answer.
+async fn probe_until(
+    port: u16,
+    path: &str,
+    wait: Duration,
+    wanted: impl Fn(u16, &serde_json::Value) -> bool,
+) -> (u16, serde_json::Value) {
+    let deadline = Instant::now() + wait;
+    loop {
+        let answer = http_get(port, path).ok().map(|(status, body)| {
+            (
+                status,
+                serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+            )
+        });
+        if let Some((status, body)) = &answer {
+            if wanted(*status, body) {
+                return answer.unwrap();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} did not answer as wanted within {wait:?}; last: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The health probes of a running connector: started and ready once it captures; while the
+/// broker is frozen and changes wait, ready turns 503 and names Kafka, live stays 200; ready
+/// again once the broker answers.
+#[tokio::test]
+async fn health_turns_unready_while_a_frozen_broker_stalls_delivery_and_ready_again_after() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let client = stack::pg_client().await;
+    let schema = stack::unique("healthfault");
+    stack::create_lab_schema(&client, &schema).await;
+    let dir = std::env::temp_dir().join(&schema);
+    stack::lab_mappings(&dir.join("mappings"), &schema, &["result.yaml"]);
+    let prefix = stack::unique("fhirhealth");
+    let port = free_port();
+    let config = stack::connector_config(
+        &dir,
+        &schema,
+        &prefix,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n[health]\nstall_after_seconds = 2\n"),
+    );
+    let slot = format!("fhir_cdc_{schema}");
+    let log = dir.join("run.log");
+    let connector = start(&config, &log);
+    await_streaming(&client, &slot, &log).await;
+    let minute = Duration::from_secs(60);
+    probe_until(port, "/health/started", minute, |s, _| s == 200).await;
+    let (_, ready) = probe_until(port, "/health/ready", minute, |s, _| s == 200).await;
+    assert_eq!(ready["components"]["kafka"], "up", "{ready}");
+    assert_eq!(http_get(port, "/health/live").unwrap().0, 200);
+    assert!(
+        scrape(port)
+            .keys()
+            .any(|k| k.starts_with("fhir_cdc_source_lag_milliseconds")),
+        "the metrics are still served beside the probes"
+    );
+
+    // Rows keep coming while the broker is frozen: they wait, and delivery stalls.
+    let writing = CancellationToken::new();
+    let writer = {
+        let (table, writing) = (format!("{schema}.lab_result"), writing.clone());
+        tokio::spawn(async move {
+            let client = stack::pg_client().await;
+            while !writing.is_cancelled() {
+                stack::insert_results(&client, &table, 5).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    fault(&["pause", "kafka"]);
+    let frozen = Frozen;
+    let (status, unready) =
+        probe_until(port, "/health/ready", Duration::from_secs(30), |s, body| {
+            s == 503 && body["components"]["kafka"] == "down"
+        })
+        .await;
+    assert_eq!(status, 503);
+    let reasons = unready["reasons"].to_string();
+    assert!(reasons.contains("Kafka"), "{unready}");
+    assert_eq!(
+        http_get(port, "/health/live").unwrap().0,
+        200,
+        "a stalled delivery is not a stuck process"
+    );
+    drop(frozen);
+    let (_, ready) = probe_until(port, "/health/ready", Duration::from_secs(120), |s, _| {
+        s == 200
+    })
+    .await;
+    assert_eq!(ready["components"]["kafka"], "up", "{ready}");
+    writing.cancel();
+    writer.await.unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(stop(connector).success(), "{text}");
+    stack::drop_capture(&client, &slot, &slot, &schema).await;
+    std::fs::remove_dir_all(dir).unwrap();
 }

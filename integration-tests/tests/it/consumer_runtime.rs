@@ -69,6 +69,7 @@ fn settings<'a>(
         until_caught_up: true,
         replay: None,
         metrics: false,
+        probe: None,
     }
 }
 

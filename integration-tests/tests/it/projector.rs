@@ -869,7 +869,7 @@ prefix = "{prefix}"
 }
 
 #[tokio::test]
-async fn the_metrics_count_per_topic_and_the_lag_comes_down_to_zero() {
+async fn the_metrics_count_per_topic_the_lag_comes_down_to_zero_and_the_projector_is_ready() {
     let client = stack::pg_client().await;
     let prefix = stack::unique("fhirprojm");
     let dir = std::env::temp_dir().join(&prefix);
@@ -943,6 +943,14 @@ async fn the_metrics_count_per_topic_and_the_lag_comes_down_to_zero() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // Beside the metrics, the health probes: started, live, and ready once caught up.
+    let get = |path| crate::connector::http_get(port, path).unwrap();
+    assert_eq!(get("/health/started").0, 200);
+    assert_eq!(get("/health/live").0, 200);
+    let (status, body) = get("/health/ready");
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["components"]["kafka"], "up", "{ready}");
     assert!(crate::connector::stop(projector).success());
     assert_eq!(
         count(&client, &format!("SELECT count(*) FROM {schema}.resources")).await,

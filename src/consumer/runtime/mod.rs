@@ -57,7 +57,11 @@ use crate::{
     canonical::registry::EventCodec,
     config::{KafkaProperties, RegistryConfig},
     kafka::{ensure_topics, Producer, TopicSpec},
-    observe::{self, progress::Progress, projector::Metrics},
+    observe::{
+        self,
+        progress::Progress,
+        projector::{ConsumerProbe, Metrics},
+    },
 };
 
 /// A topic and one of its partitions.
@@ -187,6 +191,8 @@ pub struct Settings<'a> {
     /// Whether the metrics are served (the consumer lag then comes with librdkafka's
     /// statistics).
     pub metrics: bool,
+    /// What the health probes are told, when they are served.
+    pub probe: Option<Arc<ConsumerProbe>>,
 }
 
 /// What a consumer run did.
@@ -295,6 +301,9 @@ pub async fn consume<J: Job, T: Target<J>>(
             );
         }
         let Fetched::Batch(mut batch) = item? else {
+            if let Some(probe) = &settings.probe {
+                probe.round(!next.is_empty(), None);
+            }
             if settings.until_caught_up && group::caught_up(target, group, &ends).await? {
                 break;
             }
@@ -316,6 +325,9 @@ pub async fn consume<J: Job, T: Target<J>>(
         summary.dead_lettered += letters.sent();
         account(&batch, &done.counts, &mut summary, &mut measured);
         next.extend(done.ends);
+        if let Some(probe) = &settings.probe {
+            probe.round(true, batch.iter().filter_map(|r| r.timestamp).min());
+        }
         lock(&consumer.context().floor).extend(next.iter().map(|(p, o)| (p.clone(), *o)));
         // For visibility (lag in Kafka's tools) and as the start point of a new member.
         let mut commit = TopicPartitionList::new();
