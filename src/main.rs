@@ -1,7 +1,7 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 use clap::Parser;
-use fhir_cdc::cli::Cli;
+use fhir_cdc::cli::{Cli, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 // Mapping and encoding allocate many small, short-lived values; mimalloc serves them several
@@ -11,11 +11,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("warn")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        // One object a line: `timestamp`, `level`, `target` (the component), the message
+        // and its fields at the top level.
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(workers) = cli.worker_threads() {
         builder.worker_threads(workers);

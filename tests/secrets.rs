@@ -142,6 +142,22 @@ schema = "fhir_projection"
             &["tail", "--to-end"],
             &misspelt,
         ),
+        // The same paths with JSON log lines.
+        (
+            "run, JSON logs",
+            &["--log-format", "json", "run"],
+            &connector,
+        ),
+        (
+            "project, JSON logs",
+            &["--log-format", "json", "project"],
+            &projector,
+        ),
+        (
+            "run with a misspelt Kafka key, JSON logs",
+            &["--log-format", "json", "run"],
+            &misspelt,
+        ),
     ];
     // Side by side: most of them wait out an absent service.
     let said: Vec<String> = std::thread::scope(|scope| {
@@ -162,6 +178,23 @@ schema = "fhir_projection"
         if *config == misspelt.as_path() {
             // The typo is still explained.
             assert!(said.contains("sasl.pasword"), "{what}: {said}");
+        }
+        if what.ends_with("JSON logs") {
+            // Every log line is one JSON object with a time, a level and a component (the
+            // command's own last words, on a failure, are plain text after them).
+            let logged: Vec<&str> = said.lines().filter(|l| l.starts_with('{')).collect();
+            // `run` logs its start before it meets the absent services.
+            assert!(
+                !what.starts_with("run") || !logged.is_empty(),
+                "{what} logged no JSON line: {said}"
+            );
+            for line in logged {
+                let object: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {line}"));
+                for field in ["timestamp", "level", "target"] {
+                    assert!(object.get(field).is_some(), "{what}: no {field}: {line}");
+                }
+            }
         }
     }
     std::fs::remove_dir_all(dir).unwrap();

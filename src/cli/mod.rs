@@ -24,8 +24,26 @@ pub struct Cli {
     #[arg(long, global = true, env = "FHIR_CDC_LOG", default_value = "info")]
     pub log: String,
 
+    /// Log lines as human text (the default) or as one JSON object per line (time, level,
+    /// component, the message and its fields) for a log pipeline.
+    #[arg(
+        long,
+        global = true,
+        env = "FHIR_CDC_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
