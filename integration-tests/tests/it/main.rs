@@ -7,6 +7,7 @@ mod compose;
 mod connector_run;
 mod consumer_runtime;
 mod crash_restart;
+mod deploy;
 mod dlq;
 mod fhir_definitions;
 mod fhir_oracle;
