@@ -27,6 +27,19 @@ pub struct Store {
     pub duplicates: u64,
     /// Batches committed.
     pub commits: u64,
+    /// The ids of `applied`: the ledger a commit looks repeats up in.
+    ledger: HashSet<String>,
+}
+
+impl Store {
+    /// Move `group`'s next offset of `partition` to `offset`, never back.
+    fn advance(&mut self, group: &str, partition: &Partition, offset: i64) {
+        let next = self
+            .offsets
+            .entry((group.to_owned(), partition.clone()))
+            .or_insert(offset);
+        *next = (*next).max(offset);
+    }
 }
 
 /// A target in memory. Clones share the store: give each member of a group one.
@@ -102,12 +115,7 @@ impl Target<Project> for Memory {
         partition: &Partition,
         offset: i64,
     ) -> Result<(), ConsumerError> {
-        let mut store = self.store();
-        let next = store
-            .offsets
-            .entry((group.to_owned(), partition.clone()))
-            .or_insert(offset);
-        *next = (*next).max(offset);
+        self.store().advance(group, partition, offset);
         Ok(())
     }
 
@@ -150,12 +158,11 @@ impl Target<Project> for Memory {
             ));
         }
         let mut store = self.store();
-        let mut seen: HashSet<String> = store.applied.iter().map(|(id, _)| id.clone()).collect();
         let mut counts = TopicCounts::new();
         for (_, entry) in accepted {
             let counts = counts.entry(entry.at.topic.clone()).or_default();
             let id = &entry.event.event().event_id;
-            if seen.insert(id.clone()) {
+            if store.ledger.insert(id.clone()) {
                 store.applied.push((id.clone(), entry.at.clone()));
                 counts.applied += 1;
             } else {
@@ -164,11 +171,7 @@ impl Target<Project> for Memory {
             }
         }
         for (partition, end) in ends {
-            let next = store
-                .offsets
-                .entry((group.to_owned(), partition.clone()))
-                .or_insert(*end);
-            *next = (*next).max(*end);
+            store.advance(group, partition, *end);
         }
         store.commits += 1;
         Ok(counts)
