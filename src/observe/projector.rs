@@ -152,7 +152,9 @@ impl Probe for ConsumerProbe {
             reasons
                 .push("no partitions assigned (the group is rebalancing, or starting)".to_owned());
         }
-        if let Err(why) = self.live() {
+        let live = self.live();
+        let target = if live.is_ok() { "up" } else { "down" };
+        if let Err(why) = live {
             reasons.push(why);
         }
         if lag > self.ready_lag {
@@ -162,12 +164,11 @@ impl Probe for ConsumerProbe {
                 self.ready_lag.as_secs()
             ));
         }
-        let live = self.live().is_ok();
         Readiness {
             ready: reasons.is_empty(),
             components: BTreeMap::from([
                 ("kafka", if assigned { "up" } else { "down" }),
-                ("target", if live { "up" } else { "down" }),
+                ("target", target),
             ]),
             lag_seconds: lag.as_secs(),
             last_error_kind: None,
