@@ -145,8 +145,15 @@ async fn reconcile(args: ReconcileArgs) -> Result<ExitCode, Failure> {
     let connector = ConnectorConfig::load(config).map_err(bad)?;
     let projector = ProjectorConfig::load(projection).map_err(bad)?;
     let codec = EventCodec::new(&connector.schema_registry).map_err(bad)?;
+    // Passes every interval serve health; a single pass, its metrics only.
+    let probe = args
+        .every
+        .map(|every| std::sync::Arc::new(observe::reconcile::ReconcileProbe::new(every)));
     if let Some(listen) = args.metrics_listen {
-        observe::serve(listen, None).map_err(bad)?;
+        let told = probe
+            .clone()
+            .map(|p| p as std::sync::Arc<dyn observe::health::Probe>);
+        observe::serve(listen, told).map_err(bad)?;
     }
     let pass = Pass {
         connector: &connector,
@@ -154,14 +161,17 @@ async fn reconcile(args: ReconcileArgs) -> Result<ExitCode, Failure> {
         table: args.table.as_deref(),
         lag_bound: Duration::from_secs(args.lag_bound),
     };
-    let Some(every) = args.every else {
+    let (Some(every), Some(probe)) = (args.every, probe) else {
         return round(&pass, &codec, args.repair).await;
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(super::run::stop_on_signal(shutdown.clone()));
     loop {
         let started = Instant::now();
-        match round(&pass, &codec, args.repair).await {
+        probe.begin();
+        let ended = round(&pass, &codec, args.repair).await;
+        probe.end(ended.is_ok());
+        match ended {
             Err((code, message)) if code == super::EXIT_BAD_CONFIG => return Err((code, message)),
             // The next pass may go better (a connector restarted, a database back).
             Err((_, message)) => eprintln!("fhir-cdc reconcile: {message}"),

@@ -14,8 +14,8 @@ use std::{
 
 use crate::{
     connector::{
-        await_caught_up, await_snapshotted, free_port, read_for, scrape, spawn, start, stop,
-        Connector,
+        await_caught_up, await_snapshotted, free_port, http_get, read_for, scrape, spawn, start,
+        stop, Connector,
     },
     projector::{drop_projections, project_until_caught_up, projector_config},
     stack,
@@ -654,6 +654,11 @@ async fn the_dashboard_asks_only_for_metrics_the_binaries_export() {
         })
         .map(|(_, n)| *n);
     assert!(clean >= Some(1.0), "{reconciled:?}");
+    // Passes every interval serve health on the same listener.
+    for path in ["/health/started", "/health/live", "/health/ready"] {
+        let (status, body) = http_get(ports[2], path).unwrap();
+        assert_eq!(status, 200, "{path}: {body}");
+    }
     assert!(stop(reconciling).success());
     assert!(stop(projecting).success());
     lab.end().await;
