@@ -51,6 +51,7 @@ pub mod mapping;
 pub mod observe;
 pub mod offsets;
 pub mod pipeline;
+pub mod plan;
 pub mod postgres;
 pub mod preflight;
 pub mod reconcile;

@@ -15,9 +15,12 @@ use schema_registry_converter::{
     schema_registry_common::{SchemaType, SuppliedSchema},
 };
 
-use super::{schema::event_schema, AvroShapeError, CanonicalEvent, EventWriter, JsonResource};
+use super::{
+    schema::{self, event_schema},
+    AvroShapeError, CanonicalEvent, EventWriter, JsonResource,
+};
 use crate::{
-    config::{redact_urls, RegistryAuth, RegistryConfig},
+    config::{redact_urls, Compatibility, RegistryAuth, RegistryConfig, Secret},
     preflight::{self, Finding},
 };
 
@@ -98,12 +101,11 @@ pub async fn check(config: &RegistryConfig) -> Vec<Finding> {
         )];
     };
     let compatibility = match client.get(format!("{base}/config")).send().await {
-        Ok(r) => r.json::<serde_json::Value>().await.ok().and_then(|v| {
-            v.get("compatibilityLevel")
-                .or(v.get("compatibility"))
-                .and_then(|c| c.as_str())
-                .map(str::to_owned)
-        }),
+        Ok(r) => r
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| level_named(&v).map(str::to_owned)),
         Err(_) => None,
     };
     vec![Finding::ok(
@@ -116,6 +118,246 @@ pub async fn check(config: &RegistryConfig) -> Vec<Finding> {
     )]
 }
 
+/// The registry's subjects, read and configured over its REST API: what
+/// schema_registry_converter does not do (compatibility levels and checks, versions).
+#[derive(Debug, Clone)]
+pub struct Subjects {
+    client: reqwest::Client,
+    base: String,
+    auth: Auth,
+    /// The level set on the subjects fhir-cdc creates.
+    compatibility: Compatibility,
+}
+
+#[derive(Debug, Clone)]
+enum Auth {
+    None,
+    Basic(String, Secret),
+    Bearer(Secret),
+}
+
+/// A subject's versions (oldest first) and the compatibility level the registry applies to
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub versions: Vec<(u32, String)>,
+    pub compatibility: Option<Compatibility>,
+}
+
+/// What registering a schema under a subject would do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// No version yet: the schema becomes version 1, and the subject gets the configured
+    /// compatibility level.
+    First(Compatibility),
+    /// The latest version is this schema: nothing to register.
+    Unchanged(u32),
+    /// A new version the registry admits.
+    Compatible(u32),
+    /// A new version the registry refuses: why, naming the fields.
+    Incompatible(Vec<String>),
+}
+
+const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+
+impl Subjects {
+    /// A client of `config`'s registry; an error names a `ca_file` that cannot be used.
+    pub fn new(config: &RegistryConfig) -> Result<Self, CodecError> {
+        let client = client_builder(config)
+            .map_err(CodecError::Setup)?
+            .timeout(TIMEOUT)
+            .build()
+            .map_err(|e| CodecError::Setup(e.to_string()))?;
+        let auth = match config.auth() {
+            RegistryAuth::None => Auth::None,
+            RegistryAuth::Basic(user, password) => Auth::Basic(user.to_owned(), password.clone()),
+            RegistryAuth::Bearer(token) => Auth::Bearer(token.clone()),
+        };
+        Ok(Self {
+            client,
+            base: config.url.trim_end_matches('/').to_owned(),
+            auth,
+            compatibility: config.compatibility,
+        })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self
+            .client
+            .request(method, format!("{}/{path}", self.base))
+            .header(reqwest::header::ACCEPT, CONTENT_TYPE);
+        match &self.auth {
+            Auth::None => request,
+            Auth::Basic(user, password) => request.basic_auth(user, Some(password.expose())),
+            Auth::Bearer(token) => request.bearer_auth(token.expose()),
+        }
+    }
+
+    /// The JSON answer to `request`; `None` for HTTP 404 (no such subject or version).
+    async fn answer(
+        &self,
+        request: reqwest::RequestBuilder,
+        doing: &str,
+    ) -> Result<Option<serde_json::Value>, CodecError> {
+        let failed =
+            |e: &dyn fmt::Display| CodecError::Registry(redact_urls(&format!("{doing}: {e}")));
+        let response = request.send().await.map_err(|e| failed(&e.without_url()))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let body: serde_json::Value = response
+            .json()
+            .await
+            .map_err(|e| failed(&e.without_url()))?;
+        if !status.is_success() {
+            let message = body.get("message").and_then(|m| m.as_str()).unwrap_or("");
+            return Err(failed(&format!("HTTP {status} {message}")));
+        }
+        Ok(Some(body))
+    }
+
+    /// Every subject the registry holds.
+    pub async fn list(&self) -> Result<Vec<String>, CodecError> {
+        let body = self
+            .answer(
+                self.request(reqwest::Method::GET, "subjects"),
+                "listing the subjects",
+            )
+            .await?;
+        Ok(body
+            .and_then(|b| serde_json::from_value(b).ok())
+            .unwrap_or_default())
+    }
+
+    /// `subject`'s versions and level; `None` when the subject has no version.
+    pub async fn registered(&self, subject: &str) -> Result<Option<Registered>, CodecError> {
+        let doing = format!("reading subject {subject}");
+        let Some(numbers) = self
+            .answer(
+                self.request(
+                    reqwest::Method::GET,
+                    &format!("subjects/{subject}/versions"),
+                ),
+                &doing,
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let numbers: Vec<u32> = serde_json::from_value(numbers)
+            .map_err(|e| CodecError::Registry(format!("{doing}: {e}")))?;
+        let mut versions = Vec::with_capacity(numbers.len());
+        for number in numbers {
+            let path = format!("subjects/{subject}/versions/{number}");
+            if let Some(body) = self
+                .answer(self.request(reqwest::Method::GET, &path), &doing)
+                .await?
+            {
+                let schema = body.get("schema").and_then(|s| s.as_str()).unwrap_or("");
+                versions.push((number, schema.to_owned()));
+            }
+        }
+        if versions.is_empty() {
+            return Ok(None);
+        }
+        let level = self
+            .answer(
+                self.request(reqwest::Method::GET, &format!("config/{subject}")),
+                &doing,
+            )
+            .await?;
+        let compatibility = level
+            .as_ref()
+            .and_then(level_named)
+            .and_then(Compatibility::from_name);
+        Ok(Some(Registered {
+            versions,
+            compatibility,
+        }))
+    }
+
+    /// What registering `schema` under `subject` would do, asked of the registry without
+    /// registering anything.
+    pub async fn verdict(&self, subject: &str, schema: &str) -> Result<Verdict, CodecError> {
+        let Some(registered) = self.registered(subject).await? else {
+            return Ok(Verdict::First(self.compatibility));
+        };
+        let wanted = canonical_form(schema);
+        if let Some((version, _)) = registered
+            .versions
+            .iter()
+            .rev()
+            .find(|(_, text)| canonical_form(text) == wanted)
+        {
+            if Some(*version) == registered.versions.last().map(|(v, _)| *v) {
+                return Ok(Verdict::Unchanged(*version));
+            }
+        }
+        let doing = format!("asking whether a new version of {subject} is compatible");
+        let body = self
+            .answer(
+                self.request(
+                    reqwest::Method::POST,
+                    &format!("compatibility/subjects/{subject}/versions/latest?verbose=true"),
+                )
+                .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+                .json(&serde_json::json!({ "schema": schema })),
+                &doing,
+            )
+            .await?
+            .unwrap_or_default();
+        let next = registered.versions.last().map_or(1, |(v, _)| v + 1);
+        if body.get("is_compatible").and_then(|c| c.as_bool()) != Some(false) {
+            return Ok(Verdict::Compatible(next));
+        }
+        // The registry's reasons when it gives them (Confluent's verbose answer), and the
+        // fields by Avro's rules at the subject's level (Apicurio answers yes or no).
+        let level = registered.compatibility.unwrap_or(self.compatibility);
+        let mut reasons = schema::incompatibilities(level, &registered.versions, schema);
+        if reasons.is_empty() {
+            reasons = body
+                .get("messages")
+                .and_then(|m| serde_json::from_value::<Vec<String>>(m.clone()).ok())
+                .unwrap_or_default();
+        }
+        if reasons.is_empty() {
+            reasons.push(format!(
+                "the registry refuses it at level {} without saying why",
+                level.name()
+            ));
+        }
+        Ok(Verdict::Incompatible(reasons))
+    }
+
+    /// Set `subject`'s compatibility level to the configured one.
+    pub async fn set_compatibility(&self, subject: &str) -> Result<(), CodecError> {
+        self.answer(
+            self.request(reqwest::Method::PUT, &format!("config/{subject}"))
+                .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+                .json(&serde_json::json!({ "compatibility": self.compatibility.name() })),
+            &format!("setting the compatibility of {subject}"),
+        )
+        .await
+        .map(drop)
+    }
+}
+
+/// The level in a registry's answer to `GET /config[/subject]` (Confluent answers
+/// `compatibilityLevel`, some registries `compatibility`).
+fn level_named(answer: &serde_json::Value) -> Option<&str> {
+    answer
+        .get("compatibilityLevel")
+        .or(answer.get("compatibility"))
+        .and_then(|c| c.as_str())
+}
+
+/// A schema's Parsing Canonical Form, to compare versions as the registry does; the text
+/// itself when it does not parse.
+fn canonical_form(text: &str) -> String {
+    Schema::parse_str(text).map_or_else(|_| text.to_owned(), |s| s.canonical_form())
+}
+
 /// Encodes canonical events in the Confluent wire format (magic byte 0, the 4-byte schema
 /// id, the Avro body) and decodes them, against the registry through
 /// schema_registry_converter. Subjects follow TopicNameStrategy (`<topic>-value`); an
@@ -124,6 +366,7 @@ pub async fn check(config: &RegistryConfig) -> Vec<Finding> {
 /// the message's id names (fetched once per id).
 pub struct EventCodec {
     settings: SrSettings,
+    subjects: Subjects,
     /// Per resource type: the schema as sent to the registry, and its compiled writer.
     schemas: Mutex<HashMap<String, Arc<(SuppliedSchema, EventWriter)>>>,
     /// Schema id per topic (its subject: `<topic>-value`).
@@ -149,6 +392,11 @@ pub enum CodecError {
     Undecodable(String),
     #[error("the schema registry's client cannot be set up: {0}")]
     Setup(String),
+    #[error("a new version of {subject} would break its consumers, so it is not registered: {}", reasons.join("; "))]
+    Incompatible {
+        subject: String,
+        reasons: Vec<String>,
+    },
 }
 
 impl CodecError {
@@ -234,6 +482,7 @@ impl EventCodec {
             .map_err(|e| CodecError::Setup(e.to_string()))?;
         Ok(Self {
             settings,
+            subjects: Subjects::new(config)?,
             schemas: Mutex::new(HashMap::new()),
             ids: Mutex::new(HashMap::new()),
             readers: Mutex::new(HashMap::new()),
@@ -250,10 +499,7 @@ impl EventCodec {
         let json = event_schema(resource_type);
         let parsed = Schema::parse(&json).map_err(|e| CodecError::Undecodable(e.to_string()))?;
         let supplied = SuppliedSchema::new(
-            Some(format!(
-                "{}.{resource_type}Event",
-                super::schema::EVENT_NAMESPACE
-            )),
+            Some(format!("{}.{resource_type}Event", schema::EVENT_NAMESPACE)),
             SchemaType::Avro,
             json.to_string(),
         );
@@ -277,6 +523,13 @@ impl EventCodec {
             return Ok(id);
         }
         let subject = format!("{topic}-value");
+        match self.subjects.verdict(&subject, &schema.schema).await? {
+            Verdict::First(_) => self.subjects.set_compatibility(&subject).await?,
+            Verdict::Unchanged(_) | Verdict::Compatible(_) => {}
+            Verdict::Incompatible(reasons) => {
+                return Err(CodecError::Incompatible { subject, reasons })
+            }
+        }
         let registered = post_schema(&self.settings, subject, schema.clone())
             .await
             .map_err(|e| CodecError::Registry(redact_urls(&e.to_string())))?;

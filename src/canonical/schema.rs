@@ -208,6 +208,69 @@ pub fn backward_compatible(old: &str, new: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// What keeps `new` from becoming the next version after `versions` (oldest first) under
+/// `level` (Avro schema resolution, as the registry applies it): one line per version it
+/// cannot join, naming the field; empty when it may. Non-transitive levels look at the
+/// latest version only.
+pub fn incompatibilities(
+    level: crate::config::Compatibility,
+    versions: &[(u32, String)],
+    new: &str,
+) -> Vec<String> {
+    use apache_avro::schema_compatibility::SchemaCompatibility;
+    let new = match apache_avro::Schema::parse_str(new) {
+        Ok(new) => new,
+        Err(e) => return vec![format!("the new schema does not parse: {e}")],
+    };
+    let compared = if level.transitive() {
+        versions
+    } else {
+        versions
+            .last()
+            .map(std::slice::from_ref)
+            .unwrap_or_default()
+    };
+    let mut problems = Vec::new();
+    for (version, old) in compared {
+        let old = match apache_avro::Schema::parse_str(old) {
+            Ok(old) => old,
+            Err(e) => {
+                problems.push(format!("version {version} does not parse: {e}"));
+                continue;
+            }
+        };
+        if level.backward() {
+            if let Err(e) = SchemaCompatibility::can_read(&old, &new) {
+                problems.push(format!(
+                    "the new schema cannot read what version {version} wrote: {}",
+                    chain(&e)
+                ));
+            }
+        }
+        if level.forward() {
+            if let Err(e) = SchemaCompatibility::can_read(&new, &old) {
+                problems.push(format!(
+                    "version {version} cannot read what the new schema writes: {}",
+                    chain(&e)
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// An error and its causes, as one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use apache_avro::Schema;
@@ -229,6 +292,52 @@ mod tests {
         assert!(backward_compatible(&v1.to_string(), &v3.to_string()).is_err());
         let observation = event_schema("Observation").to_string();
         assert_eq!(backward_compatible(&observation, &observation), Ok(()));
+    }
+
+    #[test]
+    fn incompatibilities_follow_the_level_and_name_the_field() {
+        use crate::config::Compatibility;
+        let v1 =
+            json!({"type": "record", "name": "E", "fields": [{"name": "a", "type": "string"}]});
+        let v2 = json!({"type": "record", "name": "E", "fields": [
+            {"name": "a", "type": "string"}, {"name": "b", "type": ["null", "string"], "default": null}]});
+        let required = json!({"type": "record", "name": "E", "fields": [
+            {"name": "a", "type": "string"}, {"name": "c", "type": "int"}]});
+        let versions = vec![(1, v1.to_string())];
+        let ok = incompatibilities(Compatibility::Backward, &versions, &v2.to_string());
+        assert!(ok.is_empty(), "{ok:?}");
+        let refused = incompatibilities(Compatibility::Backward, &versions, &required.to_string());
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(
+            refused[0].contains("'c'") && refused[0].contains("version 1"),
+            "{refused:?}"
+        );
+        // Old readers skip a new field: forward holds where backward does not.
+        assert!(
+            incompatibilities(Compatibility::Forward, &versions, &required.to_string()).is_empty()
+        );
+        assert!(
+            incompatibilities(Compatibility::None, &versions, &required.to_string()).is_empty()
+        );
+        // Only transitive levels look past the latest version.
+        let dropped_a = json!({"type": "record", "name": "E", "fields": [
+            {"name": "c", "type": "int", "default": 0}]});
+        let history = vec![(1, v1.to_string()), (2, dropped_a.to_string())];
+        let readd = json!({"type": "record", "name": "E", "fields": [
+            {"name": "a", "type": "string"}, {"name": "c", "type": "int", "default": 0}]});
+        assert!(
+            incompatibilities(Compatibility::Backward, &history, &readd.to_string()).len() == 1
+        );
+        assert!(incompatibilities(
+            Compatibility::ForwardTransitive,
+            &history,
+            &readd.to_string()
+        )
+        .is_empty());
+        assert_eq!(
+            incompatibilities(Compatibility::FullTransitive, &history, &readd.to_string()).len(),
+            1
+        );
     }
 
     #[test]

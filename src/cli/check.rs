@@ -9,7 +9,7 @@ use clap::Args;
 
 use crate::{
     canonical::registry,
-    config::ConnectorConfig,
+    config::{ConnectorConfig, Override},
     consumer::config::ProjectorConfig,
     kafka, mapping,
     preflight::{Finding, Severity},
@@ -52,17 +52,20 @@ pub async fn run(args: CheckArgs) -> ExitCode {
 /// said; on failure, why, and the exit status.
 fn loaded<C>(
     result: Result<C, crate::config::ConfigError>,
-    named: impl Fn(&C) -> (&str, &str),
+    named: impl Fn(&C) -> (&str, &str, &[Override]),
     path: &std::path::Path,
 ) -> Result<C, ExitCode> {
     match result {
         Ok(config) => {
-            let (kind, name) = named(&config);
+            let (kind, name, from_environment) = named(&config);
             println!("checking {kind} `{name}` ({})", path.display());
             println!(
                 "{}",
                 Finding::ok("config", "parsed and valid; secret references resolved")
             );
+            if let Some(said) = environment_said(from_environment) {
+                println!("{}", Finding::ok("config", said));
+            }
             Ok(config)
         }
         Err(e) => {
@@ -72,12 +75,27 @@ fn loaded<C>(
     }
 }
 
+/// Which keys the environment set, by name and variable (never their values).
+pub(super) fn environment_said(from_environment: &[Override]) -> Option<String> {
+    if from_environment.is_empty() {
+        return None;
+    }
+    let keys: Vec<String> = from_environment
+        .iter()
+        .map(|o| format!("{} ({})", o.key, o.variable))
+        .collect();
+    Some(format!(
+        "from the environment: {}; every other value from the file",
+        keys.join(", ")
+    ))
+}
+
 /// A projector's configuration: parsed, and its Kafka, registry and projection database
 /// reachable.
 async fn check_projector(path: &std::path::Path) -> ExitCode {
     let config = match loaded(
         ProjectorConfig::load(path),
-        |c| ("projector", &c.name),
+        |c| ("projector", &c.name, &c.from_environment),
         path,
     ) {
         Ok(config) => config,
@@ -161,7 +179,7 @@ fn check_mappings(dir: &std::path::Path) -> ExitCode {
 async fn check_connector(path: &std::path::Path) -> ExitCode {
     let config = match loaded(
         ConnectorConfig::load(path),
-        |c| ("connector", &c.name),
+        |c| ("connector", &c.name, &c.from_environment),
         path,
     ) {
         Ok(config) => config,

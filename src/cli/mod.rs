@@ -3,6 +3,7 @@
 mod check;
 mod dlq;
 mod offsets;
+mod plan;
 mod preview;
 mod project;
 mod reconcile;
@@ -51,6 +52,10 @@ pub enum Command {
     /// Validate a connector configuration and test every system it names: the source
     /// database's replication prerequisites, Kafka and the schema registry.
     Check(check::CheckArgs),
+    /// Show what `run` would do with these config and mapping files, compared with what
+    /// the deployment has, doing none of it: exit 0 when safe to roll out, 1 when it would
+    /// break consumers.
+    Plan(plan::PlanArgs),
     /// Capture changes from the source into Kafka until stopped: the replication stream or
     /// binary log, with snapshot chunks read alongside it; positions acknowledged and the
     /// connector's state saved only after Kafka.
@@ -126,6 +131,7 @@ impl Cli {
             Command::Check(args) => check::run(args).await,
             Command::Dlq(args) => dlq::run(args).await,
             Command::Offsets(args) => offsets::run(args).await,
+            Command::Plan(args) => plan::run(args).await,
             Command::Preview(args) => preview::run(args).await,
             Command::Project(args) => project::run(args).await,
             Command::Replay(args) => replay::run(args).await,

@@ -6,6 +6,7 @@
 //! ([`interpolate`]); credentials live in [`Secret`]s, which never print.
 
 pub mod ado;
+pub mod environment;
 mod interpolate;
 mod kafka;
 mod secret;
@@ -20,6 +21,7 @@ use thiserror::Error;
 use crate::fhir::Sensitivity;
 
 pub use self::{
+    environment::Override,
     interpolate::InterpolateError,
     kafka::{KafkaProperties, TopicSettings},
     secret::{redact_urls, Secret},
@@ -60,6 +62,10 @@ pub struct ConnectorConfig {
     /// When the connector calls itself stalled.
     #[serde(default)]
     pub health: HealthConfig,
+    /// The keys the environment set (`FHIR_CDC__…`, see [`environment`]); every other
+    /// value is the file's.
+    #[serde(skip)]
+    pub from_environment: Vec<Override>,
 }
 
 /// When delivery counts as stalled: changes wait (read and not yet acknowledged by Kafka,
@@ -333,6 +339,84 @@ pub struct RegistryConfig {
     /// config file.
     #[serde(default, deserialize_with = "optional_interpolated_path")]
     pub ca_file: Option<PathBuf>,
+    /// `compatibility`: the level set on each subject when fhir-cdc registers its first
+    /// version (Confluent's names: `BACKWARD`, `BACKWARD_TRANSITIVE`, `FORWARD`,
+    /// `FORWARD_TRANSITIVE`, `FULL`, `FULL_TRANSITIVE`, `NONE`). Default `BACKWARD`: a
+    /// consumer reading with the newest schema reads every older event. A subject that
+    /// already exists keeps the level the registry has for it; a new version it would not
+    /// admit stops `run` before anything is written, naming the fields.
+    #[serde(default)]
+    pub compatibility: Compatibility,
+}
+
+/// A schema registry's compatibility level, by Confluent's names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Compatibility {
+    #[default]
+    Backward,
+    BackwardTransitive,
+    Forward,
+    ForwardTransitive,
+    Full,
+    FullTransitive,
+    None,
+}
+
+impl Compatibility {
+    /// Confluent's name of the level.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compatibility::Backward => "BACKWARD",
+            Compatibility::BackwardTransitive => "BACKWARD_TRANSITIVE",
+            Compatibility::Forward => "FORWARD",
+            Compatibility::ForwardTransitive => "FORWARD_TRANSITIVE",
+            Compatibility::Full => "FULL",
+            Compatibility::FullTransitive => "FULL_TRANSITIVE",
+            Compatibility::None => "NONE",
+        }
+    }
+
+    /// The level named `name` (Confluent's name, any case).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            Compatibility::Backward,
+            Compatibility::BackwardTransitive,
+            Compatibility::Forward,
+            Compatibility::ForwardTransitive,
+            Compatibility::Full,
+            Compatibility::FullTransitive,
+            Compatibility::None,
+        ]
+        .into_iter()
+        .find(|level| level.name().eq_ignore_ascii_case(name))
+    }
+
+    /// Whether a new version must read what older ones wrote.
+    pub fn backward(self) -> bool {
+        !matches!(
+            self,
+            Compatibility::None | Compatibility::Forward | Compatibility::ForwardTransitive
+        )
+    }
+
+    /// Whether older versions must read what a new one writes.
+    pub fn forward(self) -> bool {
+        !matches!(
+            self,
+            Compatibility::None | Compatibility::Backward | Compatibility::BackwardTransitive
+        )
+    }
+
+    /// Whether a new version is checked against every version, not only the latest.
+    pub fn transitive(self) -> bool {
+        matches!(
+            self,
+            Compatibility::BackwardTransitive
+                | Compatibility::ForwardTransitive
+                | Compatibility::FullTransitive
+        )
+    }
 }
 
 /// How requests to the registry authenticate.
@@ -406,6 +490,52 @@ pub enum ConfigError {
         field: &'static str,
         problem: String,
     },
+    #[error("{path}, with the environment's overrides: {problem}")]
+    Environment { path: String, problem: String },
+}
+
+/// Read a TOML configuration file into `T` with the environment's `FHIR_CDC__…` overrides
+/// applied ([`environment`]), and what they set.
+pub fn read_configured<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<(T, Vec<Override>), ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    parse_configured(&text, &shown, &environment::variables())
+}
+
+/// Parse `text` (the file shown as `shown`) into `T` with `variables` (override name →
+/// value) applied. The file's own mistakes keep their `file:line:column`; what only the
+/// overrides break names the variables.
+fn parse_configured<T: serde::de::DeserializeOwned>(
+    text: &str,
+    shown: &str,
+    variables: &std::collections::BTreeMap<String, String>,
+) -> Result<(T, Vec<Override>), ConfigError> {
+    if variables.is_empty() {
+        return parse_toml(text, shown).map(|config| (config, Vec::new()));
+    }
+    let mut table: toml::Table = parse_toml(text, shown)?;
+    let overridden = |problem| ConfigError::Environment {
+        path: shown.to_owned(),
+        problem,
+    };
+    let overrides = environment::apply(&mut table, variables).map_err(overridden)?;
+    match toml::Value::Table(table).try_into::<T>() {
+        Ok(config) => Ok((config, overrides)),
+        Err(e) => {
+            parse_toml::<T>(text, shown)?;
+            let names: Vec<&str> = overrides.iter().map(|o| o.variable.as_str()).collect();
+            Err(overridden(format!(
+                "{} (set by {})",
+                without_values(e.message()),
+                names.join(", ")
+            )))
+        }
+    }
 }
 
 /// Read and parse a TOML configuration file into `T` (secrets resolved as fields parse).
@@ -457,9 +587,12 @@ fn without_values(message: &str) -> String {
 }
 
 impl ConnectorConfig {
-    /// Read, parse and validate a connector configuration file.
+    /// Read, parse and validate a connector configuration file, with the environment's
+    /// `FHIR_CDC__…` overrides applied.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Self::validated(read_toml(path)?, path)
+        let (mut config, overrides): (Self, _) = read_configured(path)?;
+        config.from_environment = overrides;
+        Self::validated(config, path)
     }
 
     /// Parse and validate `text` as the connector configuration file at `path`.
@@ -686,6 +819,29 @@ url = "http://localhost:8081"
         assert_eq!(
             config.kafka.get("bootstrap.servers"),
             Some("localhost:9092")
+        );
+    }
+
+    #[test]
+    fn registry_compatibility_defaults_to_backward_and_takes_confluents_names_only() {
+        assert_eq!(
+            parse(VALID).unwrap().schema_registry.compatibility,
+            Compatibility::Backward
+        );
+        let full = parse(&format!("{VALID}compatibility = \"FULL_TRANSITIVE\"\n")).unwrap();
+        let level = full.schema_registry.compatibility;
+        assert_eq!(level, Compatibility::FullTransitive);
+        assert!(level.backward() && level.forward() && level.transitive());
+        assert_eq!(
+            Compatibility::from_name("forward"),
+            Some(Compatibility::Forward)
+        );
+        let err = parse(&format!("{VALID}compatibility = \"STRICT\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("STRICT") && err.contains("BACKWARD_TRANSITIVE"),
+            "{err}"
         );
     }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::config::{
-    read_toml, ConfigError, KafkaProperties, MetricsConfig, RegistryConfig, Secret,
+    read_configured, read_toml, ConfigError, KafkaProperties, MetricsConfig, RegistryConfig, Secret,
 };
 
 /// The side of the projector's dead letters (a connector may not take this name).
@@ -35,6 +35,9 @@ pub struct ProjectorConfig {
     /// When `/health/ready` answers 503.
     #[serde(default)]
     pub health: ProjectorHealth,
+    /// The keys the environment set (`FHIR_CDC__…`); every other value is the file's.
+    #[serde(skip)]
+    pub from_environment: Vec<crate::config::Override>,
 }
 
 /// When the projector counts as not ready.
@@ -136,7 +139,8 @@ impl ProjectorConfig {
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
-        let mut config: Self = read_toml(path)?;
+        let (mut config, overrides): (Self, _) = read_configured(path)?;
+        config.from_environment = overrides;
         if let Some(dir) = path.parent() {
             config.schema_registry.resolve_paths(dir);
         }

@@ -1,7 +1,10 @@
 //! Kafka's cluster as a whole: its metadata (`check`'s probe, and why it did not answer),
 //! topics created with their class's settings, and the largest message each takes.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::Duration,
+};
 
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication},
@@ -24,7 +27,10 @@ pub async fn check(properties: &KafkaProperties) -> Vec<Finding> {
     match cluster_metadata(properties).await {
         Ok((brokers, topics)) => vec![Finding::ok(
             COMPONENT,
-            format!("{brokers} broker(s) answer at {bootstrap}; {topics} topic(s) visible"),
+            format!(
+                "{brokers} broker(s) answer at {bootstrap}; {} topic(s) visible",
+                topics.len()
+            ),
         )],
         Err(MetadataFailure::Properties(e)) => vec![Finding::problem(
             COMPONENT,
@@ -58,8 +64,11 @@ enum MetadataFailure {
     Task(String),
 }
 
-/// The number of brokers and topics the cluster reports, waiting up to `METADATA_TIMEOUT`.
-async fn cluster_metadata(properties: &KafkaProperties) -> Result<(usize, usize), MetadataFailure> {
+/// The number of brokers and the topics the cluster reports, waiting up to
+/// `METADATA_TIMEOUT`.
+async fn cluster_metadata(
+    properties: &KafkaProperties,
+) -> Result<(usize, BTreeSet<String>), MetadataFailure> {
     let consumer: BaseConsumer<LastError> = properties
         .client_config()
         .create_with_context(LastError::default())
@@ -71,7 +80,10 @@ async fn cluster_metadata(properties: &KafkaProperties) -> Result<(usize, usize)
         let deadline = std::time::Instant::now() + METADATA_TIMEOUT;
         loop {
             match consumer.fetch_metadata(None, Duration::from_secs(1)) {
-                Ok(m) => return Ok((m.brokers().len(), m.topics().len())),
+                Ok(m) => {
+                    let topics = m.topics().iter().map(|t| t.name().to_owned()).collect();
+                    return Ok((m.brokers().len(), topics));
+                }
                 Err(e) => {
                     let _ = consumer.poll(Duration::ZERO);
                     let seen = consumer.context().last();
@@ -220,16 +232,11 @@ pub struct TopicSpec {
     pub config: Vec<(String, String)>,
 }
 
-/// Create the topics that do not exist yet; existing ones are left as they are. Returns the
-/// names created.
-pub async fn ensure_topics(
-    properties: &KafkaProperties,
-    topics: &[TopicSpec],
-) -> Result<Vec<String>, Error> {
-    // Admin requests wait for an absent cluster a minute and then say only "timed out";
-    // asking for its metadata first names the cluster within ten seconds.
+/// The topics the cluster shows this client, waiting up to `METADATA_TIMEOUT` for it.
+pub async fn topic_names(properties: &KafkaProperties) -> Result<BTreeSet<String>, Error> {
     cluster_metadata(properties)
         .await
+        .map(|(_, topics)| topics)
         .map_err(|failure| match failure {
             MetadataFailure::Properties(e) => Error::Config(e),
             MetadataFailure::Cluster(e, seen) => Error::Topic {
@@ -245,7 +252,18 @@ pub async fn ensure_topics(
                 topic: ALL_TOPICS.into(),
                 reason,
             },
-        })?;
+        })
+}
+
+/// Create the topics that do not exist yet; existing ones are left as they are. Returns the
+/// names created.
+pub async fn ensure_topics(
+    properties: &KafkaProperties,
+    topics: &[TopicSpec],
+) -> Result<Vec<String>, Error> {
+    // Admin requests wait for an absent cluster a minute and then say only "timed out";
+    // asking for its metadata first names the cluster within ten seconds.
+    topic_names(properties).await?;
     let admin: AdminClient<DefaultClientContext> = properties
         .client_config()
         .create()

@@ -110,6 +110,10 @@ pub fn transactional_config(properties: &KafkaProperties, id: &str) -> Result<Cl
     Ok(config)
 }
 
+/// The prefix of the group id readers use (librdkafka needs one for an assignment, and
+/// looks up its coordinator: principals need `Describe` on the prefix).
+pub const READER_GROUP_PREFIX: &str = "fhir-cdc-reader-";
+
 /// A reader's configuration: partitions assigned directly, nothing committed, and only
 /// what committed transactions wrote (`read_committed`, librdkafka's default, said here so
 /// that a configured `isolation.level` cannot change it).
@@ -118,7 +122,7 @@ pub fn reader_config(properties: &KafkaProperties) -> ClientConfig {
     config
         .set(
             "group.id",
-            format!("fhir-cdc-reader-{}", std::process::id()),
+            format!("{READER_GROUP_PREFIX}{}", std::process::id()),
         )
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

@@ -22,7 +22,8 @@ pub mod producer;
 pub mod reader;
 pub mod transactional;
 
-pub use admin::{check, ensure_topics, message_limits, TopicSpec};
+pub use admin::{check, ensure_topics, message_limits, topic_names, TopicSpec};
+pub use config::READER_GROUP_PREFIX;
 pub use error::{Error, ErrorKind};
 pub use producer::{Delivery, Producer, StreamProducer};
 pub use reader::TopicReader;

@@ -6,4 +6,4 @@ mod store;
 
 pub use ack::AckTracker;
 pub use state::{ConnectorState, SnapshotRequest, TableProgress};
-pub use store::{StateError, StateStore};
+pub use store::{RunningMappings, StateError, StateStore};

@@ -110,14 +110,52 @@ impl StateStore {
     pub fn topic(&self) -> &str {
         &self.topic
     }
+
+    /// Record the mappings `run` started with (mapping id → version), under the key
+    /// `<connector>.mappings` (a `.` no connector name holds): what `plan` compares the
+    /// mapping files with. A record of its own, so that the state itself keeps its shape
+    /// and an older fhir-cdc still reads it after a rollback.
+    pub async fn save_mappings(&self, mappings: &RunningMappings) -> Result<(), StateError> {
+        let json = serde_json::to_vec(mappings).expect("mapping versions serialise");
+        self.producer
+            .send(&self.topic, &mappings_key(&self.connector), &json, &[])
+            .await?;
+        Ok(())
+    }
+
+    /// The mappings `config`'s connector last started with, read without creating
+    /// anything: `None` when it never recorded any.
+    pub async fn peek_mappings(
+        config: &ConnectorConfig,
+    ) -> Result<Option<RunningMappings>, StateError> {
+        read_last(
+            &config.kafka,
+            &config.state_topic(),
+            &mappings_key(&config.name),
+        )
+        .await
+    }
 }
 
-/// The last state `connector` saved in `topic` (a topic that does not exist has none).
-async fn read_last(
+/// The mappings a connector runs, as `run` recorded them when it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunningMappings {
+    /// Mapping id → version (the hash of its file and the code tables it reads).
+    pub versions: std::collections::BTreeMap<String, String>,
+    /// The tables captured (`schema.table`): the mappings' and those their lookups read.
+    pub tables: std::collections::BTreeSet<String>,
+}
+
+fn mappings_key(connector: &str) -> String {
+    format!("{connector}.mappings")
+}
+
+/// The last record `key` has in `topic` (a topic that does not exist has none), as JSON.
+async fn read_last<T: serde::de::DeserializeOwned>(
     properties: &KafkaProperties,
     topic: &str,
-    connector: &str,
-) -> Result<Option<ConnectorState>, StateError> {
+    key: &str,
+) -> Result<Option<T>, StateError> {
     let fail = |source| StateError::Read {
         topic: topic.to_owned(),
         source,
@@ -128,7 +166,7 @@ async fn read_last(
         let Some(message) = reader.next().await.map_err(fail)? else {
             continue;
         };
-        if message.key() == Some(connector.as_bytes()) {
+        if message.key() == Some(key.as_bytes()) {
             last = Some(message.payload().map(<[u8]>::to_vec));
         }
     }
@@ -137,7 +175,7 @@ async fn read_last(
         Some(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
             .map_err(|e| StateError::Corrupt {
-                connector: connector.to_owned(),
+                connector: key.to_owned(),
                 topic: topic.to_owned(),
                 reason: e.to_string(),
             }),

@@ -39,7 +39,7 @@ use crate::{
     error::{Kind, Kinded},
     kafka::{self, ensure_topics, message_limits, Delivery, StreamProducer, TopicSpec},
     mapping::{self, MapContext, MapError, MapFailure, Mapper, Mapping},
-    offsets::{ConnectorState, StateError, StateStore},
+    offsets::{ConnectorState, RunningMappings, StateError, StateStore},
     source::{self, Source, SourceError, SourceIo},
 };
 
@@ -173,7 +173,7 @@ pub async fn load_lookups(config: &ConnectorConfig, mapper: &Mapper) -> Result<(
 
 /// The topics of a connector's events, one per domain and resource type of its mappings,
 /// each with the resource type its events carry and the class of topics it is in.
-fn event_topics<'a>(
+pub fn event_topics<'a>(
     topics: &'a TopicsConfig,
     mappings: &[Mapping],
 ) -> BTreeMap<String, (String, &'a TopicClass)> {
@@ -215,6 +215,38 @@ pub fn topic_specs(config: &ConnectorConfig, mappings: &[Mapping]) -> Vec<TopicS
         .collect()
 }
 
+/// What `run` records of `mappings` when it starts with them.
+pub fn running_mappings(mappings: &[Mapping]) -> RunningMappings {
+    RunningMappings {
+        versions: mappings
+            .iter()
+            .map(|m| (m.id.to_string(), m.content_hash.to_string()))
+            .collect(),
+        tables: mapping::source_tables(mappings)
+            .into_iter()
+            .map(|(schema, table)| format!("{schema}.{table}"))
+            .collect(),
+    }
+}
+
+/// The store the mappings `run` starts with are recorded in, and their record.
+fn recording_mappings(
+    config: &ConnectorConfig,
+    mappings: &[Mapping],
+) -> impl Future<Output = Result<(StateStore, RunningMappings), RunError>> {
+    let versions = running_mappings(mappings);
+    let (kafka, topic, name) = (
+        config.kafka.clone(),
+        config.state_topic(),
+        config.name.clone(),
+    );
+    let replication = config.topics.replication_factor;
+    async move {
+        let store = StateStore::open(&kafka, &topic, &name, replication).await?;
+        Ok((store, versions))
+    }
+}
+
 /// Run the connector until `shutdown` is cancelled, then drain what is in flight,
 /// acknowledge it and return; a source that ends by itself is a transient failure.
 /// `source` makes the source of the mapped tables (`(schema, table)`); what delivery waits
@@ -236,6 +268,7 @@ pub async fn run<S: Source>(
         .collect();
     // Connecting to Kafka (and, with idempotence, getting a producer id) starts now.
     let producer = StreamProducer::new(&config.kafka)?;
+    let running = recording_mappings(config, &mappings);
     let mapper = mapper_for(config, mappings)?;
     let lookups = load_lookups(config, &mapper);
     tokio::select! {
@@ -272,6 +305,10 @@ pub async fn run<S: Source>(
             Ok(limits)
         };
         let ((), limits) = tokio::try_join!(registered, topics)?;
+        // Recorded once the schemas are in and before a change is taken: what `plan`
+        // compares mapping files with.
+        let (store, versions) = running.await?;
+        store.save_mappings(&versions).await?;
         Ok((codec, limits))
     };
     // A stage that fails stops the source (which then ends the others); shutdown stops it

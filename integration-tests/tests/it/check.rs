@@ -449,3 +449,95 @@ fn a_table_without_a_replica_identity_is_named_and_never_published() {
     runtime.block_on(stack::drop_capture(&client, &slot, &slot, &schema));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn the_environment_overrides_any_key_and_check_says_which_never_the_value() {
+    ensure_lab_tables();
+    let dir = std::env::temp_dir().join(stack::unique("check_env"));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A file pointing at a registry and a broker nobody runs: the environment puts the
+    // stack's in, as a platform team's deployment would.
+    let text = std::fs::read_to_string(reference("lab-postgres.toml"))
+        .unwrap()
+        .replace(
+            "url = \"${env:FHIR_CDC_SCHEMA_REGISTRY_URL}\"",
+            &format!("url = \"http://127.0.0.1:{}\"", free_port()),
+        )
+        .replace(
+            "bootstrap.servers = \"${env:FHIR_CDC_KAFKA_BOOTSTRAP}\"",
+            &format!("bootstrap.servers = \"127.0.0.1:{}\"", free_port()),
+        );
+    assert!(
+        text.contains("http://127.0.0.1:"),
+        "the reference config changed"
+    );
+    let config = dir.join("lab.toml");
+    std::fs::write(&config, text).unwrap();
+    let outcome = check(
+        &config,
+        &[
+            ("FHIR_CDC__SCHEMA_REGISTRY__URL", stack::registry_url()),
+            (
+                "FHIR_CDC__KAFKA__BOOTSTRAP__SERVERS",
+                stack::kafka_bootstrap(),
+            ),
+            // The source URL holds the password: named, never shown.
+            ("FHIR_CDC__SOURCE__URL", stack::pg_url()),
+            (
+                "FHIR_CDC_PG_URL",
+                "postgres://nobody:x@127.0.0.1:1/none".to_owned(),
+            ),
+            // The copy's relative mapping path points nowhere; the environment fixes it.
+            (
+                "FHIR_CDC__MAPPINGS__PATH",
+                stack::repo_root()
+                    .join("mappings/lab")
+                    .display()
+                    .to_string(),
+            ),
+        ],
+    );
+    assert_eq!(outcome.code, 0, "{}", outcome.stdout);
+    for said in [
+        "from the environment:",
+        "schema_registry.url (FHIR_CDC__SCHEMA_REGISTRY__URL)",
+        "kafka.bootstrap.servers (FHIR_CDC__KAFKA__BOOTSTRAP__SERVERS)",
+        "source.url (FHIR_CDC__SOURCE__URL)",
+        "mappings.path (FHIR_CDC__MAPPINGS__PATH)",
+    ] {
+        assert!(outcome.stdout.contains(said), "{said}:\n{}", outcome.stdout);
+    }
+    assert!(
+        !outcome.stdout.contains(&stack::pg_url()),
+        "{}",
+        outcome.stdout
+    );
+    let secret = "env-secret-0815";
+
+    // An override that cannot apply names its variable, never its value.
+    let outcome = check(
+        &config,
+        &[("FHIR_CDC__HEALTH__STALL_AFTER_SECONDS", secret.to_owned())],
+    );
+    assert_eq!(outcome.code, 2, "{}", outcome.stdout);
+    assert!(
+        outcome
+            .stdout
+            .contains("FHIR_CDC__HEALTH__STALL_AFTER_SECONDS"),
+        "{}",
+        outcome.stdout
+    );
+    assert!(!outcome.stdout.contains(secret), "{}", outcome.stdout);
+    let outcome = check(
+        &config,
+        &[("FHIR_CDC__SCHEMA_REGISTRY__COLOUR", "blue".to_owned())],
+    );
+    assert_eq!(outcome.code, 2, "{}", outcome.stdout);
+    assert!(
+        outcome.stdout.contains("unknown field `colour`")
+            && outcome.stdout.contains("FHIR_CDC__SCHEMA_REGISTRY__COLOUR"),
+        "{}",
+        outcome.stdout
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

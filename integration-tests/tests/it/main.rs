@@ -25,6 +25,7 @@ mod postgres_tls;
 mod postgres_types;
 mod projector;
 mod reconcile;
+mod rollout;
 mod sample_billing;
 mod sample_database;
 mod schema_change;
