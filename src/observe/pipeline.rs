@@ -226,8 +226,19 @@ impl Probe for RunProbe {
     }
 
     fn live(&self) -> Result<(), String> {
+        self.live_at(Utc::now().timestamp_millis())
+    }
+
+    fn ready(&self) -> Readiness {
+        readiness(&self.waiting, Utc::now().timestamp_millis(), self)
+    }
+}
+
+impl RunProbe {
+    /// Whether the connector's watch ran within [`LIVE_AFTER_MS`] of `now` (ms).
+    fn live_at(&self, now: i64) -> Result<(), String> {
         let beat = self.waiting.beat.load(Relaxed);
-        let ago = Utc::now().timestamp_millis() - beat;
+        let ago = now - beat;
         if beat == 0 || ago <= LIVE_AFTER_MS {
             Ok(())
         } else {
@@ -236,10 +247,6 @@ impl Probe for RunProbe {
                 ago / 1000
             ))
         }
-    }
-
-    fn ready(&self) -> Readiness {
-        readiness(&self.waiting, Utc::now().timestamp_millis(), self)
     }
 }
 
@@ -414,6 +421,12 @@ mod tests {
         assert!(down.reasons[0].contains("restarts"), "{down:?}");
         waiting.running();
         assert_eq!(readiness(&waiting, now(), &probe).last_error_kind, None);
+
+        // A watch that stops beating (its runtime stuck) turns live false within 10 s.
+        waiting.beat.store(now(), Relaxed);
+        assert!(probe.live_at(now() + 9_000).is_ok());
+        let stuck = probe.live_at(now() + 11_000).unwrap_err();
+        assert!(stuck.contains("has not run for 1"), "{stuck}");
     }
 
     #[test]
