@@ -291,12 +291,13 @@ async fn rotated_logs_resume_by_gtid_and_purged_ones_need_when_needed() {
     );
 }
 
-/// The broker resumed when dropped, also when an assertion fails while it is frozen.
-struct Frozen;
+/// A paused component (`kafka`, `registry`) resumed when dropped, also when an assertion
+/// fails while it is frozen.
+struct Frozen(&'static str);
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        fault(&["resume", "kafka"]);
+        fault(&["resume", self.0]);
     }
 }
 
@@ -332,7 +333,8 @@ async fn probe_until(
 /// broker is frozen and changes wait, ready turns 503 and names Kafka, live stays 200; ready
 /// again once the broker answers.
 #[tokio::test]
-async fn health_turns_unready_while_a_frozen_broker_stalls_delivery_and_ready_again_after() {
+async fn health_turns_unready_while_a_frozen_broker_or_registry_holds_capture_and_ready_again_after(
+) {
     let _alone = ONE_AT_A_TIME.lock().await;
     let client = stack::pg_client().await;
     let schema = stack::unique("healthfault");
@@ -376,7 +378,7 @@ async fn health_turns_unready_while_a_frozen_broker_stalls_delivery_and_ready_ag
         })
     };
     fault(&["pause", "kafka"]);
-    let frozen = Frozen;
+    let frozen = Frozen("kafka");
     let (status, unready) =
         probe_until(port, "/health/ready", Duration::from_secs(30), |s, body| {
             s == 503 && body["components"]["kafka"] == "down"
@@ -396,6 +398,28 @@ async fn health_turns_unready_while_a_frozen_broker_stalls_delivery_and_ready_ag
     })
     .await;
     assert_eq!(ready["components"]["kafka"], "up", "{ready}");
+
+    // The registry stopped while the connector has to start again (its replication
+    // connection ended by the server): it cannot register its schemas, and says so.
+    fault(&["pause", "registry"]);
+    let frozen = Frozen("registry");
+    client
+        .batch_execute(&format!(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ))
+        .await
+        .unwrap();
+    let (_, unready) = probe_until(port, "/health/ready", minute, |s, body| {
+        s == 503 && body["components"]["registry"] == "down"
+    })
+    .await;
+    assert_eq!(unready["last_error_kind"], "transient", "{unready}");
+    drop(frozen);
+    let (_, ready) = probe_until(port, "/health/ready", Duration::from_secs(120), |s, _| {
+        s == 200
+    })
+    .await;
+    assert_eq!(ready["components"]["registry"], "up", "{ready}");
     writing.cancel();
     writer.await.unwrap();
     let text = std::fs::read_to_string(&log).unwrap();
