@@ -17,8 +17,32 @@ impl Reader<'_> {
             prefix: String::new(),
             when: Vec::new(),
         };
-        self.group(node, &group, resource_type, table, defined, &mut elements)
-            .then_some(elements)
+        let complete = self.group(node, &group, resource_type, table, defined, &mut elements);
+        (self.defined_once(&elements) && complete).then_some(elements)
+    }
+
+    /// Whether no element is defined twice for the same rows — in any spelling: a dotted
+    /// key, a group, or both. The later would silently replace the earlier's value, so
+    /// both places are named. The same path under different conditions is how a source
+    /// is chosen per row, and stays.
+    fn defined_once(&mut self, elements: &[ElementMapping]) -> bool {
+        let mut seen: HashMap<(&[Segment], String), &Location> = HashMap::new();
+        let mut once = true;
+        for element in elements {
+            // Conditions have no equality (patterns); their debug form names every part.
+            let key = (element.path.as_slice(), format!("{:?}", element.when));
+            if let Some(first) = seen.insert(key, &element.location) {
+                once = false;
+                self.errors.push(LoadError {
+                    location: element.location.clone(),
+                    message: format!(
+                        "`{}` is defined twice for the same rows, here and at {first}: the later would silently replace the earlier's value; remove one, or give each conditions (`when`) that tell the rows apart",
+                        element.written
+                    ),
+                });
+            }
+        }
+        once
     }
 
     /// The elements of `node` (an `elements` map) into `out`, each under `group`'s path and
