@@ -216,11 +216,19 @@ fn every_resource_agrees_with_its_envelope() {
                 &p["commit_time"]
             };
             assert_eq!(&resource["meta"]["lastUpdated"], updated);
-            let source = format!(
-                "urn:fhir-cdc:{}:{}.{}.{}",
-                p["connector"].as_str().unwrap(),
+            // MySQL's schemas are its databases: named once.
+            let (database, schema) = (
                 p["database"].as_str().unwrap(),
                 p["schema"].as_str().unwrap(),
+            );
+            let place = if p["database_kind"] == "mysql" && database == schema {
+                database.to_owned()
+            } else {
+                format!("{database}.{schema}")
+            };
+            let source = format!(
+                "urn:fhir-cdc:{}:{place}.{}",
+                p["connector"].as_str().unwrap(),
                 p["table"].as_str().unwrap()
             );
             assert_eq!(resource["meta"]["source"], source.as_str());

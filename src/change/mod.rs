@@ -27,7 +27,8 @@ pub struct SourceTable {
     pub table: Arc<str>,
     /// `urn:fhir-cdc:<connector>:<database>.<schema>.<table>`: the `meta.source` of every
     /// resource made from the table's rows (interned: a bounded set, copied into every
-    /// resource).
+    /// resource). MySQL's schemas are its databases: there it is
+    /// `urn:fhir-cdc:<connector>:<database>.<table>`, the name once.
     pub urn: &'static str,
 }
 
@@ -45,12 +46,16 @@ impl SourceTable {
             schema.into(),
             table.into(),
         );
+        let kind = kind.into();
+        let urn = if &*kind == "mysql" && database == schema {
+            format!("urn:fhir-cdc:{connector}:{database}.{table}")
+        } else {
+            format!("urn:fhir-cdc:{connector}:{database}.{schema}.{table}")
+        };
         Self {
-            urn: crate::fhir::intern(&format!(
-                "urn:fhir-cdc:{connector}:{database}.{schema}.{table}"
-            )),
+            urn: crate::fhir::intern(&urn),
             connector,
-            kind: kind.into(),
+            kind,
             database,
             schema,
             table,
