@@ -299,12 +299,13 @@ fn the_sample_mappings_are_valid_and_broken_ones_are_located() {
 fn capture_prerequisites_of_the_mapped_tables_are_named() {
     let schema = stack::unique("capture");
     execute(&format!(
-        "CREATE SCHEMA {schema}; CREATE TABLE {schema}.lab_result (result_id int PRIMARY KEY);"
+        "CREATE SCHEMA {schema}; CREATE TABLE {schema}.\"Lab_Result\" (result_id int PRIMARY KEY);"
     ));
     let dir = std::env::temp_dir().join(&schema);
     std::fs::create_dir_all(dir.join("mappings")).unwrap();
     let lab = stack::repo_root().join("mappings/lab");
-    for (file, table) in [("result.yaml", "lab_result"), ("specimen.yaml", "missing")] {
+    // A legacy table's mixed-case name: every fix must quote it as the catalogue spells it.
+    for (file, table) in [("result.yaml", "Lab_Result"), ("specimen.yaml", "missing")] {
         let source_table = if file == "result.yaml" {
             "lis.lab_result"
         } else {
@@ -331,8 +332,8 @@ fn capture_prerequisites_of_the_mapped_tables_are_named() {
     let outcome = check(&config, &[]);
     assert_eq!(outcome.code, 1, "{}", outcome.stdout);
     for expected in [
-        format!("WARN  postgres  {schema}.lab_result: REPLICA IDENTITY DEFAULT"),
-        format!("fix: run ALTER TABLE {schema}.lab_result REPLICA IDENTITY FULL;"),
+        format!("WARN  postgres  {schema}.Lab_Result: REPLICA IDENTITY DEFAULT"),
+        format!("fix: run ALTER TABLE \"{schema}\".\"Lab_Result\" REPLICA IDENTITY FULL;"),
         format!("FAIL  postgres  table {schema}.missing does not exist, but a mapping reads it"),
         "ok    postgres  slot fhir_cdc_lab_postgres does not exist yet: `run` creates it"
             .to_owned(),
@@ -402,7 +403,7 @@ fn a_table_without_a_replica_identity_is_named_and_never_published() {
     assert_eq!(outcome.code, 1, "{}", outcome.stdout);
     for expected in [
         format!("FAIL  postgres  {schema}.lab_result: REPLICA IDENTITY DEFAULT without a primary key: once the table is published, the application's UPDATEs and DELETEs on it fail"),
-        format!("fix: run ALTER TABLE {schema}.lab_result REPLICA IDENTITY FULL; (or give it a primary key)"),
+        format!("fix: run ALTER TABLE \"{schema}\".\"lab_result\" REPLICA IDENTITY FULL; (or give it a primary key)"),
         format!("FAIL  postgres  {schema}.specimen: REPLICA IDENTITY NOTHING"),
     ] {
         assert!(outcome.stdout.contains(&expected), "`{expected}` missing from:\n{}", outcome.stdout);

@@ -490,7 +490,7 @@ mod setup {
         }
         let quoted = added
             .iter()
-            .map(|(s, t)| format!("\"{s}\".\"{t}\""))
+            .map(|(s, t)| crate::source::postgres::quote_table(s, t))
             .collect::<Vec<_>>()
             .join(", ");
         let statement = match published {

@@ -22,3 +22,14 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
         },
     }
 }
+
+/// `"name"`, with embedded quotes doubled: an identifier as the catalogue spells it
+/// (unquoted, PostgreSQL would fold `LAB` to `lab`).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `"schema"."table"`, each quoted as [`quote_ident`] does.
+pub fn quote_table(schema: &str, table: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(table))
+}

@@ -171,7 +171,7 @@ async fn check_capture(client: &Client, capture: &Capture) -> Vec<Finding> {
                 findings.push(Finding::problem(
                     COMPONENT,
                     format!("publication {} does not include {schema}.{table}, which a mapping reads", capture.publication),
-                    format!("run ALTER PUBLICATION {} ADD TABLE {schema}.{table};", capture.publication),
+                    format!("run ALTER PUBLICATION {} ADD TABLE {};", super::quote_ident(&capture.publication), super::quote_table(schema, table)),
                 ));
             }
         }
@@ -237,8 +237,10 @@ pub async fn identity(
 /// What a table's replica identity means for capture.
 pub fn replica_identity(schema: &str, table: &str, identity: Option<Identity>) -> Finding {
     let name = format!("{schema}.{table}");
+    // The fix names the table as the catalogue spells it: `LAB.CATALOG` unquoted is lab.catalog.
+    let quoted = super::quote_table(schema, table);
     let unsafe_fix = format!(
-        "run ALTER TABLE {name} REPLICA IDENTITY FULL; (or give it a primary key) before `run` publishes it"
+        "run ALTER TABLE {quoted} REPLICA IDENTITY FULL; (or give it a primary key) before `run` publishes it"
     );
     match identity {
         None => Finding::problem(
@@ -261,7 +263,7 @@ pub fn replica_identity(schema: &str, table: &str, identity: Option<Identity>) -
         Some(Identity::Key) => Finding::warning(
             COMPONENT,
             format!("{name}: REPLICA IDENTITY DEFAULT: updates carry only the key, so updates that change no mapped content cannot be suppressed and unchanged TOASTed values cannot be filled"),
-            format!("run ALTER TABLE {name} REPLICA IDENTITY FULL; (more WAL per update)"),
+            format!("run ALTER TABLE {quoted} REPLICA IDENTITY FULL; (more WAL per update)"),
         ),
     }
 }

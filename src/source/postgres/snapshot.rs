@@ -24,7 +24,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
-use super::types;
+use super::{quote_ident, quote_table, types};
 use tokio::sync::mpsc;
 
 use crate::{
@@ -99,7 +99,7 @@ impl ChunkTable {
             table: name.clone(),
             source: e,
         };
-        let quoted = format!("{}.{}", quote_ident(schema), quote_ident(table));
+        let quoted = quote_table(schema, table);
         let statement = client
             .prepare(&format!("SELECT * FROM {quoted}"))
             .await
@@ -489,11 +489,6 @@ pub fn key_condition(key: &[(String, Value)]) -> String {
         })
         .collect();
     terms.join(" AND ")
-}
-
-/// `"name"`, with embedded quotes doubled.
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// `'text'`, with embedded quotes doubled.
