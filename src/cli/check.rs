@@ -202,18 +202,7 @@ async fn check_connector(path: &std::path::Path) -> ExitCode {
         },
         None => Vec::new(),
     };
-    let mapped = (!mappings.is_empty()).then(|| {
-        let mut keyed: Vec<(String, Vec<String>)> = Vec::new();
-        for m in &mappings {
-            if !keyed.iter().any(|(table, _)| *table == m.table) {
-                keyed.push((m.table.clone(), m.key.clone()));
-            }
-        }
-        source::MappedTables {
-            read: mapping::source_tables(&mappings),
-            keyed,
-        }
-    });
+    let mapped = (!mappings.is_empty()).then(|| source::MappedTables::of(&mappings));
     let source = source::preflight(&config, mapped.as_ref());
     let (source, kafka, registry) = tokio::join!(
         source,

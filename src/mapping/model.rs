@@ -1,7 +1,7 @@
 //! A loaded, checked mapping: what the mapper executes.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     path::PathBuf,
     sync::Arc,
 };
@@ -111,6 +111,55 @@ impl Mapping {
         })
     }
 
+    /// Every column the mapping reads, by table (`schema.table`: its own, or a looked-up
+    /// one's): its key, its resources' ids, conditions and elements (templates, references
+    /// and columns), and its lookups' `by`, `key` and `columns` — what the table must have.
+    pub fn columns_read<'a>(&'a self) -> BTreeMap<&'a str, BTreeSet<&'a str>> {
+        let mut read: BTreeMap<&'a str, BTreeSet<&'a str>> = BTreeMap::new();
+        let own = self.table.as_str();
+        let mut add = |table: &'a str, column: &'a str| {
+            read.entry(table).or_default().insert(column);
+        };
+        for key in &self.key {
+            add(own, key);
+        }
+        for lookup in &self.lookups {
+            for column in &lookup.by {
+                add(own, column.as_str());
+            }
+            for column in lookup.key.iter().chain(&lookup.columns) {
+                add(&lookup.table, column.as_str());
+            }
+        }
+        for resource in &self.resources {
+            for column in resource.id.columns() {
+                add(own, column.as_str());
+            }
+            for condition in &resource.when {
+                add(own, condition.column.as_str());
+            }
+            for element in &resource.elements {
+                // Read through a lookup, the columns are the looked-up table's.
+                let table = element.lookup.as_ref().map_or(own, |l| l.table.as_str());
+                let template = match &element.source {
+                    ValueSource::Column(column) => {
+                        add(table, column.as_str());
+                        None
+                    }
+                    ValueSource::Template(template) => Some(template),
+                    ValueSource::Reference { id, .. } => Some(id),
+                };
+                for column in template.into_iter().flat_map(Template::columns) {
+                    add(table, column.as_str());
+                }
+                for condition in &element.when {
+                    add(own, condition.column.as_str());
+                }
+            }
+        }
+        read
+    }
+
     /// The source table as (schema, table).
     pub fn schema_table(&self) -> (&str, &str) {
         // The loader accepts only `schema.table`.
@@ -130,9 +179,9 @@ pub fn source_tables(mappings: &[Mapping]) -> Vec<(String, String)> {
 /// read: what must be read, in this order, for them to map.
 pub fn with_lookups(
     mappings: &[Mapping],
-    tables: std::collections::BTreeSet<(String, String)>,
+    tables: BTreeSet<(String, String)>,
 ) -> Vec<(String, String)> {
-    let looked_up: std::collections::BTreeSet<(String, String)> = mappings
+    let looked_up: BTreeSet<(String, String)> = mappings
         .iter()
         .flat_map(|m| &m.lookups)
         .map(|l| split_table(&l.table))

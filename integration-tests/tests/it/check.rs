@@ -335,6 +335,8 @@ fn capture_prerequisites_of_the_mapped_tables_are_named() {
         format!("WARN  postgres  {schema}.Lab_Result: REPLICA IDENTITY DEFAULT"),
         format!("fix: run ALTER TABLE \"{schema}\".\"Lab_Result\" REPLICA IDENTITY FULL;"),
         format!("FAIL  postgres  table {schema}.missing does not exist, but a mapping reads it"),
+        // The table has only its key: the mapping's other columns would dead-letter every row.
+        format!("FAIL  postgres  {schema}.Lab_Result has no column abnormal_flag, accession_no, collected_at"),
         "ok    postgres  slot fhir_cdc_lab_postgres does not exist yet: `run` creates it"
             .to_owned(),
     ] {

@@ -29,12 +29,18 @@ impl Kind for MysqlConfig {
         let keyed = mapped.map_or(&[][..], |m| &m.keyed[..]);
         let tables: Vec<super::preflight::MappedTable> = keyed
             .iter()
-            .map(|(table, key)| {
-                let (database, table) = table.split_once('.').unwrap_or(("", table));
+            .map(|(qualified, key)| {
+                let (database, table) = qualified.split_once('.').unwrap_or(("", qualified));
                 super::preflight::MappedTable {
                     database: database.to_owned(),
                     table: table.to_owned(),
                     key: key.clone(),
+                    columns: mapped
+                        .and_then(|m| m.columns.get(qualified))
+                        .into_iter()
+                        .flatten()
+                        .cloned()
+                        .collect(),
                 }
             })
             .collect();

@@ -44,6 +44,8 @@ pub struct MappedTable {
     pub database: String,
     pub table: String,
     pub key: Vec<String>,
+    /// Every column the mappings read of it.
+    pub columns: Vec<String>,
 }
 
 /// Whether `run` can resume from the connector's stored position (its state's text), and
@@ -259,6 +261,16 @@ pub fn mapped_table(mapped: &MappedTable, facts: &TableFacts) -> Finding {
             ),
             "correct `source.key` in the mapping to the table's identifying columns",
         );
+    }
+    // Column names are case-insensitive on MySQL and MariaDB.
+    let absent: Vec<&str> = mapped
+        .columns
+        .iter()
+        .filter(|read| !facts.columns.iter().any(|c| c.eq_ignore_ascii_case(read)))
+        .map(String::as_str)
+        .collect();
+    if !absent.is_empty() {
+        return crate::source::absent_columns(COMPONENT, &name, &absent);
     }
     if facts.primary_key.is_empty() {
         return Finding::warning(
@@ -513,6 +525,7 @@ mod tests {
                 database: "billing".into(),
                 table: "charge".into(),
                 key: vec!["charge_id".into()],
+                columns: vec!["charge_id".into(), "AMOUNT".into()],
             },
             TableFacts {
                 columns: vec!["charge_id".into(), "amount".into()],
@@ -549,6 +562,19 @@ mod tests {
         let finding = mapped_table(&wrong_key, &facts);
         assert_eq!(finding.severity, Severity::Problem);
         assert!(finding.summary.contains("charge_no"));
+        // Read columns compare as the server does (case-insensitively); one it lacks would
+        // dead-letter every row.
+        let reads_more = MappedTable {
+            columns: vec!["charge_id".into(), "posted_by".into()],
+            ..mapped.clone()
+        };
+        let finding = mapped_table(&reads_more, &facts);
+        assert_eq!(finding.severity, Severity::Problem);
+        assert!(
+            finding.summary.contains("no column posted_by"),
+            "{}",
+            finding.summary
+        );
         let keyless = TableFacts {
             primary_key: vec![],
             ..facts

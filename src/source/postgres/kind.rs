@@ -28,6 +28,7 @@ impl Kind for PostgresConfig {
     ) -> Vec<Finding> {
         let capture = mapped.map(|m| super::preflight::Capture {
             tables: m.read.clone(),
+            columns: m.columns.clone(),
             slot: self.slot_name(&config.name),
             publication: self.publication_name(&config.name),
         });

@@ -38,6 +38,8 @@ pub struct ServerFacts {
 #[derive(Debug, Clone)]
 pub struct Capture {
     pub tables: Vec<(String, String)>,
+    /// The columns the mappings read, by table (`schema.table`).
+    pub columns: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
     pub slot: String,
     pub publication: String,
 }
@@ -126,6 +128,23 @@ async fn check_capture(client: &Client, capture: &Capture) -> Vec<Finding> {
         match identity(client, schema, table).await {
             Ok(identity) => findings.push(replica_identity(schema, table, identity)),
             Err(e) => return vec![failed("the mapped tables", e)],
+        }
+        let name = format!("{schema}.{table}");
+        let read = capture.columns.get(&name).into_iter().flatten();
+        match columns(client, schema, table).await {
+            // An absent table is its own finding above.
+            Ok(has) if has.is_empty() => {}
+            Ok(has) => {
+                // Names compare exactly: PostgreSQL keeps a quoted name's case.
+                let absent: Vec<&str> = read
+                    .filter(|c| !has.contains(*c))
+                    .map(String::as_str)
+                    .collect();
+                if !absent.is_empty() {
+                    findings.push(crate::source::absent_columns(COMPONENT, &name, &absent));
+                }
+            }
+            Err(e) => return vec![failed("the mapped tables' columns", e)],
         }
     }
     match client
@@ -232,6 +251,23 @@ pub async fn identity(
         )
         .await?;
     Ok(row.map(|r| Identity::of(r.get(0), r.get(1), r.get(2))))
+}
+
+/// The columns `schema.table` has (none when there is no such table).
+async fn columns(
+    client: &Client,
+    schema: &str,
+    table: &str,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text FROM pg_attribute a
+               JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&schema, &table],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// What a table's replica identity means for capture.
