@@ -167,6 +167,16 @@ pub fn absent_columns(component: &'static str, table: &str, absent: &[&str]) -> 
     )
 }
 
+/// A mapped table that does not exist as written, but does in another case (`spelled`,
+/// as the catalogue has it): names are case-sensitive there.
+pub fn case_only(component: &'static str, table: &str, spelled: &str) -> Finding {
+    Finding::problem(
+        component,
+        format!("table {table} does not exist, but a mapping reads it; {spelled} differs only in case"),
+        format!("write `source.table: {spelled}` in the mapping: the server compares table names with their case"),
+    )
+}
+
 /// Everything `config`'s source must offer before `run` can capture from it, checked on the
 /// live server; with `mapped`, also the tables the mappings read and whether `run` can
 /// resume from where the connector stopped.

@@ -305,11 +305,16 @@ fn capture_prerequisites_of_the_mapped_tables_are_named() {
     std::fs::create_dir_all(dir.join("mappings")).unwrap();
     let lab = stack::repo_root().join("mappings/lab");
     // A legacy table's mixed-case name: every fix must quote it as the catalogue spells it.
-    for (file, table) in [("result.yaml", "Lab_Result"), ("specimen.yaml", "missing")] {
-        let source_table = if file == "result.yaml" {
-            "lis.lab_result"
-        } else {
-            "lis.specimen"
+    // The patient mapping names it in the wrong case: check says how the catalogue spells it.
+    for (file, table) in [
+        ("result.yaml", "Lab_Result"),
+        ("specimen.yaml", "missing"),
+        ("patient.yaml", "LAB_RESULT"),
+    ] {
+        let source_table = match file {
+            "result.yaml" => "lis.lab_result",
+            "patient.yaml" => "lis.patient",
+            _ => "lis.specimen",
         };
         let text = std::fs::read_to_string(lab.join(file))
             .unwrap()
@@ -335,6 +340,7 @@ fn capture_prerequisites_of_the_mapped_tables_are_named() {
         format!("WARN  postgres  {schema}.Lab_Result: REPLICA IDENTITY DEFAULT"),
         format!("fix: run ALTER TABLE \"{schema}\".\"Lab_Result\" REPLICA IDENTITY FULL;"),
         format!("FAIL  postgres  table {schema}.missing does not exist, but a mapping reads it"),
+        format!("FAIL  postgres  table {schema}.LAB_RESULT does not exist, but a mapping reads it; {schema}.Lab_Result differs only in case"),
         // The table has only its key: the mapping's other columns would dead-letter every row.
         format!("FAIL  postgres  {schema}.Lab_Result has no column abnormal_flag, accession_no, collected_at"),
         "ok    postgres  slot fhir_cdc_lab_postgres does not exist yet: `run` creates it"
@@ -542,5 +548,41 @@ fn the_environment_overrides_any_key_and_check_says_which_never_the_value() {
         "{}",
         outcome.stdout
     );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A table read only through a lookup needs no full old rows (its updates are never
+/// suppressed): its default replica identity is fine, and `check` says so instead of
+/// asking the DBA to change it.
+#[test]
+fn a_lookup_only_table_is_not_asked_for_full_old_rows() {
+    let schema = stack::unique("lookuponly");
+    let dir = std::env::temp_dir().join(&schema);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = runtime.block_on(stack::pg_client());
+    runtime.block_on(stack::create_lab_schema(&client, &schema));
+    execute(&format!(
+        "ALTER TABLE {schema}.test_catalogue REPLICA IDENTITY DEFAULT;
+         ALTER TABLE {schema}.poc_result REPLICA IDENTITY DEFAULT;"
+    ));
+    stack::lab_mappings(&dir.join("mappings"), &schema, &["poc_result.yaml"]);
+    let config = stack::connector_config(&dir, &schema, &schema, "");
+    let outcome = check(&config, &[]);
+    assert!(
+        outcome.stdout.contains(&format!(
+            "ok    postgres  {schema}.test_catalogue: REPLICA IDENTITY DEFAULT (read through lookups only"
+        )),
+        "{}",
+        outcome.stdout
+    );
+    // The mapped table itself is still warned about.
+    assert!(
+        outcome.stdout.contains(&format!(
+            "WARN  postgres  {schema}.poc_result: REPLICA IDENTITY DEFAULT"
+        )),
+        "{}",
+        outcome.stdout
+    );
+    execute(&format!("DROP SCHEMA {schema} CASCADE;"));
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -107,6 +107,9 @@ pub struct TableFacts {
     pub primary_key: Vec<String>,
     /// The server's refusal of `SELECT` on the table, if it refused.
     pub select_refused: Option<String>,
+    /// When the table does not exist as named: the one whose name differs only in case,
+    /// as the catalogue spells it (`database.table`).
+    pub spelled: Option<String>,
 }
 
 /// Connect with `url` and check every prerequisite of binlog capture, and with `mapped`
@@ -211,6 +214,22 @@ async fn read_table_facts(
             (&mapped.database, &mapped.table),
         )
         .await?;
+    let spelled = if columns.is_empty() {
+        conn.exec_first(
+            "SELECT CONCAT(TABLE_SCHEMA, '.', TABLE_NAME) FROM information_schema.TABLES
+              WHERE LOWER(TABLE_SCHEMA) = LOWER(?) AND LOWER(TABLE_NAME) = LOWER(?)
+                AND NOT (TABLE_SCHEMA = ? AND TABLE_NAME = ?) LIMIT 1",
+            (
+                &mapped.database,
+                &mapped.table,
+                &mapped.database,
+                &mapped.table,
+            ),
+        )
+        .await?
+    } else {
+        None
+    };
     let select_refused = if columns.is_empty() {
         None
     } else {
@@ -225,6 +244,7 @@ async fn read_table_facts(
         columns: columns.into_iter().map(|(name, _)| name).collect(),
         primary_key,
         select_refused,
+        spelled,
     })
 }
 
@@ -232,6 +252,9 @@ async fn read_table_facts(
 /// among its columns, and it has a primary key for chunked snapshots.
 pub fn mapped_table(mapped: &MappedTable, facts: &TableFacts) -> Finding {
     let name = format!("{}.{}", mapped.database, mapped.table);
+    if let (true, Some(spelled)) = (facts.columns.is_empty(), &facts.spelled) {
+        return crate::source::case_only(COMPONENT, &name, spelled);
+    }
     if facts.columns.is_empty() {
         return Finding::problem(
             COMPONENT,
@@ -531,6 +554,7 @@ mod tests {
                 columns: vec!["charge_id".into(), "amount".into()],
                 primary_key: vec!["charge_id".into()],
                 select_refused: None,
+                spelled: None,
             },
         )
     }
@@ -546,6 +570,18 @@ mod tests {
         let finding = mapped_table(&mapped, &gone);
         assert_eq!(finding.severity, Severity::Problem);
         assert!(finding.summary.contains("billing.charge"));
+        let other_case = TableFacts {
+            spelled: Some("billing.CHARGE".into()),
+            ..gone.clone()
+        };
+        let finding = mapped_table(&mapped, &other_case);
+        assert!(
+            finding
+                .summary
+                .contains("billing.CHARGE differs only in case"),
+            "{}",
+            finding.summary
+        );
         let refused = TableFacts {
             select_refused: Some("SELECT command denied".into()),
             ..facts.clone()

@@ -29,6 +29,7 @@ impl Kind for PostgresConfig {
         let capture = mapped.map(|m| super::preflight::Capture {
             tables: m.read.clone(),
             columns: m.columns.clone(),
+            mapped: m.keyed.iter().map(|(table, _)| table.clone()).collect(),
             slot: self.slot_name(&config.name),
             publication: self.publication_name(&config.name),
         });

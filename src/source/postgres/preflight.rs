@@ -40,6 +40,9 @@ pub struct Capture {
     pub tables: Vec<(String, String)>,
     /// The columns the mappings read, by table (`schema.table`).
     pub columns: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// The tables mappings make resources of (`schema.table`); the others are read
+    /// through lookups only.
+    pub mapped: Vec<String>,
     pub slot: String,
     pub publication: String,
 }
@@ -126,6 +129,23 @@ async fn check_capture(client: &Client, capture: &Capture) -> Vec<Finding> {
     };
     for (schema, table) in &capture.tables {
         match identity(client, schema, table).await {
+            Ok(None) => match spelled_otherwise(client, schema, table).await {
+                Ok(Some(spelled)) => findings.push(crate::source::case_only(
+                    COMPONENT,
+                    &format!("{schema}.{table}"),
+                    &spelled,
+                )),
+                Ok(None) => findings.push(replica_identity(schema, table, None)),
+                Err(e) => return vec![failed("the mapped tables", e)],
+            },
+            // Updates of a table read only through lookups are never suppressed: the key
+            // is all they need.
+            Ok(Some(Identity::Key)) if !capture.mapped.contains(&format!("{schema}.{table}")) => {
+                findings.push(Finding::ok(
+                    COMPONENT,
+                    format!("{schema}.{table}: REPLICA IDENTITY DEFAULT (read through lookups only: the key is enough)"),
+                ));
+            }
             Ok(identity) => findings.push(replica_identity(schema, table, identity)),
             Err(e) => return vec![failed("the mapped tables", e)],
         }
@@ -251,6 +271,25 @@ pub async fn identity(
         )
         .await?;
     Ok(row.map(|r| Identity::of(r.get(0), r.get(1), r.get(2))))
+}
+
+/// The table that `schema.table` names but for the case of its letters, as the catalogue
+/// spells it (`LAB.RESULT` for `lab.result`), if there is one.
+async fn spelled_otherwise(
+    client: &Client,
+    schema: &str,
+    table: &str,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT n.nspname::text || '.' || c.relname::text
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE lower(n.nspname) = lower($1) AND lower(c.relname) = lower($2)
+                AND c.relkind IN ('r', 'p') LIMIT 1",
+            &[&schema, &table],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
 }
 
 /// The columns `schema.table` has (none when there is no such table).
