@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fhir_cdc::canonical::CanonicalEvent;
+use fhir_cdc::{canonical::CanonicalEvent, change::PgLsn};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -146,6 +146,24 @@ async fn killed_mid_stream_the_connector_loses_nothing_and_repeats_only_exact_ev
         by_id.len()
     );
     assert_eq!(by_id.len() as i64, TRANSACTIONS * ROWS);
+    // Each start names where reading really begins: never before the stored position.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let starts: Vec<(PgLsn, PgLsn)> = logged
+        .lines()
+        .filter(|l| l.contains("capture: streaming"))
+        .filter_map(|l| {
+            let field = |name: &str| {
+                let at = l.find(&format!(" {name}="))? + name.len() + 2;
+                l[at..].split_whitespace().next()?.parse::<PgLsn>().ok()
+            };
+            Some((field("from")?, field("stored")?))
+        })
+        .collect();
+    assert!(starts.len() >= 2, "{logged}");
+    assert!(
+        starts.iter().all(|(from, stored)| from >= stored),
+        "{starts:?}"
+    );
 
     stack::drop_capture(&client, &slot, &slot, &schema).await;
     std::fs::remove_dir_all(dir).unwrap();

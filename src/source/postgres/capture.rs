@@ -109,7 +109,20 @@ impl Source for PostgresSource {
         let mut stream = ReplicationStream::start(&self.url, &options)
             .await
             .map_err(stream_error)?;
-        info!(slot = %self.slot, from = %start, "streaming");
+        // The server streams from the later of the requested position and the slot's
+        // confirmed one: the log names where reading really begins.
+        let confirmed = admin
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .ok()
+            .flatten()
+            .and_then(|row| row.get::<_, Option<String>>(0))
+            .and_then(|text| text.parse::<PgLsn>().ok());
+        let from = confirmed.map_or(start, |c| c.max(start));
+        info!(slot = %self.slot, from = %from, stored = %start, "streaming");
         let (reader, database) = snapshot::connect(&self.url).await.map_err(snapshot_error)?;
         let mut snapshot = Snapshotter::new(
             Arc::new(reader),
