@@ -474,10 +474,22 @@ fn finish(
             &defaulted
         }
         (None, None) if element.required => {
+            // Through a lookup, say which: a replay that fails again must name it as the
+            // first failure did.
+            let through = element.lookup.as_ref().map_or(String::new(), |lookup| {
+                let read = match &element.source {
+                    ValueSource::Column(column) => format!("column `{column}`"),
+                    _ => "its columns".to_owned(),
+                };
+                format!(
+                    " ({read} through lookup `{}` of {}: it found no row, or the row's value is NULL)",
+                    lookup.name, lookup.table
+                )
+            });
             return Err(fail(format!(
-                "{} is required but its source is NULL",
+                "{} is required but its source is NULL{through}",
                 element.written
-            )))
+            )));
         }
         (None, None) => return Ok(()),
     };
