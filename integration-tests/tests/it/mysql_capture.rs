@@ -103,6 +103,37 @@ async fn a_snapshot_taken_while_writes_run_loses_nothing_and_ends_current() {
     assert_repeats_are_exact(&events);
 }
 
+/// A legacy table with no primary key, only a UNIQUE index on NOT NULL columns: snapshots
+/// read it in chunks by that index (not in one pass), and `check` says so as information.
+#[tokio::test]
+async fn a_table_with_only_a_unique_key_is_snapshotted_in_chunks_by_it() {
+    let mut billing = billing("my_unique").await;
+    billing
+        .conn
+        .query_drop(format!(
+            "ALTER TABLE {} DROP PRIMARY KEY, ADD UNIQUE KEY charge_no (charge_id)",
+            billing.charge
+        ))
+        .await
+        .unwrap();
+    billing.insert(1, 1200).await;
+    stack::add_source_setting(&billing.config, "snapshot.chunk.size = 100");
+    let said = stack::check_said(&billing.config);
+    assert!(
+        said.contains("no primary key, snapshots chunk by its unique index charge_no (charge_id)"),
+        "{said}"
+    );
+    let connector = start(&billing.config, &billing.log);
+    await_snapshotted(&billing.config, &billing.log).await;
+    await_binlog_stored(&billing.config, Duration::from_secs(60), &billing.log).await;
+    assert!(stop(connector).success());
+    let logged = std::fs::read_to_string(&billing.log).unwrap();
+    assert!(!logged.contains("read as one chunk"), "{logged}");
+    let events = events_of(&billing.topic).await;
+    assert_eq!(latest_values(&events, PRICE), billing.amounts().await);
+    assert_eq!(events.len(), 1200, "one event per row, none twice");
+}
+
 #[tokio::test]
 async fn a_connector_killed_mid_transaction_and_mid_stream_delivers_every_change() {
     let mut billing = billing("my_kill").await;

@@ -136,6 +136,51 @@ pub async fn is_mariadb(conn: &mut Conn) -> Result<bool, MysqlError> {
     Ok(version.is_some_and(|v| v.contains("MariaDB")))
 }
 
+/// The columns `database.table`'s rows are told apart and chunked by: its primary key, or
+/// when it has none the first UNIQUE index whose columns are all NOT NULL (legacy tables
+/// often have only that); empty when it has neither. With the index's name when it is not
+/// the primary key.
+pub async fn chunk_key(
+    conn: &mut Conn,
+    database: &str,
+    table: &str,
+) -> Result<(Vec<String>, Option<String>), mysql_async::Error> {
+    let rows: Vec<(String, String, String)> = conn
+        .exec(
+            "SELECT k.CONSTRAINT_NAME, k.COLUMN_NAME, c.IS_NULLABLE
+               FROM information_schema.TABLE_CONSTRAINTS t
+               JOIN information_schema.KEY_COLUMN_USAGE k
+                 ON k.CONSTRAINT_SCHEMA = t.CONSTRAINT_SCHEMA AND k.TABLE_NAME = t.TABLE_NAME
+                AND k.CONSTRAINT_NAME = t.CONSTRAINT_NAME
+               JOIN information_schema.COLUMNS c
+                 ON c.TABLE_SCHEMA = k.TABLE_SCHEMA AND c.TABLE_NAME = k.TABLE_NAME
+                AND c.COLUMN_NAME = k.COLUMN_NAME
+              WHERE t.TABLE_SCHEMA = ? AND t.TABLE_NAME = ?
+                AND t.CONSTRAINT_TYPE IN ('PRIMARY KEY', 'UNIQUE')
+              ORDER BY t.CONSTRAINT_TYPE = 'PRIMARY KEY' DESC, k.CONSTRAINT_NAME, k.ORDINAL_POSITION",
+            (database, table),
+        )
+        .await?;
+    let mut indexes: Vec<(String, Vec<String>, bool)> = Vec::new();
+    for (index, column, nullable) in rows {
+        match indexes.last_mut().filter(|(name, _, _)| *name == index) {
+            Some((_, columns, not_null)) => {
+                columns.push(column);
+                *not_null &= nullable == "NO";
+            }
+            None => indexes.push((index, vec![column], nullable == "NO")),
+        }
+    }
+    Ok(indexes
+        .into_iter()
+        .find(|(_, _, not_null)| *not_null)
+        .map(|(index, columns, _)| {
+            let named = (index != "PRIMARY").then_some(index);
+            (columns, named)
+        })
+        .unwrap_or_default())
+}
+
 /// `` `name` `` with backquotes doubled.
 pub fn quote_ident(name: &str) -> String {
     format!("`{}`", name.replace('`', "``"))

@@ -104,7 +104,10 @@ pub async fn stored_position(url: &Secret, stored: &str, mode: SnapshotMode) -> 
 pub struct TableFacts {
     /// Every column; empty when the table does not exist (or is hidden from the user).
     pub columns: Vec<String>,
+    /// The columns snapshots chunk by: the primary key, or a UNIQUE NOT NULL index's.
     pub primary_key: Vec<String>,
+    /// That index's name, when the table has no primary key.
+    pub unique_index: Option<String>,
     /// The server's refusal of `SELECT` on the table, if it refused.
     pub select_refused: Option<String>,
     /// When the table does not exist as named: the one whose name differs only in case,
@@ -206,14 +209,8 @@ async fn read_table_facts(
             (&mapped.database, &mapped.table),
         )
         .await?;
-    let primary_key: Vec<String> = conn
-        .exec(
-            "SELECT COLUMN_NAME FROM information_schema.KEY_COLUMN_USAGE
-              WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND CONSTRAINT_NAME = 'PRIMARY'
-              ORDER BY ORDINAL_POSITION",
-            (&mapped.database, &mapped.table),
-        )
-        .await?;
+    let (primary_key, unique_index) =
+        super::chunk_key(conn, &mapped.database, &mapped.table).await?;
     let spelled = if columns.is_empty() {
         conn.exec_first(
             "SELECT CONCAT(TABLE_SCHEMA, '.', TABLE_NAME) FROM information_schema.TABLES
@@ -243,6 +240,7 @@ async fn read_table_facts(
     Ok(TableFacts {
         columns: columns.into_iter().map(|(name, _)| name).collect(),
         primary_key,
+        unique_index,
         select_refused,
         spelled,
     })
@@ -299,10 +297,19 @@ pub fn mapped_table(mapped: &MappedTable, facts: &TableFacts) -> Finding {
         return Finding::warning(
             COMPONENT,
             format!(
-                "{name} has no primary key: changes are identified by the mapping's key ({}), but a snapshot reads the table in one pass instead of in chunks",
+                "{name} has neither a primary key nor a UNIQUE index of NOT NULL columns: changes are identified by the mapping's key ({}), but a snapshot reads the table in one pass instead of in chunks",
                 mapped.key.join(", ")
             ),
-            format!("add a primary key to {name} if it is large"),
+            format!("nothing, if {name} is small; if it is large, a UNIQUE index on NOT NULL columns lets snapshots read it in chunks"),
+        );
+    }
+    if let Some(index) = &facts.unique_index {
+        return Finding::ok(
+            COMPONENT,
+            format!(
+                "{name} is readable; no primary key, snapshots chunk by its unique index {index} ({})",
+                facts.primary_key.join(", ")
+            ),
         );
     }
     Finding::ok(
@@ -553,6 +560,7 @@ mod tests {
             TableFacts {
                 columns: vec!["charge_id".into(), "amount".into()],
                 primary_key: vec!["charge_id".into()],
+                unique_index: None,
                 select_refused: None,
                 spelled: None,
             },

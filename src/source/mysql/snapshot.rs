@@ -43,7 +43,8 @@ pub struct ChunkTable {
 }
 
 impl ChunkTable {
-    /// Read `database.table`'s columns and primary key from the catalog.
+    /// Read `database.table`'s columns and chunk key (its primary key, or a UNIQUE NOT NULL
+    /// index) from the catalog.
     pub async fn describe(
         conn: &mut Conn,
         connector: &str,
@@ -65,13 +66,7 @@ impl ChunkTable {
                 "the mapped table {name} does not exist, or the user may not read it (GRANT SELECT)"
             )));
         }
-        let key: Vec<String> = conn
-            .exec(
-                "SELECT COLUMN_NAME FROM information_schema.KEY_COLUMN_USAGE
-                  WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND CONSTRAINT_NAME = 'PRIMARY'
-                  ORDER BY ORDINAL_POSITION",
-                (database, table),
-            )
+        let (key, _) = super::chunk_key(conn, database, table)
             .await
             .map_err(&fail)?;
         let names: Names = columns.iter().map(|(n, _)| Arc::from(n.as_str())).collect();
