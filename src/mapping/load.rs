@@ -542,7 +542,7 @@ impl Reader<'_> {
                 names.sort_unstable();
                 let message = match &table.lookup {
                     None => format!(
-                        "unknown column `{column}`; the table has: {}",
+                        "unknown column `{column}`: not among `source.columns`, which names {}",
                         names.join(", ")
                     ),
                     Some(lookup) => format!(
