@@ -74,6 +74,7 @@ fn the_reference_configs_pass_against_the_stack() {
             [
                 "ok    postgres  wal_level = logical",
                 ", TLSv1.3, the server's certificate not verified (sslmode=verify-full verifies it))",
+                "ok    postgres  lis.lab_result: REPLICA IDENTITY FULL",
                 "0 problem(s), 0 warning(s)",
             ],
         ),
@@ -82,6 +83,8 @@ fn the_reference_configs_pass_against_the_stack() {
             [
                 "ok    mysql     binlog_format = ROW",
                 "), unencrypted\n                fix: give the server ssl_cert and ssl_key, and set ssl-mode=VERIFY_IDENTITY",
+                // The user may only SELECT these tables: their keys are read all the same.
+                "ok    mysql     billing.charge is readable, primary key (charge_id)",
                 "0 problem(s), 1 warning(s)",
             ],
         ),
@@ -90,6 +93,7 @@ fn the_reference_configs_pass_against_the_stack() {
             [
                 "checking projector `lab-projection`",
                 "ok    projection connected to ",
+                "ok    config    parsed and valid",
                 "0 problem(s), 0 warning(s)",
             ],
         ),

@@ -145,30 +145,27 @@ pub async fn chunk_key(
     database: &str,
     table: &str,
 ) -> Result<(Vec<String>, Option<String>), mysql_async::Error> {
-    let rows: Vec<(String, String, String)> = conn
+    // STATISTICS, not TABLE_CONSTRAINTS: MariaDB shows a user with only SELECT on a table
+    // its indexes, but none of its constraints. NULLABLE is `YES` or empty.
+    let rows: Vec<(String, Option<String>, String)> = conn
         .exec(
-            "SELECT k.CONSTRAINT_NAME, k.COLUMN_NAME, c.IS_NULLABLE
-               FROM information_schema.TABLE_CONSTRAINTS t
-               JOIN information_schema.KEY_COLUMN_USAGE k
-                 ON k.CONSTRAINT_SCHEMA = t.CONSTRAINT_SCHEMA AND k.TABLE_NAME = t.TABLE_NAME
-                AND k.CONSTRAINT_NAME = t.CONSTRAINT_NAME
-               JOIN information_schema.COLUMNS c
-                 ON c.TABLE_SCHEMA = k.TABLE_SCHEMA AND c.TABLE_NAME = k.TABLE_NAME
-                AND c.COLUMN_NAME = k.COLUMN_NAME
-              WHERE t.TABLE_SCHEMA = ? AND t.TABLE_NAME = ?
-                AND t.CONSTRAINT_TYPE IN ('PRIMARY KEY', 'UNIQUE')
-              ORDER BY t.CONSTRAINT_TYPE = 'PRIMARY KEY' DESC, k.CONSTRAINT_NAME, k.ORDINAL_POSITION",
+            "SELECT INDEX_NAME, COLUMN_NAME, NULLABLE FROM information_schema.STATISTICS
+              WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND NON_UNIQUE = 0
+              ORDER BY INDEX_NAME = 'PRIMARY' DESC, INDEX_NAME, SEQ_IN_INDEX",
             (database, table),
         )
         .await?;
     let mut indexes: Vec<(String, Vec<String>, bool)> = Vec::new();
     for (index, column, nullable) in rows {
+        // A functional key part (MySQL 8) has no column: such an index cannot chunk.
+        let usable = nullable != "YES" && column.is_some();
+        let column = column.unwrap_or_default();
         match indexes.last_mut().filter(|(name, _, _)| *name == index) {
-            Some((_, columns, not_null)) => {
+            Some((_, columns, all)) => {
                 columns.push(column);
-                *not_null &= nullable == "NO";
+                *all &= usable;
             }
-            None => indexes.push((index, vec![column], nullable == "NO")),
+            None => indexes.push((index, vec![column], usable)),
         }
     }
     Ok(indexes
