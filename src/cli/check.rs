@@ -3,7 +3,11 @@
 //! and every mapping file is checked, all problems are reported at once, each with a fix or
 //! a `file:line:column`; exit status 0 only when nothing blocks a start.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use clap::Args;
 
@@ -73,6 +77,37 @@ fn loaded<C>(
             Err(ExitCode::from(super::EXIT_BAD_CONFIG))
         }
     }
+}
+
+/// The tables and columns `mappings` read, as the source's checks take them.
+fn mapped_tables(mappings: &[mapping::Mapping]) -> source::MappedTables {
+    let mut keyed: Vec<(String, Vec<String>)> = Vec::new();
+    let mut columns: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for m in mappings {
+        if !keyed.iter().any(|(table, _)| *table == m.table) {
+            keyed.push((m.table.clone(), m.key.clone()));
+        }
+        for (table, read) in m.columns_read() {
+            columns
+                .entry(table.to_owned())
+                .or_default()
+                .extend(read.into_iter().map(str::to_owned));
+        }
+    }
+    source::MappedTables {
+        read: mapping::source_tables(mappings),
+        keyed,
+        columns,
+    }
+}
+
+/// A reference to a resource type no mapping makes, as a warning.
+fn unmade_finding(unmade: &mapping::LoadError) -> Finding {
+    Finding::warning(
+        "mapping",
+        unmade.to_string(),
+        "map those resources too, or write `external: true` on the reference when another system or connector makes them",
+    )
 }
 
 /// Which keys the environment set, by name and variable (never their values).
@@ -159,6 +194,9 @@ fn check_mappings(dir: &std::path::Path) -> ExitCode {
                     )
                 );
             }
+            for unmade in mapping::unmade_references(&mappings) {
+                println!("{}", unmade_finding(&unmade));
+            }
             println!("{} mapping(s) valid in {}", mappings.len(), dir.display());
             ExitCode::SUCCESS
         }
@@ -202,7 +240,12 @@ async fn check_connector(path: &std::path::Path) -> ExitCode {
         },
         None => Vec::new(),
     };
-    let mapped = (!mappings.is_empty()).then(|| source::MappedTables::of(&mappings));
+    mapping_findings.extend(
+        mapping::unmade_references(&mappings)
+            .iter()
+            .map(unmade_finding),
+    );
+    let mapped = (!mappings.is_empty()).then(|| mapped_tables(&mappings));
     let source = source::preflight(&config, mapped.as_ref());
     let (source, kafka, registry) = tokio::join!(
         source,

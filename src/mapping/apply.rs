@@ -387,21 +387,24 @@ fn element_value(
             Err(RenderError::Missing(column)) => return Err(missing(&column)),
             Err(RenderError::NoTokenKey) => return Err(fail(NO_TOKEN_KEY.into())),
         },
-        (Some(row), ValueSource::Reference { resource_type, id }) => {
-            match resource_id(id, row, context) {
-                Ok(id) => {
-                    let mut reference = String::with_capacity(resource_type.len() + 1 + id.len());
-                    reference.push_str(resource_type);
-                    reference.push('/');
-                    reference.push_str(&id);
-                    rendered = Value::Text(reference);
-                    Some(&rendered)
-                }
-                Err(RenderError::Null(_)) => None,
-                Err(RenderError::Missing(column)) => return Err(missing(&column)),
-                Err(RenderError::NoTokenKey) => return Err(fail(NO_TOKEN_KEY.into())),
+        (
+            Some(row),
+            ValueSource::Reference {
+                resource_type, id, ..
+            },
+        ) => match resource_id(id, row, context) {
+            Ok(id) => {
+                let mut reference = String::with_capacity(resource_type.len() + 1 + id.len());
+                reference.push_str(resource_type);
+                reference.push('/');
+                reference.push_str(&id);
+                rendered = Value::Text(reference);
+                Some(&rendered)
             }
-        }
+            Err(RenderError::Null(_)) => None,
+            Err(RenderError::Missing(column)) => return Err(missing(&column)),
+            Err(RenderError::NoTokenKey) => return Err(fail(NO_TOKEN_KEY.into())),
+        },
     };
     let Some(separator) = &element.split else {
         return finish(element, raw, context, slot);

@@ -141,7 +141,10 @@ fn unprotected_references(mappings: &[Mapping]) -> Vec<LoadError> {
         .flat_map(|m| &m.resources)
         .flat_map(|r| r.elements.iter().map(move |e| (r, e)))
     {
-        let ValueSource::Reference { resource_type, id } = &element.source else {
+        let ValueSource::Reference {
+            resource_type, id, ..
+        } = &element.source
+        else {
             continue;
         };
         let Some(&(tokenized, mapping)) = ids.get(&(resource_type.as_str(), id.skeleton())) else {
@@ -164,6 +167,36 @@ fn unprotected_references(mappings: &[Mapping]) -> Vec<LoadError> {
         }
     }
     errors
+}
+
+/// References to resource types none of `mappings` makes, unless marked `external`: they
+/// would point at nothing a consumer of these topics can find (a warning: another connector
+/// may make them, which `external: true` says).
+pub fn unmade_references(mappings: &[Mapping]) -> Vec<LoadError> {
+    let made: HashSet<&str> = mappings
+        .iter()
+        .flat_map(|m| &m.resources)
+        .map(|r| r.resource_type.as_str())
+        .collect();
+    mappings
+        .iter()
+        .flat_map(|m| &m.resources)
+        .flat_map(|r| &r.elements)
+        .filter_map(|element| match &element.source {
+            ValueSource::Reference {
+                resource_type,
+                external: false,
+                ..
+            } if !made.contains(resource_type.as_str()) => Some(LoadError {
+                location: element.location.clone(),
+                message: format!(
+                    "{} refers to a {resource_type}, which none of these mappings makes",
+                    element.written
+                ),
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {

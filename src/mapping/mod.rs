@@ -17,7 +17,7 @@ mod template;
 pub use self::{
     apply::{resource_id, MapContext, MapError},
     convert::{to_fhir, Conversion, Primitive},
-    load::{load_dir, load_file, load_str, CODE_TABLE_SUFFIX},
+    load::{load_dir, load_file, load_str, unmade_references, CODE_TABLE_SUFFIX},
     location::{LoadError, LoadErrors, Location},
     mapper::{MapFailure, MapOutcome, Mapper},
     model::{

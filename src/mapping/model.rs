@@ -313,8 +313,13 @@ pub enum ValueSource {
     Column(Column),
     /// A string template (a literal when it reads no column).
     Template(Template),
-    /// A reference to another mapped resource: `<type>/<deterministic id>`.
-    Reference { resource_type: String, id: Template },
+    /// A reference to another mapped resource: `<type>/<deterministic id>`. `external`:
+    /// another system (or another connector) makes the referenced resources.
+    Reference {
+        resource_type: String,
+        id: Template,
+        external: bool,
+    },
 }
 
 /// A code translation table.

@@ -129,31 +129,6 @@ pub struct MappedTables {
     pub columns: std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
-impl MappedTables {
-    /// The tables and columns `mappings` read.
-    pub fn of(mappings: &[crate::mapping::Mapping]) -> Self {
-        let mut keyed: Vec<(String, Vec<String>)> = Vec::new();
-        let mut columns: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
-            std::collections::BTreeMap::new();
-        for m in mappings {
-            if !keyed.iter().any(|(table, _)| *table == m.table) {
-                keyed.push((m.table.clone(), m.key.clone()));
-            }
-            for (table, read) in m.columns_read() {
-                columns
-                    .entry(table.to_owned())
-                    .or_default()
-                    .extend(read.into_iter().map(str::to_owned));
-            }
-        }
-        Self {
-            read: crate::mapping::source_tables(mappings),
-            keyed,
-            columns,
-        }
-    }
-}
-
 /// The columns mappings read that a table lacks (`check`, for `component`): every row
 /// would be dead-lettered.
 pub fn absent_columns(component: &'static str, table: &str, absent: &[&str]) -> Finding {

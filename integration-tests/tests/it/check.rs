@@ -282,6 +282,28 @@ fn the_sample_mappings_are_valid_and_broken_ones_are_located() {
         "{}",
         samples.stdout
     );
+    // Every sample reference points at a type a sample makes, or is marked external.
+    assert!(!samples.stdout.contains("WARN"), "{}", samples.stdout);
+
+    // One connector's mappings alone: the lab's results refer to ServiceRequests, which
+    // only the order mapping makes; without it, check warns (and still passes).
+    let dir = std::env::temp_dir().join(stack::unique("unmade"));
+    stack::lab_mappings(&dir, "lis", &["result.yaml"]);
+    let alone = check_mappings(&dir);
+    assert_eq!(alone.code, 0, "{}", alone.stdout);
+    let warned = format!(
+        "WARN  mapping   {}:17:7: Observation.basedOn[0].reference refers to a ServiceRequest, which none of these mappings makes",
+        dir.join("result.yaml").display()
+    );
+    assert!(alone.stdout.contains(&warned), "{}", alone.stdout);
+    assert!(
+        alone
+            .stdout
+            .contains("write `external: true` on the reference"),
+        "{}",
+        alone.stdout
+    );
+    std::fs::remove_dir_all(dir).unwrap();
 
     let broken = check_mappings(Path::new("tests/bad-mappings"));
     assert_eq!(broken.code, 1, "{}", broken.stdout);

@@ -283,9 +283,14 @@ impl Reader<'_> {
                     Some(n) => self.id_protection(n, id)?,
                     None => id,
                 };
+                let external = match fields.get("external") {
+                    Some(n) => self.boolean(n, "`external`")?,
+                    None => false,
+                };
                 ValueSource::Reference {
                     resource_type: target.to_owned(),
                     id,
+                    external,
                 }
             }
             _ => {
@@ -317,11 +322,13 @@ impl Reader<'_> {
             }
             element.split = Some(separator.to_owned());
         }
-        if fields.contains_key("id") && sources != ["reference"] {
-            self.error(
-                fields["id"].span(),
-                format!("{what}: `id` belongs to a `reference`"),
-            );
+        for key in ["id", "external"] {
+            if fields.contains_key(key) && sources != ["reference"] {
+                self.error(
+                    fields[key].span(),
+                    format!("{what}: `{key}` belongs to a `reference`"),
+                );
+            }
         }
         Some(())
     }
@@ -670,6 +677,7 @@ const ELEMENT_KEYS: &[&str] = &[
     "value",
     "reference",
     "id",
+    "external",
     "translate",
     "required",
     "anchor",
