@@ -20,7 +20,7 @@ use super::{
     AvroShapeError, CanonicalEvent, EventWriter, JsonResource,
 };
 use crate::{
-    config::{redact_urls, Compatibility, RegistryAuth, RegistryConfig, Secret},
+    config::{redact_urls, Compatibility, RegistryAuth, RegistryConfig},
     preflight::{self, Finding},
 };
 
@@ -49,13 +49,7 @@ pub async fn check(config: &RegistryConfig) -> Vec<Finding> {
             )]
         }
     };
-    let subjects_url = format!("{base}/subjects");
-    let mut request = client.get(&subjects_url);
-    request = match config.auth() {
-        RegistryAuth::Basic(user, password) => request.basic_auth(user, Some(password.expose())),
-        RegistryAuth::Bearer(token) => request.bearer_auth(token.expose()),
-        RegistryAuth::None => request,
-    };
+    let request = authorized(client.get(format!("{base}/subjects")), config);
     let response = match request.send().await {
         Ok(response) => response,
         Err(e) => {
@@ -100,7 +94,8 @@ pub async fn check(config: &RegistryConfig) -> Vec<Finding> {
             "point schema_registry.url at the Confluent-compatible API root (Apicurio: …/apis/ccompat/v7)",
         )];
     };
-    let compatibility = match client.get(format!("{base}/config")).send().await {
+    let level = authorized(client.get(format!("{base}/config")), config);
+    let compatibility = match level.send().await {
         Ok(r) => r
             .json::<serde_json::Value>()
             .await
@@ -123,25 +118,8 @@ pub async fn check(config: &RegistryConfig) -> Vec<Finding> {
 #[derive(Debug, Clone)]
 pub struct Subjects {
     client: reqwest::Client,
-    base: String,
-    auth: Auth,
-    /// The level set on the subjects fhir-cdc creates.
-    compatibility: Compatibility,
-}
-
-#[derive(Debug, Clone)]
-enum Auth {
-    None,
-    Basic(String, Secret),
-    Bearer(Secret),
-}
-
-/// A subject's versions (oldest first) and the compatibility level the registry applies to
-/// it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Registered {
-    pub versions: Vec<(u32, String)>,
-    pub compatibility: Option<Compatibility>,
+    /// Its URL, credentials and the level set on the subjects fhir-cdc creates.
+    config: RegistryConfig,
 }
 
 /// What registering a schema under a subject would do.
@@ -168,29 +146,19 @@ impl Subjects {
             .timeout(TIMEOUT)
             .build()
             .map_err(|e| CodecError::Setup(e.to_string()))?;
-        let auth = match config.auth() {
-            RegistryAuth::None => Auth::None,
-            RegistryAuth::Basic(user, password) => Auth::Basic(user.to_owned(), password.clone()),
-            RegistryAuth::Bearer(token) => Auth::Bearer(token.clone()),
-        };
         Ok(Self {
             client,
-            base: config.url.trim_end_matches('/').to_owned(),
-            auth,
-            compatibility: config.compatibility,
+            config: config.clone(),
         })
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let url = format!("{}/{path}", self.config.url.trim_end_matches('/'));
         let request = self
             .client
-            .request(method, format!("{}/{path}", self.base))
+            .request(method, url)
             .header(reqwest::header::ACCEPT, CONTENT_TYPE);
-        match &self.auth {
-            Auth::None => request,
-            Auth::Basic(user, password) => request.basic_auth(user, Some(password.expose())),
-            Auth::Bearer(token) => request.bearer_auth(token.expose()),
-        }
+        authorized(request, &self.config)
     }
 
     /// The JSON answer to `request`; `None` for HTTP 404 (no such subject or version).
@@ -217,33 +185,30 @@ impl Subjects {
         Ok(Some(body))
     }
 
-    /// Every subject the registry holds.
-    pub async fn list(&self) -> Result<Vec<String>, CodecError> {
+    /// `subject`'s latest version (its number and schema); `None` when it has none.
+    pub async fn latest(&self, subject: &str) -> Result<Option<(u32, String)>, CodecError> {
+        let path = format!("subjects/{subject}/versions/latest");
         let body = self
             .answer(
-                self.request(reqwest::Method::GET, "subjects"),
-                "listing the subjects",
+                self.request(reqwest::Method::GET, &path),
+                &format!("reading subject {subject}"),
             )
             .await?;
-        Ok(body
-            .and_then(|b| serde_json::from_value(b).ok())
-            .unwrap_or_default())
+        Ok(body.and_then(|b| {
+            let version = u32::try_from(b.get("version")?.as_u64()?).ok()?;
+            Some((version, b.get("schema")?.as_str()?.to_owned()))
+        }))
     }
 
-    /// `subject`'s versions and level; `None` when the subject has no version.
-    pub async fn registered(&self, subject: &str) -> Result<Option<Registered>, CodecError> {
+    /// Every version of `subject`, oldest first.
+    pub async fn versions(&self, subject: &str) -> Result<Vec<(u32, String)>, CodecError> {
         let doing = format!("reading subject {subject}");
+        let path = format!("subjects/{subject}/versions");
         let Some(numbers) = self
-            .answer(
-                self.request(
-                    reqwest::Method::GET,
-                    &format!("subjects/{subject}/versions"),
-                ),
-                &doing,
-            )
+            .answer(self.request(reqwest::Method::GET, &path), &doing)
             .await?
         else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
         let numbers: Vec<u32> = serde_json::from_value(numbers)
             .map_err(|e| CodecError::Registry(format!("{doing}: {e}")))?;
@@ -258,41 +223,31 @@ impl Subjects {
                 versions.push((number, schema.to_owned()));
             }
         }
-        if versions.is_empty() {
-            return Ok(None);
-        }
+        Ok(versions)
+    }
+
+    /// The compatibility level the registry applies to `subject`, when it says.
+    pub async fn level(&self, subject: &str) -> Result<Option<Compatibility>, CodecError> {
         let level = self
             .answer(
                 self.request(reqwest::Method::GET, &format!("config/{subject}")),
-                &doing,
+                &format!("reading the compatibility of {subject}"),
             )
             .await?;
-        let compatibility = level
+        Ok(level
             .as_ref()
             .and_then(level_named)
-            .and_then(Compatibility::from_name);
-        Ok(Some(Registered {
-            versions,
-            compatibility,
-        }))
+            .and_then(Compatibility::from_name))
     }
 
     /// What registering `schema` under `subject` would do, asked of the registry without
     /// registering anything.
     pub async fn verdict(&self, subject: &str, schema: &str) -> Result<Verdict, CodecError> {
-        let Some(registered) = self.registered(subject).await? else {
-            return Ok(Verdict::First(self.compatibility));
+        let Some((latest, text)) = self.latest(subject).await? else {
+            return Ok(Verdict::First(self.config.compatibility));
         };
-        let wanted = canonical_form(schema);
-        if let Some((version, _)) = registered
-            .versions
-            .iter()
-            .rev()
-            .find(|(_, text)| canonical_form(text) == wanted)
-        {
-            if Some(*version) == registered.versions.last().map(|(v, _)| *v) {
-                return Ok(Verdict::Unchanged(*version));
-            }
+        if canonical_form(&text) == canonical_form(schema) {
+            return Ok(Verdict::Unchanged(latest));
         }
         let doing = format!("asking whether a new version of {subject} is compatible");
         let body = self
@@ -307,14 +262,22 @@ impl Subjects {
             )
             .await?
             .unwrap_or_default();
-        let next = registered.versions.last().map_or(1, |(v, _)| v + 1);
         if body.get("is_compatible").and_then(|c| c.as_bool()) != Some(false) {
-            return Ok(Verdict::Compatible(next));
+            return Ok(Verdict::Compatible(latest + 1));
         }
-        // The registry's reasons when it gives them (Confluent's verbose answer), and the
-        // fields by Avro's rules at the subject's level (Apicurio answers yes or no).
-        let level = registered.compatibility.unwrap_or(self.compatibility);
-        let mut reasons = schema::incompatibilities(level, &registered.versions, schema);
+        // The fields by Avro's rules at the subject's level (Apicurio answers yes or no),
+        // else the registry's reasons when it gives them (Confluent's verbose answer).
+        // Only a transitive level needs the older versions.
+        let level = self
+            .level(subject)
+            .await?
+            .unwrap_or(self.config.compatibility);
+        let compared = if level.transitive() {
+            self.versions(subject).await?
+        } else {
+            vec![(latest, text)]
+        };
+        let mut reasons = schema::incompatibilities(level, &compared, schema);
         if reasons.is_empty() {
             reasons = body
                 .get("messages")
@@ -335,7 +298,7 @@ impl Subjects {
         self.answer(
             self.request(reqwest::Method::PUT, &format!("config/{subject}"))
                 .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
-                .json(&serde_json::json!({ "compatibility": self.compatibility.name() })),
+                .json(&serde_json::json!({ "compatibility": self.config.compatibility.name() })),
             &format!("setting the compatibility of {subject}"),
         )
         .await
@@ -427,6 +390,18 @@ fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// `request` with the credentials `config` names.
+fn authorized(
+    request: reqwest::RequestBuilder,
+    config: &RegistryConfig,
+) -> reqwest::RequestBuilder {
+    match config.auth() {
+        RegistryAuth::Basic(user, password) => request.basic_auth(user, Some(password.expose())),
+        RegistryAuth::Bearer(token) => request.bearer_auth(token.expose()),
+        RegistryAuth::None => request,
+    }
 }
 
 /// An HTTP client for the registry that trusts the CAs of `ca_file` besides the system's.
