@@ -89,23 +89,15 @@ impl Mapping {
                     .map(|c| (self.table.as_str(), c, Protect::Token))
             });
             let elements = resource.elements.iter().flat_map(|element| {
-                let (template, protect) = match (&element.source, element.protect) {
-                    (ValueSource::Reference { id, .. }, _) if id.is_tokenized() => {
-                        (Some(id), Some(Protect::Token))
-                    }
-                    (ValueSource::Template(template), protect) => (Some(template), protect),
-                    (_, protect) => (None, protect),
+                let protect = match &element.source {
+                    ValueSource::Reference { id, .. } if id.is_tokenized() => Some(Protect::Token),
+                    ValueSource::Reference { .. } => None,
+                    _ => element.protect,
                 };
-                let column = match &element.source {
-                    ValueSource::Column(column) => Some(column),
-                    _ => None,
-                };
-                // Read through a lookup, the columns are the looked-up table's.
-                let table = element.lookup.as_ref().map_or(&self.table, |l| &l.table);
-                let columns = column
-                    .into_iter()
-                    .chain(template.into_iter().flat_map(Template::columns));
-                columns.filter_map(move |c| Some((table.as_str(), c, protect?)))
+                let table = element.table(&self.table);
+                element
+                    .source_columns()
+                    .filter_map(move |c| Some((table, c, protect?)))
             });
             id.chain(elements)
         })
@@ -139,17 +131,8 @@ impl Mapping {
                 add(own, condition.column.as_str());
             }
             for element in &resource.elements {
-                // Read through a lookup, the columns are the looked-up table's.
-                let table = element.lookup.as_ref().map_or(own, |l| l.table.as_str());
-                let template = match &element.source {
-                    ValueSource::Column(column) => {
-                        add(table, column.as_str());
-                        None
-                    }
-                    ValueSource::Template(template) => Some(template),
-                    ValueSource::Reference { id, .. } => Some(id),
-                };
-                for column in template.into_iter().flat_map(Template::columns) {
+                let table = element.table(own);
+                for column in element.source_columns() {
                     add(table, column.as_str());
                 }
                 for condition in &element.when {
@@ -278,6 +261,28 @@ pub struct ElementMapping {
     /// time (when the value is not masked or tokenized after translation).
     pub translated: Option<Translated>,
     pub location: Location,
+}
+
+impl ElementMapping {
+    /// The columns its value is made of: its column, or those of its template or of its
+    /// reference's id.
+    pub fn source_columns(&self) -> impl Iterator<Item = &Column> {
+        let (column, template) = match &self.source {
+            ValueSource::Column(column) => (Some(column), None),
+            ValueSource::Template(template) | ValueSource::Reference { id: template, .. } => {
+                (None, Some(template))
+            }
+        };
+        column
+            .into_iter()
+            .chain(template.into_iter().flat_map(Template::columns))
+    }
+
+    /// The table (`schema.table`) those columns are in: `own`, the mapping's, or, read
+    /// through a lookup, the looked-up one.
+    pub fn table<'a>(&'a self, own: &'a str) -> &'a str {
+        self.lookup.as_ref().map_or(own, |l| l.table.as_str())
+    }
 }
 
 /// Typed steps on an element's source value, in this order, each checked at load time.
