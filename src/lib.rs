@@ -19,7 +19,8 @@
 //! - [`pipeline`]: the connector at work, source to Kafka with acknowledgements;
 //! - [`consumer`]: the consumer runtime with its Job and Target seams, the projection job
 //!   and its targets (the PostgreSQL read model; in memory, for tests);
-//! - [`reconcile`] and [`dlq`]: the operations over both sides — drift, repair, dead letters;
+//! - [`reconcile`], [`dlq`] and [`plan`]: the operations over both sides — drift, repair,
+//!   dead letters, and what a rollout of config and mapping files would do;
 //! - [`observe`]: the metrics both sides serve; [`preflight`]: the findings `fhir-cdc check`
 //!   reports; [`postgres`]: connections to PostgreSQL;
 //! - [`error`]: the kinds the error policy reads (transient, definite, configuration,
